@@ -1,0 +1,5 @@
+include!("engine/link_torch.rs");
+
+fn main() {
+    link_torch();
+}

@@ -1,0 +1,5 @@
+include!("link_torch.rs");
+
+fn main() {
+    link_torch();
+}
