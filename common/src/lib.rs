@@ -1,1 +1,15 @@
+//! Shared pieces of the ditfleet services: the public job contract, configuration, AMQP topology,
+//! Redis job state and telemetry. Never links libtorch.
 
+pub mod amqp;
+pub mod config;
+pub mod cost;
+pub mod job;
+pub mod state;
+pub mod telemetry;
+pub mod topology;
+
+pub use config::{ConfigError, EXIT_BAD_CONFIG};
+pub use job::{JobError, JobEvent, JobSpec, Limits, Priority, WorkOrder};
+pub use state::{JobState, JobStore};
+pub use topology::Topology;

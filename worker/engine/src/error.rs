@@ -41,9 +41,15 @@ impl From<tch::TchError> for EngineError {
     fn from(e: tch::TchError) -> Self {
         let message = e.to_string();
         if message.contains("out of memory") {
-            EngineError::OutOfMemory { device: "cuda".into(), message }
+            EngineError::OutOfMemory {
+                device: "cuda".into(),
+                message,
+            }
         } else if message.contains("CUDA error") || message.contains("NCCL") {
-            EngineError::Device { device: "cuda".into(), message }
+            EngineError::Device {
+                device: "cuda".into(),
+                message,
+            }
         } else {
             EngineError::Torch(message)
         }

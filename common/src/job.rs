@@ -1,0 +1,650 @@
+//! The public job contract, v1, and the internal messages derived from it.
+//!
+//! Backends publish a [`JobSpec`] as JSON to the submit exchange (see `docs/message-contract.md`
+//! and `docs/job-v1.schema.json`). The scheduler validates it ([`JobSpec::validate`]), fills in
+//! defaults, and forwards a [`WorkOrder`] (postcard behind a version byte) to a class queue.
+//! Progress and outcomes are published as [`JobEvent`] JSON on the events exchange.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The contract version this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Models the fleet knows.
+pub const KNOWN_MODELS: &[&str] = &["flux-dev", "flux-schnell"];
+/// Largest prompt the schema admits; the scheduler's `DITFLEET_MAX_PROMPT_CHARS` may lower it.
+pub const SCHEMA_MAX_PROMPT_CHARS: usize = 10_000;
+pub const MIN_SIDE: u32 = 256;
+pub const MAX_SIDE: u32 = 4096;
+pub const MAX_STEPS: u32 = 100;
+pub const MAX_GUIDANCE: f32 = 30.0;
+pub const MAX_LABELS: usize = 32;
+
+/// Scheduling priority.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    /// AMQP message priority (0-9 scale; see docs/architecture.md for broker differences).
+    pub fn amqp(self) -> u8 {
+        match self {
+            Priority::Low => 1,
+            Priority::Normal => 5,
+            Priority::High => 9,
+        }
+    }
+}
+
+/// A text-to-image job as a backend submits it (contract v1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(
+    title = "ditfleet job v1",
+    description = "A text-to-image job published to the ditfleet submit exchange."
+)]
+pub struct JobSpec {
+    /// Contract version; must be 1.
+    #[schemars(range(min = 1, max = 1))]
+    pub schema_version: u32,
+    /// Client-chosen id, also the idempotency key: a second job with the same id is not run again.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9._:-]+$"))]
+    pub job_id: String,
+    /// Who pays for the job; rate limits and quotas apply per tenant.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
+    pub tenant: String,
+    /// Model name: `flux-dev` or `flux-schnell`.
+    #[schemars(extend("enum" = ["flux-dev", "flux-schnell"]))]
+    pub model: String,
+    /// Pin a model version (only workers holding it run the job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
+    pub model_version: Option<String>,
+    /// The prompt (non-blank).
+    #[schemars(length(min = 1, max = 10000))]
+    pub prompt: String,
+    /// Negative prompt (true-CFG models only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 10000))]
+    pub negative_prompt: Option<String>,
+    /// Image width in pixels: a multiple of 16 in 256..=4096.
+    #[schemars(range(min = 256, max = 4096), extend("multipleOf" = 16))]
+    pub width: u32,
+    /// Image height in pixels: a multiple of 16 in 256..=4096.
+    #[schemars(range(min = 256, max = 4096), extend("multipleOf" = 16))]
+    pub height: u32,
+    /// Denoising steps, 1..=100 (default: 28 for flux-dev, 4 for flux-schnell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub steps: Option<u32>,
+    /// Guidance scale, 0..=30 (default: 3.5 for flux-dev; ignored by flux-schnell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 30.0))]
+    pub guidance: Option<f32>,
+    /// Noise seed (default: derived from job_id, so a re-run gives the same image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub priority: Priority,
+    /// RFC 3339 time after which the job must not start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub deadline: Option<String>,
+    /// Extra routing key on the events exchange for this job's terminal event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
+    pub reply_to: Option<String>,
+    /// Free-form labels, at most 32; keys 1-64 characters of [A-Za-z0-9._/-], values up to 256.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32, "propertyNames" = {"pattern": "^[A-Za-z0-9._/-]{1,64}$"}, "additionalProperties" = {"type": "string", "maxLength": 256}))]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Why a job was rejected. `field` is `None` for problems with the message as a whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: Option<&'static str>,
+    pub reason: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.field {
+            Some(field) => write!(f, "{field}: {}", self.reason),
+            None => f.write_str(&self.reason),
+        }
+    }
+}
+
+/// A rejected job: every problem found, in field order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    /// The body is not a v1 job (not JSON, wrong types, unknown fields, missing fields).
+    #[error("malformed job: {0}")]
+    Malformed(String),
+    /// Parsed, but values are out of range.
+    #[error("invalid job: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<FieldError>),
+}
+
+/// Validation limits that depend on configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_prompt_chars: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_prompt_chars: 2000,
+        }
+    }
+}
+
+fn charset_ok(s: &str, extra: &[char]) -> bool {
+    s.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(&c))
+}
+
+impl JobSpec {
+    /// Parses a submitted body. Errors name the offending field or position.
+    pub fn parse(body: &[u8]) -> Result<Self, JobError> {
+        serde_json::from_slice(body).map_err(|e| JobError::Malformed(e.to_string()))
+    }
+
+    /// Best-effort job id of a body that may not parse as a job (for recording a rejection).
+    pub fn sniff_job_id(body: &[u8]) -> Option<String> {
+        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let id = v.get("job_id")?.as_str()?;
+        (!id.is_empty() && id.len() <= 128 && charset_ok(id, &['.', '_', ':', '-'])).then(|| id.to_string())
+    }
+
+    /// Checks every rule of the contract; returns all violations.
+    pub fn validate(&self, limits: &Limits) -> Result<(), JobError> {
+        let mut errs = Vec::new();
+        let mut bad = |field: &'static str, reason: String| {
+            errs.push(FieldError {
+                field: Some(field),
+                reason,
+            })
+        };
+        if self.schema_version != SCHEMA_VERSION {
+            bad(
+                "schema_version",
+                format!(
+                    "unsupported version {}, this fleet reads version {SCHEMA_VERSION}",
+                    self.schema_version
+                ),
+            );
+        }
+        if self.job_id.is_empty()
+            || self.job_id.len() > 128
+            || !charset_ok(&self.job_id, &['.', '_', ':', '-'])
+        {
+            bad("job_id", "must be 1-128 characters of [A-Za-z0-9._:-]".into());
+        }
+        if self.tenant.is_empty() || self.tenant.len() > 64 || !charset_ok(&self.tenant, &['.', '_', '-']) {
+            bad("tenant", "must be 1-64 characters of [A-Za-z0-9._-]".into());
+        }
+        if !KNOWN_MODELS.contains(&self.model.as_str()) {
+            bad(
+                "model",
+                format!(
+                    "unknown model {:?}; known models: {}",
+                    truncate(&self.model, 64),
+                    KNOWN_MODELS.join(", ")
+                ),
+            );
+        }
+        if let Some(v) = &self.model_version {
+            if v.is_empty() || v.len() > 64 || !charset_ok(v, &['.', '_', '-']) {
+                bad(
+                    "model_version",
+                    "must be 1-64 characters of [A-Za-z0-9._-]".into(),
+                );
+            }
+        }
+        let max = limits.max_prompt_chars.min(SCHEMA_MAX_PROMPT_CHARS);
+        if self.prompt.trim().is_empty() {
+            bad("prompt", "must not be blank".into());
+        }
+        let n = self.prompt.chars().count();
+        if n > max {
+            bad("prompt", format!("is {n} characters, the limit is {max}"));
+        }
+        if let Some(neg) = &self.negative_prompt {
+            let n = neg.chars().count();
+            if n > max {
+                bad(
+                    "negative_prompt",
+                    format!("is {n} characters, the limit is {max}"),
+                );
+            }
+        }
+        for (field, v) in [("width", self.width), ("height", self.height)] {
+            if !(MIN_SIDE..=MAX_SIDE).contains(&v) || v % 16 != 0 {
+                bad(
+                    field,
+                    format!("must be a multiple of 16 between {MIN_SIDE} and {MAX_SIDE}, got {v}"),
+                );
+            }
+        }
+        if let Some(s) = self.steps {
+            if !(1..=MAX_STEPS).contains(&s) {
+                bad("steps", format!("must be between 1 and {MAX_STEPS}, got {s}"));
+            }
+        }
+        if let Some(g) = self.guidance {
+            if !g.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&g) {
+                bad(
+                    "guidance",
+                    format!("must be between 0 and {MAX_GUIDANCE}, got {g}"),
+                );
+            }
+        }
+        if let Some(d) = &self.deadline {
+            if humantime::parse_rfc3339_weak(d).is_err() || !d.contains('T') {
+                bad(
+                    "deadline",
+                    format!(
+                        "must be an RFC 3339 time such as 2026-01-31T12:00:00Z, got {:?}",
+                        truncate(d, 64)
+                    ),
+                );
+            }
+        }
+        if let Some(r) = &self.reply_to {
+            if r.is_empty() || r.len() > 200 || !charset_ok(r, &['.', '_', '-']) {
+                bad(
+                    "reply_to",
+                    "must be 1-200 characters of [A-Za-z0-9._-] (no wildcards)".into(),
+                );
+            }
+        }
+        if self.labels.len() > MAX_LABELS {
+            bad(
+                "labels",
+                format!("has {} entries, the limit is {MAX_LABELS}", self.labels.len()),
+            );
+        }
+        for (k, v) in &self.labels {
+            if k.is_empty() || k.len() > 64 || !charset_ok(k, &['.', '_', '/', '-']) {
+                bad(
+                    "labels",
+                    format!(
+                        "key {:?} must be 1-64 characters of [A-Za-z0-9._/-]",
+                        truncate(k, 64)
+                    ),
+                );
+            }
+            if v.chars().count() > 256 {
+                bad(
+                    "labels",
+                    format!("value of {:?} is longer than 256 characters", truncate(k, 64)),
+                );
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(JobError::Invalid(errs))
+        }
+    }
+
+    pub fn default_steps(model: &str) -> u32 {
+        if model == "flux-schnell" { 4 } else { 28 }
+    }
+
+    pub fn default_guidance(model: &str) -> f32 {
+        if model == "flux-schnell" { 0.0 } else { 3.5 }
+    }
+
+    /// The seed used when the job names none: a stable hash of the job id (FNV-1a).
+    pub fn derived_seed(job_id: &str) -> u64 {
+        job_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
+    /// Canonical digest of the job's content, to tell an idempotent resubmission from a reused id.
+    pub fn fingerprint(&self) -> String {
+        let json = serde_json::to_vec(self).expect("job serialises");
+        format!("{:016x}", Self::derived_seed(&String::from_utf8_lossy(&json)))
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n).collect::<String>())
+    }
+}
+
+/// What the scheduler sends to a class queue: a validated job with every default resolved.
+/// Internal; encoded with postcard behind a version byte ([`WorkOrder::encode`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkOrder {
+    pub job_id: String,
+    pub tenant: String,
+    pub model: String,
+    pub model_version: Option<String>,
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance: f32,
+    pub seed: u64,
+    pub priority: Priority,
+    pub deadline: Option<String>,
+    pub reply_to: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Class queue it was routed to, and its cost in token-steps.
+    pub class: String,
+    pub cost: u64,
+    /// When the backend's message reached the scheduler, ms since the Unix epoch.
+    pub submitted_ms: u64,
+}
+
+/// Version byte of the work-order encoding.
+pub const WORK_ORDER_VERSION: u8 = 1;
+pub const WORK_ORDER_CONTENT_TYPE: &str = "application/x-ditfleet-work-order";
+
+impl WorkOrder {
+    pub fn from_spec(spec: &JobSpec, class: &str, cost: u64, submitted_ms: u64) -> Self {
+        Self {
+            job_id: spec.job_id.clone(),
+            tenant: spec.tenant.clone(),
+            model: spec.model.clone(),
+            model_version: spec.model_version.clone(),
+            prompt: spec.prompt.clone(),
+            negative_prompt: spec.negative_prompt.clone(),
+            width: spec.width,
+            height: spec.height,
+            steps: spec.steps.unwrap_or_else(|| JobSpec::default_steps(&spec.model)),
+            guidance: spec
+                .guidance
+                .unwrap_or_else(|| JobSpec::default_guidance(&spec.model)),
+            seed: spec.seed.unwrap_or_else(|| JobSpec::derived_seed(&spec.job_id)),
+            priority: spec.priority,
+            deadline: spec.deadline.clone(),
+            reply_to: spec.reply_to.clone(),
+            labels: spec.labels.clone(),
+            class: class.to_string(),
+            cost,
+            submitted_ms,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![WORK_ORDER_VERSION];
+        out.extend(postcard::to_stdvec(self).expect("work order serialises"));
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, JobError> {
+        match bytes.split_first() {
+            Some((&WORK_ORDER_VERSION, rest)) => {
+                postcard::from_bytes(rest).map_err(|e| JobError::Malformed(format!("work order: {e}")))
+            }
+            Some((v, _)) => Err(JobError::Malformed(format!(
+                "work order version {v} is not supported (expected {WORK_ORDER_VERSION})"
+            ))),
+            None => Err(JobError::Malformed("empty work order".into())),
+        }
+    }
+}
+
+/// Events on the events exchange, routing key `job.<id>.<kind>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum JobEvent {
+    Progress {
+        job_id: String,
+        step: u32,
+        total: u32,
+        elapsed_ms: u64,
+        worker: String,
+    },
+    Done {
+        job_id: String,
+        result_url: String,
+        worker: String,
+        engine: String,
+        attempts: u32,
+        queue_wait_ms: u64,
+        generate_ms: u64,
+        store_ms: u64,
+        end_to_end_ms: u64,
+        timings: serde_json::Value,
+    },
+    Failed {
+        job_id: String,
+        state: String,
+        reason: String,
+    },
+    Cancelled {
+        job_id: String,
+        at_step: Option<u32>,
+    },
+}
+
+impl JobEvent {
+    pub fn job_id(&self) -> &str {
+        match self {
+            JobEvent::Progress { job_id, .. }
+            | JobEvent::Done { job_id, .. }
+            | JobEvent::Failed { job_id, .. }
+            | JobEvent::Cancelled { job_id, .. } => job_id,
+        }
+    }
+
+    /// Routing key suffix: `progress`, `done`, `failed`, `cancelled`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobEvent::Progress { .. } => "progress",
+            JobEvent::Done { .. } => "done",
+            JobEvent::Failed { .. } => "failed",
+            JobEvent::Cancelled { .. } => "cancelled",
+        }
+    }
+
+    pub fn routing_key(&self) -> String {
+        format!("job.{}.{}", self.job_id(), self.kind())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn valid() -> JobSpec {
+        JobSpec {
+            schema_version: 1,
+            job_id: "job-1".into(),
+            tenant: "acme".into(),
+            model: "flux-dev".into(),
+            model_version: None,
+            prompt: "a red fox in the snow".into(),
+            negative_prompt: None,
+            width: 1024,
+            height: 768,
+            steps: None,
+            guidance: None,
+            seed: None,
+            priority: Priority::Normal,
+            deadline: None,
+            reply_to: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn reasons(spec: &JobSpec) -> String {
+        spec.validate(&Limits::default()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_valid_job_passes_and_defaults_resolve_per_model() {
+        let s = valid();
+        s.validate(&Limits::default()).unwrap();
+        let w = WorkOrder::from_spec(&s, "medium", 1, 2);
+        assert_eq!((w.steps, w.guidance), (28, 3.5));
+        assert_eq!(w.seed, JobSpec::derived_seed("job-1"));
+        let mut s2 = valid();
+        s2.model = "flux-schnell".into();
+        let w2 = WorkOrder::from_spec(&s2, "small", 1, 2);
+        assert_eq!(w2.steps, 4);
+    }
+
+    #[test]
+    fn each_rule_gives_a_precise_reason() {
+        let cases: Vec<(Box<dyn Fn(&mut JobSpec)>, &str)> = vec![
+            (
+                Box::new(|s| s.schema_version = 2),
+                "schema_version: unsupported version 2",
+            ),
+            (Box::new(|s| s.job_id = "a b".into()), "job_id: must be 1-128"),
+            (Box::new(|s| s.tenant = String::new()), "tenant: must be 1-64"),
+            (
+                Box::new(|s| s.model = "sdxl-turbo".into()),
+                "model: unknown model \"sdxl-turbo\"",
+            ),
+            (
+                Box::new(|s| s.model_version = Some("v 1".into())),
+                "model_version:",
+            ),
+            (Box::new(|s| s.prompt = "   ".into()), "prompt: must not be blank"),
+            (
+                Box::new(|s| s.prompt = "x".repeat(2001)),
+                "prompt: is 2001 characters, the limit is 2000",
+            ),
+            (
+                Box::new(|s| s.negative_prompt = Some("y".repeat(3000))),
+                "negative_prompt: is 3000 characters",
+            ),
+            (
+                Box::new(|s| s.width = 1000),
+                "width: must be a multiple of 16 between 256 and 4096, got 1000",
+            ),
+            (
+                Box::new(|s| s.height = 8192),
+                "height: must be a multiple of 16 between 256 and 4096, got 8192",
+            ),
+            (
+                Box::new(|s| s.width = 128),
+                "width: must be a multiple of 16 between 256 and 4096, got 128",
+            ),
+            (
+                Box::new(|s| s.steps = Some(0)),
+                "steps: must be between 1 and 100, got 0",
+            ),
+            (
+                Box::new(|s| s.steps = Some(101)),
+                "steps: must be between 1 and 100, got 101",
+            ),
+            (
+                Box::new(|s| s.guidance = Some(f32::NAN)),
+                "guidance: must be between 0 and 30",
+            ),
+            (
+                Box::new(|s| s.guidance = Some(31.0)),
+                "guidance: must be between 0 and 30, got 31",
+            ),
+            (
+                Box::new(|s| s.deadline = Some("tomorrow".into())),
+                "deadline: must be an RFC 3339 time",
+            ),
+            (
+                Box::new(|s| s.reply_to = Some("a.*".into())),
+                "reply_to: must be 1-200",
+            ),
+            (
+                Box::new(|s| s.labels = (0..33).map(|i| (format!("k{i}"), "v".into())).collect()),
+                "labels: has 33 entries",
+            ),
+            (
+                Box::new(|s| s.labels = [("bad key".to_string(), "v".to_string())].into()),
+                "labels: key \"bad key\"",
+            ),
+            (
+                Box::new(|s| s.labels = [("k".to_string(), "v".repeat(257))].into()),
+                "labels: value of \"k\"",
+            ),
+        ];
+        for (mutate, expected) in cases {
+            let mut s = valid();
+            mutate(&mut s);
+            let r = reasons(&s);
+            assert!(r.contains(expected), "expected {expected:?} in {r:?}");
+        }
+    }
+
+    #[test]
+    fn several_problems_are_all_reported() {
+        let mut s = valid();
+        s.width = 100;
+        s.steps = Some(500);
+        let r = reasons(&s);
+        assert!(r.contains("width:") && r.contains("steps:"), "{r}");
+    }
+
+    #[test]
+    fn malformed_bodies_are_rejected_with_the_parser_position() {
+        let e = JobSpec::parse(b"{not json").unwrap_err();
+        assert!(matches!(e, JobError::Malformed(_)));
+        let e = JobSpec::parse(br#"{"schema_version":1,"job_id":"a","tenant":"t","model":"flux-dev","prompt":"p","width":"wide","height":512}"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("invalid type: string \"wide\", expected u32"),
+            "{e}"
+        );
+        let e = JobSpec::parse(br#"{"schema_version":1,"job_id":"a","tenant":"t","model":"flux-dev","prompt":"p","width":512,"height":512,"colour":"red"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `colour`"), "{e}");
+        let e = JobSpec::parse(
+            br#"{"schema_version":1,"job_id":"a","tenant":"t","model":"flux-dev","prompt":"p","width":512}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("missing field `height`"), "{e}");
+        let e = JobSpec::parse(br#"{"schema_version":1,"job_id":"a","tenant":"t","model":"flux-dev","prompt":"p","width":512,"height":512,"priority":"urgent"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown variant `urgent`"), "{e}");
+        assert_eq!(
+            JobSpec::sniff_job_id(br#"{"job_id":"j-9","width":"x"}"#).as_deref(),
+            Some("j-9")
+        );
+        assert_eq!(JobSpec::sniff_job_id(b"garbage"), None);
+    }
+
+    #[test]
+    fn work_orders_round_trip_and_reject_unknown_versions() {
+        let w = WorkOrder::from_spec(&valid(), "medium", 123, 456);
+        let bytes = w.encode();
+        assert_eq!(bytes[0], WORK_ORDER_VERSION);
+        assert_eq!(WorkOrder::decode(&bytes).unwrap(), w);
+        let mut bad = bytes.clone();
+        bad[0] = 9;
+        assert!(
+            WorkOrder::decode(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("version 9")
+        );
+        assert!(WorkOrder::decode(&bytes[..5]).is_err());
+    }
+
+    #[test]
+    fn fingerprint_tells_resubmission_from_reuse() {
+        let a = valid();
+        let mut b = valid();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        b.prompt = "something else".into();
+        assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+}
