@@ -5,6 +5,7 @@ pub mod amqp;
 pub mod config;
 pub mod cost;
 pub mod job;
+pub mod signals;
 pub mod state;
 pub mod telemetry;
 pub mod topology;

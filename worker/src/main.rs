@@ -1,1 +1,178 @@
-fn main() {}
+//! `ditfleet-worker`: the GPU worker service (default) and a standalone `generate` command.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use ditfleet_common::config::{self, COMMON_VARS, EngineChoice, Env, WORKER_VARS, WorkerConfig};
+use ditfleet_engine::{Control, GenerateRequest};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "ditfleet-worker",
+    version,
+    about = "ditfleet worker: consumes class queues and generates images (default), or generates one image locally.",
+    after_help = config::help_text(&[COMMON_VARS, WORKER_VARS])
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the worker service (the default).
+    Serve,
+    /// Generate one image locally, without the fleet.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Diffusers-layout Flux.1 checkpoint directory (default: the tiny random-weight config).
+    #[arg(long, env = "FLUX_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    /// Engine: flux or simulated.
+    #[arg(long, default_value = "flux")]
+    engine: String,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    #[arg(long, default_value = "flux-dev")]
+    model: String,
+    #[arg(long, default_value_t = 1024)]
+    width: u32,
+    #[arg(long, default_value_t = 1024)]
+    height: u32,
+    #[arg(long)]
+    steps: Option<u32>,
+    #[arg(long)]
+    guidance: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Devices, e.g. cuda:0 or cpu (default: auto).
+    #[arg(long, value_delimiter = ',')]
+    devices: Option<Vec<String>>,
+    /// Output PNG path.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match cli.cmd.unwrap_or(Cmd::Serve) {
+        Cmd::Serve => serve(),
+        Cmd::Generate(args) => {
+            ditfleet_common::telemetry::init(
+                &std::env::var("DITFLEET_LOG").unwrap_or_else(|_| "warn".into()),
+                false,
+            );
+            if let Err(e) = generate(args) {
+                eprintln!("ditfleet-worker generate: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+fn serve() {
+    let cfg = match WorkerConfig::from_env(&Env::process()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ditfleet-worker: {e}");
+            std::process::exit(config::EXIT_BAD_CONFIG);
+        }
+    };
+    ditfleet_common::telemetry::init(&cfg.common.log, cfg.common.log_json);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let code = rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(ditfleet_common::signals::cancel_on_signal(shutdown.clone()));
+        match ditfleet_worker::run(cfg, shutdown).await {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(error = %e, "worker failed");
+                1
+            }
+        }
+    });
+    std::process::exit(code);
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let choice = match a.engine.as_str() {
+        "simulated" => EngineChoice::Simulated { step_ms: 20 },
+        "flux" => EngineChoice::Flux {
+            model_dir: a.model_dir.clone(),
+        },
+        other => anyhow::bail!("unknown engine {other:?} (flux or simulated)"),
+    };
+    let t = std::time::Instant::now();
+    let mut engines =
+        ditfleet_worker::engines::build(&choice, 1, a.devices.as_deref()).context("loading the engine")?;
+    let engine = &mut engines[0];
+    let info = engine.info();
+    eprintln!(
+        "engine {} ready in {:.2} s: {}",
+        info.kind,
+        t.elapsed().as_secs_f64(),
+        info.note
+    );
+    let steps = a
+        .steps
+        .unwrap_or_else(|| ditfleet_common::job::JobSpec::default_steps(&a.model));
+    let request = GenerateRequest {
+        model: a.model.clone(),
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        width: a.width,
+        height: a.height,
+        steps,
+        guidance: a
+            .guidance
+            .unwrap_or_else(|| ditfleet_common::job::JobSpec::default_guidance(&a.model)),
+        seed: a.seed,
+    };
+    let bar = ProgressBar::new(u64::from(steps));
+    bar.set_style(
+        ProgressStyle::with_template("denoising [{bar:30}] {pos}/{len} steps {elapsed} eta {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    let tty = std::io::stderr().is_terminal();
+    let image = engine
+        .generate(&request, &mut |ev| {
+            bar.set_position(u64::from(ev.step));
+            if !tty && (ev.step == ev.total || ev.step % 10 == 0) {
+                eprintln!(
+                    "step {}/{} ({:.2} s)",
+                    ev.step,
+                    ev.total,
+                    ev.elapsed.as_secs_f64()
+                );
+            }
+            Control::Continue
+        })
+        .context("generating")?;
+    bar.finish();
+    std::fs::write(&a.out, image.to_png()?).with_context(|| format!("writing {}", a.out.display()))?;
+    let tm = &image.timings;
+    println!("wrote {}", a.out.display());
+    println!(
+        "stages: text encode {:.0} ms | denoise {:.0} ms | decode {:.0} ms{}",
+        tm.encode_ms,
+        tm.denoise_ms,
+        tm.decode_ms,
+        tm.peak_memory_bytes
+            .map(|b| format!(" | peak device memory {:.2} GiB", b as f64 / (1u64 << 30) as f64))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
