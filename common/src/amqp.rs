@@ -113,6 +113,28 @@ pub fn header_str(props: &BasicProperties, key: &str) -> Option<String> {
     }
 }
 
+/// How often the broker has delivered this message before (quorum queues set `x-delivery-count`
+/// on redeliveries; 0 on a first delivery or where the broker does not count).
+pub fn delivery_count(props: &BasicProperties) -> u32 {
+    let Some(h) = props.headers().as_ref() else {
+        return 0;
+    };
+    match h.inner().get("x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => (*n).max(0) as u32,
+        Some(AMQPValue::LongInt(n)) => (*n).max(0) as u32,
+        Some(AMQPValue::ShortInt(n)) => (*n).max(0) as u32,
+        Some(AMQPValue::LongUInt(n)) => *n,
+        _ => 0,
+    }
+}
+
+/// Back-off before requeueing a message that failed for a transient reason: 250 ms doubling with
+/// each earlier delivery, capped at `cap`.
+pub fn requeue_delay(props: &BasicProperties, cap: std::time::Duration) -> std::time::Duration {
+    let n = delivery_count(props).min(16);
+    (std::time::Duration::from_millis(250) * 2u32.pow(n)).min(cap)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -163,7 +163,7 @@ impl JobSpec {
     pub fn sniff_job_id(body: &[u8]) -> Option<String> {
         let v: serde_json::Value = serde_json::from_slice(body).ok()?;
         let id = v.get("job_id")?.as_str()?;
-        (!id.is_empty() && id.len() <= 128 && charset_ok(id, &['.', '_', ':', '-'])).then(|| id.to_string())
+        valid_job_id(id).then(|| id.to_string())
     }
 
     /// Checks every rule of the contract; returns all violations.
@@ -318,6 +318,11 @@ impl JobSpec {
         let json = serde_json::to_vec(self).expect("job serialises");
         format!("{:016x}", Self::derived_seed(&String::from_utf8_lossy(&json)))
     }
+}
+
+/// Whether `id` is a well-formed job id (1-128 characters of `[A-Za-z0-9._:-]`).
+pub fn valid_job_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && charset_ok(id, &['.', '_', ':', '-'])
 }
 
 fn truncate(s: &str, n: usize) -> String {

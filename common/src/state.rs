@@ -125,14 +125,27 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {'claimed', tostring(attempts)}
 "#;
 
-/// Creates a queued job unless its id exists. KEYS[1] job key. ARGV: now_ms, ttl_s, fingerprint,
-/// then field/value pairs. Returns {"created"} or {"exists", state, fingerprint}.
+/// Creates a queued job unless its id exists, and takes the routing claim (a short lease that lets
+/// exactly one delivery route the job). KEYS[1] job key. ARGV: now_ms, ttl_s, fingerprint,
+/// routing_lease_ms, then field/value pairs. Returns {"created"}, {"resume"} (same job, work order
+/// not yet published, claim lapsed: route it), {"routing"} (another delivery holds the claim) or
+/// {"exists", state, fingerprint}.
 const CREATE: &str = r#"
 local st = redis.call('HGET', KEYS[1], 'state')
-if st then return {'exists', st, redis.call('HGET', KEYS[1], 'fingerprint') or ''} end
+if st then
+  local fp = redis.call('HGET', KEYS[1], 'fingerprint') or ''
+  if (st == 'queued' or st == 'routed') and fp == ARGV[3] and redis.call('HGET', KEYS[1], 'published') ~= '1' then
+    local ru = tonumber(redis.call('HGET', KEYS[1], 'routing_until_ms') or '0')
+    if ru > tonumber(ARGV[1]) then return {'routing', tostring(ru - tonumber(ARGV[1]))} end
+    redis.call('HSET', KEYS[1], 'routing_until_ms', tonumber(ARGV[1]) + tonumber(ARGV[4]))
+    return {'resume'}
+  end
+  return {'exists', st, fp}
+end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'fingerprint', ARGV[3], 'attempts', 0,
+  'routing_until_ms', tonumber(ARGV[1]) + tonumber(ARGV[4]),
   'queued_ms', ARGV[1], 'updated_ms', ARGV[1], 'history', 'queued@' .. ARGV[1] .. ' ')
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {'created'}
 "#;
@@ -147,10 +160,19 @@ end
 return st or '-'
 "#;
 
+/// How long one delivery may hold the right to route a job before another copy may take over.
+pub const ROUTING_LEASE_MS: u64 = 10_000;
+
 /// Outcome of [`JobStore::create`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Created {
+    /// New job: this delivery routes it.
     Created,
+    /// Recorded earlier but never routed (that attempt stopped): this delivery routes it.
+    Resume,
+    /// Another delivery is routing it right now: retry once its claim may have lapsed.
+    RoutingElsewhere { remaining_ms: u64 },
+    /// The job exists beyond `queued` (or with other content).
     Exists { state: JobState, fingerprint: String },
 }
 
@@ -216,12 +238,22 @@ impl JobStore {
     ) -> redis::RedisResult<Created> {
         let script = Script::new(CREATE);
         let mut inv = script.key(self.job_key(job_id));
-        inv.arg(now_ms()).arg(self.ttl_s).arg(fingerprint);
+        inv.arg(now_ms())
+            .arg(self.ttl_s)
+            .arg(fingerprint)
+            .arg(ROUTING_LEASE_MS);
         pairs_to_args(&mut inv, fields);
         let mut conn = self.conn.clone();
         let out: Vec<String> = inv.invoke_async(&mut conn).await?;
         match out.first().map(String::as_str) {
             Some("created") => Ok(Created::Created),
+            Some("resume") => Ok(Created::Resume),
+            Some("routing") => Ok(Created::RoutingElsewhere {
+                remaining_ms: out
+                    .get(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(ROUTING_LEASE_MS),
+            }),
             _ => Ok(Created::Exists {
                 state: out
                     .get(1)

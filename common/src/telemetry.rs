@@ -1,5 +1,7 @@
 //! Structured logging with `tracing`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber: text or JSON lines on stderr, filtered by `filter`
@@ -9,7 +11,8 @@ pub fn init(filter: &str, json: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(true);
+        .with_target(true)
+        .with_ansi(std::io::stderr().is_terminal());
     let result = if json {
         builder.json().flatten_event(true).try_init()
     } else {

@@ -19,6 +19,11 @@ use lapin::{Channel, ExchangeKind};
 pub const SUBMIT_KEY: &str = "job";
 /// Broker-side delivery limit of a work message (the worker's attempt counter stops sooner).
 pub const WORK_DELIVERY_LIMIT: i64 = 20;
+/// Broker-side delivery limit of a submit message. The scheduler rejects poison input itself
+/// (validation → DLQ), so a submit message is only requeued for infrastructure failures (Redis
+/// down, a routing claim held by a crashed replica); those must not lose the job, hence the high
+/// limit, paired with exponential back-off in the scheduler.
+pub const SUBMIT_DELIVERY_LIMIT: i64 = 1000;
 
 /// Names derived from a namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +120,7 @@ impl Topology {
         ch.queue_declare(
             self.submit_queue().as_str().into(),
             qdurable,
-            self.quorum_args(true, Some(WORK_DELIVERY_LIMIT)),
+            self.quorum_args(true, Some(SUBMIT_DELIVERY_LIMIT)),
         )
         .await?;
         ch.queue_bind(

@@ -17,7 +17,7 @@ use ditfleet_common::amqp::{self, Publisher, header_str, now_ms, persistent};
 use ditfleet_common::config::SchedulerConfig;
 use ditfleet_common::cost::job_cost;
 use ditfleet_common::job::{JobError, JobEvent, JobSpec, Limits, WORK_ORDER_CONTENT_TYPE, WorkOrder};
-use ditfleet_common::state::{Created, JobState, JobStore};
+use ditfleet_common::state::{self, Created, JobState, JobStore};
 use ditfleet_common::topology::Topology;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -49,6 +49,8 @@ enum HandleError {
     Publish(#[from] amqp::PublishError),
     #[error("rabbitmq: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error("job {0} is being routed by another delivery; retrying later")]
+    RouteInProgress(String),
 }
 
 struct Ctx {
@@ -144,8 +146,12 @@ async fn handle(ctx: &Ctx, delivery: Delivery) {
             }
         }
         Err(e) => {
-            error!(error = %e, job_id = ?job_hint, "routing failed; requeueing the submit message");
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            if matches!(e, HandleError::RouteInProgress(_)) {
+                debug!(error = %e, "requeueing a concurrent duplicate");
+            } else {
+                error!(error = %e, job_id = ?job_hint, "routing failed; requeueing the submit message");
+                tokio::time::sleep(amqp::requeue_delay(&delivery.properties, Duration::from_secs(10))).await;
+            }
             let _ = delivery
                 .nack(BasicNackOptions {
                     requeue: true,
@@ -184,11 +190,16 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
     ];
     match ctx.store.create(&spec.job_id, &fingerprint, &fields).await? {
         Created::Created => {}
-        Created::Exists {
-            state: JobState::Queued,
-            fingerprint: fp,
-        } if fp == fingerprint => {
-            info!(job_id = %spec.job_id, "resuming a job recorded but not yet routed (earlier attempt stopped)");
+        Created::Resume => {
+            info!(job_id = %spec.job_id, "resuming a job recorded but not yet published (an earlier attempt stopped)");
+        }
+        Created::RoutingElsewhere { remaining_ms } => {
+            // Another copy is being routed right now (by this or another replica), or one that
+            // crashed holds the claim. Hold this copy until the claim may have lapsed, then
+            // requeue it: either the other copy published the job (this one is then a
+            // duplicate) or this one takes over.
+            tokio::time::sleep(Duration::from_millis(remaining_ms.min(state::ROUTING_LEASE_MS))).await;
+            return Err(HandleError::RouteInProgress(spec.job_id.clone()));
         }
         Created::Exists {
             state,
@@ -207,14 +218,9 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
             return Ok(());
         }
     }
-    let order = WorkOrder::from_spec(&spec, &class, cost, submitted_ms);
-    let props = persistent(WORK_ORDER_CONTENT_TYPE)
-        .with_message_id(spec.job_id.as_str().into())
-        .with_priority(spec.priority.amqp())
-        .with_timestamp(received_ms / 1000);
-    ctx.publisher
-        .publish(&ctx.topo.work_exchange(), &class, &order.encode(), props, true)
-        .await?;
+    // Mark routed before publishing, so a worker can never see the job before the scheduler's
+    // record says where it went. A crash before `published` is set leaves the job routable by
+    // the redelivered submit message (the CREATE script answers "resume").
     let (applied, prev) = ctx
         .store
         .transition(
@@ -225,9 +231,21 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
             &[("routed_ms", now_ms().to_string())],
         )
         .await?;
-    if !applied {
-        debug!(job_id = %spec.job_id, prev = ?prev, "job moved on before it was marked routed");
+    if !applied && prev != Some(JobState::Routed) {
+        info!(job_id = %spec.job_id, state = ?prev, "job left the queue before routing (cancelled); not publishing");
+        return Ok(());
     }
+    let order = WorkOrder::from_spec(&spec, &class, cost, submitted_ms);
+    let props = persistent(WORK_ORDER_CONTENT_TYPE)
+        .with_message_id(spec.job_id.as_str().into())
+        .with_priority(spec.priority.amqp())
+        .with_timestamp(received_ms / 1000);
+    ctx.publisher
+        .publish(&ctx.topo.work_exchange(), &class, &order.encode(), props, true)
+        .await?;
+    ctx.store
+        .set_fields(&spec.job_id, &[("published", "1".into())])
+        .await?;
     info!(job_id = %spec.job_id, class = %class, cost, tenant = %spec.tenant, "routed");
     Ok(())
 }
@@ -237,7 +255,7 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
 async fn reject(ctx: &Ctx, delivery: &Delivery, err: &JobError) -> Result<(), HandleError> {
     let job_id = JobSpec::sniff_job_id(&delivery.data)
         .or_else(|| delivery.properties.message_id().as_ref().map(|s| s.to_string()))
-        .filter(|id| !id.is_empty() && id.len() <= 128)
+        .filter(|id| ditfleet_common::job::valid_job_id(id))
         .unwrap_or_else(|| {
             format!(
                 "invalid-{:016x}",

@@ -1,1 +1,415 @@
+//! Harness for end-to-end tests: real RabbitMQ, real Redis, real ditfleet processes.
+//!
+//! Each [`Fleet`] gets its own namespace (exchanges, queues and Redis keys are prefixed with it),
+//! so tests run in parallel against one broker and one Redis without seeing each other. Binaries
+//! are taken from the cargo target directory beside the test executable (`make test` builds them
+//! first).
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ditfleet_common::amqp::{self, Publisher, persistent};
+use ditfleet_common::job::{JobEvent, JobSpec, Priority, SCHEMA_VERSION};
+use ditfleet_common::state::{JobState, JobStore};
+use ditfleet_common::topology::{SUBMIT_KEY, Topology};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+pub const CLASSES: [&str; 4] = ["small", "medium", "large", "xlarge"];
+
+/// Directory holding the ditfleet binaries (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("DITFLEET_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace binaries first (`cargo build --workspace --bins`)",
+        p.display()
+    );
+    p
+}
+
+/// A running ditfleet process.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal (e.g. `libc::SIGKILL`, `libc::SIGTERM`) to the process.
+    pub fn signal(&self, sig: i32) {
+        send_signal(self.pid(), sig);
+    }
+
+    /// Waits for exit up to `timeout`; returns the exit code (None = killed by a signal / timed out).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status.code());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn send_signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on a pid we spawned; no memory is shared or touched.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Events seen on the fleet's events exchange, in arrival order.
+#[derive(Clone, Default)]
+pub struct EventLog {
+    inner: Arc<Mutex<Vec<(String, JobEvent)>>>,
+}
+
+impl EventLog {
+    pub fn all(&self) -> Vec<(String, JobEvent)> {
+        self.inner.lock().unwrap().clone()
+    }
+
+    pub fn for_job(&self, job_id: &str) -> Vec<JobEvent> {
+        self.all()
+            .into_iter()
+            .filter(|(_, e)| e.job_id() == job_id)
+            .map(|(_, e)| e)
+            .collect()
+    }
+
+    pub fn count_kind(&self, kind: &str) -> usize {
+        self.all().iter().filter(|(_, e)| e.kind() == kind).count()
+    }
+}
+
+/// One isolated fleet: a namespace, a result directory, processes, and client handles.
+pub struct Fleet {
+    pub ns: String,
+    pub topo: Topology,
+    pub result_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub conn: lapin::Connection,
+    pub publisher: Publisher,
+    pub store: JobStore,
+    pub events: EventLog,
+    pub env: HashMap<String, String>,
+}
+
+impl Fleet {
+    /// Creates the namespace's topology and starts recording its events.
+    pub async fn new(test: &str) -> Fleet {
+        let ns = format!(
+            "t-{}-{}",
+            test.replace('_', "-").chars().take(40).collect::<String>(),
+            &uuid::Uuid::new_v4().to_string()[..8]
+        );
+        let root = std::env::temp_dir().join("ditfleet-tests").join(&ns);
+        let result_dir = root.join("results");
+        let log_dir = root.join("logs");
+        std::fs::create_dir_all(&result_dir).unwrap();
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let topo = Topology::new(&ns);
+        let conn = amqp::connect(AMQP_URL, &format!("test {ns}"))
+            .await
+            .expect("RabbitMQ at 127.0.0.1:5672 (make test starts it)");
+        let ch = conn.create_channel().await.unwrap();
+        topo.declare(&ch, &CLASSES).await.unwrap();
+        let publisher = Publisher::new(&conn).await.unwrap();
+        let store = JobStore::connect(REDIS_URL, &ns, Duration::from_secs(3600))
+            .await
+            .expect("Redis at 127.0.0.1:6379");
+        let events = EventLog::default();
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        ch.queue_bind(
+            q.name().clone(),
+            topo.events_exchange().as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                "test-events".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let sink = events.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                if let Ok(ev) = serde_json::from_slice::<JobEvent>(&d.data) {
+                    sink.inner.lock().unwrap().push((d.routing_key.to_string(), ev));
+                }
+            }
+        });
+        let mut env = HashMap::new();
+        for (k, v) in [
+            ("DITFLEET_AMQP_URL", AMQP_URL.to_string()),
+            ("DITFLEET_REDIS_URL", REDIS_URL.to_string()),
+            ("DITFLEET_NAMESPACE", ns.clone()),
+            ("DITFLEET_RESULT_DIR", result_dir.display().to_string()),
+            ("DITFLEET_ENGINE", "simulated".into()),
+            ("DITFLEET_SIM_STEP_MS", "10".into()),
+            ("DITFLEET_HEARTBEAT_S", "1".into()),
+            ("DITFLEET_JOB_LEASE_S", "2".into()),
+            ("DITFLEET_SHUTDOWN_GRACE_S", "20".into()),
+            ("DITFLEET_LOG", "info".into()),
+            ("DITFLEET_JOB_TTL_S", "3600".into()),
+        ] {
+            env.insert(k.to_string(), v);
+        }
+        Fleet {
+            ns,
+            topo,
+            result_dir,
+            log_dir,
+            conn,
+            publisher,
+            store,
+            events,
+            env,
+        }
+    }
+
+    fn spawn(&self, binary: &str, name: &str, extra: &[(&str, &str)], args: &[&str]) -> Proc {
+        let log = self.log_dir.join(format!("{name}-{}.log", uuid::Uuid::new_v4()));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(bin(binary));
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {binary}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    pub fn start_scheduler(&self) -> Proc {
+        self.spawn("ditfleet-scheduler", "scheduler", &[], &[])
+    }
+
+    /// Starts a worker with id `id` (simulated engine unless `extra` says otherwise).
+    pub fn start_worker(&self, id: &str, extra: &[(&str, &str)]) -> Proc {
+        let mut e = vec![("DITFLEET_WORKER_ID", id)];
+        e.extend_from_slice(extra);
+        self.spawn("ditfleet-worker", id, &e, &[])
+    }
+
+    /// Runs `ditfleetctl` to completion with the fleet's environment.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(bin("ditfleetctl"));
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("ditfleetctl runs")
+    }
+
+    /// Waits until `n` workers are registered.
+    pub async fn wait_workers(&self, n: usize, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let w = self.store.workers().await.unwrap();
+            if w.len() >= n {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "only {} of {n} workers registered after {timeout:?}",
+                w.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Publishes a raw body to the submit exchange (with publisher confirm).
+    pub async fn submit_raw(&self, body: &[u8], message_id: &str) {
+        let props = persistent("application/json").with_message_id(message_id.into());
+        self.publisher
+            .publish(&self.topo.submit_exchange(), SUBMIT_KEY, body, props, true)
+            .await
+            .expect("submit publish");
+    }
+
+    pub async fn submit(&self, spec: &JobSpec) {
+        self.submit_raw(&serde_json::to_vec(spec).unwrap(), &spec.job_id)
+            .await;
+    }
+
+    pub async fn state(&self, job_id: &str) -> Option<JobState> {
+        self.store.state(job_id).await.unwrap()
+    }
+
+    /// Waits until the job reaches `want` (panics with its status on timeout).
+    pub async fn wait_state(
+        &self,
+        job_id: &str,
+        want: JobState,
+        timeout: Duration,
+    ) -> HashMap<String, String> {
+        let start = Instant::now();
+        loop {
+            let h = self.store.get(job_id).await.unwrap();
+            if h.get("state").map(String::as_str) == Some(want.as_str()) {
+                return h;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "job {job_id} did not reach {want} within {timeout:?}; status: {h:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Drains the DLQ: (job id header, reason header, body).
+    pub async fn dead_letters(&self) -> Vec<(String, String, Vec<u8>)> {
+        let ch = self.conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(m) = ch
+            .basic_get(self.topo.dead_queue().as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            let h = m.delivery.properties.headers().clone().unwrap_or_default();
+            let get = |k: &str| match h.inner().get(k) {
+                Some(AMQPValue::LongString(s)) => s.to_string(),
+                _ => String::new(),
+            };
+            out.push((
+                get("x-ditfleet-job-id"),
+                get("x-ditfleet-reason"),
+                m.delivery.data.clone(),
+            ));
+            m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        out
+    }
+
+    /// Deletes the namespace's queues and exchanges (Redis keys expire with their TTL).
+    pub async fn teardown(self) {
+        let ch = self.conn.create_channel().await.unwrap();
+        let mut queues = vec![self.topo.submit_queue(), self.topo.dead_queue()];
+        queues.extend(CLASSES.iter().map(|c| self.topo.work_queue(c)));
+        for q in queues {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [
+            self.topo.submit_exchange(),
+            self.topo.work_exchange(),
+            self.topo.events_exchange(),
+            self.topo.dlx(),
+        ] {
+            let _ = ch
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = self.conn.close(200, "test done".into()).await;
+    }
+}
+
+/// A valid job with the given id.
+pub fn job(job_id: &str, steps: u32) -> JobSpec {
+    JobSpec {
+        schema_version: SCHEMA_VERSION,
+        job_id: job_id.to_string(),
+        tenant: "test".into(),
+        model: "flux-dev".into(),
+        model_version: None,
+        prompt: "a lighthouse on a cliff at dusk".into(),
+        negative_prompt: None,
+        width: 256,
+        height: 256,
+        steps: Some(steps),
+        guidance: None,
+        seed: Some(7),
+        priority: Priority::Normal,
+        deadline: None,
+        reply_to: None,
+        labels: Default::default(),
+    }
+}
+
+/// Percentile of sorted values (nearest rank).
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}

@@ -41,7 +41,7 @@ pub(crate) async fn process(shared: Arc<Shared>, delivery: Delivery) {
         Ok(s) => s,
         Err(e) => {
             error!(error = %e, "infrastructure failure; requeueing the job");
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(amqp::requeue_delay(&delivery.properties, Duration::from_secs(10))).await;
             Settle::Requeue
         }
     };
@@ -79,6 +79,19 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
         }
     };
     let me = shared.cfg.worker_id.clone();
+    if !shared
+        .running
+        .lock()
+        .expect("running set")
+        .insert(order.job_id.clone())
+    {
+        info!(job_id = %order.job_id, "job is already running in this worker; dropping the duplicate delivery");
+        return Ok(Settle::Ack);
+    }
+    let _running = RunningGuard {
+        shared,
+        job_id: order.job_id.clone(),
+    };
     let recreate = [
         ("tenant", order.tenant.clone()),
         ("model", order.model.clone()),
@@ -146,6 +159,20 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
     let started_ms = now_ms();
     info!(job_id = %order.job_id, class = %order.class, attempt = attempts, steps = order.steps, size = %format!("{}x{}", order.width, order.height), "job started");
     run_claimed(shared, delivery, &order, attempts, started_ms).await
+}
+
+/// Removes the job from the worker's running set when its handling ends.
+struct RunningGuard<'a> {
+    shared: &'a Shared,
+    job_id: String,
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.shared.running.lock() {
+            set.remove(&self.job_id);
+        }
+    }
 }
 
 async fn run_claimed(

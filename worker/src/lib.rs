@@ -65,6 +65,8 @@ pub(crate) struct Shared {
     pub abort: Arc<AtomicBool>,
     pub draining: AtomicBool,
     pub jobs_done: AtomicU64,
+    /// Jobs this process is running now (a second delivery of one of them is a duplicate).
+    pub running: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Runs the worker until `shutdown` is cancelled and in-flight work is settled.
@@ -115,6 +117,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         abort: Arc::new(AtomicBool::new(false)),
         draining: AtomicBool::new(false),
         jobs_done: AtomicU64::new(0),
+        running: std::sync::Mutex::new(Default::default()),
         cfg,
     });
     let gpus = Arc::new(std::sync::Mutex::new(gpus::Gpus::init()));
