@@ -14,6 +14,8 @@ Run through scripts/validate-deploy.sh (which prepares the virtualenv). Checks:
   security context, selectors that must match, metric names of alerts/dashboard).
 * k8s/: k8s/base is exactly what deploy-tests/render_k8s_base.py produces from the
   chart; `kubectl kustomize` of k8s/base and k8s/overlays/dev is validated the same way.
+* docker/Dockerfile.*: hadolint (Docker itself is not available here).
+* the committed JSON schemas and values.schema.json are valid schemas (metaschema).
 * negative cases: every deploy-tests/values/broken/*.yaml must be rejected, and every
   deploy-tests/broken-manifests/*.yaml must fail object validation.
 
@@ -398,11 +400,31 @@ def main() -> int:
             if validate_objects(objects, label, crd_dir, report):
                 report.ok(f"{label}: core objects valid (strict) for Kubernetes {', '.join(K8S_VERSIONS)}")
 
-        # 3. CRD objects of every render, batched per kind
+        # 3. Dockerfiles and schema files
+        print("== docker/ and schemas")
+        bindir = Path(sys.executable).parent
+        dockerfiles = sorted(str(p) for p in (ROOT / "docker").glob("Dockerfile.*")
+                             if not p.name.endswith(".dockerignore"))
+        proc = subprocess.run([str(bindir / "hadolint"), "--no-color", *dockerfiles],
+                              capture_output=True, text=True)
+        if proc.returncode == 0 and dockerfiles:
+            report.ok(f"hadolint {' '.join(Path(d).name for d in dockerfiles)}")
+        else:
+            report.fail("hadolint", (proc.stdout + proc.stderr).strip() or "no Dockerfiles")
+        schemas = [str(CHART / "values.schema.json"),
+                   *sorted(str(p) for p in (TESTS / "crd-schemas").glob("*.json"))]
+        proc = subprocess.run([str(bindir / "check-jsonschema"), "--check-metaschema", *schemas],
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            report.ok(f"{len(schemas)} JSON schemas valid against their metaschema")
+        else:
+            report.fail("check-jsonschema --check-metaschema", (proc.stdout + proc.stderr).strip())
+
+        # 4. CRD objects of every render, batched per kind
         print("== CRD objects (committed schemas)")
         check_crds(crd_dir, report)
 
-        # 4. negative checks: the validation must be able to fail
+        # 5. negative checks: the validation must be able to fail
         print("== negative checks (each must be rejected)")
         for path in sorted((TESTS / "values" / "broken").glob("*.yaml")):
             label = str(path.relative_to(ROOT))

