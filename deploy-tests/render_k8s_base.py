@@ -64,6 +64,8 @@ def render() -> dict[str, str]:
         manifests = chart.render(values, name="ditfleet", namespace="ditfleet", is_install=True)
     files: dict[str, str] = {}
     for template in sorted(manifests):
+        if not template.endswith((".yaml", ".yml")):
+            continue  # NOTES.txt
         for doc in yaml.safe_load_all(manifests[template]):
             if not doc:
                 continue
