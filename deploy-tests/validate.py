@@ -14,6 +14,9 @@ Run through scripts/validate-deploy.sh (which prepares the virtualenv). Checks:
   security context, selectors that must match, metric names of alerts/dashboard).
 * k8s/: k8s/base is exactly what deploy-tests/render_k8s_base.py produces from the
   chart; `kubectl kustomize` of k8s/base and k8s/overlays/dev is validated the same way.
+* the verify-model init container script, run here with /bin/sh against a fake model
+  directory: passes when every file matches, fails on a wrong hash, a missing file, or
+  no checksum list.
 * docker/Dockerfile.*: hadolint (Docker itself is not available here).
 * the committed JSON schemas and values.schema.json are valid schemas (metaschema).
 * negative cases: every deploy-tests/values/broken/*.yaml must be rejected, and every
@@ -332,6 +335,60 @@ def kustomize(path: Path) -> list[tuple[str, dict]]:
     return [(str(path.relative_to(ROOT)), d) for d in yaml.safe_load_all(proc.stdout) if d]
 
 
+# ------------------------------------------------------------------- verify-model
+
+
+def verify_model_script(report: Report, work: Path) -> None:
+    """Run the init container's shell script from the rendered chart on a fake cache."""
+    files = {"model_index.json": b"{}\n", "transformer/part-00001.safetensors": b"\x00" * 4096,
+             "vae/diffusion_pytorch_model.safetensors": b"vae"}
+    sums = {p: __import__("hashlib").sha256(b).hexdigest() for p, b in files.items()}
+    values = {"modelCache": {"type": "pvc", "mountPath": "/models", "modelSubPath": "FLUX.1-dev",
+                             "pvc": {"existingClaim": "m"},
+                             "verify": {"enabled": True, "checksums": sums}}}
+    objs = [o for _, o in render(values)]
+    dep = next(o for o in objs if o["kind"] == "Deployment" and "worker" in o["metadata"]["name"])
+    init = dep["spec"]["template"]["spec"]["initContainers"][0]
+    cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("model-checksums"))
+    script = init["args"][0]
+    env = {e["name"]: e["value"] for e in init["env"]}
+
+    def run(case: str, listed: str | None, manifest: str | None, mutate=None) -> int:
+        root = work / "verify" / case
+        model, cmdir = root / "model", root / "cm"
+        for rel, data in files.items():
+            (model / rel).parent.mkdir(parents=True, exist_ok=True)
+            (model / rel).write_bytes(data)
+        cmdir.mkdir(parents=True)
+        (cmdir / "SHA256SUMS").write_text(listed or "")
+        if manifest is not None:
+            (model / env["MODEL_MANIFEST"]).write_text(manifest)
+        if mutate:
+            mutate(model)
+        proc = subprocess.run(["/bin/sh", "-ec", script.replace("/etc/ditfleet/model-checksums", str(cmdir))],
+                              env={"PATH": os.environ["PATH"], "FLUX_MODEL_DIR": str(model),
+                                   "MODEL_MANIFEST": env["MODEL_MANIFEST"]},
+                              capture_output=True, text=True)
+        return proc.returncode
+
+    listed = cm["data"]["SHA256SUMS"]
+    manifest = "".join(f"{h}  {p}\n" for p, h in sums.items())
+    cases = [
+        ("checksums from values, all match", run("values-ok", listed, None), True),
+        ("manifest in the cache, all match", run("manifest-ok", None, manifest), True),
+        ("one file changed", run("changed", listed, None,
+                                 lambda m: (m / "vae/diffusion_pytorch_model.safetensors").write_bytes(b"VAE")), False),
+        ("one file missing", run("missing", None, manifest,
+                                 lambda m: (m / "model_index.json").unlink()), False),
+        ("no checksum list at all", run("nolist", None, None), False),
+    ]
+    for what, rc, should_pass in cases:
+        if (rc == 0) == should_pass:
+            report.ok(f"verify-model script: {what} -> exit {rc}")
+        else:
+            report.fail(f"verify-model script: {what}", f"exit {rc}, expected {'0' if should_pass else 'non-zero'}")
+
+
 # ------------------------------------------------------------------- negatives
 
 
@@ -399,6 +456,9 @@ def main() -> int:
             report.ok(f"{label}: kubectl kustomize ({len(objects)} objects)")
             if validate_objects(objects, label, crd_dir, report):
                 report.ok(f"{label}: core objects valid (strict) for Kubernetes {', '.join(K8S_VERSIONS)}")
+
+        print("== verify-model init container")
+        verify_model_script(report, work)
 
         # 3. Dockerfiles and schema files
         print("== docker/ and schemas")
