@@ -1,0 +1,142 @@
+{{/* Chart name, truncated to the 63-character DNS label limit. */}}
+{{- define "ditfleet.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Fully qualified app name. Pool names are appended, so keep room for them. */}}
+{{- define "ditfleet.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ditfleet.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels on every object. */}}
+{{- define "ditfleet.labels" -}}
+helm.sh/chart: {{ include "ditfleet.chart" . }}
+{{ include "ditfleet.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: ditfleet
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "ditfleet.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ditfleet.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "ditfleet.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "ditfleet.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* image reference: (dict "root" $ "image" <images.x or pool override>) */}}
+{{- define "ditfleet.image" -}}
+{{- $img := .image -}}
+{{- $repo := $img.repository -}}
+{{- if .root.Values.images.registry -}}
+{{- $repo = printf "%s/%s" (trimSuffix "/" .root.Values.images.registry) $img.repository -}}
+{{- end -}}
+{{- $tag := default .root.Chart.AppVersion $img.tag -}}
+{{- if $img.digest -}}
+{{- printf "%s:%s@%s" $repo $tag $img.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of the dev credentials Secret. */}}
+{{- define "ditfleet.devSecretName" -}}
+{{- printf "%s-dev-credentials" (include "ditfleet.fullname" .) -}}
+{{- end -}}
+
+{{/* Secret name for one credential: (dict "root" $ "ref" .Values.secrets.x) */}}
+{{- define "ditfleet.secretName" -}}
+{{- if .root.Values.secrets.devCredentials.enabled -}}
+{{- include "ditfleet.devSecretName" .root -}}
+{{- else -}}
+{{- required "secrets.*.existingSecret must name a Secret (or enable secrets.devCredentials for dev clusters)" .ref.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A pool merged over workerDefaults, as YAML: (dict "root" $ "pool" .) */}}
+{{- define "ditfleet.pool" -}}
+{{- $merged := mergeOverwrite (deepCopy .root.Values.workerDefaults) (deepCopy .pool) -}}
+{{- toYaml $merged -}}
+{{- end -}}
+
+{{- define "ditfleet.poolFullname" -}}
+{{- printf "%s-worker-%s" (include "ditfleet.fullname" .root) .pool.name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Queue names of a pool's classes. */}}
+{{- define "ditfleet.poolQueues" -}}
+{{- $ns := .root.Values.config.namespace -}}
+{{- $q := list -}}
+{{- range .pool.classes -}}
+{{- $q = append $q (printf "%s.work.%s" $ns .) -}}
+{{- end -}}
+{{- join "," $q -}}
+{{- end -}}
+
+{{/* Environment shared by every ditfleet container. */}}
+{{- define "ditfleet.commonEnv" -}}
+- name: DITFLEET_AMQP_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ditfleet.secretName" (dict "root" . "ref" .Values.secrets.amqp) }}
+      key: {{ .Values.secrets.amqp.key }}
+- name: DITFLEET_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ditfleet.secretName" (dict "root" . "ref" .Values.secrets.redis) }}
+      key: {{ .Values.secrets.redis.key }}
+- name: DITFLEET_NAMESPACE
+  value: {{ .Values.config.namespace | quote }}
+- name: DITFLEET_LOG
+  value: {{ .Values.config.log | quote }}
+- name: DITFLEET_LOG_FORMAT
+  value: {{ .Values.config.logFormat | quote }}
+- name: DITFLEET_JOB_TTL_S
+  value: {{ .Values.config.jobTtlSeconds | int64 | quote }}
+- name: DITFLEET_HTTP_ADDR
+  value: {{ printf "0.0.0.0:%d" (int .Values.config.httpPort) | quote }}
+{{- with .Values.config.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* Probes on the health/metrics HTTP server. */}}
+{{- define "ditfleet.probes" -}}
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: http-metrics
+  periodSeconds: 10
+  timeoutSeconds: 3
+  failureThreshold: 3
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: http-metrics
+  periodSeconds: 5
+  timeoutSeconds: 3
+  failureThreshold: 3
+{{- end -}}
