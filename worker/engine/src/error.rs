@@ -33,7 +33,10 @@ pub enum EngineError {
 impl EngineError {
     /// Whether retrying the same request (after freeing caches, on this or another device) may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, EngineError::OutOfMemory { .. } | EngineError::Device { .. })
+        matches!(
+            self,
+            EngineError::OutOfMemory { .. } | EngineError::Device { .. }
+        )
     }
 }
 
@@ -41,9 +44,15 @@ impl From<tch::TchError> for EngineError {
     fn from(e: tch::TchError) -> Self {
         let message = e.to_string();
         if message.contains("out of memory") {
-            EngineError::OutOfMemory { device: "cuda".into(), message }
+            EngineError::OutOfMemory {
+                device: "cuda".into(),
+                message,
+            }
         } else if message.contains("CUDA error") || message.contains("NCCL") {
-            EngineError::Device { device: "cuda".into(), message }
+            EngineError::Device {
+                device: "cuda".into(),
+                message,
+            }
         } else {
             EngineError::Torch(message)
         }

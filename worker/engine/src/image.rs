@@ -29,8 +29,12 @@ impl GeneratedImage {
             let mut encoder = png::Encoder::new(&mut out, self.width, self.height);
             encoder.set_color(png::ColorType::Rgb);
             encoder.set_depth(png::BitDepth::Eight);
-            let mut writer = encoder.write_header().map_err(|e| EngineError::Encode(e.to_string()))?;
-            writer.write_image_data(&self.rgb).map_err(|e| EngineError::Encode(e.to_string()))?;
+            let mut writer = encoder
+                .write_header()
+                .map_err(|e| EngineError::Encode(e.to_string()))?;
+            writer
+                .write_image_data(&self.rgb)
+                .map_err(|e| EngineError::Encode(e.to_string()))?;
         }
         Ok(out)
     }

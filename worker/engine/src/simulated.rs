@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::{Control, Engine, EngineError, EngineInfo, GenerateRequest, GeneratedImage, StageTimings, StepEvent};
+use crate::{
+    Control, Engine, EngineError, EngineInfo, GenerateRequest, GeneratedImage, StageTimings,
+    StepEvent,
+};
 
 /// Settings of the simulated engine.
 #[derive(Debug, Clone)]
@@ -25,7 +28,11 @@ pub struct SimulatedConfig {
 
 impl Default for SimulatedConfig {
     fn default() -> Self {
-        Self { step_ms: 20, models: vec!["flux-dev".into(), "flux-schnell".into()], version: "sim-1".into() }
+        Self {
+            step_ms: 20,
+            models: vec!["flux-dev".into(), "flux-schnell".into()],
+            version: "sim-1".into(),
+        }
     }
 }
 
@@ -72,10 +79,18 @@ impl Engine for SimulatedEngine {
         EngineInfo {
             kind: "simulated".into(),
             models: self.config.models.clone(),
-            model_versions: self.config.models.iter().map(|m| format!("{m}@{}", self.config.version)).collect(),
+            model_versions: self
+                .config
+                .models
+                .iter()
+                .map(|m| format!("{m}@{}", self.config.version))
+                .collect(),
             devices: vec!["cpu".into()],
             parallel_degree: 1,
-            note: format!("SIMULATED engine ({} ms/step, no model)", self.config.step_ms),
+            note: format!(
+                "SIMULATED engine ({} ms/step, no model)",
+                self.config.step_ms
+            ),
         }
     }
 
@@ -85,15 +100,25 @@ impl Engine for SimulatedEngine {
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
         if !self.config.models.iter().any(|m| m == &request.model) {
-            return Err(EngineError::InvalidRequest(format!("simulated engine does not serve model {:?}", request.model)));
+            return Err(EngineError::InvalidRequest(format!(
+                "simulated engine does not serve model {:?}",
+                request.model
+            )));
         }
         if request.steps == 0 || request.width == 0 || request.height == 0 {
-            return Err(EngineError::InvalidRequest("steps, width and height must be positive".into()));
+            return Err(EngineError::InvalidRequest(
+                "steps, width and height must be positive".into(),
+            ));
         }
         let start = Instant::now();
         for step in 1..=request.steps {
             std::thread::sleep(Duration::from_millis(self.config.step_ms));
-            if on_step(StepEvent { step, total: request.steps, elapsed: start.elapsed() }) == Control::Cancel {
+            if on_step(StepEvent {
+                step,
+                total: request.steps,
+                elapsed: start.elapsed(),
+            }) == Control::Cancel
+            {
                 return Err(EngineError::Cancelled { step });
             }
         }
@@ -133,7 +158,10 @@ mod tests {
 
     #[test]
     fn same_seed_gives_identical_image_and_different_seed_differs() {
-        let mut e = SimulatedEngine::new(SimulatedConfig { step_ms: 0, ..Default::default() });
+        let mut e = SimulatedEngine::new(SimulatedConfig {
+            step_ms: 0,
+            ..Default::default()
+        });
         let a = e.generate(&request(7), &mut |_| Control::Continue).unwrap();
         let b = e.generate(&request(7), &mut |_| Control::Continue).unwrap();
         let c = e.generate(&request(8), &mut |_| Control::Continue).unwrap();
@@ -146,7 +174,10 @@ mod tests {
 
     #[test]
     fn reports_every_step_and_stops_when_cancelled() {
-        let mut e = SimulatedEngine::new(SimulatedConfig { step_ms: 0, ..Default::default() });
+        let mut e = SimulatedEngine::new(SimulatedConfig {
+            step_ms: 0,
+            ..Default::default()
+        });
         let mut seen = Vec::new();
         e.generate(&request(1), &mut |ev| {
             seen.push(ev.step);
@@ -154,15 +185,27 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, vec![1, 2, 3]);
-        let err = e.generate(&request(1), &mut |ev| if ev.step == 2 { Control::Cancel } else { Control::Continue });
+        let err = e.generate(&request(1), &mut |ev| {
+            if ev.step == 2 {
+                Control::Cancel
+            } else {
+                Control::Continue
+            }
+        });
         assert!(matches!(err, Err(EngineError::Cancelled { step: 2 })));
     }
 
     #[test]
     fn unknown_model_is_an_invalid_request() {
-        let mut e = SimulatedEngine::new(SimulatedConfig { step_ms: 0, ..Default::default() });
+        let mut e = SimulatedEngine::new(SimulatedConfig {
+            step_ms: 0,
+            ..Default::default()
+        });
         let mut r = request(1);
         r.model = "sdxl".into();
-        assert!(matches!(e.generate(&r, &mut |_| Control::Continue), Err(EngineError::InvalidRequest(_))));
+        assert!(matches!(
+            e.generate(&r, &mut |_| Control::Continue),
+            Err(EngineError::InvalidRequest(_))
+        ));
     }
 }

@@ -1,0 +1,33 @@
+//! Flux.1 text-to-image (dev and schnell) on libtorch: the transformer, T5-XXL and CLIP-L text
+//! encoders, the VAE decoder, the flow-matching Euler sampler and the [`Pipeline`] that ties them
+//! together behind [`crate::Engine`].
+
+pub mod clip;
+pub mod layers;
+pub mod pipeline;
+pub mod sampling;
+pub mod t5;
+pub mod tokenizer;
+pub mod transformer;
+pub mod vae;
+pub mod weights;
+
+pub use pipeline::{Devices, Pipeline, PipelineOptions};
+
+use std::path::Path;
+
+use crate::EngineError;
+
+/// Reads a JSON config file.
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value, EngineError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| EngineError::Load(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))
+}
+
+/// A required integer field of a JSON config.
+pub(crate) fn json_i64(v: &serde_json::Value, key: &str, path: &Path) -> Result<i64, EngineError> {
+    v.get(key).and_then(|x| x.as_i64()).ok_or_else(|| {
+        EngineError::Load(format!("{}: missing integer field {key:?}", path.display()))
+    })
+}
