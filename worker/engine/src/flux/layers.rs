@@ -69,7 +69,7 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Res<Tensor> {
         x.f_layer_norm(
-            &[self.dim],
+            [self.dim],
             self.weight.as_ref(),
             self.bias.as_ref(),
             self.eps,

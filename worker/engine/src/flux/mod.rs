@@ -9,14 +9,25 @@ pub mod sampling;
 pub mod t5;
 pub mod tokenizer;
 pub mod transformer;
+pub mod transformer_keys;
 pub mod vae;
 pub mod weights;
 
 pub use pipeline::{Devices, Pipeline, PipelineOptions};
 
 use std::path::Path;
+use std::sync::Mutex;
 
 use crate::EngineError;
+
+/// Serialises "seed libtorch's global CPU generator, then draw" sequences (noise, tiny random
+/// weights) so concurrent generations in one process stay deterministic.
+pub(crate) static TORCH_RNG: Mutex<()> = Mutex::new(());
+
+/// Locks [`TORCH_RNG`] (a poisoned lock is still usable: it guards no data).
+pub(crate) fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Reads a JSON config file.
 pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value, EngineError> {

@@ -216,6 +216,7 @@ impl Pipeline {
     /// seed always builds the same weights.
     pub fn tiny_random(seed: u64) -> Result<Self, EngineError> {
         let _guard = tch::no_grad_guard();
+        let _lock = super::rng_lock();
         tch::manual_seed(seed as i64);
         let kind = Kind::Float;
         let device = Device::Cpu;
@@ -384,8 +385,8 @@ impl Pipeline {
         }
         if r.width == 0
             || r.height == 0
-            || r.width % 16 != 0
-            || r.height % 16 != 0
+            || !r.width.is_multiple_of(16)
+            || !r.height.is_multiple_of(16)
             || r.width > 4096
             || r.height > 4096
         {

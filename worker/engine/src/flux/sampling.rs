@@ -159,8 +159,12 @@ pub fn latent_size(height: u32, width: u32, vae_scale: i64) -> (i64, i64) {
 /// .manual_seed(seed), dtype=kind)`, as diffusers draws it with a CPU generator) and moved to
 /// `device`: the same seed gives the same noise on every device.
 pub fn noise(seed: u64, channels: i64, h: i64, w: i64, kind: Kind, device: Device) -> Res<Tensor> {
-    tch::manual_seed(seed as i64);
-    Tensor::f_randn([1, channels, h, w], (kind, Device::Cpu))?.f_to_device(device)
+    let cpu = {
+        let _lock = super::rng_lock();
+        tch::manual_seed(seed as i64);
+        Tensor::f_randn([1, channels, h, w], (kind, Device::Cpu))?
+    };
+    cpu.f_to_device(device)
 }
 
 /// `(b, c, h, w)` -> `(b, h/2 * w/2, c * 4)` (2x2 patches, channel-major within a patch).

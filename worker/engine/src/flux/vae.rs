@@ -263,7 +263,7 @@ impl Decoder {
             }
             if let Some(conv) = &up.upsampler {
                 h = conv.forward(&h.f_upsample_nearest2d(
-                    &[h.size()[2] * 2, h.size()[3] * 2],
+                    [h.size()[2] * 2, h.size()[3] * 2],
                     None,
                     None,
                 )?)?;
