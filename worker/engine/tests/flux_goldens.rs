@@ -286,18 +286,17 @@ fn scheduler_sigmas_and_timesteps_equal_diffusers_bit_for_bit_dev_and_schnell() 
     assert_eq!(parsed, SchedulerConfig::dev());
 }
 
-#[test]
-fn small_full_pipeline_matches_diffusers_flux_pipeline_latents_and_image() {
+fn pipeline_case(folder: &str, model: &str) {
     let dir = small_dir();
-    let io = json(&dir.join("pipeline_io.json"));
-    let want = read(&dir.join("pipeline_io.safetensors"));
+    let io = json(&dir.join(format!("{folder}_io.json")));
+    let want = read(&dir.join(format!("{folder}_io.safetensors")));
     let mut pipe = ditfleet_engine::flux::Pipeline::load(
-        &dir.join("pipeline"),
+        &dir.join(folder),
         ditfleet_engine::flux::PipelineOptions::new(Device::Cpu, Kind::Float),
     )
     .unwrap();
     let req = GenerateRequest {
-        model: "flux-dev".into(),
+        model: model.into(),
         prompt: io["prompt"].as_str().unwrap().into(),
         negative_prompt: None,
         width: io["width"].as_u64().unwrap() as u32,
@@ -324,9 +323,19 @@ fn small_full_pipeline_matches_diffusers_flux_pipeline_latents_and_image() {
         .map(|(a, b)| (*a as i32 - *b as i32).abs())
         .max()
         .unwrap();
-    eprintln!("pipeline image: max abs diff {max_diff} (of 255)");
+    eprintln!("{model} pipeline image: max abs diff {max_diff} (of 255)");
     assert!(max_diff <= 1, "image differs by up to {max_diff}");
     let img = pipe.generate(&req, &mut |_| Control::Continue).unwrap();
     assert_eq!(img.rgb, rgb, "generate() equals encode+denoise+decode");
-    assert_eq!(pipe.info().models, vec!["flux-dev".to_string()]);
+    assert_eq!(pipe.info().models, vec![model.to_string()]);
+}
+
+#[test]
+fn small_dev_pipeline_matches_diffusers_flux_pipeline_latents_and_image() {
+    pipeline_case("pipeline", "flux-dev");
+}
+
+#[test]
+fn small_schnell_pipeline_without_guidance_or_shift_matches_diffusers_flux_pipeline() {
+    pipeline_case("pipeline_schnell", "flux-schnell");
 }

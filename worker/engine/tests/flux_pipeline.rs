@@ -112,6 +112,9 @@ fn wrong_model_and_bad_sizes_are_invalid_requests() {
 #[test]
 fn strict_loading_reports_missing_unexpected_and_mismatched_keys_in_one_error() {
     let _g = tch::no_grad_guard();
+    // Random init and inputs draw from libtorch's global RNG: hold the engine's RNG lock so the
+    // seeded tiny pipelines built by concurrent tests stay deterministic.
+    let _rng = ditfleet_engine::flux::rng_lock();
     let cfg = Config::tiny();
     let model = Flux::new(&cfg, Device::Cpu, Kind::Float).unwrap();
     let dir = std::env::temp_dir().join(format!("ditfleet-strict-{}", std::process::id()));

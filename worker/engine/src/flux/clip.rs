@@ -63,6 +63,16 @@ impl Config {
     pub fn from_json(path: &Path) -> Result<Self, EngineError> {
         let v = super::read_json(path)?;
         let i = |k: &str| super::json_i64(&v, k, path);
+        let act = v
+            .get("hidden_act")
+            .and_then(|x| x.as_str())
+            .unwrap_or("quick_gelu");
+        if act != "quick_gelu" {
+            return Err(EngineError::Load(format!(
+                "{}: hidden_act {act:?} is not supported (quick_gelu)",
+                path.display()
+            )));
+        }
         Ok(Self {
             vocab_size: i("vocab_size")?,
             hidden_size: i("hidden_size")?,
@@ -141,7 +151,10 @@ impl ClipTextModel {
     /// Loads `model.safetensors` from a transformers `CLIPTextModel` folder; the legacy
     /// `text_model.embeddings.position_ids` buffer is ignored if present.
     pub fn load(c: &Config, dir: &Path, device: Device, kind: Kind) -> Result<Self, EngineError> {
-        let model = Self::new(c, device, kind)?;
+        let model = {
+            let _zero = super::layers::NoRandomInit::new();
+            Self::new(c, device, kind)?
+        };
         let ck = Checkpoint::open_dir(dir, "model")?;
         // transformers <= 4 saves `text_model.*` (as FLUX.1's checkpoint has); 5.x drops the prefix.
         let prefixed = ck.tensors.keys().any(|k| k.starts_with("text_model."));

@@ -5,12 +5,42 @@ use tch::{Kind, TchError, Tensor, nn};
 
 pub type Res<T> = Result<T, TchError>;
 
+thread_local! {
+    static NO_RANDOM_INIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While alive, models built on this thread get zero-initialised weights instead of random ones
+/// (used before a strict load overwrites every variable: faster, and it leaves libtorch's global
+/// RNG untouched, which seeded noise in other threads relies on).
+pub struct NoRandomInit(bool);
+
+impl NoRandomInit {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        Self(NO_RANDOM_INIT.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for NoRandomInit {
+    fn drop(&mut self) {
+        NO_RANDOM_INIT.with(|c| c.set(self.0));
+    }
+}
+
+fn random_or_zero(init: nn::Init) -> nn::Init {
+    if NO_RANDOM_INIT.with(|c| c.get()) {
+        nn::Init::Const(0.0)
+    } else {
+        init
+    }
+}
+
 fn uniform(fan_in: i64) -> nn::Init {
     let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
-    nn::Init::Uniform {
+    random_or_zero(nn::Init::Uniform {
         lo: -bound,
         up: bound,
-    }
+    })
 }
 
 /// `y = x W^T + b`; weight `(out, in)`.
@@ -181,10 +211,10 @@ impl Embedding {
             weight: p.f_var(
                 "weight",
                 &[vocab, dim],
-                nn::Init::Randn {
+                random_or_zero(nn::Init::Randn {
                     mean: 0.0,
                     stdev: 1.0,
-                },
+                }),
             )?,
         })
     }

@@ -22,10 +22,11 @@ use crate::EngineError;
 
 /// Serialises "seed libtorch's global CPU generator, then draw" sequences (noise, tiny random
 /// weights) so concurrent generations in one process stay deterministic.
-pub(crate) static TORCH_RNG: Mutex<()> = Mutex::new(());
+pub static TORCH_RNG: Mutex<()> = Mutex::new(());
 
-/// Locks [`TORCH_RNG`] (a poisoned lock is still usable: it guards no data).
-pub(crate) fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+/// Locks [`TORCH_RNG`] (a poisoned lock is still usable: it guards no data). Code in the same
+/// process that draws from libtorch's global RNG should hold it too.
+pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
     TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner())
 }
 

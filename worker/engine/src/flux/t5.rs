@@ -66,6 +66,20 @@ impl Config {
     pub fn from_json(path: &Path) -> Result<Self, EngineError> {
         let v = super::read_json(path)?;
         let i = |k: &str| super::json_i64(&v, k, path);
+        let ff = v
+            .get("feed_forward_proj")
+            .and_then(|x| x.as_str())
+            .unwrap_or("gated-gelu");
+        let act = v
+            .get("dense_act_fn")
+            .and_then(|x| x.as_str())
+            .unwrap_or("gelu_new");
+        if ff != "gated-gelu" || !matches!(act, "gelu_new" | "gelu_pytorch_tanh") {
+            return Err(EngineError::Load(format!(
+                "{}: feed_forward_proj {ff:?} / dense_act_fn {act:?} not supported (T5 v1.1: gated-gelu, gelu_new)",
+                path.display()
+            )));
+        }
         Ok(Self {
             vocab_size: i("vocab_size")?,
             d_model: i("d_model")?,
@@ -170,7 +184,10 @@ impl T5Encoder {
     /// `encoder.embed_tokens.weight` (tied to `shared.weight`) is accepted in place of or
     /// alongside `shared.weight`.
     pub fn load(c: &Config, dir: &Path, device: Device, kind: Kind) -> Result<Self, EngineError> {
-        let model = Self::new(c, device, kind)?;
+        let model = {
+            let _zero = super::layers::NoRandomInit::new();
+            Self::new(c, device, kind)?
+        };
         let ck = Checkpoint::open_dir(dir, "model")?;
         let has_shared = ck.contains("shared.weight");
         let source = move |n: &str| {

@@ -514,7 +514,10 @@ impl Flux {
         device: Device,
         kind: Kind,
     ) -> Result<Self, EngineError> {
-        let model = Self::new(config, device, kind)?;
+        let model = {
+            let _zero = super::layers::NoRandomInit::new();
+            Self::new(config, device, kind)?
+        };
         model.load_weights(path)?;
         Ok(model)
     }

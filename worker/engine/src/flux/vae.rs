@@ -230,7 +230,10 @@ impl Decoder {
     /// Loads the decoder from a diffusers `vae/` folder; the encoder half (`encoder.*`,
     /// `quant_conv.*`) is skipped.
     pub fn load(c: &Config, dir: &Path, device: Device, kind: Kind) -> Result<Self, EngineError> {
-        let model = Self::new(c, device, kind)?;
+        let model = {
+            let _zero = super::layers::NoRandomInit::new();
+            Self::new(c, device, kind)?
+        };
         let ck = Checkpoint::open_dir(dir, "diffusion_pytorch_model")?;
         load_strict(
             &model.vs,
