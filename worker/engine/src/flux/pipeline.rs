@@ -90,10 +90,16 @@ pub struct Pipeline {
     info: EngineInfo,
 }
 
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
+/// Waits for the work producing `t` (a one-element device-to-host copy; unlike
+/// `tch::Cuda::synchronize` it reports a device error as an error instead of panicking).
+fn sync_on(t: &Tensor) -> Result<(), EngineError> {
+    if t.device().is_cuda() && t.numel() > 0 {
+        let _host = t
+            .f_flatten(0, -1)?
+            .f_narrow(0, 0, 1)?
+            .f_to_device(Device::Cpu)?;
     }
+    Ok(())
 }
 
 fn device_name(d: Device) -> String {
@@ -338,7 +344,7 @@ impl Pipeline {
             let vec = vecs.f_narrow(0, i as i64, 1)?;
             let v = self.transformer.forward_prepared(&x, &txt, &vec, &pe)?;
             x = sampling::euler_step(&x, &v, sched.sigmas[i], sched.sigmas[i + 1])?;
-            sync(dev);
+            sync_on(&x)?;
             let step = i as u32 + 1;
             if on_step(StepEvent {
                 step,
@@ -425,7 +431,7 @@ impl Engine for Pipeline {
         self.check(request)?;
         let t0 = Instant::now();
         let (txt, pooled) = self.encode_prompt(&request.prompt)?;
-        sync(self.options.devices.transformer);
+        sync_on(&pooled)?;
         let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
         let (latents, hw) = self.denoise(&txt, &pooled, request, on_step)?;
