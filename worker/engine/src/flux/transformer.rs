@@ -571,20 +571,22 @@ impl Flux {
     }
 
     /// Conditioning vector `(b, h)` for timesteps `t` and guidance (both as FluxPipeline passes
-    /// them: `sigma` and the guidance scale, multiplied by 1000 here) and pooled CLIP `y`.
+    /// them: `sigma` and the guidance scale) and pooled CLIP `y`. Like diffusers, `t` and the
+    /// guidance are cast to the model dtype BEFORE the x1000 (in bf16, guidance 3.5 becomes 3504).
     pub fn vec(&self, t: &Tensor, y: &Tensor, guidance: Option<&Tensor>) -> Res<Tensor> {
-        let kind = y.kind();
-        let temb = timestep_embedding(&t.f_mul_scalar(1000.0)?, 256)?.f_to_kind(kind)?;
+        let kind = self.img_in.weight.kind();
+        let scaled = |x: &Tensor| x.f_to_kind(kind)?.f_mul_scalar(1000.0);
+        let temb = timestep_embedding(&scaled(t)?, 256)?.f_to_kind(kind)?;
         let mut vec = self.time_in.forward(&temb)?;
         if let Some(g_in) = &self.guidance_in {
             let g = match guidance {
                 Some(g) => g.shallow_clone(),
                 None => Tensor::f_zeros_like(t)?,
             };
-            let gemb = timestep_embedding(&g.f_mul_scalar(1000.0)?, 256)?.f_to_kind(kind)?;
+            let gemb = timestep_embedding(&scaled(&g)?, 256)?.f_to_kind(kind)?;
             vec = vec.f_add(&g_in.forward(&gemb)?)?;
         }
-        vec.f_add(&self.vector_in.forward(y)?)
+        vec.f_add(&self.vector_in.forward(&y.f_to_kind(kind)?)?)
     }
 
     /// One forward pass with precomputed text embedding, vec and RoPE.
