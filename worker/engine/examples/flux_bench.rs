@@ -12,7 +12,7 @@
 //! ```text
 //! cargo run --release -p ditfleet-engine --example flux_bench                 # CUDA, full size
 //! cargo run --release -p ditfleet-engine --example flux_bench -- --tiny       # CPU smoke test
-//!   [--steps N] [--warmup N] [--size PX] [--txt-tokens N] [--device cpu|cuda:N] [--fp32]
+//!   [--steps N] [--warmup N] [--size PX] [--txt-tokens N] [--device cpu|cuda:N] [--fp32|--bf16]
 //!   [--weights flux1-dev.safetensors] [--dump-latent out.safetensors] [--seed N]
 //! ```
 //! `--dump-latent` writes the inputs (packed noise, txt, pooled, guidance) and the final packed
@@ -52,12 +52,14 @@ fn parse() -> Result<Args> {
         dump: None,
         seed: 0,
     };
+    let mut bf16 = false;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut val = || it.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--tiny" => a.tiny = true,
             "--fp32" => a.kind = Kind::Float,
+            "--bf16" => bf16 = true,
             "--steps" => a.steps = val()?.parse()?,
             "--warmup" => a.warmup = val()?.parse()?,
             "--size" => a.size = val()?.parse()?,
@@ -88,6 +90,9 @@ fn parse() -> Result<Args> {
         a.kind = Kind::Float;
         a.size = a.size.min(256);
         a.txt_tokens = a.txt_tokens.min(64);
+    }
+    if bf16 {
+        a.kind = Kind::BFloat16;
     }
     if a.size % 16 != 0 {
         bail!("--size must be a multiple of 16");
