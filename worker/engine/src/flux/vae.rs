@@ -188,7 +188,11 @@ impl Decoder {
         let r = vs.root() / "decoder";
         let g = c.norm_num_groups;
         let rev: Vec<i64> = c.block_out_channels.iter().rev().copied().collect();
-        let top = rev[0];
+        let Some(&top) = rev.first() else {
+            return Err(EngineError::Load(
+                "vae config has no block_out_channels".into(),
+            ));
+        };
         let conv_in = Conv2d::new(&r / "conv_in", c.latent_channels, top, 3)?;
         let mid = &r / "mid_block";
         let mid_resnets = (0..2)

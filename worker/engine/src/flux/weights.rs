@@ -268,7 +268,7 @@ pub fn load_strict(
                 let mut ok = !first.is_empty();
                 for k in &ks[1..] {
                     let s = ck.shape(k).unwrap_or(&[]);
-                    if s.len() != first.len() || s[1..] != first[1..] {
+                    if first.is_empty() || s.len() != first.len() || s[1..] != first[1..] {
                         ok = false;
                     } else {
                         total[0] += s[0];
