@@ -6,6 +6,7 @@
 //! and the Flux.1 pipeline.
 
 pub mod error;
+pub mod flux;
 pub mod image;
 pub mod request;
 pub mod simulated;

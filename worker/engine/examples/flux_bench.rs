@@ -1,0 +1,275 @@
+//! Flux.1-dev transformer denoising benchmark.
+//!
+//! Builds the FULL-SIZE Flux.1-dev transformer (19 double + 38 single blocks, 3072 wide) with
+//! random weights (or loads original-layout weights with `--weights`), then runs the denoising
+//! loop the pipeline runs: 1024x1024 (4096 packed image tokens), 512 T5 tokens, bf16, 28 Euler
+//! steps with guidance, after warm-up. Prints one JSON object.
+//!
+//! The loop is run twice: once with a device synchronize after every step (per-step times), once
+//! with no host sync at all inside the loop (the loop time to quote). tch exposes no CUDA events,
+//! so per-step times come from the synchronized run.
+//!
+//! ```text
+//! cargo run --release -p ditfleet-engine --example flux_bench                 # CUDA, full size
+//! cargo run --release -p ditfleet-engine --example flux_bench -- --tiny       # CPU smoke test
+//!   [--steps N] [--warmup N] [--size PX] [--txt-tokens N] [--device cpu|cuda:N] [--fp32|--bf16]
+//!   [--weights flux1-dev.safetensors] [--dump-latent out.safetensors] [--seed N]
+//! ```
+//! `--dump-latent` writes the inputs (packed noise, txt, pooled, guidance) and the final packed
+//! latents, so diffusers can be run on the same inputs for comparison.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use ditfleet_engine::flux::sampling::{self, SchedulerConfig};
+use ditfleet_engine::flux::transformer::{Config, Flux};
+use tch::{Device, Kind, Tensor};
+
+struct Args {
+    tiny: bool,
+    steps: usize,
+    warmup: usize,
+    size: i64,
+    txt_tokens: i64,
+    device: Device,
+    kind: Kind,
+    weights: Option<PathBuf>,
+    dump: Option<PathBuf>,
+    seed: u64,
+}
+
+fn parse() -> Result<Args> {
+    let mut a = Args {
+        tiny: false,
+        steps: 28,
+        warmup: 2,
+        size: 1024,
+        txt_tokens: 512,
+        device: Device::cuda_if_available(),
+        kind: Kind::BFloat16,
+        weights: None,
+        dump: None,
+        seed: 0,
+    };
+    let mut bf16 = false;
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--tiny" => a.tiny = true,
+            "--fp32" => a.kind = Kind::Float,
+            "--bf16" => bf16 = true,
+            "--steps" => a.steps = val()?.parse()?,
+            "--warmup" => a.warmup = val()?.parse()?,
+            "--size" => a.size = val()?.parse()?,
+            "--txt-tokens" => a.txt_tokens = val()?.parse()?,
+            "--seed" => a.seed = val()?.parse()?,
+            "--weights" => a.weights = Some(val()?.into()),
+            "--dump-latent" => a.dump = Some(val()?.into()),
+            "--device" => {
+                let v = val()?;
+                a.device = match v.as_str() {
+                    "cpu" => Device::Cpu,
+                    "cuda" => Device::Cuda(0),
+                    s => match s.strip_prefix("cuda:") {
+                        Some(i) => Device::Cuda(i.parse()?),
+                        None => bail!("unknown device {s}"),
+                    },
+                };
+            }
+            "-h" | "--help" => {
+                println!("see the doc comment of worker/engine/examples/flux_bench.rs");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    if a.tiny {
+        a.device = Device::Cpu;
+        a.kind = Kind::Float;
+        a.size = a.size.min(256);
+        a.txt_tokens = a.txt_tokens.min(64);
+    }
+    if bf16 {
+        a.kind = Kind::BFloat16;
+    }
+    if a.size % 16 != 0 {
+        bail!("--size must be a multiple of 16");
+    }
+    Ok(a)
+}
+
+fn sync(d: Device) {
+    if let Device::Cuda(i) = d {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Highest device memory use NVML reports across the samples taken (whole device, all
+/// processes); None without NVML.
+struct MemProbe {
+    nvml: Option<nvml_wrapper::Nvml>,
+    index: u32,
+    peak: Option<u64>,
+}
+
+impl MemProbe {
+    fn new(d: Device) -> Self {
+        let index = match d {
+            Device::Cuda(i) => i as u32,
+            _ => 0,
+        };
+        let nvml = if matches!(d, Device::Cuda(_)) {
+            nvml_wrapper::Nvml::init().ok()
+        } else {
+            None
+        };
+        Self {
+            nvml,
+            index,
+            peak: None,
+        }
+    }
+
+    fn sample(&mut self) {
+        let used = self
+            .nvml
+            .as_ref()
+            .and_then(|n| n.device_by_index(self.index).and_then(|d| d.memory_info()).ok())
+            .map(|m| m.used);
+        if let Some(used) = used {
+            self.peak = Some(self.peak.map_or(used, |p| p.max(used)));
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let args = parse()?;
+    let _guard = tch::no_grad_guard();
+    let dev = args.device;
+    let cfg = if args.tiny { Config::tiny() } else { Config::dev() };
+    let mut mem = MemProbe::new(dev);
+    let t_build = Instant::now();
+    let model = match &args.weights {
+        Some(w) => Flux::load(&cfg, w, dev, args.kind)?,
+        None => {
+            tch::manual_seed(args.seed as i64);
+            Flux::new(&cfg, dev, args.kind)?
+        }
+    };
+    sync(dev);
+    let build_s = t_build.elapsed().as_secs_f64();
+    let params: i64 = model.vs.variables().values().map(|t| t.numel() as i64).sum();
+    mem.sample();
+
+    // Inputs: seeded noise as the pipeline draws it, random text states.
+    let (lh, lw) = sampling::latent_size(args.size as u32, args.size as u32, 8);
+    let noise = sampling::noise(args.seed, cfg.in_channels / 4, lh, lw, args.kind, dev)?;
+    let x0 = sampling::pack(&noise)?; // (1, 4096, 64) at 1024px
+    let img_seq = x0.size()[1];
+    tch::manual_seed(args.seed as i64 + 1);
+    let txt_raw = Tensor::f_randn([1, args.txt_tokens, cfg.context_in_dim], (args.kind, Device::Cpu))?
+        .f_to_device(dev)?;
+    let pooled = Tensor::f_randn([1, cfg.vec_in_dim], (args.kind, Device::Cpu))?.f_to_device(dev)?;
+    let guidance_scale = 3.5f64;
+    let sched = sampling::schedule(&SchedulerConfig::dev(), args.steps, img_seq);
+
+    // Everything that does not change across steps, computed once.
+    let ids = Flux::position_ids(args.txt_tokens, lh, lw, dev)?;
+    let pe = model.rope(&ids)?;
+    let txt = model.embed_txt(&txt_raw)?;
+    let steps = args.steps as i64;
+    let t = Tensor::f_from_slice(&sched.timesteps)?
+        .f_to_device(dev)?
+        .f_to_kind(args.kind)?
+        .f_div_scalar(1000.0)?;
+    let g = Tensor::f_full([steps], guidance_scale, (Kind::Float, dev))?;
+    let vecs = model.vec(&t, &pooled.f_expand([steps, cfg.vec_in_dim], false)?, Some(&g))?; // (steps, h)
+    let vec_rows: Vec<Tensor> = (0..steps)
+        .map(|i| vecs.f_narrow(0, i, 1))
+        .collect::<Result<_, _>>()?;
+
+    let run = |per_step: Option<&mut Vec<f64>>| -> Result<Tensor> {
+        let mut x = x0.shallow_clone();
+        let mut per_step = per_step;
+        for (i, vec) in vec_rows.iter().enumerate() {
+            let s = Instant::now();
+            let v = model.forward_prepared(&x, &txt, vec, &pe)?;
+            x = sampling::euler_step(&x, &v, sched.sigmas[i], sched.sigmas[i + 1])?;
+            if let Some(ps) = per_step.as_deref_mut() {
+                sync(dev);
+                ps.push(s.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Ok(x)
+    };
+
+    // Warm-up (kernel selection, allocator growth).
+    for vec in vec_rows.iter().take(args.warmup) {
+        let v = model.forward_prepared(&x0, &txt, vec, &pe)?;
+        drop(v);
+    }
+    sync(dev);
+    mem.sample();
+
+    let mut per_step = Vec::with_capacity(args.steps);
+    let s = Instant::now();
+    let synced_latents = run(Some(&mut per_step))?;
+    let synced_s = s.elapsed().as_secs_f64();
+    mem.sample();
+
+    sync(dev);
+    let s = Instant::now();
+    let latents = run(None)?;
+    sync(dev);
+    let loop_s = s.elapsed().as_secs_f64();
+    mem.sample();
+
+    let finite = bool::try_from(latents.f_isfinite()?.f_all()?)?;
+    // Both runs do the same work; they must agree exactly (determinism check, after the timing).
+    let deterministic = bool::try_from(synced_latents.f_eq_tensor(&latents)?.f_all()?)?;
+    if let Some(path) = &args.dump {
+        let named = [
+            (
+                "noise_packed",
+                x0.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?,
+            ),
+            ("txt", txt_raw.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?),
+            ("pooled", pooled.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?),
+            ("guidance", Tensor::from_slice(&[guidance_scale as f32])),
+            ("sigmas", Tensor::from_slice(&sched.sigmas)),
+            (
+                "latents",
+                latents.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?,
+            ),
+        ];
+        Tensor::write_safetensors(&named, path)?;
+    }
+    let mean = per_step.iter().sum::<f64>() / per_step.len().max(1) as f64;
+    let report = serde_json::json!({
+        "model": if args.tiny { "flux-tiny-random" } else { "flux-dev (full size)" },
+        "weights": args.weights.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
+        "device": format!("{dev:?}"),
+        "dtype": format!("{:?}", args.kind),
+        "params": params,
+        "image_px": args.size,
+        "img_tokens": img_seq,
+        "txt_tokens": args.txt_tokens,
+        "steps": args.steps,
+        "warmup_steps": args.warmup.min(args.steps),
+        "build_s": build_s,
+        "per_step_ms": per_step,
+        "mean_step_ms": mean,
+        "loop_s_synced_each_step": synced_s,
+        "loop_s": loop_s,
+        "peak_device_memory_bytes_nvml": mem.peak,
+        "latents_finite": finite,
+        "runs_identical": deterministic,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if !finite {
+        bail!("latents contain NaN/Inf");
+    }
+    Ok(())
+}

@@ -1,0 +1,436 @@
+//! The Flux.1 text-to-image pipeline behind [`Engine`]: encode the prompt (CLIP-L pooled + T5-XXL
+//! tokens), denoise packed latents with the flow-matching Euler sampler, decode with the VAE.
+//! Mirrors diffusers' `FluxPipeline` step by step (see [`super::sampling`]).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+
+use super::clip::{self, ClipTextModel};
+use super::sampling::{self, SchedulerConfig};
+use super::t5::{self, T5Encoder};
+use super::tokenizer::PromptTokenizer;
+use super::transformer::{self, Flux};
+use super::vae::{self, Decoder};
+use crate::{
+    Control, Engine, EngineError, EngineInfo, GenerateRequest, GeneratedImage, StageTimings, StepEvent,
+};
+
+/// Where each component computes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Devices {
+    pub transformer: Device,
+    /// CLIP and T5 (e.g. a second GPU, or the CPU to save GPU memory).
+    pub text_encoders: Device,
+    pub vae: Device,
+}
+
+impl Devices {
+    pub fn all(device: Device) -> Self {
+        Self {
+            transformer: device,
+            text_encoders: device,
+            vae: device,
+        }
+    }
+}
+
+/// Load-time options.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineOptions {
+    pub devices: Devices,
+    /// Weight and activation dtype of the transformer and VAE (bf16 on GPUs, fp32 on CPU).
+    pub kind: Kind,
+    /// Dtype of the text encoders (defaults to `kind`).
+    pub text_encoder_kind: Kind,
+    /// Low-memory mode: the text encoders are not kept resident but loaded for each request and
+    /// freed right after encoding.
+    pub free_text_encoders: bool,
+}
+
+impl PipelineOptions {
+    pub fn new(device: Device, kind: Kind) -> Self {
+        Self {
+            devices: Devices::all(device),
+            kind,
+            text_encoder_kind: kind,
+            free_text_encoders: false,
+        }
+    }
+}
+
+/// The text encoders, resident or loaded on demand.
+#[derive(Debug)]
+enum TextEncoders {
+    Resident {
+        clip: ClipTextModel,
+        t5: T5Encoder,
+    },
+    OnDemand {
+        dir: PathBuf,
+        clip: clip::Config,
+        t5: t5::Config,
+    },
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// `flux-dev` or `flux-schnell`.
+    pub model: String,
+    pub transformer: Flux,
+    pub vae: Decoder,
+    pub scheduler: SchedulerConfig,
+    pub clip_tokenizer: PromptTokenizer,
+    pub t5_tokenizer: PromptTokenizer,
+    encoders: TextEncoders,
+    options: PipelineOptions,
+    info: EngineInfo,
+}
+
+/// Waits for the work producing `t` (a one-element device-to-host copy; unlike
+/// `tch::Cuda::synchronize` it reports a device error as an error instead of panicking).
+fn sync_on(t: &Tensor) -> Result<(), EngineError> {
+    if t.device().is_cuda() && t.numel() > 0 {
+        let _host = t.f_flatten(0, -1)?.f_narrow(0, 0, 1)?.f_to_device(Device::Cpu)?;
+    }
+    Ok(())
+}
+
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+impl Pipeline {
+    /// Loads a diffusers FLUX.1 folder (`model_index.json`, `transformer/`, `text_encoder/`,
+    /// `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`, `vae/`, `scheduler/`). dev vs schnell is
+    /// read from `transformer/config.json` (`guidance_embeds`).
+    pub fn load(dir: &Path, options: PipelineOptions) -> Result<Self, EngineError> {
+        if !dir.join("model_index.json").exists() {
+            return Err(EngineError::Load(format!(
+                "{} has no model_index.json",
+                dir.display()
+            )));
+        }
+        let tcfg = transformer::Config::from_diffusers_json(&dir.join("transformer/config.json"))?;
+        let (model, t5_len) = if tcfg.guidance_embed {
+            ("flux-dev", 512)
+        } else {
+            ("flux-schnell", 256)
+        };
+        let clip_cfg = clip::Config::from_json(&dir.join("text_encoder/config.json"))?;
+        let t5_cfg = t5::Config::from_json(&dir.join("text_encoder_2/config.json"))?;
+        let vae_cfg = vae::Config::from_json(&dir.join("vae/config.json"))?;
+        let scheduler = SchedulerConfig::from_json(&dir.join("scheduler/scheduler_config.json"))?;
+        let clip_tokenizer = PromptTokenizer::clip_from_dir(
+            &dir.join("tokenizer"),
+            clip_cfg.max_position_embeddings as usize,
+        )?;
+        let t5_tokenizer = PromptTokenizer::t5_from_dir(&dir.join("tokenizer_2"), t5_len)?;
+        let d = options.devices;
+        let _guard = tch::no_grad_guard();
+        let transformer = Flux::load(&tcfg, &dir.join("transformer"), d.transformer, options.kind)?;
+        let vae = Decoder::load(&vae_cfg, &dir.join("vae"), d.vae, options.kind)?;
+        let encoders = if options.free_text_encoders {
+            // Load once now so a broken checkpoint fails at load time, then drop.
+            Self::load_encoders(dir, &clip_cfg, &t5_cfg, &options)?;
+            TextEncoders::OnDemand {
+                dir: dir.to_path_buf(),
+                clip: clip_cfg,
+                t5: t5_cfg,
+            }
+        } else {
+            let (clip, t5) = Self::load_encoders(dir, &clip_cfg, &t5_cfg, &options)?;
+            TextEncoders::Resident { clip, t5 }
+        };
+        let version = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "local".into());
+        let info = EngineInfo {
+            kind: "flux".into(),
+            models: vec![model.into()],
+            model_versions: vec![format!("{model}@{version}")],
+            devices: Self::device_list(&d),
+            parallel_degree: 1,
+            note: format!(
+                "Flux.1 {} from {} ({:?})",
+                &model[5..],
+                dir.display(),
+                options.kind
+            ),
+        };
+        Ok(Self {
+            model: model.into(),
+            transformer,
+            vae,
+            scheduler,
+            clip_tokenizer,
+            t5_tokenizer,
+            encoders,
+            options,
+            info,
+        })
+    }
+
+    fn device_list(d: &Devices) -> Vec<String> {
+        let mut v: Vec<String> = vec![device_name(d.transformer)];
+        for x in [d.text_encoders, d.vae] {
+            let n = device_name(x);
+            if !v.contains(&n) {
+                v.push(n);
+            }
+        }
+        v
+    }
+
+    fn load_encoders(
+        dir: &Path,
+        clip_cfg: &clip::Config,
+        t5_cfg: &t5::Config,
+        o: &PipelineOptions,
+    ) -> Result<(ClipTextModel, T5Encoder), EngineError> {
+        let dev = o.devices.text_encoders;
+        let clip = ClipTextModel::load(clip_cfg, &dir.join("text_encoder"), dev, o.text_encoder_kind)?;
+        let t5 = T5Encoder::load(t5_cfg, &dir.join("text_encoder_2"), dev, o.text_encoder_kind)?;
+        Ok((clip, t5))
+    }
+
+    /// A TINY randomly-initialised pipeline with the Flux architecture (1 double + 2 single
+    /// blocks of width 64, 2-layer CLIP/T5 of width 32, a 4-level VAE decoder of width <= 32,
+    /// byte-level tokenizers built in code), fp32 on CPU. NOT a trained model: its images are
+    /// structured noise. Serves `flux-dev` (with guidance embedding, 64 T5 tokens); the same
+    /// seed always builds the same weights.
+    pub fn tiny_random(seed: u64) -> Result<Self, EngineError> {
+        let _guard = tch::no_grad_guard();
+        let _lock = super::rng_lock();
+        tch::manual_seed(seed as i64);
+        let kind = Kind::Float;
+        let device = Device::Cpu;
+        let vocab = PromptTokenizer::TINY_VOCAB;
+        let transformer = Flux::new(&transformer::Config::tiny(), device, kind)?;
+        let vae = Decoder::new(&vae::Config::tiny(), device, kind)?;
+        let clip = ClipTextModel::new(
+            &clip::Config {
+                vocab_size: vocab,
+                ..clip::Config::tiny()
+            },
+            device,
+            kind,
+        )?;
+        let t5 = T5Encoder::new(
+            &t5::Config {
+                vocab_size: vocab,
+                ..t5::Config::tiny()
+            },
+            device,
+            kind,
+        )?;
+        let info = EngineInfo {
+            kind: "flux-tiny-random".into(),
+            models: vec!["flux-dev".into()],
+            model_versions: vec![format!("flux-dev@tiny-random-{seed}")],
+            devices: vec!["cpu".into()],
+            parallel_degree: 1,
+            note: "tiny random-weight Flux config, not a trained model (images are noise)".into(),
+        };
+        Ok(Self {
+            model: "flux-dev".into(),
+            transformer,
+            vae,
+            scheduler: SchedulerConfig::dev(),
+            clip_tokenizer: PromptTokenizer::tiny_clip(77)?,
+            t5_tokenizer: PromptTokenizer::tiny_t5(64)?,
+            encoders: TextEncoders::Resident { clip, t5 },
+            options: PipelineOptions::new(device, kind),
+            info,
+        })
+    }
+
+    /// Encodes a prompt: T5 tokens `(1, t5_len, 4096)` and pooled CLIP `(1, 768)`, both on the
+    /// transformer's device in its dtype.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Tensor), EngineError> {
+        let _guard = tch::no_grad_guard();
+        let loaded;
+        let (clip, t5) = match &self.encoders {
+            TextEncoders::Resident { clip, t5 } => (clip, t5),
+            TextEncoders::OnDemand { dir, clip, t5 } => {
+                loaded = Self::load_encoders(dir, clip, t5, &self.options)?;
+                (&loaded.0, &loaded.1)
+            }
+        };
+        let dev = self.options.devices.text_encoders;
+        let ids = |v: Vec<i64>| -> Result<Tensor, EngineError> {
+            let n = v.len() as i64;
+            Ok(Tensor::f_from_slice(&v)?.f_reshape([1, n])?.f_to_device(dev)?)
+        };
+        let clip_ids = ids(self.clip_tokenizer.encode(prompt)?)?;
+        let t5_ids = ids(self.t5_tokenizer.encode(prompt)?)?;
+        let (_, pooled) = clip.forward(&clip_ids)?;
+        let txt = t5.forward(&t5_ids)?;
+        let (d, k) = (self.options.devices.transformer, self.options.kind);
+        Ok((
+            txt.f_to_device(d)?.f_to_kind(k)?,
+            pooled.f_to_device(d)?.f_to_kind(k)?,
+        ))
+    }
+
+    /// Denoises from seeded noise. Returns the final packed latents `(1, img_seq, 64)` and the
+    /// latent size. `on_step` may cancel.
+    pub fn denoise(
+        &self,
+        txt: &Tensor,
+        pooled: &Tensor,
+        request: &GenerateRequest,
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<(Tensor, (i64, i64)), EngineError> {
+        let _guard = tch::no_grad_guard();
+        let (dev, kind) = (self.options.devices.transformer, self.options.kind);
+        let (lh, lw) = sampling::latent_size(request.height, request.width, self.vae.config.scale_factor());
+        let channels = self.transformer.config.in_channels / 4;
+        let noise = sampling::noise(request.seed, channels, lh, lw, kind, dev)?;
+        let mut x = sampling::pack(&noise)?; // (1, img_seq, 64)
+        let img_seq = x.size()[1];
+        let sched = sampling::schedule(&self.scheduler, request.steps as usize, img_seq);
+        let txt_len = txt.size()[1];
+        let ids = Flux::position_ids(txt_len, lh, lw, dev)?;
+        let pe = self.transformer.rope(&ids)?;
+        let txt = self.transformer.embed_txt(txt)?;
+        // All steps' conditioning vectors at once, as FluxPipeline feeds them: t / 1000 in the
+        // latent dtype; guidance as fp32.
+        let steps = sched.timesteps.len() as i64;
+        let t = Tensor::f_from_slice(&sched.timesteps)?
+            .f_to_device(dev)?
+            .f_to_kind(kind)?
+            .f_div_scalar(1000.0)?;
+        let g = Tensor::f_full([steps], f64::from(request.guidance), (Kind::Float, dev))?;
+        let guidance = if self.transformer.config.guidance_embed {
+            Some(&g)
+        } else {
+            None
+        };
+        let vecs = self
+            .transformer
+            .vec(&t, &pooled.f_expand([steps, pooled.size()[1]], false)?, guidance)?; // (steps, h)
+        let start = Instant::now();
+        for i in 0..steps as usize {
+            let vec = vecs.f_narrow(0, i as i64, 1)?;
+            let v = self.transformer.forward_prepared(&x, &txt, &vec, &pe)?;
+            x = sampling::euler_step(&x, &v, sched.sigmas[i], sched.sigmas[i + 1])?;
+            sync_on(&x)?;
+            let step = i as u32 + 1;
+            if on_step(StepEvent {
+                step,
+                total: steps as u32,
+                elapsed: start.elapsed(),
+            }) == Control::Cancel
+            {
+                return Err(EngineError::Cancelled { step });
+            }
+        }
+        Ok((x, (lh, lw)))
+    }
+
+    /// Packed latents -> RGB bytes `(h, w, 3)` row-major.
+    pub fn decode(&self, latents: &Tensor, latent_hw: (i64, i64)) -> Result<Vec<u8>, EngineError> {
+        let _guard = tch::no_grad_guard();
+        let z = sampling::unpack(latents, latent_hw.0, latent_hw.1)?.f_to_device(self.options.devices.vae)?;
+        let img = self.vae.decode(&z)?; // (1, 3, H, W) in [-1, 1]
+        let img = img
+            .f_to_kind(Kind::Float)?
+            .f_div_scalar(2.0)?
+            .f_add_scalar(0.5)?
+            .f_clamp(0.0, 1.0)?
+            .f_mul_scalar(255.0)?
+            .f_round()?
+            .f_to_kind(Kind::Uint8)?
+            .f_squeeze_dim(0)?
+            .f_permute([1, 2, 0])?
+            .f_contiguous()?
+            .f_to_device(Device::Cpu)?;
+        let n = img.numel();
+        let mut out = vec![0u8; n];
+        img.f_copy_data_u8(&mut out, n)?;
+        Ok(out)
+    }
+
+    fn check(&self, r: &GenerateRequest) -> Result<(), EngineError> {
+        if r.model != self.model {
+            return Err(EngineError::InvalidRequest(format!(
+                "this engine serves {}, not {:?}",
+                self.model, r.model
+            )));
+        }
+        if r.width == 0
+            || r.height == 0
+            || !r.width.is_multiple_of(16)
+            || !r.height.is_multiple_of(16)
+            || r.width > 4096
+            || r.height > 4096
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "width and height must be multiples of 16 in 16..=4096, got {}x{}",
+                r.width, r.height
+            )));
+        }
+        if r.steps == 0 || r.steps > 1000 {
+            return Err(EngineError::InvalidRequest(format!(
+                "steps must be in 1..=1000, got {}",
+                r.steps
+            )));
+        }
+        if !r.guidance.is_finite() {
+            return Err(EngineError::InvalidRequest("guidance must be finite".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Engine for Pipeline {
+    fn info(&self) -> EngineInfo {
+        self.info.clone()
+    }
+
+    /// `negative_prompt` is ignored (Flux is guidance-distilled; FluxPipeline also ignores it
+    /// unless true CFG is requested).
+    fn generate(
+        &mut self,
+        request: &GenerateRequest,
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<GeneratedImage, EngineError> {
+        self.check(request)?;
+        let t0 = Instant::now();
+        let (txt, pooled) = self.encode_prompt(&request.prompt)?;
+        sync_on(&pooled)?;
+        let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = Instant::now();
+        let (latents, hw) = self.denoise(&txt, &pooled, request, on_step)?;
+        let denoise_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let finite = latents.f_isfinite()?.f_all()?.f_to_device(Device::Cpu)?;
+        if !bool::try_from(&finite).map_err(EngineError::from)? {
+            return Err(EngineError::Device {
+                device: device_name(self.options.devices.transformer),
+                message: "denoised latents contain NaN or Inf".into(),
+            });
+        }
+        let t2 = Instant::now();
+        let rgb = self.decode(&latents, hw)?;
+        let decode_ms = t2.elapsed().as_secs_f64() * 1e3;
+        Ok(GeneratedImage {
+            width: request.width,
+            height: request.height,
+            rgb,
+            timings: StageTimings {
+                encode_ms,
+                denoise_ms,
+                decode_ms,
+                peak_memory_bytes: None,
+            },
+        })
+    }
+}

@@ -1,0 +1,609 @@
+//! The Flux.1 rectified-flow transformer (MMDiT: double-stream then single-stream blocks).
+//!
+//! Variables are named as in the original single-file checkpoint (`flux1-dev.safetensors`):
+//! `double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, ... Attention projections are
+//! FUSED (one qkv matmul per stream; single blocks' `linear1` = qkv + mlp-in). The diffusers layout
+//! (`transformer/`, split `to_q`/`to_k`/`to_v`) is mapped onto these names at load time, see
+//! [`super::transformer_keys::diffusers_source`].
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor, nn};
+
+use super::layers::{LayerNorm, Linear, Res, RmsNorm, sdpa};
+use super::transformer_keys::diffusers_source;
+use super::weights::{Checkpoint, Source, load_strict};
+use crate::EngineError;
+
+/// Architecture hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Packed latent channels (16 latent channels x 2x2 patch).
+    pub in_channels: i64,
+    /// Pooled text embedding width (CLIP-L: 768).
+    pub vec_in_dim: i64,
+    /// Text token width (T5-XXL: 4096).
+    pub context_in_dim: i64,
+    pub hidden_size: i64,
+    pub mlp_ratio: f64,
+    pub num_heads: i64,
+    pub depth: i64,
+    pub depth_single_blocks: i64,
+    /// RoPE dims per position axis (text index, row, column); sums to the head dim.
+    pub axes_dim: Vec<i64>,
+    pub theta: f64,
+    pub qkv_bias: bool,
+    pub guidance_embed: bool,
+}
+
+impl Config {
+    pub fn dev() -> Self {
+        Self {
+            in_channels: 64,
+            vec_in_dim: 768,
+            context_in_dim: 4096,
+            hidden_size: 3072,
+            mlp_ratio: 4.0,
+            num_heads: 24,
+            depth: 19,
+            depth_single_blocks: 38,
+            axes_dim: vec![16, 56, 56],
+            theta: 10_000.0,
+            qkv_bias: true,
+            guidance_embed: true,
+        }
+    }
+
+    pub fn schnell() -> Self {
+        Self {
+            guidance_embed: false,
+            ..Self::dev()
+        }
+    }
+
+    /// A tiny config with the Flux architecture (for CPU smoke tests and the fleet demo).
+    pub fn tiny() -> Self {
+        Self {
+            in_channels: 64,
+            vec_in_dim: 32,
+            context_in_dim: 32,
+            hidden_size: 64,
+            mlp_ratio: 4.0,
+            num_heads: 2,
+            depth: 1,
+            depth_single_blocks: 2,
+            axes_dim: vec![8, 12, 12],
+            theta: 10_000.0,
+            qkv_bias: true,
+            guidance_embed: true,
+        }
+    }
+
+    /// From a diffusers `transformer/config.json` (`FluxTransformer2DModel`).
+    pub fn from_diffusers_json(path: &Path) -> Result<Self, EngineError> {
+        let v = super::read_json(path)?;
+        let i = |k: &str| super::json_i64(&v, k, path);
+        let heads = i("num_attention_heads")?;
+        let axes = v
+            .get("axes_dims_rope")
+            .and_then(|a| a.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_i64()).collect::<Vec<_>>())
+            .unwrap_or_else(|| vec![16, 56, 56]);
+        Ok(Self {
+            in_channels: i("in_channels")?,
+            vec_in_dim: i("pooled_projection_dim")?,
+            context_in_dim: i("joint_attention_dim")?,
+            hidden_size: heads * i("attention_head_dim")?,
+            mlp_ratio: 4.0,
+            num_heads: heads,
+            depth: i("num_layers")?,
+            depth_single_blocks: i("num_single_layers")?,
+            axes_dim: axes,
+            theta: 10_000.0,
+            qkv_bias: true,
+            guidance_embed: v
+                .get("guidance_embeds")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(false),
+        })
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.hidden_size / self.num_heads
+    }
+
+    pub fn mlp_hidden(&self) -> i64 {
+        (self.hidden_size as f64 * self.mlp_ratio) as i64
+    }
+}
+
+/// Sinusoidal embedding `(b, dim)` of `t` `(b,)`: `[cos(t f), sin(t f)]`, `f_i = 10000^(-i/half)`.
+/// The caller applies the x1000 time factor (as the references do).
+pub fn timestep_embedding(t: &Tensor, dim: i64) -> Res<Tensor> {
+    let half = dim / 2;
+    let freqs = Tensor::f_arange(half, (Kind::Float, t.device()))?
+        .f_mul_scalar(-(10_000f64.ln()))?
+        .f_div_scalar(half as f64)?
+        .f_exp()?;
+    let args = t
+        .f_to_kind(Kind::Float)?
+        .f_unsqueeze(1)?
+        .f_mul(&freqs.f_unsqueeze(0)?)?; // (b, half)
+    Tensor::f_cat(&[args.f_cos()?, args.f_sin()?], -1)
+}
+
+/// RoPE tables for one token layout: `cos`/`sin` `(1, 1, seq, head_dim)`, fp32, each frequency
+/// repeated for its (even, odd) pair.
+#[derive(Debug)]
+pub struct Rope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl Rope {
+    /// `ids`: `(seq, n_axes)` positions (text: zeros; image: (0, row, col)).
+    pub fn new(ids: &Tensor, axes_dim: &[i64], theta: f64) -> Res<Self> {
+        let ids = ids.f_to_kind(Kind::Float)?; // f64 would match the references' fp64 on CPU only
+        let mut angles = Vec::with_capacity(axes_dim.len());
+        for (i, &d) in axes_dim.iter().enumerate() {
+            let scale =
+                Tensor::f_arange_start_step(0, d, 2, (Kind::Double, ids.device()))?.f_div_scalar(d as f64)?;
+            let omega = scale.f_mul_scalar(theta.ln())?.f_exp()?.f_reciprocal()?; // (d/2,)
+            let pos = ids.f_select(1, i as i64)?.f_to_kind(Kind::Double)?; // (seq,)
+            angles.push(pos.f_unsqueeze(1)?.f_mul(&omega.f_unsqueeze(0)?)?); // (seq, d/2)
+        }
+        let ang = Tensor::f_cat(&angles, 1)?; // (seq, head_dim/2)
+        let rep = |t: Tensor| -> Res<Tensor> {
+            let (s, h) = t.size2()?;
+            t.f_unsqueeze(-1)?
+                .f_expand([s, h, 2], false)?
+                .f_reshape([1, 1, s, h * 2])?
+                .f_to_kind(Kind::Float)
+        };
+        Ok(Self {
+            cos: rep(ang.f_cos()?)?,
+            sin: rep(ang.f_sin()?)?,
+        })
+    }
+
+    /// Rotates interleaved pairs of `x` `(b, heads, seq, head_dim)` in fp32, returns `x`'s dtype.
+    pub fn apply(&self, x: &Tensor) -> Res<Tensor> {
+        let kind = x.kind();
+        let (b, h, s, d) = x.size4()?;
+        let xf = x.f_to_kind(Kind::Float)?;
+        let pairs = xf.f_reshape([b, h, s, d / 2, 2])?;
+        let x0 = pairs.f_select(-1, 0)?;
+        let x1 = pairs.f_select(-1, 1)?;
+        let rot = Tensor::f_stack(&[x1.f_neg()?, x0], -1)?.f_reshape([b, h, s, d])?; // (-x1, x0)
+        xf.f_mul(&self.cos)?
+            .f_add(&rot.f_mul(&self.sin)?)?
+            .f_to_kind(kind)
+    }
+}
+
+/// `in_layer -> SiLU -> out_layer`.
+#[derive(Debug)]
+pub struct MlpEmbedder {
+    pub in_layer: Linear,
+    pub out_layer: Linear,
+}
+
+impl MlpEmbedder {
+    fn new(p: nn::Path<'_>, in_dim: i64, hidden: i64) -> Res<Self> {
+        Ok(Self {
+            in_layer: Linear::new(&p / "in_layer", in_dim, hidden, true)?,
+            out_layer: Linear::new(&p / "out_layer", hidden, hidden, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Res<Tensor> {
+        self.out_layer.forward(&self.in_layer.forward(x)?.f_silu()?)
+    }
+}
+
+/// `lin(SiLU(vec))` chunked into (shift, scale, gate) x `n`; each `(b, 1, hidden)`.
+#[derive(Debug)]
+pub struct Modulation {
+    pub lin: Linear,
+    pub n: i64,
+}
+
+impl Modulation {
+    fn new(p: nn::Path<'_>, hidden: i64, n_sets: i64) -> Res<Self> {
+        Ok(Self {
+            lin: Linear::new(&p / "lin", hidden, 3 * n_sets * hidden, true)?,
+            n: 3 * n_sets,
+        })
+    }
+
+    fn forward(&self, vec: &Tensor) -> Res<Vec<Tensor>> {
+        self.lin
+            .forward(&vec.f_silu()?)?
+            .f_unsqueeze(1)?
+            .f_chunk(self.n, -1)
+    }
+}
+
+/// `(1 + scale) * LN(x) + shift`.
+fn modulate(norm: &LayerNorm, x: &Tensor, shift: &Tensor, scale: &Tensor) -> Res<Tensor> {
+    norm.forward(x)?.f_mul(&scale.f_add_scalar(1.0)?)?.f_add(shift)
+}
+
+/// `query_norm` / `key_norm` (RMS over the head dim).
+#[derive(Debug)]
+pub struct QkNorm {
+    pub query_norm: RmsNorm,
+    pub key_norm: RmsNorm,
+}
+
+impl QkNorm {
+    fn new(p: nn::Path<'_>, head_dim: i64) -> Res<Self> {
+        Ok(Self {
+            query_norm: RmsNorm::new(&p / "query_norm", "scale", head_dim, 1e-6)?,
+            key_norm: RmsNorm::new(&p / "key_norm", "scale", head_dim, 1e-6)?,
+        })
+    }
+}
+
+/// One stream's attention projections: fused `qkv`, q/k norms, output `proj`.
+#[derive(Debug)]
+pub struct SelfAttention {
+    pub qkv: Linear,
+    pub norm: QkNorm,
+    pub proj: Linear,
+}
+
+impl SelfAttention {
+    fn new(p: nn::Path<'_>, c: &Config) -> Res<Self> {
+        let h = c.hidden_size;
+        Ok(Self {
+            qkv: Linear::new(&p / "qkv", h, 3 * h, c.qkv_bias)?,
+            norm: QkNorm::new(&p / "norm", c.head_dim())?,
+            proj: Linear::new(&p / "proj", h, h, true)?,
+        })
+    }
+}
+
+/// Splits a fused `(b, seq, 3 * heads * dim)` projection into normed q, k and v, each
+/// `(b, heads, seq, dim)`.
+fn split_qkv(qkv: &Tensor, heads: i64, norm: &QkNorm) -> Res<(Tensor, Tensor, Tensor)> {
+    let (b, s, w) = qkv.size3()?;
+    let d = w / (3 * heads);
+    let qkv = qkv.f_reshape([b, s, 3, heads, d])?.f_permute([2, 0, 3, 1, 4])?; // (3, b, heads, seq, d)
+    let q = norm.query_norm.forward(&qkv.f_get(0)?)?;
+    let k = norm.key_norm.forward(&qkv.f_get(1)?)?;
+    Ok((q, k, qkv.f_get(2)?))
+}
+
+/// RoPE + SDPA; returns `(b, seq, heads * dim)`.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &Rope) -> Res<Tensor> {
+    let (b, h, s, d) = q.size4()?;
+    let out = sdpa(&pe.apply(q)?, &pe.apply(k)?, v, None, false, None)?; // (b, heads, seq, d)
+    out.f_transpose(1, 2)?.f_reshape([b, s, h * d])
+}
+
+/// `Linear(h, 4h) -> GELU(tanh) -> Linear(4h, h)` stored as `.0` / `.2`.
+#[derive(Debug)]
+pub struct Mlp {
+    pub fc0: Linear,
+    pub fc2: Linear,
+}
+
+impl Mlp {
+    fn new(p: nn::Path<'_>, h: i64, mlp: i64) -> Res<Self> {
+        Ok(Self {
+            fc0: Linear::new(&p / "0", h, mlp, true)?,
+            fc2: Linear::new(&p / "2", mlp, h, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Res<Tensor> {
+        self.fc2.forward(&self.fc0.forward(x)?.f_gelu("tanh")?)
+    }
+}
+
+/// Double-stream block: separate weights for image and text tokens, joint attention.
+#[derive(Debug)]
+pub struct DoubleBlock {
+    pub img_mod: Modulation,
+    pub img_attn: SelfAttention,
+    pub img_mlp: Mlp,
+    pub txt_mod: Modulation,
+    pub txt_attn: SelfAttention,
+    pub txt_mlp: Mlp,
+    norm: LayerNorm,
+    heads: i64,
+}
+
+impl DoubleBlock {
+    fn new(p: nn::Path<'_>, c: &Config) -> Res<Self> {
+        let (h, m) = (c.hidden_size, c.mlp_hidden());
+        Ok(Self {
+            img_mod: Modulation::new(&p / "img_mod", h, 2)?,
+            img_attn: SelfAttention::new(&p / "img_attn", c)?,
+            img_mlp: Mlp::new(&p / "img_mlp", h, m)?,
+            txt_mod: Modulation::new(&p / "txt_mod", h, 2)?,
+            txt_attn: SelfAttention::new(&p / "txt_attn", c)?,
+            txt_mlp: Mlp::new(&p / "txt_mlp", h, m)?,
+            norm: LayerNorm::plain(h, 1e-6),
+            heads: c.num_heads,
+        })
+    }
+
+    /// img `(b, img_seq, h)`, txt `(b, txt_seq, h)`, vec `(b, h)`; pe covers txt then img.
+    fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, pe: &Rope) -> Res<(Tensor, Tensor)> {
+        let im = self.img_mod.forward(vec)?; // 6 x (b, 1, h)
+        let tm = self.txt_mod.forward(vec)?;
+        let img_x = modulate(&self.norm, img, &im[0], &im[1])?;
+        let (iq, ik, iv) = split_qkv(
+            &self.img_attn.qkv.forward(&img_x)?,
+            self.heads,
+            &self.img_attn.norm,
+        )?;
+        let txt_x = modulate(&self.norm, txt, &tm[0], &tm[1])?;
+        let (tq, tk, tv) = split_qkv(
+            &self.txt_attn.qkv.forward(&txt_x)?,
+            self.heads,
+            &self.txt_attn.norm,
+        )?;
+        let q = Tensor::f_cat(&[tq, iq], 2)?; // (b, heads, txt+img, d)
+        let k = Tensor::f_cat(&[tk, ik], 2)?;
+        let v = Tensor::f_cat(&[tv, iv], 2)?;
+        let attn = attention(&q, &k, &v, pe)?; // (b, txt+img, h)
+        let txt_len = txt.size()[1];
+        let txt_attn = attn.f_narrow(1, 0, txt_len)?;
+        let img_attn = attn.f_narrow(1, txt_len, attn.size()[1] - txt_len)?;
+
+        let img = img.f_add(&im[2].f_mul(&self.img_attn.proj.forward(&img_attn)?)?)?;
+        let img_ff = self
+            .img_mlp
+            .forward(&modulate(&self.norm, &img, &im[3], &im[4])?)?;
+        let img = img.f_add(&im[5].f_mul(&img_ff)?)?;
+
+        let txt = txt.f_add(&tm[2].f_mul(&self.txt_attn.proj.forward(&txt_attn)?)?)?;
+        let txt_ff = self
+            .txt_mlp
+            .forward(&modulate(&self.norm, &txt, &tm[3], &tm[4])?)?;
+        let txt = txt.f_add(&tm[5].f_mul(&txt_ff)?)?;
+        Ok((img, txt))
+    }
+}
+
+/// Single-stream block over the joint sequence; `linear1` = fused qkv + mlp-in,
+/// `linear2` = fused attn-out + mlp-out.
+#[derive(Debug)]
+pub struct SingleBlock {
+    pub linear1: Linear,
+    pub linear2: Linear,
+    pub norm: QkNorm,
+    pub modulation: Modulation,
+    pre_norm: LayerNorm,
+    heads: i64,
+    hidden: i64,
+    mlp_hidden: i64,
+}
+
+impl SingleBlock {
+    fn new(p: nn::Path<'_>, c: &Config) -> Res<Self> {
+        let (h, m) = (c.hidden_size, c.mlp_hidden());
+        Ok(Self {
+            linear1: Linear::new(&p / "linear1", h, 3 * h + m, true)?,
+            linear2: Linear::new(&p / "linear2", h + m, h, true)?,
+            norm: QkNorm::new(&p / "norm", c.head_dim())?,
+            modulation: Modulation::new(&p / "modulation", h, 1)?,
+            pre_norm: LayerNorm::plain(h, 1e-6),
+            heads: c.num_heads,
+            hidden: h,
+            mlp_hidden: m,
+        })
+    }
+
+    /// x `(b, txt+img, h)`.
+    fn forward(&self, x: &Tensor, vec: &Tensor, pe: &Rope) -> Res<Tensor> {
+        let m = self.modulation.forward(vec)?; // 3 x (b, 1, h)
+        let x_mod = modulate(&self.pre_norm, x, &m[0], &m[1])?;
+        let fused = self.linear1.forward(&x_mod)?; // (b, seq, 3h + mlp)
+        let qkv = fused.f_narrow(-1, 0, 3 * self.hidden)?;
+        let mlp = fused.f_narrow(-1, 3 * self.hidden, self.mlp_hidden)?;
+        let (q, k, v) = split_qkv(&qkv, self.heads, &self.norm)?;
+        let attn = attention(&q, &k, &v, pe)?; // (b, seq, h)
+        let out = self
+            .linear2
+            .forward(&Tensor::f_cat(&[attn, mlp.f_gelu("tanh")?], -1)?)?;
+        x.f_add(&m[2].f_mul(&out)?)
+    }
+}
+
+/// `adaLN_modulation.1` (shift, scale) then `linear` back to packed latent channels.
+#[derive(Debug)]
+pub struct LastLayer {
+    pub linear: Linear,
+    pub ada_ln_modulation: Linear,
+    norm: LayerNorm,
+}
+
+impl LastLayer {
+    fn new(p: nn::Path<'_>, c: &Config) -> Res<Self> {
+        let h = c.hidden_size;
+        Ok(Self {
+            linear: Linear::new(&p / "linear", h, c.in_channels, true)?,
+            ada_ln_modulation: Linear::new(&p / "adaLN_modulation" / "1", h, 2 * h, true)?,
+            norm: LayerNorm::plain(h, 1e-6),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, vec: &Tensor) -> Res<Tensor> {
+        let m = self
+            .ada_ln_modulation
+            .forward(&vec.f_silu()?)?
+            .f_unsqueeze(1)?
+            .f_chunk(2, -1)?;
+        self.linear.forward(&modulate(&self.norm, x, &m[0], &m[1])?)
+    }
+}
+
+/// The Flux transformer with its variables in `vs`.
+#[derive(Debug)]
+pub struct Flux {
+    pub config: Config,
+    pub img_in: Linear,
+    pub txt_in: Linear,
+    pub time_in: MlpEmbedder,
+    pub vector_in: MlpEmbedder,
+    pub guidance_in: Option<MlpEmbedder>,
+    pub double_blocks: Vec<DoubleBlock>,
+    pub single_blocks: Vec<SingleBlock>,
+    pub final_layer: LastLayer,
+    pub vs: nn::VarStore,
+}
+
+impl Flux {
+    /// Builds the model with randomly initialised weights on `device` in `kind`.
+    pub fn new(config: &Config, device: Device, kind: Kind) -> Result<Self, EngineError> {
+        let mut vs = nn::VarStore::new(device);
+        vs.set_kind(kind);
+        let c = config;
+        let r = vs.root();
+        let h = c.hidden_size;
+        let img_in = Linear::new(&r / "img_in", c.in_channels, h, true)?;
+        let txt_in = Linear::new(&r / "txt_in", c.context_in_dim, h, true)?;
+        let time_in = MlpEmbedder::new(&r / "time_in", 256, h)?;
+        let vector_in = MlpEmbedder::new(&r / "vector_in", c.vec_in_dim, h)?;
+        let guidance_in = if c.guidance_embed {
+            Some(MlpEmbedder::new(&r / "guidance_in", 256, h)?)
+        } else {
+            None
+        };
+        let double_blocks = (0..c.depth)
+            .map(|i| DoubleBlock::new(&r / "double_blocks" / i, c))
+            .collect::<Res<Vec<_>>>()?;
+        let single_blocks = (0..c.depth_single_blocks)
+            .map(|i| SingleBlock::new(&r / "single_blocks" / i, c))
+            .collect::<Res<Vec<_>>>()?;
+        let final_layer = LastLayer::new(&r / "final_layer", c)?;
+        vs.freeze();
+        Ok(Self {
+            config: c.clone(),
+            img_in,
+            txt_in,
+            time_in,
+            vector_in,
+            guidance_in,
+            double_blocks,
+            single_blocks,
+            final_layer,
+            vs,
+        })
+    }
+
+    /// Builds the model and strictly loads a checkpoint in either layout: a diffusers
+    /// `transformer/` folder (single or sharded) or an original single file.
+    pub fn load(config: &Config, path: &Path, device: Device, kind: Kind) -> Result<Self, EngineError> {
+        let model = {
+            let _zero = super::layers::NoRandomInit::new();
+            Self::new(config, device, kind)?
+        };
+        model.load_weights(path)?;
+        Ok(model)
+    }
+
+    /// Loads weights from `path` (see [`Flux::load`]) into this model.
+    pub fn load_weights(&self, path: &Path) -> Result<(), EngineError> {
+        if path.is_dir() {
+            let ck = Checkpoint::open_dir(path, "diffusion_pytorch_model")?;
+            load_strict(
+                &self.vs,
+                &ck,
+                "flux transformer (diffusers layout)",
+                &diffusers_source,
+                &|_| false,
+            )
+        } else {
+            let ck = Checkpoint::open_file(path)?;
+            load_strict(
+                &self.vs,
+                &ck,
+                "flux transformer (original layout)",
+                &|n| Source::Key(n.to_string()),
+                &|_| false,
+            )
+        }
+    }
+
+    /// Position ids: text `(txt_len, 3)` zeros then image `(h/2 * w/2, 3)` = (0, row, col).
+    pub fn position_ids(txt_len: i64, latent_h: i64, latent_w: i64, device: Device) -> Res<Tensor> {
+        let (ph, pw) = (latent_h / 2, latent_w / 2);
+        let rows = Tensor::f_arange(ph, (Kind::Float, device))?
+            .f_unsqueeze(1)?
+            .f_expand([ph, pw], false)?;
+        let cols = Tensor::f_arange(pw, (Kind::Float, device))?
+            .f_unsqueeze(0)?
+            .f_expand([ph, pw], false)?;
+        let zeros = Tensor::f_zeros([ph, pw], (Kind::Float, device))?;
+        let img = Tensor::f_stack(&[zeros, rows, cols], -1)?.f_reshape([ph * pw, 3])?;
+        let txt = Tensor::f_zeros([txt_len, 3], (Kind::Float, device))?;
+        Tensor::f_cat(&[txt, img], 0)
+    }
+
+    /// RoPE tables for `ids` (see [`Flux::position_ids`]); compute once per generation.
+    pub fn rope(&self, ids: &Tensor) -> Res<Rope> {
+        Rope::new(ids, &self.config.axes_dim, self.config.theta)
+    }
+
+    /// Text-side inputs that do not change across steps: `txt_in(txt)`.
+    pub fn embed_txt(&self, txt: &Tensor) -> Res<Tensor> {
+        self.txt_in.forward(txt)
+    }
+
+    /// Conditioning vector `(b, h)` for timesteps `t` and guidance (both as FluxPipeline passes
+    /// them: `sigma` and the guidance scale) and pooled CLIP `y`. Like diffusers, `t` and the
+    /// guidance are cast to the model dtype BEFORE the x1000 (in bf16, guidance 3.5 becomes 3504).
+    pub fn vec(&self, t: &Tensor, y: &Tensor, guidance: Option<&Tensor>) -> Res<Tensor> {
+        let kind = self.img_in.weight.kind();
+        let scaled = |x: &Tensor| x.f_to_kind(kind)?.f_mul_scalar(1000.0);
+        let temb = timestep_embedding(&scaled(t)?, 256)?.f_to_kind(kind)?;
+        let mut vec = self.time_in.forward(&temb)?;
+        if let Some(g_in) = &self.guidance_in {
+            let g = match guidance {
+                Some(g) => g.shallow_clone(),
+                None => Tensor::f_zeros_like(t)?,
+            };
+            let gemb = timestep_embedding(&scaled(&g)?, 256)?.f_to_kind(kind)?;
+            vec = vec.f_add(&g_in.forward(&gemb)?)?;
+        }
+        vec.f_add(&self.vector_in.forward(&y.f_to_kind(kind)?)?)
+    }
+
+    /// One forward pass with precomputed text embedding, vec and RoPE.
+    /// img `(b, img_seq, in_channels)`, txt `(b, txt_seq, h)` (already `txt_in`), vec `(b, h)`.
+    pub fn forward_prepared(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, pe: &Rope) -> Res<Tensor> {
+        let mut img = self.img_in.forward(img)?; // (b, img_seq, h)
+        let mut txt = txt.shallow_clone();
+        for block in &self.double_blocks {
+            (img, txt) = block.forward(&img, &txt, vec, pe)?;
+        }
+        let txt_len = txt.size()[1];
+        let mut x = Tensor::f_cat(&[txt, img], 1)?; // (b, txt+img, h)
+        for block in &self.single_blocks {
+            x = block.forward(&x, vec, pe)?;
+        }
+        let img = x.f_narrow(1, txt_len, x.size()[1] - txt_len)?;
+        self.final_layer.forward(&img, vec) // (b, img_seq, in_channels)
+    }
+
+    /// Full forward pass. img `(b, img_seq, in_ch)`, ids `(txt+img, 3)`, txt `(b, txt_seq,
+    /// context_in_dim)`, t `(b,)` (sigma), y `(b, vec_in_dim)`, guidance `(b,)`.
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        ids: &Tensor,
+        txt: &Tensor,
+        t: &Tensor,
+        y: &Tensor,
+        guidance: Option<&Tensor>,
+    ) -> Res<Tensor> {
+        let pe = self.rope(ids)?;
+        let vec = self.vec(t, y, guidance)?;
+        self.forward_prepared(img, &self.embed_txt(txt)?, &vec, &pe)
+    }
+}

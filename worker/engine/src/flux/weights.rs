@@ -1,0 +1,333 @@
+//! Safetensors checkpoints: header parsing, streaming reads and strict loading into a `VarStore`.
+//!
+//! Files are never read whole: the header is parsed first (names, dtypes, shapes), so a strict
+//! load can report every missing key, unexpected key and shape mismatch before any data is read;
+//! then each tensor is read with a positioned read and copied into its variable (which converts
+//! dtype and device), so host memory stays at about one tensor at a time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use tch::{Kind, Tensor, nn::VarStore};
+
+use crate::EngineError;
+
+/// Where one tensor lives on disk.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub file: PathBuf,
+    pub kind: Kind,
+    pub shape: Vec<i64>,
+    /// Absolute byte range in `file`.
+    pub start: u64,
+    pub end: u64,
+}
+
+/// The tensors of one or more safetensors files (a single file or a sharded set), by name.
+#[derive(Debug, Clone, Default)]
+pub struct Checkpoint {
+    pub tensors: BTreeMap<String, TensorInfo>,
+}
+
+fn load_err(msg: impl Into<String>) -> EngineError {
+    EngineError::Load(msg.into())
+}
+
+fn parse_kind(dtype: &str) -> Option<Kind> {
+    Some(match dtype {
+        "F32" => Kind::Float,
+        "F16" => Kind::Half,
+        "BF16" => Kind::BFloat16,
+        "F64" => Kind::Double,
+        "I64" => Kind::Int64,
+        "I32" => Kind::Int,
+        "I16" => Kind::Int16,
+        "I8" => Kind::Int8,
+        "U8" => Kind::Uint8,
+        "BOOL" => Kind::Bool,
+        _ => return None,
+    })
+}
+
+impl Checkpoint {
+    /// Parses the header of one safetensors file.
+    pub fn open_file(path: &Path) -> Result<Self, EngineError> {
+        let mut ck = Checkpoint::default();
+        ck.add_file(path)?;
+        Ok(ck)
+    }
+
+    /// Opens the weights of a diffusers component folder: `<stem>.safetensors`, or the shards
+    /// listed in `<stem>.safetensors.index.json`.
+    pub fn open_dir(dir: &Path, stem: &str) -> Result<Self, EngineError> {
+        let single = dir.join(format!("{stem}.safetensors"));
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        if index.exists() {
+            Self::open_index(&index)
+        } else if single.exists() {
+            Self::open_file(&single)
+        } else {
+            Err(load_err(format!(
+                "{} has neither {} nor {}",
+                dir.display(),
+                single.display(),
+                index.display()
+            )))
+        }
+    }
+
+    /// Opens a sharded checkpoint from its `*.safetensors.index.json` (the `weight_map` names the
+    /// shard of every tensor; each shard's header must hold exactly the tensors mapped to it).
+    pub fn open_index(index: &Path) -> Result<Self, EngineError> {
+        let text = std::fs::read_to_string(index)
+            .map_err(|e| load_err(format!("cannot read {}: {e}", index.display())))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| load_err(format!("{}: {e}", index.display())))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| load_err(format!("{}: no weight_map", index.display())))?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        let mut ck = Checkpoint::default();
+        for shard in shards {
+            ck.add_file(&dir.join(shard))?;
+        }
+        let mapped: BTreeSet<&str> = map.keys().map(|k| k.as_str()).collect();
+        let found: BTreeSet<&str> = ck.tensors.keys().map(|k| k.as_str()).collect();
+        if mapped != found {
+            let only_index: Vec<_> = mapped.difference(&found).collect();
+            let only_files: Vec<_> = found.difference(&mapped).collect();
+            return Err(load_err(format!(
+                "{}: index and shards disagree (in index only: {only_index:?}; in shards only: {only_files:?})",
+                index.display()
+            )));
+        }
+        Ok(ck)
+    }
+
+    /// Adds the tensors of one file; a name present twice is an error.
+    pub fn add_file(&mut self, path: &Path) -> Result<(), EngineError> {
+        let file = File::open(path).map_err(|e| load_err(format!("cannot open {}: {e}", path.display())))?;
+        let file_len = file.metadata()?.len();
+        let mut len_buf = [0u8; 8];
+        file.read_exact_at(&mut len_buf, 0)
+            .map_err(|e| load_err(format!("{}: not a safetensors file: {e}", path.display())))?;
+        let header_len = u64::from_le_bytes(len_buf);
+        if header_len > 100_000_000 || 8 + header_len > file_len {
+            return Err(load_err(format!(
+                "{}: bad safetensors header length {header_len}",
+                path.display()
+            )));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact_at(&mut header, 8)?;
+        let json: serde_json::Value = serde_json::from_slice(&header)
+            .map_err(|e| load_err(format!("{}: bad safetensors header: {e}", path.display())))?;
+        let obj = json
+            .as_object()
+            .ok_or_else(|| load_err(format!("{}: header is not an object", path.display())))?;
+        let base = 8 + header_len;
+        for (name, entry) in obj {
+            if name == "__metadata__" {
+                continue;
+            }
+            let bad = || load_err(format!("{}: bad header entry for {name}", path.display()));
+            let dtype = entry.get("dtype").and_then(|d| d.as_str()).ok_or_else(bad)?;
+            let kind = parse_kind(dtype).ok_or_else(|| {
+                load_err(format!(
+                    "{}: {name} has unsupported dtype {dtype}",
+                    path.display()
+                ))
+            })?;
+            let shape: Vec<i64> = entry
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .ok_or_else(bad)?
+                .iter()
+                .map(|d| d.as_i64().ok_or_else(bad))
+                .collect::<Result<_, _>>()?;
+            let offs = entry
+                .get("data_offsets")
+                .and_then(|s| s.as_array())
+                .ok_or_else(bad)?;
+            let (s, e) = match offs.as_slice() {
+                [s, e] => (s.as_u64().ok_or_else(bad)?, e.as_u64().ok_or_else(bad)?),
+                _ => return Err(bad()),
+            };
+            let numel: i64 = shape.iter().product();
+            if e < s || (e - s) as usize != numel as usize * kind.elt_size_in_bytes() || base + e > file_len {
+                return Err(load_err(format!(
+                    "{}: {name}: data range does not match its shape",
+                    path.display()
+                )));
+            }
+            let info = TensorInfo {
+                file: path.to_path_buf(),
+                kind,
+                shape,
+                start: base + s,
+                end: base + e,
+            };
+            if self.tensors.insert(name.clone(), info).is_some() {
+                return Err(load_err(format!(
+                    "{name} appears in more than one file ({})",
+                    path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[i64]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
+    }
+
+    /// Reads one tensor into host memory in its stored dtype.
+    pub fn read(&self, name: &str) -> Result<Tensor, EngineError> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| load_err(format!("no tensor {name}")))?;
+        let file = File::open(&info.file)?;
+        let mut buf = vec![0u8; (info.end - info.start) as usize];
+        file.read_exact_at(&mut buf, info.start)?;
+        Ok(Tensor::f_from_data_size(&buf, &info.shape, info.kind)?)
+    }
+}
+
+/// How one model variable is assembled from checkpoint tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// Copied from one tensor.
+    Key(String),
+    /// Concatenation of several tensors along dim 0 (fused q/k/v, fused qkv+mlp).
+    Concat(Vec<String>),
+    /// One tensor whose two halves along dim 0 are swapped (diffusers' (scale, shift) vs (shift, scale)).
+    SwapHalves(String),
+}
+
+impl Source {
+    fn keys(&self) -> Vec<&str> {
+        match self {
+            Source::Key(k) | Source::SwapHalves(k) => vec![k.as_str()],
+            Source::Concat(ks) => ks.iter().map(|k| k.as_str()).collect(),
+        }
+    }
+}
+
+/// Strictly fills every variable of `vs` from `ck`.
+///
+/// `source` maps a variable name to its source; checkpoint keys that no variable uses are
+/// "unexpected" unless `ignore(key)` is true. All problems (missing keys, unexpected keys, shape
+/// mismatches) are collected and returned in one [`EngineError::Load`].
+pub fn load_strict(
+    vs: &VarStore,
+    ck: &Checkpoint,
+    what: &str,
+    source: &dyn Fn(&str) -> Source,
+    ignore: &dyn Fn(&str) -> bool,
+) -> Result<(), EngineError> {
+    let vars = vs.variables();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    let mut plan = Vec::with_capacity(names.len());
+    let mut missing = Vec::new();
+    let mut mismatched = Vec::new();
+    let mut used = BTreeSet::new();
+    for name in names {
+        let var = &vars[name];
+        let src = source(name);
+        let keys = src.keys();
+        let absent: Vec<&str> = keys.iter().copied().filter(|k| !ck.contains(k)).collect();
+        for k in &keys {
+            used.insert(k.to_string());
+        }
+        if !absent.is_empty() {
+            missing.push(format!("{} (for {name})", absent.join(" + ")));
+            continue;
+        }
+        let shape: Vec<i64> = match &src {
+            Source::Key(k) | Source::SwapHalves(k) => ck.shape(k).unwrap_or(&[]).to_vec(),
+            Source::Concat(ks) => {
+                let first = ck.shape(&ks[0]).unwrap_or(&[]).to_vec();
+                let mut total = first.clone();
+                let mut ok = !first.is_empty();
+                for k in &ks[1..] {
+                    let s = ck.shape(k).unwrap_or(&[]);
+                    if first.is_empty() || s.len() != first.len() || s[1..] != first[1..] {
+                        ok = false;
+                    } else {
+                        total[0] += s[0];
+                    }
+                }
+                if !ok {
+                    mismatched.push(format!("{name}: parts {keys:?} cannot be concatenated"));
+                    continue;
+                }
+                total
+            }
+        };
+        if shape != var.size() {
+            mismatched.push(format!(
+                "{name}: checkpoint {shape:?} vs model {:?} (from {keys:?})",
+                var.size()
+            ));
+            continue;
+        }
+        plan.push((var, src));
+    }
+    let unexpected: Vec<&String> = ck
+        .tensors
+        .keys()
+        .filter(|k| !used.contains(*k) && !ignore(k))
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
+        return Err(load_err(format!(
+            "{what}: {} missing key(s): [{}]; {} unexpected key(s): [{}]; {} shape mismatch(es): [{}]",
+            missing.len(),
+            missing.join(", "),
+            unexpected.len(),
+            unexpected
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            mismatched.len(),
+            mismatched.join(", ")
+        )));
+    }
+    let _guard = tch::no_grad_guard();
+    for (var, src) in plan {
+        let t = match &src {
+            Source::Key(k) => ck.read(k)?,
+            Source::Concat(ks) => {
+                let parts = ks.iter().map(|k| ck.read(k)).collect::<Result<Vec<_>, _>>()?;
+                Tensor::f_cat(&parts, 0)?
+            }
+            Source::SwapHalves(k) => {
+                let t = ck.read(k)?;
+                let parts = t.f_chunk(2, 0)?;
+                Tensor::f_cat(&[&parts[1], &parts[0]], 0)?
+            }
+        };
+        let mut var = var.shallow_clone();
+        var.f_copy_(&t)?;
+    }
+    Ok(())
+}
+
+/// Writes every variable of `vs` under its own name (used by tests and the benchmark).
+pub fn save_var_store(vs: &VarStore, path: &Path) -> Result<(), EngineError> {
+    let vars = vs.variables();
+    let mut named: Vec<(String, Tensor)> = vars.into_iter().map(|(n, t)| (n, t.detach())).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Tensor::write_safetensors(&named, path)?;
+    Ok(())
+}
