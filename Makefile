@@ -1,0 +1,45 @@
+# ditfleet: the two commands a newcomer needs.
+#   make demo   set up (RabbitMQ, Redis, libtorch venv), build, run a scheduler + worker, submit a job
+#   make test   set up, build, run every test (unit, end-to-end with real RabbitMQ/Redis/processes,
+#               golden comparisons against diffusers, deployment validation)
+SHELL := /bin/bash
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+CARGO ?= cargo
+
+.PHONY: demo test setup build build-release goldens validate-deploy loadtest fmt clippy clean-test-queues
+
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	$(CARGO) build --workspace --bins
+
+build-release: setup
+	$(CARGO) build --release --workspace --bins
+
+demo: build
+	@bash scripts/demo.sh
+
+# Real-width goldens are generated (~1 min, cached under target/goldens) and compared; the small
+# committed goldens run in the plain `cargo test` pass.
+goldens: setup
+	@dir=$$(bash tests/fixtures/flux_goldens.sh big) && \
+	  DITFLEET_GOLDENS=$$dir $(CARGO) test -p ditfleet-engine --test flux_goldens -- --ignored --test-threads 1
+
+validate-deploy:
+	@bash scripts/validate-deploy.sh
+
+test: build
+	$(CARGO) test --workspace --no-fail-fast
+	$(MAKE) --no-print-directory goldens
+	$(MAKE) --no-print-directory validate-deploy
+
+loadtest: build-release
+	$(CARGO) run --release -p ditfleet-tests --bin ditfleet-loadtest -- --jobs 5000 --workers 4
+
+fmt:
+	$(CARGO) fmt --all
+
+clippy: setup
+	$(CARGO) clippy --workspace --all-targets -- -D warnings

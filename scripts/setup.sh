@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Installs and starts what ditfleet needs on a Debian/Ubuntu machine, idempotently:
+#   - RabbitMQ and Redis (apt, if absent), started if not listening on 127.0.0.1:5672 / :6379;
+#   - the Python venv .venv with torch==2.11.0 from PyPI, which provides libtorch for the engine
+#     (the PyPI wheel is the CUDA 13.0 build; the same C++ ABI as the GPU machines);
+#   - checks for the Rust toolchain and a C/C++ compiler.
+# Used by `make demo` and `make test`. Safe to run repeatedly; prints what it does.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" -eq 0 ]; then
+    log "apt-get update"
+    $SUDO apt-get update -qq
+    apt_updated=1
+  fi
+  log "apt-get install $*"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+  local port=$1 what=$2 tries=${3:-120}
+  for _ in $(seq "$tries"); do
+    port_open "$port" && return 0
+    sleep 0.5
+  done
+  log "$what did not start listening on 127.0.0.1:$port"
+  return 1
+}
+
+# --- toolchains -------------------------------------------------------------------------------
+command -v cargo >/dev/null || { log "cargo is missing: install the Rust toolchain (rustup) first"; exit 1; }
+command -v cc >/dev/null && command -v c++ >/dev/null || apt_install build-essential
+command -v python3 >/dev/null || apt_install python3 python3-venv python3-pip
+python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv python3-pip
+
+# --- RabbitMQ ---------------------------------------------------------------------------------
+if ! port_open 5672; then
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  log "starting RabbitMQ"
+  $SUDO rabbitmq-server -detached >/dev/null 2>&1 || true
+  wait_port 5672 RabbitMQ 240
+  $SUDO rabbitmqctl -q await_startup >/dev/null 2>&1 || true
+fi
+
+# --- Redis ------------------------------------------------------------------------------------
+if ! port_open 6379; then
+  command -v redis-server >/dev/null || apt_install redis-server
+  log "starting Redis"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+  wait_port 6379 Redis
+fi
+
+# --- libtorch through the pip venv --------------------------------------------------------------
+want_torch=2.11.0
+if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$want_torch' else 1)" 2>/dev/null; then
+  [ -x .venv/bin/python ] || { log "creating .venv"; python3 -m venv .venv; }
+  log "installing torch==$want_torch into .venv (about 4.6 GB with its CUDA libraries; a few minutes on first run)"
+  .venv/bin/pip install -q --disable-pip-version-check "torch==$want_torch"
+fi
+log "ready: RabbitMQ 127.0.0.1:5672, Redis 127.0.0.1:6379, libtorch $(.venv/bin/python -c 'import torch; print(torch.__version__)')"
