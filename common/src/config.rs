@@ -274,6 +274,8 @@ pub struct CommonConfig {
     pub log: String,
     pub log_json: bool,
     pub job_ttl: Duration,
+    /// Health/metrics endpoint; `None` = not served.
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 impl CommonConfig {
@@ -298,6 +300,16 @@ impl CommonConfig {
             log: env.string("DITFLEET_LOG", "info"),
             log_json: env.choice("DITFLEET_LOG_FORMAT", "text", &["text", "json"])? == "json",
             job_ttl: env.seconds("DITFLEET_JOB_TTL_S", 604_800)?,
+            http_addr: match env.raw("DITFLEET_HTTP_ADDR") {
+                None => None,
+                Some(v) => Some(v.parse().map_err(|_| {
+                    err(
+                        "DITFLEET_HTTP_ADDR",
+                        &v,
+                        "must be host:port with an IP, e.g. 0.0.0.0:9090".into(),
+                    )
+                })?),
+            },
         })
     }
 }
@@ -496,6 +508,8 @@ mod tests {
         assert_eq!(e.var, "DITFLEET_CLASSES");
         let e = CommonConfig::from_env(&env(&[("DITFLEET_NAMESPACE", "a b")])).unwrap_err();
         assert_eq!(e.var, "DITFLEET_NAMESPACE");
+        let e = CommonConfig::from_env(&env(&[("DITFLEET_HTTP_ADDR", "localhost")])).unwrap_err();
+        assert_eq!(e.var, "DITFLEET_HTTP_ADDR");
     }
 
     #[test]

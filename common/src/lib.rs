@@ -4,7 +4,9 @@
 pub mod amqp;
 pub mod config;
 pub mod cost;
+pub mod http;
 pub mod job;
+pub mod metrics;
 pub mod signals;
 pub mod state;
 pub mod telemetry;

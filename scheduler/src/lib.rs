@@ -16,7 +16,9 @@ use std::time::Duration;
 use ditfleet_common::amqp::{self, Publisher, header_str, now_ms, persistent};
 use ditfleet_common::config::SchedulerConfig;
 use ditfleet_common::cost::job_cost;
+use ditfleet_common::http::{self, Health};
 use ditfleet_common::job::{JobError, JobEvent, JobSpec, Limits, WORK_ORDER_CONTENT_TYPE, WorkOrder};
+use ditfleet_common::metrics::Metrics;
 use ditfleet_common::state::{self, Created, JobState, JobStore};
 use ditfleet_common::topology::Topology;
 use futures_util::StreamExt;
@@ -38,6 +40,8 @@ pub enum SchedulerError {
     Redis(#[from] redis::RedisError),
     #[error("the submit consumer was cancelled by the broker")]
     ConsumerClosed,
+    #[error("health/metrics endpoint: {0}")]
+    Http(std::io::Error),
 }
 
 /// Failure handling one message; the message is requeued.
@@ -54,6 +58,7 @@ enum HandleError {
 }
 
 struct Ctx {
+    metrics: Metrics,
     cfg: SchedulerConfig,
     topo: Topology,
     store: JobStore,
@@ -63,6 +68,14 @@ struct Ctx {
 
 /// Runs until `shutdown` is cancelled (then drains in-flight messages) or a fatal error.
 pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<(), SchedulerError> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let health = Arc::new(Health::default());
+    if let Some(addr) = cfg.common.http_addr {
+        http::serve(addr, health.clone(), Arc::new(registry), shutdown.clone())
+            .await
+            .map_err(SchedulerError::Http)?;
+    }
     let topo = Topology::new(&cfg.common.namespace);
     let conn = amqp::connect(&cfg.common.amqp_url, "ditfleet-scheduler").await?;
     let store = JobStore::connect(&cfg.common.redis_url, &cfg.common.namespace, cfg.common.job_ttl).await?;
@@ -91,12 +104,14 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
     };
     info!(queue = %topo.submit_queue(), prefetch = cfg.prefetch, classes = ?cfg.classes.names(), "scheduler ready");
     let ctx = Arc::new(Ctx {
+        metrics,
         cfg,
         topo,
         store,
         publisher,
         limits,
     });
+    health.set_ready(true);
     let mut tasks = JoinSet::new();
     let result = loop {
         tokio::select! {
@@ -119,6 +134,7 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
             }
         }
     };
+    health.set_ready(false);
     info!(
         in_flight = tasks.len(),
         "scheduler stopping: cancelling consumer, finishing in-flight messages"
@@ -205,6 +221,7 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
             state,
             fingerprint: fp,
         } if fp == fingerprint => {
+            ctx.metrics.job("duplicate", &class, &spec.model);
             info!(job_id = %spec.job_id, state = %state, "duplicate submission ignored (job_id is the idempotency key)");
             return Ok(());
         }
@@ -246,6 +263,13 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
     ctx.store
         .set_fields(&spec.job_id, &[("published", "1".into())])
         .await?;
+    ctx.metrics.job("routed", &class, &spec.model);
+    ctx.metrics.observe(
+        "route",
+        &class,
+        &spec.model,
+        now_ms().saturating_sub(submitted_ms) as f64 / 1e3,
+    );
     info!(job_id = %spec.job_id, class = %class, cost, tenant = %spec.tenant, "routed");
     Ok(())
 }
@@ -278,6 +302,7 @@ async fn reject(ctx: &Ctx, delivery: &Delivery, err: &JobError) -> Result<(), Ha
         )
         .await?;
     warn!(job_id = %job_id, reason = %reason, recorded, existing = ?prev, "job rejected");
+    ctx.metrics.job("failed", "none", "none");
     dead_letter(ctx, delivery, &job_id, &reason).await?;
     if recorded {
         let ev = JobEvent::Failed {
@@ -308,6 +333,7 @@ async fn dead_letter(ctx: &Ctx, delivery: &Delivery, job_id: &str, reason: &str)
     ctx.publisher
         .publish(&ctx.topo.dlx(), "rejected", &delivery.data, props, true)
         .await?;
+    ctx.metrics.dlq.inc();
     Ok(())
 }
 

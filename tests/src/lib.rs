@@ -256,6 +256,11 @@ impl Fleet {
         }
     }
 
+    /// Starts any ditfleet binary with extra environment.
+    pub fn spawn_with(&self, binary: &str, name: &str, extra: &[(&str, &str)]) -> Proc {
+        self.spawn(binary, name, extra, &[])
+    }
+
     pub fn start_scheduler(&self) -> Proc {
         self.spawn("ditfleet-scheduler", "scheduler", &[], &[])
     }
@@ -412,4 +417,45 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the caller binds it again right away).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Minimal HTTP/1.1 GET: (status code, body). Errors while the server is not up yet are `None`.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// The value of one sample line `name{labels} value` in Prometheus text, if present.
+pub fn metric_value(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)?
+            .trim()
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
 }

@@ -125,6 +125,7 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
             Claim::Exhausted { attempts } => {
                 let reason = format!("gave up after {attempts} attempts");
                 warn!(job_id = %order.job_id, attempts, "poison job dead-lettered");
+                shared.metrics.job("dead_lettered", &order.class, &order.model);
                 // The CLAIM script already recorded dead_lettered; copy to the DLQ and announce.
                 dead_letter(shared, delivery, &order.job_id, &reason).await?;
                 publish(
@@ -347,11 +348,43 @@ async fn run_claimed(
                 .set_fields(&order.job_id, &[("event_published", "1".into())])
                 .await?;
             shared.jobs_done.fetch_add(1, Ordering::Relaxed);
+            let m = &shared.metrics;
+            m.job("succeeded", &order.class, &order.model);
+            m.observe(
+                "queue_wait",
+                &order.class,
+                &order.model,
+                queue_wait_ms as f64 / 1e3,
+            );
+            m.observe("generation", &order.class, &order.model, generate_ms as f64 / 1e3);
+            m.observe(
+                "end_to_end",
+                &order.class,
+                &order.model,
+                end_to_end_ms as f64 / 1e3,
+            );
+            let m = &shared.metrics;
+            m.job("succeeded", &order.class, &order.model);
+            m.observe(
+                "queue_wait",
+                &order.class,
+                &order.model,
+                queue_wait_ms as f64 / 1e3,
+            );
+            m.observe("generation", &order.class, &order.model, generate_ms as f64 / 1e3);
+            m.observe(
+                "end_to_end",
+                &order.class,
+                &order.model,
+                end_to_end_ms as f64 / 1e3,
+            );
             info!(job_id = %order.job_id, generate_ms, store_ms, queue_wait_ms, end_to_end_ms, url = %url, "job succeeded");
             Ok(Settle::Ack)
         }
         Err(EngineError::Cancelled { step }) if !cancel.load(Ordering::SeqCst) => {
             // Stopped by the shutdown abort: hand the job back.
+            shared.metrics.job("requeued", &order.class, &order.model);
+            shared.metrics.retries.inc();
             requeue(
                 shared,
                 &order.job_id,
@@ -362,6 +395,7 @@ async fn run_claimed(
         }
         Err(EngineError::Cancelled { step }) => {
             info!(job_id = %order.job_id, step, "job cancelled");
+            shared.metrics.job("cancelled", &order.class, &order.model);
             publish(
                 shared,
                 &JobEvent::Cancelled {
@@ -375,12 +409,15 @@ async fn run_claimed(
         }
         Err(e) if e.is_transient() => {
             warn!(job_id = %order.job_id, error = %e, attempt = attempts, "transient engine failure; requeueing");
+            shared.metrics.job("requeued", &order.class, &order.model);
+            shared.metrics.retries.inc();
             requeue(shared, &order.job_id, &e.to_string()).await?;
             Ok(Settle::Requeue)
         }
         Err(e) => {
             let reason = e.to_string();
             error!(job_id = %order.job_id, reason = %reason, "job failed permanently");
+            shared.metrics.job("failed", &order.class, &order.model);
             fail(
                 shared,
                 delivery,
@@ -472,6 +509,7 @@ async fn dead_letter(
         .publisher
         .publish(&shared.topo.dlx(), "worker", &delivery.data, props, true)
         .await?;
+    shared.metrics.dlq.inc();
     Ok(())
 }
 

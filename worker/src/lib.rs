@@ -21,6 +21,8 @@ use std::time::Duration;
 use ditfleet_common::amqp::{self, Publisher, now_ms};
 use ditfleet_common::config::WorkerConfig;
 use ditfleet_common::cost::ClassTable;
+use ditfleet_common::http::{self, Health};
+use ditfleet_common::metrics::Metrics;
 use ditfleet_common::state::{JobStore, WorkerInfo};
 use ditfleet_common::topology::Topology;
 use ditfleet_engine::{Engine, EngineInfo};
@@ -48,10 +50,14 @@ pub enum WorkerError {
     Store(#[from] std::io::Error),
     #[error("the broker cancelled the consumers")]
     ConsumerClosed,
+    #[error("health/metrics endpoint: {0}")]
+    Http(std::io::Error),
 }
 
 /// State shared by the worker's tasks.
 pub(crate) struct Shared {
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
     pub cfg: WorkerConfig,
     pub topo: Topology,
     pub store: JobStore,
@@ -71,6 +77,16 @@ pub(crate) struct Shared {
 
 /// Runs the worker until `shutdown` is cancelled and in-flight work is settled.
 pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let health = Arc::new(Health::default());
+    // Served from the start: /healthz answers while the model loads, /readyz once consuming.
+    let http_stop = CancellationToken::new();
+    if let Some(addr) = cfg.common.http_addr {
+        http::serve(addr, health.clone(), Arc::new(registry), http_stop.clone())
+            .await
+            .map_err(WorkerError::Http)?;
+    }
     let classes: Vec<String> = if cfg.classes.is_empty() {
         ClassTable::default()
             .names()
@@ -88,6 +104,16 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         .await
         .map_err(std::io::Error::other)??;
     let engine_info = engines[0].info();
+    for mv in &engine_info.model_versions {
+        let (model, version) = mv.split_once('@').unwrap_or((mv.as_str(), ""));
+        metrics
+            .model_loaded
+            .get_or_create(&ditfleet_common::metrics::ModelLabels {
+                model: model.into(),
+                version: version.into(),
+            })
+            .set(1);
+    }
     info!(engine = %engine_info.kind, note = %engine_info.note, models = ?engine_info.model_versions, devices = ?engine_info.devices, "engine ready");
 
     let topo = Topology::new(&cfg.common.namespace);
@@ -107,6 +133,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         .await?;
 
     let shared = Arc::new(Shared {
+        metrics,
+        health,
         topo: topo.clone(),
         store,
         results,
@@ -146,6 +174,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         consumers.push(c);
         tags.push(tag);
     }
+    shared.health.set_ready(true);
     info!(worker = %shared.cfg.worker_id, classes = ?classes, slots = shared.cfg.slots, results = %shared.results.describe(), "worker ready");
 
     let mut tasks = JoinSet::new();
@@ -173,6 +202,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
 
     // Drain: stop taking work, let running jobs finish within the grace period.
     shared.draining.store(true, Ordering::SeqCst);
+    shared.health.set_ready(false);
+    shared.metrics.set_worker_state("draining");
     for tag in &tags {
         let _ = consume_ch
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
@@ -206,6 +237,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         warn!(error = %e, "deregistration failed; the registration expires on its own");
     }
     let _ = conn.close(200, "worker shutdown".into()).await;
+    http_stop.cancel();
     info!(worker = %shared.cfg.worker_id, jobs_done = shared.jobs_done.load(Ordering::Relaxed), "worker stopped");
     result
 }
@@ -235,6 +267,7 @@ async fn heartbeat_loop(
         } else {
             "ready"
         };
+        shared.metrics.set_worker_state(state);
         let info = WorkerInfo {
             id: shared.cfg.worker_id.clone(),
             host: ditfleet_common::config::hostname_fallback(),
