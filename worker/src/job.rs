@@ -363,21 +363,6 @@ async fn run_claimed(
                 &order.model,
                 end_to_end_ms as f64 / 1e3,
             );
-            let m = &shared.metrics;
-            m.job("succeeded", &order.class, &order.model);
-            m.observe(
-                "queue_wait",
-                &order.class,
-                &order.model,
-                queue_wait_ms as f64 / 1e3,
-            );
-            m.observe("generation", &order.class, &order.model, generate_ms as f64 / 1e3);
-            m.observe(
-                "end_to_end",
-                &order.class,
-                &order.model,
-                end_to_end_ms as f64 / 1e3,
-            );
             info!(job_id = %order.job_id, generate_ms, store_ms, queue_wait_ms, end_to_end_ms, url = %url, "job succeeded");
             Ok(Settle::Ack)
         }
