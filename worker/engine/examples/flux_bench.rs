@@ -14,16 +14,20 @@
 //! cargo run --release -p ditfleet-engine --example flux_bench -- --tiny       # CPU smoke test
 //!   [--steps N] [--warmup N] [--size PX] [--txt-tokens N] [--device cpu|cuda:N] [--fp32|--bf16]
 //!   [--weights flux1-dev.safetensors] [--dump-latent out.safetensors] [--seed N]
+//!   [--depth N] [--single-depth N]
 //! ```
-//! `--dump-latent` writes the inputs (packed noise, txt, pooled, guidance) and the final packed
-//! latents, so diffusers can be run on the same inputs for comparison.
+//! `--dump-latent` writes the inputs (packed noise, txt, pooled, guidance), the first step's
+//! transformer output (`v0`) and the final packed latents, so diffusers can be run on the same
+//! inputs for comparison. `--depth` / `--single-depth` override the number of double / single
+//! blocks (full width, fewer blocks: cheap correctness checks). `DITFLEET_FLUX_OPT` selects the
+//! transformer's fused formulations (see `transformer::Opts`); the report names the ones used.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use ditfleet_engine::flux::sampling::{self, SchedulerConfig};
-use ditfleet_engine::flux::transformer::{Config, Flux};
+use ditfleet_engine::flux::transformer::{Config, Flux, Opts};
 use tch::{Device, Kind, Tensor};
 
 struct Args {
@@ -37,6 +41,8 @@ struct Args {
     weights: Option<PathBuf>,
     dump: Option<PathBuf>,
     seed: u64,
+    depth: Option<i64>,
+    single_depth: Option<i64>,
 }
 
 fn parse() -> Result<Args> {
@@ -51,6 +57,8 @@ fn parse() -> Result<Args> {
         weights: None,
         dump: None,
         seed: 0,
+        depth: None,
+        single_depth: None,
     };
     let mut bf16 = false;
     let mut it = std::env::args().skip(1);
@@ -67,6 +75,8 @@ fn parse() -> Result<Args> {
             "--seed" => a.seed = val()?.parse()?,
             "--weights" => a.weights = Some(val()?.into()),
             "--dump-latent" => a.dump = Some(val()?.into()),
+            "--depth" => a.depth = Some(val()?.parse()?),
+            "--single-depth" => a.single_depth = Some(val()?.parse()?),
             "--device" => {
                 let v = val()?;
                 a.device = match v.as_str() {
@@ -148,7 +158,13 @@ fn main() -> Result<()> {
     let args = parse()?;
     let _guard = tch::no_grad_guard();
     let dev = args.device;
-    let cfg = if args.tiny { Config::tiny() } else { Config::dev() };
+    let mut cfg = if args.tiny { Config::tiny() } else { Config::dev() };
+    if let Some(d) = args.depth {
+        cfg.depth = d;
+    }
+    if let Some(d) = args.single_depth {
+        cfg.depth_single_blocks = d;
+    }
     let mut mem = MemProbe::new(dev);
     let t_build = Instant::now();
     let model = match &args.weights {
@@ -205,10 +221,13 @@ fn main() -> Result<()> {
         Ok(x)
     };
 
-    // Warm-up (kernel selection, allocator growth).
-    for vec in vec_rows.iter().take(args.warmup) {
+    // Warm-up (kernel selection, allocator growth). The first warm-up forward is step 0's.
+    let mut v0 = None;
+    for vec in vec_rows.iter().take(args.warmup.max(1)) {
         let v = model.forward_prepared(&x0, &txt, vec, &pe)?;
-        drop(v);
+        if v0.is_none() {
+            v0 = Some(v.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?);
+        }
     }
     sync(dev);
     mem.sample();
@@ -222,6 +241,7 @@ fn main() -> Result<()> {
     sync(dev);
     let s = Instant::now();
     let latents = run(None)?;
+    let host_enqueue_s = s.elapsed().as_secs_f64();
     sync(dev);
     let loop_s = s.elapsed().as_secs_f64();
     mem.sample();
@@ -239,6 +259,7 @@ fn main() -> Result<()> {
             ("pooled", pooled.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?),
             ("guidance", Tensor::from_slice(&[guidance_scale as f32])),
             ("sigmas", Tensor::from_slice(&sched.sigmas)),
+            ("v0", v0.as_ref().context("no warm-up forward")?.shallow_clone()),
             (
                 "latents",
                 latents.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?,
@@ -247,6 +268,15 @@ fn main() -> Result<()> {
         Tensor::write_safetensors(&named, path)?;
     }
     let mean = per_step.iter().sum::<f64>() / per_step.len().max(1) as f64;
+    let mut sorted = per_step.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = if sorted.is_empty() {
+        f64::NAN
+    } else if sorted.len() % 2 == 1 {
+        sorted[sorted.len() / 2]
+    } else {
+        (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
+    };
     let report = serde_json::json!({
         "model": if args.tiny { "flux-tiny-random" } else { "flux-dev (full size)" },
         "weights": args.weights.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
@@ -261,6 +291,11 @@ fn main() -> Result<()> {
         "build_s": build_s,
         "per_step_ms": per_step,
         "mean_step_ms": mean,
+        "median_step_ms": median,
+        "opts": format!("{:?}", Opts::get()),
+        "depth": cfg.depth,
+        "single_depth": cfg.depth_single_blocks,
+        "host_enqueue_s_unsynced_loop": host_enqueue_s,
         "loop_s_synced_each_step": synced_s,
         "loop_s": loop_s,
         "peak_device_memory_bytes_nvml": mem.peak,

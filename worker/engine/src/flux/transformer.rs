@@ -7,6 +7,7 @@
 //! [`super::transformer_keys::diffusers_source`].
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use tch::{Device, Kind, Tensor, nn};
 
@@ -14,6 +15,61 @@ use super::layers::{LayerNorm, Linear, Res, RmsNorm, sdpa};
 use super::transformer_keys::diffusers_source;
 use super::weights::{Checkpoint, Source, load_strict};
 use crate::EngineError;
+
+/// Which fused formulations the transformer's forward uses. All are on by default; each computes
+/// the same function as the op-for-op port of diffusers' eager ops (the reference formulation),
+/// rounding to bf16 once where the reference rounds twice. `DITFLEET_FLUX_OPT` (read once per
+/// process) selects them for benchmarking: `none` = the reference formulation, or a comma list of
+/// `rope` (RoPE as one complex multiply instead of ~8 elementwise passes), `rms` (q/k RMSNorm by
+/// the fused `_fused_rms_norm` kernel instead of 6 passes in fp32), `mod` (adaLN modulation folded
+/// into the LayerNorm's affine for batch 1, `addcmul` otherwise; gated residuals by `addcmul`),
+/// `cat` (single blocks write attention output and GELU(mlp) straight into `linear2`'s input
+/// instead of concatenating). Measured on H100 and H200: docs/benchmarks-flux-1gpu.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opts {
+    pub rope: bool,
+    pub rms: bool,
+    pub modulation: bool,
+    pub cat: bool,
+}
+
+impl Opts {
+    pub const ALL: Opts = Opts {
+        rope: true,
+        rms: true,
+        modulation: true,
+        cat: true,
+    };
+    pub const NONE: Opts = Opts {
+        rope: false,
+        rms: false,
+        modulation: false,
+        cat: false,
+    };
+
+    /// Parses `DITFLEET_FLUX_OPT`'s value (see [`Opts`]; `all` in a list = the defaults plus the
+    /// others named); unknown names are ignored.
+    pub fn parse(v: &str) -> Opts {
+        let v = v.trim();
+        if v.is_empty() || v == "all" {
+            return Opts::ALL;
+        }
+        let has = |n: &str| v.split(',').any(|x| x.trim() == n);
+        let base = if has("all") { Opts::ALL } else { Opts::NONE };
+        Opts {
+            rope: base.rope || has("rope"),
+            rms: base.rms || has("rms"),
+            modulation: base.modulation || has("mod"),
+            cat: base.cat || has("cat"),
+        }
+    }
+
+    /// The process-wide setting (`DITFLEET_FLUX_OPT`, default all).
+    pub fn get() -> Opts {
+        static O: OnceLock<Opts> = OnceLock::new();
+        *O.get_or_init(|| Opts::parse(&std::env::var("DITFLEET_FLUX_OPT").unwrap_or_default()))
+    }
+}
 
 /// Architecture hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,11 +189,13 @@ pub fn timestep_embedding(t: &Tensor, dim: i64) -> Res<Tensor> {
 }
 
 /// RoPE tables for one token layout: `cos`/`sin` `(1, 1, seq, head_dim)`, fp32, each frequency
-/// repeated for its (even, odd) pair.
+/// repeated for its (even, odd) pair; `freqs` = `cos + i sin` per pair, `(1, 1, seq, head_dim/2)`
+/// complex64.
 #[derive(Debug)]
 pub struct Rope {
     pub cos: Tensor,
     pub sin: Tensor,
+    pub freqs: Tensor,
 }
 
 impl Rope {
@@ -160,14 +218,44 @@ impl Rope {
                 .f_reshape([1, 1, s, h * 2])?
                 .f_to_kind(Kind::Float)
         };
+        let (s, half) = ang.size2()?;
+        let freqs = Tensor::f_complex(
+            &ang.f_cos()?.f_to_kind(Kind::Float)?,
+            &ang.f_sin()?.f_to_kind(Kind::Float)?,
+        )?
+        .f_reshape([1, 1, s, half])?;
         Ok(Self {
             cos: rep(ang.f_cos()?)?,
             sin: rep(ang.f_sin()?)?,
+            freqs,
         })
     }
 
     /// Rotates interleaved pairs of `x` `(b, heads, seq, head_dim)` in fp32, returns `x`'s dtype.
     pub fn apply(&self, x: &Tensor) -> Res<Tensor> {
+        if Opts::get().rope {
+            self.apply_complex(x)
+        } else {
+            self.apply_reference(x)
+        }
+    }
+
+    /// [`Rope::apply`] as one complex multiply of (even, odd) pairs (fp32): 3 passes.
+    pub fn apply_complex(&self, x: &Tensor) -> Res<Tensor> {
+        let kind = x.kind();
+        let (b, h, s, d) = x.size4()?;
+        x.f_to_kind(Kind::Float)?
+            .f_contiguous()?
+            .f_view([b, h, s, d / 2, 2])?
+            .f_view_as_complex()?
+            .f_mul(&self.freqs)?
+            .f_view_as_real()?
+            .f_reshape([b, h, s, d])?
+            .f_to_kind(kind)
+    }
+
+    /// [`Rope::apply`] as diffusers' eager ops do it (`x * cos + rotate(x) * sin`).
+    pub fn apply_reference(&self, x: &Tensor) -> Res<Tensor> {
         let kind = x.kind();
         let (b, h, s, d) = x.size4()?;
         let xf = x.f_to_kind(Kind::Float)?;
@@ -224,9 +312,28 @@ impl Modulation {
     }
 }
 
-/// `(1 + scale) * LN(x) + shift`.
+/// `(1 + scale) * LN(x) + shift` (`norm` has no affine parameters). With [`Opts::modulation`]:
+/// for batch 1 the LayerNorm's own affine does the modulation (one pass), else one `addcmul`.
 fn modulate(norm: &LayerNorm, x: &Tensor, shift: &Tensor, scale: &Tensor) -> Res<Tensor> {
-    norm.forward(x)?.f_mul(&scale.f_add_scalar(1.0)?)?.f_add(shift)
+    if !Opts::get().modulation || norm.weight.is_some() || norm.bias.is_some() {
+        return norm.forward(x)?.f_mul(&scale.f_add_scalar(1.0)?)?.f_add(shift);
+    }
+    let scale1 = scale.f_add_scalar(1.0)?;
+    if x.size()[0] == 1 && shift.numel() as i64 == norm.dim && scale.numel() as i64 == norm.dim {
+        let w = scale1.f_reshape([norm.dim])?;
+        let b = shift.f_reshape([norm.dim])?;
+        return x.f_layer_norm([norm.dim], Some(&w), Some(&b), norm.eps, true);
+    }
+    shift.f_addcmul(&norm.forward(x)?, &scale1)
+}
+
+/// `x + gate * y` (one `addcmul` with [`Opts::modulation`]).
+fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Res<Tensor> {
+    if Opts::get().modulation {
+        x.f_addcmul(gate, y)
+    } else {
+        x.f_add(&gate.f_mul(y)?)
+    }
 }
 
 /// `query_norm` / `key_norm` (RMS over the head dim).
@@ -270,9 +377,20 @@ fn split_qkv(qkv: &Tensor, heads: i64, norm: &QkNorm) -> Res<(Tensor, Tensor, Te
     let (b, s, w) = qkv.size3()?;
     let d = w / (3 * heads);
     let qkv = qkv.f_reshape([b, s, 3, heads, d])?.f_permute([2, 0, 3, 1, 4])?; // (3, b, heads, seq, d)
-    let q = norm.query_norm.forward(&qkv.f_get(0)?)?;
-    let k = norm.key_norm.forward(&qkv.f_get(1)?)?;
+    let q = qk_norm(&norm.query_norm, &qkv.f_get(0)?)?;
+    let k = qk_norm(&norm.key_norm, &qkv.f_get(1)?)?;
     Ok((q, k, qkv.f_get(2)?))
+}
+
+/// q/k RMSNorm: the fused kernel with [`Opts::rms`] (fp32 inside, one rounding), else the
+/// reference ops.
+fn qk_norm(norm: &RmsNorm, x: &Tensor) -> Res<Tensor> {
+    if Opts::get().rms {
+        let d = x.size()[x.dim() - 1];
+        Ok(x.f_internal_fused_rms_norm([d], Some(&norm.scale), norm.eps)?.0)
+    } else {
+        norm.forward(x)
+    }
 }
 
 /// RoPE + SDPA; returns `(b, seq, heads * dim)`.
@@ -354,17 +472,17 @@ impl DoubleBlock {
         let txt_attn = attn.f_narrow(1, 0, txt_len)?;
         let img_attn = attn.f_narrow(1, txt_len, attn.size()[1] - txt_len)?;
 
-        let img = img.f_add(&im[2].f_mul(&self.img_attn.proj.forward(&img_attn)?)?)?;
+        let img = gated_add(img, &im[2], &self.img_attn.proj.forward(&img_attn)?)?;
         let img_ff = self
             .img_mlp
             .forward(&modulate(&self.norm, &img, &im[3], &im[4])?)?;
-        let img = img.f_add(&im[5].f_mul(&img_ff)?)?;
+        let img = gated_add(&img, &im[5], &img_ff)?;
 
-        let txt = txt.f_add(&tm[2].f_mul(&self.txt_attn.proj.forward(&txt_attn)?)?)?;
+        let txt = gated_add(txt, &tm[2], &self.txt_attn.proj.forward(&txt_attn)?)?;
         let txt_ff = self
             .txt_mlp
             .forward(&modulate(&self.norm, &txt, &tm[3], &tm[4])?)?;
-        let txt = txt.f_add(&tm[5].f_mul(&txt_ff)?)?;
+        let txt = gated_add(&txt, &tm[5], &txt_ff)?;
         Ok((img, txt))
     }
 }
@@ -406,11 +524,22 @@ impl SingleBlock {
         let qkv = fused.f_narrow(-1, 0, 3 * self.hidden)?;
         let mlp = fused.f_narrow(-1, 3 * self.hidden, self.mlp_hidden)?;
         let (q, k, v) = split_qkv(&qkv, self.heads, &self.norm)?;
-        let attn = attention(&q, &k, &v, pe)?; // (b, seq, h)
-        let out = self
-            .linear2
-            .forward(&Tensor::f_cat(&[attn, mlp.f_gelu("tanh")?], -1)?)?;
-        x.f_add(&m[2].f_mul(&out)?)
+        let hidden = if Opts::get().cat {
+            // linear2's input (b, seq, h + mlp), written in place: attention output, GELU(mlp).
+            let (b, s, _) = x.size3()?;
+            let (_, heads, _, d) = q.size4()?;
+            let buf = Tensor::f_empty([b, s, self.hidden + self.mlp_hidden], (x.kind(), x.device()))?;
+            let o = sdpa(&pe.apply(&q)?, &pe.apply(&k)?, &v, None, false, None)?; // (b, heads, seq, d)
+            let mut dst = buf.f_narrow(-1, 0, self.hidden)?.f_view([b, s, heads, d])?;
+            dst.f_copy_(&o.f_transpose(1, 2)?)?;
+            let _ = mlp.f_gelu_out(&buf.f_narrow(-1, self.hidden, self.mlp_hidden)?, "tanh")?;
+            buf
+        } else {
+            let attn = attention(&q, &k, &v, pe)?; // (b, seq, h)
+            Tensor::f_cat(&[attn, mlp.f_gelu("tanh")?], -1)?
+        };
+        let out = self.linear2.forward(&hidden)?;
+        gated_add(x, &m[2], &out)
     }
 }
 
@@ -605,5 +734,66 @@ impl Flux {
         let pe = self.rope(ids)?;
         let vec = self.vec(t, y, guidance)?;
         self.forward_prepared(img, &self.embed_txt(txt)?, &vec, &pe)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opts_parse() {
+        assert_eq!(Opts::parse(""), Opts::ALL);
+        assert_eq!(Opts::parse("all"), Opts::ALL);
+        assert_eq!(Opts::parse("none"), Opts::NONE);
+        assert_eq!(
+            Opts::parse("rope, rms"),
+            Opts {
+                rope: true,
+                rms: true,
+                ..Opts::NONE
+            }
+        );
+    }
+
+    /// The fused formulations compute the reference ops' function (fp32, CPU).
+    #[test]
+    fn fused_ops_match_reference() -> Res<()> {
+        tch::manual_seed(7);
+        let ids = Flux::position_ids(5, 4, 6, Device::Cpu)?; // 5 txt + 2x3 img tokens
+        let rope = Rope::new(&ids, &[4, 6, 6], 10_000.0)?;
+        let x = Tensor::f_randn([2, 3, 11, 16], (Kind::Float, Device::Cpu))?;
+        let a = rope.apply_complex(&x)?;
+        let b = rope.apply_reference(&x)?;
+        assert!(f64::try_from(a.f_sub(&b)?.f_abs()?.f_max()?)? < 1e-5);
+
+        let norm = RmsNorm {
+            scale: Tensor::f_randn([16], (Kind::Float, Device::Cpu))?,
+            eps: 1e-6,
+        };
+        let fused = x.f_internal_fused_rms_norm([16], Some(&norm.scale), norm.eps)?.0;
+        assert!(f64::try_from(fused.f_sub(&norm.forward(&x)?)?.f_abs()?.f_max()?)? < 1e-5);
+
+        let ln = LayerNorm::plain(16, 1e-6);
+        let (shift, scale) = (
+            Tensor::f_randn([1, 1, 16], (Kind::Float, Device::Cpu))?,
+            Tensor::f_randn([1, 1, 16], (Kind::Float, Device::Cpu))?,
+        );
+        let x1 = x.f_reshape([1, 66, 16])?;
+        let reference = ln.forward(&x1)?.f_mul(&scale.f_add_scalar(1.0)?)?.f_add(&shift)?;
+        let got = modulate(&ln, &x1, &shift, &scale)?; // batch 1: LayerNorm affine (if enabled)
+        assert!(f64::try_from(got.f_sub(&reference)?.f_abs()?.f_max()?)? < 1e-5);
+        let x2 = x.f_reshape([2, 33, 16])?;
+        let (shift2, scale2) = (
+            shift.f_expand([2, 1, 16], false)?,
+            scale.f_expand([2, 1, 16], false)?,
+        );
+        let reference = ln
+            .forward(&x2)?
+            .f_mul(&scale2.f_add_scalar(1.0)?)?
+            .f_add(&shift2)?;
+        let got = modulate(&ln, &x2, &shift2, &scale2)?; // batch 2: addcmul (if enabled)
+        assert!(f64::try_from(got.f_sub(&reference)?.f_abs()?.f_max()?)? < 1e-5);
+        Ok(())
     }
 }

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One device call (nvidia-h100-x1 / nvidia-h200): diffusers eager baseline, ditfleet flux_bench with
+# each set of fused formulations (DITFLEET_FLUX_OPT), correctness vs diffusers on the same weights
+# (full width, reduced depth, then full size), a bf16 matmul ceiling, and a summary table.
+# Expects (relative to the repo root): .gpu/flux_bench (binary), .gpu/bench (copy of the shared
+# diffusers baseline scripts), .gpu/flux_1gpu (this folder), .whl (diffusers 0.39.0 wheel).
+#   bash .gpu/flux_1gpu/run_all.sh            (OUT, BUDGET_S env)
+set -u
+G=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-/tmp/flux_out}
+mkdir -p "$OUT/logs"
+BUDGET_S=${BUDGET_S:-570}
+TORCH=$(python3 -c "import os, torch; print(os.path.dirname(torch.__file__))")
+export LD_LIBRARY_PATH=$TORCH/lib PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site || { echo "wheel install failed"; exit 1; }
+BIN=$G/flux_bench
+{
+  date -u; nvidia-smi --query-gpu=index,name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
+  python3 -c "import torch, diffusers; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'diffusers', diffusers.__version__)"
+  ldd "$BIN" | grep -E "torch|c10"
+} > "$OUT/logs/env.txt" 2>&1
+cat "$OUT/logs/env.txt"
+
+left() { echo $(( BUDGET_S - SECONDS )); }
+stage() {  # stage NAME TIMEOUT CMD... (stdout -> logs/NAME.out, stderr -> logs/NAME.err, GPU memory sampled)
+  local name=$1 t=$2; shift 2
+  local l; l=$(left); (( t > l )) && t=$l
+  if (( t < 20 )); then echo "== $name: skipped, ${l}s left"; return; fi
+  echo "== $name (timeout ${t}s, t=${SECONDS}s)"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/logs/mem_$name.txt" 2>/dev/null &
+  local smi=$!
+  timeout -k 5 "$t" "$@" > "$OUT/logs/$name.out" 2> "$OUT/logs/$name.err"
+  local rc=$?
+  kill $smi 2>/dev/null; wait $smi 2>/dev/null
+  echo "== $name rc=$rc at t=${SECONDS}s"
+  (( rc != 0 )) && tail -5 "$OUT/logs/$name.err"
+}
+
+stage ceiling 60 python3 -c "
+import torch, json
+a=torch.randn(8192,8192,device='cuda',dtype=torch.bfloat16); b=torch.randn(8192,8192,device='cuda',dtype=torch.bfloat16)
+for _ in range(3): a@b
+torch.cuda.synchronize(); e=[torch.cuda.Event(enable_timing=True) for _ in range(2)]
+e[0].record(); [a@b for _ in range(20)]; e[1].record(); torch.cuda.synchronize()
+ms=e[0].elapsed_time(e[1])/20; print(json.dumps(dict(matmul_8192_bf16_ms=ms, tflops=2*8192**3/ms/1e9)))"
+stage diffusers_eager 170 python3 "$G/bench/flux_diffusers_baseline.py" --json-out "$OUT/logs/diffusers_eager.json"
+for o in ${OPTS:-all none rope rope,rms rope,rms,mod all}; do
+  n=ditfleet_${o//,/+}; [[ -e "$OUT/logs/$n.out" ]] && n=${n}_2
+  export DITFLEET_FLUX_OPT=$o
+  stage "$n" 100 "$BIN" --bf16
+done
+for o in ${CMP_OPTS:-all}; do
+  export DITFLEET_FLUX_OPT=$o
+  stage "compare_2x4_${o//,/+}" 150 python3 "$G/flux_1gpu/flux_gpu_compare.py" --bin "$BIN" --depth 2 --single-depth 4 \
+    --workdir /tmp/cmp24 --json-out "$OUT/logs/compare_2x4_${o//,/+}.json"
+done
+export DITFLEET_FLUX_OPT=${FULL_OPT:-all}
+stage "compare_full_${DITFLEET_FLUX_OPT//,/+}" 330 python3 "$G/flux_1gpu/flux_gpu_compare.py" --bin "$BIN" --depth 19 --single-depth 38 \
+  --workdir /tmp/cmpfull --json-out "$OUT/logs/compare_full_${DITFLEET_FLUX_OPT//,/+}.json"
+[[ -n "${CHECKS:-}" ]] && stage checks 150 python3 "$G/flux_1gpu/gpu_checks.py"
+python3 "$G/flux_1gpu/summarize.py" "$OUT/logs" | tee "$OUT/summary.txt"
+tar -C "$OUT" -czf "$OUT/logs.tgz" logs && rm -rf "$OUT/logs"
