@@ -11,9 +11,9 @@
 //! (delivery limit) lands in the DLQ rather than vanishing. Quorum queues need the same arguments
 //! on every declaration; change them only with a new queue name or a policy.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Consumer, ExchangeKind};
 
 /// Routing key of submitted jobs on the submit exchange.
 pub const SUBMIT_KEY: &str = "job";
@@ -165,5 +165,40 @@ impl Topology {
         )
         .await?;
         Ok(())
+    }
+
+    /// Subscribes to job events matching `pattern` (e.g. `job.<id>.*`, `job.#`) through an
+    /// exclusive, auto-deleted queue. Subscribe before publishing the job so nothing is missed.
+    /// Deliveries need no ack.
+    pub async fn subscribe_events(&self, ch: &Channel, pattern: &str) -> lapin::Result<Consumer> {
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        ch.queue_bind(
+            q.name().clone(),
+            self.events_exchange().as_str().into(),
+            pattern.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        ch.basic_consume(
+            q.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
     }
 }

@@ -16,11 +16,8 @@ use ditfleet_common::job::{JobEvent, JobSpec, Priority, SCHEMA_VERSION};
 use ditfleet_common::state::{JobState, JobStore};
 use ditfleet_common::topology::{SUBMIT_KEY, Topology};
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::types::AMQPValue;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
@@ -162,39 +159,7 @@ impl Fleet {
             .await
             .expect("Redis at 127.0.0.1:6379");
         let events = EventLog::default();
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        ch.queue_bind(
-            q.name().clone(),
-            topo.events_exchange().as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        let mut consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "test-events".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let mut consumer = topo.subscribe_events(&ch, "#").await.unwrap();
         let sink = events.clone();
         tokio::spawn(async move {
             while let Some(Ok(d)) = consumer.next().await {

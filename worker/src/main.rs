@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 use ditfleet_common::config::{self, COMMON_VARS, EngineChoice, Env, WORKER_VARS, WorkerConfig};
 use ditfleet_engine::{Control, GenerateRequest};
 use indicatif::{ProgressBar, ProgressStyle};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -80,30 +79,12 @@ fn main() {
 }
 
 fn serve() {
-    let cfg = match WorkerConfig::from_env(&Env::process()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("ditfleet-worker: {e}");
-            std::process::exit(config::EXIT_BAD_CONFIG);
-        }
-    };
-    ditfleet_common::telemetry::init(&cfg.common.log, cfg.common.log_json);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let code = rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(ditfleet_common::signals::cancel_on_signal(shutdown.clone()));
-        match ditfleet_worker::run(cfg, shutdown).await {
-            Ok(()) => 0,
-            Err(e) => {
-                tracing::error!(error = %e, "worker failed");
-                1
-            }
-        }
-    });
-    std::process::exit(code);
+    ditfleet_common::service::run_service(
+        "ditfleet-worker",
+        WorkerConfig::from_env(&Env::process()),
+        |c| &c.common,
+        ditfleet_worker::run,
+    )
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

@@ -15,8 +15,6 @@ use ditfleet_common::state::{JobState, JobStore, WorkerInfo};
 use ditfleet_common::topology::Topology;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 
 #[derive(Parser)]
 #[command(name = "ditfleetctl", version, about = "Submit text-to-image jobs to a ditfleet and operate it.",
@@ -206,33 +204,9 @@ async fn submit(a: SubmitArgs, cfg: &CommonConfig) -> Result<i32> {
         .context("declaring the submit topology")?;
     // Subscribe before publishing so no event can be missed.
     let events = if a.wait {
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        ch.queue_bind(
-            q.name().clone(),
-            topo.events_exchange().as_str().into(),
-            format!("job.{}.*", spec.job_id).as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
         Some(
-            ch.basic_consume(
-                q.name().clone(),
-                "ditfleetctl".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?,
+            topo.subscribe_events(&ch, &format!("job.{}.*", spec.job_id))
+                .await?,
         )
     } else {
         None
@@ -285,7 +259,6 @@ async fn submit(a: SubmitArgs, cfg: &CommonConfig) -> Result<i32> {
                 None => bail!("event stream closed"),
             }
         };
-        let _ = delivery.ack(BasicAckOptions::default()).await;
         let ev: JobEvent = match serde_json::from_slice(&delivery.data) {
             Ok(ev) => ev,
             Err(e) => {
