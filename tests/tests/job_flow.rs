@@ -107,6 +107,20 @@ async fn ctl_submit_wait_prints_the_png_path_and_stage_timings() {
     let path = line.trim_start_matches("image: ");
     assert!(std::fs::read(path).unwrap().starts_with(b"\x89PNG"));
     assert!(stdout.contains("stages: queue wait"), "{stdout}");
+    // A contract-v1 JSON file works the same way.
+    let file = fleet.result_dir.join("job.json");
+    std::fs::write(&file, serde_json::to_vec(&job("ctl-file", 2)).unwrap()).unwrap();
+    let out = fleet.ctl(&[
+        "submit",
+        "--file",
+        file.to_str().unwrap(),
+        "--wait",
+        "--timeout-s",
+        "60",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("job ctl-file succeeded"), "{stdout}");
     // A rejected job makes --wait exit non-zero with the reason.
     let out = fleet.ctl(&[
         "submit",
@@ -466,4 +480,26 @@ fn bad_configuration_exits_64_and_names_the_variable() {
             "{bin} --help lists the environment variables"
         );
     }
+}
+
+#[test]
+fn scheduler_and_ctl_do_not_link_libtorch_but_the_worker_keeps_libtorch_cuda() {
+    let libs = |bin: &str| {
+        let out = std::process::Command::new("ldd")
+            .arg(ditfleet_tests::bin(bin))
+            .output()
+            .expect("ldd runs");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    for bin in ["ditfleet-scheduler", "ditfleetctl"] {
+        assert!(
+            !libs(bin).contains("libtorch"),
+            "{bin} links libtorch:\n{}",
+            libs(bin)
+        );
+    }
+    let worker = libs("ditfleet-worker");
+    assert!(worker.contains("libtorch_cpu"), "{worker}");
+    // Kept despite --as-needed, or CUDA is silently unavailable on GPU machines.
+    assert!(worker.contains("libtorch_cuda"), "{worker}");
 }
