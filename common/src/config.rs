@@ -443,6 +443,15 @@ impl WorkerConfig {
                 }
             }
         }
+        if let Some(url) = env.raw("DITFLEET_RESULT_URL") {
+            // The Helm chart targets S3-compatible storage; refuse rather than silently writing
+            // results to a local directory nobody else can read.
+            return Err(err(
+                "DITFLEET_RESULT_URL",
+                &redact_url(&url),
+                "the S3-compatible result store is not implemented in this build; unset it and use DITFLEET_RESULT_DIR on a shared volume".into(),
+            ));
+        }
         let max_attempts = env.positive("DITFLEET_MAX_ATTEMPTS", 3)?;
         Ok(Self {
             common: CommonConfig::from_env(env)?,
@@ -502,6 +511,8 @@ mod tests {
         assert_eq!(e.var, "DITFLEET_ENGINE");
         let e = WorkerConfig::from_env(&env(&[("DITFLEET_AMQP_URL", "http://x")])).unwrap_err();
         assert_eq!(e.var, "DITFLEET_AMQP_URL");
+        let e = WorkerConfig::from_env(&env(&[("DITFLEET_RESULT_URL", "s3://bucket/p")])).unwrap_err();
+        assert_eq!(e.var, "DITFLEET_RESULT_URL");
         let e = WorkerConfig::from_env(&env(&[("DITFLEET_DEVICES", "cuda:x")])).unwrap_err();
         assert_eq!(e.var, "DITFLEET_DEVICES");
         let e = SchedulerConfig::from_env(&env(&[("DITFLEET_CLASSES", "a=5,b=3,c")])).unwrap_err();
