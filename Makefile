@@ -25,7 +25,7 @@ demo: build
 # committed goldens run in the plain `cargo test` pass.
 goldens: setup
 	@dir=$$(bash tests/fixtures/flux_goldens.sh big) && \
-	  DITFLEET_GOLDENS=$$dir $(CARGO) test -p ditfleet-engine --test flux_goldens -- --ignored --test-threads 1
+	  DITFLEET_GOLDENS=$$dir $(CARGO) test --workspace --test flux_goldens -- --ignored --test-threads 1
 
 validate-deploy:
 	@bash scripts/validate-deploy.sh
