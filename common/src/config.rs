@@ -119,6 +119,11 @@ pub const WORKER_VARS: &[VarDoc] = &[
         help: "diffusers-layout Flux.1 checkpoint directory",
     },
     VarDoc {
+        name: "DITFLEET_LOW_MEMORY",
+        default: "0",
+        help: "1: Flux text encoders are loaded per request and freed after encoding (less device memory, slower encode)",
+    },
+    VarDoc {
         name: "DITFLEET_DEVICES",
         default: "auto",
         help: "devices to compute on, e.g. cuda:0,cuda:1 or cpu",
@@ -349,7 +354,11 @@ impl SchedulerConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineChoice {
     /// The Flux.1 pipeline: the checkpoint in `model_dir`, or the tiny random-weight config.
-    Flux { model_dir: Option<PathBuf> },
+    /// `low_memory`: the text encoders are loaded for each request and freed after encoding.
+    Flux {
+        model_dir: Option<PathBuf>,
+        low_memory: bool,
+    },
     /// The simulated engine (fleet load and chaos tests).
     Simulated { step_ms: u64 },
 }
@@ -421,6 +430,7 @@ impl WorkerConfig {
             },
             _ => EngineChoice::Flux {
                 model_dir: env.raw("FLUX_MODEL_DIR").map(PathBuf::from),
+                low_memory: env.choice("DITFLEET_LOW_MEMORY", "0", &["0", "1"])? == "1",
             },
         };
         let devices = env.raw("DITFLEET_DEVICES").filter(|v| v != "auto").map(|v| {
@@ -492,11 +502,24 @@ mod tests {
     }
 
     #[test]
+    fn low_memory_is_parsed() {
+        let c = WorkerConfig::from_env(&env(&[("DITFLEET_LOW_MEMORY", "1")])).unwrap();
+        assert!(matches!(c.engine, EngineChoice::Flux { low_memory: true, .. }));
+        assert!(WorkerConfig::from_env(&env(&[("DITFLEET_LOW_MEMORY", "yes")])).is_err());
+    }
+
+    #[test]
     fn defaults_load_without_any_variable() {
         let c = WorkerConfig::from_env(&env(&[])).unwrap();
         assert_eq!(c.slots, 1);
         assert_eq!(c.common.namespace, "ditfleet");
-        assert_eq!(c.engine, EngineChoice::Flux { model_dir: None });
+        assert_eq!(
+            c.engine,
+            EngineChoice::Flux {
+                model_dir: None,
+                low_memory: false
+            }
+        );
         let s = SchedulerConfig::from_env(&env(&[])).unwrap();
         assert_eq!(s.prefetch, 64);
         assert_eq!(s.classes.names(), vec!["small", "medium", "large", "xlarge"]);

@@ -43,13 +43,16 @@ pub fn build(
                 })) as Box<dyn Engine>
             })
             .collect()),
-        EngineChoice::Flux { model_dir: None } => {
+        EngineChoice::Flux { model_dir: None, .. } => {
             tracing::warn!(
                 "FLUX_MODEL_DIR is unset: serving the TINY RANDOM-WEIGHT Flux config (not a trained model; images are noise)"
             );
             Ok(vec![Box::new(Pipeline::tiny_random(0)?)])
         }
-        EngineChoice::Flux { model_dir: Some(dir) } => {
+        EngineChoice::Flux {
+            model_dir: Some(dir),
+            low_memory,
+        } => {
             let dev = pick_device(devices)?;
             let kind = if dev.is_cuda() {
                 Kind::BFloat16
@@ -61,6 +64,7 @@ pub fn build(
             if let Some(second) = devices.and_then(|d| d.get(1)) {
                 options.devices.text_encoders = device(second)?;
             }
+            options.free_text_encoders = *low_memory;
             Ok(vec![Box::new(Pipeline::load(dir, options)?)])
         }
     }

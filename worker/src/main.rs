@@ -59,6 +59,14 @@ struct GenerateArgs {
     /// Output PNG path.
     #[arg(long)]
     out: PathBuf,
+    /// Generate this many times in one process (timings printed for each; the image of the last
+    /// run is written). The first run includes one-time warm-up work.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// Low-memory mode: the text encoders are loaded for each request and freed after encoding
+    /// (also `DITFLEET_LOW_MEMORY=1`).
+    #[arg(long, env = "DITFLEET_LOW_MEMORY", value_parser = clap::builder::BoolishValueParser::new())]
+    low_memory: bool,
 }
 
 fn main() {
@@ -92,6 +100,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         "simulated" => EngineChoice::Simulated { step_ms: 20 },
         "flux" => EngineChoice::Flux {
             model_dir: a.model_dir.clone(),
+            low_memory: a.low_memory,
         },
         other => anyhow::bail!("unknown engine {other:?} (flux or simulated)"),
     };
@@ -121,39 +130,53 @@ fn generate(a: GenerateArgs) -> Result<()> {
             .unwrap_or_else(|| ditfleet_common::job::JobSpec::default_guidance(&a.model)),
         seed: a.seed,
     };
-    let bar = ProgressBar::new(u64::from(steps));
-    bar.set_style(
-        ProgressStyle::with_template("denoising [{bar:30}] {pos}/{len} steps {elapsed} eta {eta}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
     let tty = std::io::stderr().is_terminal();
-    let image = engine
-        .generate(&request, &mut |ev| {
-            bar.set_position(u64::from(ev.step));
-            if !tty && (ev.step == ev.total || ev.step % 10 == 0) {
-                eprintln!(
-                    "step {}/{} ({:.2} s)",
-                    ev.step,
-                    ev.total,
-                    ev.elapsed.as_secs_f64()
-                );
-            }
-            Control::Continue
-        })
-        .context("generating")?;
-    bar.finish();
-    std::fs::write(&a.out, image.to_png()?).with_context(|| format!("writing {}", a.out.display()))?;
-    let tm = &image.timings;
-    println!("wrote {}", a.out.display());
-    println!(
-        "stages: text encode {:.0} ms | denoise {:.0} ms | decode {:.0} ms{}",
-        tm.encode_ms,
-        tm.denoise_ms,
-        tm.decode_ms,
-        tm.peak_memory_bytes
-            .map(|b| format!(" | peak device memory {:.2} GiB", b as f64 / (1u64 << 30) as f64))
-            .unwrap_or_default()
-    );
+    let repeat = a.repeat.max(1);
+    for run in 1..=repeat {
+        let bar = ProgressBar::new(u64::from(steps));
+        bar.set_style(
+            ProgressStyle::with_template("denoising [{bar:30}] {pos}/{len} steps {elapsed} eta {eta}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        let t_run = std::time::Instant::now();
+        let image = engine
+            .generate(&request, &mut |ev| {
+                bar.set_position(u64::from(ev.step));
+                if !tty && (ev.step == ev.total || ev.step % 10 == 0) {
+                    eprintln!(
+                        "step {}/{} ({:.2} s)",
+                        ev.step,
+                        ev.total,
+                        ev.elapsed.as_secs_f64()
+                    );
+                }
+                Control::Continue
+            })
+            .context("generating")?;
+        let gen_ms = t_run.elapsed().as_secs_f64() * 1e3;
+        bar.finish();
+        if run == repeat {
+            std::fs::write(&a.out, image.to_png()?)
+                .with_context(|| format!("writing {}", a.out.display()))?;
+            println!("wrote {}", a.out.display());
+        }
+        let tm = &image.timings;
+        println!(
+            "{}stages: text encode {:.0} ms | denoise {:.0} ms | decode {:.0} ms | generate {:.0} ms{}",
+            if repeat > 1 {
+                format!("run {run}/{repeat} ")
+            } else {
+                String::new()
+            },
+            tm.encode_ms,
+            tm.denoise_ms,
+            tm.decode_ms,
+            gen_ms,
+            tm.peak_memory_bytes
+                .map(|b| format!(" | peak device memory {:.2} GiB", b as f64 / (1u64 << 30) as f64))
+                .unwrap_or_default()
+        );
+    }
     Ok(())
 }
