@@ -23,61 +23,9 @@ import time
 import torch
 from safetensors.torch import load_file
 
-
-def to_original_layout(sd):
-    """diffusers FluxTransformer2DModel state dict -> original flux1-*.safetensors keys
-    (copy of tests/fixtures/gen_flux_goldens.py:to_original_layout)."""
-    out = {}
-    cat = lambda *ks: torch.cat([sd[k] for k in ks], 0)  # noqa: E731
-    swap = lambda t: torch.cat(t.chunk(2, 0)[::-1], 0)  # noqa: E731
-    fixed = {
-        "x_embedder": "img_in", "context_embedder": "txt_in",
-        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-        "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-        "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-        "proj_out": "final_layer.linear",
-    }
-    for d, o in fixed.items():
-        for leaf in ("weight", "bias"):
-            if f"{d}.{leaf}" in sd:
-                out[f"{o}.{leaf}"] = sd[f"{d}.{leaf}"]
-    for leaf in ("weight", "bias"):
-        out[f"final_layer.adaLN_modulation.1.{leaf}"] = swap(sd[f"norm_out.linear.{leaf}"])
-    n_double = len({k.split(".")[1] for k in sd if k.startswith("transformer_blocks.")})
-    n_single = len({k.split(".")[1] for k in sd if k.startswith("single_transformer_blocks.")})
-    for i in range(n_double):
-        p, o = f"transformer_blocks.{i}", f"double_blocks.{i}"
-        for leaf in ("weight", "bias"):
-            out[f"{o}.img_mod.lin.{leaf}"] = sd[f"{p}.norm1.linear.{leaf}"]
-            out[f"{o}.txt_mod.lin.{leaf}"] = sd[f"{p}.norm1_context.linear.{leaf}"]
-            out[f"{o}.img_attn.qkv.{leaf}"] = cat(*(f"{p}.attn.to_{x}.{leaf}" for x in "qkv"))
-            out[f"{o}.txt_attn.qkv.{leaf}"] = cat(*(f"{p}.attn.add_{x}_proj.{leaf}" for x in "qkv"))
-            out[f"{o}.img_attn.proj.{leaf}"] = sd[f"{p}.attn.to_out.0.{leaf}"]
-            out[f"{o}.txt_attn.proj.{leaf}"] = sd[f"{p}.attn.to_add_out.{leaf}"]
-            out[f"{o}.img_mlp.0.{leaf}"] = sd[f"{p}.ff.net.0.proj.{leaf}"]
-            out[f"{o}.img_mlp.2.{leaf}"] = sd[f"{p}.ff.net.2.{leaf}"]
-            out[f"{o}.txt_mlp.0.{leaf}"] = sd[f"{p}.ff_context.net.0.proj.{leaf}"]
-            out[f"{o}.txt_mlp.2.{leaf}"] = sd[f"{p}.ff_context.net.2.{leaf}"]
-        out[f"{o}.img_attn.norm.query_norm.scale"] = sd[f"{p}.attn.norm_q.weight"]
-        out[f"{o}.img_attn.norm.key_norm.scale"] = sd[f"{p}.attn.norm_k.weight"]
-        out[f"{o}.txt_attn.norm.query_norm.scale"] = sd[f"{p}.attn.norm_added_q.weight"]
-        out[f"{o}.txt_attn.norm.key_norm.scale"] = sd[f"{p}.attn.norm_added_k.weight"]
-    for i in range(n_single):
-        p, o = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
-        for leaf in ("weight", "bias"):
-            out[f"{o}.linear1.{leaf}"] = cat(*(f"{p}.attn.to_{x}.{leaf}" for x in "qkv"), f"{p}.proj_mlp.{leaf}")
-            out[f"{o}.linear2.{leaf}"] = sd[f"{p}.proj_out.{leaf}"]
-            out[f"{o}.modulation.lin.{leaf}"] = sd[f"{p}.norm.linear.{leaf}"]
-        out[f"{o}.norm.query_norm.scale"] = sd[f"{p}.attn.norm_q.weight"]
-        out[f"{o}.norm.key_norm.scale"] = sd[f"{p}.attn.norm_k.weight"]
-    assert sum(v.numel() for v in out.values()) == sum(v.numel() for v in sd.values()), "conversion lost tensors"
-    return out
-
-
-DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
+# The repo's tests/fixtures, from bench/flux_1gpu/ or from its carried copy .gpu/flux_1gpu/.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "fixtures"))
+from flux_keys import to_original_layout  # noqa: E402
 
 
 def save_streaming(tensors, path):
