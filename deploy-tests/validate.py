@@ -54,12 +54,17 @@ CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring.coreos.com-v1.json",
 }
+# What the binaries export (docs/operations.md, "Health and metrics"); alerts and panels may use
+# only these.
 METRICS = {
-    "ditfleet_queue_depth", "ditfleet_queue_oldest_age_seconds", "ditfleet_jobs_total",
-    "ditfleet_job_duration_seconds_bucket", "ditfleet_job_retries_total", "ditfleet_dlq_total",
+    "ditfleet_queue_depth", "ditfleet_queue_consumers", "ditfleet_queue_oldest_age_seconds",
+    "ditfleet_jobs_total",
+    "ditfleet_job_duration_seconds_bucket", "ditfleet_job_duration_seconds_count",
+    "ditfleet_job_retries_total", "ditfleet_dlq_total",
     "ditfleet_gpu_utilization_ratio", "ditfleet_gpu_memory_used_bytes",
-    "ditfleet_gpu_temperature_celsius", "ditfleet_gpu_healthy", "ditfleet_worker_state",
-    "ditfleet_gpu_seconds_total", "ditfleet_model_loaded",
+    "ditfleet_gpu_memory_total_bytes", "ditfleet_gpu_temperature_celsius", "ditfleet_gpu_healthy",
+    "ditfleet_worker_state", "ditfleet_job_gpu_seconds_total", "ditfleet_worker_gpu_seconds_total",
+    "ditfleet_job_cost_token_steps_total", "ditfleet_model_loaded",
 }
 
 

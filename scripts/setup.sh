@@ -3,6 +3,8 @@
 #   - RabbitMQ and Redis (apt, if absent), started if not listening on 127.0.0.1:5672 / :6379;
 #   - the Python venv .venv with torch==2.11.0 from PyPI, which provides libtorch for the engine
 #     (the PyPI wheel is the CUDA 13.0 build; the same C++ ABI as the GPU machines);
+#   - the Python venv .test-venv with moto[server] (a local S3-compatible server for the result
+#     store tests) and the openssl CLI (private CAs for the TLS tests);
 #   - checks for the Rust toolchain and a C/C++ compiler.
 # Used by `make demo` and `make test`. Safe to run repeatedly; prints what it does.
 set -euo pipefail
@@ -66,4 +68,14 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.spl
   log "installing torch==$want_torch into .venv (about 4.6 GB with its CUDA libraries; a few minutes on first run)"
   .venv/bin/pip install -q --disable-pip-version-check "torch==$want_torch"
 fi
+# --- test helpers: S3-compatible server (moto) and openssl ------------------------------------
+want_moto=5.2.1
+if ! .test-venv/bin/python -c "import moto, sys; sys.exit(0 if moto.__version__ == '$want_moto' else 1)" 2>/dev/null \
+   || [ ! -x .test-venv/bin/moto_server ]; then
+  [ -x .test-venv/bin/python ] || { log "creating .test-venv"; python3 -m venv .test-venv; }
+  log "installing moto[server]==$want_moto into .test-venv (S3-compatible server for the tests)"
+  .test-venv/bin/pip install -q --disable-pip-version-check "moto[server]==$want_moto"
+fi
+command -v openssl >/dev/null || apt_install openssl
+
 log "ready: RabbitMQ 127.0.0.1:5672, Redis 127.0.0.1:6379, libtorch $(.venv/bin/python -c 'import torch; print(torch.__version__)')"

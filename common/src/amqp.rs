@@ -13,7 +13,18 @@ pub enum PublishError {
     Nacked { exchange: String, key: String },
     #[error("no queue is bound for {exchange}/{key}; message returned")]
     Unroutable { exchange: String, key: String },
+    #[error("no confirm from the broker for {exchange}/{key} within {secs} s")]
+    ConfirmTimeout {
+        exchange: String,
+        key: String,
+        secs: u64,
+    },
 }
+
+/// How long a publish waits for the broker's confirm. A confirm pending when the connection drops
+/// can stay pending through lapin's recovery; past this the publish fails like any other broker
+/// error (callers retry or requeue, and consumers dedupe), instead of hanging the caller.
+pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Opens a connection with automatic recovery (reconnect + topology replay).
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
@@ -21,6 +32,33 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
         .with_connection_name(name.into())
         .enable_auto_recover();
     Connection::connect(url, props).await
+}
+
+/// [`connect`] with TLS settings: for `amqps://`, the CA certificates in `ca_file` (PEM) are
+/// trusted besides the system roots (e.g. a private CA). Errors never contain the URL.
+pub async fn connect_tls(
+    url: &str,
+    name: &str,
+    ca_file: Option<&std::path::Path>,
+) -> lapin::Result<Connection> {
+    let Some(ca) = ca_file else {
+        return connect(url, name).await;
+    };
+    let pem = std::fs::read_to_string(ca)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("reading the AMQP CA file: {e}")))?;
+    let props = ConnectionProperties::default()
+        .with_connection_name(name.into())
+        .enable_auto_recover();
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: Some(pem),
+    };
+    Connection::connect_with_config(url, props, tls, lapin::runtime::default_runtime()?).await
+}
+
+/// Connects with the service's configured URL and TLS settings.
+pub async fn connect_cfg(cfg: &crate::config::CommonConfig, name: &str) -> lapin::Result<Connection> {
+    connect_tls(&cfg.amqp_url, name, cfg.amqp_ca_file.as_deref()).await
 }
 
 /// A channel in confirm mode: every publish waits for the broker's ack.
@@ -48,7 +86,8 @@ impl Publisher {
         &self.channel
     }
 
-    /// Publishes and waits for the confirm. With `mandatory`, a message no queue takes is an error.
+    /// Publishes and waits for the confirm (at most [`CONFIRM_TIMEOUT`]). With `mandatory`, a
+    /// message no queue takes is an error.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -57,20 +96,28 @@ impl Publisher {
         props: BasicProperties,
         mandatory: bool,
     ) -> Result<(), PublishError> {
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                key.into(),
-                BasicPublishOptions {
-                    mandatory,
-                    ..Default::default()
-                },
-                body,
-                props,
-            )
-            .await?
-            .await?;
+        let publish = async {
+            self.channel
+                .basic_publish(
+                    exchange.into(),
+                    key.into(),
+                    BasicPublishOptions {
+                        mandatory,
+                        ..Default::default()
+                    },
+                    body,
+                    props,
+                )
+                .await?
+                .await
+        };
+        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, publish)
+            .await
+            .map_err(|_| PublishError::ConfirmTimeout {
+                exchange: exchange.into(),
+                key: key.into(),
+                secs: CONFIRM_TIMEOUT.as_secs(),
+            })??;
         if confirm.is_nack() {
             return Err(PublishError::Nacked {
                 exchange: exchange.into(),

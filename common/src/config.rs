@@ -65,6 +65,61 @@ pub const COMMON_VARS: &[VarDoc] = &[
         default: "604800",
         help: "seconds a job's status is kept in Redis after its last change",
     },
+    VarDoc {
+        name: "DITFLEET_HTTP_ADDR",
+        default: "unset (not served)",
+        help: "address of /healthz, /readyz and /metrics, e.g. 0.0.0.0:9090",
+    },
+    VarDoc {
+        name: "DITFLEET_AMQP_CA_FILE",
+        default: "system roots",
+        help: "PEM file of CA certificates trusted for amqps:// (e.g. a private CA)",
+    },
+    VarDoc {
+        name: "DITFLEET_REDIS_CA_FILE",
+        default: "system roots",
+        help: "PEM file of CA certificates trusted for rediss:// (e.g. a private CA)",
+    },
+    VarDoc {
+        name: "OTEL_EXPORTER_OTLP_ENDPOINT",
+        default: "unset (traces off)",
+        help: "OTLP/HTTP collector base URL, e.g. http://otel-collector:4318; setting it turns traces on",
+    },
+    VarDoc {
+        name: "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        default: "<endpoint>/v1/traces",
+        help: "full OTLP/HTTP traces URL (instead of OTEL_EXPORTER_OTLP_ENDPOINT)",
+    },
+    VarDoc {
+        name: "OTEL_EXPORTER_OTLP_PROTOCOL",
+        default: "http/protobuf",
+        help: "only http/protobuf is built in (no gRPC: use the collector's HTTP port 4318)",
+    },
+    VarDoc {
+        name: "OTEL_EXPORTER_OTLP_HEADERS",
+        default: "unset",
+        help: "extra export headers, k1=v1,k2=v2 (e.g. an API key)",
+    },
+    VarDoc {
+        name: "OTEL_SERVICE_NAME",
+        default: "the binary's name",
+        help: "service.name of the exported spans",
+    },
+    VarDoc {
+        name: "OTEL_TRACES_SAMPLER",
+        default: "parentbased_always_on",
+        help: "sampler, e.g. parentbased_traceidratio with OTEL_TRACES_SAMPLER_ARG=0.1",
+    },
+    VarDoc {
+        name: "OTEL_BSP_SCHEDULE_DELAY",
+        default: "5000",
+        help: "milliseconds between span batch exports",
+    },
+    VarDoc {
+        name: "OTEL_SDK_DISABLED",
+        default: "false",
+        help: "true turns traces off even with an endpoint set",
+    },
 ];
 
 /// Variables the scheduler reads (besides [`COMMON_VARS`]).
@@ -83,6 +138,36 @@ pub const SCHEDULER_VARS: &[VarDoc] = &[
         name: "DITFLEET_MAX_PROMPT_CHARS",
         default: "2000",
         help: "longest accepted prompt and negative prompt, in characters",
+    },
+    VarDoc {
+        name: "DITFLEET_QUEUE_POLL_S",
+        default: "5",
+        help: "seconds between reads of the queue depths for ditfleet_queue_depth",
+    },
+    VarDoc {
+        name: "DITFLEET_TENANT_RATE",
+        default: "0",
+        help: "jobs per second each tenant may submit (token bucket refill rate); 0 = unlimited",
+    },
+    VarDoc {
+        name: "DITFLEET_TENANT_BURST",
+        default: "20",
+        help: "token bucket size per tenant: jobs a tenant may submit at once after idling",
+    },
+    VarDoc {
+        name: "DITFLEET_TENANT_LIMITS",
+        default: "none",
+        help: "per-tenant overrides as tenant=rate:burst, comma-separated, e.g. acme=5:50,trial=0.1:3 (rate 0 = unlimited)",
+    },
+    VarDoc {
+        name: "DITFLEET_BALANCE_INTERVAL_MS",
+        default: "1000",
+        help: "how often the scheduler refreshes live load (workers, queue depths, step-time calibration)",
+    },
+    VarDoc {
+        name: "DITFLEET_SPILL",
+        default: "1",
+        help: "1: a job whose class has a backlog goes to an idle bigger class; 0: always its cost class",
     },
 ];
 
@@ -124,6 +209,16 @@ pub const WORKER_VARS: &[VarDoc] = &[
         help: "1: Flux text encoders are loaded per request and freed after encoding (less device memory, slower encode)",
     },
     VarDoc {
+        name: "DITFLEET_PLAN",
+        default: "single",
+        help: "Flux: how one image is split over DITFLEET_DEVICES, e.g. ulysses=4, ring=2,ulysses=2, cfg=2,ulysses=2, dp=2,ulysses=2 (docs/parallel.md)",
+    },
+    VarDoc {
+        name: "DITFLEET_FAULT_GPU",
+        default: "",
+        help: "fault injection for GPU-isolation drills: <slot>:<step> makes the device in that slot of DITFLEET_DEVICES fail at that step (with DITFLEET_PLAN)",
+    },
+    VarDoc {
         name: "DITFLEET_DEVICES",
         default: "auto",
         help: "devices to compute on, e.g. cuda:0,cuda:1 or cpu",
@@ -132,6 +227,21 @@ pub const WORKER_VARS: &[VarDoc] = &[
         name: "DITFLEET_RESULT_DIR",
         default: "./results",
         help: "directory of the local result store",
+    },
+    VarDoc {
+        name: "DITFLEET_RESULT_URL",
+        default: "unset (local directory)",
+        help: "s3://bucket/prefix: results go to S3 or an S3-compatible server (credentials, region and endpoint from the standard AWS_* variables: AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or IRSA, AWS_ALLOW_HTTP=true for plain HTTP)",
+    },
+    VarDoc {
+        name: "DITFLEET_RESULT_PRESIGN_S",
+        default: "0 (off)",
+        help: "S3 store: the result URL is a presigned GET URL valid this many seconds (at most 604800) instead of s3://bucket/key",
+    },
+    VarDoc {
+        name: "DITFLEET_RESULT_PUBLIC_URL",
+        default: "unset",
+        help: "S3 store: the result URL is <this>/<key> (a public bucket or CDN) instead of s3://bucket/key",
     },
     VarDoc {
         name: "DITFLEET_SHUTDOWN_GRACE_S",
@@ -152,6 +262,51 @@ pub const WORKER_VARS: &[VarDoc] = &[
         name: "DITFLEET_MAX_ATTEMPTS",
         default: "3",
         help: "deliveries of one job before it is dead-lettered",
+    },
+    VarDoc {
+        name: "DITFLEET_WORKER_PREFETCH",
+        default: "slots+1",
+        help: "messages buffered per consumed queue (one more than the slots lets a higher-priority job overtake)",
+    },
+    VarDoc {
+        name: "DITFLEET_ENGINE_RETRIES",
+        default: "2",
+        help: "in-process retries of a transient engine failure (out of memory after freeing caches, device error), with exponential back-off and jitter",
+    },
+    VarDoc {
+        name: "DITFLEET_RETRY_BASE_MS",
+        default: "200",
+        help: "first back-off of engine and storage retries; doubles per retry, with jitter, capped at 32x",
+    },
+    VarDoc {
+        name: "DITFLEET_CHECKPOINT_EVERY",
+        default: "5",
+        help: "save the running job's latents every this many steps (a retried job resumes there); 0 = off",
+    },
+    VarDoc {
+        name: "DITFLEET_CONTROL_POLL_MS",
+        default: "1000",
+        help: "how often the worker reads operator control (ditfleetctl drain, model load/unload)",
+    },
+    VarDoc {
+        name: "DITFLEET_MODEL_ROOT",
+        default: "parent of FLUX_MODEL_DIR",
+        help: "directory of Flux model versions: version v of a model is <root>/<v>",
+    },
+    VarDoc {
+        name: "DITFLEET_SWAP_MODE",
+        default: "alongside",
+        help: "model version swap: alongside (load the new version next to the old, then switch) or drain (finish running jobs and unload the old first: less memory)",
+    },
+    VarDoc {
+        name: "DITFLEET_SIM_VERSION",
+        default: "sim-1",
+        help: "simulated engine: the model version it starts with",
+    },
+    VarDoc {
+        name: "DITFLEET_SIM_FAULTS",
+        default: "none",
+        help: "simulated engine fault injection, comma list: oom=N (first N tries of every job run out of memory), device=N, bad-weights (every job fails permanently)",
     },
 ];
 
@@ -230,6 +385,15 @@ impl<'a> Env<'a> {
         }
     }
 
+    /// An optional path to a file that must exist.
+    pub fn file(&self, var: &str) -> Result<Option<PathBuf>, ConfigError> {
+        match self.raw(var) {
+            None => Ok(None),
+            Some(v) if std::path::Path::new(&v).is_file() => Ok(Some(PathBuf::from(v))),
+            Some(v) => Err(err(var, &v, "no such file".into())),
+        }
+    }
+
     /// A URL whose scheme is one of `schemes`.
     pub fn url(&self, var: &str, default: &str, schemes: &[&str]) -> Result<String, ConfigError> {
         let v = self.string(var, default);
@@ -270,6 +434,101 @@ pub fn redact_url(url: &str) -> String {
     url.to_string()
 }
 
+/// OpenTelemetry trace export (the exporter reads the standard `OTEL_*` variables itself; this
+/// checks them up front so a typo is a configuration error rather than silently missing traces).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtelConfig {
+    /// The traces URL as configured (base endpoint or the traces-specific one).
+    pub endpoint: String,
+}
+
+impl OtelConfig {
+    /// `None` (traces off) unless an OTLP endpoint is set and `OTEL_SDK_DISABLED` is not true.
+    pub fn from_env(env: &Env<'_>) -> Result<Option<Self>, ConfigError> {
+        if env
+            .raw("OTEL_SDK_DISABLED")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        {
+            return Ok(None);
+        }
+        let var = if env.raw("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some() {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+        } else if env.raw("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        } else {
+            return Ok(None);
+        };
+        let endpoint = env.url(var, "", &["http", "https"])?;
+        for p in [
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ] {
+            if let Some(v) = env.raw(p).filter(|v| v.trim() != "http/protobuf") {
+                return Err(err(
+                    p,
+                    &v,
+                    "this build exports OTLP over http/protobuf only (the collector's port 4318)".into(),
+                ));
+            }
+        }
+        Ok(Some(Self { endpoint }))
+    }
+
+    /// The endpoint with any password hidden.
+    pub fn endpoint_for_logs(&self) -> String {
+        redact_url(&self.endpoint)
+    }
+}
+
+/// A tenant's token bucket settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TenantLimit {
+    /// Jobs per second; 0 = unlimited.
+    pub rate: f64,
+    pub burst: f64,
+}
+
+/// Per-tenant rate limits: a default and overrides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantLimits {
+    pub default: TenantLimit,
+    pub overrides: BTreeMap<String, TenantLimit>,
+}
+
+impl TenantLimits {
+    /// The limit of `tenant`; `None` when it is unlimited.
+    pub fn for_tenant(&self, tenant: &str) -> Option<TenantLimit> {
+        let l = self.overrides.get(tenant).copied().unwrap_or(self.default);
+        (l.rate > 0.0).then_some(l)
+    }
+
+    /// Parses `acme=5:50,trial=0.1:3`.
+    pub fn parse_overrides(s: &str) -> Result<BTreeMap<String, TenantLimit>, String> {
+        let mut out = BTreeMap::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (tenant, spec) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?} is not tenant=rate:burst"))?;
+            let (rate, burst) = spec
+                .split_once(':')
+                .ok_or_else(|| format!("{part:?} is not tenant=rate:burst"))?;
+            let rate: f64 = rate
+                .trim()
+                .parse()
+                .map_err(|_| format!("rate of {tenant:?} is not a number"))?;
+            let burst: f64 = burst
+                .trim()
+                .parse()
+                .map_err(|_| format!("burst of {tenant:?} is not a number"))?;
+            if !rate.is_finite() || rate < 0.0 || !burst.is_finite() || (rate > 0.0 && burst < 1.0) {
+                return Err(format!("{tenant:?}: rate must be >= 0 and burst >= 1"));
+            }
+            out.insert(tenant.trim().to_string(), TenantLimit { rate, burst });
+        }
+        Ok(out)
+    }
+}
+
 /// Settings shared by every service.
 #[derive(Debug, Clone)]
 pub struct CommonConfig {
@@ -281,6 +540,11 @@ pub struct CommonConfig {
     pub job_ttl: Duration,
     /// Health/metrics endpoint; `None` = not served.
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Extra CA certificates (PEM) for amqps:// and rediss://.
+    pub amqp_ca_file: Option<PathBuf>,
+    pub redis_ca_file: Option<PathBuf>,
+    /// Trace export; `None` = off.
+    pub otel: Option<OtelConfig>,
 }
 
 impl CommonConfig {
@@ -315,6 +579,9 @@ impl CommonConfig {
                     )
                 })?),
             },
+            amqp_ca_file: env.file("DITFLEET_AMQP_CA_FILE")?,
+            redis_ca_file: env.file("DITFLEET_REDIS_CA_FILE")?,
+            otel: OtelConfig::from_env(env)?,
         })
     }
 }
@@ -326,6 +593,11 @@ pub struct SchedulerConfig {
     pub prefetch: u16,
     pub classes: ClassTable,
     pub max_prompt_chars: usize,
+    /// How often the queue depths are read for the metrics.
+    pub queue_poll: Duration,
+    pub tenant_limits: TenantLimits,
+    pub balance_interval: Duration,
+    pub spill: bool,
 }
 
 impl SchedulerConfig {
@@ -341,11 +613,37 @@ impl SchedulerConfig {
         let classes_raw = env.string("DITFLEET_CLASSES", SCHEDULER_VARS[1].default);
         let classes =
             ClassTable::parse(&classes_raw).map_err(|e| err("DITFLEET_CLASSES", &classes_raw, e))?;
+        let rate: f64 = env.parse("DITFLEET_TENANT_RATE", 0.0)?;
+        if !rate.is_finite() || rate < 0.0 {
+            return Err(err(
+                "DITFLEET_TENANT_RATE",
+                &rate.to_string(),
+                "must be >= 0".into(),
+            ));
+        }
+        let burst: f64 = env.parse("DITFLEET_TENANT_BURST", 20.0)?;
+        if !burst.is_finite() || burst < 1.0 {
+            return Err(err(
+                "DITFLEET_TENANT_BURST",
+                &burst.to_string(),
+                "must be >= 1".into(),
+            ));
+        }
+        let raw = env.string("DITFLEET_TENANT_LIMITS", "");
+        let overrides =
+            TenantLimits::parse_overrides(&raw).map_err(|e| err("DITFLEET_TENANT_LIMITS", &raw, e))?;
         Ok(Self {
             common: CommonConfig::from_env(env)?,
             prefetch,
             classes,
             max_prompt_chars: env.positive("DITFLEET_MAX_PROMPT_CHARS", 2000)? as usize,
+            queue_poll: env.seconds("DITFLEET_QUEUE_POLL_S", 5)?,
+            tenant_limits: TenantLimits {
+                default: TenantLimit { rate, burst },
+                overrides,
+            },
+            balance_interval: Duration::from_millis(env.positive("DITFLEET_BALANCE_INTERVAL_MS", 1000)?),
+            spill: env.choice("DITFLEET_SPILL", "1", &["0", "1"])? == "1",
         })
     }
 }
@@ -355,12 +653,63 @@ impl SchedulerConfig {
 pub enum EngineChoice {
     /// The Flux.1 pipeline: the checkpoint in `model_dir`, or the tiny random-weight config.
     /// `low_memory`: the text encoders are loaded for each request and freed after encoding.
+    /// `plan`: how one image is split over `DITFLEET_DEVICES` (`ulysses=2`, `ring=2,ulysses=2`,
+    /// `cfg=2`, ...; parsed and validated by the engine); `None` = one device.
     Flux {
         model_dir: Option<PathBuf>,
         low_memory: bool,
+        plan: Option<String>,
+        /// Fault injection for isolation tests and drills (`DITFLEET_FAULT_GPU=<slot>:<step>`):
+        /// the device in that slot of `DITFLEET_DEVICES` fails at that step until quarantined.
+        fault_gpu: Option<(usize, u32)>,
     },
     /// The simulated engine (fleet load and chaos tests).
-    Simulated { step_ms: u64 },
+    Simulated {
+        step_ms: u64,
+        version: String,
+        faults: SimFaults,
+    },
+}
+
+/// Faults the simulated engine injects (`DITFLEET_SIM_FAULTS`), to test retries and dead-lettering.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimFaults {
+    /// The first `oom` tries of every job fail with out-of-memory (transient).
+    pub oom: u32,
+    /// The first `device` tries of every job fail with a device error (transient).
+    pub device: u32,
+    /// Every job fails with a model-load error (permanent).
+    pub bad_weights: bool,
+}
+
+impl SimFaults {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut f = SimFaults::default();
+        for part in s
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty() && *p != "none")
+        {
+            match part.split_once('=') {
+                Some(("oom", n)) => f.oom = n.parse().map_err(|_| format!("oom={n:?} is not a count"))?,
+                Some(("device", n)) => {
+                    f.device = n.parse().map_err(|_| format!("device={n:?} is not a count"))?
+                }
+                None if part == "bad-weights" => f.bad_weights = true,
+                _ => return Err(format!("unknown fault {part:?} (oom=N, device=N, bad-weights)")),
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// How a worker swaps model versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapMode {
+    /// Load the new version next to the old one, switch between jobs, unload the old one.
+    Alongside,
+    /// Stop starting jobs, let running ones finish, unload the old version, load the new one.
+    Drain,
 }
 
 /// Worker settings.
@@ -374,10 +723,26 @@ pub struct WorkerConfig {
     pub engine: EngineChoice,
     pub devices: Option<Vec<String>>,
     pub result_dir: PathBuf,
+    /// `s3://bucket/prefix` (S3-compatible store) or `file:///dir`; `None` = `result_dir`.
+    pub result_url: Option<String>,
+    /// S3 store: report presigned GET URLs valid this long instead of `s3://` URLs.
+    pub result_presign: Option<Duration>,
+    /// S3 store: report `<this>/<key>` (public bucket, CDN) instead of `s3://` URLs.
+    pub result_public_url: Option<String>,
     pub shutdown_grace: Duration,
     pub heartbeat: Duration,
     pub job_lease: Duration,
     pub max_attempts: u32,
+    /// Messages buffered per consumed queue.
+    pub prefetch: u16,
+    pub engine_retries: u32,
+    pub retry_base: Duration,
+    /// Steps between checkpoints; 0 = off.
+    pub checkpoint_every: u32,
+    pub control_poll: Duration,
+    /// Directory of Flux model versions (`<root>/<version>`).
+    pub model_root: Option<PathBuf>,
+    pub swap_mode: SwapMode,
 }
 
 impl WorkerConfig {
@@ -427,10 +792,55 @@ impl WorkerConfig {
         {
             "simulated" => EngineChoice::Simulated {
                 step_ms: env.parse("DITFLEET_SIM_STEP_MS", 20u64)?,
+                version: {
+                    let v = env.string("DITFLEET_SIM_VERSION", "sim-1");
+                    if !crate::job::valid_version(&v) {
+                        return Err(err(
+                            "DITFLEET_SIM_VERSION",
+                            &v,
+                            "must be 1-64 characters of [A-Za-z0-9._-]".into(),
+                        ));
+                    }
+                    v
+                },
+                faults: {
+                    let raw = env.string("DITFLEET_SIM_FAULTS", "");
+                    SimFaults::parse(&raw).map_err(|e| err("DITFLEET_SIM_FAULTS", &raw, e))?
+                },
             },
             _ => EngineChoice::Flux {
                 model_dir: env.raw("FLUX_MODEL_DIR").map(PathBuf::from),
                 low_memory: env.choice("DITFLEET_LOW_MEMORY", "0", &["0", "1"])? == "1",
+                plan: match env.raw("DITFLEET_PLAN").filter(|p| p != "single") {
+                    Some(p)
+                        if p.is_empty()
+                            || !p
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '=' | ',')) =>
+                    {
+                        return Err(err(
+                            "DITFLEET_PLAN",
+                            &p,
+                            "a plan is name=value pairs separated by commas, e.g. ulysses=2,ring=2".into(),
+                        ));
+                    }
+                    p => p,
+                },
+                fault_gpu: match env.raw("DITFLEET_FAULT_GPU") {
+                    None => None,
+                    Some(v) => Some(
+                        v.split_once(':')
+                            .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+                            .filter(|(_, step): &(usize, u32)| *step > 0)
+                            .ok_or_else(|| {
+                                err(
+                                    "DITFLEET_FAULT_GPU",
+                                    &v,
+                                    "must be <device slot>:<step>, e.g. 2:3".into(),
+                                )
+                            })?,
+                    ),
+                },
             },
         };
         let devices = env.raw("DITFLEET_DEVICES").filter(|v| v != "auto").map(|v| {
@@ -453,17 +863,56 @@ impl WorkerConfig {
                 }
             }
         }
-        if let Some(url) = env.raw("DITFLEET_RESULT_URL") {
-            // The Helm chart targets S3-compatible storage; refuse rather than silently writing
-            // results to a local directory nobody else can read.
-            return Err(err(
-                "DITFLEET_RESULT_URL",
-                &redact_url(&url),
-                "the S3-compatible result store is not implemented in this build; unset it and use DITFLEET_RESULT_DIR on a shared volume".into(),
-            ));
-        }
+        let result_url = match env.raw("DITFLEET_RESULT_URL") {
+            None => None,
+            Some(url) => {
+                let ok = url
+                    .strip_prefix("s3://")
+                    .is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
+                    || url.strip_prefix("file://").is_some_and(|p| p.starts_with('/'));
+                if !ok {
+                    return Err(err(
+                        "DITFLEET_RESULT_URL",
+                        &redact_url(&url),
+                        "must be s3://bucket[/prefix] or file:///absolute/dir".into(),
+                    ));
+                }
+                Some(url)
+            }
+        };
         let max_attempts = env.positive("DITFLEET_MAX_ATTEMPTS", 3)?;
+        let prefetch = env.positive("DITFLEET_WORKER_PREFETCH", u64::from(slots) + 1)?;
+        let prefetch = u16::try_from(prefetch)
+            .ok()
+            .filter(|p| *p <= 1000)
+            .ok_or_else(|| {
+                err(
+                    "DITFLEET_WORKER_PREFETCH",
+                    &prefetch.to_string(),
+                    "must be between 1 and 1000".into(),
+                )
+            })?;
+        let model_root = env.raw("DITFLEET_MODEL_ROOT").map(PathBuf::from).or_else(|| {
+            env.raw("FLUX_MODEL_DIR")
+                .and_then(|d| PathBuf::from(d).parent().map(|p| p.to_path_buf()))
+        });
+        let swap_mode = match env
+            .choice("DITFLEET_SWAP_MODE", "alongside", &["alongside", "drain"])?
+            .as_str()
+        {
+            "drain" => SwapMode::Drain,
+            _ => SwapMode::Alongside,
+        };
+        let engine_retries: u32 = env.parse("DITFLEET_ENGINE_RETRIES", 2u32)?;
+        let checkpoint_every: u32 = env.parse("DITFLEET_CHECKPOINT_EVERY", 5u32)?;
         Ok(Self {
+            prefetch,
+            engine_retries,
+            retry_base: Duration::from_millis(env.positive("DITFLEET_RETRY_BASE_MS", 200)?),
+            checkpoint_every,
+            control_poll: Duration::from_millis(env.positive("DITFLEET_CONTROL_POLL_MS", 1000)?),
+            model_root,
+            swap_mode,
             common: CommonConfig::from_env(env)?,
             worker_id,
             classes,
@@ -471,6 +920,22 @@ impl WorkerConfig {
             engine,
             devices,
             result_dir: PathBuf::from(env.string("DITFLEET_RESULT_DIR", "./results")),
+            result_url,
+            result_presign: match env.parse("DITFLEET_RESULT_PRESIGN_S", 0u64)? {
+                0 => None,
+                s if s <= 604_800 => Some(Duration::from_secs(s)),
+                s => {
+                    return Err(err(
+                        "DITFLEET_RESULT_PRESIGN_S",
+                        &s.to_string(),
+                        "presigned S3 URLs last at most 604800 s (7 days)".into(),
+                    ));
+                }
+            },
+            result_public_url: match env.raw("DITFLEET_RESULT_PUBLIC_URL") {
+                None => None,
+                Some(_) => Some(env.url("DITFLEET_RESULT_PUBLIC_URL", "", &["https", "http"])?),
+            },
             shutdown_grace: env.seconds("DITFLEET_SHUTDOWN_GRACE_S", 300)?,
             heartbeat: env.seconds("DITFLEET_HEARTBEAT_S", 5)?,
             job_lease: env.seconds("DITFLEET_JOB_LEASE_S", 15)?,
@@ -502,6 +967,28 @@ mod tests {
     }
 
     #[test]
+    fn plan_is_read_and_malformed_plans_are_refused() {
+        let c = WorkerConfig::from_env(&env(&[("DITFLEET_PLAN", "ring=2,ulysses=2")])).unwrap();
+        assert!(matches!(c.engine, EngineChoice::Flux { plan: Some(ref p), .. } if p == "ring=2,ulysses=2"));
+        let c = WorkerConfig::from_env(&env(&[("DITFLEET_PLAN", "single")])).unwrap();
+        assert!(matches!(c.engine, EngineChoice::Flux { plan: None, .. }));
+        let e = WorkerConfig::from_env(&env(&[("DITFLEET_PLAN", "ulysses=2; rm -rf")])).unwrap_err();
+        assert_eq!(e.var, "DITFLEET_PLAN");
+        let c = WorkerConfig::from_env(&env(&[("DITFLEET_FAULT_GPU", "2:3")])).unwrap();
+        assert!(matches!(
+            c.engine,
+            EngineChoice::Flux {
+                fault_gpu: Some((2, 3)),
+                ..
+            }
+        ));
+        for bad in ["2", "x:3", "2:0"] {
+            let e = WorkerConfig::from_env(&env(&[("DITFLEET_FAULT_GPU", bad)])).unwrap_err();
+            assert_eq!(e.var, "DITFLEET_FAULT_GPU");
+        }
+    }
+
+    #[test]
     fn low_memory_is_parsed() {
         let c = WorkerConfig::from_env(&env(&[("DITFLEET_LOW_MEMORY", "1")])).unwrap();
         assert!(matches!(c.engine, EngineChoice::Flux { low_memory: true, .. }));
@@ -517,7 +1004,9 @@ mod tests {
             c.engine,
             EngineChoice::Flux {
                 model_dir: None,
-                low_memory: false
+                low_memory: false,
+                plan: None,
+                fault_gpu: None
             }
         );
         let s = SchedulerConfig::from_env(&env(&[])).unwrap();
@@ -534,8 +1023,10 @@ mod tests {
         assert_eq!(e.var, "DITFLEET_ENGINE");
         let e = WorkerConfig::from_env(&env(&[("DITFLEET_AMQP_URL", "http://x")])).unwrap_err();
         assert_eq!(e.var, "DITFLEET_AMQP_URL");
-        let e = WorkerConfig::from_env(&env(&[("DITFLEET_RESULT_URL", "s3://bucket/p")])).unwrap_err();
+        let e = WorkerConfig::from_env(&env(&[("DITFLEET_RESULT_URL", "http://bucket/p")])).unwrap_err();
         assert_eq!(e.var, "DITFLEET_RESULT_URL");
+        let c = WorkerConfig::from_env(&env(&[("DITFLEET_RESULT_URL", "s3://bucket/p")])).unwrap();
+        assert_eq!(c.result_url.as_deref(), Some("s3://bucket/p"));
         let e = WorkerConfig::from_env(&env(&[("DITFLEET_DEVICES", "cuda:x")])).unwrap_err();
         assert_eq!(e.var, "DITFLEET_DEVICES");
         let e = SchedulerConfig::from_env(&env(&[("DITFLEET_CLASSES", "a=5,b=3,c")])).unwrap_err();
@@ -544,6 +1035,78 @@ mod tests {
         assert_eq!(e.var, "DITFLEET_NAMESPACE");
         let e = CommonConfig::from_env(&env(&[("DITFLEET_HTTP_ADDR", "localhost")])).unwrap_err();
         assert_eq!(e.var, "DITFLEET_HTTP_ADDR");
+    }
+
+    #[test]
+    fn tenant_limits_and_faults_parse_and_bad_ones_name_the_variable() {
+        let s = SchedulerConfig::from_env(&env(&[
+            ("DITFLEET_TENANT_RATE", "2"),
+            ("DITFLEET_TENANT_LIMITS", "acme=5:50, trial=0.1:3,free=0:1"),
+        ]))
+        .unwrap();
+        let l = &s.tenant_limits;
+        assert_eq!(
+            l.for_tenant("other"),
+            Some(TenantLimit {
+                rate: 2.0,
+                burst: 20.0
+            })
+        );
+        assert_eq!(
+            l.for_tenant("trial"),
+            Some(TenantLimit {
+                rate: 0.1,
+                burst: 3.0
+            })
+        );
+        assert_eq!(l.for_tenant("free"), None, "rate 0 = unlimited");
+        assert_eq!(
+            SchedulerConfig::from_env(&env(&[]))
+                .unwrap()
+                .tenant_limits
+                .for_tenant("x"),
+            None,
+            "unlimited by default"
+        );
+        for (var, value) in [
+            ("DITFLEET_TENANT_LIMITS", "acme=fast:1"),
+            ("DITFLEET_TENANT_LIMITS", "acme"),
+            ("DITFLEET_TENANT_LIMITS", "acme=1:0"),
+            ("DITFLEET_TENANT_RATE", "-1"),
+            ("DITFLEET_SPILL", "maybe"),
+        ] {
+            assert_eq!(
+                SchedulerConfig::from_env(&env(&[(var, value)])).unwrap_err().var,
+                var
+            );
+        }
+        let w = WorkerConfig::from_env(&env(&[
+            ("DITFLEET_ENGINE", "simulated"),
+            ("DITFLEET_SIM_FAULTS", "oom=2,bad-weights"),
+            ("DITFLEET_WORKER_SLOTS", "3"),
+        ]))
+        .unwrap();
+        assert_eq!(w.prefetch, 4, "slots + 1 by default");
+        assert!(matches!(
+            w.engine,
+            EngineChoice::Simulated {
+                faults: SimFaults {
+                    oom: 2,
+                    device: 0,
+                    bad_weights: true
+                },
+                ..
+            }
+        ));
+        for (var, value) in [
+            ("DITFLEET_SIM_FAULTS", "meteor"),
+            ("DITFLEET_SWAP_MODE", "yolo"),
+            ("DITFLEET_SIM_VERSION", "v 2"),
+        ] {
+            let e =
+                WorkerConfig::from_env(&env(&[("DITFLEET_ENGINE", "simulated"), (var, value)])).unwrap_err();
+            assert_eq!(e.var, var);
+        }
     }
 
     #[test]

@@ -3,6 +3,22 @@
 //! cost = image tokens x steps x model factor, where image tokens = (width/16) x (height/16) is
 //! the transformer's sequence length for Flux (8x VAE downsampling, 2x2 latent patches). Classes
 //! are ascending upper bounds on the cost; the last class is unbounded.
+//!
+//! **Calibration.** Workers record their measured ms per denoising step by model and image tokens
+//! in Redis; [`Calibration`] turns those into a factor relative to the reference point (flux-dev at
+//! 1024², 4096 tokens), so a model or resolution that is slower per token than the linear model
+//! predicts (attention grows quadratically with tokens) costs proportionally more and lands in a
+//! bigger class. Without measurements the static [`model_factor`] applies.
+//!
+//! **Balancing.** [`choose_class`] keeps a job in its cost class unless that class has a backlog
+//! while a bigger class idles (spill up: bigger workers can always run smaller jobs), or no live
+//! worker serves its class at all. Jobs never spill down (a small worker may lack the memory).
+
+use std::collections::BTreeMap;
+
+/// The calibration's reference point: flux-dev at 1024x1024.
+pub const REFERENCE_MODEL: &str = "flux-dev";
+pub const REFERENCE_TOKENS: u64 = 4096;
 
 /// Relative per-token-step cost of a model (Flux.1-dev = 1.0).
 pub fn model_factor(model: &str) -> f64 {
@@ -22,6 +38,102 @@ pub fn image_tokens(width: u32, height: u32) -> u64 {
 pub fn job_cost(model: &str, width: u32, height: u32, steps: u32) -> u64 {
     let raw = image_tokens(width, height) as f64 * f64::from(steps) * model_factor(model);
     raw.round() as u64
+}
+
+/// Measured ms per denoising step by model and image tokens (the fleet-wide means workers keep in
+/// Redis).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Calibration {
+    per_model: BTreeMap<String, Vec<(u64, f64)>>,
+}
+
+impl Calibration {
+    /// Sets a model's measurements, `(tokens, ms per step)`.
+    pub fn set(&mut self, model: &str, mut samples: Vec<(u64, f64)>) {
+        samples.retain(|(t, ms)| *t > 0 && ms.is_finite() && *ms > 0.0);
+        samples.sort_by_key(|(t, _)| *t);
+        if samples.is_empty() {
+            self.per_model.remove(model);
+        } else {
+            self.per_model.insert(model.to_string(), samples);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.per_model.is_empty()
+    }
+
+    /// Estimated ms per step at `tokens`: linear between measured points; beyond them, the
+    /// nearest point's per-token time scaled by the tokens.
+    pub fn ms_per_step(&self, model: &str, tokens: u64) -> Option<f64> {
+        let s = self.per_model.get(model)?;
+        let (first, last) = (s.first()?, s.last()?);
+        if tokens <= first.0 {
+            return Some(first.1 / first.0 as f64 * tokens as f64);
+        }
+        if tokens >= last.0 {
+            return Some(last.1 / last.0 as f64 * tokens as f64);
+        }
+        let i = s.partition_point(|(t, _)| *t < tokens);
+        let ((t0, m0), (t1, m1)) = (s[i - 1], s[i]);
+        if t1 == tokens {
+            return Some(m1);
+        }
+        let f = (tokens - t0) as f64 / (t1 - t0) as f64;
+        Some(m0 + (m1 - m0) * f)
+    }
+
+    /// Per-token-step cost of `model` at `tokens` relative to the reference point, clamped to
+    /// 1/4..16 so one bad measurement cannot send every job to one class.
+    pub fn factor(&self, model: &str, tokens: u64) -> Option<f64> {
+        let here = self.ms_per_step(model, tokens)? / tokens.max(1) as f64;
+        let reference = self.ms_per_step(REFERENCE_MODEL, REFERENCE_TOKENS)? / REFERENCE_TOKENS as f64;
+        (reference > 0.0).then(|| (here / reference).clamp(0.25, 16.0))
+    }
+}
+
+/// The job's cost in token-steps with the calibrated factor where measurements exist.
+pub fn calibrated_cost(model: &str, width: u32, height: u32, steps: u32, calibration: &Calibration) -> u64 {
+    let tokens = image_tokens(width, height);
+    let factor = calibration
+        .factor(model, tokens)
+        .unwrap_or_else(|| model_factor(model));
+    (tokens as f64 * f64::from(steps) * factor).round() as u64
+}
+
+/// Live load of one class, from Redis (workers) and the broker (queue depth).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClassLoad {
+    /// Jobs waiting in the class's queues (every priority).
+    pub depth: u64,
+    /// Free slots of live, non-draining workers that consume the class.
+    pub free: u64,
+    /// Live, non-draining workers that consume the class.
+    pub workers: u32,
+}
+
+/// Where a job whose cost class is `natural` goes: `natural` unless it would wait there while a
+/// bigger class has idle capacity (no queue, a free slot), or no live worker serves `natural`
+/// while a bigger class has workers. Returns an index into `loads` (one entry per class, ascending).
+pub fn choose_class(natural: usize, loads: &[ClassLoad]) -> usize {
+    let Some(n) = loads.get(natural) else {
+        return natural;
+    };
+    if n.workers > 0 && n.depth < n.free {
+        return natural;
+    }
+    if let Some(j) = (natural + 1..loads.len()).find(|&j| {
+        let l = loads[j];
+        l.workers > 0 && l.depth == 0 && l.free > 0
+    }) {
+        return j;
+    }
+    if n.workers == 0
+        && let Some(j) = (natural + 1..loads.len()).find(|&j| loads[j].workers > 0)
+    {
+        return j;
+    }
+    natural
 }
 
 pub(crate) fn valid_class_name(s: &str) -> bool {
@@ -95,6 +207,14 @@ impl ClassTable {
         self.classes.iter().map(|(n, _)| n.as_str()).collect()
     }
 
+    /// Index (in [`ClassTable::names`]) of the class serving a job of this cost.
+    pub fn classify_index(&self, cost: u64) -> usize {
+        self.classes
+            .iter()
+            .position(|(_, bound)| bound.is_none_or(|b| cost <= b))
+            .unwrap_or(self.classes.len() - 1)
+    }
+
     /// The class serving a job of this cost.
     pub fn classify(&self, cost: u64) -> &str {
         for (name, bound) in &self.classes {
@@ -121,6 +241,59 @@ mod tests {
         assert_eq!(t.classify(image_tokens(4096, 4096) * 50), "xlarge"); // 3.3M
         assert_eq!(t.classify(50_000), "small");
         assert_eq!(t.classify(50_001), "medium");
+    }
+
+    #[test]
+    fn classify_index_agrees_with_classify() {
+        let t = ClassTable::default();
+        for cost in [0, 50_000, 50_001, 250_000, 1_500_000, 1_500_001, u64::MAX] {
+            assert_eq!(t.names()[t.classify_index(cost)], t.classify(cost));
+        }
+    }
+
+    #[test]
+    fn calibration_makes_slower_than_linear_resolutions_cost_more() {
+        let mut c = Calibration::default();
+        // Reference 1024² at 100 ms/step; 2048² measured 6x slower per step (4x tokens).
+        c.set(REFERENCE_MODEL, vec![(1024, 20.0), (4096, 100.0), (16384, 600.0)]);
+        assert_eq!(c.factor(REFERENCE_MODEL, 4096), Some(1.0));
+        let f = c.factor(REFERENCE_MODEL, 16384).unwrap();
+        assert!((f - 1.5).abs() < 1e-9, "{f}");
+        // Interpolated halfway between 4096 and 16384 tokens: 350 ms at 10240 tokens.
+        assert_eq!(c.ms_per_step(REFERENCE_MODEL, 10240), Some(350.0));
+        // 2048² x 28 steps: linear 458,752 token-steps; calibrated 1.5x: 688,128 (still large).
+        assert_eq!(calibrated_cost(REFERENCE_MODEL, 2048, 2048, 28, &c), 688_128);
+        // Without the reference point the static factor applies.
+        let mut only_schnell = Calibration::default();
+        only_schnell.set("flux-schnell", vec![(4096, 90.0)]);
+        assert_eq!(only_schnell.factor("flux-schnell", 4096), None);
+        assert_eq!(
+            calibrated_cost("flux-schnell", 1024, 1024, 4, &only_schnell),
+            job_cost("flux-schnell", 1024, 1024, 4)
+        );
+        // A model measured 2x slower per token than the reference costs twice as much.
+        c.set("flux-schnell", vec![(4096, 200.0)]);
+        assert_eq!(c.factor("flux-schnell", 4096), Some(2.0));
+        // Garbage is clamped.
+        c.set("flux-schnell", vec![(4096, 1e9)]);
+        assert_eq!(c.factor("flux-schnell", 4096), Some(16.0));
+    }
+
+    #[test]
+    fn balancing_spills_up_only_to_idle_bigger_classes() {
+        let l = |depth, free, workers| ClassLoad { depth, free, workers };
+        // Free slot in its own class: stays.
+        assert_eq!(choose_class(0, &[l(0, 2, 1), l(0, 4, 1)]), 0);
+        // Backlog in small, large idle: spills up.
+        assert_eq!(choose_class(0, &[l(5, 0, 2), l(0, 3, 1)]), 1);
+        // Backlog in small, large busy too: stays (no worker idles).
+        assert_eq!(choose_class(0, &[l(5, 0, 2), l(1, 1, 1)]), 0);
+        // Never spills down.
+        assert_eq!(choose_class(1, &[l(0, 5, 1), l(9, 0, 1)]), 1);
+        // Nobody serves small: goes to the nearest bigger class with workers, even if busy.
+        assert_eq!(choose_class(0, &[l(0, 0, 0), l(0, 0, 0), l(3, 0, 2)]), 2);
+        // Nobody serves anything: stays and waits.
+        assert_eq!(choose_class(0, &[l(0, 0, 0), l(0, 0, 0)]), 0);
     }
 
     #[test]

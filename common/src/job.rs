@@ -34,6 +34,9 @@ pub enum Priority {
 }
 
 impl Priority {
+    /// Every level, highest first (the order workers take queued jobs in).
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
     /// AMQP message priority (0-9 scale; see docs/architecture.md for broker differences).
     pub fn amqp(self) -> u8 {
         match self {
@@ -42,6 +45,34 @@ impl Priority {
             Priority::High => 9,
         }
     }
+
+    /// The level an AMQP priority stands for (missing = normal).
+    pub fn from_amqp(p: Option<u8>) -> Self {
+        match p {
+            Some(p) if p >= 7 => Priority::High,
+            Some(p) if p <= 2 => Priority::Low,
+            _ => Priority::Normal,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+}
+
+/// The deadline of a job as milliseconds since the Unix epoch (`None` when absent or unreadable;
+/// validation rejects unreadable ones before a job is routed).
+pub fn deadline_ms(deadline: Option<&str>) -> Option<u64> {
+    let t = humantime::parse_rfc3339_weak(deadline?).ok()?;
+    Some(
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    )
 }
 
 /// A text-to-image job as a backend submits it (contract v1).
@@ -203,13 +234,13 @@ impl JobSpec {
                 ),
             );
         }
-        if let Some(v) = &self.model_version {
-            if v.is_empty() || v.len() > 64 || !charset_ok(v, &['.', '_', '-']) {
-                bad(
-                    "model_version",
-                    "must be 1-64 characters of [A-Za-z0-9._-]".into(),
-                );
-            }
+        if let Some(v) = &self.model_version
+            && !valid_version(v)
+        {
+            bad(
+                "model_version",
+                "must be 1-64 characters of [A-Za-z0-9._-]".into(),
+            );
         }
         let max = limits.max_prompt_chars.min(SCHEMA_MAX_PROMPT_CHARS);
         if self.prompt.trim().is_empty() {
@@ -318,6 +349,30 @@ impl JobSpec {
         let json = serde_json::to_vec(self).expect("job serialises");
         format!("{:016x}", Self::derived_seed(&String::from_utf8_lossy(&json)))
     }
+}
+
+/// Whether `v` is a well-formed model version (1-64 characters of `[A-Za-z0-9._-]`).
+pub fn valid_version(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 64 && charset_ok(v, &['.', '_', '-'])
+}
+
+/// Splits `flux-dev@v2` into a known model and a valid version.
+pub fn parse_model_version(s: &str) -> Result<(String, String), String> {
+    let (model, version) = s
+        .split_once('@')
+        .ok_or_else(|| format!("{s:?} is not <model>@<version>, e.g. flux-dev@v2"))?;
+    if !KNOWN_MODELS.contains(&model) {
+        return Err(format!(
+            "unknown model {model:?}; known models: {}",
+            KNOWN_MODELS.join(", ")
+        ));
+    }
+    if !valid_version(version) {
+        return Err(format!(
+            "version {version:?} must be 1-64 characters of [A-Za-z0-9._-]"
+        ));
+    }
+    Ok((model.to_string(), version.to_string()))
 }
 
 /// Whether `id` is a well-formed job id (1-128 characters of `[A-Za-z0-9._:-]`).
@@ -430,6 +485,17 @@ pub enum JobEvent {
         store_ms: u64,
         end_to_end_ms: u64,
         timings: serde_json::Value,
+        /// The model version that made the image (`flux-dev@v2`); absent from older workers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model_version: Option<String>,
+        /// The step the last attempt resumed from (a step checkpoint); absent when it ran from
+        /// the start.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resumed_from_step: Option<u32>,
+        /// GPU-seconds: devices of the job's plan x its generation wall time (what the image cost;
+        /// a CPU-only worker counts its CPU device alike).
+        #[serde(default)]
+        gpu_seconds: f64,
     },
     Failed {
         job_id: String,
@@ -464,6 +530,12 @@ impl JobEvent {
 
     pub fn routing_key(&self) -> String {
         format!("job.{}.{}", self.job_id(), self.kind())
+    }
+
+    /// AMQP `message_id` of the event: `<job_id>:<kind>` for terminal events, so a consumer can
+    /// drop the rare re-published copy (see docs/message-contract.md, Events).
+    pub fn message_id(&self) -> String {
+        format!("{}:{}", self.job_id(), self.kind())
     }
 }
 
@@ -642,6 +714,18 @@ mod tests {
                 .contains("version 9")
         );
         assert!(WorkOrder::decode(&bytes[..5]).is_err());
+    }
+
+    #[test]
+    fn deadlines_parse_to_epoch_ms_and_priorities_round_trip_through_amqp() {
+        assert_eq!(deadline_ms(Some("1970-01-01T00:00:01Z")), Some(1000));
+        assert_eq!(deadline_ms(Some("2026-01-31T12:00:00Z")), Some(1_769_860_800_000));
+        assert_eq!(deadline_ms(Some("soon")), None);
+        assert_eq!(deadline_ms(None), None);
+        for p in Priority::ALL {
+            assert_eq!(Priority::from_amqp(Some(p.amqp())), p);
+        }
+        assert_eq!(Priority::from_amqp(None), Priority::Normal);
     }
 
     #[test]

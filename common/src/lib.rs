@@ -7,6 +7,7 @@ pub mod cost;
 pub mod http;
 pub mod job;
 pub mod metrics;
+pub mod redact;
 pub mod service;
 pub mod signals;
 pub mod state;

@@ -32,6 +32,24 @@ pub struct ModelLabels {
     pub version: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    /// `submit`, `work` or `dead`.
+    pub queue: String,
+    /// The work queue's class; `none` for the submit queue and the DLQ.
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CostLabels {
+    pub class: String,
+    pub model: String,
+    pub tenant: String,
+}
+
+/// A float counter (seconds).
+pub type SecondsCounter = Counter<f64, std::sync::atomic::AtomicU64>;
+
 fn duration_histogram() -> Histogram {
     // 5 ms .. ~23 min
     Histogram::new(exponential_buckets(0.005, 2.0, 18))
@@ -53,6 +71,23 @@ pub struct Metrics {
     pub worker_state: Family<StateLabel, Gauge>,
     /// 1 for each model version loaded.
     pub model_loaded: Family<ModelLabels, Gauge>,
+    /// Messages ready in each queue (scheduler, polled with passive declares).
+    pub queue_depth: Family<QueueLabels, Gauge>,
+    /// Consumers attached to each queue (scheduler).
+    pub queue_consumers: Family<QueueLabels, Gauge>,
+    /// Seconds the oldest job waiting in a work queue has waited since it was routed (0 when
+    /// none waits; scheduler, from Redis).
+    pub queue_oldest_age: Family<QueueLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Cost (image tokens x steps x model factor) of the jobs finished, per class, model, tenant.
+    pub job_cost: Family<CostLabels, Counter>,
+    /// GPU-seconds (devices of the job's plan x its generation wall time; on a CPU-only worker
+    /// its CPU device counts alike) of the jobs that ran to an end here, successful or not, per
+    /// class, model, tenant.
+    pub gpu_seconds: Family<CostLabels, SecondsCounter>,
+    /// GPU-seconds of this worker by what its devices did: `startup` (loading the engine),
+    /// `busy` (slots running jobs), `idle` (slots waiting). Their sum over all workers, divided by
+    /// the succeeded jobs, is the cost per image including idle, start-up and failed work.
+    pub worker_gpu_seconds: Family<StateLabel, SecondsCounter>,
 }
 
 impl Metrics {
@@ -64,6 +99,12 @@ impl Metrics {
             dlq: Counter::default(),
             worker_state: Family::default(),
             model_loaded: Family::default(),
+            queue_depth: Family::default(),
+            queue_consumers: Family::default(),
+            queue_oldest_age: Family::default(),
+            job_cost: Family::default(),
+            gpu_seconds: Family::default(),
+            worker_gpu_seconds: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("ditfleet");
         r.register(
@@ -92,7 +133,59 @@ impl Metrics {
             "1 for each loaded model version",
             m.model_loaded.clone(),
         );
+        r.register(
+            "queue_depth",
+            "Messages ready in each queue",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "queue_consumers",
+            "Consumers attached to each queue",
+            m.queue_consumers.clone(),
+        );
+        r.register(
+            "queue_oldest_age_seconds",
+            "Seconds the oldest job waiting in a work queue has waited since routing",
+            m.queue_oldest_age.clone(),
+        );
+        r.register(
+            "job_cost_token_steps",
+            "Cost of the finished jobs in token-steps",
+            m.job_cost.clone(),
+        );
+        r.register(
+            "job_gpu_seconds",
+            "GPU-seconds of the jobs run here (devices of the plan x generation time)",
+            m.gpu_seconds.clone(),
+        );
+        r.register(
+            "worker_gpu_seconds",
+            "GPU-seconds of this worker by activity (startup, busy, idle)",
+            m.worker_gpu_seconds.clone(),
+        );
         m
+    }
+
+    /// Accounts a job that ran on `devices` devices for `seconds`.
+    pub fn job_cost(&self, class: &str, model: &str, tenant: &str, cost: u64, devices: u32, seconds: f64) {
+        let l = CostLabels {
+            class: class.into(),
+            model: model.into(),
+            tenant: tenant.into(),
+        };
+        self.job_cost.get_or_create(&l).inc_by(cost);
+        self.gpu_seconds
+            .get_or_create(&l)
+            .inc_by(f64::from(devices) * seconds);
+    }
+
+    /// Adds GPU-seconds to `state` (`startup`, `busy`, `idle`).
+    pub fn device_time(&self, state: &str, gpu_seconds: f64) {
+        if gpu_seconds > 0.0 {
+            self.worker_gpu_seconds
+                .get_or_create(&StateLabel { state: state.into() })
+                .inc_by(gpu_seconds);
+        }
     }
 
     pub fn job(&self, state: &str, class: &str, model: &str) {

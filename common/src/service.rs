@@ -28,7 +28,7 @@ where
         }
     };
     let c = common(&cfg);
-    crate::telemetry::init(&c.log, c.log_json);
+    let telemetry = crate::telemetry::init_with_traces(&c.log, c.log_json, c.otel.as_ref(), name);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -44,5 +44,7 @@ where
             }
         }
     });
+    drop(rt);
+    telemetry.shutdown();
     std::process::exit(code);
 }

@@ -1,35 +1,48 @@
 //! The ditfleet scheduler: consumes the submit queue, validates each job, dedupes it on `job_id`,
-//! computes its class from the cost model and routes it to that class's work queue.
+//! applies the tenant's rate limit, computes its class from the (calibrated) cost model and the
+//! live load, and routes it to that class's work queue for its priority (or its pinned version).
 //!
 //! Order of effects for one submitted message (each step idempotent, so a crash anywhere loses
 //! nothing and a redelivery never runs a job twice):
 //! 1. parse + validate; a bad job is recorded `failed` with its reason, copied to the DLQ with the
-//!    reason in headers, announced as `job.<id>.failed`, then acked;
-//! 2. create the job's Redis record as `queued` unless the id exists (duplicates stop here);
-//! 3. publish the work order to `{ns}.work` with a publisher confirm (mandatory: no queue = error);
-//! 4. move the record `queued → routed`;
+//!    reason in headers, announced as `job.<id>.failed`, then acked. A job already past its
+//!    deadline is recorded `expired` and announced; a pin to a version no worker ever held is
+//!    rejected like an invalid job;
+//! 2. create the job's Redis record as `queued` unless the id exists (duplicates stop here),
+//!    taking a token from the tenant's bucket in the same script (none left: recorded `failed`,
+//!    reason in the DLQ and the failed event);
+//! 3. move the record `queued → routed`;
+//! 4. publish the work order to `{ns}.work` with a publisher confirm (mandatory: no queue = error);
 //! 5. ack the submit message. Any Redis/AMQP failure before 5 nacks with requeue.
+//!
+//! Live load (workers' free slots, classes and held versions from Redis; queue depths from the
+//! broker; measured step times) is refreshed every `DITFLEET_BALANCE_INTERVAL_MS` by one task and
+//! read by every message; see [`ditfleet_common::cost::choose_class`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ditfleet_common::amqp::{self, Publisher, header_str, now_ms, persistent};
 use ditfleet_common::config::SchedulerConfig;
-use ditfleet_common::cost::job_cost;
+use ditfleet_common::cost::{Calibration, ClassLoad, calibrated_cost, choose_class};
 use ditfleet_common::http::{self, Health};
-use ditfleet_common::job::{JobError, JobEvent, JobSpec, Limits, WORK_ORDER_CONTENT_TYPE, WorkOrder};
+use ditfleet_common::job::{
+    JobError, JobEvent, JobSpec, KNOWN_MODELS, Limits, WORK_ORDER_CONTENT_TYPE, WorkOrder, deadline_ms,
+};
 use ditfleet_common::metrics::Metrics;
-use ditfleet_common::state::{self, Created, JobState, JobStore};
+use ditfleet_common::state::{self, Created, JobState, JobStore, RateLimit, WorkerInfo};
+use ditfleet_common::telemetry;
 use ditfleet_common::topology::Topology;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 /// Scheduler failures that stop the service.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +77,114 @@ struct Ctx {
     store: JobStore,
     publisher: Publisher,
     limits: Limits,
+    live: std::sync::Mutex<Live>,
+    /// Pinned-version queues declared by this process.
+    pins_declared: tokio::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// The fleet's load as last seen (refreshed by [`refresh_loop`]).
+#[derive(Debug, Default)]
+struct Live {
+    calibration: Calibration,
+    /// Live workers that take work (not draining).
+    workers: Vec<WorkerInfo>,
+    /// Jobs waiting per class (every priority), by class index.
+    depth: Vec<u64>,
+    /// Jobs this process routed to each class since the last refresh (not yet in `depth`).
+    routed_since: Vec<u64>,
+    /// Free slots this process used up by spilling since the last refresh.
+    spilled_since: Vec<u64>,
+}
+
+impl Live {
+    /// Load per class as seen from `workers` that pass `serves` (e.g. hold a pinned version).
+    fn loads(&self, classes: &[&str], serves: impl Fn(&WorkerInfo) -> bool) -> Vec<ClassLoad> {
+        classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut l = ClassLoad {
+                    depth: self.depth.get(i).copied().unwrap_or(0)
+                        + self.routed_since.get(i).copied().unwrap_or(0),
+                    ..Default::default()
+                };
+                for w in self.workers.iter().filter(|w| serves(w)) {
+                    if w.classes.iter().any(|wc| wc == c) {
+                        l.workers += 1;
+                        l.free += u64::from(w.free_slots);
+                    }
+                }
+                l.free = l
+                    .free
+                    .saturating_sub(self.spilled_since.get(i).copied().unwrap_or(0));
+                l
+            })
+            .collect()
+    }
+}
+
+/// Refreshes [`Live`] until `stop`.
+async fn refresh_loop(ctx: Arc<Ctx>, conn: Arc<lapin::Connection>, stop: CancellationToken) {
+    let classes: Vec<String> = ctx.cfg.classes.names().iter().map(|s| s.to_string()).collect();
+    let mut ch: Option<lapin::Channel> = None;
+    let mut tick = tokio::time::interval(ctx.cfg.balance_interval);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut calibration = Calibration::default();
+        for m in KNOWN_MODELS {
+            match ctx.store.step_times(m).await {
+                Ok(samples) => calibration.set(m, samples),
+                Err(e) => debug!(error = %e, "calibration not refreshed"),
+            }
+        }
+        let workers: Vec<WorkerInfo> = match ctx.store.workers().await {
+            Ok(list) => list
+                .iter()
+                .filter_map(|(_, v)| serde_json::from_str::<WorkerInfo>(v).ok())
+                .filter(|w| w.state != "draining")
+                .collect(),
+            Err(e) => {
+                debug!(error = %e, "worker list not refreshed");
+                continue;
+            }
+        };
+        if ch.as_ref().is_none_or(|c| !c.status().connected()) {
+            ch = conn.create_channel().await.ok();
+        }
+        let mut depth = vec![0u64; classes.len()];
+        if let Some(c) = &ch {
+            'classes: for (i, class) in classes.iter().enumerate() {
+                for q in ctx.topo.class_queues(class) {
+                    match c
+                        .queue_declare(
+                            q.as_str().into(),
+                            QueueDeclareOptions {
+                                passive: true,
+                                ..Default::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await
+                    {
+                        Ok(queue) => depth[i] += u64::from(queue.message_count()),
+                        Err(e) => {
+                            debug!(error = %e, queue = %q, "queue depth not read");
+                            break 'classes;
+                        }
+                    }
+                }
+            }
+        }
+        let mut live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.calibration = calibration;
+        live.workers = workers;
+        live.depth = depth;
+        live.routed_since = vec![0; classes.len()];
+        live.spilled_since = vec![0; classes.len()];
+    }
 }
 
 /// Runs until `shutdown` is cancelled (then drains in-flight messages) or a fatal error.
@@ -77,10 +198,19 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
             .map_err(SchedulerError::Http)?;
     }
     let topo = Topology::new(&cfg.common.namespace);
-    let conn = amqp::connect(&cfg.common.amqp_url, "ditfleet-scheduler").await?;
-    let store = JobStore::connect(&cfg.common.redis_url, &cfg.common.namespace, cfg.common.job_ttl).await?;
+    let conn = Arc::new(amqp::connect_cfg(&cfg.common, "ditfleet-scheduler").await?);
+    let store = JobStore::connect_cfg(&cfg.common).await?;
     let setup = conn.create_channel().await?;
     topo.declare(&setup, &cfg.classes.names()).await?;
+    let poller = tokio::spawn(poll_queues(
+        conn.clone(),
+        store.clone(),
+        topo.clone(),
+        cfg.classes.names().iter().map(|c| c.to_string()).collect(),
+        metrics.clone(),
+        cfg.queue_poll,
+        shutdown.clone(),
+    ));
     let publisher = Publisher::new(&conn).await?;
     let consume_ch = conn.create_channel().await?;
     consume_ch
@@ -102,7 +232,7 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
     let limits = Limits {
         max_prompt_chars: cfg.max_prompt_chars,
     };
-    info!(queue = %topo.submit_queue(), prefetch = cfg.prefetch, classes = ?cfg.classes.names(), "scheduler ready");
+    info!(queue = %topo.submit_queue(), prefetch = cfg.prefetch, classes = ?cfg.classes.names(), spill = cfg.spill, tenant_limits = ?cfg.tenant_limits, "scheduler ready");
     let ctx = Arc::new(Ctx {
         metrics,
         cfg,
@@ -110,7 +240,11 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
         store,
         publisher,
         limits,
+        live: std::sync::Mutex::new(Live::default()),
+        pins_declared: tokio::sync::Mutex::new(Default::default()),
     });
+    let refresh_stop = CancellationToken::new();
+    let refresher = tokio::spawn(refresh_loop(ctx.clone(), conn.clone(), refresh_stop.clone()));
     health.set_ready(true);
     let mut tasks = JoinSet::new();
     let result = loop {
@@ -149,12 +283,118 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
     {
         warn!("in-flight messages did not finish in 25 s; they are requeued by the broker");
     }
+    poller.abort();
+    refresh_stop.cancel();
+    let _ = refresher.await;
     let _ = conn.close(200, "scheduler shutdown".into()).await;
     result
 }
 
+/// Reads each queue's depth and consumer count with passive declares every `every`, into
+/// `ditfleet_queue_depth` / `ditfleet_queue_consumers` (ready messages: a quorum queue's
+/// declare-ok does not count unacknowledged ones). A class's series (`queue="work"`) covers its
+/// three priority queues (`.high`, normal, `.low`): the depth is their sum, the consumer count
+/// their maximum (every worker of the class consumes each level, so the maximum is the number of
+/// workers serving it). Pinned-version queues (`.pin.<model>@<version>`, created on demand) are not
+/// in `ditfleet_queue_depth`; their jobs are in `ditfleet_queue_oldest_age_seconds`, which reads the
+/// class's queued set, whatever queue the order went to.
+async fn poll_queues(
+    conn: Arc<lapin::Connection>,
+    store: JobStore,
+    topo: Topology,
+    classes: Vec<String>,
+    metrics: Metrics,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut queues = vec![
+        ("submit", "none".to_string(), vec![topo.submit_queue()]),
+        ("dead", "none".to_string(), vec![topo.dead_queue()]),
+    ];
+    queues.extend(classes.iter().map(|c| ("work", c.clone(), topo.class_queues(c))));
+    let mut ch: Option<lapin::Channel> = None;
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for class in &classes {
+            match store.oldest_queued(class).await {
+                Ok(oldest) => {
+                    let age = oldest.map_or(0.0, |ms| now_ms().saturating_sub(ms) as f64 / 1e3);
+                    metrics
+                        .queue_oldest_age
+                        .get_or_create(&ditfleet_common::metrics::QueueLabels {
+                            queue: "work".into(),
+                            class: class.clone(),
+                        })
+                        .set(age);
+                }
+                Err(e) => debug!(class = %class, error = %e, "queue age poll failed"),
+            }
+        }
+        'queues: for (role, class, names) in &queues {
+            let (mut depth, mut consumers) = (0i64, 0i64);
+            for name in names {
+                let channel = match &ch {
+                    Some(c) if c.status().connected() => c.clone(),
+                    _ => match conn.create_channel().await {
+                        Ok(c) => {
+                            ch = Some(c.clone());
+                            c
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "queue poll: no channel");
+                            break 'queues;
+                        }
+                    },
+                };
+                let opts = lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                match channel
+                    .queue_declare(name.as_str().into(), opts, FieldTable::default())
+                    .await
+                {
+                    Ok(q) => {
+                        depth += i64::from(q.message_count());
+                        consumers = consumers.max(i64::from(q.consumer_count()));
+                    }
+                    Err(e) => {
+                        // A missing queue closes the channel; a new one is opened next time. A
+                        // partial sum would understate the depth: leave the series as it was.
+                        debug!(queue = %name, error = %e, "queue poll failed");
+                        ch = None;
+                        continue 'queues;
+                    }
+                }
+            }
+            let l = ditfleet_common::metrics::QueueLabels {
+                queue: (*role).to_string(),
+                class: class.clone(),
+            };
+            metrics.queue_depth.get_or_create(&l).set(depth);
+            metrics.queue_consumers.get_or_create(&l).set(consumers);
+        }
+    }
+}
+
 async fn handle(ctx: &Ctx, delivery: Delivery) {
     let job_hint = delivery.properties.message_id().as_ref().map(|s| s.to_string());
+    let span = tracing::info_span!(
+        "route",
+        job_id = job_hint.as_deref().unwrap_or(""),
+        class = tracing::field::Empty,
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+    );
+    telemetry::set_parent_from_message(&span, &delivery.properties);
+    handle_in_span(ctx, delivery, job_hint).instrument(span).await
+}
+
+async fn handle_in_span(ctx: &Ctx, delivery: Delivery, job_hint: Option<String>) {
     match route(ctx, &delivery).await {
         Ok(()) => {
             if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
@@ -183,29 +423,93 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
     let submitted_ms = header_str(&delivery.properties, "x-submitted-ms")
         .and_then(|s| s.parse().ok())
         .unwrap_or(received_ms);
+    telemetry::record_interval(
+        &telemetry::context_of(&tracing::Span::current()),
+        "queue_wait",
+        ms_to_time(submitted_ms),
+        ms_to_time(received_ms),
+        vec![opentelemetry::KeyValue::new("queue", "submit")],
+    );
     let spec = match JobSpec::parse(&delivery.data).and_then(|s| s.validate(&ctx.limits).map(|()| s)) {
         Ok(spec) => spec,
         Err(e) => return reject(ctx, delivery, &e).await,
     };
+    let pin = spec.model_version.as_ref().map(|v| format!("{}@{v}", spec.model));
+    if let Some(mv) = &pin {
+        if !ctx.store.is_known_version(mv).await? {
+            let e = JobError::Invalid(vec![ditfleet_common::job::FieldError {
+                field: Some("model_version"),
+                reason: format!(
+                    "no worker of this fleet has ever held {mv}; load it first (ditfleetctl model load {mv})"
+                ),
+            }]);
+            return reject(ctx, delivery, &e).await;
+        }
+    }
     let steps = spec.steps.unwrap_or_else(|| JobSpec::default_steps(&spec.model));
-    let cost = job_cost(&spec.model, spec.width, spec.height, steps);
-    let class = ctx.cfg.classes.classify(cost).to_string();
+    let names = ctx.cfg.classes.names();
+    let (cost, natural, chosen) = {
+        let mut live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
+        let cost = calibrated_cost(&spec.model, spec.width, spec.height, steps, &live.calibration);
+        let natural = ctx.cfg.classes.classify_index(cost);
+        let chosen = if ctx.cfg.spill && !live.workers.is_empty() {
+            let loads = live.loads(&names, |w| match &pin {
+                Some(mv) => w.model_versions.contains(mv),
+                None => w.models.contains(&spec.model),
+            });
+            choose_class(natural, &loads)
+        } else {
+            natural
+        };
+        if live.routed_since.len() == names.len() {
+            live.routed_since[chosen] += 1;
+            if chosen != natural {
+                live.spilled_since[chosen] += 1;
+            }
+        }
+        (cost, natural, chosen)
+    };
+    let class = names[chosen].to_string();
+    tracing::Span::current().record("class", class.as_str());
+    if chosen != natural {
+        info!(job_id = %spec.job_id, natural = names[natural], class = %class, "class backlogged while a bigger class idles: spilling up");
+    }
+    if let Some(deadline) = deadline_ms(spec.deadline.as_deref()) {
+        if deadline < received_ms {
+            return expire(ctx, &spec, &class, cost, submitted_ms).await;
+        }
+    }
     let fingerprint = spec.fingerprint();
     let fields = [
         ("tenant", spec.tenant.clone()),
         ("model", spec.model.clone()),
         ("model_version", spec.model_version.clone().unwrap_or_default()),
         ("class", class.clone()),
+        ("natural_class", names[natural].to_string()),
         ("cost", cost.to_string()),
         ("width", spec.width.to_string()),
         ("height", spec.height.to_string()),
         ("steps", steps.to_string()),
-        ("priority", format!("{:?}", spec.priority).to_lowercase()),
+        ("priority", spec.priority.as_str().to_string()),
         ("submitted_ms", submitted_ms.to_string()),
         ("spec", serde_json::to_string(&spec).expect("spec serialises")),
     ];
-    match ctx.store.create(&spec.job_id, &fingerprint, &fields).await? {
+    let limit = ctx.cfg.tenant_limits.for_tenant(&spec.tenant).map(|l| RateLimit {
+        rate: l.rate,
+        burst: l.burst,
+    });
+    match ctx
+        .store
+        .create(&spec.job_id, &fingerprint, &fields, &spec.tenant, limit)
+        .await?
+    {
         Created::Created => {}
+        Created::RateLimited { reason } => {
+            warn!(job_id = %spec.job_id, tenant = %spec.tenant, reason = %reason, "rate limited");
+            ctx.metrics.job("rate_limited", &class, &spec.model);
+            announce_rejection(ctx, delivery, &spec, &reason).await?;
+            return Ok(());
+        }
         Created::Resume => {
             info!(job_id = %spec.job_id, "resuming a job recorded but not yet published (an earlier attempt stopped)");
         }
@@ -216,6 +520,22 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
             // duplicate) or this one takes over.
             tokio::time::sleep(Duration::from_millis(remaining_ms.min(state::ROUTING_LEASE_MS))).await;
             return Err(HandleError::RouteInProgress(spec.job_id.clone()));
+        }
+        Created::Exists {
+            state: JobState::Failed,
+            fingerprint: fp,
+        } if fp == fingerprint => {
+            // A rate-limited job whose rejection may not have been announced (crash in between).
+            let h = ctx.store.get(&spec.job_id).await?;
+            if h.get("rejection").map(String::as_str) == Some("rate_limited")
+                && h.get("announced").map(String::as_str) != Some("1")
+            {
+                let reason = h.get("error").cloned().unwrap_or_default();
+                announce_rejection(ctx, delivery, &spec, &reason).await?;
+            } else {
+                info!(job_id = %spec.job_id, "duplicate submission of a failed job ignored");
+            }
+            return Ok(());
         }
         Created::Exists {
             state,
@@ -253,12 +573,30 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
         return Ok(());
     }
     let order = WorkOrder::from_spec(&spec, &class, cost, submitted_ms);
+    // For the oldest-waiting-job age per class; a worker removes it when the order reaches it.
+    ctx.store.mark_queued(&class, &spec.job_id, now_ms()).await?;
+    // The trace context continues in the worker; x-routed-ms starts its queue-wait span.
+    let mut headers = amqp::headers(&[("x-routed-ms", now_ms().to_string())]);
+    telemetry::inject_current(&mut headers);
     let props = persistent(WORK_ORDER_CONTENT_TYPE)
         .with_message_id(spec.job_id.as_str().into())
         .with_priority(spec.priority.amqp())
-        .with_timestamp(received_ms / 1000);
+        .with_timestamp(received_ms / 1000)
+        .with_headers(headers);
+    let key = match &pin {
+        Some(mv) => {
+            let q = ctx.topo.pin_queue(&class, mv);
+            let mut declared = ctx.pins_declared.lock().await;
+            if !declared.contains(&q) {
+                ctx.topo.declare_pin(ctx.publisher.channel(), &class, mv).await?;
+                declared.insert(q);
+            }
+            Topology::pin_key(&class, mv)
+        }
+        None => Topology::work_key(&class, spec.priority),
+    };
     ctx.publisher
-        .publish(&ctx.topo.work_exchange(), &class, &order.encode(), props, true)
+        .publish(&ctx.topo.work_exchange(), &key, &order.encode(), props, true)
         .await?;
     ctx.store
         .set_fields(&spec.job_id, &[("published", "1".into())])
@@ -270,8 +608,85 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
         &spec.model,
         now_ms().saturating_sub(submitted_ms) as f64 / 1e3,
     );
-    info!(job_id = %spec.job_id, class = %class, cost, tenant = %spec.tenant, "routed");
+    info!(job_id = %spec.job_id, class = %class, key = %key, cost, tenant = %spec.tenant, priority = spec.priority.as_str(), "routed");
     Ok(())
+}
+
+/// A job past its deadline on arrival: recorded `expired` (never routed) and announced.
+async fn expire(
+    ctx: &Ctx,
+    spec: &JobSpec,
+    class: &str,
+    cost: u64,
+    submitted_ms: u64,
+) -> Result<(), HandleError> {
+    let reason = format!(
+        "deadline {} had passed when the scheduler received the job",
+        spec.deadline.as_deref().unwrap_or("?")
+    );
+    let (applied, prev) = ctx
+        .store
+        .transition(
+            &spec.job_id,
+            &[None],
+            JobState::Expired,
+            None,
+            &[
+                ("error", reason.clone()),
+                ("tenant", spec.tenant.clone()),
+                ("model", spec.model.clone()),
+                ("class", class.to_string()),
+                ("cost", cost.to_string()),
+                ("fingerprint", spec.fingerprint()),
+                ("submitted_ms", submitted_ms.to_string()),
+                ("finished_ms", now_ms().to_string()),
+            ],
+        )
+        .await?;
+    if !applied {
+        info!(job_id = %spec.job_id, state = ?prev, "expired resubmission of an existing job ignored");
+        return Ok(());
+    }
+    info!(job_id = %spec.job_id, reason = %reason, "job expired before routing");
+    ctx.metrics.job("expired", class, &spec.model);
+    publish_event(
+        ctx,
+        &JobEvent::Failed {
+            job_id: spec.job_id.clone(),
+            state: JobState::Expired.to_string(),
+            reason,
+        },
+        spec.reply_to.as_deref(),
+    )
+    .await
+}
+
+/// Copies a rejected (rate-limited) job to the DLQ and announces the failure, once.
+async fn announce_rejection(
+    ctx: &Ctx,
+    delivery: &Delivery,
+    spec: &JobSpec,
+    reason: &str,
+) -> Result<(), HandleError> {
+    dead_letter(ctx, delivery, &spec.job_id, reason).await?;
+    publish_event(
+        ctx,
+        &JobEvent::Failed {
+            job_id: spec.job_id.clone(),
+            state: JobState::Failed.to_string(),
+            reason: reason.to_string(),
+        },
+        spec.reply_to.as_deref(),
+    )
+    .await?;
+    ctx.store
+        .set_fields(&spec.job_id, &[("announced", "1".into())])
+        .await?;
+    Ok(())
+}
+
+fn ms_to_time(ms: u64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 /// Records a rejected job as `failed` (unless the id belongs to an existing job), copies the
@@ -310,7 +725,7 @@ async fn reject(ctx: &Ctx, delivery: &Delivery, err: &JobError) -> Result<(), Ha
             state: JobState::Failed.to_string(),
             reason,
         };
-        publish_event(ctx, &ev).await?;
+        publish_event(ctx, &ev, None).await?;
     }
     Ok(())
 }
@@ -337,16 +752,15 @@ async fn dead_letter(ctx: &Ctx, delivery: &Delivery, job_id: &str, reason: &str)
     Ok(())
 }
 
-async fn publish_event(ctx: &Ctx, ev: &JobEvent) -> Result<(), HandleError> {
+async fn publish_event(ctx: &Ctx, ev: &JobEvent, reply_to: Option<&str>) -> Result<(), HandleError> {
     let body = serde_json::to_vec(ev).expect("event serialises");
+    let props = persistent("application/json").with_message_id(ev.message_id().as_str().into());
+    let exchange = ctx.topo.events_exchange();
     ctx.publisher
-        .publish(
-            &ctx.topo.events_exchange(),
-            &ev.routing_key(),
-            &body,
-            persistent("application/json"),
-            false,
-        )
+        .publish(&exchange, &ev.routing_key(), &body, props.clone(), false)
         .await?;
+    if let Some(key) = reply_to {
+        ctx.publisher.publish(&exchange, key, &body, props, false).await?;
+    }
     Ok(())
 }

@@ -5,6 +5,9 @@
 //! are taken from the cargo target directory beside the test executable (`make test` builds them
 //! first).
 
+pub mod otlp;
+pub mod services;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -135,9 +138,28 @@ pub struct Fleet {
     pub env: HashMap<String, String>,
 }
 
+/// Model versions the tests pin jobs to; teardown deletes their pinned queues.
+pub const TEST_VERSIONS: [&str; 4] = [
+    "flux-dev@sim-1",
+    "flux-dev@v2",
+    "flux-dev@v3",
+    "flux-schnell@sim-1",
+];
+
 impl Fleet {
     /// Creates the namespace's topology and starts recording its events.
     pub async fn new(test: &str) -> Fleet {
+        Self::with_urls(test, AMQP_URL, REDIS_URL).await
+    }
+
+    /// [`Fleet::new`] against another broker and Redis (e.g. private ones a test restarts); the
+    /// same as [`Fleet::with_urls`].
+    pub async fn new_on(test: &str, amqp_url: &str, redis_url: &str) -> Fleet {
+        Self::with_urls(test, amqp_url, redis_url).await
+    }
+
+    /// [`Fleet::new`] on another broker and Redis (e.g. private instances).
+    pub async fn with_urls(test: &str, amqp_url: &str, redis_url: &str) -> Fleet {
         let ns = format!(
             "t-{}-{}",
             test.replace('_', "-").chars().take(40).collect::<String>(),
@@ -149,13 +171,13 @@ impl Fleet {
         std::fs::create_dir_all(&result_dir).unwrap();
         std::fs::create_dir_all(&log_dir).unwrap();
         let topo = Topology::new(&ns);
-        let conn = amqp::connect(AMQP_URL, &format!("test {ns}"))
+        let conn = amqp::connect(amqp_url, &format!("test {ns}"))
             .await
             .expect("RabbitMQ at 127.0.0.1:5672 (make test starts it)");
         let ch = conn.create_channel().await.unwrap();
         topo.declare(&ch, &CLASSES).await.unwrap();
         let publisher = Publisher::new(&conn).await.unwrap();
-        let store = JobStore::connect(REDIS_URL, &ns, Duration::from_secs(3600))
+        let store = JobStore::connect(redis_url, &ns, Duration::from_secs(3600))
             .await
             .expect("Redis at 127.0.0.1:6379");
         let events = EventLog::default();
@@ -170,8 +192,8 @@ impl Fleet {
         });
         let mut env = HashMap::new();
         for (k, v) in [
-            ("DITFLEET_AMQP_URL", AMQP_URL.to_string()),
-            ("DITFLEET_REDIS_URL", REDIS_URL.to_string()),
+            ("DITFLEET_AMQP_URL", amqp_url.to_string()),
+            ("DITFLEET_REDIS_URL", redis_url.to_string()),
             ("DITFLEET_NAMESPACE", ns.clone()),
             ("DITFLEET_RESULT_DIR", result_dir.display().to_string()),
             ("DITFLEET_ENGINE", "simulated".into()),
@@ -239,11 +261,19 @@ impl Fleet {
 
     /// Runs `ditfleetctl` to completion with the fleet's environment.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        self.ctl_with(&[], args)
+    }
+
+    /// Runs `ditfleetctl` with the fleet's environment plus `extra`.
+    pub fn ctl_with(&self, extra: &[(&str, &str)], args: &[&str]) -> std::process::Output {
         let mut cmd = Command::new(bin("ditfleetctl"));
         cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default());
         for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra {
             cmd.env(k, v);
         }
         cmd.output().expect("ditfleetctl runs")
@@ -329,15 +359,89 @@ impl Fleet {
         out
     }
 
+    /// Records every terminal event (`done`, `failed`, `cancelled`) in a durable quorum queue that
+    /// outlives broker restarts; read it with [`Fleet::terminal_events`].
+    pub async fn record_terminal_events_durably(&self) {
+        let ch = self.conn.create_channel().await.unwrap();
+        let q = format!("{}.test-terminal", self.ns);
+        let mut args = lapin::types::FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        ch.queue_declare(
+            q.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+        for kind in ["done", "failed", "cancelled"] {
+            ch.queue_bind(
+                q.as_str().into(),
+                self.topo.events_exchange().as_str().into(),
+                format!("job.#.{kind}").as_str().into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        }
+    }
+
+    /// Drains the durable terminal-event queue: (routing key, event).
+    /// Drains the terminal events: (AMQP `message_id`, event).
+    pub async fn terminal_events(&self) -> Vec<(String, JobEvent)> {
+        let ch = self.conn.create_channel().await.unwrap();
+        let q = format!("{}.test-terminal", self.ns);
+        let mut out = Vec::new();
+        while let Some(m) = ch
+            .basic_get(q.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            if let Ok(ev) = serde_json::from_slice::<JobEvent>(&m.delivery.data) {
+                let id = m
+                    .delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                out.push((id, ev));
+            }
+            m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        out
+    }
+
     /// Deletes the namespace's queues and exchanges (Redis keys expire with their TTL).
     pub async fn teardown(self) {
         let ch = self.conn.create_channel().await.unwrap();
-        let mut queues = vec![self.topo.submit_queue(), self.topo.dead_queue()];
-        queues.extend(CLASSES.iter().map(|c| self.topo.work_queue(c)));
+        let mut queues = vec![
+            self.topo.submit_queue(),
+            self.topo.dead_queue(),
+            format!("{}.test-terminal", self.ns),
+        ];
+        queues.extend(CLASSES.iter().flat_map(|c| self.topo.class_queues(c)));
         for q in queues {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
+        }
+        // Pinned queues exist only if used; a failed delete closes its channel, so one each.
+        for c in CLASSES {
+            for mv in TEST_VERSIONS {
+                if let Ok(ch) = self.conn.create_channel().await {
+                    let _ = ch
+                        .queue_delete(
+                            self.topo.pin_queue(c, mv).as_str().into(),
+                            QueueDeleteOptions::default(),
+                        )
+                        .await;
+                    let _ = ch.close(200, "".into()).await;
+                }
+            }
         }
         for x in [
             self.topo.submit_exchange(),
@@ -373,6 +477,17 @@ pub fn job(job_id: &str, steps: u32) -> JobSpec {
         reply_to: None,
         labels: Default::default(),
     }
+}
+
+/// History of a job's states, without the times: `["queued", "routed", ...]`.
+pub fn history(h: &HashMap<String, String>) -> Vec<String> {
+    h.get("history")
+        .map(|s| {
+            s.split_whitespace()
+                .map(|e| e.split('@').next().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Percentile of sorted values (nearest rank).

@@ -78,8 +78,16 @@ async fn health_readiness_and_metrics_follow_the_jobs_and_the_drain() {
     // A rejected job moves the scheduler's failure and DLQ counters.
     fleet.submit_raw(b"{broken", "obs-bad").await;
     fleet.wait_state("obs-bad", JobState::Failed, T).await;
-    let sm = wait_http(sp, "/metrics", 200).await;
-    assert_eq!(metric_value(&sm, "ditfleet_dlq_total"), Some(1.0), "{sm}");
+    // The status is recorded before the DLQ copy is published: poll for the counter.
+    let start = Instant::now();
+    loop {
+        let sm = wait_http(sp, "/metrics", 200).await;
+        if metric_value(&sm, "ditfleet_dlq_total") == Some(1.0) {
+            break;
+        }
+        assert!(start.elapsed() < T, "ditfleet_dlq_total never reached 1: {sm}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Draining: not ready while the in-flight job finishes, still alive.
     fleet.submit(&job("obs-long", 30)).await;

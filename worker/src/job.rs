@@ -4,16 +4,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use ditfleet_common::amqp::{self, now_ms, persistent};
-use ditfleet_common::job::{JobEvent, WorkOrder};
-use ditfleet_common::state::{Claim, JobState};
-use ditfleet_engine::{Control, EngineError, GenerateRequest, StepEvent};
+use ditfleet_common::job::{JobEvent, JobSpec, WorkOrder, deadline_ms};
+use ditfleet_common::redact::public_reason;
+use ditfleet_common::state::{CheckpointRef, Claim, EventClaim, JobState};
+use ditfleet_common::telemetry;
+use ditfleet_engine::{Control, EngineError, GenerateRequest, StepCheckpoint, StepEvent};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use tokio::sync::mpsc;
-use tracing::{debug, error, info, warn};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::Shared;
+use crate::pool::PoolError;
 
 /// What to do with the delivery once the job is settled.
 enum Settle {
@@ -32,27 +36,90 @@ enum InfraError {
     Storage(#[from] std::io::Error),
 }
 
-pub(crate) async fn process(shared: Arc<Shared>, delivery: Delivery) {
-    let permit = match shared.slots.clone().acquire_owned().await {
-        Ok(p) => p,
-        Err(_) => return,
-    };
+/// Retries of a Redis, broker or storage call before the job is handed back: with back-off from
+/// `DITFLEET_RETRY_BASE_MS` doubling to 32x, 8 retries ride out a broker or Redis restart of
+/// about 20 s.
+const INFRA_RETRIES: usize = 8;
+
+/// How long the worker that recorded a job's success holds the right to publish its done event
+/// (while its registration lives); a redelivered copy meanwhile waits instead of publishing a
+/// second one.
+const EVENT_LEASE: Duration = Duration::from_secs(120);
+
+fn backoff(shared: &Shared, times: usize) -> ExponentialBuilder {
+    let base = shared.cfg.retry_base;
+    ExponentialBuilder::default()
+        .with_min_delay(base)
+        .with_max_delay(base * 32)
+        .with_factor(2.0)
+        .with_max_times(times)
+        .with_jitter()
+}
+
+/// Runs an idempotent infrastructure call (an expression ending in `.await` that gives a
+/// `Result`) again after each failure, with the back-off and jitter of [`backoff`].
+macro_rules! infra_retry {
+    ($shared:expr, $what:expr, $call:expr) => {{
+        let mut delays = backoff($shared, INFRA_RETRIES).build();
+        loop {
+            match $call {
+                Ok(v) => break Ok(v),
+                Err(e) => match delays.next() {
+                    Some(d) => {
+                        warn!(error = %e, retry_in_ms = d.as_millis() as u64, "{} failed; retrying", $what);
+                        tokio::time::sleep(d).await;
+                    }
+                    None => break Err(e),
+                },
+            }
+        }
+    }};
+}
+
+/// One delivery, in the job's trace: the `job` span continues the trace context the scheduler put
+/// in the message headers.
+pub(crate) async fn process(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphorePermit) {
+    let job_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    let span = info_span!(
+        "job",
+        job_id = %job_id,
+        worker = %shared.cfg.worker_id,
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+    );
+    telemetry::set_parent_from_message(&span, &delivery.properties);
+    process_in_span(shared, delivery, permit).instrument(span).await
+}
+
+async fn process_in_span(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphorePermit) {
     let settle = match handle(&shared, &delivery).await {
         Ok(s) => s,
         Err(e) => {
             error!(error = %e, "infrastructure failure; requeueing the job");
+            shared.metrics.retries.inc();
             tokio::time::sleep(amqp::requeue_delay(&delivery.properties, Duration::from_secs(10))).await;
             Settle::Requeue
         }
     };
     let r = match settle {
-        Settle::Ack => delivery.ack(BasicAckOptions::default()).await,
+        Settle::Ack => {
+            delivery
+                .ack(BasicAckOptions::default())
+                .instrument(info_span!("ack"))
+                .await
+        }
         Settle::Requeue => {
             delivery
                 .nack(BasicNackOptions {
                     requeue: true,
                     ..Default::default()
                 })
+                .instrument(info_span!("nack", requeue = true))
                 .await
         }
     };
@@ -78,6 +145,20 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
             return Ok(Settle::Ack);
         }
     };
+    if let Some(v) = &order.model_version {
+        let mv = format!("{}@{v}", order.model);
+        if !shared.pool.serves(&mv) {
+            // Swapped out after the message was buffered: another holder takes it.
+            info!(job_id = %order.job_id, model_version = %mv, "pinned version no longer held here; handing the job back");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Ok(Settle::Requeue);
+        }
+    }
+    // The order reached a worker: it no longer waits in the queue (queue-age metric; the set is
+    // per class, whichever priority or pinned queue the order came from).
+    if let Err(e) = shared.store.unmark_queued(&order.class, &order.job_id).await {
+        debug!(job_id = %order.job_id, error = %e, "could not clear the queued mark");
+    }
     let me = shared.cfg.worker_id.clone();
     if !shared
         .running
@@ -95,31 +176,74 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
     let recreate = [
         ("tenant", order.tenant.clone()),
         ("model", order.model.clone()),
+        ("model_version", order.model_version.clone().unwrap_or_default()),
         ("class", order.class.clone()),
         ("cost", order.cost.to_string()),
         ("width", order.width.to_string()),
         ("height", order.height.to_string()),
         ("steps", order.steps.to_string()),
+        ("priority", order.priority.as_str().to_string()),
         ("submitted_ms", order.submitted_ms.to_string()),
-        ("attempts", "0".into()),
+        // Redis lost the record: the broker's delivery count stands in for the attempts so far.
+        ("attempts", amqp::delivery_count(&delivery.properties).to_string()),
     ];
+    let deadline = deadline_ms(order.deadline.as_deref());
+    if let Some(routed_ms) =
+        amqp::header_str(&delivery.properties, "x-routed-ms").and_then(|v| v.parse::<u64>().ok())
+    {
+        telemetry::record_interval(
+            &telemetry::context_of(&tracing::Span::current()),
+            "queue_wait",
+            ms_to_time(routed_ms),
+            std::time::SystemTime::now(),
+            vec![
+                opentelemetry::KeyValue::new("queue", "work"),
+                opentelemetry::KeyValue::new("class", order.class.clone()),
+            ],
+        );
+    }
+    let claim_started = std::time::SystemTime::now();
     let wait_started = Instant::now();
-    let attempts = loop {
-        match shared
-            .store
-            .claim(
-                &order.job_id,
-                &me,
-                shared.cfg.job_lease,
-                shared.cfg.max_attempts,
-                &recreate,
-            )
-            .await?
-        {
-            Claim::Claimed { attempts } => break attempts,
+    let (attempts, checkpoint) = loop {
+        let claim = infra_retry!(
+            shared,
+            "claim",
+            shared
+                .store
+                .claim(
+                    &order.job_id,
+                    &me,
+                    shared.cfg.job_lease,
+                    shared.cfg.max_attempts,
+                    deadline,
+                    &recreate,
+                )
+                .await
+        )?;
+        match claim {
+            Claim::Claimed { attempts, checkpoint } => break (attempts, checkpoint),
             Claim::Terminal(state) => {
                 info!(job_id = %order.job_id, state = %state, "job already settled; dropping this delivery");
                 ensure_terminal_event(shared, &order.job_id, state).await?;
+                return Ok(Settle::Ack);
+            }
+            Claim::Expired => {
+                let reason = format!(
+                    "deadline {} passed before the job could start",
+                    order.deadline.as_deref().unwrap_or("?")
+                );
+                info!(job_id = %order.job_id, reason = %reason, "job expired; not started");
+                shared.metrics.job("expired", &order.class, &order.model);
+                publish(
+                    shared,
+                    &JobEvent::Failed {
+                        job_id: order.job_id.clone(),
+                        state: JobState::Expired.to_string(),
+                        reason,
+                    },
+                    order.reply_to.as_deref(),
+                )
+                .await?;
                 return Ok(Settle::Ack);
             }
             Claim::Exhausted { attempts } => {
@@ -157,9 +281,16 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
             }
         }
     };
+    telemetry::record_interval(
+        &telemetry::context_of(&tracing::Span::current()),
+        "claim",
+        claim_started,
+        std::time::SystemTime::now(),
+        vec![opentelemetry::KeyValue::new("attempt", i64::from(attempts))],
+    );
     let started_ms = now_ms();
-    info!(job_id = %order.job_id, class = %order.class, attempt = attempts, steps = order.steps, size = %format!("{}x{}", order.width, order.height), "job started");
-    run_claimed(shared, delivery, &order, attempts, started_ms).await
+    info!(job_id = %order.job_id, class = %order.class, attempt = attempts, steps = order.steps, checkpoint_step = ?checkpoint.as_ref().map(|c| c.step), size = %format!("{}x{}", order.width, order.height), "job started");
+    run_claimed(shared, delivery, &order, attempts, started_ms, checkpoint).await
 }
 
 /// Removes the job from the worker's running set when its handling ends.
@@ -176,12 +307,62 @@ impl Drop for RunningGuard<'_> {
     }
 }
 
+/// What a checkpoint is valid for: an attempt resumes only from a checkpoint of the same plan.
+fn plan(order: &WorkOrder, model_version: &str, engine: &str) -> String {
+    let digest = JobSpec::derived_seed(&format!(
+        "{}\u{1f}{}",
+        order.prompt,
+        order.negative_prompt.as_deref().unwrap_or("")
+    ));
+    format!(
+        "{engine}|{model_version}|{}x{}|{}|{}|{}|{digest:016x}",
+        order.width, order.height, order.steps, order.seed, order.guidance
+    )
+}
+
+/// Loads the checkpoint to resume from, if it fits this attempt's plan and can be read.
+async fn load_checkpoint(
+    shared: &Shared,
+    job_id: &str,
+    c: Option<CheckpointRef>,
+    plan: &str,
+) -> Option<StepCheckpoint> {
+    let c = c?;
+    if c.plan != plan {
+        info!(job_id = %job_id, checkpoint_plan = %c.plan, plan = %plan, "checkpoint is of another plan (e.g. another model version); starting from step 0");
+        return None;
+    }
+    match infra_retry!(
+        shared,
+        "reading a checkpoint",
+        shared.results.get_checkpoint(&c.url).await
+    ) {
+        Ok(bytes) => Some(StepCheckpoint { step: c.step, bytes }),
+        Err(e) => {
+            warn!(job_id = %job_id, url = %c.url, error = %e, "checkpoint unreadable; starting from step 0");
+            None
+        }
+    }
+}
+
+/// Engine outcome with what happened on the way.
+struct Generated {
+    result: Result<(ditfleet_engine::StageTimings, Vec<u8>), EngineError>,
+    resumed_from: Option<u32>,
+    engine_retries: u32,
+    /// The engine's degraded reason after this job (a GPU quarantined), if any.
+    degraded: Option<String>,
+    /// (step, time since the denoising loop started, when the step ended), for the step spans.
+    step_times: Vec<(u32, Duration, std::time::SystemTime)>,
+}
+
 async fn run_claimed(
     shared: &Shared,
     delivery: &Delivery,
     order: &WorkOrder,
     attempts: u32,
     started_ms: u64,
+    checkpoint: Option<CheckpointRef>,
 ) -> Result<Settle, InfraError> {
     let me = shared.cfg.worker_id.clone();
     let cancel = Arc::new(AtomicBool::new(false));
@@ -213,6 +394,33 @@ async fn run_claimed(
             }
         })
     };
+
+    let taken = match shared
+        .pool
+        .take(&order.model, order.model_version.as_deref())
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            watch_stop.cancel();
+            let _ = watcher.await;
+            return match e {
+                PoolError::VersionNotHeld(_) => {
+                    // Unloaded since the claim: hand it back for a holder.
+                    warn!(job_id = %order.job_id, error = %e, "handing the job back");
+                    requeue(shared, &order.job_id, &e.to_string()).await?;
+                    Ok(Settle::Requeue)
+                }
+                PoolError::ModelNotServed(_) => {
+                    fail_permanently(shared, delivery, order, &format!("invalid request: {e}"), &me).await
+                }
+            };
+        }
+    };
+    let model_version = taken.model_version();
+    let plan = plan(order, &model_version, &shared.pool.info.kind);
+    let resume = load_checkpoint(shared, &order.job_id, checkpoint, &plan).await;
+
     // Progress forwarding: engine thread → channel → events + Redis.
     let (tx, mut rx) = mpsc::unbounded_channel::<StepEvent>();
     let forwarder = {
@@ -249,8 +457,36 @@ async fn run_claimed(
             }
         })
     };
+    // Checkpoints: engine thread → channel → result store + pointer in Redis (owner-checked).
+    let (ck_tx, mut ck_rx) = mpsc::unbounded_channel::<StepCheckpoint>();
+    let ck_writer = {
+        let job_id = order.job_id.clone();
+        let me = me.clone();
+        let plan = plan.clone();
+        let store = shared.store.clone();
+        async move {
+            while let Some(c) = ck_rx.recv().await {
+                let url = match shared.results.put_checkpoint(&job_id, c.step, c.bytes).await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        warn!(job_id = %job_id, step = c.step, error = %e, "checkpoint not stored");
+                        continue;
+                    }
+                };
+                let fields = [
+                    ("checkpoint_step", c.step.to_string()),
+                    ("checkpoint_url", url),
+                    ("checkpoint_plan", plan.clone()),
+                ];
+                match store.set_if_owner(&job_id, &me, &fields).await {
+                    Ok(true) => debug!(job_id = %job_id, step = c.step, "checkpoint saved"),
+                    Ok(false) => debug!(job_id = %job_id, "job no longer ours; checkpoint pointer not moved"),
+                    Err(e) => warn!(job_id = %job_id, error = %e, "checkpoint pointer not recorded"),
+                }
+            }
+        }
+    };
 
-    let mut engine = shared.engines.lock().await.pop().expect("an engine per slot");
     let request = GenerateRequest {
         model: order.model.clone(),
         prompt: order.prompt.clone(),
@@ -259,62 +495,214 @@ async fn run_claimed(
         height: order.height,
         steps: order.steps,
         guidance: order.guidance,
+        true_cfg_scale: 1.0,
         seed: order.seed,
     };
     let gen_started = Instant::now();
+    let gen_started_wall = std::time::SystemTime::now();
+    let gen_span = info_span!("generate", steps = order.steps, engine = %shared.pool.info.kind, model_version = %model_version);
+    let gen_cx = telemetry::context_of(&gen_span);
     let cancel_flag = cancel.clone();
     let abort = shared.abort.clone();
-    let (engine_back, outcome) = tokio::task::spawn_blocking(move || {
+    let every = shared.cfg.checkpoint_every;
+    let mut retry_delays = backoff(shared, shared.cfg.engine_retries as usize).build();
+    let job_id = order.job_id.clone();
+    let engine_task = tokio::task::spawn_blocking(move || {
+        let mut taken = taken;
+        let stop = || cancel_flag.load(Ordering::SeqCst) || abort.load(Ordering::SeqCst);
+        // When each step ended, for the per-step spans.
+        let mut step_times = Vec::new();
         let mut on_step = |ev: StepEvent| {
+            step_times.push((ev.step, ev.elapsed, std::time::SystemTime::now()));
             let _ = tx.send(ev);
-            if cancel_flag.load(Ordering::SeqCst) || abort.load(Ordering::SeqCst) {
+            if stop() {
                 Control::Cancel
             } else {
                 Control::Continue
             }
         };
-        let out = engine.generate(&request, &mut on_step).and_then(|img| {
-            let png = img.to_png()?;
-            Ok((img.timings, png))
-        });
-        (engine, out)
+        let resumed_from = resume.as_ref().map(|c| c.step);
+        let mut resume = resume;
+        let mut engine_retries = 0;
+        let result = loop {
+            let mut latest: Option<StepCheckpoint> = None;
+            let out = taken.engine.generate_resumable(
+                &request,
+                resume.as_ref(),
+                every,
+                &mut |c| {
+                    latest = Some(c.clone());
+                    let _ = ck_tx.send(c);
+                },
+                &mut on_step,
+            );
+            match out {
+                Err(EngineError::BadCheckpoint(m)) if resume.is_some() => {
+                    warn!(job_id = %job_id, reason = %m, "checkpoint unusable; starting from step 0");
+                    resume = None;
+                }
+                Err(e) if e.is_transient() && !stop() => match retry_delays.next() {
+                    Some(delay) => {
+                        engine_retries += 1;
+                        warn!(job_id = %job_id, error = %e, retry = engine_retries, retry_in_ms = delay.as_millis() as u64, "transient engine failure; freeing memory and retrying");
+                        taken.engine.release_memory();
+                        std::thread::sleep(delay);
+                        if latest.is_some() {
+                            resume = latest;
+                        }
+                    }
+                    None => break Err(e),
+                },
+                other => {
+                    break other.and_then(|img| {
+                        let png = img.to_png()?;
+                        Ok((img.timings, png))
+                    });
+                }
+            }
+        };
+        drop(ck_tx);
+        let degraded = taken.engine.degraded();
+        (
+            taken,
+            Generated {
+                result,
+                resumed_from,
+                engine_retries,
+                degraded,
+                step_times,
+            },
+        )
     })
-    .await
-    .expect("engine thread does not panic");
-    shared.engines.lock().await.push(engine_back);
+    .instrument(gen_span);
+    // Checkpoints are written while the engine runs; all are stored before the job settles.
+    let (joined, ()) = tokio::join!(engine_task, ck_writer);
+    let (taken, generated) = joined.expect("engine thread does not panic");
+    shared.pool.give_back(taken);
+    if let Some(reason) = &generated.degraded {
+        // The engine keeps serving on fewer GPUs: advertise it (the slot count is unchanged).
+        if shared
+            .degraded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            != Some(reason.as_str())
+        {
+            shared.degrade(reason.clone(), 0);
+        }
+    }
     let generate_ms = gen_started.elapsed().as_millis() as u64;
+    record_engine_stages(
+        &gen_cx,
+        gen_started_wall,
+        generated.result.as_ref().ok().map(|(t, _)| t),
+        &generated.step_times,
+    );
+    // What the generation cost, whatever its outcome (failed and cancelled work is paid for too).
+    let devices = shared.pool.info.devices.len().max(1) as u32;
+    let generate_s = generate_ms as f64 / 1e3;
+    let gpu_seconds = f64::from(devices) * generate_s;
+    shared.metrics.job_cost(
+        &order.class,
+        &order.model,
+        &order.tenant,
+        order.cost,
+        devices,
+        generate_s,
+    );
     let _ = forwarder.await;
     watch_stop.cancel();
     let _ = watcher.await;
+    if generated.engine_retries > 0 {
+        for _ in 0..generated.engine_retries {
+            shared.metrics.retries.inc();
+        }
+        let _ = shared
+            .store
+            .set_fields(
+                &order.job_id,
+                &[("engine_retries", generated.engine_retries.to_string())],
+            )
+            .await;
+    }
+    let resumed_from = generated.resumed_from;
 
-    match outcome {
+    match generated.result {
         Ok((timings, png)) => {
             let t = Instant::now();
-            let url = shared.results.put(&order.job_id, png).await?;
+            let url = match async {
+                infra_retry!(
+                    shared,
+                    "storing the image",
+                    shared.results.put(&order.job_id, png.clone()).await
+                )
+            }
+            .instrument(info_span!("store", store = %shared.results.describe()))
+            .await
+            {
+                Ok(url) => url,
+                Err(e) => {
+                    // Clients see why the job is retried, without the store's endpoint or keys.
+                    let _ = shared
+                        .store
+                        .set_fields(
+                            &order.job_id,
+                            &[(
+                                "last_error",
+                                format!("storing the result failed: {}", public_reason(&e.to_string())),
+                            )],
+                        )
+                        .await;
+                    return Err(e.into());
+                }
+            };
             let store_ms = t.elapsed().as_millis() as u64;
             let finished_ms = now_ms();
             let queue_wait_ms = started_ms.saturating_sub(order.submitted_ms);
             let end_to_end_ms = finished_ms.saturating_sub(order.submitted_ms);
             let timings_json = serde_json::to_value(&timings).expect("timings serialise");
-            let (applied, prev) = shared
-                .store
-                .transition(
-                    &order.job_id,
-                    &[Some(JobState::Running)],
-                    JobState::Succeeded,
-                    Some(&me),
-                    &[
-                        ("result_url", url.clone()),
-                        ("finished_ms", finished_ms.to_string()),
-                        ("engine", shared.engine_info.kind.clone()),
-                        ("generate_ms", generate_ms.to_string()),
-                        ("store_ms", store_ms.to_string()),
-                        ("queue_wait_ms", queue_wait_ms.to_string()),
-                        ("timings", timings_json.to_string()),
-                        ("progress", format!("{}/{}", order.steps, order.steps)),
-                    ],
-                )
-                .await?;
+            let fields = [
+                ("result_url", url.clone()),
+                ("finished_ms", finished_ms.to_string()),
+                ("engine", shared.pool.info.kind.clone()),
+                ("model_version_used", model_version.clone()),
+                ("generate_ms", generate_ms.to_string()),
+                ("store_ms", store_ms.to_string()),
+                ("queue_wait_ms", queue_wait_ms.to_string()),
+                ("timings", timings_json.to_string()),
+                ("progress", format!("{}/{}", order.steps, order.steps)),
+                ("devices", devices.to_string()),
+                ("gpu_seconds", format!("{gpu_seconds:.3}")),
+                (
+                    "resumed_from_step",
+                    resumed_from.map(|s| s.to_string()).unwrap_or_default(),
+                ),
+                // Only this worker publishes the done event while it lives (see EVENT_LEASE).
+                ("event_owner", me.clone()),
+                (
+                    "event_until_ms",
+                    (now_ms() + EVENT_LEASE.as_millis() as u64).to_string(),
+                ),
+            ];
+            let (mut applied, prev) = infra_retry!(
+                shared,
+                "recording success",
+                shared
+                    .store
+                    .transition(
+                        &order.job_id,
+                        &[Some(JobState::Running)],
+                        JobState::Succeeded,
+                        Some(&me),
+                        &fields,
+                    )
+                    .await
+            )?;
+            if !applied && prev == Some(JobState::Succeeded) {
+                // A retry after a lost reply: the first call applied if it recorded our result.
+                let h = shared.store.get(&order.job_id).await?;
+                applied = h.get("worker") == Some(&me) && h.get("result_url") == Some(&url);
+            }
             if !applied {
                 info!(job_id = %order.job_id, state = ?prev, "job was settled elsewhere while running (e.g. cancelled); result discarded");
                 if prev == Some(JobState::Cancelled) {
@@ -334,19 +722,53 @@ async fn run_claimed(
                 job_id: order.job_id.clone(),
                 result_url: url.clone(),
                 worker: me.clone(),
-                engine: shared.engine_info.kind.clone(),
+                engine: shared.pool.info.kind.clone(),
                 attempts,
                 queue_wait_ms,
                 generate_ms,
                 store_ms,
                 end_to_end_ms,
                 timings: timings_json,
+                model_version: Some(model_version.clone()),
+                resumed_from_step: resumed_from,
+                gpu_seconds,
             };
-            publish(shared, &ev, order.reply_to.as_deref()).await?;
-            shared
-                .store
-                .set_fields(&order.job_id, &[("event_published", "1".into())])
-                .await?;
+            if let Err(e) = async {
+                infra_retry!(
+                    shared,
+                    "publishing the done event",
+                    publish(shared, &ev, order.reply_to.as_deref()).await
+                )
+            }
+            .instrument(info_span!("publish_done"))
+            .await
+            {
+                // Let the redelivered copy publish it.
+                let _ = shared
+                    .store
+                    .set_fields(&order.job_id, &[("event_until_ms", "0".into())])
+                    .await;
+                return Err(e);
+            }
+            infra_retry!(
+                shared,
+                "recording the done event",
+                shared
+                    .store
+                    .set_fields(&order.job_id, &[("event_published", "1".into())])
+                    .await
+            )?;
+            cleanup_checkpoints(shared, &order.job_id).await;
+            if shared.pool.info.kind != "simulated" {
+                // Calibrates the scheduler's cost model; the simulated engine's time is not a
+                // model's, so it is not recorded.
+                let steps_run = order.steps.saturating_sub(resumed_from.unwrap_or(0)).max(1);
+                let ms = timings.denoise_ms / f64::from(steps_run);
+                let tokens = ditfleet_common::cost::image_tokens(order.width, order.height);
+                if let Err(e) = shared.store.record_step_time(&order.model, tokens, ms).await {
+                    warn!(error = %e, "step time not recorded");
+                }
+            }
             shared.jobs_done.fetch_add(1, Ordering::Relaxed);
             let m = &shared.metrics;
             m.job("succeeded", &order.class, &order.model);
@@ -363,11 +785,11 @@ async fn run_claimed(
                 &order.model,
                 end_to_end_ms as f64 / 1e3,
             );
-            info!(job_id = %order.job_id, generate_ms, store_ms, queue_wait_ms, end_to_end_ms, url = %url, "job succeeded");
+            info!(job_id = %order.job_id, generate_ms, store_ms, queue_wait_ms, end_to_end_ms, resumed_from_step = ?resumed_from, model_version = %model_version, url = %url, "job succeeded");
             Ok(Settle::Ack)
         }
         Err(EngineError::Cancelled { step }) if !cancel.load(Ordering::SeqCst) => {
-            // Stopped by the shutdown abort: hand the job back.
+            // Stopped by the shutdown abort: hand the job back (its checkpoint is stored).
             shared.metrics.job("requeued", &order.class, &order.model);
             shared.metrics.retries.inc();
             requeue(
@@ -381,6 +803,7 @@ async fn run_claimed(
         Err(EngineError::Cancelled { step }) => {
             info!(job_id = %order.job_id, step, "job cancelled");
             shared.metrics.job("cancelled", &order.class, &order.model);
+            cleanup_checkpoints(shared, &order.job_id).await;
             publish(
                 shared,
                 &JobEvent::Cancelled {
@@ -393,45 +816,73 @@ async fn run_claimed(
             Ok(Settle::Ack)
         }
         Err(e) if e.is_transient() => {
-            warn!(job_id = %order.job_id, error = %e, attempt = attempts, "transient engine failure; requeueing");
+            warn!(job_id = %order.job_id, error = %e, attempt = attempts, engine_retries = generated.engine_retries, "transient engine failure persisted; requeueing for another attempt");
             shared.metrics.job("requeued", &order.class, &order.model);
             shared.metrics.retries.inc();
             requeue(shared, &order.job_id, &e.to_string()).await?;
             Ok(Settle::Requeue)
         }
         Err(e) => {
-            let reason = e.to_string();
-            error!(job_id = %order.job_id, reason = %reason, "job failed permanently");
-            shared.metrics.job("failed", &order.class, &order.model);
-            fail(
-                shared,
-                delivery,
-                &order.job_id,
-                JobState::Failed,
-                &reason,
-                Some(&me),
-            )
-            .await?;
-            Ok(Settle::Ack)
+            cleanup_checkpoints(shared, &order.job_id).await;
+            fail_permanently(shared, delivery, order, &e.to_string(), &me).await
         }
     }
 }
 
-async fn requeue(shared: &Shared, job_id: &str, reason: &str) -> Result<(), InfraError> {
-    shared
+/// Removes a finished job's checkpoints and pointer (best effort: they expire with the job).
+async fn cleanup_checkpoints(shared: &Shared, job_id: &str) {
+    if let Err(e) = shared.results.delete_checkpoints(job_id).await {
+        warn!(job_id = %job_id, error = %e, "checkpoints not removed");
+    }
+    let _ = shared
         .store
-        .transition(
-            job_id,
-            &[Some(JobState::Running)],
-            JobState::Routed,
-            Some(&shared.cfg.worker_id),
-            &[("last_error", reason.to_string())],
-        )
-        .await?;
+        .del_fields(job_id, &["checkpoint_step", "checkpoint_url", "checkpoint_plan"])
+        .await;
+}
+
+async fn requeue(shared: &Shared, job_id: &str, reason: &str) -> Result<(), InfraError> {
+    let reason = &public_reason(reason);
+    infra_retry!(
+        shared,
+        "handing the job back",
+        shared
+            .store
+            .transition(
+                job_id,
+                &[Some(JobState::Running)],
+                JobState::Routed,
+                Some(&shared.cfg.worker_id),
+                &[("last_error", reason.to_string())],
+            )
+            .await
+    )?;
     Ok(())
 }
 
 /// Records a terminal failure, copies the message to the DLQ, and announces it.
+/// A permanent failure of a job this worker runs: logged, counted, recorded `failed` with the
+/// reason, dead-lettered, acked.
+async fn fail_permanently(
+    shared: &Shared,
+    delivery: &Delivery,
+    order: &WorkOrder,
+    reason: &str,
+    me: &str,
+) -> Result<Settle, InfraError> {
+    error!(job_id = %order.job_id, reason = %reason, "job failed permanently");
+    shared.metrics.job("failed", &order.class, &order.model);
+    fail(
+        shared,
+        delivery,
+        &order.job_id,
+        JobState::Failed,
+        reason,
+        Some(me),
+    )
+    .await?;
+    Ok(Settle::Ack)
+}
+
 async fn fail(
     shared: &Shared,
     delivery: &Delivery,
@@ -440,25 +891,30 @@ async fn fail(
     reason: &str,
     owner: Option<&str>,
 ) -> Result<(), InfraError> {
+    let reason = &public_reason(reason);
     let from = [
         None,
         Some(JobState::Queued),
         Some(JobState::Routed),
         Some(JobState::Running),
     ];
-    shared
-        .store
-        .transition(
-            job_id,
-            &from,
-            state,
-            owner,
-            &[
-                ("error", reason.to_string()),
-                ("finished_ms", now_ms().to_string()),
-            ],
-        )
-        .await?;
+    infra_retry!(
+        shared,
+        "recording the failure",
+        shared
+            .store
+            .transition(
+                job_id,
+                &from,
+                state,
+                owner,
+                &[
+                    ("error", reason.to_string()),
+                    ("finished_ms", now_ms().to_string()),
+                ],
+            )
+            .await
+    )?;
     dead_letter(shared, delivery, job_id, reason).await?;
     publish(
         shared,
@@ -490,47 +946,65 @@ async fn dead_letter(
             ),
             ("x-ditfleet-rejected-ms", now_ms().to_string()),
         ]));
-    shared
-        .publisher
-        .publish(&shared.topo.dlx(), "worker", &delivery.data, props, true)
-        .await?;
+    infra_retry!(
+        shared,
+        "dead-lettering",
+        shared
+            .publisher
+            .publish(&shared.topo.dlx(), "worker", &delivery.data, props.clone(), true)
+            .await
+    )?;
     shared.metrics.dlq.inc();
     Ok(())
 }
 
 /// Publishes a job event under `job.<id>.<kind>` and, for terminal events, the job's reply_to key.
+/// Terminal events carry the job's trace context (`traceparent`) when traces are on.
 async fn publish(shared: &Shared, ev: &JobEvent, reply_to: Option<&str>) -> Result<(), InfraError> {
     let body = serde_json::to_vec(ev).expect("event serialises");
     let exchange = shared.topo.events_exchange();
+    let mut headers = lapin::types::FieldTable::default();
+    telemetry::inject_current(&mut headers);
+    let props = persistent("application/json")
+        .with_message_id(ev.message_id().as_str().into())
+        .with_headers(headers);
     shared
         .publisher
-        .publish(
-            &exchange,
-            &ev.routing_key(),
-            &body,
-            persistent("application/json"),
-            false,
-        )
+        .publish(&exchange, &ev.routing_key(), &body, props.clone(), false)
         .await?;
     if let (Some(key), false) = (reply_to, matches!(ev, JobEvent::Progress { .. })) {
         shared
             .publisher
-            .publish(&exchange, key, &body, persistent("application/json"), false)
+            .publish(&exchange, key, &body, props, false)
             .await?;
     }
     Ok(())
 }
 
-/// A redelivered message for a job that already succeeded: make sure its done event went out
-/// (the worker may have died between recording success and publishing).
+/// A redelivered message for a job that already succeeded: make sure its done event goes out
+/// exactly once. If the worker that recorded the success is alive and still publishing (e.g.
+/// retrying through a broker restart), wait for it; if it died before publishing, publish here.
 async fn ensure_terminal_event(shared: &Shared, job_id: &str, state: JobState) -> Result<(), InfraError> {
     if state != JobState::Succeeded {
         return Ok(());
     }
-    let h = shared.store.get(job_id).await?;
-    if h.get("event_published").map(String::as_str) == Some("1") {
-        return Ok(());
+    let me = &shared.cfg.worker_id;
+    loop {
+        match infra_retry!(
+            shared,
+            "claiming the done event",
+            shared.store.claim_event(job_id, me, EVENT_LEASE).await
+        )? {
+            EventClaim::Published => return Ok(()),
+            EventClaim::Claimed => break,
+            EventClaim::Held { owner, until_ms } => {
+                debug!(job_id = %job_id, owner = %owner, "the worker that finished the job is publishing its done event; waiting");
+                let wait = until_ms.saturating_sub(now_ms()).clamp(50, 500);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+        }
     }
+    let h = shared.store.get(job_id).await?;
     let num = |k: &str| h.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     let ev = JobEvent::Done {
         job_id: job_id.to_string(),
@@ -546,11 +1020,82 @@ async fn ensure_terminal_event(shared: &Shared, job_id: &str, state: JobState) -
             .get("timings")
             .and_then(|t| serde_json::from_str(t).ok())
             .unwrap_or_default(),
+        model_version: h.get("model_version_used").cloned().filter(|s| !s.is_empty()),
+        resumed_from_step: h.get("resumed_from_step").and_then(|s| s.parse().ok()),
+        gpu_seconds: h
+            .get("gpu_seconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default(),
     };
-    publish(shared, &ev, None).await?;
+    let reply_to = h
+        .get("spec")
+        .and_then(|s| serde_json::from_str::<JobSpec>(s).ok())
+        .and_then(|s| s.reply_to);
+    publish(shared, &ev, reply_to.as_deref()).await?;
     shared
         .store
         .set_fields(job_id, &[("event_published", "1".into())])
         .await?;
+    cleanup_checkpoints(shared, job_id).await;
     Ok(())
+}
+
+fn ms_to_time(ms: u64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// Spans for the engine's stages, measured on its blocking thread: `encode`, `denoise` with one
+/// `step` span per denoising step, `decode`. `step_times` holds (step, time since the denoising
+/// loop started, when the step ended).
+fn record_engine_stages(
+    gen_cx: &opentelemetry::Context,
+    gen_started: std::time::SystemTime,
+    timings: Option<&ditfleet_engine::StageTimings>,
+    step_times: &[(u32, Duration, std::time::SystemTime)],
+) {
+    use opentelemetry::KeyValue;
+    let ms = |v: f64| Duration::from_secs_f64(v.max(0.0) / 1e3);
+    let denoise_start = step_times
+        .first()
+        .map(|(_, elapsed, at)| at.checked_sub(*elapsed).unwrap_or(*at));
+    if let Some(t) = timings {
+        telemetry::record_interval(
+            gen_cx,
+            "encode",
+            gen_started,
+            gen_started + ms(t.encode_ms),
+            vec![],
+        );
+    }
+    let Some(denoise_start) = denoise_start else {
+        return;
+    };
+    let denoise_end = step_times.last().map(|(_, _, at)| *at).unwrap_or(denoise_start);
+    let denoise_cx = telemetry::record_interval(
+        gen_cx,
+        "denoise",
+        denoise_start,
+        denoise_end,
+        vec![KeyValue::new("steps", step_times.len() as i64)],
+    );
+    let mut prev = denoise_start;
+    for (step, _, at) in step_times {
+        telemetry::record_interval(
+            &denoise_cx,
+            "step",
+            prev,
+            *at,
+            vec![KeyValue::new("step", i64::from(*step))],
+        );
+        prev = *at;
+    }
+    if let Some(t) = timings {
+        telemetry::record_interval(
+            gen_cx,
+            "decode",
+            denoise_end,
+            denoise_end + ms(t.decode_ms),
+            vec![],
+        );
+    }
 }

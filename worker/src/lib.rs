@@ -1,19 +1,31 @@
 //! The ditfleet worker service.
 //!
-//! Consumes the class queues it serves (per-consumer prefetch = its slots), claims each job in
-//! Redis with a lease, runs it through the engine on a blocking thread, stores the PNG, records
-//! `succeeded`, publishes the done event, and only then acks. A worker killed mid-job leaves an
-//! unacked message that the broker redelivers to another worker, which takes the job over once
-//! the dead worker's lease has lapsed.
+//! Consumes the work queues of the classes it serves — one queue per priority level
+//! (`{ns}.work.<class>.high`, `{ns}.work.<class>`, `{ns}.work.<class>.low`) plus the pinned-version
+//! queues of the versions it holds (`{ns}.work.<class>.pin.<model>@<version>`) — into a local
+//! priority buffer, and starts the highest-priority buffered job whenever a slot is free. Each job
+//! is claimed in Redis with a lease, run through the engine on a blocking thread (with step
+//! checkpoints and in-process retries of transient failures), its PNG stored, `succeeded`
+//! recorded, the done event published, and only then acked. A worker killed mid-job leaves an
+//! unacked message that the broker redelivers to another worker, which takes the job over once the
+//! dead worker's lease has lapsed, resuming from its last checkpoint.
 //!
-//! Shutdown (SIGTERM or `run`'s token): cancel the consumers, let in-flight jobs finish within
-//! the grace period, stop the rest at their next step and requeue them, deregister, exit.
+//! Operator control (`ditfleetctl drain`, `ditfleetctl model load|unload`) is read from Redis every
+//! `DITFLEET_CONTROL_POLL_MS`: a drain behaves like SIGTERM; desired model versions are reconciled
+//! by the engine pool (see [`pool`]).
+//!
+//! Shutdown (SIGTERM, a drain, or `run`'s token): cancel the consumers, hand buffered jobs back,
+//! let in-flight jobs finish within the grace period, stop the rest at their next step (saving a
+//! checkpoint) and requeue them, deregister, exit.
 
 pub mod engines;
 pub mod gpus;
 mod job;
+pub mod pool;
 pub mod results;
 
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -22,19 +34,22 @@ use ditfleet_common::amqp::{self, Publisher, now_ms};
 use ditfleet_common::config::WorkerConfig;
 use ditfleet_common::cost::ClassTable;
 use ditfleet_common::http::{self, Health};
+use ditfleet_common::job::{Priority, parse_model_version};
 use ditfleet_common::metrics::Metrics;
 use ditfleet_common::state::{JobStore, WorkerInfo};
 use ditfleet_common::topology::Topology;
-use ditfleet_engine::{Engine, EngineInfo};
 use futures_util::StreamExt;
-use futures_util::stream::SelectAll;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use futures_util::stream::{BoxStream, SelectAll};
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use tokio::sync::{Mutex, Semaphore};
+use lapin::{Channel, Consumer};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
+use crate::pool::EnginePool;
 use crate::results::ResultStore;
 
 /// Worker failures that stop the service.
@@ -63,9 +78,7 @@ pub(crate) struct Shared {
     pub store: JobStore,
     pub results: Box<dyn ResultStore>,
     pub publisher: Publisher,
-    /// Idle engines; a job takes one for its duration.
-    pub engines: Mutex<Vec<Box<dyn Engine>>>,
-    pub engine_info: EngineInfo,
+    pub pool: EnginePool,
     pub slots: Arc<Semaphore>,
     /// Set when the grace period has passed: running jobs stop at their next step and requeue.
     pub abort: Arc<AtomicBool>,
@@ -73,12 +86,156 @@ pub(crate) struct Shared {
     pub jobs_done: AtomicU64,
     /// Jobs this process is running now (a second delivery of one of them is a duplicate).
     pub running: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Why the worker serves with reduced capacity (advertised as state `degraded`); see
+    /// [`Shared::degrade`].
+    pub degraded: std::sync::Mutex<Option<String>>,
 }
 
-/// Runs the worker until `shutdown` is cancelled and in-flight work is settled.
+impl Shared {
+    /// Marks the worker degraded: `reason` is advertised and `lost_slots` slots are taken out of
+    /// service for good (e.g. a quarantined GPU). Called after a job when the engine reports
+    /// itself degraded.
+    pub(crate) fn degrade(&self, reason: String, lost_slots: u16) {
+        let forgotten = self.slots.forget_permits(usize::from(lost_slots));
+        warn!(reason = %reason, lost_slots, forgotten, "worker degraded");
+        *self.degraded.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+}
+
+/// A delivery waiting for a slot, ordered by priority, then arrival.
+struct Buffered {
+    rank: u8,
+    seq: u64,
+    delivery: Delivery,
+}
+
+impl PartialEq for Buffered {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == CmpOrdering::Equal
+    }
+}
+impl Eq for Buffered {}
+impl PartialOrd for Buffered {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Buffered {
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        self.rank.cmp(&other.rank).then_with(|| other.seq.cmp(&self.seq))
+    }
+}
+
+fn rank(d: &Delivery) -> u8 {
+    match Priority::from_amqp(*d.properties.priority()) {
+        Priority::High => 2,
+        Priority::Normal => 1,
+        Priority::Low => 0,
+    }
+}
+
+/// The worker's consumers: one per class and priority, plus one per class and held pinned version.
+struct Consumers {
+    channel: Channel,
+    streams: SelectAll<BoxStream<'static, lapin::Result<Delivery>>>,
+    tags: Vec<String>,
+    /// Pinned-version queue → consumer tag.
+    pinned: HashMap<String, String>,
+    worker_id: String,
+}
+
+impl Consumers {
+    async fn consume(&mut self, queue: &str, tag: String) -> lapin::Result<()> {
+        let c: Consumer = self
+            .channel
+            .basic_consume(
+                queue.into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        self.streams.push(c.boxed());
+        self.tags.push(tag);
+        Ok(())
+    }
+
+    /// Consumes exactly the pinned queues of the versions in `held`.
+    async fn sync_pinned(
+        &mut self,
+        topo: &Topology,
+        classes: &[String],
+        held: &[String],
+    ) -> lapin::Result<()> {
+        let mut want = BTreeMap::new();
+        for class in classes {
+            for mv in held {
+                want.insert(topo.pin_queue(class, mv), (class.clone(), mv.clone()));
+            }
+        }
+        let gone: Vec<String> = self
+            .pinned
+            .keys()
+            .filter(|q| !want.contains_key(*q))
+            .cloned()
+            .collect();
+        for q in gone {
+            if let Some(tag) = self.pinned.remove(&q) {
+                info!(queue = %q, "no longer holding this version: leaving its pinned queue");
+                self.tags.retain(|t| t != &tag);
+                self.channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await?;
+            }
+        }
+        for (q, (class, mv)) in want {
+            if self.pinned.contains_key(&q) {
+                continue;
+            }
+            topo.declare_pin(&self.channel, &class, &mv).await?;
+            let tag = format!("{}-{class}-pin-{mv}-{}", self.worker_id, now_ms());
+            self.consume(&q, tag.clone()).await?;
+            info!(queue = %q, "consuming jobs pinned to a held version");
+            self.pinned.insert(q, tag);
+        }
+        Ok(())
+    }
+
+    async fn cancel_all(&mut self) {
+        for tag in std::mem::take(&mut self.tags) {
+            let _ = self
+                .channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        }
+        self.pinned.clear();
+    }
+}
+
+/// Desired model versions from the control hash: JSON list of `model@version`, the first of each
+/// model its default.
+fn desired_models(json: &str) -> Result<BTreeMap<String, Vec<String>>, String> {
+    let list: Vec<String> = serde_json::from_str(json).map_err(|e| format!("models: {e}"))?;
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for mv in list {
+        let (m, v) = parse_model_version(&mv)?;
+        let e = out.entry(m).or_default();
+        if !e.contains(&v) {
+            e.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs the worker until `shutdown` is cancelled (or an operator drains it) and in-flight work is
+/// settled.
 pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let process_started = std::time::Instant::now();
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut registry);
+    // GPU metrics (ditfleet_gpu_*) exist only where NVML works.
+    let gpus = gpus::Gpus::init();
+    let gpu_metrics = gpus::GpuMetrics::register_if_present(&gpus, &mut registry);
     let health = Arc::new(Health::default());
     // Served from the start: /healthz answers while the model loads, /readyz once consuming.
     let http_stop = CancellationToken::new();
@@ -96,15 +253,36 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     } else {
         cfg.classes.clone()
     };
-    let results: Box<dyn ResultStore> = Box::new(results::LocalDirStore::new(&cfg.result_dir)?);
+    let urls = match (&cfg.result_public_url, cfg.result_presign) {
+        (Some(base), _) => results::ResultUrls::Public(base.clone()),
+        (None, Some(valid)) => results::ResultUrls::Presigned(valid),
+        (None, None) => results::ResultUrls::Object,
+    };
+    let results: Box<dyn ResultStore> = results::open(cfg.result_url.as_deref(), &cfg.result_dir, urls)?;
     let engine_cfg = cfg.engine.clone();
     let devices = cfg.devices.clone();
     let slots = cfg.slots;
+    // Model loading is its own trace (`load`), once per process.
     let engines = tokio::task::spawn_blocking(move || engines::build(&engine_cfg, slots, devices.as_deref()))
+        .instrument(tracing::info_span!("load", slots = slots))
         .await
         .map_err(std::io::Error::other)??;
-    let engine_info = engines[0].info();
-    for mv in &engine_info.model_versions {
+    let builder: pool::Builder = {
+        let (choice, devices, root) = (cfg.engine.clone(), cfg.devices.clone(), cfg.model_root.clone());
+        Arc::new(move |model: &str, version: &str| {
+            engines::build_version(
+                &choice,
+                model,
+                version,
+                slots,
+                devices.as_deref(),
+                root.as_deref(),
+            )
+        })
+    };
+    let pool = EnginePool::new(engines, builder, cfg.swap_mode);
+    let holdings = pool.holdings();
+    for mv in &holdings.held {
         let (model, version) = mv.split_once('@').unwrap_or((mv.as_str(), ""));
         metrics
             .model_loaded
@@ -114,22 +292,20 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
             })
             .set(1);
     }
-    info!(engine = %engine_info.kind, note = %engine_info.note, models = ?engine_info.model_versions, devices = ?engine_info.devices, "engine ready");
+    info!(engine = %pool.info.kind, note = %pool.info.note, models = ?holdings.held, devices = ?pool.info.devices, "engine ready");
 
     let topo = Topology::new(&cfg.common.namespace);
-    let conn = amqp::connect(
-        &cfg.common.amqp_url,
-        &format!("ditfleet-worker {}", cfg.worker_id),
-    )
-    .await?;
-    let store = JobStore::connect(&cfg.common.redis_url, &cfg.common.namespace, cfg.common.job_ttl).await?;
+    let conn = amqp::connect_cfg(&cfg.common, &format!("ditfleet-worker {}", cfg.worker_id)).await?;
+    let store = JobStore::connect_cfg(&cfg.common).await?;
     let setup = conn.create_channel().await?;
     let class_refs: Vec<&str> = classes.iter().map(String::as_str).collect();
-    topo.declare(&setup, &class_refs).await?;
+    // Only the worker's part of the topology: a least-privileged worker user has no rights on
+    // the submit exchange and queue (docs/operations.md, "RabbitMQ users").
+    topo.declare_worker(&setup, &class_refs).await?;
     let publisher = Publisher::new(&conn).await?;
     let consume_ch = conn.create_channel().await?;
     consume_ch
-        .basic_qos(cfg.slots, BasicQosOptions::default())
+        .basic_qos(cfg.prefetch, BasicQosOptions::default())
         .await?;
 
     let shared = Arc::new(Shared {
@@ -139,55 +315,85 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         store,
         results,
         publisher,
-        engines: Mutex::new(engines),
-        engine_info,
+        pool,
         slots: Arc::new(Semaphore::new(usize::from(cfg.slots))),
         abort: Arc::new(AtomicBool::new(false)),
         draining: AtomicBool::new(false),
         jobs_done: AtomicU64::new(0),
         running: std::sync::Mutex::new(Default::default()),
+        degraded: std::sync::Mutex::new(None),
         cfg,
     });
-    let gpus = Arc::new(std::sync::Mutex::new(gpus::Gpus::init()));
+    let gpus = Arc::new(std::sync::Mutex::new(gpus));
     let started_ms = now_ms();
-    let heartbeat_stop = CancellationToken::new();
+    let background_stop = CancellationToken::new();
     let heartbeat = tokio::spawn(heartbeat_loop(
         shared.clone(),
         classes.clone(),
         gpus,
+        gpu_metrics,
         started_ms,
-        heartbeat_stop.clone(),
+        background_stop.clone(),
+    ));
+    // A drain requested by an operator ends the main loop like SIGTERM.
+    let drain_requested = CancellationToken::new();
+    let control = tokio::spawn(control_loop(
+        shared.clone(),
+        drain_requested.clone(),
+        background_stop.clone(),
     ));
 
-    let mut consumers = SelectAll::new();
-    let mut tags = Vec::new();
+    let mut consumers = Consumers {
+        channel: consume_ch.clone(),
+        streams: SelectAll::new(),
+        tags: Vec::new(),
+        pinned: HashMap::new(),
+        worker_id: shared.cfg.worker_id.clone(),
+    };
     for class in &classes {
-        let tag = format!("{}-{class}", shared.cfg.worker_id);
-        let c = consume_ch
-            .basic_consume(
-                topo.work_queue(class).as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        consumers.push(c);
-        tags.push(tag);
+        for p in Priority::ALL {
+            let tag = format!("{}-{}", shared.cfg.worker_id, Topology::work_key(class, p));
+            consumers.consume(&topo.work_queue_for(class, p), tag).await?;
+        }
     }
+    consumers
+        .sync_pinned(&topo, &classes, &shared.pool.holdings().held)
+        .await?;
     shared.health.set_ready(true);
-    info!(worker = %shared.cfg.worker_id, classes = ?classes, slots = shared.cfg.slots, results = %shared.results.describe(), "worker ready");
+    // Start-up time is paid for on every device of the worker.
+    shared.metrics.device_time(
+        "startup",
+        process_started.elapsed().as_secs_f64() * total_devices(&shared),
+    );
+    info!(worker = %shared.cfg.worker_id, classes = ?classes, slots = shared.cfg.slots, prefetch = shared.cfg.prefetch, results = %shared.results.describe(), "worker ready");
 
+    let mut buffer: BinaryHeap<Buffered> = BinaryHeap::new();
+    let mut seq = 0u64;
     let mut tasks = JoinSet::new();
+    let mut sync_tick = tokio::time::interval(shared.cfg.control_poll);
     let result = loop {
+        // Start the highest-priority buffered jobs while slots are free.
+        while !buffer.is_empty() {
+            let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
+                break;
+            };
+            let b = buffer.pop().expect("buffer is not empty");
+            let shared = shared.clone();
+            tasks.spawn(async move { job::process(shared, b.delivery, permit).await });
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
+            _ = drain_requested.cancelled() => {
+                info!(worker = %shared.cfg.worker_id, "drain requested by an operator");
+                break Ok(());
+            }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = done { error!(error = %e, "job task panicked"); }
             }
-            next = consumers.next() => match next {
+            next = consumers.streams.next() => match next {
                 Some(Ok(delivery)) => {
-                    let shared = shared.clone();
-                    tasks.spawn(async move { job::process(shared, delivery).await });
+                    seq += 1;
+                    buffer.push(Buffered { rank: rank(&delivery), seq, delivery });
                 }
                 Some(Err(e)) => {
                     warn!(error = %e, "work consumer error; waiting for recovery");
@@ -196,30 +402,50 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
                     }
                 }
                 None => break Err(WorkerError::ConsumerClosed),
+            },
+            _ = sync_tick.tick() => {
+                let held = shared.pool.holdings().held;
+                if let Err(e) = consumers.sync_pinned(&topo, &classes, &held).await {
+                    warn!(error = %e, "updating the pinned-version consumers failed; retrying");
+                }
             }
         }
     };
 
-    // Drain: stop taking work, let running jobs finish within the grace period.
+    // Drain: stop taking work, hand buffered jobs back, let running jobs finish within the grace.
     shared.draining.store(true, Ordering::SeqCst);
     shared.health.set_ready(false);
     shared.metrics.set_worker_state("draining");
-    for tag in &tags {
-        let _ = consume_ch
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+    consumers.cancel_all().await;
+    let handed_back = buffer.len();
+    for b in buffer.drain() {
+        let _ = b
+            .delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
             .await;
     }
     info!(
         in_flight = tasks.len(),
+        handed_back,
         grace_s = shared.cfg.shutdown_grace.as_secs(),
         "draining"
     );
     let grace = shared.cfg.shutdown_grace;
-    let finished = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    let finished = tokio::time::timeout(grace, async {
+        while let Some(done) = tasks.join_next().await {
+            if let Err(e) = done {
+                error!(error = %e, "job task panicked");
+            }
+        }
+    })
+    .await;
     if finished.is_err() {
         warn!(
             in_flight = tasks.len(),
-            "grace period over: stopping running jobs at their next step and requeueing them"
+            "grace period over: stopping running jobs at their next step (with a checkpoint) and requeueing them"
         );
         shared.abort.store(true, Ordering::SeqCst);
         if tokio::time::timeout(Duration::from_secs(30), async {
@@ -231,10 +457,18 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
             warn!("jobs still running after abort; exiting, the broker requeues their messages");
         }
     }
-    heartbeat_stop.cancel();
+    background_stop.cancel();
     let _ = heartbeat.await;
+    let _ = control.await;
     if let Err(e) = shared.store.deregister_worker(&shared.cfg.worker_id).await {
         warn!(error = %e, "deregistration failed; the registration expires on its own");
+    }
+    if drain_requested.is_cancelled() {
+        // The drain is done; a process started again under this id serves again.
+        let _ = shared
+            .store
+            .control_del(Some(&shared.cfg.worker_id), "drain")
+            .await;
     }
     let _ = conn.close(200, "worker shutdown".into()).await;
     http_stop.cancel();
@@ -242,32 +476,112 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     result
 }
 
+/// Devices of all slots (each slot's engine has its own plan of devices).
+fn total_devices(shared: &Shared) -> f64 {
+    (shared.pool.info.devices.len().max(1) * usize::from(shared.cfg.slots)) as f64
+}
+
+/// Reads operator control from Redis: a drain request, and the desired model versions (reconciled
+/// by the engine pool, one swap at a time).
+async fn control_loop(shared: Arc<Shared>, drain: CancellationToken, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.cfg.control_poll);
+    let mut applied: Option<String> = None;
+    let mut swap: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let ctl = match shared.store.control(&shared.cfg.worker_id).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "reading operator control failed");
+                continue;
+            }
+        };
+        if ctl.get("drain").map(String::as_str) == Some("1") && !drain.is_cancelled() {
+            drain.cancel();
+        }
+        if swap.as_ref().is_some_and(|h| !h.is_finished()) {
+            continue;
+        }
+        let Some(models) = ctl.get("models").cloned() else {
+            continue;
+        };
+        if applied.as_deref() == Some(models.as_str()) {
+            continue;
+        }
+        applied = Some(models.clone());
+        match desired_models(&models) {
+            Ok(desired) => {
+                let shared = shared.clone();
+                swap = Some(tokio::spawn(async move {
+                    shared.pool.reconcile(&desired).await;
+                    let h = shared.pool.holdings();
+                    info!(held = ?h.held, defaults = ?h.defaults, load_error = ?h.load_error, "model versions reconciled");
+                }));
+            }
+            Err(e) => warn!(error = %e, models = %models, "ignoring unreadable desired model versions"),
+        }
+    }
+    if let Some(h) = swap {
+        let _ = h.await;
+    }
+}
+
 async fn heartbeat_loop(
     shared: Arc<Shared>,
     classes: Vec<String>,
     gpus: Arc<std::sync::Mutex<gpus::Gpus>>,
+    gpu_metrics: Option<gpus::GpuMetrics>,
     started_ms: u64,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(shared.cfg.heartbeat);
+    let mut last = std::time::Instant::now();
+    let per_slot = shared.pool.info.devices.len().max(1) as f64;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         let g = gpus.clone();
-        let gpu_list = tokio::task::spawn_blocking(move || g.lock().map(|g| g.list()).unwrap_or_default())
-            .await
-            .unwrap_or_default();
+        let gm = gpu_metrics.clone();
+        let gpu_list = tokio::task::spawn_blocking(move || {
+            g.lock()
+                .map(|g| {
+                    if let Some(m) = &gm {
+                        g.update_metrics(m);
+                    }
+                    g.list()
+                })
+                .unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default();
         let free = shared.slots.available_permits() as u16;
+        // Busy and idle device time since the last tick, sampled by slot occupancy.
+        let dt = last.elapsed().as_secs_f64();
+        last = std::time::Instant::now();
+        let busy = shared.cfg.slots.saturating_sub(free);
+        shared
+            .metrics
+            .device_time("busy", dt * per_slot * f64::from(busy));
+        shared
+            .metrics
+            .device_time("idle", dt * per_slot * f64::from(free));
+        let degraded = shared.degraded.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let state = if shared.draining.load(Ordering::SeqCst) {
             "draining"
+        } else if degraded.is_some() {
+            "degraded"
         } else if free < shared.cfg.slots {
             "busy"
         } else {
             "ready"
         };
         shared.metrics.set_worker_state(state);
+        let h = shared.pool.holdings();
         let info = WorkerInfo {
             id: shared.cfg.worker_id.clone(),
             host: ditfleet_common::config::hostname_fallback(),
@@ -276,13 +590,25 @@ async fn heartbeat_loop(
             classes: classes.clone(),
             slots: shared.cfg.slots,
             free_slots: free,
-            engine: shared.engine_info.kind.clone(),
-            engine_note: shared.engine_info.note.clone(),
-            models: shared.engine_info.models.clone(),
-            model_versions: shared.engine_info.model_versions.clone(),
-            devices: shared.engine_info.devices.clone(),
+            engine: shared.pool.info.kind.clone(),
+            engine_note: shared.pool.info.note.clone(),
+            models: {
+                let mut m: Vec<String> = h
+                    .held
+                    .iter()
+                    .map(|mv| mv.split('@').next().unwrap_or_default().to_string())
+                    .collect();
+                m.dedup();
+                m
+            },
+            model_versions: h.held.clone(),
+            default_versions: h.defaults,
+            loading: h.loading,
+            load_error: h.load_error,
+            degraded_reason: degraded,
+            devices: shared.pool.info.devices.clone(),
             gpus: gpu_list,
-            parallel_degree: shared.engine_info.parallel_degree,
+            parallel_degree: shared.pool.info.parallel_degree,
             jobs_done: shared.jobs_done.load(Ordering::Relaxed),
             started_ms,
             heartbeat_ms: now_ms(),
@@ -295,5 +621,22 @@ async fn heartbeat_loop(
         {
             warn!(error = %e, "heartbeat failed");
         }
+        if let Err(e) = shared.store.add_known_versions(&h.held).await {
+            warn!(error = %e, "recording held versions failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn desired_models_group_versions_by_model_default_first() {
+        let d = desired_models(r#"["flux-dev@v2","flux-dev@v1","flux-schnell@s1","flux-dev@v2"]"#).unwrap();
+        assert_eq!(d["flux-dev"], ["v2", "v1"]);
+        assert_eq!(d["flux-schnell"], ["s1"]);
+        assert!(desired_models(r#"["sdxl@1"]"#).is_err());
+        assert!(desired_models("nope").is_err());
     }
 }

@@ -51,8 +51,14 @@ struct GenerateArgs {
     steps: Option<u32>,
     #[arg(long)]
     guidance: Option<f32>,
+    /// True CFG scale (with --negative-prompt; 1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    true_cfg_scale: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Parallel plan over --devices, e.g. ulysses=2 (default: one device).
+    #[arg(long, env = "DITFLEET_PLAN")]
+    plan: Option<String>,
     /// Devices, e.g. cuda:0 or cpu (default: auto).
     #[arg(long, value_delimiter = ',')]
     devices: Option<Vec<String>>,
@@ -97,17 +103,26 @@ fn serve() {
 
 fn generate(a: GenerateArgs) -> Result<()> {
     let choice = match a.engine.as_str() {
-        "simulated" => EngineChoice::Simulated { step_ms: 20 },
+        "simulated" => EngineChoice::Simulated {
+            step_ms: 20,
+            version: "sim-1".into(),
+            faults: Default::default(),
+        },
         "flux" => EngineChoice::Flux {
             model_dir: a.model_dir.clone(),
             low_memory: a.low_memory,
+            plan: a.plan.clone(),
+            fault_gpu: None,
         },
         other => anyhow::bail!("unknown engine {other:?} (flux or simulated)"),
     };
     let t = std::time::Instant::now();
     let mut engines =
         ditfleet_worker::engines::build(&choice, 1, a.devices.as_deref()).context("loading the engine")?;
-    let engine = &mut engines[0];
+    let engine = engines
+        .iter_mut()
+        .find(|e| e.info().models.contains(&a.model))
+        .with_context(|| format!("the engine does not serve model {:?}", a.model))?;
     let info = engine.info();
     eprintln!(
         "engine {} ready in {:.2} s: {}",
@@ -128,6 +143,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         guidance: a
             .guidance
             .unwrap_or_else(|| ditfleet_common::job::JobSpec::default_guidance(&a.model)),
+        true_cfg_scale: a.true_cfg_scale,
         seed: a.seed,
     };
     let tty = std::io::stderr().is_terminal();

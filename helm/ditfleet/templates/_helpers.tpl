@@ -95,13 +95,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- join "," $q -}}
 {{- end -}}
 
-{{/* Environment shared by every ditfleet container. */}}
+{{/* Environment shared by every ditfleet container: dict "root" $ "component" scheduler|worker.
+The AMQP URL comes from the component's own key when set (least-privilege RabbitMQ users). */}}
 {{- define "ditfleet.commonEnv" -}}
+{{- $c := .component -}}
+{{- with .root -}}
+{{- $amqpKey := .Values.secrets.amqp.key -}}
+{{- if and (eq $c "scheduler") .Values.secrets.amqp.schedulerKey }}{{ $amqpKey = .Values.secrets.amqp.schedulerKey }}{{ end -}}
+{{- if and (eq $c "worker") .Values.secrets.amqp.workerKey }}{{ $amqpKey = .Values.secrets.amqp.workerKey }}{{ end -}}
 - name: DITFLEET_AMQP_URL
   valueFrom:
     secretKeyRef:
       name: {{ include "ditfleet.secretName" (dict "root" . "ref" .Values.secrets.amqp) }}
-      key: {{ .Values.secrets.amqp.key }}
+      key: {{ $amqpKey }}
 - name: DITFLEET_REDIS_URL
   valueFrom:
     secretKeyRef:
@@ -120,7 +126,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- with .Values.config.otlpEndpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ . | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ printf "ditfleet-%s" $c | quote }}
 {{- end }}
+{{- if .Values.tls.caSecret }}
+- name: DITFLEET_AMQP_CA_FILE
+  value: /etc/ditfleet/tls/ca.crt
+- name: DITFLEET_REDIS_CA_FILE
+  value: /etc/ditfleet/tls/ca.crt
+{{- end }}
+{{- end -}}
 {{- end -}}
 
 {{/* Probes on the health/metrics HTTP server. */}}

@@ -1,4 +1,5 @@
-//! `ditfleetctl`: submit jobs and watch them, inspect status and workers, cancel jobs.
+//! `ditfleetctl`: submit jobs and watch them, inspect status and workers, cancel jobs, drain
+//! workers, hot-swap model versions.
 //! Never links libtorch. Reads the same `DITFLEET_*` variables as the services.
 
 use std::collections::BTreeMap;
@@ -15,6 +16,7 @@ use ditfleet_common::state::{JobState, JobStore, WorkerInfo};
 use ditfleet_common::topology::Topology;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
+use tracing::Instrument;
 
 #[derive(Parser)]
 #[command(name = "ditfleetctl", version, about = "Submit text-to-image jobs to a ditfleet and operate it.",
@@ -42,6 +44,56 @@ enum Cmd {
     },
     /// Cancel a job: a queued job never starts; a running one stops at its next step.
     Cancel { job_id: String },
+    /// Print the `rabbitmqctl` commands that create least-privilege users for this namespace
+    /// (backend, scheduler, worker; docs/operations.md "RabbitMQ users").
+    RabbitmqPermissions {
+        /// Virtual host of the fleet.
+        #[arg(long, default_value = "/")]
+        vhost: String,
+        /// User name prefix: users are <prefix>-backend, <prefix>-scheduler, <prefix>-worker.
+        #[arg(long, default_value = "ditfleet")]
+        user_prefix: String,
+    },
+    /// Drain a worker: it stops taking jobs, finishes the running ones (within its grace period),
+    /// deregisters and exits 0. Waits for that unless --no-wait.
+    Drain {
+        worker: String,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+    },
+    /// Model versions: load (hot swap) or unload.
+    #[command(subcommand)]
+    Model(ModelCmd),
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// Make workers serve MODEL@VERSION (e.g. flux-dev@v2): each loads it next to the current one
+    /// (or after draining, with DITFLEET_SWAP_MODE=drain), switches unpinned jobs to it between
+    /// jobs, and unloads the previous version unless --keep-old. Waits until every targeted
+    /// worker serves it.
+    Load {
+        model_version: String,
+        /// Only these workers (comma-separated ids); default: the whole fleet, including workers
+        /// that start later.
+        #[arg(long, value_delimiter = ',')]
+        workers: Vec<String>,
+        /// Keep the versions held now loaded too (jobs pinned to them keep running here).
+        #[arg(long)]
+        keep_old: bool,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+    },
+    /// Stop holding MODEL@VERSION on the targeted workers (not their only version of the model).
+    Unload {
+        model_version: String,
+        #[arg(long, value_delimiter = ',')]
+        workers: Vec<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -115,9 +167,11 @@ fn main() {
             std::process::exit(config::EXIT_BAD_CONFIG);
         }
     };
-    ditfleet_common::telemetry::init(
+    let telemetry = ditfleet_common::telemetry::init_with_traces(
         &std::env::var("DITFLEET_LOG").unwrap_or_else(|_| "warn".into()),
         false,
+        cfg.otel.as_ref(),
+        "ditfleetctl",
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -133,6 +187,8 @@ fn main() {
             }
         }
     });
+    drop(rt);
+    telemetry.shutdown();
     std::process::exit(code);
 }
 
@@ -142,11 +198,229 @@ async fn dispatch(cmd: Cmd, cfg: CommonConfig) -> Result<i32> {
         Cmd::Status { job_id, json } => status(&job_id, json, &cfg).await,
         Cmd::Workers { json } => workers(json, &cfg).await,
         Cmd::Cancel { job_id } => cancel(&job_id, &cfg).await,
+        Cmd::RabbitmqPermissions { vhost, user_prefix } => {
+            rabbitmq_permissions(&vhost, &user_prefix, &cfg);
+            Ok(0)
+        }
+        Cmd::Drain {
+            worker,
+            no_wait,
+            timeout_s,
+        } => drain(&worker, !no_wait, Duration::from_secs(timeout_s), &cfg).await,
+        Cmd::Model(ModelCmd::Load {
+            model_version,
+            workers,
+            keep_old,
+            no_wait,
+            timeout_s,
+        }) => {
+            model_load(
+                &model_version,
+                &workers,
+                keep_old,
+                !no_wait,
+                Duration::from_secs(timeout_s),
+                &cfg,
+            )
+            .await
+        }
+        Cmd::Model(ModelCmd::Unload {
+            model_version,
+            workers,
+        }) => model_unload(&model_version, &workers, &cfg).await,
     }
 }
 
+async fn live_workers(s: &JobStore) -> Result<Vec<WorkerInfo>> {
+    Ok(s.workers()
+        .await?
+        .iter()
+        .filter_map(|(_, v)| serde_json::from_str(v).ok())
+        .collect())
+}
+
+async fn drain(worker: &str, wait: bool, timeout: Duration, cfg: &CommonConfig) -> Result<i32> {
+    let s = store(cfg).await?;
+    let Some(w) = live_workers(&s).await?.into_iter().find(|w| w.id == worker) else {
+        eprintln!("no live worker {worker:?} (ditfleetctl workers lists them)");
+        return Ok(3);
+    };
+    s.control_set(Some(worker), "drain", "1").await?;
+    println!(
+        "draining worker {worker} ({} of {} slots busy); it finishes its running jobs and exits",
+        w.slots.saturating_sub(w.free_slots),
+        w.slots
+    );
+    if !wait {
+        return Ok(0);
+    }
+    let start = Instant::now();
+    let mut last_state = String::new();
+    loop {
+        match live_workers(&s).await?.into_iter().find(|w| w.id == worker) {
+            None => {
+                println!("worker {worker} drained and deregistered");
+                return Ok(0);
+            }
+            Some(w) if w.state != last_state => {
+                eprintln!(
+                    "  {worker}: {} ({} of {} slots busy)",
+                    w.state,
+                    w.slots.saturating_sub(w.free_slots),
+                    w.slots
+                );
+                last_state = w.state;
+            }
+            Some(_) => {}
+        }
+        if start.elapsed() > timeout {
+            eprintln!(
+                "worker {worker} is still registered after {} s",
+                timeout.as_secs()
+            );
+            return Ok(2);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn model_load(
+    model_version: &str,
+    targets: &[String],
+    keep_old: bool,
+    wait: bool,
+    timeout: Duration,
+    cfg: &CommonConfig,
+) -> Result<i32> {
+    let (model, _) = ditfleet_common::job::parse_model_version(model_version).map_err(anyhow::Error::msg)?;
+    let s = store(cfg).await?;
+    let live = live_workers(&s).await?;
+    let unknown: Vec<&String> = targets
+        .iter()
+        .filter(|t| !live.iter().any(|w| &w.id == *t))
+        .collect();
+    if !unknown.is_empty() {
+        eprintln!("no live worker {unknown:?} (ditfleetctl workers lists them)");
+        return Ok(3);
+    }
+    // The desired list: the new version first (the default), then what stays.
+    let desired = |current: &[String]| -> String {
+        let mut v = vec![model_version.to_string()];
+        if keep_old {
+            v.extend(
+                current
+                    .iter()
+                    .filter(|mv| mv.split('@').next() == Some(model.as_str()) && mv.as_str() != model_version)
+                    .cloned(),
+            );
+        }
+        serde_json::to_string(&v).expect("list serialises")
+    };
+    let scope: Vec<&WorkerInfo> = if targets.is_empty() {
+        let all_held: Vec<String> = live.iter().flat_map(|w| w.model_versions.clone()).collect();
+        s.control_set(None, "models", &desired(&all_held)).await?;
+        // Per-worker overrides of this model would win over the fleet setting: drop them.
+        for w in &live {
+            let own = s.control(&w.id).await?;
+            if own.contains_key("models") {
+                s.control_del(Some(&w.id), "models").await?;
+            }
+        }
+        live.iter().collect()
+    } else {
+        let mut v = Vec::new();
+        for w in live.iter().filter(|w| targets.contains(&w.id)) {
+            s.control_set(Some(&w.id), "models", &desired(&w.model_versions))
+                .await?;
+            v.push(w);
+        }
+        v
+    };
+    let ids: Vec<String> = scope.iter().map(|w| w.id.clone()).collect();
+    println!(
+        "{model_version} requested on {}",
+        if targets.is_empty() {
+            "the whole fleet".to_string()
+        } else {
+            ids.join(", ")
+        }
+    );
+    if !wait {
+        return Ok(0);
+    }
+    let start = Instant::now();
+    loop {
+        let now = live_workers(&s).await?;
+        let mut pending = Vec::new();
+        for id in &ids {
+            match now.iter().find(|w| &w.id == id) {
+                None => {} // gone (drained or died): nothing to wait for
+                Some(w) if w.default_versions.iter().any(|d| d == model_version) => {}
+                Some(w) => {
+                    if let Some(err) = w.load_error.as_ref().filter(|e| e.starts_with(model_version)) {
+                        println!("worker {id} failed to load {model_version}: {err}");
+                        return Ok(1);
+                    }
+                    pending.push(id.clone());
+                }
+            }
+        }
+        if pending.is_empty() {
+            println!("{model_version} serves on {}", ids.join(", "));
+            return Ok(0);
+        }
+        if start.elapsed() > timeout {
+            eprintln!(
+                "still loading after {} s on: {}",
+                timeout.as_secs(),
+                pending.join(", ")
+            );
+            return Ok(2);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn model_unload(model_version: &str, targets: &[String], cfg: &CommonConfig) -> Result<i32> {
+    let (model, _) = ditfleet_common::job::parse_model_version(model_version).map_err(anyhow::Error::msg)?;
+    let s = store(cfg).await?;
+    let live = live_workers(&s).await?;
+    let mut changed = 0;
+    for w in live
+        .iter()
+        .filter(|w| targets.is_empty() || targets.contains(&w.id))
+    {
+        let keep: Vec<String> = w
+            .default_versions
+            .iter()
+            .chain(w.model_versions.iter())
+            .filter(|mv| mv.split('@').next() == Some(model.as_str()) && mv.as_str() != model_version)
+            .fold(Vec::new(), |mut acc, mv| {
+                if !acc.contains(mv) {
+                    acc.push(mv.clone());
+                }
+                acc
+            });
+        if !w.model_versions.iter().any(|mv| mv == model_version) {
+            continue;
+        }
+        if keep.is_empty() {
+            eprintln!(
+                "worker {}: {model_version} is its only version of {model}; load another first",
+                w.id
+            );
+            return Ok(1);
+        }
+        s.control_set(Some(&w.id), "models", &serde_json::to_string(&keep)?)
+            .await?;
+        changed += 1;
+    }
+    println!("{model_version} unloaded on {changed} worker(s)");
+    Ok(0)
+}
+
 async fn store(cfg: &CommonConfig) -> Result<JobStore> {
-    JobStore::connect(&cfg.redis_url, &cfg.namespace, cfg.job_ttl)
+    JobStore::connect_cfg(cfg)
         .await
         .with_context(|| format!("connecting to Redis at {}", config::redact_url(&cfg.redis_url)))
 }
@@ -188,6 +462,19 @@ fn build_spec(a: &SubmitArgs) -> Result<(JobSpec, Vec<u8>)> {
 
 async fn submit(a: SubmitArgs, cfg: &CommonConfig) -> Result<i32> {
     let (spec, body) = build_spec(&a)?;
+    // The job's trace starts here; its context travels in the submit message's headers.
+    let span = tracing::info_span!(
+        "submit",
+        job_id = %spec.job_id,
+        tenant = %spec.tenant,
+        model = %spec.model,
+        otel.kind = "producer",
+        messaging.system = "rabbitmq",
+    );
+    submit_in_span(a, cfg, spec, body).instrument(span).await
+}
+
+async fn submit_in_span(a: SubmitArgs, cfg: &CommonConfig, spec: JobSpec, body: Vec<u8>) -> Result<i32> {
     if !a.no_validate {
         spec.validate(&Limits {
             max_prompt_chars: ditfleet_common::job::SCHEMA_MAX_PROMPT_CHARS,
@@ -195,13 +482,17 @@ async fn submit(a: SubmitArgs, cfg: &CommonConfig) -> Result<i32> {
         .context("the job is invalid (use --no-validate to let the scheduler record the rejection)")?;
     }
     let topo = Topology::new(&cfg.namespace);
-    let conn = amqp::connect(&cfg.amqp_url, "ditfleetctl")
+    let conn = amqp::connect_cfg(cfg, "ditfleetctl")
         .await
         .with_context(|| format!("connecting to RabbitMQ at {}", config::redact_url(&cfg.amqp_url)))?;
+    // Declaring makes a first submission safe before any scheduler ran. A least-privileged
+    // backend user may not declare (ACCESS_REFUSED closes that channel): then the topology must
+    // exist already, and the mandatory publish below says so if it does not.
+    let declare_ch = conn.create_channel().await?;
+    if let Err(e) = topo.declare(&declare_ch, &[]).await {
+        tracing::debug!(error = %e, "not declaring the topology (no configure permission?); using the existing one");
+    }
     let ch = conn.create_channel().await?;
-    topo.declare(&ch, &[])
-        .await
-        .context("declaring the submit topology")?;
     // Subscribe before publishing so no event can be missed.
     let events = if a.wait {
         Some(
@@ -213,9 +504,11 @@ async fn submit(a: SubmitArgs, cfg: &CommonConfig) -> Result<i32> {
     };
     let publisher = Publisher::new(&conn).await?;
     let submitted = Instant::now();
+    let mut headers = amqp::headers(&[("x-submitted-ms", now_ms().to_string())]);
+    ditfleet_common::telemetry::inject_current(&mut headers);
     let props = persistent("application/json")
         .with_message_id(spec.job_id.as_str().into())
-        .with_headers(amqp::headers(&[("x-submitted-ms", now_ms().to_string())]));
+        .with_headers(headers);
     publisher
         .publish(
             &topo.submit_exchange(),
@@ -287,6 +580,7 @@ async fn submit(a: SubmitArgs, cfg: &CommonConfig) -> Result<i32> {
                 store_ms,
                 end_to_end_ms,
                 timings,
+                gpu_seconds,
                 ..
             } => {
                 bar.finish_with_message("done");
@@ -303,6 +597,10 @@ async fn submit(a: SubmitArgs, cfg: &CommonConfig) -> Result<i32> {
                     f("denoise_ms"),
                     f("decode_ms")
                 );
+                println!("cost: {gpu_seconds:.3} GPU-seconds");
+                if let Some(tp) = ditfleet_common::telemetry::current_traceparent() {
+                    println!("trace: {tp}");
+                }
                 println!("client round trip: {} ms", submitted.elapsed().as_millis());
                 return Ok(0);
             }
@@ -360,8 +658,8 @@ async fn workers(json: bool, cfg: &CommonConfig) -> Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<24} {:<9} {:<22} {:>5} {:<26} {:<18} {:>6} {:>9}",
-        "WORKER", "STATE", "CLASSES", "FREE", "MODELS", "GPUS", "DEGREE", "HEARTBEAT"
+        "{:<24} {:<9} {:<22} {:>5} {:<34} {:<18} {:>6} {:>9}",
+        "WORKER", "STATE", "CLASSES", "FREE", "MODEL VERSIONS (*default)", "GPUS", "DEGREE", "HEARTBEAT"
     );
     let now = now_ms();
     for w in infos {
@@ -370,20 +668,39 @@ async fn workers(json: bool, cfg: &CommonConfig) -> Result<i32> {
         } else {
             format!("{}x {}", w.gpus.len(), w.gpus[0].name.replace("NVIDIA ", ""))
         };
+        let versions = w
+            .model_versions
+            .iter()
+            .map(|mv| {
+                if w.default_versions.contains(mv) {
+                    format!("*{mv}")
+                } else {
+                    mv.clone()
+                }
+            })
+            .chain(w.loading.iter().map(|mv| format!("{mv}(loading)")))
+            .collect::<Vec<_>>()
+            .join(",");
         println!(
-            "{:<24} {:<9} {:<22} {:>2}/{:<2} {:<26} {:<18} {:>6} {:>7}ms",
+            "{:<24} {:<9} {:<22} {:>2}/{:<2} {:<34} {:<18} {:>6} {:>7}ms",
             w.id,
             w.state,
             w.classes.join(","),
             w.free_slots,
             w.slots,
-            w.model_versions.join(","),
+            versions,
             gpus,
             w.parallel_degree,
             now.saturating_sub(w.heartbeat_ms)
         );
         if !w.engine_note.is_empty() {
             println!("  {} engine: {}", w.engine, w.engine_note);
+        }
+        if let Some(r) = &w.degraded_reason {
+            println!("  degraded: {r}");
+        }
+        if let Some(e) = &w.load_error {
+            println!("  last model load failed: {e}");
         }
     }
     Ok(0)
@@ -414,7 +731,7 @@ async fn cancel(job_id: &str, cfg: &CommonConfig) -> Result<i32> {
         (true, _) => {
             // Nobody runs it: announce the cancellation here.
             let topo = Topology::new(&cfg.namespace);
-            let conn = amqp::connect(&cfg.amqp_url, "ditfleetctl").await?;
+            let conn = amqp::connect_cfg(cfg, "ditfleetctl").await?;
             let ch = conn.create_channel().await?;
             topo.declare(&ch, &[]).await?;
             let p = Publisher::new(&conn).await?;
@@ -442,4 +759,35 @@ async fn cancel(job_id: &str, cfg: &CommonConfig) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+fn rabbitmq_permissions(vhost: &str, prefix: &str, cfg: &CommonConfig) {
+    use ditfleet_common::topology::Role;
+    let topo = Topology::new(&cfg.namespace);
+    let q = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    println!(
+        "# least-privilege RabbitMQ users of namespace {:?}: configure, write, read",
+        cfg.namespace
+    );
+    for (role, name) in [
+        (Role::Backend, "backend"),
+        (Role::Scheduler, "scheduler"),
+        (Role::Worker, "worker"),
+    ] {
+        let p = topo.permissions(role);
+        let user = format!("{prefix}-{name}");
+        println!(
+            "rabbitmqctl add_user {} \"$PASSWORD_{}\"",
+            q(&user),
+            name.to_uppercase()
+        );
+        println!(
+            "rabbitmqctl set_permissions -p {} {} {} {} {}",
+            q(vhost),
+            q(&user),
+            q(&p.configure),
+            q(&p.write),
+            q(&p.read)
+        );
+    }
 }

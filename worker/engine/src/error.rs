@@ -25,6 +25,10 @@ pub enum EngineError {
     /// Encoding the output image failed.
     #[error("image encoding failed: {0}")]
     Encode(String),
+    /// A step checkpoint cannot be used (corrupt, another plan, or the engine cannot resume); the
+    /// job itself is fine: run it from the start.
+    #[error("unusable checkpoint: {0}")]
+    BadCheckpoint(String),
     /// Filesystem error while reading weights or writing output.
     #[error("io error: {0}")]
     Io(#[from] std::io::Error),

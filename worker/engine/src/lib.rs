@@ -5,12 +5,15 @@
 //! [`Engine`]; today that is the [`simulated::SimulatedEngine`] (for fleet load and chaos tests)
 //! and the Flux.1 pipeline.
 
+pub mod checkpoint;
 pub mod error;
 pub mod flux;
 pub mod image;
+pub mod parallel;
 pub mod request;
 pub mod simulated;
 
+pub use checkpoint::StepCheckpoint;
 pub use error::EngineError;
 pub use image::GeneratedImage;
 pub use request::{Control, GenerateRequest, StageTimings, StepEvent};
@@ -44,4 +47,37 @@ pub trait Engine: Send {
         request: &GenerateRequest,
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError>;
+
+    /// [`Engine::generate`] with step checkpoints: starts after `resume.step` from its state when
+    /// given, and hands a checkpoint to `on_checkpoint` every `every` steps (0 = never) and at the
+    /// step where `on_step` cancels, so the work done survives. Resuming gives the same image as an
+    /// uninterrupted run. Engines that cannot checkpoint run from the start and reject `resume`.
+    fn generate_resumable(
+        &mut self,
+        request: &GenerateRequest,
+        resume: Option<&StepCheckpoint>,
+        every: u32,
+        on_checkpoint: &mut dyn FnMut(StepCheckpoint),
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<GeneratedImage, EngineError> {
+        if resume.is_some() {
+            return Err(EngineError::BadCheckpoint(
+                "this engine cannot resume from a checkpoint".into(),
+            ));
+        }
+        let _ = (every, on_checkpoint);
+        self.generate(request, on_step)
+    }
+
+    /// Gives cached device memory back after an out-of-memory failure, before a retry. (libtorch's
+    /// CUDA caching allocator already frees its cached blocks and retries once before reporting
+    /// out of memory, so engines built on it have nothing more to free; the retry's back-off gives
+    /// other processes on the GPU time to release theirs.)
+    fn release_memory(&mut self) {}
+
+    /// `Some(reason)` once the engine runs with reduced capacity (e.g. a GPU was quarantined and
+    /// the parallel groups rebuilt on the others); the worker advertises it as `degraded`.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
 }

@@ -14,7 +14,23 @@ pub struct GenerateRequest {
     pub height: u32,
     pub steps: u32,
     pub guidance: f32,
+    /// "True" classifier-free guidance (diffusers' `true_cfg_scale`): with a `negative_prompt`
+    /// and a scale above 1, every step also runs the model on the negative prompt and uses
+    /// `neg + scale * (pos - neg)`. 1 (the default) = off, as for guidance-distilled Flux.
+    #[serde(default = "one")]
+    pub true_cfg_scale: f32,
     pub seed: u64,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+impl GenerateRequest {
+    /// Whether this request runs true CFG (a negative prompt and a scale above 1).
+    pub fn true_cfg(&self) -> bool {
+        self.true_cfg_scale > 1.0 && self.negative_prompt.is_some()
+    }
 }
 
 /// Emitted after each denoising step.
@@ -25,6 +41,9 @@ pub struct StepEvent {
     pub total: u32,
     /// Time since the denoising loop started.
     pub elapsed: Duration,
+    /// Host time spent issuing this step's work (until the device sync that ends the step):
+    /// when it approaches the step time, the step is bound by kernel launches, not the GPU.
+    pub host: Duration,
 }
 
 /// Returned by the step callback.
@@ -42,4 +61,8 @@ pub struct StageTimings {
     pub decode_ms: f64,
     /// Peak device memory during the generation, bytes, where the device reports it.
     pub peak_memory_bytes: Option<u64>,
+    /// The parallel plan the image was generated with (`single`, `ulysses=2`, ...); recorded in
+    /// the job's status with the timings. `None` for engines without plans (simulated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }

@@ -3,16 +3,32 @@
 //! everywhere it appears (registration, job results, logs) and never serves as the real model.
 //!
 //! It sleeps `step_ms` per denoising step and draws a deterministic image from the seed: the same
-//! request always yields the same bytes.
+//! request always yields the same bytes. Like a real sampler it carries a state from step to step
+//! (a hash chain seeded by the request) that the image depends on, and it checkpoints and resumes
+//! that state, so resuming from a wrong step or state gives a different image. Faults can be
+//! injected ([`SimulatedFaults`]) to exercise the worker's retry and dead-letter paths.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::{
-    Control, Engine, EngineError, EngineInfo, GenerateRequest, GeneratedImage, StageTimings, StepEvent,
+    Control, Engine, EngineError, EngineInfo, GenerateRequest, GeneratedImage, StageTimings, StepCheckpoint,
+    StepEvent,
 };
+
+/// Injected failures.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimulatedFaults {
+    /// The first `oom` tries of every request (in this engine) fail with out-of-memory.
+    pub oom: u32,
+    /// The first `device` tries of every request fail with a device error.
+    pub device: u32,
+    /// Every request fails with a model-load error (permanent).
+    pub bad_weights: bool,
+}
 
 /// Settings of the simulated engine.
 #[derive(Debug, Clone)]
@@ -23,6 +39,7 @@ pub struct SimulatedConfig {
     pub models: Vec<String>,
     /// Version label advertised for every model.
     pub version: String,
+    pub faults: SimulatedFaults,
 }
 
 impl Default for SimulatedConfig {
@@ -31,6 +48,7 @@ impl Default for SimulatedConfig {
             step_ms: 20,
             models: vec!["flux-dev".into(), "flux-schnell".into()],
             version: "sim-1".into(),
+            faults: SimulatedFaults::default(),
         }
     }
 }
@@ -39,20 +57,61 @@ impl Default for SimulatedConfig {
 #[derive(Debug)]
 pub struct SimulatedEngine {
     config: SimulatedConfig,
+    /// Tries seen per request (for injected faults).
+    tries: HashMap<u64, u32>,
+}
+
+const CHECKPOINT_MAGIC: &[u8; 8] = b"DFSIMCK1";
+
+fn mix(mut z: u64) -> u64 {
+    // splitmix64
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl SimulatedEngine {
     pub fn new(config: SimulatedConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            tries: HashMap::new(),
+        }
     }
 
-    /// The deterministic image for a request: a seeded colour gradient with seeded noise. The
-    /// prompt also feeds the seed so different prompts give different images.
-    pub fn render(request: &GenerateRequest) -> Vec<u8> {
+    /// The sampler state before the first step.
+    fn initial_state(request: &GenerateRequest) -> u64 {
         let mut seed = request.seed;
         for b in request.prompt.bytes() {
             seed = seed.rotate_left(5) ^ u64::from(b);
         }
+        seed
+    }
+
+    /// The state after step `step` (1-based) given the state before it.
+    fn advance(state: u64, step: u32) -> u64 {
+        mix(state ^ u64::from(step).wrapping_mul(0x2545_f491_4f6c_dd1d))
+    }
+
+    fn request_key(request: &GenerateRequest) -> u64 {
+        let mut h = Self::initial_state(request);
+        for v in [request.width, request.height, request.steps] {
+            h = mix(h ^ u64::from(v));
+        }
+        h
+    }
+
+    /// The deterministic image for a request (what [`Engine::generate`] returns): a colour
+    /// gradient with noise drawn from the sampler state after the last step.
+    pub fn render(request: &GenerateRequest) -> Vec<u8> {
+        let mut state = Self::initial_state(request);
+        for step in 1..=request.steps {
+            state = Self::advance(state, step);
+        }
+        Self::render_state(request, state)
+    }
+
+    fn render_state(request: &GenerateRequest, seed: u64) -> Vec<u8> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let base: [f32; 3] = [rng.random(), rng.random(), rng.random()];
         let tint: [f32; 3] = [rng.random(), rng.random(), rng.random()];
@@ -95,6 +154,17 @@ impl Engine for SimulatedEngine {
         request: &GenerateRequest,
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
+        self.generate_resumable(request, None, 0, &mut |_| {}, on_step)
+    }
+
+    fn generate_resumable(
+        &mut self,
+        request: &GenerateRequest,
+        resume: Option<&StepCheckpoint>,
+        every: u32,
+        on_checkpoint: &mut dyn FnMut(StepCheckpoint),
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<GeneratedImage, EngineError> {
         if !self.config.models.iter().any(|m| m == &request.model) {
             return Err(EngineError::InvalidRequest(format!(
                 "simulated engine does not serve model {:?}",
@@ -106,21 +176,75 @@ impl Engine for SimulatedEngine {
                 "steps, width and height must be positive".into(),
             ));
         }
+        let faults = &self.config.faults;
+        if faults.bad_weights {
+            return Err(EngineError::Load(format!(
+                "simulated fault: weights of {}@{} are corrupt",
+                request.model, self.config.version
+            )));
+        }
+        let tries = self.tries.entry(Self::request_key(request)).or_insert(0);
+        *tries += 1;
+        if *tries <= faults.oom {
+            return Err(EngineError::OutOfMemory {
+                device: "sim:0".into(),
+                message: format!("simulated fault: out of memory on try {tries}"),
+            });
+        }
+        if *tries <= faults.oom + faults.device {
+            return Err(EngineError::Device {
+                device: "sim:0".into(),
+                message: format!("simulated fault: device error on try {tries}"),
+            });
+        }
+        let (first, mut state) = match resume {
+            None => (1, Self::initial_state(request)),
+            Some(c) => {
+                let bytes = &c.bytes;
+                if bytes.len() != 20 || &bytes[..8] != CHECKPOINT_MAGIC {
+                    return Err(EngineError::BadCheckpoint(
+                        "not a simulated-engine checkpoint".into(),
+                    ));
+                }
+                let step = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+                let state = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+                if step != c.step || step >= request.steps {
+                    return Err(EngineError::BadCheckpoint(format!(
+                        "checkpoint at step {step} (pointer says {}) does not fit a {}-step job",
+                        c.step, request.steps
+                    )));
+                }
+                (step + 1, state)
+            }
+        };
+        let checkpoint = |step: u32, state: u64| {
+            let mut bytes = CHECKPOINT_MAGIC.to_vec();
+            bytes.extend(step.to_le_bytes());
+            bytes.extend(state.to_le_bytes());
+            StepCheckpoint { step, bytes }
+        };
         let start = Instant::now();
-        for step in 1..=request.steps {
+        for step in first..=request.steps {
             std::thread::sleep(Duration::from_millis(self.config.step_ms));
-            if on_step(StepEvent {
+            state = Self::advance(state, step);
+            let control = on_step(StepEvent {
                 step,
                 total: request.steps,
                 elapsed: start.elapsed(),
-            }) == Control::Cancel
+                host: Duration::ZERO,
+            });
+            if every > 0 && step < request.steps && (step.is_multiple_of(every) || control == Control::Cancel)
             {
+                on_checkpoint(checkpoint(step, state));
+            }
+            if control == Control::Cancel {
                 return Err(EngineError::Cancelled { step });
             }
         }
+        self.tries.remove(&Self::request_key(request));
         let denoise_ms = start.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
-        let rgb = Self::render(request);
+        let rgb = Self::render_state(request, state);
         Ok(GeneratedImage {
             width: request.width,
             height: request.height,
@@ -130,6 +254,7 @@ impl Engine for SimulatedEngine {
                 denoise_ms,
                 decode_ms: t.elapsed().as_secs_f64() * 1e3,
                 peak_memory_bytes: None,
+                plan: None,
             },
         })
     }
@@ -148,6 +273,7 @@ mod tests {
             height: 32,
             steps: 3,
             guidance: 3.5,
+            true_cfg_scale: 1.0,
             seed,
         }
     }
@@ -189,6 +315,91 @@ mod tests {
             }
         });
         assert!(matches!(err, Err(EngineError::Cancelled { step: 2 })));
+    }
+
+    #[test]
+    fn resuming_from_a_checkpoint_gives_the_uninterrupted_image_and_a_wrong_state_does_not() {
+        let mut e = SimulatedEngine::new(SimulatedConfig {
+            step_ms: 0,
+            ..Default::default()
+        });
+        let mut r = request(3);
+        r.steps = 10;
+        let full = e.generate(&r, &mut |_| Control::Continue).unwrap();
+        assert_eq!(full.rgb, SimulatedEngine::render(&r));
+        let mut saved = Vec::new();
+        let err = e.generate_resumable(&r, None, 3, &mut |c| saved.push(c), &mut |ev| {
+            if ev.step == 7 {
+                Control::Cancel
+            } else {
+                Control::Continue
+            }
+        });
+        assert!(matches!(err, Err(EngineError::Cancelled { step: 7 })));
+        assert_eq!(
+            saved.iter().map(|c| c.step).collect::<Vec<_>>(),
+            [3, 6, 7],
+            "every 3 and at the cancel"
+        );
+        for c in &saved {
+            let mut steps = Vec::new();
+            let img = e
+                .generate_resumable(&r, Some(c), 3, &mut |_| {}, &mut |ev| {
+                    steps.push(ev.step);
+                    Control::Continue
+                })
+                .unwrap();
+            assert_eq!(img.rgb, full.rgb, "resumed from step {}", c.step);
+            assert_eq!(
+                steps.first(),
+                Some(&(c.step + 1)),
+                "continues after the checkpoint"
+            );
+        }
+        let mut wrong = saved[0].clone();
+        wrong.bytes[12] ^= 1;
+        let img = e
+            .generate_resumable(&r, Some(&wrong), 0, &mut |_| {}, &mut |_| Control::Continue)
+            .unwrap();
+        assert_ne!(img.rgb, full.rgb, "the image depends on the carried state");
+        let mut garbage = saved[0].clone();
+        garbage.bytes.truncate(5);
+        assert!(matches!(
+            e.generate_resumable(&r, Some(&garbage), 0, &mut |_| {}, &mut |_| Control::Continue),
+            Err(EngineError::BadCheckpoint(_))
+        ));
+    }
+
+    #[test]
+    fn injected_faults_fail_the_first_tries_then_succeed_or_fail_permanently() {
+        let mut e = SimulatedEngine::new(SimulatedConfig {
+            step_ms: 0,
+            faults: SimulatedFaults {
+                oom: 2,
+                device: 1,
+                bad_weights: false,
+            },
+            ..Default::default()
+        });
+        let r = request(5);
+        let mut go = || e.generate(&r, &mut |_| Control::Continue);
+        assert!(matches!(go(), Err(EngineError::OutOfMemory { .. })));
+        assert!(matches!(go(), Err(EngineError::OutOfMemory { .. })));
+        assert!(matches!(go(), Err(EngineError::Device { .. })));
+        assert!(go().is_ok());
+        let mut bad = SimulatedEngine::new(SimulatedConfig {
+            step_ms: 0,
+            faults: SimulatedFaults {
+                bad_weights: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let err = bad.generate(&r, &mut |_| Control::Continue).unwrap_err();
+        assert!(
+            matches!(err, EngineError::Load(_)) && !err.is_transient(),
+            "{err}"
+        );
     }
 
     #[test]

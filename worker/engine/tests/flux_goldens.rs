@@ -327,11 +327,12 @@ fn pipeline_case(folder: &str, model: &str) {
         height: io["height"].as_u64().unwrap() as u32,
         steps: io["steps"].as_u64().unwrap() as u32,
         guidance: io["guidance"].as_f64().unwrap() as f32,
+        true_cfg_scale: 1.0,
         seed: io["seed"].as_u64().unwrap(),
     };
     let (txt, pooled) = pipe.encode_prompt(&req.prompt).unwrap();
     let (latents, hw) = pipe
-        .denoise(&txt, &pooled, &req, &mut |_| Control::Continue)
+        .denoise(&txt, &pooled, None, &req, &mut |_| Control::Continue)
         .unwrap();
     check(
         "pipeline latents (seeded noise, 3 steps)",

@@ -19,6 +19,7 @@ fn request(seed: u64) -> GenerateRequest {
         height: 256,
         steps: 4,
         guidance: 3.5,
+        true_cfg_scale: 1.0,
         seed,
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod clip;
 pub mod layers;
+pub mod part;
 pub mod pipeline;
 pub mod sampling;
 pub mod t5;

@@ -14,7 +14,8 @@ use super::tokenizer::PromptTokenizer;
 use super::transformer::{self, Flux};
 use super::vae::{self, Decoder};
 use crate::{
-    Control, Engine, EngineError, EngineInfo, GenerateRequest, GeneratedImage, StageTimings, StepEvent,
+    Control, Engine, EngineError, EngineInfo, GenerateRequest, GeneratedImage, StageTimings, StepCheckpoint,
+    StepEvent,
 };
 
 /// Where each component computes.
@@ -89,16 +90,34 @@ pub struct Pipeline {
     info: EngineInfo,
 }
 
+/// A unique temporary file path, removed on drop (safetensors I/O in tch goes through files).
+struct TempPath(PathBuf);
+
+impl TempPath {
+    fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(std::env::temp_dir().join(format!("ditfleet-ckpt-{}-{n}.safetensors", std::process::id())))
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Waits for the work producing `t` (a one-element device-to-host copy; unlike
 /// `tch::Cuda::synchronize` it reports a device error as an error instead of panicking).
-fn sync_on(t: &Tensor) -> Result<(), EngineError> {
+pub(crate) fn sync_on(t: &Tensor) -> Result<(), EngineError> {
     if t.device().is_cuda() && t.numel() > 0 {
         let _host = t.f_flatten(0, -1)?.f_narrow(0, 0, 1)?.f_to_device(Device::Cpu)?;
     }
     Ok(())
 }
 
-fn device_name(d: Device) -> String {
+/// `cpu`, `cuda:N`: how devices are named in engine info, errors and logs.
+pub(crate) fn device_name(d: Device) -> String {
     match d {
         Device::Cpu => "cpu".into(),
         Device::Cuda(i) => format!("cuda:{i}"),
@@ -207,13 +226,23 @@ impl Pipeline {
     /// structured noise. Serves `flux-dev` (with guidance embedding, 64 T5 tokens); the same
     /// seed always builds the same weights.
     pub fn tiny_random(seed: u64) -> Result<Self, EngineError> {
+        Self::tiny_random_with(&transformer::Config::tiny(), 64, seed)
+    }
+
+    /// [`Pipeline::tiny_random`] with another transformer config (e.g. more heads, to test
+    /// parallel plans) and `t5_len` text tokens.
+    pub fn tiny_random_with(
+        tcfg: &transformer::Config,
+        t5_len: usize,
+        seed: u64,
+    ) -> Result<Self, EngineError> {
         let _guard = tch::no_grad_guard();
         let _lock = super::rng_lock();
         tch::manual_seed(seed as i64);
         let kind = Kind::Float;
         let device = Device::Cpu;
         let vocab = PromptTokenizer::TINY_VOCAB;
-        let transformer = Flux::new(&transformer::Config::tiny(), device, kind)?;
+        let transformer = Flux::new(tcfg, device, kind)?;
         let vae = Decoder::new(&vae::Config::tiny(), device, kind)?;
         let clip = ClipTextModel::new(
             &clip::Config {
@@ -245,7 +274,42 @@ impl Pipeline {
             vae,
             scheduler: SchedulerConfig::dev(),
             clip_tokenizer: PromptTokenizer::tiny_clip(77)?,
-            t5_tokenizer: PromptTokenizer::tiny_t5(64)?,
+            t5_tokenizer: PromptTokenizer::tiny_t5(t5_len)?,
+            encoders: TextEncoders::Resident { clip, t5 },
+            options: PipelineOptions::new(device, kind),
+            info,
+        })
+    }
+
+    /// A pipeline with Flux.1-dev's FULL shapes (transformer, T5-XXL, CLIP-L, VAE) and random
+    /// weights drawn from `seed`, with byte-level tokenizers (77 CLIP / 512 T5 tokens), on
+    /// `device` in `kind`: for benchmarks and multi-GPU checks where no checkpoint is at hand.
+    /// Its images are noise.
+    pub fn random_dev(device: Device, kind: Kind, seed: u64) -> Result<Self, EngineError> {
+        let _guard = tch::no_grad_guard();
+        let _lock = super::rng_lock();
+        tch::manual_seed(seed as i64);
+        let vocab = PromptTokenizer::TINY_VOCAB;
+        let transformer = Flux::new(&transformer::Config::dev(), device, kind)?;
+        let vae = Decoder::new(&vae::Config::dev(), device, kind)?;
+        let clip = ClipTextModel::new(&clip::Config::dev(), device, kind)?;
+        let t5 = T5Encoder::new(&t5::Config::dev(), device, kind)?;
+        debug_assert!(vocab <= clip::Config::dev().vocab_size && vocab <= t5::Config::dev().vocab_size);
+        let info = EngineInfo {
+            kind: "flux-random".into(),
+            models: vec!["flux-dev".into()],
+            model_versions: vec![format!("flux-dev@random-{seed}")],
+            devices: vec![device_name(device)],
+            parallel_degree: 1,
+            note: "Flux.1-dev shapes with random weights (benchmarks only; images are noise)".into(),
+        };
+        Ok(Self {
+            model: "flux-dev".into(),
+            transformer,
+            vae,
+            scheduler: SchedulerConfig::dev(),
+            clip_tokenizer: PromptTokenizer::tiny_clip(77)?,
+            t5_tokenizer: PromptTokenizer::tiny_t5(512)?,
             encoders: TextEncoders::Resident { clip, t5 },
             options: PipelineOptions::new(device, kind),
             info,
@@ -281,59 +345,134 @@ impl Pipeline {
     }
 
     /// Denoises from seeded noise. Returns the final packed latents `(1, img_seq, 64)` and the
-    /// latent size. `on_step` may cancel.
+    /// latent size. `neg`: the negative prompt's `(txt, pooled)` for true CFG. `on_step` may
+    /// cancel.
     pub fn denoise(
         &self,
         txt: &Tensor,
         pooled: &Tensor,
+        neg: Option<(&Tensor, &Tensor)>,
         request: &GenerateRequest,
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<(Tensor, (i64, i64)), EngineError> {
+        self.denoise_resumable(txt, pooled, neg, request, None, 0, &mut |_, _| Ok(()), on_step)
+    }
+
+    /// [`Pipeline::denoise`], resumable: with `resume = (k, latents)` it continues after step `k`
+    /// from those packed latents (the flow-matching Euler sampler's whole state besides the step
+    /// index: its schedule depends only on the request), and it calls `on_checkpoint(step,
+    /// latents)` every `every` steps (0 = never) and at the step where `on_step` cancels.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise_resumable(
+        &self,
+        txt: &Tensor,
+        pooled: &Tensor,
+        neg: Option<(&Tensor, &Tensor)>,
+        request: &GenerateRequest,
+        resume: Option<(u32, &Tensor)>,
+        every: u32,
+        on_checkpoint: &mut dyn FnMut(u32, &Tensor) -> Result<(), EngineError>,
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<(Tensor, (i64, i64)), EngineError> {
         let _guard = tch::no_grad_guard();
         let (dev, kind) = (self.options.devices.transformer, self.options.kind);
-        let (lh, lw) = sampling::latent_size(request.height, request.width, self.vae.config.scale_factor());
-        let channels = self.transformer.config.in_channels / 4;
-        let noise = sampling::noise(request.seed, channels, lh, lw, kind, dev)?;
-        let mut x = sampling::pack(&noise)?; // (1, img_seq, 64)
-        let img_seq = x.size()[1];
-        let sched = sampling::schedule(&self.scheduler, request.steps as usize, img_seq);
+        let inputs = LoopInputs::new(
+            &self.transformer,
+            &self.scheduler,
+            self.vae.config.scale_factor(),
+            request,
+            pooled,
+            neg.map(|n| n.1),
+            dev,
+            kind,
+        )?;
+        let (first, mut x) = match resume {
+            None => (0usize, inputs.x.shallow_clone()),
+            Some((k, latents)) => {
+                let want = inputs.x.size();
+                if latents.size() != want || k == 0 || k >= request.steps {
+                    return Err(EngineError::BadCheckpoint(format!(
+                        "latents {:?} after step {k} do not fit this {}-step {}x{} job (want {want:?})",
+                        latents.size(),
+                        request.steps,
+                        request.width,
+                        request.height
+                    )));
+                }
+                (k as usize, latents.f_to_device(dev)?.f_to_kind(kind)?)
+            }
+        };
         let txt_len = txt.size()[1];
+        let (lh, lw) = inputs.latent_hw;
         let ids = Flux::position_ids(txt_len, lh, lw, dev)?;
         let pe = self.transformer.rope(&ids)?;
         let txt = self.transformer.embed_txt(txt)?;
-        // All steps' conditioning vectors at once, as FluxPipeline feeds them: t / 1000 in the
-        // latent dtype; guidance as fp32.
-        let steps = sched.timesteps.len() as i64;
-        let t = Tensor::f_from_slice(&sched.timesteps)?
-            .f_to_device(dev)?
-            .f_to_kind(kind)?
-            .f_div_scalar(1000.0)?;
-        let g = Tensor::f_full([steps], f64::from(request.guidance), (Kind::Float, dev))?;
-        let guidance = if self.transformer.config.guidance_embed {
-            Some(&g)
-        } else {
-            None
-        };
-        let vecs = self
-            .transformer
-            .vec(&t, &pooled.f_expand([steps, pooled.size()[1]], false)?, guidance)?; // (steps, h)
+        let neg_txt = neg.map(|n| self.transformer.embed_txt(n.0)).transpose()?;
         let start = Instant::now();
-        for i in 0..steps as usize {
-            let vec = vecs.f_narrow(0, i as i64, 1)?;
-            let v = self.transformer.forward_prepared(&x, &txt, &vec, &pe)?;
-            x = sampling::euler_step(&x, &v, sched.sigmas[i], sched.sigmas[i + 1])?;
+        for i in first..inputs.steps {
+            let step_start = Instant::now();
+            let mut v = self
+                .transformer
+                .forward_prepared(&x, &txt, &inputs.vec(i)?, &pe)?;
+            if let (Some(nt), Some(nv)) = (&neg_txt, &inputs.neg_vecs) {
+                let vn = self
+                    .transformer
+                    .forward_prepared(&x, nt, &nv.f_narrow(0, i as i64, 1)?, &pe)?;
+                v = true_cfg(&v, &vn, request.true_cfg_scale)?;
+            }
+            x = sampling::euler_step(&x, &v, inputs.sigmas[i], inputs.sigmas[i + 1])?;
+            let host = step_start.elapsed();
             sync_on(&x)?;
             let step = i as u32 + 1;
-            if on_step(StepEvent {
+            let control = on_step(StepEvent {
                 step,
-                total: steps as u32,
+                total: inputs.steps as u32,
                 elapsed: start.elapsed(),
-            }) == Control::Cancel
+                host,
+            });
+            if every > 0
+                && (step as usize) < inputs.steps
+                && (step.is_multiple_of(every) || control == Control::Cancel)
             {
+                on_checkpoint(step, &x)?;
+            }
+            if control == Control::Cancel {
                 return Err(EngineError::Cancelled { step });
             }
         }
         Ok((x, (lh, lw)))
+    }
+
+    /// A checkpoint of packed latents after `step`: safetensors with `latents` (as computed, e.g.
+    /// bf16 on a GPU, so resuming is exact) and `step`.
+    pub fn checkpoint_bytes(step: u32, latents: &Tensor) -> Result<Vec<u8>, EngineError> {
+        let tmp = TempPath::new();
+        let cpu = latents.f_to_device(Device::Cpu)?.f_contiguous()?;
+        let step_t = Tensor::f_from_slice(&[i64::from(step)])?;
+        Tensor::write_safetensors(&[("latents", &cpu), ("step", &step_t)], &tmp.0)?;
+        Ok(std::fs::read(&tmp.0)?)
+    }
+
+    /// Reads a checkpoint made by [`Pipeline::checkpoint_bytes`]: (step, latents on the CPU).
+    pub fn read_checkpoint(bytes: &[u8]) -> Result<(u32, Tensor), EngineError> {
+        let tmp = TempPath::new();
+        std::fs::write(&tmp.0, bytes)?;
+        let tensors = Tensor::read_safetensors(&tmp.0)
+            .map_err(|e| EngineError::BadCheckpoint(format!("not a safetensors checkpoint: {e}")))?;
+        let get = |name: &str| {
+            tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.shallow_clone())
+                .ok_or_else(|| EngineError::BadCheckpoint(format!("checkpoint has no {name:?} tensor")))
+        };
+        let step = get("step")?;
+        if step.numel() != 1 || step.kind() != Kind::Int64 {
+            return Err(EngineError::BadCheckpoint("\"step\" is not one int64".into()));
+        }
+        let step = u32::try_from(step.f_int64_value(&[0])?)
+            .map_err(|_| EngineError::BadCheckpoint("step out of range".into()))?;
+        Ok((step, get("latents")?))
     }
 
     /// Packed latents -> RGB bytes `(h, w, 3)` row-major.
@@ -341,25 +480,30 @@ impl Pipeline {
         let _guard = tch::no_grad_guard();
         let z = sampling::unpack(latents, latent_hw.0, latent_hw.1)?.f_to_device(self.options.devices.vae)?;
         let img = self.vae.decode(&z)?; // (1, 3, H, W) in [-1, 1]
-        let img = img
-            .f_to_kind(Kind::Float)?
-            .f_div_scalar(2.0)?
-            .f_add_scalar(0.5)?
-            .f_clamp(0.0, 1.0)?
-            .f_mul_scalar(255.0)?
-            .f_round()?
-            .f_to_kind(Kind::Uint8)?
-            .f_squeeze_dim(0)?
-            .f_permute([1, 2, 0])?
-            .f_contiguous()?
-            .f_to_device(Device::Cpu)?;
+        let img = to_rgb8(&img)?.f_to_device(Device::Cpu)?; // (H, W, 3)
         let n = img.numel();
         let mut out = vec![0u8; n];
         img.f_copy_data_u8(&mut out, n)?;
         Ok(out)
     }
 
-    fn check(&self, r: &GenerateRequest) -> Result<(), EngineError> {
+    pub fn options(&self) -> &PipelineOptions {
+        &self.options
+    }
+
+    /// NaN/Inf in the denoised latents means a failing device (or broken weights).
+    pub(crate) fn check_finite(&self, latents: &Tensor) -> Result<(), EngineError> {
+        let finite = latents.f_isfinite()?.f_all()?.f_to_device(Device::Cpu)?;
+        if !bool::try_from(&finite).map_err(EngineError::from)? {
+            return Err(EngineError::Device {
+                device: device_name(latents.device()),
+                message: "denoised latents contain NaN or Inf".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check(&self, r: &GenerateRequest) -> Result<(), EngineError> {
         if r.model != self.model {
             return Err(EngineError::InvalidRequest(format!(
                 "this engine serves {}, not {:?}",
@@ -391,33 +535,141 @@ impl Pipeline {
     }
 }
 
+/// Everything a denoising loop needs besides the model forward: the seeded packed noise, the
+/// sigma schedule and the per-step conditioning vectors. Shared by the one-device loop and the
+/// multi-GPU ranks (every rank derives the same values from the request).
+#[derive(Debug)]
+pub struct LoopInputs {
+    /// Packed noise `(1, img_seq, 64)`.
+    pub x: Tensor,
+    pub latent_hw: (i64, i64),
+    pub steps: usize,
+    /// `steps + 1` sigmas.
+    pub sigmas: Vec<f32>,
+    /// Conditioning vectors `(steps, h)`.
+    pub vecs: Tensor,
+    /// The negative prompt's conditioning vectors (true CFG).
+    pub neg_vecs: Option<Tensor>,
+}
+
+impl LoopInputs {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        transformer: &Flux,
+        scheduler: &SchedulerConfig,
+        vae_scale: i64,
+        request: &GenerateRequest,
+        pooled: &Tensor,
+        neg_pooled: Option<&Tensor>,
+        dev: Device,
+        kind: Kind,
+    ) -> Result<Self, EngineError> {
+        let (lh, lw) = sampling::latent_size(request.height, request.width, vae_scale);
+        let channels = transformer.config.in_channels / 4;
+        let noise = sampling::noise(request.seed, channels, lh, lw, kind, dev)?;
+        let x = sampling::pack(&noise)?; // (1, img_seq, 64)
+        let img_seq = x.size()[1];
+        let sched = sampling::schedule(scheduler, request.steps as usize, img_seq);
+        // All steps' conditioning vectors at once, as FluxPipeline feeds them: t / 1000 in the
+        // latent dtype; guidance as fp32.
+        let steps = sched.timesteps.len() as i64;
+        let t = Tensor::f_from_slice(&sched.timesteps)?
+            .f_to_device(dev)?
+            .f_to_kind(kind)?
+            .f_div_scalar(1000.0)?;
+        let g = Tensor::f_full([steps], f64::from(request.guidance), (Kind::Float, dev))?;
+        let guidance = if transformer.config.guidance_embed {
+            Some(&g)
+        } else {
+            None
+        };
+        let vecs_for = |p: &Tensor| transformer.vec(&t, &p.f_expand([steps, p.size()[1]], false)?, guidance);
+        Ok(Self {
+            x,
+            latent_hw: (lh, lw),
+            steps: steps as usize,
+            sigmas: sched.sigmas,
+            vecs: vecs_for(pooled)?,
+            neg_vecs: neg_pooled.map(vecs_for).transpose()?,
+        })
+    }
+
+    /// Step `i`'s conditioning vector `(1, h)`.
+    pub fn vec(&self, i: usize) -> Result<Tensor, EngineError> {
+        Ok(self.vecs.f_narrow(0, i as i64, 1)?)
+    }
+}
+
+/// True CFG: `neg + scale * (pos - neg)`.
+pub fn true_cfg(pos: &Tensor, neg: &Tensor, scale: f32) -> Result<Tensor, EngineError> {
+    Ok(neg.f_add(&pos.f_sub(neg)?.f_mul_scalar(f64::from(scale))?)?)
+}
+
 impl Engine for Pipeline {
     fn info(&self) -> EngineInfo {
         self.info.clone()
     }
 
-    /// `negative_prompt` is ignored (Flux is guidance-distilled; FluxPipeline also ignores it
-    /// unless true CFG is requested).
+    /// `negative_prompt` is used only with `true_cfg_scale > 1` (true CFG, as FluxPipeline does;
+    /// Flux is guidance-distilled and ignores it otherwise).
     fn generate(
         &mut self,
         request: &GenerateRequest,
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
+        self.generate_resumable(request, None, 0, &mut |_| {}, on_step)
+    }
+
+    /// Checkpoints are safetensors of the packed latents ([`Pipeline::checkpoint_bytes`]).
+    fn generate_resumable(
+        &mut self,
+        request: &GenerateRequest,
+        resume: Option<&StepCheckpoint>,
+        every: u32,
+        on_checkpoint: &mut dyn FnMut(StepCheckpoint),
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<GeneratedImage, EngineError> {
         self.check(request)?;
+        let start = match resume {
+            None => None,
+            Some(c) => {
+                let (step, latents) = Self::read_checkpoint(&c.bytes)?;
+                if step != c.step {
+                    return Err(EngineError::BadCheckpoint(format!(
+                        "checkpoint holds step {step}, its pointer says {}",
+                        c.step
+                    )));
+                }
+                Some((step, latents))
+            }
+        };
         let t0 = Instant::now();
         let (txt, pooled) = self.encode_prompt(&request.prompt)?;
+        let neg = match (&request.negative_prompt, request.true_cfg()) {
+            (Some(n), true) => Some(self.encode_prompt(n)?),
+            _ => None,
+        };
         sync_on(&pooled)?;
         let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
-        let (latents, hw) = self.denoise(&txt, &pooled, request, on_step)?;
+        let (latents, hw) = self.denoise_resumable(
+            &txt,
+            &pooled,
+            neg.as_ref().map(|(a, b)| (a, b)),
+            request,
+            start.as_ref().map(|(k, x)| (*k, x)),
+            every,
+            &mut |step, x| {
+                on_checkpoint(StepCheckpoint {
+                    step,
+                    bytes: Self::checkpoint_bytes(step, x)?,
+                });
+                Ok(())
+            },
+            on_step,
+        )?;
         let denoise_ms = t1.elapsed().as_secs_f64() * 1e3;
-        let finite = latents.f_isfinite()?.f_all()?.f_to_device(Device::Cpu)?;
-        if !bool::try_from(&finite).map_err(EngineError::from)? {
-            return Err(EngineError::Device {
-                device: device_name(self.options.devices.transformer),
-                message: "denoised latents contain NaN or Inf".into(),
-            });
-        }
+        self.check_finite(&latents)?;
         let t2 = Instant::now();
         let rgb = self.decode(&latents, hw)?;
         let decode_ms = t2.elapsed().as_secs_f64() * 1e3;
@@ -430,7 +682,23 @@ impl Engine for Pipeline {
                 denoise_ms,
                 decode_ms,
                 peak_memory_bytes: None,
+                plan: Some("single".into()),
             },
         })
     }
+}
+
+/// A decoded image `(1, 3, h, w)` in [-1, 1] -> RGB bytes `(h, w, 3)` (uint8, on the image's
+/// device). Pixel-wise, so a band of rows converts on its own.
+pub(crate) fn to_rgb8(img: &Tensor) -> Result<Tensor, tch::TchError> {
+    img.f_to_kind(Kind::Float)?
+        .f_div_scalar(2.0)?
+        .f_add_scalar(0.5)?
+        .f_clamp(0.0, 1.0)?
+        .f_mul_scalar(255.0)?
+        .f_round()?
+        .f_to_kind(Kind::Uint8)?
+        .f_squeeze_dim(0)?
+        .f_permute([1, 2, 0])?
+        .f_contiguous()
 }

@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor, nn};
 
 use super::layers::{LayerNorm, Linear, Res, RmsNorm, sdpa};
+pub use super::part::Part;
 use super::transformer_keys::diffusers_source;
 use super::weights::{Checkpoint, Source, load_strict};
 use crate::EngineError;
@@ -277,7 +278,7 @@ pub struct MlpEmbedder {
 }
 
 impl MlpEmbedder {
-    fn new(p: nn::Path<'_>, in_dim: i64, hidden: i64) -> Res<Self> {
+    pub(crate) fn new(p: nn::Path<'_>, in_dim: i64, hidden: i64) -> Res<Self> {
         Ok(Self {
             in_layer: Linear::new(&p / "in_layer", in_dim, hidden, true)?,
             out_layer: Linear::new(&p / "out_layer", hidden, hidden, true)?,
@@ -393,10 +394,44 @@ fn qk_norm(norm: &RmsNorm, x: &Tensor) -> Res<Tensor> {
     }
 }
 
-/// RoPE + SDPA; returns `(b, seq, heads * dim)`.
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &Rope) -> Res<Tensor> {
+/// How the joint (text + image) attention of the tokens this rank holds is computed: locally
+/// ([`LocalAttention`]) or across ranks (the sequence-parallel strategies in
+/// [`crate::parallel`]). Every other op of the model is token-wise, so a rank holding a slice of
+/// the tokens runs the model unchanged except for this one call.
+pub trait JointAttention {
+    /// `q`, `k`, `v`: `(b, heads, seq_local, d)` with RoPE applied, in this rank's token order.
+    /// Returns `(b, heads, seq_local, d)`: each local query attended over the WHOLE sequence.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor>;
+}
+
+/// All tokens are on this rank: one SDPA call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalAttention;
+
+impl JointAttention for LocalAttention {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
+        sdpa(q, k, v, None, false, None)
+    }
+}
+
+/// Per-forward context of the blocks: RoPE tables of the local tokens and the attention op.
+#[derive(Clone, Copy)]
+pub struct Ctx<'a> {
+    pub pe: &'a Rope,
+    pub attn: &'a dyn JointAttention,
+}
+
+impl Ctx<'_> {
+    /// RoPE + attention; returns `(b, heads, seq, d)`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
+        self.attn.attend(&self.pe.apply(q)?, &self.pe.apply(k)?, v)
+    }
+}
+
+/// RoPE + attention; returns `(b, seq, heads * dim)`.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: Ctx<'_>) -> Res<Tensor> {
     let (b, h, s, d) = q.size4()?;
-    let out = sdpa(&pe.apply(q)?, &pe.apply(k)?, v, None, false, None)?; // (b, heads, seq, d)
+    let out = ctx.attend(q, k, v)?; // (b, heads, seq, d)
     out.f_transpose(1, 2)?.f_reshape([b, s, h * d])
 }
 
@@ -434,7 +469,7 @@ pub struct DoubleBlock {
 }
 
 impl DoubleBlock {
-    fn new(p: nn::Path<'_>, c: &Config) -> Res<Self> {
+    pub(crate) fn new(p: nn::Path<'_>, c: &Config) -> Res<Self> {
         let (h, m) = (c.hidden_size, c.mlp_hidden());
         Ok(Self {
             img_mod: Modulation::new(&p / "img_mod", h, 2)?,
@@ -448,8 +483,8 @@ impl DoubleBlock {
         })
     }
 
-    /// img `(b, img_seq, h)`, txt `(b, txt_seq, h)`, vec `(b, h)`; pe covers txt then img.
-    fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, pe: &Rope) -> Res<(Tensor, Tensor)> {
+    /// img `(b, img_seq, h)`, txt `(b, txt_seq, h)`, vec `(b, h)`; `ctx.pe` covers txt then img.
+    pub fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, ctx: Ctx<'_>) -> Res<(Tensor, Tensor)> {
         let im = self.img_mod.forward(vec)?; // 6 x (b, 1, h)
         let tm = self.txt_mod.forward(vec)?;
         let img_x = modulate(&self.norm, img, &im[0], &im[1])?;
@@ -467,7 +502,7 @@ impl DoubleBlock {
         let q = Tensor::f_cat(&[tq, iq], 2)?; // (b, heads, txt+img, d)
         let k = Tensor::f_cat(&[tk, ik], 2)?;
         let v = Tensor::f_cat(&[tv, iv], 2)?;
-        let attn = attention(&q, &k, &v, pe)?; // (b, txt+img, h)
+        let attn = attention(&q, &k, &v, ctx)?; // (b, txt+img, h)
         let txt_len = txt.size()[1];
         let txt_attn = attn.f_narrow(1, 0, txt_len)?;
         let img_attn = attn.f_narrow(1, txt_len, attn.size()[1] - txt_len)?;
@@ -502,7 +537,7 @@ pub struct SingleBlock {
 }
 
 impl SingleBlock {
-    fn new(p: nn::Path<'_>, c: &Config) -> Res<Self> {
+    pub(crate) fn new(p: nn::Path<'_>, c: &Config) -> Res<Self> {
         let (h, m) = (c.hidden_size, c.mlp_hidden());
         Ok(Self {
             linear1: Linear::new(&p / "linear1", h, 3 * h + m, true)?,
@@ -517,7 +552,7 @@ impl SingleBlock {
     }
 
     /// x `(b, txt+img, h)`.
-    fn forward(&self, x: &Tensor, vec: &Tensor, pe: &Rope) -> Res<Tensor> {
+    pub fn forward(&self, x: &Tensor, vec: &Tensor, ctx: Ctx<'_>) -> Res<Tensor> {
         let m = self.modulation.forward(vec)?; // 3 x (b, 1, h)
         let x_mod = modulate(&self.pre_norm, x, &m[0], &m[1])?;
         let fused = self.linear1.forward(&x_mod)?; // (b, seq, 3h + mlp)
@@ -529,13 +564,13 @@ impl SingleBlock {
             let (b, s, _) = x.size3()?;
             let (_, heads, _, d) = q.size4()?;
             let buf = Tensor::f_empty([b, s, self.hidden + self.mlp_hidden], (x.kind(), x.device()))?;
-            let o = sdpa(&pe.apply(&q)?, &pe.apply(&k)?, &v, None, false, None)?; // (b, heads, seq, d)
+            let o = ctx.attend(&q, &k, &v)?; // (b, heads, seq, d)
             let mut dst = buf.f_narrow(-1, 0, self.hidden)?.f_view([b, s, heads, d])?;
             dst.f_copy_(&o.f_transpose(1, 2)?)?;
             let _ = mlp.f_gelu_out(&buf.f_narrow(-1, self.hidden, self.mlp_hidden)?, "tanh")?;
             buf
         } else {
-            let attn = attention(&q, &k, &v, pe)?; // (b, seq, h)
+            let attn = attention(&q, &k, &v, ctx)?; // (b, seq, h)
             Tensor::f_cat(&[attn, mlp.f_gelu("tanh")?], -1)?
         };
         let out = self.linear2.forward(&hidden)?;
@@ -552,7 +587,7 @@ pub struct LastLayer {
 }
 
 impl LastLayer {
-    fn new(p: nn::Path<'_>, c: &Config) -> Res<Self> {
+    pub(crate) fn new(p: nn::Path<'_>, c: &Config) -> Res<Self> {
         let h = c.hidden_size;
         Ok(Self {
             linear: Linear::new(&p / "linear", h, c.in_channels, true)?,
@@ -561,7 +596,8 @@ impl LastLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, vec: &Tensor) -> Res<Tensor> {
+    /// x `(b, img_seq, h)` -> `(b, img_seq, in_channels)`.
+    pub fn forward(&self, x: &Tensor, vec: &Tensor) -> Res<Tensor> {
         let m = self
             .ada_ln_modulation
             .forward(&vec.f_silu()?)?
@@ -571,58 +607,33 @@ impl LastLayer {
     }
 }
 
-/// The Flux transformer with its variables in `vs`.
+/// The Flux transformer with its variables in `vs`: all of it, or the part one PipeFusion stage
+/// holds (see [`Part`]; `img_in`/`txt_in` on the first stage, `final_layer` on the last).
 #[derive(Debug)]
 pub struct Flux {
     pub config: Config,
-    pub img_in: Linear,
-    pub txt_in: Linear,
+    /// Which blocks `double_blocks` / `single_blocks` are (global indices) and which ends it holds.
+    pub part: Part,
+    pub img_in: Option<Linear>,
+    pub txt_in: Option<Linear>,
     pub time_in: MlpEmbedder,
     pub vector_in: MlpEmbedder,
     pub guidance_in: Option<MlpEmbedder>,
     pub double_blocks: Vec<DoubleBlock>,
     pub single_blocks: Vec<SingleBlock>,
-    pub final_layer: LastLayer,
+    pub final_layer: Option<LastLayer>,
     pub vs: nn::VarStore,
 }
 
 impl Flux {
     /// Builds the model with randomly initialised weights on `device` in `kind`.
     pub fn new(config: &Config, device: Device, kind: Kind) -> Result<Self, EngineError> {
-        let mut vs = nn::VarStore::new(device);
-        vs.set_kind(kind);
-        let c = config;
-        let r = vs.root();
-        let h = c.hidden_size;
-        let img_in = Linear::new(&r / "img_in", c.in_channels, h, true)?;
-        let txt_in = Linear::new(&r / "txt_in", c.context_in_dim, h, true)?;
-        let time_in = MlpEmbedder::new(&r / "time_in", 256, h)?;
-        let vector_in = MlpEmbedder::new(&r / "vector_in", c.vec_in_dim, h)?;
-        let guidance_in = if c.guidance_embed {
-            Some(MlpEmbedder::new(&r / "guidance_in", 256, h)?)
-        } else {
-            None
-        };
-        let double_blocks = (0..c.depth)
-            .map(|i| DoubleBlock::new(&r / "double_blocks" / i, c))
-            .collect::<Res<Vec<_>>>()?;
-        let single_blocks = (0..c.depth_single_blocks)
-            .map(|i| SingleBlock::new(&r / "single_blocks" / i, c))
-            .collect::<Res<Vec<_>>>()?;
-        let final_layer = LastLayer::new(&r / "final_layer", c)?;
-        vs.freeze();
-        Ok(Self {
-            config: c.clone(),
-            img_in,
-            txt_in,
-            time_in,
-            vector_in,
-            guidance_in,
-            double_blocks,
-            single_blocks,
-            final_layer,
-            vs,
-        })
+        Self::new_part(config, device, kind, &Part::full(config))
+    }
+
+    /// The dtype of the weights.
+    pub fn kind(&self) -> Kind {
+        self.time_in.in_layer.weight.kind()
     }
 
     /// Builds the model and strictly loads a checkpoint in either layout: a diffusers
@@ -681,14 +692,14 @@ impl Flux {
 
     /// Text-side inputs that do not change across steps: `txt_in(txt)`.
     pub fn embed_txt(&self, txt: &Tensor) -> Res<Tensor> {
-        self.txt_in.forward(txt)
+        self.part.input_layer(&self.txt_in, "txt_in")?.forward(txt)
     }
 
     /// Conditioning vector `(b, h)` for timesteps `t` and guidance (both as FluxPipeline passes
     /// them: `sigma` and the guidance scale) and pooled CLIP `y`. Like diffusers, `t` and the
     /// guidance are cast to the model dtype BEFORE the x1000 (in bf16, guidance 3.5 becomes 3504).
     pub fn vec(&self, t: &Tensor, y: &Tensor, guidance: Option<&Tensor>) -> Res<Tensor> {
-        let kind = self.img_in.weight.kind();
+        let kind = self.kind();
         let scaled = |x: &Tensor| x.f_to_kind(kind)?.f_mul_scalar(1000.0);
         let temb = timestep_embedding(&scaled(t)?, 256)?.f_to_kind(kind)?;
         let mut vec = self.time_in.forward(&temb)?;
@@ -706,18 +717,38 @@ impl Flux {
     /// One forward pass with precomputed text embedding, vec and RoPE.
     /// img `(b, img_seq, in_channels)`, txt `(b, txt_seq, h)` (already `txt_in`), vec `(b, h)`.
     pub fn forward_prepared(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, pe: &Rope) -> Res<Tensor> {
-        let mut img = self.img_in.forward(img)?; // (b, img_seq, h)
+        self.forward_with(img, txt, vec, pe, &LocalAttention)
+    }
+
+    /// [`Flux::forward_prepared`] on the tokens this rank holds (`img` and `txt` may be slices of
+    /// the sequence; `pe` covers exactly `txt` then `img`), with `attn` computing the joint
+    /// attention over the whole sequence.
+    pub fn forward_with(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        vec: &Tensor,
+        pe: &Rope,
+        attn: &dyn JointAttention,
+    ) -> Res<Tensor> {
+        self.part.require_full(&self.config)?;
+        let ctx = Ctx { pe, attn };
+        let mut img = self.part.input_layer(&self.img_in, "img_in")?.forward(img)?; // (b, img_seq, h)
         let mut txt = txt.shallow_clone();
         for block in &self.double_blocks {
-            (img, txt) = block.forward(&img, &txt, vec, pe)?;
+            (img, txt) = block.forward(&img, &txt, vec, ctx)?;
         }
         let txt_len = txt.size()[1];
         let mut x = Tensor::f_cat(&[txt, img], 1)?; // (b, txt+img, h)
         for block in &self.single_blocks {
-            x = block.forward(&x, vec, pe)?;
+            x = block.forward(&x, vec, ctx)?;
         }
         let img = x.f_narrow(1, txt_len, x.size()[1] - txt_len)?;
-        self.final_layer.forward(&img, vec) // (b, img_seq, in_channels)
+        let last = self
+            .final_layer
+            .as_ref()
+            .ok_or_else(|| self.part.missing("final_layer"))?;
+        last.forward(&img, vec) // (b, img_seq, in_channels)
     }
 
     /// Full forward pass. img `(b, img_seq, in_ch)`, ids `(txt+img, 3)`, txt `(b, txt_seq,

@@ -110,11 +110,11 @@ impl ResnetBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Res<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.f_silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.f_silu()?)?;
+    fn forward_with(&self, x: &Tensor, ops: &dyn Spatial) -> Res<Tensor> {
+        let h = ops.conv(&self.conv1, &ops.group_norm(&self.norm1, x)?.f_silu()?)?;
+        let h = ops.conv(&self.conv2, &ops.group_norm(&self.norm2, &h)?.f_silu()?)?;
         match &self.conv_shortcut {
-            Some(c) => c.forward(x)?.f_add(&h),
+            Some(c) => ops.conv(c, x)?.f_add(&h),
             None => x.f_add(&h),
         }
     }
@@ -141,17 +141,16 @@ impl AttentionBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Res<Tensor> {
+    fn forward_with(&self, x: &Tensor, ops: &dyn Spatial) -> Res<Tensor> {
         let (b, c, h, w) = x.size4()?;
-        let t = self
-            .group_norm
-            .forward(x)?
+        let t = ops
+            .group_norm(&self.group_norm, x)?
             .f_reshape([b, c, h * w])?
             .f_transpose(1, 2)?; // (b, hw, c)
         let q = self.to_q.forward(&t)?.f_unsqueeze(1)?; // (b, 1, hw, c)
         let k = self.to_k.forward(&t)?.f_unsqueeze(1)?;
         let v = self.to_v.forward(&t)?.f_unsqueeze(1)?;
-        let a = sdpa(&q, &k, &v, None, false, None)?.f_squeeze_dim(1)?; // (b, hw, c)
+        let a = ops.attend(&q, &k, &v)?.f_squeeze_dim(1)?; // (b, hw, c)
         let a = self
             .to_out
             .forward(&a)?
@@ -227,6 +226,19 @@ impl Decoder {
         })
     }
 
+    /// A copy of these weights on `device` (each rank of a patch-parallel decode holds one; the
+    /// decoder is ~100 MB in bf16).
+    pub fn replicate(&self, device: Device) -> Result<Self, EngineError> {
+        let _guard = tch::no_grad_guard();
+        let kind = self.conv_in.weight.kind();
+        let mut copy = {
+            let _zero = super::layers::NoRandomInit::new();
+            Self::new(&self.config, device, kind)?
+        };
+        copy.vs.copy(&self.vs)?;
+        Ok(copy)
+    }
+
     /// Loads the decoder from a diffusers `vae/` folder; the encoder half (`encoder.*`,
     /// `quant_conv.*`) is skipped.
     pub fn load(c: &Config, dir: &Path, device: Device, kind: Kind) -> Result<Self, EngineError> {
@@ -248,28 +260,73 @@ impl Decoder {
     /// Scaled latents `z` `(b, latent_ch, h, w)` (as the transformer produces them) -> image in
     /// [-1, 1] `(b, 3, 8h, 8w)`. Applies `z / scaling + shift` first.
     pub fn decode(&self, z: &Tensor) -> Res<Tensor> {
-        let z = z
-            .f_div_scalar(self.config.scaling_factor)?
-            .f_add_scalar(self.config.shift_factor)?;
-        self.forward(&z)
+        self.forward(&self.unscale(z)?)
     }
 
     /// Raw decoder on unscaled latents.
     pub fn forward(&self, z: &Tensor) -> Res<Tensor> {
-        let mut h = self.conv_in.forward(z)?;
-        h = self.mid_resnets[0].forward(&h)?;
-        h = self.mid_attention.forward(&h)?;
-        h = self.mid_resnets[1].forward(&h)?;
+        self.forward_with(z, &Whole)
+    }
+
+    /// `z / scaling + shift`: the transformer's latent space -> the decoder's input.
+    pub(crate) fn unscale(&self, z: &Tensor) -> Res<Tensor> {
+        z.f_div_scalar(self.config.scaling_factor)?
+            .f_add_scalar(self.config.shift_factor)
+    }
+
+    /// The decoder with its spatial operations supplied by `ops` ([`Whole`] on one device; a
+    /// row-split decode passes halo-exchanging ones, see `parallel::vae`).
+    pub(crate) fn forward_with(&self, z: &Tensor, ops: &dyn Spatial) -> Res<Tensor> {
+        let mut h = ops.conv(&self.conv_in, z)?;
+        h = self.mid_resnets[0].forward_with(&h, ops)?;
+        h = self.mid_attention.forward_with(&h, ops)?;
+        h = self.mid_resnets[1].forward_with(&h, ops)?;
         for up in &self.up_blocks {
             for r in &up.resnets {
-                h = r.forward(&h)?;
+                h = r.forward_with(&h, ops)?;
             }
             if let Some(conv) = &up.upsampler {
-                h =
-                    conv.forward(&h.f_upsample_nearest2d([h.size()[2] * 2, h.size()[3] * 2], None, None)?)?;
+                h = ops.conv(conv, &ops.upsample(&h)?)?;
             }
         }
-        let h = self.conv_norm_out.forward(&h)?.f_silu()?;
-        self.conv_out.forward(&h)
+        let h = ops.group_norm(&self.conv_norm_out, &h)?.f_silu()?;
+        ops.conv(&self.conv_out, &h)
+    }
+}
+
+/// The decoder's operations that look beyond a pixel's own row: everything else (SiLU, the
+/// linear projections, residual adds) is row-local. A decode split into row bands (one per
+/// GPU) implements these with halo exchanges and global statistics.
+pub(crate) trait Spatial {
+    /// A convolution `(b, cin, h, w) -> (b, cout, h, w)` (kernel 1 or 3, stride 1, zero padding).
+    fn conv(&self, conv: &Conv2d, x: &Tensor) -> Res<Tensor>;
+    /// GroupNorm with the statistics of the whole image.
+    fn group_norm(&self, norm: &GroupNorm, x: &Tensor) -> Res<Tensor>;
+    /// Single-head attention of the queries `(b, 1, n, c)` over the keys and values of every
+    /// pixel of the image (`k`, `v` hold this band's pixels).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor>;
+    /// Nearest-neighbour 2x upsampling.
+    fn upsample(&self, x: &Tensor) -> Res<Tensor>;
+}
+
+/// The whole image on one device.
+pub(crate) struct Whole;
+
+impl Spatial for Whole {
+    fn conv(&self, conv: &Conv2d, x: &Tensor) -> Res<Tensor> {
+        conv.forward(x)
+    }
+
+    fn group_norm(&self, norm: &GroupNorm, x: &Tensor) -> Res<Tensor> {
+        norm.forward(x)
+    }
+
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
+        sdpa(q, k, v, None, false, None)
+    }
+
+    fn upsample(&self, x: &Tensor) -> Res<Tensor> {
+        let (_, _, h, w) = x.size4()?;
+        x.f_upsample_nearest2d([h * 2, w * 2], None, None)
     }
 }

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One device call: ditfleet's multi-GPU engine (exactness vs 1 GPU + timings) and, in the same
+# call, xDiT (xfuser 0.7.0) on the same shapes. Carry: .gpu (parallel_bench binary), .whl (peer
+# wheels), .bench (copy of ../shared/bench). Writes JSONL/logs under $OUT; prints a table last.
+#   bash bench/parallel/run_gpu.sh [ours|peers|all|diag] (default all)
+# Env: DEVICES (default 0,1), SIZES (default "1024 2048"), PEER_STAGES (default "x1 x2 x2c").
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+WHAT=${1:-all}
+DEVICES=${DEVICES:-0,1}
+SIZES=${SIZES:-1024 2048}
+TORCH=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))' 2>/dev/null || echo /opt/torch/.venv/lib/python3.12/site-packages/torch)
+NCCL_DIR=$TORCH/../nvidia/nccl/lib
+# Trap 2 of the runbook: cudarc opens "libnccl.so"; make that name resolve to torch's NCCL.
+FIX=/tmp/ditfleet-nccl
+mkdir -p $FIX && ln -sf "$NCCL_DIR/libnccl.so.2" $FIX/libnccl.so
+export LD_LIBRARY_PATH=$FIX:$TORCH/lib:$NCCL_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+BIN=.gpu/parallel_bench
+{
+  nvidia-smi --query-gpu=index,name,memory.total --format=csv
+  nvidia-smi topo -m
+  ldd $BIN | grep -E "torch_cuda|nccl"
+  echo "NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-unset}"
+} > "$OUT/env.txt" 2>&1
+head -4 "$OUT/env.txt"
+
+run() { # run NAME TIMEOUT ARGS...
+  local name=$1 t=$2; shift 2
+  echo "== $name (t=${SECONDS}s)"
+  timeout -k 10 "$t" $BIN "$@" > "$OUT/$name.jsonl" 2> "$OUT/$name.log"
+  echo "== $name rc=$? at t=${SECONDS}s"
+  grep -E "^(thread|Error|error)|panicked" "$OUT/$name.log" | head -5
+}
+
+if [ "${AB:-0}" = 1 ]; then
+  # A/B of where NCCL runs (DITFLEET_NCCL_STREAM), 8 steps at 1024.
+  for st in legacy side; do
+    DITFLEET_NCCL_STREAM=$st run "ab_$st" 120 --size 1024 --steps 8 --runs 1 --devices "$DEVICES" --plans "ulysses=2;ring=2"
+    grep -ho '"plan":"[^"]*"\|"step_ms_median":[0-9.]*\|"host_ms_median":[0-9.]*' "$OUT/ab_$st.jsonl" | paste -sd' '
+  done
+fi
+if [ "$WHAT" = diag ]; then
+  echo "== diag (t=${SECONDS}s)"
+  timeout -k 10 200 $BIN --diag --size 1024 --steps 8 --devices "$DEVICES" > "$OUT/diag.jsonl" 2> "$OUT/diag.log"
+  echo "== diag rc=$?"; cat "$OUT/diag.jsonl"
+  NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P timeout -k 10 120 $BIN --size 1024 --steps 4 --runs 1 \
+    --devices "$DEVICES" --plans "ulysses=2" > "$OUT/nccl_info.jsonl" 2> "$OUT/nccl_info.log"
+  grep -E "via|Channel 00|NCCL INFO (Using|comm|P2P)" "$OUT/nccl_info.log" | head -12
+  SIZES=${SIZES:-1024} STEPS=${STEPS:-8}
+  run ours_pf 240 --size 1024 --steps 28 --runs 1 --devices "$DEVICES" --plans "single;pipefusion=2,patches=2,warmup=1;pipefusion=2,patches=4,warmup=1"
+  WHAT=done
+fi
+if [ "$WHAT" != peers ] && [ "$WHAT" != done ]; then
+  for s in $SIZES; do
+    runs=2; [ "$s" -ge 2048 ] && runs=1
+    run "ours_$s" 240 --size "$s" --steps ${STEPS:-28} --runs $runs --devices "$DEVICES" \
+      --plans "single;ulysses=2;ring=2;pipefusion=2,patches=2,warmup=1"
+  done
+  run ours_truecfg_1024 150 --size 1024 --steps ${STEPS:-28} --runs 1 --true-cfg --devices "$DEVICES" \
+    --plans "single;cfg=2;ulysses=2"
+fi
+if [ "$WHAT" != ours ] && [ "$WHAT" != done ]; then
+  OUT=$OUT/peers BUDGET_S=${PEER_BUDGET_S:-330} bash .bench/run_flux_baselines.sh ${PEER_STAGES:-x1 x2 x2c} \
+    > "$OUT/peers.txt" 2>&1
+  grep "^==" "$OUT/peers.txt"
+fi
+python3 bench/parallel/summarize.py "$OUT"
+[ -d "$OUT/peers" ] && python3 .bench/summarize_flux_results.py "$OUT/peers"

@@ -1,0 +1,655 @@
+//! Fleet behaviour through real RabbitMQ, Redis, schedulers, workers and ditfleetctl: priorities,
+//! tenant rate limits, deadlines, retries, step checkpoints, drain, hot-swapped model versions
+//! and rolling upgrades.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use ditfleet_common::job::{JobEvent, Priority};
+use ditfleet_common::state::{JobState, WorkerInfo};
+use ditfleet_tests::{Fleet, history, job};
+
+const T: Duration = Duration::from_secs(90);
+
+fn rfc3339_in(d: Duration) -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now() + d).to_string()
+}
+
+async fn wait_terminal(
+    fleet: &Fleet,
+    ids: &[String],
+    timeout: Duration,
+) -> HashMap<String, HashMap<String, String>> {
+    let start = Instant::now();
+    loop {
+        let mut out = HashMap::new();
+        for id in ids {
+            let h = fleet.store.get(id).await.unwrap();
+            if h.get("state")
+                .and_then(|s| s.parse::<JobState>().ok())
+                .is_some_and(|s| s.is_terminal())
+            {
+                out.insert(id.clone(), h);
+            }
+        }
+        if out.len() == ids.len() {
+            return out;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{} of {} jobs terminal after {timeout:?}",
+            out.len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn ctl(fleet: &Fleet, args: &[&str]) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let fleet_env = fleet.env.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new(ditfleet_tests::bin("ditfleetctl"));
+        cmd.args(&args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in &fleet_env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("ditfleetctl runs")
+    })
+    .await
+    .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+async fn workers(fleet: &Fleet) -> Vec<WorkerInfo> {
+    fleet
+        .store
+        .workers()
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|(_, v)| serde_json::from_str(v).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_priority_jobs_start_before_normal_and_low_ones_queued_earlier() {
+    let fleet = Fleet::new("priorities").await;
+    let _s = fleet.start_scheduler();
+    let _w = fleet.start_worker("w-prio", &[("DITFLEET_SIM_STEP_MS", "30")]);
+    fleet.wait_workers(1, T).await;
+    // The only slot is busy while the rest queue up, lowest priority first.
+    fleet.submit(&job("blocker", 80)).await;
+    fleet.wait_state("blocker", JobState::Running, T).await;
+    let mut ids = Vec::new();
+    for (p, name) in [
+        (Priority::Low, "low"),
+        (Priority::Normal, "normal"),
+        (Priority::High, "high"),
+    ] {
+        for i in 0..5 {
+            let mut j = job(&format!("{name}-{i}"), 2);
+            j.priority = p;
+            fleet.submit(&j).await;
+            ids.push(j.job_id);
+        }
+    }
+    for id in &ids {
+        fleet.wait_state(id, JobState::Routed, T).await;
+    }
+    assert_eq!(
+        fleet.state("blocker").await,
+        Some(JobState::Running),
+        "everything was queued before the slot freed up"
+    );
+    let done = wait_terminal(&fleet, &ids, T).await;
+    let started = |prefix: &str| -> Vec<u64> {
+        done.iter()
+            .filter(|(id, _)| id.starts_with(prefix))
+            .map(|(_, h)| {
+                assert_eq!(h["state"], "succeeded", "{h:?}");
+                h["started_ms"].parse().unwrap()
+            })
+            .collect()
+    };
+    let (high, normal, low) = (started("high-"), started("normal-"), started("low-"));
+    assert!(
+        high.iter().max() < normal.iter().min() && normal.iter().max() < low.iter().min(),
+        "start order must be high < normal < low: high {high:?}, normal {normal:?}, low {low:?}"
+    );
+    fleet.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_over_its_rate_limit_is_failed_with_the_reason_in_status_dlq_and_event() {
+    let fleet = Fleet::new("rate-limit").await;
+    let _s = fleet.spawn_with(
+        "ditfleet-scheduler",
+        "scheduler",
+        &[("DITFLEET_TENANT_LIMITS", "greedy=0.1:3")],
+    );
+    let _w = fleet.start_worker(
+        "w-rate",
+        &[("DITFLEET_SIM_STEP_MS", "1"), ("DITFLEET_WORKER_SLOTS", "4")],
+    );
+    fleet.wait_workers(1, T).await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let mut j = job(&format!("greedy-{i}"), 2);
+        j.tenant = "greedy".into();
+        fleet.submit(&j).await;
+        ids.push(j.job_id);
+    }
+    for i in 0..3 {
+        let mut j = job(&format!("calm-{i}"), 2);
+        j.tenant = "calm".into();
+        fleet.submit(&j).await;
+        ids.push(j.job_id);
+    }
+    let done = wait_terminal(&fleet, &ids, T).await;
+    let greedy_ok = done
+        .iter()
+        .filter(|(id, h)| id.starts_with("greedy") && h["state"] == "succeeded")
+        .count();
+    let limited: Vec<_> = done
+        .iter()
+        .filter(|(id, h)| id.starts_with("greedy") && h["state"] == "failed")
+        .collect();
+    assert_eq!(greedy_ok, 3, "the bucket holds 3 and refills 0.1/s");
+    assert_eq!(limited.len(), 5);
+    for (id, h) in &limited {
+        assert!(
+            h["error"].starts_with(
+                "rate limited: tenant \"greedy\" is over its limit of 0.1 jobs/s (burst 3); a token is free again in"
+            ),
+            "{id}: {h:?}"
+        );
+        assert_eq!(h["rejection"], "rate_limited");
+        assert!(!h.contains_key("started_ms"), "never started: {h:?}");
+    }
+    for id in ids.iter().filter(|id| id.starts_with("calm")) {
+        assert_eq!(done[id]["state"], "succeeded", "other tenants are not limited");
+    }
+    let dead = fleet.dead_letters().await;
+    assert_eq!(dead.len(), 5, "each rejection is in the DLQ once: {dead:?}");
+    assert!(
+        dead.iter()
+            .all(|d| d.0.starts_with("greedy") && d.1.starts_with("rate limited"))
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let failed_events = fleet
+        .events
+        .all()
+        .into_iter()
+        .filter(|(_, e)| matches!(e, JobEvent::Failed { reason, .. } if reason.starts_with("rate limited")))
+        .count();
+    assert_eq!(failed_events, 5);
+    fleet.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_deadline_is_expired_and_never_started() {
+    let fleet = Fleet::new("deadline").await;
+    let _s = fleet.start_scheduler();
+    let _w = fleet.start_worker("w-deadline", &[("DITFLEET_SIM_STEP_MS", "50")]);
+    fleet.wait_workers(1, T).await;
+    // Past on arrival: the scheduler expires it.
+    let mut late = job("dl-late", 2);
+    late.deadline = Some("2020-01-01T00:00:00Z".into());
+    fleet.submit(&late).await;
+    let h = fleet.wait_state("dl-late", JobState::Expired, T).await;
+    assert_eq!(history(&h), ["expired"]);
+    assert!(
+        h["error"].contains("had passed when the scheduler received"),
+        "{h:?}"
+    );
+    // Passes while queued behind a 2 s job: the worker expires it instead of starting it.
+    fleet.submit(&job("dl-blocker", 40)).await;
+    fleet.wait_state("dl-blocker", JobState::Running, T).await;
+    let mut queued = job("dl-queued", 2);
+    queued.deadline = Some(rfc3339_in(Duration::from_secs(1)));
+    fleet.submit(&queued).await;
+    let mut roomy = job("dl-roomy", 2);
+    roomy.deadline = Some(rfc3339_in(Duration::from_secs(3600)));
+    fleet.submit(&roomy).await;
+    let h = fleet.wait_state("dl-queued", JobState::Expired, T).await;
+    assert_eq!(history(&h), ["queued", "routed", "expired"]);
+    assert!(!h.contains_key("started_ms"), "never started: {h:?}");
+    assert!(h["error"].starts_with("deadline passed"), "{h:?}");
+    fleet.wait_state("dl-roomy", JobState::Succeeded, T).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in ["dl-late", "dl-queued"] {
+        let evs = fleet.events.for_job(id);
+        assert!(
+            matches!(evs.as_slice(), [JobEvent::Failed { state, .. }] if state == "expired"),
+            "{id}: one failed event with state expired: {evs:?}"
+        );
+    }
+    fleet.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_engine_failures_are_retried_and_permanent_or_poison_ones_end_in_the_dlq() {
+    let fleet = Fleet::new("retries").await;
+    let _s = fleet.start_scheduler();
+    let fast = [("DITFLEET_RETRY_BASE_MS", "50")];
+    let _oom = fleet.start_worker(
+        "w-oom",
+        &[
+            fast[0],
+            ("DITFLEET_SIM_FAULTS", "oom=2"),
+            ("DITFLEET_WORKER_CLASSES", "small"),
+        ],
+    );
+    let _bad = fleet.start_worker(
+        "w-bad",
+        &[
+            fast[0],
+            ("DITFLEET_SIM_FAULTS", "bad-weights"),
+            ("DITFLEET_WORKER_CLASSES", "medium"),
+        ],
+    );
+    let _poison = fleet.start_worker(
+        "w-poison",
+        &[
+            fast[0],
+            ("DITFLEET_SIM_FAULTS", "oom=1000"),
+            ("DITFLEET_ENGINE_RETRIES", "1"),
+            ("DITFLEET_MAX_ATTEMPTS", "2"),
+            ("DITFLEET_WORKER_CLASSES", "large"),
+        ],
+    );
+    fleet.wait_workers(3, T).await;
+    // Transient: two out-of-memory failures, retried in the process with back-off, then success.
+    fleet.submit(&job("r-oom", 3)).await;
+    let h = fleet.wait_state("r-oom", JobState::Succeeded, T).await;
+    assert_eq!(
+        (h["attempts"].as_str(), h["engine_retries"].as_str()),
+        ("1", "2"),
+        "{h:?}"
+    );
+    // Permanent: straight to failed + DLQ, no retry.
+    let mut bad = job("r-bad", 13);
+    (bad.width, bad.height) = (1024, 1024); // 53,248 token-steps: medium
+    fleet.submit(&bad).await;
+    let h = fleet.wait_state("r-bad", JobState::Failed, T).await;
+    assert!(h["error"].contains("model load failed: simulated fault"), "{h:?}");
+    assert_eq!(h["attempts"], "1");
+    assert!(
+        !h.contains_key("engine_retries"),
+        "permanent failures are not retried"
+    );
+    // Poison: fails every time; the attempt counter stops it after 2 attempts.
+    let mut poison = job("r-poison", 28);
+    (poison.width, poison.height) = (2048, 2048); // large
+    fleet.submit(&poison).await;
+    let h = fleet.wait_state("r-poison", JobState::DeadLettered, T).await;
+    assert_eq!(h["error"], "gave up after 2 attempts", "{h:?}");
+    assert_eq!(
+        history(&h),
+        [
+            "queued",
+            "routed",
+            "running",
+            "routed",
+            "running",
+            "routed",
+            "dead_lettered"
+        ]
+    );
+    let dead = fleet.dead_letters().await;
+    let reasons: HashMap<String, String> = dead.iter().map(|d| (d.0.clone(), d.1.clone())).collect();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(reasons["r-bad"].contains("model load failed"));
+    assert_eq!(reasons["r-poison"], "gave up after 2 attempts");
+    fleet.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_killed_mid_way_resumes_from_its_checkpoint_on_another_worker_and_gives_the_same_image() {
+    let fleet = Fleet::new("resume").await;
+    let _s = fleet.start_scheduler();
+    let first = fleet.start_worker(
+        "w-first",
+        &[
+            ("DITFLEET_SIM_STEP_MS", "100"),
+            ("DITFLEET_CHECKPOINT_EVERY", "3"),
+        ],
+    );
+    fleet.wait_workers(1, T).await;
+    fleet.submit(&job("ck-killed", 30)).await;
+    let start = Instant::now();
+    loop {
+        let h = fleet.store.get("ck-killed").await.unwrap();
+        if h.get("checkpoint_step")
+            .and_then(|s| s.parse::<u32>().ok())
+            .unwrap_or(0)
+            >= 9
+        {
+            break;
+        }
+        assert!(start.elapsed() < T, "no checkpoint at step 9: {h:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.signal(libc::SIGKILL);
+    let killed_at = fleet.store.get("ck-killed").await.unwrap();
+    let ck: u32 = killed_at["checkpoint_step"].parse().unwrap();
+    let _second = fleet.start_worker("w-second", &[("DITFLEET_SIM_STEP_MS", "5")]);
+    let h = fleet.wait_state("ck-killed", JobState::Succeeded, T).await;
+    assert_eq!(h["worker"], "w-second");
+    let resumed: u32 = h["resumed_from_step"].parse().unwrap();
+    assert!(
+        resumed >= ck && resumed.is_multiple_of(3),
+        "resumed from {resumed}, checkpoint was {ck}"
+    );
+    assert!(
+        !h.contains_key("checkpoint_url"),
+        "pointer removed once done: {h:?}"
+    );
+    assert!(
+        !fleet.result_dir.join("checkpoints").join("ck-killed").exists(),
+        "checkpoint files removed once done"
+    );
+    // The second worker's progress starts after the checkpoint.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second_steps: Vec<u32> = fleet
+        .events
+        .for_job("ck-killed")
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::Progress { step, worker, .. } if worker == "w-second" => Some(*step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(second_steps, ((resumed + 1)..=30).collect::<Vec<_>>());
+    // An uninterrupted run of the same job (same prompt and seed) gives the same bytes.
+    fleet.submit(&job("ck-reference", 30)).await;
+    let r = fleet.wait_state("ck-reference", JobState::Succeeded, T).await;
+    assert_eq!(r["resumed_from_step"], "");
+    let png = |h: &HashMap<String, String>| {
+        std::fs::read(h["result_url"].strip_prefix("file://").unwrap()).unwrap()
+    };
+    assert!(
+        png(&h) == png(&r),
+        "resumed image differs from the uninterrupted one"
+    );
+    fleet.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_past_its_grace_period_checkpoints_and_the_next_worker_resumes_at_that_step() {
+    let fleet = Fleet::new("grace-ckpt").await;
+    let _s = fleet.start_scheduler();
+    let mut w = fleet.start_worker(
+        "w-grace-ck",
+        &[
+            ("DITFLEET_SIM_STEP_MS", "100"),
+            ("DITFLEET_SHUTDOWN_GRACE_S", "1"),
+            ("DITFLEET_CHECKPOINT_EVERY", "1000"),
+        ],
+    );
+    fleet.wait_workers(1, T).await;
+    fleet.submit(&job("gc-1", 60)).await;
+    fleet.wait_state("gc-1", JobState::Running, T).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.signal(libc::SIGTERM);
+    assert_eq!(w.wait_exit(Duration::from_secs(30)), Some(Some(0)));
+    let h = fleet.store.get("gc-1").await.unwrap();
+    assert_eq!(h["state"], "routed", "{h:?}");
+    let stopped: u32 = h["last_error"].rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(
+        h["checkpoint_step"],
+        stopped.to_string(),
+        "checkpoint at the stop step: {h:?}"
+    );
+    let _w2 = fleet.start_worker("w-after-ck", &[("DITFLEET_SIM_STEP_MS", "1")]);
+    let h = fleet.wait_state("gc-1", JobState::Succeeded, T).await;
+    assert_eq!(h["resumed_from_step"], stopped.to_string());
+    fleet.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_drain_finishes_the_running_job_then_the_worker_deregisters_and_exits_0() {
+    let fleet = Fleet::new("ctl-drain").await;
+    let _s = fleet.start_scheduler();
+    let mut w = fleet.start_worker(
+        "w-drained",
+        &[
+            ("DITFLEET_SIM_STEP_MS", "100"),
+            ("DITFLEET_CONTROL_POLL_MS", "200"),
+        ],
+    );
+    fleet.wait_workers(1, T).await;
+    let (code, _, err) = ctl(&fleet, &["drain", "nobody"]).await;
+    assert_eq!(code, 3, "unknown worker: {err}");
+    fleet.submit(&job("cd-1", 20)).await;
+    fleet.wait_state("cd-1", JobState::Running, T).await;
+    let (code, out, _) = ctl(&fleet, &["drain", "w-drained", "--no-wait"]).await;
+    assert_eq!(code, 0, "{out}");
+    // `workers` shows it draining while its job finishes.
+    let start = Instant::now();
+    loop {
+        let (_, out, _) = ctl(&fleet, &["workers"]).await;
+        if out
+            .lines()
+            .any(|l| l.starts_with("w-drained") && l.contains("draining"))
+        {
+            break;
+        }
+        assert!(start.elapsed() < T, "never shown draining: {out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fleet.submit(&job("cd-2", 2)).await;
+    let (code, out, _) = ctl(&fleet, &["drain", "w-drained"]).await;
+    assert!(
+        code == 0 && out.contains("drained and deregistered") || code == 3,
+        "waits for the drain: {code} {out}"
+    );
+    assert_eq!(
+        w.wait_exit(Duration::from_secs(30)),
+        Some(Some(0)),
+        "worker exits 0; log:\n{}",
+        w.log_text()
+    );
+    assert_eq!(
+        fleet.state("cd-1").await,
+        Some(JobState::Succeeded),
+        "finished its job"
+    );
+    assert_eq!(
+        fleet.state("cd-2").await,
+        Some(JobState::Routed),
+        "took no new job"
+    );
+    assert!(fleet.store.workers().await.unwrap().is_empty(), "deregistered");
+    // The same id may serve again: the drain request was cleared.
+    let _w2 = fleet.start_worker("w-drained", &[("DITFLEET_CONTROL_POLL_MS", "200")]);
+    fleet.wait_state("cd-2", JobState::Succeeded, T).await;
+    fleet.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_under_load_fails_no_job_and_pinned_jobs_run_only_on_holders() {
+    let fleet = Fleet::new("hot-swap").await;
+    let _s = fleet.start_scheduler();
+    let opts = [
+        ("DITFLEET_SIM_STEP_MS", "10"),
+        ("DITFLEET_WORKER_SLOTS", "2"),
+        ("DITFLEET_CONTROL_POLL_MS", "200"),
+    ];
+    let _a = fleet.start_worker("w-a", &opts);
+    let _b = fleet.start_worker("w-b", &opts);
+    fleet.wait_workers(2, T).await;
+    // Unpinned load throughout the swaps.
+    let load_ids: Vec<String> = (0..150).map(|i| format!("hs-load-{i}")).collect();
+    let loader = {
+        let env = fleet.env.clone();
+        let ids = load_ids.clone();
+        let conn = ditfleet_common::amqp::connect(&env["DITFLEET_AMQP_URL"], "hot-swap loader")
+            .await
+            .unwrap();
+        let publisher = ditfleet_common::amqp::Publisher::new(&conn).await.unwrap();
+        let topo = fleet.topo.clone();
+        tokio::spawn(async move {
+            for id in ids {
+                let body = serde_json::to_vec(&job(&id, 5)).unwrap();
+                publisher
+                    .publish(
+                        &topo.submit_exchange(),
+                        ditfleet_common::topology::SUBMIT_KEY,
+                        &body,
+                        ditfleet_common::amqp::persistent("application/json")
+                            .with_message_id(id.as_str().into()),
+                        true,
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            conn
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (code, out, err) = ctl(&fleet, &["model", "load", "flux-dev@v2", "--workers", "w-a"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("flux-dev@v2 serves on w-a"), "{out}");
+    let ws = workers(&fleet).await;
+    let a = ws.iter().find(|w| w.id == "w-a").unwrap();
+    let b = ws.iter().find(|w| w.id == "w-b").unwrap();
+    assert!(a.default_versions.contains(&"flux-dev@v2".to_string()), "{a:?}");
+    assert!(
+        !a.model_versions.contains(&"flux-dev@sim-1".to_string()),
+        "old version unloaded: {a:?}"
+    );
+    assert!(
+        b.model_versions.contains(&"flux-dev@sim-1".to_string()),
+        "w-b untouched: {b:?}"
+    );
+    let (_, table, _) = ctl(&fleet, &["workers"]).await;
+    assert!(table.contains("*flux-dev@v2"), "{table}");
+    // Jobs pinned to v2 run only on its holder; a pin to a version nobody ever held is rejected.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut pinned = Vec::new();
+    for i in 0..12 {
+        let mut j = job(&format!("hs-pin-{i}"), 3);
+        j.model_version = Some("v2".into());
+        fleet.submit(&j).await;
+        pinned.push(j.job_id);
+    }
+    let mut ghost = job("hs-ghost", 3);
+    ghost.model_version = Some("v9".into());
+    fleet.submit(&ghost).await;
+    let h = fleet.wait_state("hs-ghost", JobState::Failed, T).await;
+    assert!(
+        h["error"].contains("no worker of this fleet has ever held flux-dev@v9"),
+        "{h:?}"
+    );
+    for (id, h) in wait_terminal(&fleet, &pinned, T).await {
+        assert_eq!(h["state"], "succeeded", "{id}: {h:?}");
+        assert_eq!(
+            (h["worker"].as_str(), h["model_version_used"].as_str()),
+            ("w-a", "flux-dev@v2"),
+            "{id}"
+        );
+    }
+    // The whole fleet moves to v2.
+    let (code, out, err) = ctl(&fleet, &["model", "load", "flux-dev@v2"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let conn = loader.await.unwrap();
+    let done = wait_terminal(&fleet, &load_ids, T).await;
+    let mut by_version: HashMap<String, usize> = HashMap::new();
+    for (id, h) in &done {
+        assert_eq!(h["state"], "succeeded", "no job fails during a swap: {id} {h:?}");
+        *by_version
+            .entry(format!("{}@{}", h["worker"], h["model_version_used"]))
+            .or_default() += 1;
+    }
+    assert!(by_version.contains_key("w-a@flux-dev@v2"), "{by_version:?}");
+    assert!(by_version.contains_key("w-b@flux-dev@sim-1"), "{by_version:?}");
+    let ws = workers(&fleet).await;
+    assert!(
+        ws.iter()
+            .all(|w| w.model_versions == ["flux-dev@v2", "flux-schnell@sim-1"]),
+        "{ws:?}"
+    );
+    let _ = conn.close(200, "done".into()).await;
+    fleet.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_upgrade_replaces_every_worker_under_load_with_zero_failed_jobs() {
+    let fleet = Fleet::new("rolling").await;
+    let _s = fleet.start_scheduler();
+    let opts = [("DITFLEET_SIM_STEP_MS", "20"), ("DITFLEET_WORKER_SLOTS", "2")];
+    let mut old: Vec<_> = (0..3)
+        .map(|i| fleet.start_worker(&format!("w-old-{i}"), &opts))
+        .collect();
+    fleet.wait_workers(3, T).await;
+    let ids: Vec<String> = (0..240).map(|i| format!("roll-{i}")).collect();
+    let submitter = {
+        let ids = ids.clone();
+        let conn = ditfleet_common::amqp::connect(&fleet.env["DITFLEET_AMQP_URL"], "rolling loader")
+            .await
+            .unwrap();
+        let publisher = ditfleet_common::amqp::Publisher::new(&conn).await.unwrap();
+        let topo = fleet.topo.clone();
+        tokio::spawn(async move {
+            for id in ids {
+                let body = serde_json::to_vec(&job(&id, 4)).unwrap();
+                publisher
+                    .publish(
+                        &topo.submit_exchange(),
+                        ditfleet_common::topology::SUBMIT_KEY,
+                        &body,
+                        ditfleet_common::amqp::persistent("application/json")
+                            .with_message_id(id.as_str().into()),
+                        true,
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            conn
+        })
+    };
+    let mut new = Vec::new();
+    for (i, w) in old.iter_mut().enumerate() {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        new.push(fleet.start_worker(&format!("w-new-{i}"), &opts));
+        let start = Instant::now();
+        while !workers(&fleet).await.iter().any(|x| x.id == format!("w-new-{i}")) {
+            assert!(start.elapsed() < T);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        w.signal(libc::SIGTERM);
+        assert_eq!(
+            w.wait_exit(Duration::from_secs(60)),
+            Some(Some(0)),
+            "w-old-{i} drains and exits 0"
+        );
+    }
+    let conn = submitter.await.unwrap();
+    let done = wait_terminal(&fleet, &ids, T).await;
+    let failed: Vec<_> = done.iter().filter(|(_, h)| h["state"] != "succeeded").collect();
+    assert!(failed.is_empty(), "zero failed jobs: {failed:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut done_events: HashMap<String, usize> = HashMap::new();
+    for (_, e) in fleet.events.all() {
+        if let JobEvent::Done { job_id, .. } = e {
+            *done_events.entry(job_id).or_default() += 1;
+        }
+    }
+    assert_eq!(done_events.len(), ids.len());
+    assert!(done_events.values().all(|n| *n == 1), "one done event per job");
+    let by_old = done.values().filter(|h| h["worker"].starts_with("w-old")).count();
+    let by_new = done.values().filter(|h| h["worker"].starts_with("w-new")).count();
+    assert!(by_old > 0 && by_new > 0, "old {by_old}, new {by_new}");
+    let _ = conn.close(200, "done".into()).await;
+    fleet.teardown().await;
+}

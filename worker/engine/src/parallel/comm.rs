@@ -1,0 +1,317 @@
+//! The collective-communication interface the parallel strategies are written against, and the
+//! process-group layout (which ranks talk to which) of a [`super::Plan`].
+//!
+//! A [`Communicator`] is one rank's handle on one group. Every member of the group must call the
+//! same collectives in the same order (SPMD), exactly as with NCCL. Two backends implement it:
+//! [`super::threads`] (in-process, CPU tensors; every strategy runs in CI without a GPU) and
+//! [`super::nccl`] (one thread per GPU, NCCL through cudarc).
+
+use tch::{Device, Kind, TchError, Tensor};
+
+/// A failed collective. Mapped into the engine's error type by the callers: an NCCL failure is a
+/// device failure (the worker quarantines the GPU set and rebuilds the groups).
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    #[error(transparent)]
+    Torch(#[from] TchError),
+    /// The backend reported an error (NCCL result code, a peer thread that went away).
+    #[error("{backend} {op} failed on rank {rank}: {message}")]
+    Backend {
+        backend: &'static str,
+        op: &'static str,
+        rank: usize,
+        message: String,
+    },
+    /// A peer did not arrive within the group's timeout (a hung or dead GPU/thread).
+    #[error("{backend} {op} timed out on rank {rank} after {secs} s")]
+    Timeout {
+        backend: &'static str,
+        op: &'static str,
+        rank: usize,
+        secs: u64,
+    },
+    /// The group was aborted (by [`Communicator::abort`] on any member); it cannot be used again.
+    #[error("{backend} group aborted")]
+    Aborted { backend: &'static str },
+    /// The caller passed tensors that do not fit the collective.
+    #[error("bad {op} arguments: {message}")]
+    Usage { op: &'static str, message: String },
+}
+
+impl From<CommError> for TchError {
+    /// The model code's error type is `TchError`; keep the backend name in the message so
+    /// [`crate::EngineError`]'s classification sees "NCCL" failures as device failures.
+    fn from(e: CommError) -> Self {
+        match e {
+            CommError::Torch(t) => t,
+            other => TchError::Torch(format!("collective: {other}")),
+        }
+    }
+}
+
+pub type CommResult<T> = Result<T, CommError>;
+
+/// One rank's handle on a process group. Collectives block the calling thread until the rank's
+/// part is enqueued (NCCL: on the device's compute stream, so later kernels see the result) or
+/// done (threads). Tensors are on [`Communicator::device`].
+pub trait Communicator: Send {
+    /// This rank's index in the group, `0..size`.
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// `threads` or `nccl`.
+    fn backend(&self) -> &'static str;
+    /// The device this rank's tensors live on.
+    fn device(&self) -> Device;
+
+    /// Sends `inputs[j]` to rank `j` and returns `out[j]` = what rank `j` sent to this rank, with
+    /// shape `out_shapes[j]` (every rank knows its peers' shapes from the plan's layout). The kind
+    /// of all tensors is `inputs[0]`'s.
+    fn all_to_all(&self, inputs: &[Tensor], out_shapes: &[Vec<i64>]) -> CommResult<Vec<Tensor>>;
+
+    /// Every rank's `t` (same shape and kind on all ranks), in rank order.
+    fn all_gather(&self, t: &Tensor) -> CommResult<Vec<Tensor>>;
+
+    /// Elementwise sum over ranks (returned; `t` is not modified).
+    fn all_reduce_sum(&self, t: &Tensor) -> CommResult<Tensor>;
+
+    /// Rank `root`'s `t`; on other ranks `t` only gives the shape and kind.
+    fn broadcast(&self, t: &Tensor, root: usize) -> CommResult<Tensor>;
+
+    /// Point-to-point send to `dst`; pairs with a [`Communicator::recv`] on `dst`.
+    fn send(&self, t: &Tensor, dst: usize) -> CommResult<()>;
+
+    /// Receives a tensor of `shape` and `kind` from `src`.
+    fn recv(&self, shape: &[i64], kind: Kind, src: usize) -> CommResult<Tensor>;
+
+    /// Sends `t` to `dst` and receives a tensor of `shape` and `kind` from `src` as one step, so
+    /// that every rank doing it around a ring cannot deadlock.
+    fn send_recv(&self, t: &Tensor, dst: usize, shape: &[i64], kind: Kind, src: usize) -> CommResult<Tensor> {
+        self.send(t, dst)?;
+        self.recv(shape, kind, src)
+    }
+
+    /// Returns once every rank has called it.
+    fn barrier(&self) -> CommResult<()>;
+
+    /// Aborts the group: pending and later collectives on every member fail with
+    /// [`CommError::Aborted`] instead of hanging (used when a GPU fails mid-job).
+    fn abort(&self);
+}
+
+/// Creates groups for a set of global ranks (one device per global rank).
+pub trait CommFactory {
+    /// One communicator per member of `members` (global ranks), in `members` order; member `i`
+    /// gets group rank `i`.
+    fn group(&self, members: &[usize]) -> CommResult<Vec<Box<dyn Communicator>>>;
+}
+
+/// The degrees of a parallel plan and the rank layout they imply:
+/// `global = cfg_idx * sp + (ring_idx * ulysses + ulysses_idx)` with `sp = pipe * ring * ulysses`.
+/// PipeFusion (`pipe > 1`) runs with `ring = ulysses = 1`; its stages are the `sp` group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Mesh {
+    pub cfg: usize,
+    pub pipe: usize,
+    pub ring: usize,
+    pub ulysses: usize,
+}
+
+impl Mesh {
+    /// One rank: no parallelism.
+    pub const SINGLE: Mesh = Mesh {
+        cfg: 1,
+        pipe: 1,
+        ring: 1,
+        ulysses: 1,
+    };
+
+    pub fn world(&self) -> usize {
+        self.cfg * self.sp()
+    }
+
+    /// Ranks working on one sequence (one CFG branch): the sequence-parallel or pipeline group.
+    pub fn sp(&self) -> usize {
+        self.pipe * self.ring * self.ulysses
+    }
+
+    /// `(cfg_idx, ring_idx, ulysses_idx)` of a global rank (with `pipe = 1`).
+    pub fn coords(&self, global: usize) -> (usize, usize, usize) {
+        let u = global % self.ulysses;
+        let r = (global / self.ulysses) % self.ring;
+        let c = global / self.sp();
+        (c, r, u)
+    }
+
+    pub fn global(&self, cfg: usize, ring: usize, ulysses: usize) -> usize {
+        cfg * self.sp() + ring * self.ulysses + ulysses
+    }
+
+    /// The groups of each kind, each a list of global ranks in group-rank order.
+    fn groups(&self, kind: GroupKind) -> Vec<Vec<usize>> {
+        let mut out = Vec::new();
+        if self.pipe > 1 && matches!(kind, GroupKind::Ulysses | GroupKind::Ring) {
+            // PipeFusion stages do not split heads or pass K/V blocks: singleton groups.
+            return (0..self.world()).map(|g| vec![g]).collect();
+        }
+        match kind {
+            GroupKind::Ulysses => {
+                for c in 0..self.cfg {
+                    for r in 0..self.ring {
+                        out.push((0..self.ulysses).map(|u| self.global(c, r, u)).collect());
+                    }
+                }
+            }
+            GroupKind::Ring => {
+                for c in 0..self.cfg {
+                    for u in 0..self.ulysses {
+                        out.push((0..self.ring).map(|r| self.global(c, r, u)).collect());
+                    }
+                }
+            }
+            GroupKind::Sp => {
+                for c in 0..self.cfg {
+                    out.push((0..self.sp()).map(|i| c * self.sp() + i).collect());
+                }
+            }
+            GroupKind::Cfg => {
+                for i in 0..self.sp() {
+                    out.push((0..self.cfg).map(|c| c * self.sp() + i).collect());
+                }
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum GroupKind {
+    Ulysses,
+    Ring,
+    Sp,
+    Cfg,
+}
+
+/// Everything one rank needs to talk to its peers under a [`Mesh`].
+pub struct RankComms {
+    pub mesh: Mesh,
+    /// Global rank.
+    pub rank: usize,
+    pub world: Box<dyn Communicator>,
+    /// Ranks splitting the heads of one sequence chunk (all-to-all).
+    pub ulysses: Box<dyn Communicator>,
+    /// Ranks passing K/V blocks around a ring.
+    pub ring: Box<dyn Communicator>,
+    /// All ranks of one CFG branch (the sequence-parallel group).
+    pub sp: Box<dyn Communicator>,
+    /// The same position in each CFG branch (exchange of noise predictions).
+    pub cfg: Box<dyn Communicator>,
+}
+
+impl std::fmt::Debug for RankComms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RankComms")
+            .field("mesh", &self.mesh)
+            .field("rank", &self.rank)
+            .field("backend", &self.world.backend())
+            .finish()
+    }
+}
+
+impl RankComms {
+    /// Builds every group of `mesh` with `factory`; returns one [`RankComms`] per rank of the
+    /// mesh. `base` offsets the ranks passed to the factory (which maps them to devices): the
+    /// data-parallel group `g` of a node uses `base = g * mesh.world()`.
+    pub fn build(mesh: Mesh, factory: &dyn CommFactory, base: usize) -> CommResult<Vec<RankComms>> {
+        let n = mesh.world();
+        let mut slots: Vec<[Option<Box<dyn Communicator>>; 5]> = (0..n).map(|_| Default::default()).collect();
+        let world: Vec<usize> = (0..n).collect();
+        let kinds: [(usize, Vec<Vec<usize>>); 5] = [
+            (0, vec![world]),
+            (1, mesh.groups(GroupKind::Ulysses)),
+            (2, mesh.groups(GroupKind::Ring)),
+            (3, mesh.groups(GroupKind::Sp)),
+            (4, mesh.groups(GroupKind::Cfg)),
+        ];
+        for (slot, groups) in kinds {
+            for members in groups {
+                let on_node: Vec<usize> = members.iter().map(|m| m + base).collect();
+                for (comm, &g) in factory.group(&on_node)?.into_iter().zip(&members) {
+                    slots[g][slot] = Some(comm);
+                }
+            }
+        }
+        Ok(slots
+            .into_iter()
+            .enumerate()
+            .map(|(rank, s)| {
+                let [w, u, r, sp, c] = s.map(|c| c.expect("every rank is in one group of each kind"));
+                RankComms {
+                    mesh,
+                    rank,
+                    world: w,
+                    ulysses: u,
+                    ring: r,
+                    sp,
+                    cfg: c,
+                }
+            })
+            .collect())
+    }
+
+    /// Aborts every group this rank belongs to.
+    pub fn abort(&self) {
+        for c in [&self.world, &self.ulysses, &self.ring, &self.sp, &self.cfg] {
+            c.abort();
+        }
+    }
+}
+
+/// Splits `n` items into `parts` contiguous chunks whose lengths differ by at most one (the
+/// first `n % parts` chunks are one longer). Returns `(start, len)` per part.
+pub fn balanced_split(n: i64, parts: usize) -> Vec<(i64, i64)> {
+    let p = parts as i64;
+    let (base, extra) = (n / p, n % p);
+    let mut start = 0;
+    (0..p)
+        .map(|i| {
+            let len = base + i64::from(i < extra);
+            let r = (start, len);
+            start += len;
+            r
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_groups_cover_every_rank_once_per_kind() {
+        let mesh = Mesh {
+            cfg: 2,
+            pipe: 1,
+            ring: 2,
+            ulysses: 2,
+        };
+        for kind in [GroupKind::Ulysses, GroupKind::Ring, GroupKind::Sp, GroupKind::Cfg] {
+            let mut all: Vec<usize> = mesh.groups(kind).concat();
+            all.sort();
+            assert_eq!(all, (0..8).collect::<Vec<_>>(), "{kind:?}");
+        }
+        assert_eq!(mesh.groups(GroupKind::Ulysses)[1], vec![2, 3]);
+        assert_eq!(mesh.groups(GroupKind::Ring)[0], vec![0, 2]);
+        assert_eq!(mesh.groups(GroupKind::Cfg)[3], vec![3, 7]);
+        for g in 0..8 {
+            let (c, r, u) = mesh.coords(g);
+            assert_eq!(mesh.global(c, r, u), g);
+        }
+    }
+
+    #[test]
+    fn balanced_split_is_contiguous_and_even() {
+        assert_eq!(balanced_split(10, 4), vec![(0, 3), (3, 3), (6, 2), (8, 2)]);
+        assert_eq!(balanced_split(8, 2), vec![(0, 4), (4, 4)]);
+        assert_eq!(balanced_split(1, 2), vec![(0, 1), (1, 0)]);
+    }
+}

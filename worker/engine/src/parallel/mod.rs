@@ -1,0 +1,36 @@
+//! One image across many GPUs.
+//!
+//! - [`comm`]: the [`comm::Communicator`] interface (all-to-all, all-gather, all-reduce,
+//!   broadcast, point-to-point) and the rank layout of a plan ([`comm::Mesh`]);
+//! - [`threads`]: the in-process backend (CPU tensors; every strategy runs in CI);
+//! - [`nccl`]: the GPU backend (one thread per GPU, NCCL through cudarc);
+//! - [`attention`]: exact sequence parallelism of Flux's joint attention: Ulysses, Ring, USP;
+//! - [`pipefusion`]: PipeFusion (stages of blocks, patches of the image, one-step-stale K/V;
+//!   approximate after its warm-up steps);
+//! - [`plan`]: the degrees of a plan, parsing and validation;
+//! - [`vae`]: patch-parallel VAE decode (row bands, halo exchange, global GroupNorm statistics);
+//! - [`resilient`]: GPU isolation (quarantine a failing device, rebuild on the rest, retry);
+//! - [`runner`]: the per-rank denoising loop (sequence and CFG parallel) and
+//!   [`runner::ParallelPipeline`], the multi-GPU [`crate::Engine`] (data parallel over groups).
+
+pub mod attention;
+pub mod comm;
+pub mod nccl;
+pub mod pipefusion;
+pub mod plan;
+pub mod resilient;
+pub mod runner;
+pub mod threads;
+pub mod vae;
+
+pub use attention::{SeqLayout, TextMode, UspAttention};
+pub use comm::{CommError, CommFactory, Communicator, Mesh, RankComms};
+pub use nccl::{NcclComm, NcclFactory};
+pub use plan::Plan;
+pub use resilient::{InjectedFault, ResilientParallel};
+pub use runner::ParallelPipeline;
+pub use threads::{ThreadComm, ThreadsFactory};
+pub use vae::decode_patch_parallel;
+
+/// Whether plans with PipeFusion stages can run (see [`plan::Plan::validate`]).
+pub const PIPEFUSION_AVAILABLE: bool = true;

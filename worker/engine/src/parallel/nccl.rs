@@ -1,0 +1,591 @@
+//! NCCL backend (through `cudarc`, NCCL loaded at run time): one process per node, one thread
+//! per GPU, a communicator per (group, GPU).
+//!
+//! Collectives are enqueued on the legacy default CUDA stream, the stream libtorch computes on
+//! unless told otherwise, so kernels before and after a collective are ordered with it without
+//! extra synchronisation. Tensors are passed by their `data_ptr()`; every buffer is contiguous and
+//! stays alive (owned by the caller or returned) until the stream has consumed it, which the
+//! caching allocator guarantees for tensors freed after enqueueing work on the same stream.
+//!
+//! Groups on one node are created with `ncclCommInitAll`; a group spanning nodes is the same
+//! code with [`NcclComm::init_rank`] and a unique id exchanged out of band (e.g. through Redis):
+//! a configuration of [`NcclFactory`], not another backend.
+//!
+//! Library loading trap: `cudarc` opens `libnccl.so` by name, while libtorch_cuda already loaded
+//! its own `libnccl.so.2`; two different NCCLs in one process corrupt each other's
+//! communicators. [`check_single_nccl`] refuses to run in that state (the launcher puts a
+//! `libnccl.so` symlink to torch's copy first on `LD_LIBRARY_PATH`; see docs/operations.md).
+#![allow(unsafe_code)] // FFI to NCCL: every unsafe block states what it relies on.
+
+use std::collections::BTreeSet;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::nccl::result as nccl;
+use cudarc::nccl::sys;
+use tch::{Device, Kind, Tensor};
+
+use super::comm::{CommError, CommFactory, CommResult, Communicator};
+
+const BACKEND: &str = "NCCL";
+
+fn dtype(kind: Kind, op: &'static str) -> CommResult<sys::ncclDataType_t> {
+    use sys::ncclDataType_t as D;
+    Ok(match kind {
+        Kind::Float => D::ncclFloat32,
+        Kind::BFloat16 => D::ncclBfloat16,
+        Kind::Half => D::ncclFloat16,
+        Kind::Double => D::ncclFloat64,
+        Kind::Int64 => D::ncclInt64,
+        Kind::Int => D::ncclInt32,
+        Kind::Uint8 => D::ncclUint8,
+        Kind::Int8 => D::ncclInt8,
+        other => {
+            return Err(CommError::Usage {
+                op,
+                message: format!("no NCCL type for {other:?}"),
+            });
+        }
+    })
+}
+
+/// Where NCCL kernels run: `legacy` = the legacy default stream libtorch computes on; `side`
+/// (default) = a stream of the communicator's own, ordered with the compute stream by events
+/// (compute -> collective -> compute). On the legacy stream the host blocks in NCCL calls until
+/// the GPU catches up, so host launches and GPU work serialise per collective.
+/// `DITFLEET_NCCL_STREAM=legacy|side`, read once.
+fn use_side_stream() -> bool {
+    static SIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SIDE.get_or_init(|| std::env::var("DITFLEET_NCCL_STREAM").map_or(true, |v| v != "legacy"))
+}
+
+/// The communicator's side stream and the two events that order it with the compute stream.
+struct SideStream {
+    stream: cudarc::driver::sys::CUstream,
+    before: cudarc::driver::sys::CUevent,
+    after: cudarc::driver::sys::CUevent,
+}
+
+// SAFETY: created on, and only used from, the rank thread that owns the communicator (the
+// communicator moves to that thread before first use; the side stream is created lazily there).
+unsafe impl Send for SideStream {}
+
+impl Drop for SideStream {
+    fn drop(&mut self) {
+        use cudarc::driver::result::{event, stream};
+        // SAFETY: created by `NcclComm::side`, destroyed once; pending work completes first
+        // (CUDA defers the release of a stream/event with outstanding work).
+        unsafe {
+            let _ = event::destroy(self.before);
+            let _ = event::destroy(self.after);
+            let _ = stream::destroy(self.stream);
+        }
+    }
+}
+
+fn cuda_err(op: &'static str, rank: usize, e: cudarc::driver::DriverError) -> CommError {
+    CommError::Backend {
+        backend: "CUDA",
+        op,
+        rank,
+        message: e.to_string(),
+    }
+}
+
+/// Returns the NCCL version the process uses, after checking that only one NCCL library is
+/// mapped into it (see the module docs).
+pub fn check_single_nccl() -> CommResult<i32> {
+    let version = nccl::get_nccl_version().map_err(|e| backend_err("load", 0, e))?;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let libs: BTreeSet<&str> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| p.contains("libnccl"))
+        .collect();
+    if libs.len() > 1 {
+        return Err(CommError::Backend {
+            backend: BACKEND,
+            op: "load",
+            rank: 0,
+            message: format!(
+                "two NCCL libraries are loaded ({}): put a libnccl.so symlink to torch's \
+                 nvidia/nccl/lib/libnccl.so.2 first on LD_LIBRARY_PATH",
+                libs.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        });
+    }
+    Ok(version)
+}
+
+/// Makes CUDA device `ordinal` (its primary context, the one the CUDA runtime and libtorch use)
+/// current on the calling thread, so NCCL calls from a rank thread target that rank's GPU.
+/// The context is retained for the life of the process.
+pub fn bind_thread_to_device(ordinal: usize) -> CommResult<()> {
+    let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| CommError::Backend {
+        backend: "CUDA",
+        op: "bind device",
+        rank: ordinal,
+        message: e.to_string(),
+    })?;
+    ctx.bind_to_thread().map_err(|e| CommError::Backend {
+        backend: "CUDA",
+        op: "bind device",
+        rank: ordinal,
+        message: e.to_string(),
+    })?;
+    std::mem::forget(ctx);
+    Ok(())
+}
+
+fn backend_err(op: &'static str, rank: usize, e: nccl::NcclError) -> CommError {
+    CommError::Backend {
+        backend: BACKEND,
+        op,
+        rank,
+        message: format!("{:?}", e.0),
+    }
+}
+
+/// An NCCL communicator handle.
+#[derive(Clone, Copy)]
+struct RawComm(sys::ncclComm_t);
+
+// SAFETY: an ncclComm_t may be used from any thread as long as calls on it are not concurrent;
+// each `NcclComm` is owned by exactly one rank thread, and the group's abort path only calls
+// `ncclCommAbort`, which NCCL documents as callable from another thread to release a hung comm.
+unsafe impl Send for RawComm {}
+
+/// State shared by the members of a group created in this process.
+struct Group {
+    aborted: AtomicBool,
+    /// Every member's handle, for aborting them all at once.
+    comms: Mutex<Vec<RawComm>>,
+}
+
+impl Group {
+    fn new(comms: Vec<RawComm>) -> Arc<Self> {
+        Arc::new(Self {
+            aborted: AtomicBool::new(false),
+            comms: Mutex::new(comms),
+        })
+    }
+}
+
+/// One rank of an NCCL group.
+pub struct NcclComm {
+    comm: RawComm,
+    rank: usize,
+    size: usize,
+    device: Device,
+    /// Shared by the members of the group: [`Communicator::abort`] on any of them aborts all.
+    group: Arc<Group>,
+    /// Created on first use, on the owning (rank) thread with the rank's device current.
+    side: std::cell::OnceCell<SideStream>,
+}
+
+impl std::fmt::Debug for NcclComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NcclComm({}/{} on {:?})", self.rank, self.size, self.device)
+    }
+}
+
+impl NcclComm {
+    /// One communicator per device of `devices` (CUDA ordinals), created together in this
+    /// thread; member `i` has rank `i`.
+    pub fn init_all(devices: &[i32]) -> CommResult<Vec<NcclComm>> {
+        check_single_nccl()?;
+        let n = devices.len();
+        let mut raw: Vec<sys::ncclComm_t> = vec![std::ptr::null_mut(); n];
+        // SAFETY: `raw` has room for `n` handles and `devices` holds `n` ordinals.
+        unsafe { nccl::comm_init_all(raw.as_mut_ptr(), n as i32, devices.as_ptr()) }
+            .map_err(|e| backend_err("init_all", 0, e))?;
+        let group = Group::new(raw.iter().map(|&c| RawComm(c)).collect());
+        Ok(raw
+            .into_iter()
+            .zip(devices)
+            .enumerate()
+            .map(|(rank, (c, &d))| NcclComm {
+                comm: RawComm(c),
+                rank,
+                size: n,
+                device: Device::Cuda(d as usize),
+                group: group.clone(),
+                side: std::cell::OnceCell::new(),
+            })
+            .collect())
+    }
+
+    /// A new unique id for [`NcclComm::init_rank`] (created by rank 0, shared out of band).
+    pub fn unique_id() -> CommResult<[u8; 128]> {
+        let id = nccl::get_uniqueid().map_err(|e| backend_err("unique_id", 0, e))?;
+        Ok(id.internal.map(|c| c as u8))
+    }
+
+    /// Joins the group identified by `id` as `rank` of `size` on CUDA device `device` (the
+    /// multi-node path; every member calls it concurrently, from its own thread or process).
+    /// The calling thread must have `device` current.
+    pub fn init_rank(id: [u8; 128], size: usize, rank: usize, device: i32) -> CommResult<NcclComm> {
+        check_single_nccl()?;
+        let uid = sys::ncclUniqueId {
+            internal: id.map(|b| b as std::ffi::c_char),
+        };
+        let mut raw: sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `raw` is a valid out-pointer; `uid` is a unique id from `unique_id`.
+        unsafe { nccl::comm_init_rank(&mut raw, size as i32, uid, rank as i32) }
+            .map_err(|e| backend_err("init_rank", rank, e))?;
+        Ok(NcclComm {
+            comm: RawComm(raw),
+            rank,
+            size,
+            device: Device::Cuda(device as usize),
+            // Members in other processes see the abort through NCCL's own error propagation.
+            group: Group::new(vec![RawComm(raw)]),
+            side: std::cell::OnceCell::new(),
+        })
+    }
+
+    fn check(&self) -> CommResult<()> {
+        if self.group.aborted.load(Ordering::SeqCst) {
+            return Err(CommError::Aborted { backend: BACKEND });
+        }
+        Ok(())
+    }
+
+    fn contiguous_on_device(&self, t: &Tensor, op: &'static str) -> CommResult<Tensor> {
+        if t.device() != self.device {
+            return Err(CommError::Usage {
+                op,
+                message: format!("tensor on {:?}, communicator on {:?}", t.device(), self.device),
+            });
+        }
+        Ok(t.f_contiguous()?)
+    }
+
+    fn side(&self) -> CommResult<&SideStream> {
+        if let Some(s) = self.side.get() {
+            return Ok(s);
+        }
+        use cudarc::driver::result::{event, stream};
+        use cudarc::driver::sys::CUevent_flags;
+        let r = self.rank;
+        let s = SideStream {
+            stream: stream::create(stream::StreamKind::NonBlocking).map_err(|e| cuda_err("stream", r, e))?,
+            before: event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(|e| cuda_err("event", r, e))?,
+            after: event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(|e| cuda_err("event", r, e))?,
+        };
+        Ok(self.side.get_or_init(|| s))
+    }
+
+    /// Runs `enqueue(stream)` with NCCL work on the stream chosen by [`use_side_stream`]: the
+    /// side stream first waits for the compute stream's work so far, and the compute stream
+    /// waits for the collective before anything enqueued after it. Tensors freed after the
+    /// call are only reused by compute work ordered after the collective.
+    fn on_stream(
+        &self,
+        op: &'static str,
+        enqueue: impl FnOnce(sys::cudaStream_t) -> CommResult<()>,
+    ) -> CommResult<()> {
+        if !use_side_stream() {
+            return enqueue(std::ptr::null_mut());
+        }
+        use cudarc::driver::result::{event, stream};
+        use cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
+        let side = self.side()?;
+        let legacy = std::ptr::null_mut();
+        let r = self.rank;
+        // SAFETY: the stream and events were created on this thread's current context (the
+        // rank's device) and live as long as `self`.
+        unsafe {
+            event::record(side.before, legacy).map_err(|e| cuda_err(op, r, e))?;
+            stream::wait_event(side.stream, side.before, CU_EVENT_WAIT_DEFAULT)
+                .map_err(|e| cuda_err(op, r, e))?;
+        }
+        enqueue(side.stream as sys::cudaStream_t)?;
+        // SAFETY: as above.
+        unsafe {
+            event::record(side.after, side.stream).map_err(|e| cuda_err(op, r, e))?;
+            stream::wait_event(legacy, side.after, CU_EVENT_WAIT_DEFAULT).map_err(|e| cuda_err(op, r, e))?;
+        }
+        Ok(())
+    }
+
+    fn empty(&self, shape: &[i64], kind: Kind) -> CommResult<Tensor> {
+        Ok(Tensor::f_empty(shape, (kind, self.device))?)
+    }
+
+    /// Runs `f` between `ncclGroupStart` and `ncclGroupEnd` (point-to-point calls inside a group
+    /// are matched together, so a ring of send/recv cannot deadlock).
+    fn grouped(&self, op: &'static str, f: impl FnOnce() -> CommResult<()>) -> CommResult<()> {
+        nccl::group_start().map_err(|e| backend_err(op, self.rank, e))?;
+        let r = f();
+        let end = nccl::group_end().map_err(|e| backend_err(op, self.rank, e));
+        r.and(end.map(|_| ()))
+    }
+
+    fn send_raw(&self, t: &Tensor, dst: usize, st: sys::cudaStream_t) -> CommResult<()> {
+        let dt = dtype(t.kind(), "send")?;
+        // SAFETY: `t` is contiguous on this communicator's device and outlives the enqueue; the
+        // caching allocator does not reuse its memory before the stream has consumed it.
+        unsafe {
+            nccl::send(
+                t.data_ptr() as *const c_void,
+                t.numel(),
+                dt,
+                dst as i32,
+                self.comm.0,
+                st,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| backend_err("send", self.rank, e))
+    }
+
+    fn recv_raw(&self, out: &Tensor, src: usize, st: sys::cudaStream_t) -> CommResult<()> {
+        let dt = dtype(out.kind(), "recv")?;
+        // SAFETY: `out` is a fresh contiguous buffer on this device, large enough for the message.
+        unsafe { nccl::recv(out.data_ptr(), out.numel(), dt, src as i32, self.comm.0, st) }
+            .map(|_| ())
+            .map_err(|e| backend_err("recv", self.rank, e))
+    }
+}
+
+impl Communicator for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn all_to_all(&self, inputs: &[Tensor], out_shapes: &[Vec<i64>]) -> CommResult<Vec<Tensor>> {
+        self.check()?;
+        if inputs.len() != self.size || out_shapes.len() != self.size {
+            return Err(CommError::Usage {
+                op: "all_to_all",
+                message: format!(
+                    "{} inputs / {} shapes for {} ranks",
+                    inputs.len(),
+                    out_shapes.len(),
+                    self.size
+                ),
+            });
+        }
+        let kind = inputs[0].kind();
+        let ins = inputs
+            .iter()
+            .map(|t| self.contiguous_on_device(t, "all_to_all"))
+            .collect::<CommResult<Vec<_>>>()?;
+        let mut outs = Vec::with_capacity(self.size);
+        for (j, shape) in out_shapes.iter().enumerate() {
+            outs.push(if j == self.rank {
+                ins[j].shallow_clone()
+            } else {
+                self.empty(shape, kind)?
+            });
+        }
+        self.on_stream("all_to_all", |st| {
+            self.grouped("all_to_all", || {
+                for j in (0..self.size).filter(|&j| j != self.rank) {
+                    if ins[j].numel() > 0 {
+                        self.send_raw(&ins[j], j, st)?;
+                    }
+                    if outs[j].numel() > 0 {
+                        self.recv_raw(&outs[j], j, st)?;
+                    }
+                }
+                Ok(())
+            })
+        })?;
+        Ok(outs)
+    }
+
+    fn all_gather(&self, t: &Tensor) -> CommResult<Vec<Tensor>> {
+        self.check()?;
+        let t = self.contiguous_on_device(t, "all_gather")?;
+        let dt = dtype(t.kind(), "all_gather")?;
+        let mut shape = vec![self.size as i64];
+        shape.extend(t.size());
+        let out = self.empty(&shape, t.kind())?;
+        self.on_stream("all_gather", |st| {
+            // SAFETY: `out` holds `size` contiguous copies of `t`'s element count.
+            unsafe {
+                nccl::all_gather(
+                    t.data_ptr() as *const c_void,
+                    out.data_ptr(),
+                    t.numel(),
+                    dt,
+                    self.comm.0,
+                    st,
+                )
+            }
+            .map(|_| ())
+            .map_err(|e| backend_err("all_gather", self.rank, e))
+        })?;
+        Ok((0..self.size as i64).map(|i| out.get(i)).collect())
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> CommResult<Tensor> {
+        self.check()?;
+        let t = self.contiguous_on_device(t, "all_reduce")?;
+        let dt = dtype(t.kind(), "all_reduce")?;
+        let out = self.empty(&t.size(), t.kind())?;
+        self.on_stream("all_reduce", |st| {
+            // SAFETY: `t` and `out` are contiguous buffers of the same element count on this device.
+            unsafe {
+                nccl::all_reduce(
+                    t.data_ptr() as *const c_void,
+                    out.data_ptr(),
+                    t.numel(),
+                    dt,
+                    sys::ncclRedOp_t::ncclSum,
+                    self.comm.0,
+                    st,
+                )
+            }
+            .map(|_| ())
+            .map_err(|e| backend_err("all_reduce", self.rank, e))
+        })?;
+        Ok(out)
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> CommResult<Tensor> {
+        self.check()?;
+        let t = self.contiguous_on_device(t, "broadcast")?;
+        let dt = dtype(t.kind(), "broadcast")?;
+        let out = self.empty(&t.size(), t.kind())?;
+        self.on_stream("broadcast", |st| {
+            // SAFETY: as for all_reduce; the root's `t` is the source, every rank's `out` the target.
+            unsafe {
+                nccl::broadcast(
+                    t.data_ptr() as *const c_void,
+                    out.data_ptr(),
+                    t.numel(),
+                    dt,
+                    root as i32,
+                    self.comm.0,
+                    st,
+                )
+            }
+            .map(|_| ())
+            .map_err(|e| backend_err("broadcast", self.rank, e))
+        })?;
+        Ok(out)
+    }
+
+    fn send(&self, t: &Tensor, dst: usize) -> CommResult<()> {
+        self.check()?;
+        let t = self.contiguous_on_device(t, "send")?;
+        self.on_stream("send", |st| self.send_raw(&t, dst, st))
+    }
+
+    fn recv(&self, shape: &[i64], kind: Kind, src: usize) -> CommResult<Tensor> {
+        self.check()?;
+        let out = self.empty(shape, kind)?;
+        self.on_stream("recv", |st| self.recv_raw(&out, src, st))?;
+        Ok(out)
+    }
+
+    fn send_recv(&self, t: &Tensor, dst: usize, shape: &[i64], kind: Kind, src: usize) -> CommResult<Tensor> {
+        self.check()?;
+        let t = self.contiguous_on_device(t, "send_recv")?;
+        let out = self.empty(shape, kind)?;
+        self.on_stream("send_recv", |st| {
+            self.grouped("send_recv", || {
+                self.send_raw(&t, dst, st)?;
+                self.recv_raw(&out, src, st)
+            })
+        })?;
+        Ok(out)
+    }
+
+    fn barrier(&self) -> CommResult<()> {
+        let one = Tensor::f_ones([1], (Kind::Float, self.device))?;
+        let s = self.all_reduce_sum(&one)?;
+        // Wait on the host for the reduction (and everything before it on the stream).
+        let _ = s.f_to_device(Device::Cpu)?;
+        Ok(())
+    }
+
+    /// Aborts every member's communicator (releasing kernels stuck waiting for a dead peer);
+    /// later calls on any member fail with [`CommError::Aborted`].
+    fn abort(&self) {
+        if self.group.aborted.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::warn!(rank = self.rank, size = self.size, "aborting NCCL group");
+        let comms = std::mem::take(&mut *self.group.comms.lock().unwrap_or_else(|p| p.into_inner()));
+        for c in comms {
+            // SAFETY: each handle is aborted exactly once (taken out of the group), and Drop
+            // leaves handles of an aborted group alone.
+            if let Err(e) = unsafe { nccl::comm_abort(c.0) } {
+                tracing::warn!(error = ?e.0, "ncclCommAbort failed");
+            }
+        }
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        if self.comm.0.is_null() || self.group.aborted.load(Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: the handle came from NCCL, the group was not aborted (so it was not released
+        // there), and each member destroys only its own handle, once.
+        if let Err(e) = unsafe { nccl::comm_destroy(self.comm.0) } {
+            tracing::warn!(rank = self.rank, error = ?e.0, "ncclCommDestroy failed");
+        }
+    }
+}
+
+/// Creates NCCL groups on this node; global rank `i` computes on CUDA device `devices[i]`.
+#[derive(Debug, Clone)]
+pub struct NcclFactory {
+    pub devices: Vec<i32>,
+}
+
+impl NcclFactory {
+    /// For ranks on `devices` (all CUDA); a non-CUDA device is refused.
+    pub fn from_devices(devices: &[Device]) -> CommResult<Self> {
+        let devices = devices
+            .iter()
+            .map(|d| match d {
+                Device::Cuda(i) => Ok(*i as i32),
+                other => Err(CommError::Usage {
+                    op: "group",
+                    message: format!("NCCL ranks need CUDA devices, got {other:?}"),
+                }),
+            })
+            .collect::<CommResult<Vec<_>>>()?;
+        Ok(Self { devices })
+    }
+}
+
+impl CommFactory for NcclFactory {
+    fn group(&self, members: &[usize]) -> CommResult<Vec<Box<dyn Communicator>>> {
+        let devs = members
+            .iter()
+            .map(|&m| {
+                self.devices.get(m).copied().ok_or_else(|| CommError::Usage {
+                    op: "group",
+                    message: format!("rank {m} has no device (node has {:?})", self.devices),
+                })
+            })
+            .collect::<CommResult<Vec<_>>>()?;
+        Ok(NcclComm::init_all(&devs)?
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Communicator>)
+            .collect())
+    }
+}

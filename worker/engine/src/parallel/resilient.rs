@@ -1,0 +1,236 @@
+//! GPU isolation: a [`ParallelPipeline`] that survives a failing GPU.
+//!
+//! When a generation fails with a device error that a rank reported (a CUDA or NCCL error, an
+//! injected fault; not an abort caused by a peer, not out-of-memory), the engine quarantines that
+//! rank's device, rebuilds the plan on the remaining devices (same strategy family, largest valid
+//! degree), retries the generation once there and keeps serving, reporting itself degraded.
+//! Rebuilding reloads the leader from its source (checkpoint directory or random seed) on the
+//! first healthy device: the failed device's memory is never read again.
+
+use super::comm::CommFactory;
+use super::plan::Plan;
+use super::runner::ParallelPipeline;
+use crate::flux::Pipeline;
+use crate::flux::pipeline::device_name;
+use crate::{Control, Engine, EngineError, EngineInfo, GenerateRequest, GeneratedImage, StepEvent};
+use tch::Device;
+
+/// Builds a leader pipeline on a device.
+pub type LeaderFn = Box<dyn Fn(Device) -> Result<Pipeline, EngineError> + Send>;
+/// Builds the communicator factory for a list of devices (rank `i` on `devices[i]`).
+pub type FactoryFn = Box<dyn Fn(&[Device]) -> Box<dyn CommFactory + Send> + Send>;
+
+/// A fault to inject for tests and drills: the device in slot `slot` fails at step `step`
+/// (1-based) of every generation until it is quarantined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InjectedFault {
+    pub slot: usize,
+    pub step: u32,
+}
+
+/// See the module docs. Slots are the node's devices in configuration order.
+pub struct ResilientParallel {
+    slots: Vec<Device>,
+    healthy: Vec<bool>,
+    requested: Plan,
+    heads: i64,
+    make_leader: LeaderFn,
+    make_factory: FactoryFn,
+    inner: Option<ParallelPipeline>,
+    /// Slots the current pipeline's node ranks run on.
+    active: Vec<usize>,
+    fault: Option<InjectedFault>,
+    degraded: Option<String>,
+    info: EngineInfo,
+}
+
+impl std::fmt::Debug for ResilientParallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResilientParallel")
+            .field("slots", &self.slots)
+            .field("healthy", &self.healthy)
+            .field("plan", &self.inner.as_ref().map(|p| p.plan()))
+            .finish()
+    }
+}
+
+impl ResilientParallel {
+    pub fn new(
+        slots: Vec<Device>,
+        plan: Plan,
+        make_leader: LeaderFn,
+        make_factory: FactoryFn,
+        fault: Option<InjectedFault>,
+    ) -> Result<Self, EngineError> {
+        let healthy = vec![true; slots.len()];
+        let mut me = Self {
+            slots,
+            healthy,
+            requested: plan,
+            heads: 0,
+            make_leader,
+            make_factory,
+            inner: None,
+            active: Vec::new(),
+            fault,
+            degraded: None,
+            info: EngineInfo {
+                kind: "flux".into(),
+                models: Vec::new(),
+                model_versions: Vec::new(),
+                devices: Vec::new(),
+                parallel_degree: 0,
+                note: String::new(),
+            },
+        };
+        me.build(plan)?;
+        Ok(me)
+    }
+
+    /// The plan the engine runs now.
+    pub fn plan(&self) -> Option<Plan> {
+        self.inner.as_ref().map(|p| p.plan())
+    }
+
+    /// Builds `plan` on the healthy slots.
+    fn build(&mut self, plan: Plan) -> Result<(), EngineError> {
+        let active: Vec<usize> = (0..self.slots.len()).filter(|&i| self.healthy[i]).collect();
+        let devices: Vec<Device> = active.iter().map(|&i| self.slots[i]).collect();
+        let group = plan.group_size();
+        let leaders = (0..plan.dp)
+            .map(|g| (self.make_leader)(devices[g * group]))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.heads = leaders[0].transformer.config.num_heads;
+        let factory = (self.make_factory)(&devices);
+        let mut p = ParallelPipeline::new(leaders, &devices, plan, factory)?;
+        // The injected fault follows its slot to whatever node rank now runs on it.
+        p.set_fault(self.fault.and_then(|f| {
+            active
+                .iter()
+                .position(|&s| s == f.slot)
+                .map(|rank| (rank, f.step))
+        }));
+        self.info = p.info();
+        if let Some(d) = &self.degraded {
+            self.info.note = format!("{} | DEGRADED: {d}", self.info.note);
+        }
+        self.active = active;
+        self.inner = Some(p);
+        Ok(())
+    }
+
+    /// The largest plan of the requested plan's family that fits `n` devices.
+    fn shrink(&self, n: usize) -> Option<Plan> {
+        let r = self.requested;
+        if n == 0 {
+            return None;
+        }
+        if r.world() <= n {
+            return Some(r);
+        }
+        let single = Plan {
+            text: r.text,
+            ..Plan::SINGLE
+        };
+        let per_group = n / r.dp.max(1);
+        let (dp, m) = if per_group >= 1 { (r.dp, per_group) } else { (1, n) };
+        let mut best = single;
+        for g in (1..=m).rev() {
+            let cand = if r.pipefusion > 1 {
+                Plan {
+                    dp,
+                    pipefusion: g,
+                    patches: r.patches.max(g),
+                    ..r
+                }
+            } else if r.ulysses > 1 {
+                // Keep Ulysses as large as divides the heads, the rest as Ring.
+                let u = (1..=g)
+                    .rev()
+                    .find(|u| g % u == 0 && self.heads % *u as i64 == 0)
+                    .unwrap_or(1);
+                Plan {
+                    dp,
+                    cfg: 1,
+                    ulysses: u,
+                    ring: g / u,
+                    ..r
+                }
+            } else {
+                Plan {
+                    dp,
+                    cfg: 1,
+                    ring: g,
+                    ..r
+                }
+            };
+            let cand = if cand.pipefusion <= 1 && cand.ulysses * cand.ring == 1 {
+                Plan { dp, ..single }
+            } else {
+                cand
+            };
+            if cand.validate(self.heads, n).is_ok() {
+                best = cand;
+                break;
+            }
+        }
+        Some(best)
+    }
+
+    /// Quarantines `slot`, rebuilds on the rest.
+    fn quarantine(&mut self, slot: usize, cause: &EngineError) -> Result<(), EngineError> {
+        self.healthy[slot] = false;
+        let left = self.healthy.iter().filter(|h| **h).count();
+        // Stop the old ranks first (their memory, their communicators).
+        drop(self.inner.take());
+        let plan = self.shrink(left).ok_or_else(|| EngineError::Device {
+            device: "all".into(),
+            message: "every device of the node is quarantined".into(),
+        })?;
+        let lost: Vec<String> = (0..self.slots.len())
+            .filter(|&i| !self.healthy[i])
+            .map(|i| format!("slot {i} ({})", device_name(self.slots[i])))
+            .collect();
+        self.degraded = Some(format!(
+            "quarantined {} after: {cause}; serving on {left} of {} devices with plan {plan}",
+            lost.join(", "),
+            self.slots.len()
+        ));
+        tracing::error!(slot, device = %device_name(self.slots[slot]), error = %cause, new_plan = %plan, "device quarantined; rebuilding the parallel groups");
+        self.build(plan)
+    }
+}
+
+impl Engine for ResilientParallel {
+    fn info(&self) -> EngineInfo {
+        self.info.clone()
+    }
+
+    fn generate(
+        &mut self,
+        request: &GenerateRequest,
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<GeneratedImage, EngineError> {
+        let inner = self.inner.as_mut().ok_or_else(|| EngineError::Device {
+            device: "all".into(),
+            message: "no healthy devices left".into(),
+        })?;
+        match inner.generate(request, on_step) {
+            Err(e @ EngineError::Device { .. }) => {
+                let Some(rank) = inner.last_failed_rank() else {
+                    return Err(e);
+                };
+                let slot = self.active[rank];
+                self.quarantine(slot, &e)?;
+                // Retry the interrupted job once on the rebuilt groups (the caller's retry policy
+                // still applies if this fails too).
+                self.inner.as_mut().expect("rebuilt").generate(request, on_step)
+            }
+            other => other,
+        }
+    }
+
+    fn degraded(&self) -> Option<String> {
+        self.degraded.clone()
+    }
+}

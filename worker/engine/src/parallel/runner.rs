@@ -1,0 +1,954 @@
+//! One image on many GPUs: the SPMD denoising loop each rank runs, and [`ParallelPipeline`], the
+//! [`Engine`] that owns one thread per rank.
+//!
+//! Every rank derives the same noise, schedule and conditioning vectors from the request, keeps
+//! only its slice of the image tokens (the Euler step is token-wise, so the latent stays sliced
+//! for the whole loop), and gathers the slices once at the end. The text encoders run once, on
+//! the group leader, and their outputs are broadcast. The VAE decode runs on the leader alone or,
+//! with a patch-parallel plan (the default when a sequence spans several ranks), as bands of
+//! rows on every rank of the first CFG branch ([`decode_bands`]).
+
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+
+use super::attention::{SeqLayout, UspAttention};
+use super::comm::{CommError, CommFactory, Communicator, Mesh, RankComms, balanced_split};
+use super::plan::Plan;
+use super::vae::decode_patch_parallel;
+use crate::flux::pipeline::{LoopInputs, device_name, sync_on, to_rgb8, true_cfg};
+use crate::flux::sampling::{self, SchedulerConfig};
+use crate::flux::transformer::{Flux, Part};
+use crate::flux::vae::Decoder;
+use crate::flux::{Pipeline, layers::Res};
+use crate::{
+    Control, Engine, EngineError, EngineInfo, GenerateRequest, GeneratedImage, StageTimings, StepEvent,
+};
+
+/// Per-step cancel decisions, published by the driver (which runs the caller's step callback)
+/// and read by every rank at the same step, so all ranks stop at the same point.
+#[derive(Debug, Default)]
+pub struct StepGate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// `decisions[s - 1]` = cancel after step `s`.
+    decisions: Vec<bool>,
+    aborted: bool,
+}
+
+impl StepGate {
+    pub fn publish(&self, step: u32, cancel: bool) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while s.decisions.len() < step as usize {
+            s.decisions.push(false);
+        }
+        s.decisions[step as usize - 1] = cancel;
+        self.cv.notify_all();
+    }
+
+    pub fn abort(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).aborted = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits for the decision on `step` (1-based): `Ok(true)` = cancel.
+    pub fn wait(&self, step: u32) -> Result<bool, EngineError> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if s.aborted {
+                return Err(aborted());
+            }
+            if let Some(&d) = s.decisions.get(step as usize - 1) {
+                return Ok(d);
+            }
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+fn aborted() -> EngineError {
+    EngineError::from(tch::TchError::from(CommError::Aborted {
+        backend: "parallel group",
+    }))
+}
+
+/// The encoded prompts every rank needs: T5 tokens `(1, T, 4096)` and pooled CLIP `(1, 768)`,
+/// and the negative prompt's for true CFG.
+#[derive(Debug)]
+pub struct Conditioning {
+    pub txt: Tensor,
+    pub pooled: Tensor,
+    pub neg: Option<(Tensor, Tensor)>,
+}
+
+impl Conditioning {
+    /// Broadcasts the leader's (`Some` on world rank 0) to every rank of `world`; the others
+    /// pass the shapes `(txt, pooled)`.
+    pub fn broadcast(
+        world: &dyn Communicator,
+        mine: Option<Conditioning>,
+        txt_shape: &[i64],
+        pooled_shape: &[i64],
+        with_neg: bool,
+        kind: Kind,
+    ) -> Res<Conditioning> {
+        let dev = world.device();
+        let empty = |s: &[i64]| Tensor::f_zeros(s, (kind, dev));
+        let (t, p, n) = match mine {
+            Some(c) => (c.txt, c.pooled, c.neg),
+            None => (
+                empty(txt_shape)?,
+                empty(pooled_shape)?,
+                if with_neg {
+                    Some((empty(txt_shape)?, empty(pooled_shape)?))
+                } else {
+                    None
+                },
+            ),
+        };
+        let b = |x: &Tensor| -> Res<Tensor> { Ok(world.broadcast(&x.f_contiguous()?, 0)?) };
+        Ok(Conditioning {
+            txt: b(&t)?,
+            pooled: b(&p)?,
+            neg: n
+                .map(|(a, c)| Ok::<_, tch::TchError>((b(&a)?, b(&c)?)))
+                .transpose()?,
+        })
+    }
+}
+
+/// What one rank computes with.
+pub struct RankCtx<'a> {
+    pub flux: &'a Flux,
+    pub comms: &'a RankComms,
+    pub plan: &'a Plan,
+    pub scheduler: &'a SchedulerConfig,
+    pub vae_scale: i64,
+    pub device: Device,
+    pub kind: Kind,
+    /// Fault injection (tests, drills): this rank fails with a device error at this step.
+    pub fault_at: Option<u32>,
+}
+
+/// One rank's denoising loop. Returns the full packed latents `(1, img_seq, 64)` on world rank
+/// 0 (`None` elsewhere). World rank 0 reports each step on `events` and every rank honours the
+/// driver's cancel decisions from `gate` (one step late, so ranks need not wait for the host
+/// callback before launching the next step).
+pub fn denoise_rank(
+    ctx: &RankCtx<'_>,
+    request: &GenerateRequest,
+    cond: &Conditioning,
+    gate: &StepGate,
+    events: Option<&Sender<StepEvent>>,
+) -> Result<Option<Tensor>, EngineError> {
+    let full = denoise_gathered(ctx, request, cond, gate, events)?;
+    Ok(if ctx.comms.rank == 0 { Some(full) } else { None })
+}
+
+/// [`denoise_rank`], returning the full packed latents on every rank (each sequence-parallel
+/// group all-gathers its slices).
+fn denoise_gathered(
+    ctx: &RankCtx<'_>,
+    request: &GenerateRequest,
+    cond: &Conditioning,
+    gate: &StepGate,
+    events: Option<&Sender<StepEvent>>,
+) -> Result<Tensor, EngineError> {
+    if ctx.comms.mesh.pipe > 1 {
+        // PipeFusion leaves the latents on world rank 0; share them within the group.
+        let mine = super::pipefusion::denoise_rank(ctx, request, cond, gate, events)?;
+        let (lh, lw) = sampling::latent_size(request.height, request.width, ctx.vae_scale);
+        let shape = [1, (lh / 2) * (lw / 2), ctx.flux.config.in_channels];
+        let t = match mine {
+            Some(t) => t,
+            None => Tensor::f_zeros(shape, (ctx.kind, ctx.device))?,
+        };
+        return Ok(ctx.comms.sp.broadcast(&t, 0).map_err(tch::TchError::from)?);
+    }
+    let _guard = tch::no_grad_guard();
+    let mesh = ctx.comms.mesh;
+    let (cfg_idx, ring_idx, uly_idx) = mesh.coords(ctx.comms.rank);
+    let sp_rank = ring_idx * mesh.ulysses + uly_idx;
+    let RankBranch {
+        txt: txt_full,
+        seq_neg_txt,
+        inputs,
+    } = rank_branch(ctx, request, cond, cfg_idx)?;
+    let txt_len = txt_full.size()[1];
+    let img_len = inputs.x.size()[1];
+    let layout = SeqLayout::new(mesh.sp(), txt_len, img_len, ctx.plan.text);
+    let (ts, tl) = layout.txt[sp_rank];
+    let (is, il) = layout.img[sp_rank];
+    let mut x = inputs.x.f_narrow(1, is, il)?; // (1, img_local, 64)
+    let (lh, lw) = inputs.latent_hw;
+    let ids = Flux::position_ids(txt_len, lh, lw, ctx.device)?;
+    let ids = Tensor::f_cat(&[ids.f_narrow(0, ts, tl)?, ids.f_narrow(0, txt_len + is, il)?], 0)?;
+    let pe = ctx.flux.rope(&ids)?;
+    let txt = ctx.flux.embed_txt(&txt_full.f_narrow(1, ts, tl)?)?;
+    let neg_txt = seq_neg_txt
+        .map(|n| ctx.flux.embed_txt(&n.f_narrow(1, ts, tl)?))
+        .transpose()?;
+    let op = UspAttention {
+        ulysses: ctx.comms.ulysses.as_ref(),
+        ring: ctx.comms.ring.as_ref(),
+        layout: &layout,
+    };
+    let start = Instant::now();
+    for i in 0..inputs.steps {
+        let step_start = Instant::now();
+        let mut v = ctx.flux.forward_with(&x, &txt, &inputs.vec(i)?, &pe, &op)?;
+        if let (Some(nt), Some(nv)) = (&neg_txt, &inputs.neg_vecs) {
+            let vn = ctx
+                .flux
+                .forward_with(&x, nt, &nv.f_narrow(0, i as i64, 1)?, &pe, &op)?;
+            v = true_cfg(&v, &vn, request.true_cfg_scale)?;
+        }
+        if mesh.cfg == 2 {
+            // Both branches end with the same guided prediction (branch 0 = positive).
+            let both = ctx
+                .comms
+                .cfg
+                .all_gather(&v.f_contiguous()?)
+                .map_err(tch::TchError::from)?;
+            v = true_cfg(&both[0], &both[1], request.true_cfg_scale)?;
+        }
+        x = sampling::euler_step(&x, &v, inputs.sigmas[i], inputs.sigmas[i + 1])?;
+        let step = i as u32 + 1;
+        if ctx.fault_at == Some(step) {
+            return Err(EngineError::Device {
+                device: device_name(ctx.device),
+                message: format!("injected device fault at step {step}"),
+            });
+        }
+        report_and_check(step, inputs.steps as u32, &x, (start, step_start), gate, events)?;
+    }
+    finish(gate, inputs.steps as u32)?;
+    // Every rank of the branch gets all image slices (branch 0's are the result).
+    gather_seq(ctx.comms.sp.as_ref(), &x, &layout.img)
+}
+
+/// Patch-parallel decode of the full packed latents `(1, lh/2 * lw/2, 64)` (held by every rank
+/// of `comm`) for latent size `hw`: rank `r` unpacks and decodes a band of packed rows (2 latent
+/// rows each, split with [`balanced_split`]), converts its image rows to RGB bytes, and the bands
+/// are sent to rank 0. Returns the `(H, W, 3)` bytes on rank 0, `None` elsewhere.
+pub fn decode_bands(
+    vae: &Decoder,
+    latents: &Tensor,
+    hw: (i64, i64),
+    comm: &dyn Communicator,
+) -> Result<Option<Tensor>, EngineError> {
+    let _guard = tch::no_grad_guard();
+    let (lh, lw) = hw;
+    let (n, me) = (comm.size(), comm.rank());
+    let packed = balanced_split(lh / 2, n);
+    let rows: Vec<(i64, i64)> = packed.iter().map(|&(s, l)| (2 * s, 2 * l)).collect();
+    let (ps, pl) = packed[me];
+    let vae_dev = vae.conv_in.weight.device();
+    let tokens = latents.f_narrow(1, ps * (lw / 2), pl * (lw / 2))?; // (1, pl * lw/2, 64)
+    let z = sampling::unpack(&tokens.f_contiguous()?, 2 * pl, lw)?.f_to_device(vae_dev)?; // (1, 16, 2pl, lw)
+    let img = decode_patch_parallel(vae, &z, comm, &rows)?; // (1, 3, 2pl * f, lw * f)
+    let rgb = to_rgb8(&img)?.f_to_device(comm.device())?; // (2pl * f, lw * f, 3)
+    let f = vae.config.scale_factor();
+    let width = lw * f;
+    if me != 0 {
+        if pl > 0 {
+            comm.send(&rgb, 0).map_err(tch::TchError::from)?;
+        }
+        return Ok(None);
+    }
+    let mut bands = vec![rgb];
+    for (src, &(_, len)) in rows.iter().enumerate().skip(1) {
+        if len > 0 {
+            let shape = [len * f, width, 3];
+            bands.push(comm.recv(&shape, Kind::Uint8, src).map_err(tch::TchError::from)?);
+        }
+    }
+    Ok(Some(Tensor::f_cat(&bands, 0)?))
+}
+
+/// The prompt branch one rank runs and its loop inputs.
+pub(crate) struct RankBranch<'a> {
+    /// T5 tokens of this rank's prompt `(1, T, 4096)`: the negative one on CFG branch 1.
+    pub txt: &'a Tensor,
+    /// The negative prompt's T5 tokens when true CFG runs both prompts on these ranks.
+    pub seq_neg_txt: Option<&'a Tensor>,
+    pub inputs: LoopInputs,
+}
+
+/// Picks this rank's branch: CFG-parallel groups run the negative prompt on branch `cfg_idx` 1;
+/// without CFG parallel, true CFG runs both prompts in turn. Refuses a CFG-parallel plan for a
+/// request without true CFG.
+pub(crate) fn rank_branch<'a>(
+    ctx: &RankCtx<'_>,
+    request: &GenerateRequest,
+    cond: &'a Conditioning,
+    cfg_idx: usize,
+) -> Result<RankBranch<'a>, EngineError> {
+    let cfg = ctx.comms.mesh.cfg;
+    let true_cfg_on = request.true_cfg();
+    if cfg == 2 && !true_cfg_on {
+        return Err(EngineError::InvalidRequest(format!(
+            "plan {} runs the negative prompt on half of the GPUs: it needs true CFG \
+             (a negative_prompt and true_cfg_scale > 1)",
+            ctx.plan
+        )));
+    }
+    let neg = || {
+        cond.neg
+            .as_ref()
+            .ok_or_else(|| EngineError::InvalidRequest("true CFG without a negative prompt".into()))
+    };
+    let (txt, pooled) = if cfg == 2 && cfg_idx == 1 {
+        let n = neg()?;
+        (&n.0, &n.1)
+    } else {
+        (&cond.txt, &cond.pooled)
+    };
+    let seq_neg = if cfg == 1 && true_cfg_on {
+        Some(neg()?)
+    } else {
+        None
+    };
+    let inputs = LoopInputs::new(
+        ctx.flux,
+        ctx.scheduler,
+        ctx.vae_scale,
+        request,
+        pooled,
+        seq_neg.map(|n| &n.1),
+        ctx.device,
+        ctx.kind,
+    )?;
+    Ok(RankBranch {
+        txt,
+        seq_neg_txt: seq_neg.map(|n| &n.0),
+        inputs,
+    })
+}
+
+/// World rank 0 (the one with `events`) waits for step `step` and reports it; every rank then
+/// honours the decision on the previous step.
+pub(crate) fn report_and_check(
+    step: u32,
+    total: u32,
+    x: &Tensor,
+    (start, step_start): (Instant, Instant),
+    gate: &StepGate,
+    events: Option<&Sender<StepEvent>>,
+) -> Result<(), EngineError> {
+    if let Some(ev) = events {
+        let host = step_start.elapsed();
+        sync_on(x)?;
+        let _ = ev.send(StepEvent {
+            step,
+            total,
+            elapsed: start.elapsed(),
+            host,
+        });
+    }
+    if step >= 2 && gate.wait(step - 1)? {
+        return Err(EngineError::Cancelled { step: step - 1 });
+    }
+    Ok(())
+}
+
+/// The decision on the last step.
+pub(crate) fn finish(gate: &StepGate, total: u32) -> Result<(), EngineError> {
+    if gate.wait(total)? {
+        return Err(EngineError::Cancelled { step: total });
+    }
+    Ok(())
+}
+
+/// Concatenates every rank's slice `(b, len_j, c)` along dim 1 (slices may differ in length by
+/// one: padded for the all-gather, then trimmed).
+pub fn gather_seq(comm: &dyn Communicator, x: &Tensor, slices: &[(i64, i64)]) -> Result<Tensor, EngineError> {
+    if comm.size() == 1 {
+        return Ok(x.shallow_clone());
+    }
+    let max = slices.iter().map(|s| s.1).max().unwrap_or(0);
+    let (b, len, c) = x.size3()?;
+    let padded = if len < max {
+        Tensor::f_cat(
+            &[
+                x.shallow_clone(),
+                Tensor::f_zeros([b, max - len, c], (x.kind(), x.device()))?,
+            ],
+            1,
+        )?
+    } else {
+        x.f_contiguous()?
+    };
+    let parts = comm.all_gather(&padded).map_err(tch::TchError::from)?;
+    let trimmed = parts
+        .iter()
+        .zip(slices)
+        .map(|(p, s)| p.f_narrow(1, 0, s.1))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Tensor::f_cat(&trimmed, 1)?)
+}
+
+/// What a rank thread holds: the group leader holds the whole pipeline (text encoders, VAE,
+/// its transformer replica), the others a transformer replica (under PipeFusion, each rank's
+/// transformer is only its stage's part, the leader's included) and, for a patch-parallel decode
+/// on the first CFG branch, a VAE decoder replica.
+pub enum RankModel {
+    Leader(Box<Pipeline>),
+    Follower {
+        flux: Box<Flux>,
+        vae: Option<Box<Decoder>>,
+        device: Device,
+    },
+}
+
+/// Static facts every rank of a group needs.
+#[derive(Debug, Clone)]
+struct GroupSpec {
+    plan: Plan,
+    scheduler: SchedulerConfig,
+    vae_scale: i64,
+    txt_shape: Vec<i64>,
+    pooled_shape: Vec<i64>,
+    kind: Kind,
+}
+
+enum Cmd {
+    Generate {
+        request: Box<GenerateRequest>,
+        gate: Arc<StepGate>,
+        events: Option<Sender<StepEvent>>,
+        done: Sender<(usize, Result<RankOutput, EngineError>)>,
+        fault_at: Option<u32>,
+    },
+    SetComms(Box<RankComms>),
+    /// Stop and hand the model back.
+    Stop(Sender<RankModel>),
+}
+
+/// A finished image and its final packed latents.
+type Finished = (GeneratedImage, Tensor);
+
+/// What a rank reports when a job ends: the image and final latents on world rank 0.
+type RankOutput = Option<Finished>;
+
+struct RankThread {
+    tx: Sender<Cmd>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// The multi-GPU Flux engine: `plan.world()` rank threads, one per device, in `plan.dp` groups.
+pub struct ParallelPipeline {
+    plan: Plan,
+    group_size: usize,
+    ranks: Vec<RankThread>,
+    factory: Box<dyn CommFactory + Send>,
+    /// Set when a group was aborted: rebuilt before the next job.
+    broken: bool,
+    info: EngineInfo,
+    /// Final packed latents `(1, img_seq, 64)` of the last round's images (for verification).
+    last_latents: Vec<Tensor>,
+    /// Transformer weight elements each rank holds.
+    rank_parameters: Vec<usize>,
+    /// Injected fault: (node rank, step).
+    fault: Option<(usize, u32)>,
+    /// Node rank whose device error failed the last round (not the peers' aborts).
+    last_failed_rank: Option<usize>,
+}
+
+impl std::fmt::Debug for ParallelPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ParallelPipeline({})", self.plan)
+    }
+}
+
+impl ParallelPipeline {
+    /// `leaders[g]` serves data-parallel group `g` (its transformer is replicated onto
+    /// `devices[g * group_size + i]` for the group's other ranks; the leader computes on its own
+    /// transformer's device). Under PipeFusion each rank gets only its stage's part of the
+    /// transformer and the leader's own is cut down to stage 0's. `factory` builds the groups'
+    /// communicators (threads or NCCL).
+    pub fn new(
+        leaders: Vec<Pipeline>,
+        devices: &[Device],
+        plan: Plan,
+        factory: Box<dyn CommFactory + Send>,
+    ) -> Result<Self, EngineError> {
+        let first = leaders
+            .first()
+            .ok_or_else(|| EngineError::Load("a parallel pipeline needs a leader".into()))?;
+        plan.validate(first.transformer.config.num_heads, devices.len())
+            .map_err(EngineError::InvalidRequest)?;
+        if leaders.len() != plan.dp {
+            return Err(EngineError::Load(format!(
+                "plan {plan} has {} data-parallel groups, got {} leaders",
+                plan.dp,
+                leaders.len()
+            )));
+        }
+        let group_size = plan.group_size();
+        let mut info = first.info();
+        info.parallel_degree = group_size as u32;
+        info.devices = devices[..plan.world()].iter().map(|d| device_name(*d)).collect();
+        info.note = format!("{} | plan {plan}", info.note);
+        let config = first.transformer.config.clone();
+        let parts = if plan.pipefusion > 1 {
+            Some(super::pipefusion::stage_parts(&config, plan.pipefusion)?)
+        } else {
+            None
+        };
+        let sp = plan.mesh().sp();
+        let part_of = |i: usize| match &parts {
+            Some(p) => p[i % sp].clone(),
+            None => Part::full(&config),
+        };
+        let mut ranks = Vec::new();
+        let mut rank_parameters = Vec::new();
+        for (g, mut leader) in leaders.into_iter().enumerate() {
+            let spec = GroupSpec {
+                plan,
+                scheduler: leader.scheduler.clone(),
+                vae_scale: leader.vae.config.scale_factor(),
+                txt_shape: vec![
+                    1,
+                    leader.t5_tokenizer.max_len as i64,
+                    leader.transformer.config.context_in_dim,
+                ],
+                pooled_shape: vec![1, leader.transformer.config.vec_in_dim],
+                kind: leader.options().kind,
+            };
+            let mut models = Vec::with_capacity(group_size);
+            for i in 1..group_size {
+                let device = devices[g * group_size + i];
+                let flux = leader.transformer.copy_part(&part_of(i), device)?;
+                rank_parameters.push(flux.parameters());
+                // Ranks `0..sp` of the group are CFG branch 0, the ones that decode.
+                let vae = if plan.vae_split() && i < plan.mesh().sp() {
+                    Some(Box::new(leader.vae.replicate(device)?))
+                } else {
+                    None
+                };
+                models.push(RankModel::Follower {
+                    flux: Box::new(flux),
+                    vae,
+                    device,
+                });
+            }
+            if parts.is_some() {
+                // Frees the other stages' blocks on the leader's device.
+                let dev = leader.options().devices.transformer;
+                leader.transformer = leader.transformer.copy_part(&part_of(0), dev)?;
+            }
+            rank_parameters.insert(g * group_size, leader.transformer.parameters());
+            models.insert(0, RankModel::Leader(Box::new(leader)));
+            for (i, model) in models.into_iter().enumerate() {
+                ranks.push(spawn_rank(g * group_size + i, model, spec.clone())?);
+            }
+        }
+        let mut me = Self {
+            plan,
+            group_size,
+            ranks,
+            factory,
+            broken: true,
+            info,
+            last_latents: Vec::new(),
+            rank_parameters,
+            fault: None,
+            last_failed_rank: None,
+        };
+        me.rebuild_comms()?;
+        Ok(me)
+    }
+
+    pub fn plan(&self) -> Plan {
+        self.plan
+    }
+
+    /// Fault injection: node rank `.0` fails with a device error at step `.1` of every job.
+    pub fn set_fault(&mut self, fault: Option<(usize, u32)>) {
+        self.fault = fault;
+    }
+
+    /// The node rank whose device error failed the last job, if one did (see
+    /// [`super::resilient::ResilientParallel`]).
+    pub fn last_failed_rank(&self) -> Option<usize> {
+        self.last_failed_rank
+    }
+
+    /// The final packed latents of the last round's images, in request order.
+    pub fn last_latents(&self) -> &[Tensor] {
+        &self.last_latents
+    }
+
+    /// Stops the rank threads and returns the group leaders' pipelines (e.g. to build another
+    /// plan on the same weights, or on fewer GPUs after one failed). Under PipeFusion a leader
+    /// holds only stage 0's blocks: reload the checkpoint before building another plan from it.
+    pub fn into_leaders(mut self) -> Vec<Pipeline> {
+        let mut leaders = Vec::new();
+        for r in std::mem::take(&mut self.ranks) {
+            let (tx, rx) = channel();
+            if r.tx.send(Cmd::Stop(tx)).is_ok()
+                && let Ok(RankModel::Leader(p)) = rx.recv()
+            {
+                leaders.push(*p);
+            }
+            if let Some(h) = r.handle {
+                let _ = h.join();
+            }
+        }
+        leaders
+    }
+
+    /// Transformer weight elements each rank holds, in global rank order (PipeFusion: each
+    /// stage's part only).
+    pub fn rank_parameters(&self) -> &[usize] {
+        &self.rank_parameters
+    }
+
+    /// (Re)creates every group's communicators and hands them to the rank threads.
+    fn rebuild_comms(&mut self) -> Result<(), EngineError> {
+        let mesh: Mesh = self.plan.mesh();
+        for g in 0..self.plan.dp {
+            let base = g * self.group_size;
+            let comms = RankComms::build(mesh, self.factory.as_ref(), base).map_err(tch::TchError::from)?;
+            for (i, c) in comms.into_iter().enumerate() {
+                self.ranks[base + i]
+                    .tx
+                    .send(Cmd::SetComms(Box::new(c)))
+                    .map_err(|_| rank_gone(base + i))?;
+            }
+        }
+        self.broken = false;
+        Ok(())
+    }
+
+    /// Generates one image per request, the data-parallel groups taking requests in turn.
+    /// `on_step` sees the steps of the first request of each round.
+    pub fn generate_batch(
+        &mut self,
+        requests: &[GenerateRequest],
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<Vec<GeneratedImage>, EngineError> {
+        let mut out = Vec::with_capacity(requests.len());
+        for round in requests.chunks(self.plan.dp) {
+            out.extend(self.run_round(round, on_step)?);
+        }
+        Ok(out)
+    }
+
+    fn run_round(
+        &mut self,
+        requests: &[GenerateRequest],
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<Vec<GeneratedImage>, EngineError> {
+        if self.broken {
+            self.rebuild_comms()?;
+        }
+        let (done_tx, done_rx) = channel();
+        let (ev_tx, ev_rx) = channel();
+        let gates: Vec<Arc<StepGate>> = requests.iter().map(|_| Arc::new(StepGate::default())).collect();
+        let mut expected = 0;
+        for (g, request) in requests.iter().enumerate() {
+            for i in 0..self.group_size {
+                let rank = g * self.group_size + i;
+                let events = (i == 0).then(|| ev_tx.clone());
+                self.ranks[rank]
+                    .tx
+                    .send(Cmd::Generate {
+                        request: Box::new(request.clone()),
+                        gate: gates[g].clone(),
+                        events: if g == 0 { events } else { None },
+                        done: done_tx.clone(),
+                        fault_at: self.fault.filter(|f| f.0 == rank).map(|f| f.1),
+                    })
+                    .map_err(|_| rank_gone(rank))?;
+                expected += 1;
+            }
+        }
+        drop(ev_tx);
+        // Other groups follow group 0's decisions on their own gates.
+        self.last_failed_rank = None;
+        let result = self.drive(&ev_rx, &done_rx, expected, &gates, on_step);
+        if result.is_err() {
+            self.broken = true;
+        }
+        let mut images = result?;
+        images.sort_by_key(|(rank, _)| *rank);
+        self.last_latents = images.iter().map(|(_, (_, l))| l.shallow_clone()).collect();
+        Ok(images.into_iter().map(|(_, (im, _))| im).collect())
+    }
+
+    /// Runs the step callback for each reported step and collects every rank's result.
+    fn drive(
+        &mut self,
+        events: &Receiver<StepEvent>,
+        done: &Receiver<(usize, Result<RankOutput, EngineError>)>,
+        expected: usize,
+        gates: &[Arc<StepGate>],
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<Vec<(usize, Finished)>, EngineError> {
+        let mut images = Vec::new();
+        let mut first_err: Option<EngineError> = None;
+        let mut received = 0;
+        let mut events_open = true;
+        while received < expected {
+            if events_open {
+                match events.recv_timeout(std::time::Duration::from_millis(5)) {
+                    Ok(ev) => {
+                        let cancel = on_step(ev) == Control::Cancel;
+                        for g in gates {
+                            g.publish(ev.step, cancel);
+                        }
+                        continue;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => events_open = false,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                }
+            }
+            let next = if events_open {
+                done.try_recv().ok()
+            } else {
+                done.recv().ok()
+            };
+            let Some((rank, r)) = next else {
+                if !events_open {
+                    break;
+                }
+                continue;
+            };
+            received += 1;
+            match r {
+                Ok(Some(out)) => images.push((rank, out)),
+                Ok(None) => {}
+                Err(e) => {
+                    // The first real failure wins over the aborts it caused in the peers.
+                    for g in gates {
+                        g.abort();
+                    }
+                    let is_abort = e.to_string().contains("aborted");
+                    if first_err
+                        .as_ref()
+                        .is_none_or(|f| f.to_string().contains("aborted") && !is_abort)
+                    {
+                        self.last_failed_rank =
+                            (matches!(e, EngineError::Device { .. }) && !is_abort).then_some(rank);
+                        first_err = Some(e);
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(images),
+        }
+    }
+}
+
+fn rank_gone(rank: usize) -> EngineError {
+    EngineError::Device {
+        device: format!("rank {rank}"),
+        message: "the rank's thread is gone".into(),
+    }
+}
+
+fn spawn_rank(rank: usize, model: RankModel, spec: GroupSpec) -> Result<RankThread, EngineError> {
+    let (tx, rx) = channel::<Cmd>();
+    let handle = std::thread::Builder::new()
+        .name(format!("ditfleet-rank-{rank}"))
+        .spawn(move || rank_loop(rank, model, spec, rx))
+        .map_err(EngineError::Io)?;
+    Ok(RankThread {
+        tx,
+        handle: Some(handle),
+    })
+}
+
+impl RankModel {
+    /// The device the rank's transformer computes on.
+    pub fn device(&self) -> Device {
+        match self {
+            RankModel::Leader(p) => p.options().devices.transformer,
+            RankModel::Follower { device, .. } => *device,
+        }
+    }
+}
+
+/// `node_rank`: the thread's index over all groups (results are ordered by it: the group rank
+/// `RankComms::rank` restarts at 0 in every data-parallel group).
+fn rank_loop(node_rank: usize, model: RankModel, spec: GroupSpec, rx: Receiver<Cmd>) {
+    let mut comms: Option<Box<RankComms>> = None;
+    if let Device::Cuda(i) = model.device()
+        && let Err(e) = super::nccl::bind_thread_to_device(i)
+    {
+        tracing::warn!(device = i, error = %e, "could not make the rank's GPU current on its thread");
+    }
+    while let Ok(cmd) = rx.recv() {
+        match cmd {
+            Cmd::SetComms(c) => comms = Some(c),
+            Cmd::Stop(back) => {
+                // Communicators go first (NCCL handles before the model's memory).
+                drop(comms.take());
+                let _ = back.send(model);
+                return;
+            }
+            Cmd::Generate {
+                request,
+                gate,
+                events,
+                done,
+                fault_at,
+            } => {
+                let Some(c) = comms.as_deref() else {
+                    let _ = done.send((node_rank, Err(rank_gone(node_rank))));
+                    continue;
+                };
+                let r = run_rank(&model, &spec, c, &request, &gate, events.as_ref(), fault_at);
+                if r.is_err() {
+                    // Release the peers blocked in collectives and the gate.
+                    c.abort();
+                    gate.abort();
+                }
+                let _ = done.send((node_rank, r));
+            }
+        }
+    }
+}
+
+fn run_rank(
+    model: &RankModel,
+    spec: &GroupSpec,
+    comms: &RankComms,
+    request: &GenerateRequest,
+    gate: &StepGate,
+    events: Option<&Sender<StepEvent>>,
+    fault_at: Option<u32>,
+) -> Result<RankOutput, EngineError> {
+    let _guard = tch::no_grad_guard();
+    let with_neg = request.true_cfg();
+    let t0 = Instant::now();
+    let (flux, device, mine) = match model {
+        RankModel::Leader(p) => {
+            p.check(request)?;
+            let (txt, pooled) = p.encode_prompt(&request.prompt)?;
+            let neg = match (&request.negative_prompt, with_neg) {
+                (Some(n), true) => Some(p.encode_prompt(n)?),
+                _ => None,
+            };
+            let c = Conditioning { txt, pooled, neg };
+            (&p.transformer, p.options().devices.transformer, Some(c))
+        }
+        RankModel::Follower { flux, device, .. } => (flux.as_ref(), *device, None),
+    };
+    let cond = Conditioning::broadcast(
+        comms.world.as_ref(),
+        mine,
+        &spec.txt_shape,
+        &spec.pooled_shape,
+        with_neg,
+        spec.kind,
+    )?;
+    sync_on(&cond.pooled)?;
+    let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let ctx = RankCtx {
+        flux,
+        comms,
+        plan: &spec.plan,
+        scheduler: &spec.scheduler,
+        vae_scale: spec.vae_scale,
+        device,
+        kind: spec.kind,
+        fault_at,
+    };
+    let t1 = Instant::now();
+    let latents = denoise_gathered(&ctx, request, &cond, gate, events)?;
+    let denoise_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let hw = sampling::latent_size(request.height, request.width, spec.vae_scale);
+    let t2 = Instant::now();
+    let rgb = if spec.plan.vae_split() {
+        if comms.mesh.coords(comms.rank).0 != 0 {
+            return Ok(None);
+        }
+        let vae = match model {
+            RankModel::Leader(p) => {
+                p.check_finite(&latents)?;
+                &p.vae
+            }
+            RankModel::Follower { vae: Some(v), .. } => v.as_ref(),
+            RankModel::Follower { vae: None, .. } => {
+                return Err(EngineError::Load(format!(
+                    "rank {} of plan {} has no VAE replica",
+                    comms.rank, spec.plan
+                )));
+            }
+        };
+        let Some(rgb) = decode_bands(vae, &latents, hw, comms.sp.as_ref())? else {
+            return Ok(None);
+        };
+        let rgb = rgb.f_to_device(Device::Cpu)?;
+        let mut bytes = vec![0u8; rgb.numel()];
+        rgb.f_copy_data_u8(&mut bytes, rgb.numel())?;
+        bytes
+    } else {
+        let RankModel::Leader(p) = model else {
+            return Ok(None);
+        };
+        if comms.rank != 0 {
+            return Ok(None);
+        }
+        p.check_finite(&latents)?;
+        p.decode(&latents, hw)?
+    };
+    let decode_ms = t2.elapsed().as_secs_f64() * 1e3;
+    let image = GeneratedImage {
+        width: request.width,
+        height: request.height,
+        rgb,
+        timings: StageTimings {
+            encode_ms,
+            denoise_ms,
+            decode_ms,
+            peak_memory_bytes: None,
+            plan: Some(spec.plan.to_string()),
+        },
+    };
+    Ok(Some((image, latents)))
+}
+
+impl Drop for ParallelPipeline {
+    fn drop(&mut self) {
+        for r in &mut self.ranks {
+            // Closing the channel ends the rank loop.
+            let (tx, _) = channel();
+            drop(std::mem::replace(&mut r.tx, tx));
+        }
+        for r in &mut self.ranks {
+            if let Some(h) = r.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Engine for ParallelPipeline {
+    fn info(&self) -> EngineInfo {
+        self.info.clone()
+    }
+
+    fn generate(
+        &mut self,
+        request: &GenerateRequest,
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<GeneratedImage, EngineError> {
+        let mut images = self.generate_batch(std::slice::from_ref(request), on_step)?;
+        images
+            .pop()
+            .ok_or_else(|| EngineError::Torch("the parallel group returned no image".into()))
+    }
+}

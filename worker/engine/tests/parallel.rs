@@ -1,0 +1,713 @@
+//! Every parallel strategy on the in-process threads backend (CPU, fp32, a tiny Flux config with 4
+//! heads) against the single-rank pipeline: exact strategies must match the single-rank latent
+//! to 1e-5 (max abs), and the whole multi-rank engine must produce the single-rank image.
+//! PipeFusion is exact while every step is a warm-up step; after that its distance is measured.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ditfleet_engine::flux::transformer::{Config, Flux, Part};
+use ditfleet_engine::flux::vae::{self, Decoder};
+use ditfleet_engine::flux::{Pipeline, rng_lock};
+use ditfleet_engine::parallel::comm::balanced_split;
+use ditfleet_engine::parallel::pipefusion::stage_parts;
+use ditfleet_engine::parallel::runner::{Conditioning, RankCtx, StepGate, denoise_rank};
+use ditfleet_engine::parallel::{
+    ParallelPipeline, Plan, RankComms, ThreadComm, ThreadsFactory, decode_patch_parallel,
+};
+use ditfleet_engine::{Control, Engine, EngineError, GenerateRequest};
+use tch::{Device, Kind, Tensor};
+
+fn config() -> Config {
+    Config {
+        num_heads: 4,
+        axes_dim: vec![4, 6, 6],
+        ..Config::tiny()
+    }
+}
+
+/// A multi-rank engine on `n` CPU "devices" with the threads backend.
+fn threads_engine(leaders: Vec<Pipeline>, n: usize, plan: Plan) -> ParallelPipeline {
+    ParallelPipeline::new(
+        leaders,
+        &vec![Device::Cpu; n],
+        plan,
+        Box::new(ThreadsFactory::cpu()),
+    )
+    .unwrap()
+}
+
+fn pipeline(t5_len: usize) -> Pipeline {
+    Pipeline::tiny_random_with(&config(), t5_len, 5).unwrap()
+}
+
+/// 2 double + 4 single blocks: enough for 4 PipeFusion stages (4 stages: [d0], [d1], [s0, s1],
+/// [s2, s3]; 2 stages: [d0, d1, s0], [s1, s2, s3]: cuts between double blocks, at the
+/// double/single boundary and inside a stage that holds both).
+fn pf_config() -> Config {
+    Config {
+        depth: 2,
+        depth_single_blocks: 4,
+        ..config()
+    }
+}
+
+fn pf_pipeline(t5_len: usize) -> Pipeline {
+    Pipeline::tiny_random_with(&pf_config(), t5_len, 5).unwrap()
+}
+
+fn request(true_cfg: bool) -> GenerateRequest {
+    GenerateRequest {
+        model: "flux-dev".into(),
+        prompt: "a lighthouse at dusk".into(),
+        negative_prompt: true_cfg.then(|| "blurry".into()),
+        // 8x8 latent of the tiny VAE -> 4x5 = 20 packed image tokens (split unevenly over 3).
+        width: 64,
+        height: 80,
+        steps: 4,
+        guidance: 3.5,
+        true_cfg_scale: if true_cfg { 2.5 } else { 1.0 },
+        seed: 42,
+    }
+}
+
+/// The part of `src` rank `c` holds: its PipeFusion stage's blocks, or all of them.
+fn copy_for(src: &Flux, c: &RankComms, plan: &Plan) -> Flux {
+    let part = if plan.pipefusion > 1 {
+        stage_parts(&src.config, plan.pipefusion).unwrap()[c.sp.rank()].clone()
+    } else {
+        Part::full(&src.config)
+    };
+    // Zero-initialised before the copy: drawing random weights here would race with seeded noise
+    // in other tests.
+    src.copy_part(&part, Device::Cpu).unwrap()
+}
+
+/// The single-rank denoised latent.
+fn single(p: &Pipeline, req: &GenerateRequest) -> Tensor {
+    let (txt, pooled) = p.encode_prompt(&req.prompt).unwrap();
+    let neg = req
+        .true_cfg()
+        .then(|| p.encode_prompt(req.negative_prompt.as_ref().unwrap()).unwrap());
+    p.denoise(&txt, &pooled, neg.as_ref().map(|(a, b)| (a, b)), req, &mut |_| {
+        Control::Continue
+    })
+    .unwrap()
+    .0
+}
+
+/// The latent of `plan` run on threads ranks, each with its own copy of the weights.
+fn parallel(p: &Pipeline, req: &GenerateRequest, plan: Plan) -> Tensor {
+    plan.validate(4, 8).unwrap();
+    let comms = RankComms::build(plan.mesh(), &ThreadsFactory::cpu(), 0).unwrap();
+    let (txt, pooled) = p.encode_prompt(&req.prompt).unwrap();
+    let neg = req
+        .true_cfg()
+        .then(|| p.encode_prompt(req.negative_prompt.as_ref().unwrap()).unwrap());
+    let gate = Arc::new(StepGate::default());
+    for s in 1..=req.steps {
+        gate.publish(s, false);
+    }
+    let handles: Vec<_> = comms
+        .into_iter()
+        .map(|c| {
+            let flux = copy_for(&p.transformer, &c, &plan);
+            let cond = Conditioning {
+                txt: txt.copy(),
+                pooled: pooled.copy(),
+                neg: neg.as_ref().map(|(a, b)| (a.copy(), b.copy())),
+            };
+            let (req, gate, sched) = (req.clone(), gate.clone(), p.scheduler.clone());
+            let scale = p.vae.config.scale_factor();
+            std::thread::spawn(move || {
+                let ctx = RankCtx {
+                    flux: &flux,
+                    comms: &c,
+                    plan: &plan,
+                    scheduler: &sched,
+                    vae_scale: scale,
+                    device: Device::Cpu,
+                    kind: Kind::Float,
+                    fault_at: None,
+                };
+                denoise_rank(&ctx, &req, &cond, &gate, None)
+            })
+        })
+        .collect();
+    let mut out = None;
+    for h in handles {
+        if let Some(x) = h.join().unwrap().unwrap() {
+            out = Some(x);
+        }
+    }
+    out.expect("world rank 0 returns the latent")
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    f64::try_from(a.f_sub(b).unwrap().abs().max()).unwrap()
+}
+
+fn assert_exact(t5_len: usize, plans: &[&str], true_cfg: bool) {
+    assert_exact_on(&pipeline(t5_len), t5_len, plans, true_cfg);
+}
+
+fn assert_exact_on(p: &Pipeline, t5_len: usize, plans: &[&str], true_cfg: bool) {
+    let req = request(true_cfg);
+    let reference = single(p, &req);
+    for s in plans {
+        let plan: Plan = s.parse().unwrap();
+        let got = parallel(p, &req, plan);
+        assert_eq!(got.size(), reference.size(), "{s}");
+        let d = max_diff(&got, &reference);
+        assert!(
+            d <= 1e-5,
+            "plan {s}, {t5_len} text tokens: max abs diff {d:e} > 1e-5"
+        );
+        eprintln!("plan {s:<28} text {t5_len:>2}: max abs diff {d:.2e}");
+    }
+}
+
+#[test]
+fn sequence_parallel_plans_match_one_rank_with_split_text() {
+    // 12 text tokens: split over 2, 3 and 4 ranks.
+    assert_exact(
+        12,
+        &[
+            "ulysses=2",
+            "ulysses=4",
+            "ring=2",
+            "ring=3",
+            "ring=4",
+            "ring=2,ulysses=2",
+        ],
+        false,
+    );
+}
+
+#[test]
+fn sequence_parallel_plans_match_one_rank_with_replicated_text() {
+    // 13 text tokens: not divisible, so every rank holds all of them (keys counted once).
+    assert_exact(
+        13,
+        &["ulysses=2", "ulysses=4", "ring=2", "ring=4", "ring=2,ulysses=2"],
+        false,
+    );
+    assert_exact(
+        12,
+        &["ulysses=2,text=replicated", "ring=4,text=replicated"],
+        false,
+    );
+}
+
+#[test]
+fn cfg_parallel_matches_sequential_true_cfg() {
+    assert_exact(
+        12,
+        &[
+            "cfg=2",
+            "cfg=2,ulysses=2",
+            "cfg=2,ring=2",
+            "cfg=2,ring=2,ulysses=2",
+        ],
+        true,
+    );
+    // Sequence parallel with true CFG run on the same ranks, one after the other.
+    assert_exact(12, &["ulysses=2", "ring=2"], true);
+}
+
+#[test]
+fn cfg_parallel_plan_refuses_a_request_without_true_cfg() {
+    let p = pipeline(12);
+    let mut e = threads_engine(vec![pipeline(12)], 2, "cfg=2".parse().unwrap());
+    drop(p);
+    let err = e
+        .generate(&request(false), &mut |_| Control::Continue)
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::InvalidRequest(ref m) if m.contains("needs true CFG")),
+        "{err}"
+    );
+    // The engine recovers: a true-CFG request on the same plan succeeds afterwards.
+    e.generate(&request(true), &mut |_| Control::Continue).unwrap();
+}
+
+fn assert_same_image(want: &[u8], got: &[u8], what: &str) {
+    assert_eq!(want.len(), got.len(), "{what}");
+    let worst = want
+        .iter()
+        .zip(got)
+        .map(|(a, b)| (i16::from(*a) - i16::from(*b)).abs())
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "{what}: pixel values differ by {worst}");
+}
+
+#[test]
+fn parallel_engine_produces_the_single_rank_image_and_reports_every_step() {
+    let mut one = pipeline(12);
+    let req = request(false);
+    let want = one.generate(&req, &mut |_| Control::Continue).unwrap();
+    // The VAE decode is patch-parallel by default (8x10 latent = 5 packed rows: bands of 3+2,
+    // 2+1+1+1 and 2+2+1 packed rows); `vae=single` decodes on the leader.
+    for s in ["ulysses=2", "ring=2,ulysses=2", "ring=3", "ulysses=2,vae=single"] {
+        let plan: Plan = s.parse().unwrap();
+        let mut e = threads_engine(vec![pipeline(12)], 4, plan);
+        assert_eq!(e.info().parallel_degree as usize, plan.group_size());
+        let mut steps = Vec::new();
+        let got = e
+            .generate(&req, &mut |ev| {
+                steps.push(ev.step);
+                Control::Continue
+            })
+            .unwrap();
+        assert_eq!(steps, vec![1, 2, 3, 4], "{s}");
+        assert_same_image(&want.rgb, &got.rgb, s);
+    }
+}
+
+#[test]
+fn cfg_parallel_engine_decodes_on_the_first_branch_only() {
+    let mut one = pipeline(12);
+    let req = request(true);
+    let want = one.generate(&req, &mut |_| Control::Continue).unwrap();
+    let mut e = threads_engine(vec![pipeline(12)], 4, "cfg=2,ulysses=2".parse().unwrap());
+    let got = e.generate(&req, &mut |_| Control::Continue).unwrap();
+    assert_same_image(&want.rgb, &got.rgb, "cfg=2,ulysses=2");
+}
+
+/// A random decoder with random GroupNorm affines (the default is weight 1, bias 0, which would
+/// hide a mistake in applying them).
+fn random_vae(cfg: &vae::Config, seed: i64) -> Decoder {
+    let _g = tch::no_grad_guard();
+    let _lock = rng_lock();
+    tch::manual_seed(seed);
+    let dec = Decoder::new(cfg, Device::Cpu, Kind::Float).unwrap();
+    let mut names: Vec<_> = dec.vs.variables().into_iter().collect();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, mut t) in names {
+        if name.contains("norm") {
+            let r = Tensor::randn(t.size(), (Kind::Float, Device::Cpu));
+            let v = if name.ends_with("weight") {
+                r * 0.3 + 1.0
+            } else {
+                r * 0.2
+            };
+            t.copy_(&v);
+        }
+    }
+    dec
+}
+
+/// Decodes `z` split into `rows` bands, one threads rank each (each with its own copy of the
+/// decoder), and stacks the bands.
+fn decode_split(dec: &Decoder, z: &Tensor, rows: &[(i64, i64)]) -> Tensor {
+    let comms = ThreadComm::group(rows.len(), Device::Cpu, Duration::from_secs(120));
+    let handles: Vec<_> = comms
+        .into_iter()
+        .enumerate()
+        .map(|(r, c)| {
+            let d = dec.replicate(Device::Cpu).unwrap();
+            let band = z.narrow(2, rows[r].0, rows[r].1).copy();
+            let rows = rows.to_vec();
+            std::thread::spawn(move || decode_patch_parallel(&d, &band, &c, &rows).unwrap())
+        })
+        .collect();
+    let bands: Vec<Tensor> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    Tensor::cat(&bands, 2)
+}
+
+fn assert_split_decode_exact(cfg: &vae::Config, latent_hw: (i64, i64), splits: &[Vec<(i64, i64)>]) {
+    let dec = random_vae(cfg, 11);
+    let z = {
+        let _lock = rng_lock();
+        tch::manual_seed(12);
+        Tensor::randn([1, 16, latent_hw.0, latent_hw.1], (Kind::Float, Device::Cpu))
+    };
+    let want = tch::no_grad(|| dec.decode(&z).unwrap());
+    let std = f64::try_from(want.std(true)).unwrap();
+    assert!(std > 1e-3, "the reference image is not flat (std {std})");
+    for rows in splits {
+        let got = decode_split(&dec, &z, rows);
+        assert_eq!(got.size(), want.size(), "{rows:?}");
+        let d = max_diff(&got, &want);
+        eprintln!(
+            "vae {:?} x{} latent {latent_hw:?} bands {rows:?}: max abs diff {d:.2e} (image std {std:.3})",
+            cfg.block_out_channels, cfg.layers_per_block
+        );
+        assert!(d <= 1e-5, "bands {rows:?}: max abs diff {d:e} > 1e-5");
+    }
+}
+
+#[test]
+fn patch_parallel_vae_decode_matches_the_single_decode_on_the_tiny_vae() {
+    let (h, w) = (10, 6);
+    let mut splits: Vec<_> = [2, 3, 4].iter().map(|&n| balanced_split(h, n)).collect();
+    // Unbalanced, with a 1-row band and an empty band.
+    splits.push(vec![(0, 1), (1, 6), (7, 3)]);
+    splits.push(vec![(0, 4), (4, 0), (4, 5), (9, 1)]);
+    assert_split_decode_exact(&vae::Config::tiny(), (h, w), &splits);
+    // Fewer latent rows than ranks: balanced_split leaves the last band empty.
+    assert_split_decode_exact(&vae::Config::tiny(), (3, 4), &[balanced_split(3, 4)]);
+}
+
+#[test]
+fn patch_parallel_vae_decode_matches_the_single_decode_on_a_wider_vae() {
+    // Flux's block structure (2 resnets + 1 per up block, 32 groups, channel ratios 1:2:4:4) at
+    // a quarter of its widths.
+    let cfg = vae::Config {
+        block_out_channels: vec![32, 64, 128, 128],
+        ..vae::Config::flux()
+    };
+    let h = 7;
+    let splits: Vec<_> = [2, 3, 4].iter().map(|&n| balanced_split(h, n)).collect();
+    assert_split_decode_exact(&cfg, (h, 5), &splits);
+}
+
+#[test]
+fn data_parallel_groups_generate_different_images_of_a_batch() {
+    let mut one = pipeline(12);
+    let reqs: Vec<GenerateRequest> = (0..3)
+        .map(|i| GenerateRequest {
+            seed: 100 + i,
+            ..request(false)
+        })
+        .collect();
+    let want: Vec<_> = reqs
+        .iter()
+        .map(|r| one.generate(r, &mut |_| Control::Continue).unwrap().rgb)
+        .collect();
+    let mut e = threads_engine(
+        vec![pipeline(12), pipeline(12)],
+        4,
+        "dp=2,ulysses=2".parse().unwrap(),
+    );
+    let got = e.generate_batch(&reqs, &mut |_| Control::Continue).unwrap();
+    assert_eq!(got.len(), 3);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let worst = g
+            .rgb
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (i16::from(*a) - i16::from(*b)).abs())
+            .max()
+            .unwrap();
+        assert!(worst <= 1, "image {i}: pixel values differ by {worst}");
+    }
+    assert_ne!(got[0].rgb, got[1].rgb, "different seeds give different images");
+}
+
+#[test]
+fn cancel_stops_every_rank_at_the_same_step() {
+    let mut e = threads_engine(vec![pipeline(12)], 2, "ring=2".parse().unwrap());
+    let err = e
+        .generate(&request(false), &mut |ev| {
+            if ev.step == 2 {
+                Control::Cancel
+            } else {
+                Control::Continue
+            }
+        })
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Cancelled { step: 2 }), "{err}");
+    // The ranks are still in step with each other: the next job runs.
+    e.generate(&request(false), &mut |_| Control::Continue).unwrap();
+}
+
+#[test]
+fn patch_parallel_vae_decode_in_bf16_is_as_close_to_fp32_as_the_single_bf16_decode() {
+    let cfg = vae::Config::tiny();
+    let dec = random_vae(&cfg, 21);
+    let dec16 = {
+        let _zero = ditfleet_engine::flux::layers::NoRandomInit::new();
+        let mut d = Decoder::new(&cfg, Device::Cpu, Kind::BFloat16).unwrap();
+        d.vs.copy(&dec.vs).unwrap();
+        d
+    };
+    let z = {
+        let _lock = rng_lock();
+        tch::manual_seed(22);
+        Tensor::randn([1, 16, 9, 6], (Kind::Float, Device::Cpu))
+    };
+    let want = tch::no_grad(|| dec.decode(&z).unwrap());
+    let z16 = z.to_kind(Kind::BFloat16);
+    let single = tch::no_grad(|| dec16.decode(&z16).unwrap()).to_kind(Kind::Float);
+    let split = decode_split(&dec16, &z16, &balanced_split(9, 4)).to_kind(Kind::Float);
+    let (e_single, e_split) = (max_diff(&single, &want), max_diff(&split, &want));
+    let between = max_diff(&split, &single);
+    eprintln!(
+        "bf16 vs fp32, max abs: single decode {e_single:.3e}, 4 bands {e_split:.3e} \
+         (bands vs single bf16: {between:.3e})"
+    );
+    assert!(e_split <= 2.0 * e_single + 1e-2, "{e_split} vs {e_single}");
+}
+
+#[test]
+fn patch_parallel_decode_of_a_one_packed_row_image_leaves_a_rank_without_rows() {
+    // 16 px high: one packed latent row, so the second rank's band is empty.
+    let req = GenerateRequest {
+        height: 16,
+        ..request(false)
+    };
+    let want = pipeline(12).generate(&req, &mut |_| Control::Continue).unwrap();
+    let mut e = threads_engine(vec![pipeline(12)], 2, "ring=2".parse().unwrap());
+    let got = e.generate(&req, &mut |_| Control::Continue).unwrap();
+    assert_eq!((got.width, got.height), (64, 16));
+    assert_same_image(&want.rgb, &got.rgb, "ring=2, 64x16");
+}
+
+#[test]
+fn pipefusion_is_exact_while_every_step_is_a_warmup_step() {
+    // 4 steps, all warm-up: the stages run the whole sequence one after the other, each with its
+    // own part of the blocks; the split over stages (inside the double blocks, across the
+    // double/single boundary, single-only stages) must not change a bit of the math.
+    let p = pf_pipeline(12);
+    assert_exact_on(
+        &p,
+        12,
+        &[
+            "pipefusion=2,patches=2,warmup=4",
+            "pipefusion=2,patches=4,warmup=4",
+            "pipefusion=4,patches=4,warmup=4",
+            "pipefusion=4,patches=8,warmup=4",
+        ],
+        false,
+    );
+    // True CFG: both prompts through the same stages (sequential), or on two pipelines.
+    assert_exact_on(
+        &p,
+        12,
+        &["pipefusion=2,warmup=4", "cfg=2,pipefusion=2,warmup=4"],
+        true,
+    );
+}
+
+/// `(max abs, relative L2)` of `got` against `want`.
+fn distance(got: &Tensor, want: &Tensor) -> (f64, f64) {
+    let rel = f64::try_from(got.f_sub(want).unwrap().norm()).unwrap() / f64::try_from(want.norm()).unwrap();
+    (max_diff(got, want), rel)
+}
+
+#[test]
+fn pipefusion_with_stale_kv_lands_near_one_rank() {
+    let p = pf_pipeline(12);
+    let with_steps = |steps| GenerateRequest {
+        steps,
+        ..request(false)
+    };
+    // The sampler's own discretisation error, 4 steps against 12: a scale for the error PipeFusion
+    // adds (it must stay well below what choosing fewer steps already costs).
+    let (_, discretisation) = distance(&single(&p, &with_steps(4)), &single(&p, &with_steps(12)));
+    eprintln!("one rank, 4 steps vs 12 steps: rel L2 {discretisation:.3e}");
+    for steps in [4, 12] {
+        let req = with_steps(steps);
+        let reference = single(&p, &req);
+        let mut by_patches = std::collections::HashMap::new();
+        for s in [
+            "pipefusion=2,patches=2,warmup=1",
+            "pipefusion=2,patches=4,warmup=1",
+            "pipefusion=4,patches=4,warmup=1",
+            "pipefusion=4,patches=8,warmup=1",
+            "pipefusion=4,patches=4,warmup=2",
+        ] {
+            let plan: Plan = s.parse().unwrap();
+            let got = parallel(&p, &req, plan);
+            let (abs, rel) = distance(&got, &reference);
+            eprintln!("{steps:>2} steps, plan {s:<32}: max abs {abs:.3e}, rel L2 {rel:.3e}");
+            assert!(abs.is_finite() && rel.is_finite(), "{s}");
+            assert!(
+                abs > 0.0,
+                "{s}: stale K/V should make a difference after the warm-up"
+            );
+            assert!(
+                rel < 0.2 * discretisation,
+                "{s}, {steps} steps: rel L2 {rel:.3e} is not small against the 4-vs-12-step \
+                 difference {discretisation:.3e}"
+            );
+            // The staleness depends on the patches only: how the blocks are split over stages
+            // does not change the result.
+            if let Some(prev) = by_patches.insert((plan.patches, plan.warmup_steps), got.shallow_clone()) {
+                assert_eq!(max_diff(&prev, &got), 0.0, "{s}: stage count changed the result");
+            }
+        }
+    }
+}
+
+#[test]
+fn pipefusion_ranks_hold_only_their_stage_weights() {
+    let p = pf_pipeline(12);
+    let full = p.transformer.parameters();
+    let shared = {
+        // time_in, vector_in, guidance_in: on every stage.
+        let t = &p.transformer;
+        t.vs.variables()
+            .iter()
+            .filter(|(n, _)| {
+                ["time_in.", "vector_in.", "guidance_in."]
+                    .iter()
+                    .any(|x| n.starts_with(x))
+            })
+            .map(|(_, v)| v.numel())
+            .sum::<usize>()
+    };
+    for stages in [2, 4] {
+        let parts = stage_parts(&p.transformer.config, stages).unwrap();
+        let mut total = 0;
+        for (s, part) in parts.iter().enumerate() {
+            let f = p.transformer.copy_part(part, Device::Cpu).unwrap();
+            for name in f.vs.variables().keys() {
+                let block = |prefix: &str, r: &std::ops::Range<usize>| {
+                    name.strip_prefix(prefix)
+                        .and_then(|x| x.split('.').next())
+                        .map(|i| r.contains(&i.parse::<usize>().unwrap()))
+                };
+                let ok = block("double_blocks.", &part.double)
+                    .or_else(|| block("single_blocks.", &part.single))
+                    .unwrap_or_else(|| {
+                        name.starts_with("time_in.")
+                            || name.starts_with("vector_in.")
+                            || name.starts_with("guidance_in.")
+                            || (s == 0 && (name.starts_with("img_in.") || name.starts_with("txt_in.")))
+                            || (s == stages - 1 && name.starts_with("final_layer."))
+                    });
+                assert!(ok, "stage {s} of {stages} holds {name}");
+            }
+            total += f.parameters();
+        }
+        assert_eq!(
+            total,
+            full + (stages - 1) * shared,
+            "{stages} stages hold every weight once"
+        );
+
+        // The engine gives each rank (the leader too) only its stage's part.
+        let e = threads_engine(
+            vec![pf_pipeline(12)],
+            4,
+            format!("pipefusion={stages}").parse().unwrap(),
+        );
+        let per_rank = e.rank_parameters();
+        assert_eq!(per_rank.len(), stages);
+        assert_eq!(per_rank.iter().sum::<usize>(), total);
+        for (s, n) in per_rank.iter().enumerate() {
+            eprintln!("{stages} stages: rank {s} holds {n} of {full} weights");
+            assert!(*n < full * 3 / 4, "rank {s} holds {n} of {full}");
+        }
+    }
+}
+
+#[test]
+fn pipefusion_engine_produces_an_image_reports_every_step_and_cancels() {
+    let mut one = pf_pipeline(12);
+    let req = request(false);
+    let want = one.generate(&req, &mut |_| Control::Continue).unwrap();
+    for (s, exact) in [
+        ("pipefusion=2,warmup=4", true),
+        ("pipefusion=2,patches=4,warmup=1", false),
+        ("cfg=2,pipefusion=2,warmup=1", false),
+    ] {
+        let plan: Plan = s.parse().unwrap();
+        let mut e = threads_engine(vec![pf_pipeline(12)], 4, plan);
+        assert_eq!(e.info().parallel_degree as usize, plan.group_size());
+        let req = if plan.cfg == 2 { request(true) } else { req.clone() };
+        let mut steps = Vec::new();
+        let got = e
+            .generate(&req, &mut |ev| {
+                steps.push(ev.step);
+                Control::Continue
+            })
+            .unwrap();
+        assert_eq!(steps, vec![1, 2, 3, 4], "{s}");
+        assert_eq!(got.rgb.len(), want.rgb.len());
+        if exact {
+            let worst = want
+                .rgb
+                .iter()
+                .zip(&got.rgb)
+                .map(|(a, b)| (i16::from(*a) - i16::from(*b)).abs())
+                .max()
+                .unwrap();
+            assert!(worst <= 1, "{s}: pixel values differ by {worst}");
+        }
+        // Cancel after step 2: every stage stops there, and the next job runs.
+        let err = e
+            .generate(&req, &mut |ev| {
+                if ev.step == 2 {
+                    Control::Cancel
+                } else {
+                    Control::Continue
+                }
+            })
+            .unwrap_err();
+        assert!(matches!(err, EngineError::Cancelled { step: 2 }), "{s}: {err}");
+        let again = e.generate(&req, &mut |_| Control::Continue).unwrap();
+        assert_eq!(again.rgb, got.rgb, "{s}: deterministic after a cancelled job");
+    }
+}
+
+/// GPU isolation on 4 "GPUs" (threads backend): the device in slot 2 fails at step 3; the engine
+/// quarantines it, rebuilds ring=4 as ring=3 on the other three, finishes the interrupted job
+/// there (the same image as one rank), reports itself degraded, and serves the next job.
+#[test]
+fn a_failing_device_is_quarantined_and_the_job_completes_on_the_rest() {
+    use ditfleet_engine::parallel::{InjectedFault, ResilientParallel};
+    let mut one = pipeline(12);
+    let req = request(false);
+    let want = one.generate(&req, &mut |_| Control::Continue).unwrap();
+    let mut e = ResilientParallel::new(
+        vec![Device::Cpu; 4],
+        "ring=4".parse().unwrap(),
+        Box::new(|_| Pipeline::tiny_random_with(&config(), 12, 5)),
+        Box::new(|_| Box::new(ThreadsFactory::cpu())),
+        Some(InjectedFault { slot: 2, step: 3 }),
+    )
+    .unwrap();
+    assert_eq!(e.degraded(), None);
+    let mut steps = Vec::new();
+    let got = e
+        .generate(&req, &mut |ev| {
+            steps.push(ev.step);
+            Control::Continue
+        })
+        .unwrap();
+    assert_same_image(&want.rgb, &got.rgb, "after quarantine");
+    assert_eq!(got.timings.plan.as_deref(), Some("ring=3"));
+    // The failed attempt's first steps (2 or 3: rank 0 may finish step 3 before the fault aborts
+    // the group), then the retry's 1-4.
+    let retry = steps.len() - 4;
+    assert!((2..=3).contains(&retry), "{steps:?}");
+    assert_eq!(steps[retry..], [1, 2, 3, 4], "{steps:?}");
+    assert_eq!(
+        steps[..retry],
+        (1..=retry as u32).collect::<Vec<_>>()[..],
+        "{steps:?}"
+    );
+    let why = e.degraded().expect("degraded after a quarantine");
+    assert!(
+        why.contains("slot 2") && why.contains("injected device fault at step 3"),
+        "{why}"
+    );
+    assert!(why.contains("3 of 4 devices") && why.contains("ring=3"), "{why}");
+    assert_eq!(e.info().parallel_degree, 3);
+    // Later jobs succeed on the remaining devices.
+    let again = e.generate(&req, &mut |_| Control::Continue).unwrap();
+    assert_same_image(&want.rgb, &again.rgb, "next job");
+}
+
+#[test]
+fn ulysses_plans_shrink_to_a_valid_degree_and_a_last_device_serves_alone() {
+    use ditfleet_engine::parallel::{InjectedFault, ResilientParallel};
+    let req = request(false);
+    // 4 heads: ulysses=4 on 4 devices; losing one leaves 3, which 4 heads cannot split: the
+    // engine keeps Ulysses where it divides the heads and runs the rest as Ring (ulysses=1,ring=3).
+    let mut e = ResilientParallel::new(
+        vec![Device::Cpu; 4],
+        "ulysses=4".parse().unwrap(),
+        Box::new(|_| Pipeline::tiny_random_with(&config(), 12, 5)),
+        Box::new(|_| Box::new(ThreadsFactory::cpu())),
+        Some(InjectedFault { slot: 0, step: 1 }),
+    )
+    .unwrap();
+    let got = e.generate(&req, &mut |_| Control::Continue).unwrap();
+    assert_eq!(got.timings.plan.as_deref(), Some("ring=3"));
+    assert!(e.degraded().unwrap().contains("slot 0"));
+}
