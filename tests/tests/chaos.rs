@@ -440,7 +440,28 @@ async fn chaos_2000_jobs_through_killed_workers_and_restarted_broker_and_redis_l
         }
     }
 
-    let events = fleet.terminal_events().await;
+    // A job's state turns terminal before its event is out: a redelivered copy may still be
+    // waiting for a dead worker's event claim to lapse (its registration expiring, at most the
+    // worker's EVENT_LEASE of 120 s). Collect events until every job has one, then a little more so
+    // a late duplicate would still be seen.
+    let mut events = Vec::new();
+    let events_deadline = Instant::now() + Duration::from_secs(150);
+    loop {
+        supervise(&fleet, &mut sup, &worker_env);
+        events.extend(fleet.terminal_events().await);
+        let seen: std::collections::HashSet<&str> = events.iter().map(|(_, e)| e.job_id()).collect();
+        let missing = ids.iter().filter(|id| !seen.contains(id.as_str())).count();
+        if missing == 0 || Instant::now() > events_deadline {
+            println!(
+                "terminal events collected {:.1} s after the last job settled ({missing} missing)",
+                t0.elapsed().as_secs_f64() - elapsed_s
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    events.extend(fleet.terminal_events().await);
     // (kind, message id, body) of every terminal event per job.
     let mut terminal_events: HashMap<String, Vec<(String, String, String)>> = HashMap::new();
     for (msg_id, e) in &events {
