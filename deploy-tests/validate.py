@@ -267,6 +267,22 @@ def invariants(objects: list[tuple[str, dict]], values: dict, report: Report, la
             problems.append(f"{dname}: flux pool without the verify-model init container")
         if flux and "FLUX_MODEL_DIR" not in env:
             problems.append(f"{dname}: flux pool without FLUX_MODEL_DIR")
+        # Multi-GPU flux pools pick their parallel plan (autotuned by default) and keep the
+        # measured table on a mounted volume; single-GPU pools run one device and get neither.
+        multi = flux and gpus > 1
+        if multi and env.get("DITFLEET_PLAN", {}).get("value") != pool["plan"]:
+            problems.append(f"{dname}: DITFLEET_PLAN != pool plan {pool['plan']!r}")
+        if not multi and "DITFLEET_PLAN" in env:
+            problems.append(f"{dname}: DITFLEET_PLAN set on a pool with {gpus} GPU(s)")
+        if multi:
+            cache = env.get("DITFLEET_PLAN_CACHE", {}).get("value", "")
+            mounts = {m["mountPath"]: m["name"] for m in main.get("volumeMounts", [])}
+            vols = {v["name"]: v for v in pod.get("volumes", [])}
+            name = mounts.get(cache.rsplit("/", 1)[0])
+            if name is None or name not in vols:
+                problems.append(f"{dname}: DITFLEET_PLAN_CACHE {cache!r} is not on a mounted volume")
+            elif pool.get("planCacheHostPath") and vols[name].get("hostPath", {}).get("path") != pool["planCacheHostPath"]:
+                problems.append(f"{dname}: plan cache not on hostPath {pool['planCacheHostPath']}")
         auto = (pool.get("autoscaling") or {}).get("enabled")
         if auto and "replicas" in dep["spec"]:
             problems.append(f"{dname}: replicas set although KEDA owns the replica count")

@@ -211,7 +211,17 @@ pub const WORKER_VARS: &[VarDoc] = &[
     VarDoc {
         name: "DITFLEET_PLAN",
         default: "single",
-        help: "Flux: how one image is split over DITFLEET_DEVICES, e.g. ulysses=4, ring=2,ulysses=2, cfg=2,ulysses=2, dp=2,ulysses=2 (docs/parallel.md)",
+        help: "Flux: how one image is split over DITFLEET_DEVICES, e.g. ulysses=4, ring=2,ulysses=2, cfg=2,ulysses=2, dp=2,ulysses=2, or auto: measure every plan on first start and run each job with the fastest for its size (docs/parallel.md)",
+    },
+    VarDoc {
+        name: "DITFLEET_PLAN_CACHE",
+        default: "$XDG_CACHE_HOME/ditfleet/plans.json",
+        help: "with DITFLEET_PLAN=auto: where the measured plan table is kept (measured again when the devices, model or engine version change); falls back to ~/.cache, then /tmp",
+    },
+    VarDoc {
+        name: "DITFLEET_AUTOTUNE_SIZES",
+        default: "1024x1024,2048x2048",
+        help: "with DITFLEET_PLAN=auto: image sizes the plans are measured at; a job runs the fastest plan of the nearest size",
     },
     VarDoc {
         name: "DITFLEET_FAULT_GPU",
@@ -659,6 +669,8 @@ pub enum EngineChoice {
         model_dir: Option<PathBuf>,
         low_memory: bool,
         plan: Option<String>,
+        /// With `plan` `auto`: where the measured plan table is kept and the sizes measured.
+        autotune: Autotune,
         /// Fault injection for isolation tests and drills (`DITFLEET_FAULT_GPU=<slot>:<step>`):
         /// the device in that slot of `DITFLEET_DEVICES` fails at that step until quarantined.
         fault_gpu: Option<(usize, u32)>,
@@ -669,6 +681,51 @@ pub enum EngineChoice {
         version: String,
         faults: SimFaults,
     },
+}
+
+/// Plan autotuning (`DITFLEET_PLAN=auto`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Autotune {
+    /// `DITFLEET_PLAN_CACHE`.
+    pub cache: PathBuf,
+    /// `DITFLEET_AUTOTUNE_SIZES`: `WxH` pairs.
+    pub sizes: Vec<(u32, u32)>,
+}
+
+impl Autotune {
+    pub fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
+        let cache = match env.raw("DITFLEET_PLAN_CACHE").filter(|v| !v.trim().is_empty()) {
+            Some(v) => PathBuf::from(v),
+            None => env
+                .raw("XDG_CACHE_HOME")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| env.raw("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache")))
+                .unwrap_or_else(std::env::temp_dir)
+                .join("ditfleet")
+                .join("plans.json"),
+        };
+        let raw = env.string("DITFLEET_AUTOTUNE_SIZES", "1024x1024,2048x2048");
+        let sizes = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(|x| {
+                let (w, h) = x.split_once('x')?;
+                let side = |v: &str| v.trim().parse::<u32>().ok().filter(|n| *n > 0 && n % 16 == 0 && *n <= 4096);
+                Some((side(w)?, side(h)?))
+            })
+            .collect::<Option<Vec<_>>>()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                err(
+                    "DITFLEET_AUTOTUNE_SIZES",
+                    &raw,
+                    "must be WIDTHxHEIGHT pairs separated by commas, sides multiples of 16 up to 4096, e.g. 1024x1024,2048x2048".into(),
+                )
+            })?;
+        Ok(Self { cache, sizes })
+    }
 }
 
 /// Faults the simulated engine injects (`DITFLEET_SIM_FAULTS`), to test retries and dead-lettering.
@@ -826,6 +883,7 @@ impl WorkerConfig {
                     }
                     p => p,
                 },
+                autotune: Autotune::from_env(env)?,
                 fault_gpu: match env.raw("DITFLEET_FAULT_GPU") {
                     None => None,
                     Some(v) => Some(
@@ -989,6 +1047,28 @@ mod tests {
     }
 
     #[test]
+    fn autotune_cache_and_sizes_are_read_and_bad_sizes_refused() {
+        let tune = |pairs: &[(&str, &str)]| match WorkerConfig::from_env(&env(pairs)).unwrap().engine {
+            EngineChoice::Flux { autotune, .. } => autotune,
+            other => panic!("{other:?}"),
+        };
+        let t = tune(&[("DITFLEET_PLAN", "auto"), ("HOME", "/home/w")]);
+        assert_eq!(t.cache, PathBuf::from("/home/w/.cache/ditfleet/plans.json"));
+        let t = tune(&[("XDG_CACHE_HOME", "/xdg"), ("HOME", "/home/w")]);
+        assert_eq!(t.cache, PathBuf::from("/xdg/ditfleet/plans.json"));
+        let t = tune(&[
+            ("DITFLEET_PLAN_CACHE", "/var/cache/plans.json"),
+            ("DITFLEET_AUTOTUNE_SIZES", "512x512, 1024x2048"),
+        ]);
+        assert_eq!(t.cache, PathBuf::from("/var/cache/plans.json"));
+        assert_eq!(t.sizes, vec![(512, 512), (1024, 2048)]);
+        for bad in ["1024", "1000x1024", "0x16", "", "8192x8192"] {
+            let e = WorkerConfig::from_env(&env(&[("DITFLEET_AUTOTUNE_SIZES", bad)])).unwrap_err();
+            assert_eq!(e.var, "DITFLEET_AUTOTUNE_SIZES", "{bad:?}");
+        }
+    }
+
+    #[test]
     fn low_memory_is_parsed() {
         let c = WorkerConfig::from_env(&env(&[("DITFLEET_LOW_MEMORY", "1")])).unwrap();
         assert!(matches!(c.engine, EngineChoice::Flux { low_memory: true, .. }));
@@ -1006,6 +1086,10 @@ mod tests {
                 model_dir: None,
                 low_memory: false,
                 plan: None,
+                autotune: Autotune {
+                    cache: std::env::temp_dir().join("ditfleet").join("plans.json"),
+                    sizes: vec![(1024, 1024), (2048, 2048)],
+                },
                 fault_gpu: None
             }
         );

@@ -21,6 +21,8 @@ pub const MIN_SIDE: u32 = 256;
 pub const MAX_SIDE: u32 = 4096;
 pub const MAX_STEPS: u32 = 100;
 pub const MAX_GUIDANCE: f32 = 30.0;
+/// Largest accepted `true_cfg_scale`.
+pub const MAX_TRUE_CFG: f32 = 20.0;
 pub const MAX_LABELS: usize = 32;
 
 /// Scheduling priority.
@@ -80,7 +82,11 @@ pub fn deadline_ms(deadline: Option<&str>) -> Option<u64> {
 #[serde(deny_unknown_fields)]
 #[schemars(
     title = "ditfleet job v1",
-    description = "A text-to-image job published to the ditfleet submit exchange."
+    description = "A text-to-image job published to the ditfleet submit exchange.",
+    extend(
+        "if" = {"properties": {"true_cfg_scale": {"exclusiveMinimum": 1}}, "required": ["true_cfg_scale"]},
+        "then" = {"required": ["negative_prompt"], "properties": {"negative_prompt": {"type": "string", "pattern": "\\S"}}}
+    )
 )]
 pub struct JobSpec {
     /// Contract version; must be 1.
@@ -102,10 +108,28 @@ pub struct JobSpec {
     /// The prompt (non-blank).
     #[schemars(length(min = 1, max = 10000))]
     pub prompt: String,
-    /// Negative prompt (true-CFG models only).
+    /// Negative prompt, used with `true_cfg_scale` above 1 ("true" classifier-free guidance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 10000))]
     pub negative_prompt: Option<String>,
+    /// True CFG scale, 1..=20 (diffusers' `true_cfg_scale`; default 1 = off). Above 1 (with a
+    /// `negative_prompt`) every step also runs the model on the negative prompt: twice the work,
+    /// and a CFG-parallel plan can run the two branches on different GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0, max = 20.0))]
+    pub true_cfg_scale: Option<f32>,
+    /// Parallel plan override, e.g. `ulysses=2` or `pipefusion=2` (default: the worker's
+    /// configured or autotuned plan). Comma-separated `name=value` items of dp, cfg, ulysses,
+    /// ring, pipefusion, patches, warmup, text, vae; checked against the worker's devices when it
+    /// runs (a plan the worker cannot run fails the job with the reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 100),
+        regex(
+            pattern = r"^(single|((dp|cfg|ulysses|ring|pipefusion|patches|warmup)=([1-9]|[1-5][0-9]|6[0-4])|text=(split|replicated)|vae=(parallel|single))(,((dp|cfg|ulysses|ring|pipefusion|patches|warmup)=([1-9]|[1-5][0-9]|6[0-4])|text=(split|replicated)|vae=(parallel|single)))*)$"
+        )
+    )]
+    pub plan: Option<String>,
     /// Image width in pixels: a multiple of 16 in 256..=4096.
     #[schemars(range(min = 256, max = 4096), extend("multipleOf" = 16))]
     pub width: u32,
@@ -259,6 +283,24 @@ impl JobSpec {
                 );
             }
         }
+        if let Some(t) = self.true_cfg_scale {
+            if !t.is_finite() || !(1.0..=MAX_TRUE_CFG).contains(&t) {
+                bad(
+                    "true_cfg_scale",
+                    format!("must be between 1 and {MAX_TRUE_CFG}, got {t}"),
+                );
+            } else if t > 1.0 && self.negative_prompt.as_deref().is_none_or(|n| n.trim().is_empty()) {
+                bad(
+                    "true_cfg_scale",
+                    "above 1 needs a non-blank negative_prompt (true CFG guides away from it)".into(),
+                );
+            }
+        }
+        if let Some(p) = &self.plan {
+            if let Err(e) = check_plan_syntax(p) {
+                bad("plan", e);
+            }
+        }
         for (field, v) in [("width", self.width), ("height", self.height)] {
             if !(MIN_SIDE..=MAX_SIDE).contains(&v) || v % 16 != 0 {
                 bad(
@@ -380,6 +422,64 @@ pub fn valid_job_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && charset_ok(id, &['.', '_', ':', '-'])
 }
 
+/// Items a parallel plan may set (the engine's `Plan` grammar; the worker checks the values
+/// against its devices and the model).
+const PLAN_ITEMS: &[&str] = &[
+    "dp",
+    "cfg",
+    "ulysses",
+    "ring",
+    "pipefusion",
+    "patches",
+    "warmup",
+    "text",
+    "vae",
+];
+
+/// The syntax of a plan override: `single`, or comma-separated `name=value` items with known
+/// names, numbers 1..=64 (`text` and `vae` take words).
+fn check_plan_syntax(p: &str) -> Result<(), String> {
+    if p.is_empty() || p.len() > 100 {
+        return Err(format!("must be 1-100 characters, got {}", p.len()));
+    }
+    if p == "single" {
+        return Ok(());
+    }
+    for item in p.split(',') {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("item {:?} is not name=value (e.g. ulysses=2)", truncate(item, 32)))?;
+        if !PLAN_ITEMS.contains(&k) {
+            return Err(format!(
+                "unknown item {:?}; known: {}",
+                truncate(k, 32),
+                PLAN_ITEMS.join(", ")
+            ));
+        }
+        let ok = match k {
+            "text" => matches!(v, "split" | "replicated"),
+            "vae" => matches!(v, "parallel" | "single"),
+            _ => {
+                !v.starts_with('0')
+                    && v.bytes().all(|b| b.is_ascii_digit())
+                    && v.parse::<u32>().is_ok_and(|n| (1..=64).contains(&n))
+            }
+        };
+        if !ok {
+            return Err(format!(
+                "{k}={:?}: {}",
+                truncate(v, 32),
+                match k {
+                    "text" => "must be split or replicated",
+                    "vae" => "must be parallel or single",
+                    _ => "must be a number in 1..=64",
+                }
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
@@ -412,10 +512,29 @@ pub struct WorkOrder {
     pub cost: u64,
     /// When the backend's message reached the scheduler, ms since the Unix epoch.
     pub submitted_ms: u64,
+    /// True CFG scale (1 = off). Encoded after the version-1 fields (version 2 only).
+    #[serde(skip, default = "one")]
+    pub true_cfg_scale: f32,
+    /// Parallel plan override. Encoded after the version-1 fields (version 2 only).
+    #[serde(skip)]
+    pub plan: Option<String>,
 }
 
-/// Version byte of the work-order encoding.
-pub const WORK_ORDER_VERSION: u8 = 1;
+fn one() -> f32 {
+    1.0
+}
+
+/// The fields version 2 of the work-order encoding appends to version 1's.
+#[derive(Serialize, Deserialize)]
+struct WorkOrderV2 {
+    true_cfg_scale: f32,
+    plan: Option<String>,
+}
+
+/// Version byte of the work-order encoding: 2 appends `true_cfg_scale` and `plan` to version 1's
+/// fields. An order that uses neither is encoded as version 1, which workers from before
+/// version 2 still read (a rolling upgrade may run the new scheduler with old workers).
+pub const WORK_ORDER_VERSION: u8 = 2;
 pub const WORK_ORDER_CONTENT_TYPE: &str = "application/x-ditfleet-work-order";
 
 impl WorkOrder {
@@ -441,22 +560,44 @@ impl WorkOrder {
             class: class.to_string(),
             cost,
             submitted_ms,
+            true_cfg_scale: spec.true_cfg_scale.unwrap_or(1.0),
+            plan: spec.plan.clone(),
         }
     }
 
+    /// Whether the job runs true CFG (two model passes per step).
+    pub fn true_cfg(&self) -> bool {
+        self.true_cfg_scale > 1.0 && self.negative_prompt.is_some()
+    }
+
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![WORK_ORDER_VERSION];
+        let v2 = self.true_cfg_scale != 1.0 || self.plan.is_some();
+        let mut out = vec![if v2 { 2 } else { 1 }];
+        // The version-1 fields (the version-2 ones are `serde(skip)`), then version 2's.
         out.extend(postcard::to_stdvec(self).expect("work order serialises"));
+        if v2 {
+            let ext = WorkOrderV2 {
+                true_cfg_scale: self.true_cfg_scale,
+                plan: self.plan.clone(),
+            };
+            out.extend(postcard::to_stdvec(&ext).expect("work order serialises"));
+        }
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, JobError> {
+        let malformed = |e: postcard::Error| JobError::Malformed(format!("work order: {e}"));
         match bytes.split_first() {
-            Some((&WORK_ORDER_VERSION, rest)) => {
-                postcard::from_bytes(rest).map_err(|e| JobError::Malformed(format!("work order: {e}")))
+            Some((&1, rest)) => postcard::from_bytes(rest).map_err(malformed),
+            Some((&2, rest)) => {
+                let (mut order, rest): (WorkOrder, _) = postcard::take_from_bytes(rest).map_err(malformed)?;
+                let ext: WorkOrderV2 = postcard::from_bytes(rest).map_err(malformed)?;
+                order.true_cfg_scale = ext.true_cfg_scale;
+                order.plan = ext.plan;
+                Ok(order)
             }
             Some((v, _)) => Err(JobError::Malformed(format!(
-                "work order version {v} is not supported (expected {WORK_ORDER_VERSION})"
+                "work order version {v} is not supported (expected 1 or {WORK_ORDER_VERSION})"
             ))),
             None => Err(JobError::Malformed("empty work order".into())),
         }
@@ -552,6 +693,8 @@ mod tests {
             model_version: None,
             prompt: "a red fox in the snow".into(),
             negative_prompt: None,
+            true_cfg_scale: None,
+            plan: None,
             width: 1024,
             height: 768,
             steps: None,
@@ -700,10 +843,66 @@ mod tests {
     }
 
     #[test]
+    fn true_cfg_and_plan_overrides_are_checked_with_precise_reasons() {
+        let mut s = valid();
+        s.true_cfg_scale = Some(4.0);
+        s.negative_prompt = Some("blurry".into());
+        s.plan = Some("cfg=2,ulysses=2".into());
+        s.validate(&Limits::default()).unwrap();
+        let cases: Vec<(Box<dyn Fn(&mut JobSpec)>, &str)> = vec![
+            (Box::new(|s| s.true_cfg_scale = Some(0.5)), "true_cfg_scale: must be between 1 and 20, got 0.5"),
+            (Box::new(|s| s.true_cfg_scale = Some(f32::NAN)), "true_cfg_scale: must be between 1 and 20"),
+            (
+                Box::new(|s| s.negative_prompt = None),
+                "true_cfg_scale: above 1 needs a non-blank negative_prompt",
+            ),
+            (Box::new(|s| s.plan = Some("ulysses".into())), "plan: item \"ulysses\" is not name=value"),
+            (Box::new(|s| s.plan = Some("warp=2".into())), "plan: unknown item \"warp\"; known: dp, cfg"),
+            (Box::new(|s| s.plan = Some("ulysses=0".into())), "plan: ulysses=\"0\": must be a number in 1..=64"),
+            (Box::new(|s| s.plan = Some("text=both".into())), "plan: text=\"both\": must be split or replicated"),
+            (Box::new(|s| s.plan = Some(String::new())), "plan: must be 1-100 characters"),
+        ];
+        for (edit, want) in cases {
+            let mut t = s.clone();
+            edit(&mut t);
+            let got = reasons(&t);
+            assert!(got.contains(want), "want {want:?} in {got:?}");
+        }
+        // Scale 1 is off and needs no negative prompt; `single` is a plan.
+        let mut t = valid();
+        t.true_cfg_scale = Some(1.0);
+        t.plan = Some("single".into());
+        t.validate(&Limits::default()).unwrap();
+    }
+
+    #[test]
+    fn work_orders_with_true_cfg_or_a_plan_use_version_2_and_others_stay_readable_by_version_1_workers() {
+        // Without the new fields: version 1, byte for byte what a version-1 scheduler wrote.
+        let plain = WorkOrder::from_spec(&valid(), "medium", 123, 456);
+        let bytes = plain.encode();
+        assert_eq!(bytes[0], 1);
+        assert_eq!(WorkOrder::decode(&bytes).unwrap(), plain);
+        let mut s = valid();
+        s.true_cfg_scale = Some(4.0);
+        s.negative_prompt = Some("blurry".into());
+        s.plan = Some("ulysses=2".into());
+        let w = WorkOrder::from_spec(&s, "large", 1, 2);
+        assert!(w.true_cfg());
+        let bytes = w.encode();
+        assert_eq!(bytes[0], 2);
+        let back = WorkOrder::decode(&bytes).unwrap();
+        assert_eq!((back.true_cfg_scale, back.plan.as_deref()), (4.0, Some("ulysses=2")));
+        assert_eq!(back, w);
+        // A version-2 order cut after its version-1 part is malformed, not silently version 1.
+        let v1_len = 1 + postcard::to_stdvec(&w).unwrap().len();
+        assert!(WorkOrder::decode(&bytes[..v1_len]).is_err());
+        assert!(WorkOrder::decode(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
     fn work_orders_round_trip_and_reject_unknown_versions() {
         let w = WorkOrder::from_spec(&valid(), "medium", 123, 456);
         let bytes = w.encode();
-        assert_eq!(bytes[0], WORK_ORDER_VERSION);
         assert_eq!(WorkOrder::decode(&bytes).unwrap(), w);
         let mut bad = bytes.clone();
         bad[0] = 9;

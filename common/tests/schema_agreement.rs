@@ -129,6 +129,45 @@ fn schema_and_rust_validation_give_the_same_verdict_on_every_case() {
             false,
         ),
         ("label value not string", with(json!({"labels": {"k": 1}})), false),
+        (
+            "true cfg with a negative prompt",
+            with(json!({"true_cfg_scale": 4.0, "negative_prompt": "blurry"})),
+            true,
+        ),
+        ("true cfg scale 1 alone", with(json!({"true_cfg_scale": 1.0})), true),
+        ("true cfg without a negative prompt", with(json!({"true_cfg_scale": 4.0})), false),
+        (
+            "true cfg with a blank negative prompt",
+            with(json!({"true_cfg_scale": 4.0, "negative_prompt": "  "})),
+            false,
+        ),
+        (
+            "true cfg scale below 1",
+            with(json!({"true_cfg_scale": 0.5, "negative_prompt": "x"})),
+            false,
+        ),
+        (
+            "true cfg scale above 20",
+            with(json!({"true_cfg_scale": 21.0, "negative_prompt": "x"})),
+            false,
+        ),
+        ("plan single", with(json!({"plan": "single"})), true),
+        ("plan ulysses", with(json!({"plan": "ulysses=2"})), true),
+        (
+            "plan with every item",
+            with(json!({"plan": "dp=1,cfg=2,pipefusion=4,patches=8,warmup=2,text=split,vae=single"})),
+            true,
+        ),
+        ("plan degree 64", with(json!({"plan": "ring=64"})), true),
+        ("plan degree 65", with(json!({"plan": "ring=65"})), false),
+        ("plan degree 0", with(json!({"plan": "ring=0"})), false),
+        ("plan leading zero", with(json!({"plan": "ring=02"})), false),
+        ("plan plus sign", with(json!({"plan": "ring=+2"})), false),
+        ("plan unknown item", with(json!({"plan": "warp=2"})), false),
+        ("plan bare name", with(json!({"plan": "ulysses"})), false),
+        ("plan empty", with(json!({"plan": ""})), false),
+        ("plan trailing comma", with(json!({"plan": "ulysses=2,"})), false),
+        ("plan bad text", with(json!({"plan": "text=both"})), false),
     ];
     for (name, doc, expected) in cases {
         let by_schema = validator.is_valid(&doc);

@@ -450,7 +450,11 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
     let names = ctx.cfg.classes.names();
     let (cost, natural, chosen) = {
         let mut live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
-        let cost = calibrated_cost(&spec.model, spec.width, spec.height, steps, &live.calibration);
+        let mut cost = calibrated_cost(&spec.model, spec.width, spec.height, steps, &live.calibration);
+        if spec.true_cfg_scale.is_some_and(|t| t > 1.0) {
+            // True CFG runs the model twice per step.
+            cost = cost.saturating_mul(2);
+        }
         let natural = ctx.cfg.classes.classify_index(cost);
         let chosen = if ctx.cfg.spill && !live.workers.is_empty() {
             let loads = live.loads(&names, |w| match &pin {

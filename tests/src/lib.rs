@@ -467,6 +467,8 @@ pub fn job(job_id: &str, steps: u32) -> JobSpec {
         model_version: None,
         prompt: "a lighthouse on a cliff at dusk".into(),
         negative_prompt: None,
+        true_cfg_scale: None,
+        plan: None,
         width: 256,
         height: 256,
         steps: Some(steps),

@@ -2,11 +2,11 @@
 
 use std::path::Path;
 
-use ditfleet_common::config::{EngineChoice, SimFaults};
+use ditfleet_common::config::{Autotune, EngineChoice, SimFaults};
 use ditfleet_engine::flux::{Pipeline, PipelineOptions};
 use ditfleet_engine::parallel::resilient::{FactoryFn, LeaderFn};
 use ditfleet_engine::parallel::{
-    CommFactory, InjectedFault, NcclFactory, Plan, ResilientParallel, ThreadsFactory,
+    CommFactory, InjectedFault, NcclFactory, Plan, PlanTable, ResilientParallel, ThreadsFactory,
 };
 use ditfleet_engine::simulated::{SimulatedConfig, SimulatedEngine, SimulatedFaults};
 use ditfleet_engine::{Engine, EngineError};
@@ -78,11 +78,13 @@ pub fn build(
             model_dir,
             low_memory,
             plan: Some(plan),
+            autotune,
             fault_gpu,
         } => Ok(vec![Box::new(parallel(
             model_dir.as_deref(),
             *low_memory,
             plan,
+            autotune,
             devices,
             *fault_gpu,
         )?)]),
@@ -138,6 +140,7 @@ pub fn build_version(
         EngineChoice::Flux {
             low_memory,
             plan: Some(plan),
+            autotune,
             fault_gpu,
             ..
         } => {
@@ -157,6 +160,7 @@ pub fn build_version(
                 dir.as_deref(),
                 *low_memory,
                 plan,
+                autotune,
                 devices,
                 *fault_gpu,
             )?)])
@@ -192,17 +196,23 @@ pub fn build_version(
 /// data-parallel group (loaded from `model_dir`, or the tiny random-weight config), NCCL between
 /// GPUs, the in-process threads backend between CPU "devices" (tests, demos). A failing device is
 /// quarantined and the plan rebuilt on the others (`ResilientParallel`); `fault_gpu` injects a
-/// failure for drills.
+/// failure for drills. Plan `auto`: every plan is measured on first start (or the table cached
+/// for this node is loaded) and each job runs the fastest for its size.
 fn parallel(
     model_dir: Option<&std::path::Path>,
     low_memory: bool,
     plan: &str,
+    autotune: &Autotune,
     devices: Option<&[String]>,
     fault_gpu: Option<(usize, u32)>,
 ) -> Result<ResilientParallel, EngineError> {
-    let plan: Plan = plan
-        .parse()
-        .map_err(|e| EngineError::InvalidRequest(format!("DITFLEET_PLAN: {e}")))?;
+    let auto = plan.trim() == "auto";
+    let plan: Plan = if auto {
+        Plan::SINGLE
+    } else {
+        plan.parse()
+            .map_err(|e| EngineError::InvalidRequest(format!("DITFLEET_PLAN: {e}")))?
+    };
     let devs: Vec<Device> = match devices {
         Some(d) => d.iter().map(|x| device(x)).collect::<Result<_, _>>()?,
         None => (0..tch::Cuda::device_count() as usize)
@@ -248,5 +258,65 @@ fn parallel(
         }
     });
     let fault = fault_gpu.map(|(slot, step)| InjectedFault { slot, step });
-    ResilientParallel::new(devs, plan, make_leader, make_factory, fault)
+    let model_id = match model_dir {
+        Some(d) => d.display().to_string(),
+        None => "tiny-random".to_string(),
+    };
+    let node = PlanTable::node(&describe_devices(&devs), &model_id);
+    let mut engine = ResilientParallel::new(devs, plan, make_leader, make_factory, fault)?;
+    if auto {
+        let table = match PlanTable::load(&autotune.cache, &node)? {
+            Some(t) => {
+                tracing::info!(path = %autotune.cache.display(), node = %node, sizes = t.sizes.len(), "plan table loaded");
+                t
+            }
+            None => {
+                let model = engine.info().models.first().cloned().unwrap_or_else(|| "flux-dev".into());
+                tracing::info!(path = %autotune.cache.display(), node = %node, sizes = ?autotune.sizes, "measuring every parallel plan on this node (first start)");
+                let t = ditfleet_engine::parallel::autotune(
+                    &mut engine,
+                    &model,
+                    &node,
+                    &autotune.sizes,
+                    1,
+                    3,
+                    &mut |p| match (&p.result.ms_per_step, &p.result.error) {
+                        (Some(ms), _) => tracing::info!(index = p.index, total = p.total, width = p.width, height = p.height, plan = %p.result.plan, ms_per_step = format!("{ms:.1}"), "plan measured"),
+                        (None, e) => tracing::warn!(index = p.index, total = p.total, width = p.width, height = p.height, plan = %p.result.plan, error = ?e, "plan failed at this size"),
+                    },
+                )?;
+                if let Err(e) = t.save(&autotune.cache) {
+                    tracing::warn!(error = %e, "plan table not cached; it is measured again on the next start");
+                }
+                t
+            }
+        };
+        for s in &table.sizes {
+            if let Some(best) = table.best(s.width, s.height, usize::MAX, false) {
+                tracing::info!(width = s.width, height = s.height, plan = %best, "autotuned plan");
+            }
+        }
+        engine.set_table(Some(table));
+    }
+    Ok(engine)
 }
+
+/// `2x cuda (NVIDIA H200)` / `4x cpu`: what the plan timings depend on.
+fn describe_devices(devs: &[Device]) -> String {
+    let names: Vec<String> = devs
+        .iter()
+        .map(|d| match d {
+            Device::Cuda(i) => ditfleet_engine::parallel::nccl::cuda_product_name(*i).unwrap_or_else(|| "cuda".into()),
+            _ => "cpu".into(),
+        })
+        .collect();
+    let mut uniq = names.clone();
+    uniq.dedup();
+    if uniq.len() == 1 {
+        format!("{}x {}", names.len(), uniq[0])
+    } else {
+        names.join(" + ")
+    }
+}
+
+

@@ -495,7 +495,8 @@ async fn run_claimed(
         height: order.height,
         steps: order.steps,
         guidance: order.guidance,
-        true_cfg_scale: 1.0,
+        true_cfg_scale: order.true_cfg_scale,
+        plan: order.plan.clone(),
         seed: order.seed,
     };
     let gen_started = Instant::now();

@@ -112,6 +112,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             model_dir: a.model_dir.clone(),
             low_memory: a.low_memory,
             plan: a.plan.clone(),
+            autotune: ditfleet_common::config::Autotune::from_env(&ditfleet_common::config::Env::process())?,
             fault_gpu: None,
         },
         other => anyhow::bail!("unknown engine {other:?} (flux or simulated)"),
@@ -144,6 +145,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             .guidance
             .unwrap_or_else(|| ditfleet_common::job::JobSpec::default_guidance(&a.model)),
         true_cfg_scale: a.true_cfg_scale,
+        plan: None,
         seed: a.seed,
     };
     let tty = std::io::stderr().is_terminal();

@@ -105,6 +105,14 @@ struct SubmitArgs {
     prompt: Option<String>,
     #[arg(long)]
     negative_prompt: Option<String>,
+    /// True CFG scale (1..=20; above 1 needs --negative-prompt): every step also runs the model
+    /// on the negative prompt.
+    #[arg(long)]
+    true_cfg_scale: Option<f32>,
+    /// Parallel plan for this job, e.g. ulysses=2 (default: the worker's configured or
+    /// autotuned plan).
+    #[arg(long)]
+    plan: Option<String>,
     #[arg(long, default_value = "flux-dev")]
     model: String,
     #[arg(long)]
@@ -442,6 +450,8 @@ fn build_spec(a: &SubmitArgs) -> Result<(JobSpec, Vec<u8>)> {
         model_version: a.model_version.clone(),
         prompt: a.prompt.clone().unwrap_or_default(),
         negative_prompt: a.negative_prompt.clone(),
+        true_cfg_scale: a.true_cfg_scale,
+        plan: a.plan.clone(),
         width: a.width,
         height: a.height,
         steps: a.steps,

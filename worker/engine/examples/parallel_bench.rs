@@ -138,6 +138,7 @@ fn request(a: &Args, steps: u32) -> GenerateRequest {
         steps,
         guidance: 3.5,
         true_cfg_scale: if a.true_cfg { 4.0 } else { 1.0 },
+        plan: None,
         seed: a.seed,
     }
 }

@@ -20,6 +20,11 @@ pub struct GenerateRequest {
     #[serde(default = "one")]
     pub true_cfg_scale: f32,
     pub seed: u64,
+    /// Parallel plan for this request (e.g. `ulysses=2`, see `parallel::Plan`), overriding the
+    /// engine's configured or autotuned choice. Engines that cannot run it fail the request with
+    /// [`crate::EngineError::InvalidRequest`]; `None` = the engine's choice.
+    #[serde(default)]
+    pub plan: Option<String>,
 }
 
 fn one() -> f32 {

@@ -274,6 +274,7 @@ mod tests {
             steps: 3,
             guidance: 3.5,
             true_cfg_scale: 1.0,
+            plan: None,
             seed,
         }
     }

@@ -14,6 +14,7 @@ fn request() -> GenerateRequest {
         steps: 7,
         guidance: 3.5,
         true_cfg_scale: 1.0,
+        plan: None,
         seed: 11,
     }
 }

@@ -328,6 +328,7 @@ fn pipeline_case(folder: &str, model: &str) {
         steps: io["steps"].as_u64().unwrap() as u32,
         guidance: io["guidance"].as_f64().unwrap() as f32,
         true_cfg_scale: 1.0,
+        plan: None,
         seed: io["seed"].as_u64().unwrap(),
     };
     let (txt, pooled) = pipe.encode_prompt(&req.prompt).unwrap();

@@ -20,6 +20,7 @@ fn request(seed: u64) -> GenerateRequest {
         steps: 4,
         guidance: 3.5,
         true_cfg_scale: 1.0,
+        plan: None,
         seed,
     }
 }

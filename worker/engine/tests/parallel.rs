@@ -67,6 +67,7 @@ fn request(true_cfg: bool) -> GenerateRequest {
         steps: 4,
         guidance: 3.5,
         true_cfg_scale: if true_cfg { 2.5 } else { 1.0 },
+        plan: None,
         seed: 42,
     }
 }
@@ -710,4 +711,118 @@ fn ulysses_plans_shrink_to_a_valid_degree_and_a_last_device_serves_alone() {
     let got = e.generate(&req, &mut |_| Control::Continue).unwrap();
     assert_eq!(got.timings.plan.as_deref(), Some("ring=3"));
     assert!(e.degraded().unwrap().contains("slot 0"));
+}
+
+fn resilient(n: usize, plan: &str) -> ditfleet_engine::parallel::ResilientParallel {
+    ditfleet_engine::parallel::ResilientParallel::new(
+        vec![Device::Cpu; n],
+        plan.parse().unwrap(),
+        Box::new(|_| Pipeline::tiny_random_with(&pf_config(), 12, 5)),
+        Box::new(|_| Box::new(ThreadsFactory::cpu())),
+        None,
+    )
+    .unwrap()
+}
+
+/// Strategy selection: every valid plan for 4 "GPUs" is measured at two sizes, the table is
+/// written to disk and read back for the same node only, and each request then runs the
+/// table's fastest plan for its size, reported in its timings, with the single-rank image.
+#[test]
+fn autotune_measures_every_plan_caches_the_table_and_runs_each_request_with_the_fastest() {
+    use ditfleet_engine::parallel::{PlanTable, autotune};
+    let mut e = resilient(4, "single");
+    let mut seen = Vec::new();
+    let node = PlanTable::node("4x cpu", "tiny-random");
+    let table = autotune(&mut e, "flux-dev", &node, &[(64, 64), (128, 128)], 1, 2, &mut |p| {
+        seen.push((p.index, p.total, p.result.plan.clone(), p.result.ms_per_step));
+    })
+    .unwrap();
+    // single; 2 devices: ulysses=2, ring=2, pipefusion=2; 3: ring=3, pipefusion=3;
+    // 4: ulysses=2,ring=2, ulysses=4, ring=4, pipefusion=4 -- at each of 2 sizes.
+    let plans: Vec<&str> = table.sizes[0].results.iter().map(|m| m.plan.as_str()).collect();
+    assert_eq!(plans.len(), 10, "{plans:?}");
+    for want in ["single", "ulysses=2", "ring=2", "ulysses=2,ring=2", "ulysses=4", "ring=4"] {
+        assert!(plans.contains(&want), "{want} missing from {plans:?}");
+    }
+    assert_eq!(seen.len(), 20);
+    assert_eq!(seen.last().unwrap().0, 20);
+    assert!(
+        seen.iter().all(|(_, total, _, ms)| *total == 20 && ms.is_some_and(|v| v > 0.0)),
+        "{seen:?}"
+    );
+    assert_eq!(e.plan(), Some(Plan::SINGLE), "autotune leaves the engine on its plan");
+
+    let path = std::env::temp_dir().join(format!("ditfleet-autotune-{}/plans.json", std::process::id()));
+    table.save(&path).unwrap();
+    assert_eq!(PlanTable::load(&path, &node).unwrap().as_ref(), Some(&table));
+    assert_eq!(PlanTable::load(&path, &PlanTable::node("2x cpu", "tiny-random")).unwrap(), None);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+
+    let mut one = pf_pipeline(12);
+    e.set_table(Some(table.clone()));
+    for (w, h) in [(64, 64), (128, 128)] {
+        let req = GenerateRequest {
+            width: w,
+            height: h,
+            ..request(false)
+        };
+        let best = table.best(w, h, 4, false).unwrap();
+        let got = e.generate(&req, &mut |_| Control::Continue).unwrap();
+        assert_eq!(got.timings.plan.as_deref(), Some(best.to_string().as_str()), "{w}x{h}");
+        if best.pipefusion == 1 {
+            let want = one.generate(&req, &mut |_| Control::Continue).unwrap();
+            assert_same_image(&want.rgb, &got.rgb, &format!("{w}x{h} with {best}"));
+        }
+    }
+}
+
+/// A request may name its plan: the engine switches to it (reusing the leaders' weights) and
+/// back; a plan that cannot run on the node is refused with the reason, and the engine serves on.
+#[test]
+fn a_request_runs_the_plan_it_names_and_an_impossible_plan_is_refused_with_the_reason() {
+    let mut e = resilient(4, "ring=2");
+    let want = pf_pipeline(12).generate(&request(false), &mut |_| Control::Continue).unwrap();
+    for plan in ["ulysses=4", "ulysses=2,ring=2", "single"] {
+        let req = GenerateRequest {
+            plan: Some(plan.into()),
+            ..request(false)
+        };
+        let got = e.generate(&req, &mut |_| Control::Continue).unwrap();
+        assert_eq!(got.timings.plan.as_deref(), Some(plan));
+        assert_same_image(&want.rgb, &got.rgb, plan);
+    }
+    // Without a table, a request that names no plan runs the one the engine holds.
+    let got = e.generate(&request(false), &mut |_| Control::Continue).unwrap();
+    assert_eq!(got.timings.plan.as_deref(), Some("single"));
+    assert_eq!(e.plan_switches(), 3);
+    for (plan, why) in [
+        ("ulysses=8", "needs 8 GPUs, the node has 4"),
+        ("ulysses=3", "does not divide the 4 attention heads"),
+        ("warp=2", "unknown plan item"),
+    ] {
+        let req = GenerateRequest {
+            plan: Some(plan.into()),
+            ..request(false)
+        };
+        let err = e.generate(&req, &mut |_| Control::Continue).unwrap_err();
+        assert!(
+            matches!(&err, EngineError::InvalidRequest(m) if m.contains(why)),
+            "{plan}: {err}"
+        );
+    }
+    let got = e.generate(&request(false), &mut |_| Control::Continue).unwrap();
+    assert_same_image(&want.rgb, &got.rgb, "after refused plans");
+    // The single-device pipeline refuses a multi-device plan, and accepts `single`.
+    let mut one = pf_pipeline(12);
+    let req = GenerateRequest {
+        plan: Some("ulysses=2".into()),
+        ..request(false)
+    };
+    let err = one.generate(&req, &mut |_| Control::Continue).unwrap_err();
+    assert!(matches!(&err, EngineError::InvalidRequest(m) if m.contains("single device")), "{err}");
+    let req = GenerateRequest {
+        plan: Some("single".into()),
+        ..request(false)
+    };
+    one.generate(&req, &mut |_| Control::Continue).unwrap();
 }

@@ -8,12 +8,14 @@
 //! - [`pipefusion`]: PipeFusion (stages of blocks, patches of the image, one-step-stale K/V;
 //!   approximate after its warm-up steps);
 //! - [`plan`]: the degrees of a plan, parsing and validation;
+//! - [`autotune`]: the measured plan table (fastest plan per image size on this node), on disk;
 //! - [`vae`]: patch-parallel VAE decode (row bands, halo exchange, global GroupNorm statistics);
 //! - [`resilient`]: GPU isolation (quarantine a failing device, rebuild on the rest, retry);
 //! - [`runner`]: the per-rank denoising loop (sequence and CFG parallel) and
 //!   [`runner::ParallelPipeline`], the multi-GPU [`crate::Engine`] (data parallel over groups).
 
 pub mod attention;
+pub mod autotune;
 pub mod comm;
 pub mod nccl;
 pub mod pipefusion;
@@ -24,6 +26,7 @@ pub mod threads;
 pub mod vae;
 
 pub use attention::{SeqLayout, TextMode, UspAttention};
+pub use autotune::{PlanTable, autotune};
 pub use comm::{CommError, CommFactory, Communicator, Mesh, RankComms};
 pub use nccl::{NcclComm, NcclFactory};
 pub use plan::Plan;

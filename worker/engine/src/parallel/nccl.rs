@@ -589,3 +589,11 @@ impl CommFactory for NcclFactory {
             .collect())
     }
 }
+
+/// The CUDA device's product name (`NVIDIA H200`), where the driver loads and answers.
+pub fn cuda_product_name(ordinal: usize) -> Option<String> {
+    // cudarc's dynamic loading panics when libcuda is missing.
+    std::panic::catch_unwind(|| cudarc::driver::CudaContext::new(ordinal).ok()?.name().ok())
+        .ok()
+        .flatten()
+}

@@ -7,6 +7,7 @@
 //! Rebuilding reloads the leader from its source (checkpoint directory or random seed) on the
 //! first healthy device: the failed device's memory is never read again.
 
+use super::autotune::PlanTable;
 use super::comm::CommFactory;
 use super::plan::Plan;
 use super::runner::ParallelPipeline;
@@ -42,6 +43,10 @@ pub struct ResilientParallel {
     fault: Option<InjectedFault>,
     degraded: Option<String>,
     info: EngineInfo,
+    /// Measured plans: each request runs the fastest for its size (unless it names one).
+    table: Option<PlanTable>,
+    /// Plan switches so far (each rebuilds the rank threads and re-replicates weights).
+    switches: u64,
 }
 
 impl std::fmt::Debug for ResilientParallel {
@@ -74,6 +79,8 @@ impl ResilientParallel {
             active: Vec::new(),
             fault,
             degraded: None,
+            table: None,
+            switches: 0,
             info: EngineInfo {
                 kind: "flux".into(),
                 models: Vec::new(),
@@ -92,14 +99,95 @@ impl ResilientParallel {
         self.inner.as_ref().map(|p| p.plan())
     }
 
+    /// Devices not quarantined.
+    pub fn healthy_devices(&self) -> usize {
+        self.healthy.iter().filter(|h| **h).count()
+    }
+
+    /// Attention heads of the model (what Ulysses degrees must divide).
+    pub fn heads(&self) -> i64 {
+        self.heads
+    }
+
+    /// Plan switches so far.
+    pub fn plan_switches(&self) -> u64 {
+        self.switches
+    }
+
+    /// The measured plan table this engine selects from, if any.
+    pub fn table(&self) -> Option<&PlanTable> {
+        self.table.as_ref()
+    }
+
+    /// Selects each request's plan from `table` from now on (see [`PlanTable::best`]); `None`
+    /// returns to the configured plan.
+    pub fn set_table(&mut self, table: Option<PlanTable>) {
+        self.table = table;
+    }
+
+    /// Switches to `plan` on the healthy devices (no-op if it runs already). The group leaders'
+    /// weights are reused where they sit on the right device and hold the whole transformer;
+    /// otherwise (after PipeFusion, whose leaders keep one stage) they are loaded again.
+    pub fn set_plan(&mut self, plan: Plan) -> Result<(), EngineError> {
+        if self.plan() == Some(plan) {
+            return Ok(());
+        }
+        plan.validate(self.heads, self.healthy_devices())
+            .map_err(EngineError::InvalidRequest)?;
+        let reuse = match self.inner.take() {
+            Some(p) if p.plan().pipefusion <= 1 => p.into_leaders(),
+            _ => Vec::new(),
+        };
+        let from = self.info.note.clone();
+        let t = std::time::Instant::now();
+        self.switches += 1;
+        self.build_with(plan, reuse)?;
+        tracing::info!(plan = %plan, previous = %from, ms = t.elapsed().as_millis() as u64, "parallel plan switched");
+        Ok(())
+    }
+
+    /// The plan a request runs with: its own, else the table's fastest for its size on the
+    /// healthy devices, else the configured plan (shrunk to the healthy devices).
+    pub fn plan_for(&self, request: &GenerateRequest) -> Result<Plan, EngineError> {
+        let healthy = self.healthy_devices();
+        if let Some(text) = &request.plan {
+            let plan: Plan = text
+                .parse()
+                .map_err(|e| EngineError::InvalidRequest(format!("plan {text:?}: {e}")))?;
+            plan.validate(self.heads, healthy).map_err(|e| {
+                EngineError::InvalidRequest(format!("plan {text:?} cannot run on this worker: {e}"))
+            })?;
+            return Ok(plan);
+        }
+        if let Some(p) = self.table.as_ref().and_then(|t| {
+            t.best(request.width, request.height, healthy, request.true_cfg())
+        }) {
+            return Ok(p);
+        }
+        Ok(self.plan().unwrap_or(self.requested))
+    }
+
     /// Builds `plan` on the healthy slots.
     fn build(&mut self, plan: Plan) -> Result<(), EngineError> {
+        self.build_with(plan, Vec::new())
+    }
+
+    /// Builds `plan` on the healthy slots, taking group leaders from `reuse` where one sits on
+    /// the group's first device.
+    fn build_with(&mut self, plan: Plan, mut reuse: Vec<Pipeline>) -> Result<(), EngineError> {
         let active: Vec<usize> = (0..self.slots.len()).filter(|&i| self.healthy[i]).collect();
         let devices: Vec<Device> = active.iter().map(|&i| self.slots[i]).collect();
         let group = plan.group_size();
         let leaders = (0..plan.dp)
-            .map(|g| (self.make_leader)(devices[g * group]))
+            .map(|g| {
+                let dev = devices[g * group];
+                match reuse.iter().position(|p| p.options().devices.transformer == dev) {
+                    Some(i) => Ok(reuse.swap_remove(i)),
+                    None => (self.make_leader)(dev),
+                }
+            })
             .collect::<Result<Vec<_>, _>>()?;
+        drop(reuse);
         self.heads = leaders[0].transformer.config.num_heads;
         let factory = (self.make_factory)(&devices);
         let mut p = ParallelPipeline::new(leaders, &devices, plan, factory)?;
@@ -211,6 +299,10 @@ impl Engine for ResilientParallel {
         request: &GenerateRequest,
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
+        let plan = self.plan_for(request)?;
+        if self.inner.is_some() {
+            self.set_plan(plan)?;
+        }
         let inner = self.inner.as_mut().ok_or_else(|| EngineError::Device {
             device: "all".into(),
             message: "no healthy devices left".into(),
@@ -223,8 +315,16 @@ impl Engine for ResilientParallel {
                 let slot = self.active[rank];
                 self.quarantine(slot, &e)?;
                 // Retry the interrupted job once on the rebuilt groups (the caller's retry policy
-                // still applies if this fails too).
-                self.inner.as_mut().expect("rebuilt").generate(request, on_step)
+                // still applies if this fails too). A plan the job named may no longer fit:
+                // then it runs on what the engine would choose now.
+                let mut retry = request.clone();
+                if self.plan_for(&retry).is_err() {
+                    retry.plan = None;
+                }
+                let plan = self.plan_for(&retry)?;
+                self.set_plan(plan)?;
+                retry.plan = None;
+                self.inner.as_mut().expect("rebuilt").generate(&retry, on_step)
             }
             other => other,
         }

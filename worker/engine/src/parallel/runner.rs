@@ -946,6 +946,15 @@ impl Engine for ParallelPipeline {
         request: &GenerateRequest,
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
+        if let Some(want) = &request.plan {
+            let want: Plan = want.parse().map_err(|e| EngineError::InvalidRequest(format!("plan: {e}")))?;
+            if want != self.plan {
+                return Err(EngineError::InvalidRequest(format!(
+                    "plan {want} requested, this engine runs {} (a ResilientParallel engine switches plans)",
+                    self.plan
+                )));
+            }
+        }
         let mut images = self.generate_batch(std::slice::from_ref(request), on_step)?;
         images
             .pop()
