@@ -700,7 +700,11 @@ impl Autotune {
                 .raw("XDG_CACHE_HOME")
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
-                .or_else(|| env.raw("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache")))
+                .or_else(|| {
+                    env.raw("HOME")
+                        .filter(|v| !v.is_empty())
+                        .map(|h| PathBuf::from(h).join(".cache"))
+                })
                 .unwrap_or_else(std::env::temp_dir)
                 .join("ditfleet")
                 .join("plans.json"),
@@ -1062,7 +1066,7 @@ mod tests {
         ]);
         assert_eq!(t.cache, PathBuf::from("/var/cache/plans.json"));
         assert_eq!(t.sizes, vec![(512, 512), (1024, 2048)]);
-        for bad in ["1024", "1000x1024", "0x16", "", "8192x8192"] {
+        for bad in ["1024", "1000x1024", "0x16", "8192x8192", ","] {
             let e = WorkerConfig::from_env(&env(&[("DITFLEET_AUTOTUNE_SIZES", bad)])).unwrap_err();
             assert_eq!(e.var, "DITFLEET_AUTOTUNE_SIZES", "{bad:?}");
         }

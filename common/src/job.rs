@@ -289,7 +289,12 @@ impl JobSpec {
                     "true_cfg_scale",
                     format!("must be between 1 and {MAX_TRUE_CFG}, got {t}"),
                 );
-            } else if t > 1.0 && self.negative_prompt.as_deref().is_none_or(|n| n.trim().is_empty()) {
+            } else if t > 1.0
+                && self
+                    .negative_prompt
+                    .as_deref()
+                    .is_none_or(|n| n.trim().is_empty())
+            {
                 bad(
                     "true_cfg_scale",
                     "above 1 needs a non-blank negative_prompt (true CFG guides away from it)".into(),
@@ -850,17 +855,38 @@ mod tests {
         s.plan = Some("cfg=2,ulysses=2".into());
         s.validate(&Limits::default()).unwrap();
         let cases: Vec<(Box<dyn Fn(&mut JobSpec)>, &str)> = vec![
-            (Box::new(|s| s.true_cfg_scale = Some(0.5)), "true_cfg_scale: must be between 1 and 20, got 0.5"),
-            (Box::new(|s| s.true_cfg_scale = Some(f32::NAN)), "true_cfg_scale: must be between 1 and 20"),
+            (
+                Box::new(|s| s.true_cfg_scale = Some(0.5)),
+                "true_cfg_scale: must be between 1 and 20, got 0.5",
+            ),
+            (
+                Box::new(|s| s.true_cfg_scale = Some(f32::NAN)),
+                "true_cfg_scale: must be between 1 and 20",
+            ),
             (
                 Box::new(|s| s.negative_prompt = None),
                 "true_cfg_scale: above 1 needs a non-blank negative_prompt",
             ),
-            (Box::new(|s| s.plan = Some("ulysses".into())), "plan: item \"ulysses\" is not name=value"),
-            (Box::new(|s| s.plan = Some("warp=2".into())), "plan: unknown item \"warp\"; known: dp, cfg"),
-            (Box::new(|s| s.plan = Some("ulysses=0".into())), "plan: ulysses=\"0\": must be a number in 1..=64"),
-            (Box::new(|s| s.plan = Some("text=both".into())), "plan: text=\"both\": must be split or replicated"),
-            (Box::new(|s| s.plan = Some(String::new())), "plan: must be 1-100 characters"),
+            (
+                Box::new(|s| s.plan = Some("ulysses".into())),
+                "plan: item \"ulysses\" is not name=value",
+            ),
+            (
+                Box::new(|s| s.plan = Some("warp=2".into())),
+                "plan: unknown item \"warp\"; known: dp, cfg",
+            ),
+            (
+                Box::new(|s| s.plan = Some("ulysses=0".into())),
+                "plan: ulysses=\"0\": must be a number in 1..=64",
+            ),
+            (
+                Box::new(|s| s.plan = Some("text=both".into())),
+                "plan: text=\"both\": must be split or replicated",
+            ),
+            (
+                Box::new(|s| s.plan = Some(String::new())),
+                "plan: must be 1-100 characters",
+            ),
         ];
         for (edit, want) in cases {
             let mut t = s.clone();
@@ -891,7 +917,10 @@ mod tests {
         let bytes = w.encode();
         assert_eq!(bytes[0], 2);
         let back = WorkOrder::decode(&bytes).unwrap();
-        assert_eq!((back.true_cfg_scale, back.plan.as_deref()), (4.0, Some("ulysses=2")));
+        assert_eq!(
+            (back.true_cfg_scale, back.plan.as_deref()),
+            (4.0, Some("ulysses=2"))
+        );
         assert_eq!(back, w);
         // A version-2 order cut after its version-1 part is malformed, not silently version 1.
         let v1_len = 1 + postcard::to_stdvec(&w).unwrap().len();

@@ -134,8 +134,16 @@ fn schema_and_rust_validation_give_the_same_verdict_on_every_case() {
             with(json!({"true_cfg_scale": 4.0, "negative_prompt": "blurry"})),
             true,
         ),
-        ("true cfg scale 1 alone", with(json!({"true_cfg_scale": 1.0})), true),
-        ("true cfg without a negative prompt", with(json!({"true_cfg_scale": 4.0})), false),
+        (
+            "true cfg scale 1 alone",
+            with(json!({"true_cfg_scale": 1.0})),
+            true,
+        ),
+        (
+            "true cfg without a negative prompt",
+            with(json!({"true_cfg_scale": 4.0})),
+            false,
+        ),
         (
             "true cfg with a blank negative prompt",
             with(json!({"true_cfg_scale": 4.0, "negative_prompt": "  "})),

@@ -271,7 +271,12 @@ fn parallel(
                 t
             }
             None => {
-                let model = engine.info().models.first().cloned().unwrap_or_else(|| "flux-dev".into());
+                let model = engine
+                    .info()
+                    .models
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "flux-dev".into());
                 tracing::info!(path = %autotune.cache.display(), node = %node, sizes = ?autotune.sizes, "measuring every parallel plan on this node (first start)");
                 let t = ditfleet_engine::parallel::autotune(
                     &mut engine,
@@ -281,8 +286,12 @@ fn parallel(
                     1,
                     3,
                     &mut |p| match (&p.result.ms_per_step, &p.result.error) {
-                        (Some(ms), _) => tracing::info!(index = p.index, total = p.total, width = p.width, height = p.height, plan = %p.result.plan, ms_per_step = format!("{ms:.1}"), "plan measured"),
-                        (None, e) => tracing::warn!(index = p.index, total = p.total, width = p.width, height = p.height, plan = %p.result.plan, error = ?e, "plan failed at this size"),
+                        (Some(ms), _) => {
+                            tracing::info!(index = p.index, total = p.total, width = p.width, height = p.height, plan = %p.result.plan, ms_per_step = format!("{ms:.1}"), "plan measured")
+                        }
+                        (None, e) => {
+                            tracing::warn!(index = p.index, total = p.total, width = p.width, height = p.height, plan = %p.result.plan, error = ?e, "plan failed at this size")
+                        }
                     },
                 )?;
                 if let Err(e) = t.save(&autotune.cache) {
@@ -306,7 +315,9 @@ fn describe_devices(devs: &[Device]) -> String {
     let names: Vec<String> = devs
         .iter()
         .map(|d| match d {
-            Device::Cuda(i) => ditfleet_engine::parallel::nccl::cuda_product_name(*i).unwrap_or_else(|| "cuda".into()),
+            Device::Cuda(i) => {
+                ditfleet_engine::parallel::nccl::cuda_product_name(*i).unwrap_or_else(|| "cuda".into())
+            }
             _ => "cpu".into(),
         })
         .collect();
@@ -318,5 +329,3 @@ fn describe_devices(devs: &[Device]) -> String {
         names.join(" + ")
     }
 }
-
-

@@ -733,29 +733,71 @@ fn autotune_measures_every_plan_caches_the_table_and_runs_each_request_with_the_
     let mut e = resilient(4, "single");
     let mut seen = Vec::new();
     let node = PlanTable::node("4x cpu", "tiny-random");
-    let table = autotune(&mut e, "flux-dev", &node, &[(64, 64), (128, 128)], 1, 2, &mut |p| {
-        seen.push((p.index, p.total, p.result.plan.clone(), p.result.ms_per_step));
-    })
+    let table = autotune(
+        &mut e,
+        "flux-dev",
+        &node,
+        &[(64, 64), (128, 128)],
+        1,
+        2,
+        &mut |p| {
+            seen.push((p.index, p.total, p.result.plan.clone(), p.result.ms_per_step));
+        },
+    )
     .unwrap();
     // single; 2 devices: ulysses=2, ring=2, pipefusion=2; 3: ring=3, pipefusion=3;
     // 4: ulysses=2,ring=2, ulysses=4, ring=4, pipefusion=4 -- at each of 2 sizes.
     let plans: Vec<&str> = table.sizes[0].results.iter().map(|m| m.plan.as_str()).collect();
     assert_eq!(plans.len(), 10, "{plans:?}");
-    for want in ["single", "ulysses=2", "ring=2", "ulysses=2,ring=2", "ulysses=4", "ring=4"] {
+    for want in [
+        "single",
+        "ulysses=2",
+        "ring=2",
+        "ulysses=2,ring=2",
+        "ulysses=4",
+        "ring=4",
+    ] {
         assert!(plans.contains(&want), "{want} missing from {plans:?}");
     }
     assert_eq!(seen.len(), 20);
     assert_eq!(seen.last().unwrap().0, 20);
     assert!(
-        seen.iter().all(|(_, total, _, ms)| *total == 20 && ms.is_some_and(|v| v > 0.0)),
+        seen.iter()
+            .all(|(_, total, _, ms)| *total == 20 && ms.is_some_and(|v| v > 0.0)),
         "{seen:?}"
     );
-    assert_eq!(e.plan(), Some(Plan::SINGLE), "autotune leaves the engine on its plan");
+    assert_eq!(
+        e.plan(),
+        Some(Plan::SINGLE),
+        "autotune leaves the engine on its plan"
+    );
 
     let path = std::env::temp_dir().join(format!("ditfleet-autotune-{}/plans.json", std::process::id()));
     table.save(&path).unwrap();
-    assert_eq!(PlanTable::load(&path, &node).unwrap().as_ref(), Some(&table));
-    assert_eq!(PlanTable::load(&path, &PlanTable::node("2x cpu", "tiny-random")).unwrap(), None);
+    let back = PlanTable::load(&path, &node)
+        .unwrap()
+        .expect("the same node's table loads");
+    assert_eq!(
+        (back.node.as_str(), back.steps, back.measured_at),
+        (node.as_str(), table.steps, table.measured_at)
+    );
+    for (a, b) in back.sizes.iter().zip(&table.sizes) {
+        assert_eq!(
+            (a.width, a.height, a.results.len()),
+            (b.width, b.height, b.results.len())
+        );
+        for (x, y) in a.results.iter().zip(&b.results) {
+            assert_eq!(x.plan, y.plan);
+            assert!(
+                (x.ms_per_step.unwrap() - y.ms_per_step.unwrap()).abs() < 1e-9,
+                "{x:?} vs {y:?}"
+            );
+        }
+    }
+    assert_eq!(
+        PlanTable::load(&path, &PlanTable::node("2x cpu", "tiny-random")).unwrap(),
+        None
+    );
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 
     let mut one = pf_pipeline(12);
@@ -768,7 +810,11 @@ fn autotune_measures_every_plan_caches_the_table_and_runs_each_request_with_the_
         };
         let best = table.best(w, h, 4, false).unwrap();
         let got = e.generate(&req, &mut |_| Control::Continue).unwrap();
-        assert_eq!(got.timings.plan.as_deref(), Some(best.to_string().as_str()), "{w}x{h}");
+        assert_eq!(
+            got.timings.plan.as_deref(),
+            Some(best.to_string().as_str()),
+            "{w}x{h}"
+        );
         if best.pipefusion == 1 {
             let want = one.generate(&req, &mut |_| Control::Continue).unwrap();
             assert_same_image(&want.rgb, &got.rgb, &format!("{w}x{h} with {best}"));
@@ -781,7 +827,9 @@ fn autotune_measures_every_plan_caches_the_table_and_runs_each_request_with_the_
 #[test]
 fn a_request_runs_the_plan_it_names_and_an_impossible_plan_is_refused_with_the_reason() {
     let mut e = resilient(4, "ring=2");
-    let want = pf_pipeline(12).generate(&request(false), &mut |_| Control::Continue).unwrap();
+    let want = pf_pipeline(12)
+        .generate(&request(false), &mut |_| Control::Continue)
+        .unwrap();
     for plan in ["ulysses=4", "ulysses=2,ring=2", "single"] {
         let req = GenerateRequest {
             plan: Some(plan.into()),
@@ -796,7 +844,7 @@ fn a_request_runs_the_plan_it_names_and_an_impossible_plan_is_refused_with_the_r
     assert_eq!(got.timings.plan.as_deref(), Some("single"));
     assert_eq!(e.plan_switches(), 3);
     for (plan, why) in [
-        ("ulysses=8", "needs 8 GPUs, the node has 4"),
+        ("ring=8", "needs 8 GPUs, the node has 4"),
         ("ulysses=3", "does not divide the 4 attention heads"),
         ("warp=2", "unknown plan item"),
     ] {
@@ -819,7 +867,10 @@ fn a_request_runs_the_plan_it_names_and_an_impossible_plan_is_refused_with_the_r
         ..request(false)
     };
     let err = one.generate(&req, &mut |_| Control::Continue).unwrap_err();
-    assert!(matches!(&err, EngineError::InvalidRequest(m) if m.contains("single device")), "{err}");
+    assert!(
+        matches!(&err, EngineError::InvalidRequest(m) if m.contains("single device")),
+        "{err}"
+    );
     let req = GenerateRequest {
         plan: Some("single".into()),
         ..request(false)

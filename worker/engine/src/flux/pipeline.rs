@@ -630,7 +630,11 @@ impl Engine for Pipeline {
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
         self.check(request)?;
-        if let Some(plan) = request.plan.as_deref().filter(|p| !matches!(p.trim(), "single" | "")) {
+        if let Some(plan) = request
+            .plan
+            .as_deref()
+            .filter(|p| !matches!(p.trim(), "single" | ""))
+        {
             return Err(EngineError::InvalidRequest(format!(
                 "plan {plan:?} needs a multi-device engine; this one runs on a single device (plan single)"
             )));

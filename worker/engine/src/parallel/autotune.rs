@@ -76,10 +76,7 @@ impl PlanTable {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => {
-                return Err(EngineError::Load(format!(
-                    "plan table {}: {e}",
-                    path.display()
-                )));
+                return Err(EngineError::Load(format!("plan table {}: {e}", path.display())));
             }
         };
         let table: PlanTable = match serde_json::from_slice(&bytes) {
@@ -279,7 +276,11 @@ mod tests {
                 SizeEntry {
                     width: 512,
                     height: 512,
-                    results: vec![m("single", Some(10.0)), m("ulysses=2", Some(12.0)), m("cfg=2", Some(6.0))],
+                    results: vec![
+                        m("single", Some(10.0)),
+                        m("ulysses=2", Some(12.0)),
+                        m("cfg=2", Some(6.0)),
+                    ],
                 },
                 SizeEntry {
                     width: 2048,

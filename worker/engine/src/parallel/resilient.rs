@@ -159,9 +159,11 @@ impl ResilientParallel {
             })?;
             return Ok(plan);
         }
-        if let Some(p) = self.table.as_ref().and_then(|t| {
-            t.best(request.width, request.height, healthy, request.true_cfg())
-        }) {
+        if let Some(p) = self
+            .table
+            .as_ref()
+            .and_then(|t| t.best(request.width, request.height, healthy, request.true_cfg()))
+        {
             return Ok(p);
         }
         Ok(self.plan().unwrap_or(self.requested))

@@ -947,7 +947,9 @@ impl Engine for ParallelPipeline {
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
         if let Some(want) = &request.plan {
-            let want: Plan = want.parse().map_err(|e| EngineError::InvalidRequest(format!("plan: {e}")))?;
+            let want: Plan = want
+                .parse()
+                .map_err(|e| EngineError::InvalidRequest(format!("plan: {e}")))?;
             if want != self.plan {
                 return Err(EngineError::InvalidRequest(format!(
                     "plan {want} requested, this engine runs {} (a ResilientParallel engine switches plans)",
