@@ -213,15 +213,18 @@ for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 "#;
 
-/// Takes the right to publish a settled job's terminal event. KEYS[1] job key. ARGV: worker,
-/// now_ms, lease_until_ms, the worker-registration key prefix (`{ns}:worker:`). Returns
-/// {"published"} (already out), {"claimed"}, or {"held", owner, until} while another live worker
-/// holds an unexpired claim (a dead owner's registration expires, and its claim with it).
+/// Takes the right to publish a settled job's terminal event. KEYS[1] job key. ARGV: claimant
+/// (`<worker>#<n>`, one per delivery being handled, so two deliveries of the same job on one
+/// worker do not both publish), now_ms, lease_until_ms, the worker-registration key prefix
+/// (`{ns}:worker:`). Returns {"published"} (already out), {"claimed"}, or {"held", owner, until}
+/// while another claimant of a live worker holds an unexpired claim (a dead worker's registration
+/// expires, and its claims with it).
 const CLAIM_EVENT: &str = r#"
 if redis.call('HGET', KEYS[1], 'event_published') == '1' then return {'published'} end
 local owner = redis.call('HGET', KEYS[1], 'event_owner')
 local untl = tonumber(redis.call('HGET', KEYS[1], 'event_until_ms') or '0')
-if owner and owner ~= ARGV[1] and untl > tonumber(ARGV[2]) and redis.call('EXISTS', ARGV[4] .. owner) == 1 then
+if owner and owner ~= ARGV[1] and untl > tonumber(ARGV[2])
+   and redis.call('EXISTS', ARGV[4] .. string.match(owner, '^[^#]*')) == 1 then
   return {'held', owner, tostring(untl)}
 end
 redis.call('HSET', KEYS[1], 'event_owner', ARGV[1], 'event_until_ms', ARGV[3])
@@ -272,6 +275,17 @@ pub enum Created {
     RoutingElsewhere { remaining_ms: u64 },
     /// The job exists beyond `queued` (or with other content).
     Exists { state: JobState, fingerprint: String },
+}
+
+/// A claimant id for [`JobStore::claim_event`] (and the `event_owner` a finishing worker records):
+/// `<worker>#<n>`, unique per call in this process, so that the task that finished a job and a
+/// redelivered copy of the same job on the same worker are different claimants.
+pub fn event_claimant(worker: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    format!(
+        "{worker}#{}",
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 /// Outcome of [`JobStore::claim_event`].
@@ -566,7 +580,8 @@ impl JobStore {
     }
 
     /// Takes the right to publish a settled job's terminal event for `lease` (see CLAIM_EVENT):
-    /// exactly one live process publishes it, a dead one's claim passes on.
+    /// exactly one claimant (`<worker id>#<n>`, see [`event_claimant`]) of a live worker publishes
+    /// it, a dead worker's claim passes on.
     pub async fn claim_event(
         &self,
         job_id: &str,

@@ -678,8 +678,9 @@ async fn run_claimed(
                     "resumed_from_step",
                     resumed_from.map(|s| s.to_string()).unwrap_or_default(),
                 ),
-                // Only this worker publishes the done event while it lives (see EVENT_LEASE).
-                ("event_owner", me.clone()),
+                // Only this task publishes the done event while its worker lives (see
+                // EVENT_LEASE); a redelivered copy, even on this worker, waits for it.
+                ("event_owner", ditfleet_common::state::event_claimant(&me)),
                 (
                     "event_until_ms",
                     (now_ms() + EVENT_LEASE.as_millis() as u64).to_string(),
@@ -989,7 +990,7 @@ async fn ensure_terminal_event(shared: &Shared, job_id: &str, state: JobState) -
     if state != JobState::Succeeded {
         return Ok(());
     }
-    let me = &shared.cfg.worker_id;
+    let me = &ditfleet_common::state::event_claimant(&shared.cfg.worker_id);
     loop {
         match infra_retry!(
             shared,
