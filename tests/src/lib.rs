@@ -279,6 +279,37 @@ impl Fleet {
         cmd.output().expect("ditfleetctl runs")
     }
 
+    /// `ditfleetctl submit --wait` of a small job (256², `steps` steps, prompt "a fox") with the
+    /// fleet's environment plus `extra` and the flags in `more` (e.g. `--priority high`), waiting
+    /// up to 60 s for its result.
+    pub fn ctl_submit_wait(
+        &self,
+        extra: &[(&str, &str)],
+        job_id: &str,
+        steps: u32,
+        more: &[&str],
+    ) -> std::process::Output {
+        let steps = steps.to_string();
+        let mut args = vec![
+            "submit",
+            "--prompt",
+            "a fox",
+            "--width",
+            "256",
+            "--height",
+            "256",
+            "--steps",
+            &steps,
+            "--job-id",
+            job_id,
+            "--wait",
+            "--timeout-s",
+            "60",
+        ];
+        args.extend(more);
+        self.ctl_with(extra, &args)
+    }
+
     /// Waits until `n` workers are registered.
     pub async fn wait_workers(&self, n: usize, timeout: Duration) {
         let start = Instant::now();

@@ -91,25 +91,7 @@ async fn services_run_with_least_privilege_users_and_a_worker_or_backend_cannot_
     );
     let _w = fleet.start_worker("w-perm", &[("DITFLEET_AMQP_URL", worker.url().as_str())]);
     fleet.wait_workers(1, T).await;
-    let out = fleet.ctl_with(
-        &[("DITFLEET_AMQP_URL", backend.url().as_str())],
-        &[
-            "submit",
-            "--prompt",
-            "a fox",
-            "--width",
-            "256",
-            "--height",
-            "256",
-            "--steps",
-            "2",
-            "--job-id",
-            "perm-1",
-            "--wait",
-            "--timeout-s",
-            "60",
-        ],
-    );
+    let out = fleet.ctl_submit_wait(&[("DITFLEET_AMQP_URL", backend.url().as_str())], "perm-1", 2, &[]);
     assert!(
         out.status.success(),
         "the backend user submits and waits: {}{}",
@@ -125,24 +107,12 @@ async fn services_run_with_least_privilege_users_and_a_worker_or_backend_cannot_
         ("perm-low", ["--priority", "low"]),
         ("perm-pin", ["--model-version", "sim-1"]),
     ] {
-        let mut args = vec![
-            "submit",
-            "--prompt",
-            "a fox",
-            "--width",
-            "256",
-            "--height",
-            "256",
-            "--steps",
-            "2",
-            "--job-id",
+        let out = fleet.ctl_submit_wait(
+            &[("DITFLEET_AMQP_URL", backend.url().as_str())],
             job_id,
-            "--wait",
-            "--timeout-s",
-            "60",
-        ];
-        args.extend(extra);
-        let out = fleet.ctl_with(&[("DITFLEET_AMQP_URL", backend.url().as_str())], &args);
+            2,
+            &extra,
+        );
         assert!(
             out.status.success(),
             "{job_id} through the least-privilege users: {}{}",

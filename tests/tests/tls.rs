@@ -39,22 +39,7 @@ async fn scheduler_worker_and_ctl_run_a_job_over_amqps_and_rediss_trusting_a_pri
     let _s = fleet.start_scheduler();
     let _w = fleet.start_worker("w-tls", &[]);
     fleet.wait_workers(1, T).await;
-    let out = fleet.ctl(&[
-        "submit",
-        "--prompt",
-        "a fox",
-        "--width",
-        "256",
-        "--height",
-        "256",
-        "--steps",
-        "2",
-        "--job-id",
-        "tls-1",
-        "--wait",
-        "--timeout-s",
-        "60",
-    ]);
+    let out = fleet.ctl_submit_wait(&[], "tls-1", 2, &[]);
     assert!(
         out.status.success(),
         "{}{}",

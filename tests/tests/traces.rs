@@ -42,22 +42,7 @@ async fn one_job_is_one_trace_from_ctl_submit_through_scheduler_route_to_worker_
     let ch = fleet.conn.create_channel().await.unwrap();
     let mut done_events = fleet.topo.subscribe_events(&ch, "job.otel-1.done").await.unwrap();
 
-    let out = fleet.ctl(&[
-        "submit",
-        "--prompt",
-        "a fox",
-        "--width",
-        "256",
-        "--height",
-        "256",
-        "--steps",
-        "3",
-        "--job-id",
-        "otel-1",
-        "--wait",
-        "--timeout-s",
-        "60",
-    ]);
+    let out = fleet.ctl_submit_wait(&[], "otel-1", 3, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -203,22 +188,7 @@ async fn traces_are_off_without_an_endpoint_and_a_grpc_protocol_is_refused_at_st
     let _s = fleet.start_scheduler();
     let _w = fleet.start_worker("w-otel-off", &[]);
     fleet.wait_workers(1, T).await;
-    let out = fleet.ctl(&[
-        "submit",
-        "--prompt",
-        "a fox",
-        "--width",
-        "256",
-        "--height",
-        "256",
-        "--steps",
-        "2",
-        "--job-id",
-        "otel-off",
-        "--wait",
-        "--timeout-s",
-        "60",
-    ]);
+    let out = fleet.ctl_submit_wait(&[], "otel-off", 2, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("succeeded"), "{stdout}");
