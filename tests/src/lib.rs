@@ -310,6 +310,41 @@ impl Fleet {
         self.ctl_with(extra, &args)
     }
 
+    /// Submits `jobs` (ids, `steps` steps each) in the background on a connection of its own,
+    /// one every `gap`, each with a publisher confirm, as a backend under steady load would.
+    /// The task returns its connection (keep it open until the jobs are consumed).
+    pub async fn submit_paced(
+        &self,
+        name: &str,
+        ids: Vec<String>,
+        steps: u32,
+        gap: Duration,
+    ) -> tokio::task::JoinHandle<lapin::Connection> {
+        let conn = ditfleet_common::amqp::connect(&self.env["DITFLEET_AMQP_URL"], name)
+            .await
+            .unwrap();
+        let publisher = ditfleet_common::amqp::Publisher::new(&conn).await.unwrap();
+        let topo = self.topo.clone();
+        tokio::spawn(async move {
+            for id in ids {
+                let body = serde_json::to_vec(&job(&id, steps)).unwrap();
+                publisher
+                    .publish(
+                        &topo.submit_exchange(),
+                        ditfleet_common::topology::SUBMIT_KEY,
+                        &body,
+                        ditfleet_common::amqp::persistent("application/json")
+                            .with_message_id(id.as_str().into()),
+                        true,
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::sleep(gap).await;
+            }
+            conn
+        })
+    }
+
     /// Waits until `n` workers are registered.
     pub async fn wait_workers(&self, n: usize, timeout: Duration) {
         let start = Instant::now();

@@ -488,33 +488,9 @@ async fn hot_swap_under_load_fails_no_job_and_pinned_jobs_run_only_on_holders() 
     fleet.wait_workers(2, T).await;
     // Unpinned load throughout the swaps.
     let load_ids: Vec<String> = (0..150).map(|i| format!("hs-load-{i}")).collect();
-    let loader = {
-        let env = fleet.env.clone();
-        let ids = load_ids.clone();
-        let conn = ditfleet_common::amqp::connect(&env["DITFLEET_AMQP_URL"], "hot-swap loader")
-            .await
-            .unwrap();
-        let publisher = ditfleet_common::amqp::Publisher::new(&conn).await.unwrap();
-        let topo = fleet.topo.clone();
-        tokio::spawn(async move {
-            for id in ids {
-                let body = serde_json::to_vec(&job(&id, 5)).unwrap();
-                publisher
-                    .publish(
-                        &topo.submit_exchange(),
-                        ditfleet_common::topology::SUBMIT_KEY,
-                        &body,
-                        ditfleet_common::amqp::persistent("application/json")
-                            .with_message_id(id.as_str().into()),
-                        true,
-                    )
-                    .await
-                    .unwrap();
-                tokio::time::sleep(Duration::from_millis(40)).await;
-            }
-            conn
-        })
-    };
+    let loader = fleet
+        .submit_paced("hot-swap loader", load_ids.clone(), 5, Duration::from_millis(40))
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (code, out, err) = ctl(&fleet, &["model", "load", "flux-dev@v2", "--workers", "w-a"]).await;
     assert_eq!(code, 0, "{out}{err}");
@@ -592,32 +568,9 @@ async fn rolling_upgrade_replaces_every_worker_under_load_with_zero_failed_jobs(
         .collect();
     fleet.wait_workers(3, T).await;
     let ids: Vec<String> = (0..240).map(|i| format!("roll-{i}")).collect();
-    let submitter = {
-        let ids = ids.clone();
-        let conn = ditfleet_common::amqp::connect(&fleet.env["DITFLEET_AMQP_URL"], "rolling loader")
-            .await
-            .unwrap();
-        let publisher = ditfleet_common::amqp::Publisher::new(&conn).await.unwrap();
-        let topo = fleet.topo.clone();
-        tokio::spawn(async move {
-            for id in ids {
-                let body = serde_json::to_vec(&job(&id, 4)).unwrap();
-                publisher
-                    .publish(
-                        &topo.submit_exchange(),
-                        ditfleet_common::topology::SUBMIT_KEY,
-                        &body,
-                        ditfleet_common::amqp::persistent("application/json")
-                            .with_message_id(id.as_str().into()),
-                        true,
-                    )
-                    .await
-                    .unwrap();
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-            conn
-        })
-    };
+    let submitter = fleet
+        .submit_paced("rolling loader", ids.clone(), 4, Duration::from_millis(25))
+        .await;
     let mut new = Vec::new();
     for (i, w) in old.iter_mut().enumerate() {
         tokio::time::sleep(Duration::from_millis(1200)).await;
