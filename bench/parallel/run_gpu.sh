@@ -3,7 +3,8 @@
 # call, xDiT (xfuser 0.7.0) on the same shapes. Carry: .gpu (parallel_bench binary), .whl (peer
 # wheels), .bench (copy of ../shared/bench). Writes JSONL/logs under $OUT; prints a table last.
 #   bash bench/parallel/run_gpu.sh [ours|peers|all|diag] (default all)
-# Env: DEVICES (default 0,1), SIZES (default "1024 2048"), PEER_STAGES (default "x1 x2 x2c").
+# Env: DEVICES (default 0,1; any count: 0,1,2,3 or 0,...,7), SIZES (default "1024 2048"),
+#      PLANS (default all: single + every valid plan over DEVICES), PEER_STAGES (default "x1 x2 x2c").
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -54,11 +55,11 @@ fi
 if [ "$WHAT" != peers ] && [ "$WHAT" != done ]; then
   for s in $SIZES; do
     runs=2; [ "$s" -ge 2048 ] && runs=1
-    run "ours_$s" 240 --size "$s" --steps ${STEPS:-28} --runs $runs --devices "$DEVICES" \
-      --plans "single;ulysses=2;ring=2;pipefusion=2,patches=2,warmup=1"
+    run "ours_$s" ${SIZE_TIMEOUT:-240} --size "$s" --steps ${STEPS:-28} --runs $runs --devices "$DEVICES" \
+      --plans "${PLANS:-all}"
   done
   run ours_truecfg_1024 150 --size 1024 --steps ${STEPS:-28} --runs 1 --true-cfg --devices "$DEVICES" \
-    --plans "single;cfg=2;ulysses=2"
+    --plans "${PLANS_TRUECFG:-all}"
 fi
 if [ "$WHAT" != ours ] && [ "$WHAT" != done ]; then
   OUT=$OUT/peers BUDGET_S=${PEER_BUDGET_S:-330} bash .bench/run_flux_baselines.sh ${PEER_STAGES:-x1 x2 x2c} \

@@ -10,7 +10,8 @@
 //! relative L2 of the final latents and the PSNR of the images. One JSON line per plan on stdout.
 //!
 //! ```text
-//! parallel_bench --size 1024 --steps 28 --plans single,ulysses=2,ring=2 --devices 0,1
+//! parallel_bench --size 1024 --steps 28 --plans 'single;ulysses=2;ring=2' --devices 0,1
+//! parallel_bench --size 1024 --steps 28 --plans all --devices 0,1,2,3   (single + every valid plan)
 //!   [--runs 2] [--warmup-steps 2] [--true-cfg] [--seed 0]
 //! ```
 
@@ -71,10 +72,14 @@ fn parse() -> Result<Args> {
                 a.fault = Some((x.parse()?, y.parse()?));
             }
             "--plans" => {
-                a.plans = val()?
-                    .split(';')
-                    .map(|p| p.parse::<Plan>().map_err(anyhow::Error::msg))
-                    .collect::<Result<_>>()?
+                let v = val()?;
+                a.plans = if v == "all" {
+                    Vec::new()
+                } else {
+                    v.split(';')
+                        .map(|p| p.parse::<Plan>().map_err(anyhow::Error::msg))
+                        .collect::<Result<_>>()?
+                };
             }
             "--devices" => {
                 a.devices = val()?
@@ -84,6 +89,12 @@ fn parse() -> Result<Args> {
             }
             other => bail!("unknown argument {other}"),
         }
+    }
+    if a.plans.is_empty() {
+        // `--plans all`: one GPU, then every valid plan over all of --devices (Flux: 24 heads).
+        a.plans = std::iter::once(Plan::SINGLE)
+            .chain(Plan::candidates(24, a.devices.len(), a.true_cfg))
+            .collect();
     }
     Ok(a)
 }
