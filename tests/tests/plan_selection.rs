@@ -86,22 +86,23 @@ async fn auto_plan_measures_once_caches_the_table_runs_the_fastest_or_named_plan
     );
 
     // A job without a plan runs the table's fastest at its size.
-    let fastest = |width: u32| -> String {
+    let best = |width: u32| -> &Measured {
         let s = table.sizes.iter().find(|s| s.width == width).unwrap();
         s.results
             .iter()
             .filter(|m| !m.plan.starts_with("cfg="))
             .min_by(|a, b| a.ms_per_step.unwrap().total_cmp(&b.ms_per_step.unwrap()))
             .unwrap()
-            .plan
-            .clone()
     };
+    let fastest = |width: u32| best(width).plan.clone();
     let mut a = job("auto-a", 3);
     a.width = 512;
     a.height = 512;
     fleet.submit(&a).await;
     let h = fleet.wait_state("auto-a", JobState::Succeeded, T).await;
     assert_eq!(plan_of(&h), fastest(512), "timings: {:?}", h.get("timings"));
+    // Its cost counts the devices of the plan it ran with.
+    assert_eq!(h["devices"], best(512).devices.to_string());
 
     // A job naming a plan runs with it.
     let mut b = job("auto-b", 3);
@@ -111,6 +112,7 @@ async fn auto_plan_measures_once_caches_the_table_runs_the_fastest_or_named_plan
     fleet.submit(&b).await;
     let h = fleet.wait_state("auto-b", JobState::Succeeded, T).await;
     assert_eq!(plan_of(&h), "ulysses=2");
+    assert_eq!(h["devices"], "2");
 
     // A plan the node cannot run: failed with the reason, dead-lettered; the worker serves on.
     let mut c = job("auto-c", 3);

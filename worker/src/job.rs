@@ -599,8 +599,17 @@ async fn run_claimed(
         generated.result.as_ref().ok().map(|(t, _)| t),
         &generated.step_times,
     );
-    // What the generation cost, whatever its outcome (failed and cancelled work is paid for too).
-    let devices = shared.pool.info.devices.len().max(1) as u32;
+    // What the generation cost, whatever its outcome (failed and cancelled work is paid for too):
+    // the devices of the plan the job ran with (a multi-GPU worker picks one per job), else the
+    // engine's.
+    let devices = generated
+        .result
+        .as_ref()
+        .ok()
+        .and_then(|(t, _)| t.plan.as_deref())
+        .and_then(|p| p.parse::<ditfleet_engine::parallel::Plan>().ok())
+        .map_or(shared.pool.info.devices.len(), |p| p.world())
+        .max(1) as u32;
     let generate_s = generate_ms as f64 / 1e3;
     let gpu_seconds = f64::from(devices) * generate_s;
     shared.metrics.job_cost(
