@@ -771,6 +771,8 @@ fn autotune_measures_every_plan_caches_the_table_and_runs_each_request_with_the_
         Some(Plan::SINGLE),
         "autotune leaves the engine on its plan"
     );
+    // It still holds (and accounts for) all four devices while the plan uses one.
+    assert_eq!((e.info().devices.len(), e.info().parallel_degree), (4, 1));
 
     let path = std::env::temp_dir().join(format!("ditfleet-autotune-{}/plans.json", std::process::id()));
     table.save(&path).unwrap();

@@ -201,6 +201,9 @@ impl ResilientParallel {
                 .map(|rank| (rank, f.step))
         }));
         self.info = p.info();
+        // The engine holds every configured device, whatever the plan of the moment uses (a job
+        // may run on fewer; a quarantined one stays allocated): what the node pays for.
+        self.info.devices = self.slots.iter().map(|d| device_name(*d)).collect();
         if let Some(d) = &self.degraded {
             self.info.note = format!("{} | DEGRADED: {d}", self.info.note);
         }
