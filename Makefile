@@ -1,7 +1,7 @@
 # ditfleet: the two commands a newcomer needs.
 #   make demo   set up (RabbitMQ, Redis, libtorch venv), build, run a scheduler + worker, submit a job
 #   make test   set up, build, run every test (unit, end-to-end with real RabbitMQ/Redis/processes,
-#               golden comparisons against diffusers, deployment validation)
+#               golden comparisons against diffusers, deployment validation), then clippy -D warnings
 SHELL := /bin/bash
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
@@ -38,6 +38,7 @@ test: build
 	  exit $$(( a | b ))
 	$(MAKE) --no-print-directory goldens
 	$(MAKE) --no-print-directory validate-deploy
+	$(MAKE) --no-print-directory clippy
 
 loadtest: build-release
 	$(CARGO) run --release -p ditfleet-tests --bin ditfleet-loadtest -- --jobs 5000 --workers 4

@@ -331,9 +331,12 @@ pub fn help_text(groups: &[&[VarDoc]]) -> String {
     s
 }
 
+/// A variable lookup (the process environment, or a map in tests).
+type Lookup<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
+
 /// Reads variables through a lookup function, with typed parsing and errors naming the variable.
 pub struct Env<'a> {
-    lookup: Box<dyn Fn(&str) -> Option<String> + 'a>,
+    lookup: Lookup<'a>,
 }
 
 impl<'a> Env<'a> {
@@ -435,11 +438,11 @@ fn err(var: &str, value: &str, reason: String) -> ConfigError {
 
 /// Hides the password of a URL for logs and errors.
 pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.split_once('@') {
-            let user = userinfo.split(':').next().unwrap_or("");
-            return format!("{scheme}://{user}:***@{host}");
-        }
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, host)) = rest.split_once('@')
+    {
+        let user = userinfo.split(':').next().unwrap_or("");
+        return format!("{scheme}://{user}:***@{host}");
     }
     url.to_string()
 }

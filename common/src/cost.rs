@@ -193,10 +193,10 @@ impl ClassTable {
                 (true, Some(_)) => return Err(format!("the last class {name:?} must have no bound")),
                 _ => {}
             }
-            if let (Some(b), Some((_, Some(prev)))) = (bound, classes.last()) {
-                if b <= *prev {
-                    return Err(format!("bounds must increase: {name:?}={b} is not above {prev}"));
-                }
+            if let (Some(b), Some((_, Some(prev)))) = (bound, classes.last())
+                && b <= *prev
+            {
+                return Err(format!("bounds must increase: {name:?}={b} is not above {prev}"));
             }
             classes.push((name.to_string(), bound));
         }

@@ -301,10 +301,10 @@ impl JobSpec {
                 );
             }
         }
-        if let Some(p) = &self.plan {
-            if let Err(e) = check_plan_syntax(p) {
-                bad("plan", e);
-            }
+        if let Some(p) = &self.plan
+            && let Err(e) = check_plan_syntax(p)
+        {
+            bad("plan", e);
         }
         for (field, v) in [("width", self.width), ("height", self.height)] {
             if !(MIN_SIDE..=MAX_SIDE).contains(&v) || v % 16 != 0 {
@@ -314,37 +314,37 @@ impl JobSpec {
                 );
             }
         }
-        if let Some(s) = self.steps {
-            if !(1..=MAX_STEPS).contains(&s) {
-                bad("steps", format!("must be between 1 and {MAX_STEPS}, got {s}"));
-            }
+        if let Some(s) = self.steps
+            && !(1..=MAX_STEPS).contains(&s)
+        {
+            bad("steps", format!("must be between 1 and {MAX_STEPS}, got {s}"));
         }
-        if let Some(g) = self.guidance {
-            if !g.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&g) {
-                bad(
-                    "guidance",
-                    format!("must be between 0 and {MAX_GUIDANCE}, got {g}"),
-                );
-            }
+        if let Some(g) = self.guidance
+            && (!g.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&g))
+        {
+            bad(
+                "guidance",
+                format!("must be between 0 and {MAX_GUIDANCE}, got {g}"),
+            );
         }
-        if let Some(d) = &self.deadline {
-            if humantime::parse_rfc3339_weak(d).is_err() || !d.contains('T') {
-                bad(
-                    "deadline",
-                    format!(
-                        "must be an RFC 3339 time such as 2026-01-31T12:00:00Z, got {:?}",
-                        truncate(d, 64)
-                    ),
-                );
-            }
+        if let Some(d) = &self.deadline
+            && (humantime::parse_rfc3339_weak(d).is_err() || !d.contains('T'))
+        {
+            bad(
+                "deadline",
+                format!(
+                    "must be an RFC 3339 time such as 2026-01-31T12:00:00Z, got {:?}",
+                    truncate(d, 64)
+                ),
+            );
         }
-        if let Some(r) = &self.reply_to {
-            if r.is_empty() || r.len() > 200 || !charset_ok(r, &['.', '_', '-']) {
-                bad(
-                    "reply_to",
-                    "must be 1-200 characters of [A-Za-z0-9._-] (no wildcards)".into(),
-                );
-            }
+        if let Some(r) = &self.reply_to
+            && (r.is_empty() || r.len() > 200 || !charset_ok(r, &['.', '_', '-']))
+        {
+            bad(
+                "reply_to",
+                "must be 1-200 characters of [A-Za-z0-9._-] (no wildcards)".into(),
+            );
         }
         if self.labels.len() > MAX_LABELS {
             bad(
@@ -712,6 +712,9 @@ mod tests {
         }
     }
 
+    /// An edit that breaks a valid job, and the reason it must produce.
+    type Case = (Box<dyn Fn(&mut JobSpec)>, &'static str);
+
     fn reasons(spec: &JobSpec) -> String {
         spec.validate(&Limits::default()).unwrap_err().to_string()
     }
@@ -731,7 +734,7 @@ mod tests {
 
     #[test]
     fn each_rule_gives_a_precise_reason() {
-        let cases: Vec<(Box<dyn Fn(&mut JobSpec)>, &str)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 Box::new(|s| s.schema_version = 2),
                 "schema_version: unsupported version 2",
@@ -854,7 +857,7 @@ mod tests {
         s.negative_prompt = Some("blurry".into());
         s.plan = Some("cfg=2,ulysses=2".into());
         s.validate(&Limits::default()).unwrap();
-        let cases: Vec<(Box<dyn Fn(&mut JobSpec)>, &str)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 Box::new(|s| s.true_cfg_scale = Some(0.5)),
                 "true_cfg_scale: must be between 1 and 20, got 0.5",

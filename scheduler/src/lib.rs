@@ -435,16 +435,16 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
         Err(e) => return reject(ctx, delivery, &e).await,
     };
     let pin = spec.model_version.as_ref().map(|v| format!("{}@{v}", spec.model));
-    if let Some(mv) = &pin {
-        if !ctx.store.is_known_version(mv).await? {
-            let e = JobError::Invalid(vec![ditfleet_common::job::FieldError {
-                field: Some("model_version"),
-                reason: format!(
-                    "no worker of this fleet has ever held {mv}; load it first (ditfleetctl model load {mv})"
-                ),
-            }]);
-            return reject(ctx, delivery, &e).await;
-        }
+    if let Some(mv) = &pin
+        && !ctx.store.is_known_version(mv).await?
+    {
+        let e = JobError::Invalid(vec![ditfleet_common::job::FieldError {
+            field: Some("model_version"),
+            reason: format!(
+                "no worker of this fleet has ever held {mv}; load it first (ditfleetctl model load {mv})"
+            ),
+        }]);
+        return reject(ctx, delivery, &e).await;
     }
     let steps = spec.steps.unwrap_or_else(|| JobSpec::default_steps(&spec.model));
     let names = ctx.cfg.classes.names();
@@ -478,10 +478,10 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
     if chosen != natural {
         info!(job_id = %spec.job_id, natural = names[natural], class = %class, "class backlogged while a bigger class idles: spilling up");
     }
-    if let Some(deadline) = deadline_ms(spec.deadline.as_deref()) {
-        if deadline < received_ms {
-            return expire(ctx, &spec, &class, cost, submitted_ms).await;
-        }
+    if let Some(deadline) = deadline_ms(spec.deadline.as_deref())
+        && deadline < received_ms
+    {
+        return expire(ctx, &spec, &class, cost, submitted_ms).await;
     }
     let fingerprint = spec.fingerprint();
     let fields = [

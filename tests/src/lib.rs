@@ -600,7 +600,6 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 pub fn metric_value(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines().find_map(|l| {
         l.strip_prefix(name_and_labels)?
-            .trim()
             .split_whitespace()
             .next()?
             .parse()

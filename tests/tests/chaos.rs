@@ -114,13 +114,13 @@ impl PrivateRabbit {
         self.child = Some(child);
         let start = Instant::now();
         while !self.ctl(&["await_startup", "--timeout", "5"]) {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!(
-                        "private RabbitMQ exited ({status}): {}",
-                        std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default()
-                    );
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!(
+                    "private RabbitMQ exited ({status}): {}",
+                    std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default()
+                );
             }
             assert!(
                 start.elapsed() < Duration::from_secs(90),
@@ -416,13 +416,12 @@ async fn chaos_2000_jobs_through_killed_workers_and_restarted_broker_and_redis_l
             if states.contains_key(id) {
                 continue;
             }
-            if let Ok(h) = fleet.store.get(id).await {
-                if h.get("state")
+            if let Ok(h) = fleet.store.get(id).await
+                && h.get("state")
                     .and_then(|s| s.parse::<JobState>().ok())
                     .is_some_and(|s| s.is_terminal())
-                {
-                    states.insert(id.clone(), h);
-                }
+            {
+                states.insert(id.clone(), h);
             }
         }
         if states.len() == ids.len() || Instant::now() > deadline {
@@ -434,14 +433,14 @@ async fn chaos_2000_jobs_through_killed_workers_and_restarted_broker_and_redis_l
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Drained worker exited 0.
-    if let Some(id) = &drained {
-        if let Some((_, p)) = sup.procs.iter_mut().find(|(n, _)| n == id) {
-            assert_eq!(
-                p.wait_exit(Duration::from_secs(30)),
-                Some(Some(0)),
-                "drained worker {id} exits 0"
-            );
-        }
+    if let Some(id) = &drained
+        && let Some((_, p)) = sup.procs.iter_mut().find(|(n, _)| n == id)
+    {
+        assert_eq!(
+            p.wait_exit(Duration::from_secs(30)),
+            Some(Some(0)),
+            "drained worker {id} exits 0"
+        );
     }
 
     // A job's state turns terminal before its event is out: a redelivered copy may still be

@@ -210,7 +210,7 @@ async fn every_invalid_job_is_recorded_failed_with_its_reason_and_dead_lettered(
     for (id, body, expected) in &cases {
         let d = dead
             .iter()
-            .find(|d| &d.2 == body.as_bytes())
+            .find(|d| d.2 == body.as_bytes())
             .unwrap_or_else(|| panic!("{id} not in the DLQ"));
         assert!(d.1.contains(expected), "DLQ reason of {id}: {:?}", d.1);
     }
@@ -439,7 +439,7 @@ async fn cancel_stops_queued_and_running_jobs() {
     let q = fleet.store.get("c-queued").await.unwrap();
     assert_eq!(q["state"], "cancelled");
     assert!(
-        q.get("started_ms").is_none(),
+        !q.contains_key("started_ms"),
         "the cancelled queued job never started: {q:?}"
     );
     assert_eq!(

@@ -10,10 +10,10 @@ const T: Duration = Duration::from_secs(60);
 async fn wait_http(port: u16, path: &str, want: u16) -> String {
     let start = Instant::now();
     loop {
-        if let Some((code, body)) = http_get(port, path) {
-            if code == want {
-                return body;
-            }
+        if let Some((code, body)) = http_get(port, path)
+            && code == want
+        {
+            return body;
         }
         assert!(start.elapsed() < T, "GET :{port}{path} never answered {want}");
         tokio::time::sleep(Duration::from_millis(100)).await;
