@@ -323,10 +323,13 @@ impl Engine for ResilientParallel {
                 // still applies if this fails too). A plan the job named may no longer fit:
                 // then it runs on what the engine would choose now.
                 let mut retry = request.clone();
-                if self.plan_for(&retry).is_err() {
-                    retry.plan = None;
-                }
-                let plan = self.plan_for(&retry)?;
+                let plan = match self.plan_for(&retry) {
+                    Ok(p) => p,
+                    Err(_) => {
+                        retry.plan = None;
+                        self.plan_for(&retry)?
+                    }
+                };
                 self.set_plan(plan)?;
                 retry.plan = None;
                 self.inner.as_mut().expect("rebuilt").generate(&retry, on_step)
