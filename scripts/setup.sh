@@ -68,6 +68,13 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.spl
   log "installing torch==$want_torch into .venv (about 4.6 GB with its CUDA libraries; a few minutes on first run)"
   .venv/bin/pip install -q --disable-pip-version-check "torch==$want_torch"
 fi
+# The engine's ATen shim (worker/engine/csrc) includes CUDA headers; the torch wheel ships
+# cuda_runtime_api.h but not the crt/ headers it includes (166 kB wheel).
+want_crt=13.0.88
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('nvidia-cuda-crt') == '$want_crt' else 1)" 2>/dev/null; then
+  log "installing nvidia-cuda-crt==$want_crt into .venv (CUDA headers for the engine's shim)"
+  .venv/bin/pip install -q --disable-pip-version-check "nvidia-cuda-crt==$want_crt"
+fi
 # --- test helpers: S3-compatible server (moto) and openssl ------------------------------------
 want_moto=5.2.1
 if ! .test-venv/bin/python -c "import moto, sys; sys.exit(0 if moto.__version__ == '$want_moto' else 1)" 2>/dev/null \

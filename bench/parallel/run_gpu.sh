@@ -4,7 +4,9 @@
 # wheels), .bench (copy of ../shared/bench). Writes JSONL/logs under $OUT; prints a table last.
 #   bash bench/parallel/run_gpu.sh [ours|peers|all|diag] (default all)
 # Env: DEVICES (default 0,1; any count: 0,1,2,3 or 0,...,7), SIZES (default "1024 2048"),
-#      PLANS (default all: single + every valid plan over DEVICES), PEER_STAGES (default "x1 x2 x2c").
+#      PLANS (default all: single + every valid plan over DEVICES), PEER_STAGES (default "x1 x2 x2c";
+#      any xN / xNc with the carried .bench), SKIP_TRUECFG=1, GRAPHS_AB="plan;plan" (those plans
+#      again with DITFLEET_CUDA_GRAPHS=off at GRAPHS_AB_SIZES, default 1024).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -58,8 +60,17 @@ if [ "$WHAT" != peers ] && [ "$WHAT" != done ]; then
     run "ours_$s" ${SIZE_TIMEOUT:-240} --size "$s" --steps ${STEPS:-28} --runs $runs --devices "$DEVICES" \
       --plans "${PLANS:-all}"
   done
-  run ours_truecfg_1024 150 --size 1024 --steps ${STEPS:-28} --runs 1 --true-cfg --devices "$DEVICES" \
-    --plans "${PLANS_TRUECFG:-all}"
+  if [ "${SKIP_TRUECFG:-0}" != 1 ]; then
+    run ours_truecfg_1024 150 --size 1024 --steps ${STEPS:-28} --runs 1 --true-cfg --devices "$DEVICES" \
+      --plans "${PLANS_TRUECFG:-all}"
+  fi
+  if [ -n "${GRAPHS_AB:-}" ]; then
+    # The same plans with CUDA graphs off (eager launches), for the A/B in docs/parallel.md.
+    for s in ${GRAPHS_AB_SIZES:-1024}; do
+      DITFLEET_CUDA_GRAPHS=off run "eager_$s" ${SIZE_TIMEOUT:-240} --size "$s" --steps ${STEPS:-28} --runs 1 \
+        --devices "$DEVICES" --plans "$GRAPHS_AB"
+    done
+  fi
 fi
 if [ "$WHAT" != ours ] && [ "$WHAT" != done ]; then
   OUT=$OUT/peers BUDGET_S=${PEER_BUDGET_S:-330} bash .bench/run_flux_baselines.sh ${PEER_STAGES:-x1 x2 x2c} \

@@ -5,6 +5,7 @@
 //! [`Engine`]; today that is the [`simulated::SimulatedEngine`] (for fleet load and chaos tests)
 //! and the Flux.1 pipeline.
 
+pub mod aten;
 pub mod checkpoint;
 pub mod error;
 pub mod flux;

@@ -130,6 +130,7 @@ fn parallel(p: &Pipeline, req: &GenerateRequest, plan: Plan) -> Tensor {
                     device: Device::Cpu,
                     kind: Kind::Float,
                     fault_at: None,
+                    graphs: None,
                 };
                 denoise_rank(&ctx, &req, &cond, &gate, None)
             })

@@ -200,6 +200,15 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// Another handle on the same tables (no copy).
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            cos: self.cos.shallow_clone(),
+            sin: self.sin.shallow_clone(),
+            freqs: self.freqs.shallow_clone(),
+        }
+    }
+
     /// `ids`: `(seq, n_axes)` positions (text: zeros; image: (0, row, col)).
     pub fn new(ids: &Tensor, axes_dim: &[i64], theta: f64) -> Res<Self> {
         let ids = ids.f_to_kind(Kind::Float)?; // f64 would match the references' fp64 on CPU only

@@ -10,7 +10,7 @@
 use tch::{Kind, Tensor};
 
 use super::comm::{CommResult, Communicator, balanced_split};
-use crate::flux::layers::Res;
+use crate::flux::layers::{Res, sdpa};
 use crate::flux::transformer::JointAttention;
 
 /// How the text tokens are laid out over the ranks of a sequence-parallel group.
@@ -172,7 +172,9 @@ impl UspAttention<'_> {
     fn ring_attend(&self, q: &Tensor, kv: &Tensor, t: i64) -> CommResult<Tensor> {
         let r = self.ring.size();
         if r == 1 {
-            return Ok(attention_with_lse(q, &kv.f_get(0)?, &kv.f_get(1)?)?.0);
+            // Pure Ulysses: every key is here, no log-sum-exp needed, so libtorch's SDPA picks its
+            // fastest kernel (cuDNN on H100/H200).
+            return Ok(sdpa(q, &kv.f_get(0)?, &kv.f_get(1)?, None, false, None)?);
         }
         let me = self.ring.rank();
         let u = self.ulysses.size();
@@ -250,35 +252,24 @@ impl JointAttention for UspAttention<'_> {
 }
 
 /// Attention output `(b, h, Lq, d)` (q's kind) and the log-sum-exp of each query's scores
-/// `(b, h, Lq)` (fp32), from libtorch's fused kernels: the memory-efficient kernel on CUDA
-/// (`_scaled_dot_product_efficient_attention`, the one with a log-sum-exp output that tch
-/// exposes) and the flash kernel on CPU.
+/// `(b, h, Lq)` (fp32), from libtorch's fused kernels: on CUDA the fastest one that returns a
+/// log-sum-exp (cuDNN, flash, memory-efficient; [`crate::aten::attention_lse`]), on CPU the flash
+/// kernel.
 pub fn attention_with_lse(q: &Tensor, k: &Tensor, v: &Tensor) -> Res<(Tensor, Tensor)> {
+    if q.device().is_cuda() {
+        let (o, lse, _) = crate::aten::attention_lse(q, k, v)?;
+        return Ok((o, lse));
+    }
     let lq = q.size()[2];
-    let (o, lse) = if q.device().is_cuda() {
-        let (o, lse, _, _) = Tensor::f_internal_scaled_dot_product_efficient_attention(
-            q,
-            k,
-            v,
-            None::<Tensor>,
-            true,
-            0.0,
-            false,
-            None,
-        )?;
-        (o, lse)
-    } else {
-        Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(
-            q,
-            k,
-            v,
-            0.0,
-            false,
-            None::<Tensor>,
-            None,
-        )?
-    };
-    // The CUDA kernel pads the log-sum-exp's sequence dim to a multiple of 32.
+    let (o, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(
+        q,
+        k,
+        v,
+        0.0,
+        false,
+        None::<Tensor>,
+        None,
+    )?;
     Ok((o, lse.f_narrow(2, 0, lq)?.f_to_kind(Kind::Float)?))
 }
 
@@ -299,7 +290,6 @@ mod tests {
     use tch::Device;
 
     use super::*;
-    use crate::flux::layers::sdpa;
     use crate::parallel::threads::ThreadComm;
 
     /// Full-sequence reference vs every (u, r, text mode) on 4 or fewer ranks: each rank's output

@@ -5,6 +5,7 @@
 //! - [`threads`]: the in-process backend (CPU tensors; every strategy runs in CI);
 //! - [`nccl`]: the GPU backend (one thread per GPU, NCCL through cudarc);
 //! - [`attention`]: exact sequence parallelism of Flux's joint attention: Ulysses, Ring, USP;
+//! - [`graphs`]: CUDA graphs of a rank's step (one launch instead of ~1,500 per step);
 //! - [`pipefusion`]: PipeFusion (stages of blocks, patches of the image, one-step-stale K/V;
 //!   approximate after its warm-up steps);
 //! - [`plan`]: the degrees of a plan, parsing and validation;
@@ -17,6 +18,7 @@
 pub mod attention;
 pub mod autotune;
 pub mod comm;
+pub mod graphs;
 pub mod nccl;
 pub mod pipefusion;
 pub mod plan;

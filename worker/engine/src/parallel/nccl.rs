@@ -1,9 +1,10 @@
 //! NCCL backend (through `cudarc`, NCCL loaded at run time): one process per node, one thread
 //! per GPU, a communicator per (group, GPU).
 //!
-//! Collectives are enqueued on the legacy default CUDA stream, the stream libtorch computes on
-//! unless told otherwise, so kernels before and after a collective are ordered with it without
-//! extra synchronisation. Tensors are passed by their `data_ptr()`; every buffer is contiguous and
+//! Collectives are ordered with libtorch's current CUDA stream (the legacy default stream, or the
+//! capture stream while a CUDA graph of a step is captured): on a side stream joined to it by
+//! events (default), or on it directly, so kernels before and after a collective are ordered
+//! with it. Tensors are passed by their `data_ptr()`; every buffer is contiguous and
 //! stays alive (owned by the caller or returned) until the stream has consumed it, which the
 //! caching allocator guarantees for tensors freed after enqueueing work on the same stream.
 //!
@@ -50,7 +51,7 @@ fn dtype(kind: Kind, op: &'static str) -> CommResult<sys::ncclDataType_t> {
     })
 }
 
-/// Where NCCL kernels run: `legacy` = the legacy default stream libtorch computes on; `side`
+/// Where NCCL kernels run: `legacy` = libtorch's current stream (the one it computes on); `side`
 /// (default) = a stream of the communicator's own, ordered with the compute stream by events
 /// (compute -> collective -> compute). On the legacy stream the host blocks in NCCL calls until
 /// the GPU catches up, so host launches and GPU work serialise per collective.
@@ -288,14 +289,28 @@ impl NcclComm {
         op: &'static str,
         enqueue: impl FnOnce(sys::cudaStream_t) -> CommResult<()>,
     ) -> CommResult<()> {
+        let r = self.rank;
+        // libtorch's current stream on this device: the legacy default stream, or the capture
+        // stream while a CUDA graph of the step is being captured.
+        let ordinal = match self.device {
+            Device::Cuda(i) => i,
+            _ => 0,
+        };
+        let compute: cudarc::driver::sys::CUstream = crate::aten::current_stream(ordinal)
+            .map_err(|e| CommError::Backend {
+                backend: "CUDA",
+                op,
+                rank: r,
+                message: e.to_string(),
+            })?
+            .cast();
         if !use_side_stream() {
-            return enqueue(std::ptr::null_mut());
+            return enqueue(compute as sys::cudaStream_t);
         }
         use cudarc::driver::result::{event, stream};
         use cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
         let side = self.side()?;
-        let legacy = std::ptr::null_mut();
-        let r = self.rank;
+        let legacy = compute;
         // SAFETY: the stream and events were created on this thread's current context (the
         // rank's device) and live as long as `self`.
         unsafe {

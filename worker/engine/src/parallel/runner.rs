@@ -8,6 +8,7 @@
 //! with a patch-parallel plan (the default when a sequence spans several ranks), as bands of
 //! rows on every rank of the first CFG branch ([`decode_bands`]).
 
+use std::cell::RefCell;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -16,12 +17,13 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::attention::{SeqLayout, UspAttention};
+use super::graphs::{self, GraphCache, StepKey};
 use super::comm::{CommError, CommFactory, Communicator, Mesh, RankComms, balanced_split};
 use super::plan::Plan;
 use super::vae::decode_patch_parallel;
 use crate::flux::pipeline::{LoopInputs, device_name, sync_on, to_rgb8, true_cfg};
 use crate::flux::sampling::{self, SchedulerConfig};
-use crate::flux::transformer::{Flux, Part};
+use crate::flux::transformer::{Flux, Part, Rope};
 use crate::flux::vae::Decoder;
 use crate::flux::{Pipeline, layers::Res};
 use crate::{
@@ -135,6 +137,8 @@ pub struct RankCtx<'a> {
     pub kind: Kind,
     /// Fault injection (tests, drills): this rank fails with a device error at this step.
     pub fault_at: Option<u32>,
+    /// This rank's CUDA graphs of the step (sequence/CFG-parallel plans on CUDA devices).
+    pub graphs: Option<&'a RefCell<GraphCache>>,
 }
 
 /// One rank's denoising loop. Returns the full packed latents `(1, img_seq, 64)` on world rank
@@ -200,14 +204,29 @@ fn denoise_gathered(
         ring: ctx.comms.ring.as_ref(),
         layout: &layout,
     };
+    let eager = |x: &Tensor, txt: &Tensor, vec: &Tensor, pe: &Rope| ctx.flux.forward_with(x, txt, vec, pe, &op);
+    let graph = match (ctx.graphs, ctx.device) {
+        (Some(cache), Device::Cuda(ordinal)) if graphs::enabled(ctx.device) => Some((cache, ordinal)),
+        _ => None,
+    };
+    let key = StepKey {
+        txt: (ts, tl),
+        img: (is, il),
+        txt_len,
+        latent_hw: (lh, lw),
+    };
+    let forward = |x: &Tensor, txt: &Tensor, vec: &Tensor| -> Result<Tensor, EngineError> {
+        Ok(match graph {
+            Some((cache, ordinal)) => cache.borrow_mut().step(ordinal, &key, x, txt, vec, &pe, &eager)?,
+            None => eager(x, txt, vec, &pe)?,
+        })
+    };
     let start = Instant::now();
     for i in 0..inputs.steps {
         let step_start = Instant::now();
-        let mut v = ctx.flux.forward_with(&x, &txt, &inputs.vec(i)?, &pe, &op)?;
+        let mut v = forward(&x, &txt, &inputs.vec(i)?)?;
         if let (Some(nt), Some(nv)) = (&neg_txt, &inputs.neg_vecs) {
-            let vn = ctx
-                .flux
-                .forward_with(&x, nt, &nv.f_narrow(0, i as i64, 1)?, &pe, &op)?;
+            let vn = forward(&x, nt, &nv.f_narrow(0, i as i64, 1)?)?;
             v = true_cfg(&v, &vn, request.true_cfg_scale)?;
         }
         if mesh.cfg == 2 {
@@ -638,7 +657,16 @@ impl ParallelPipeline {
     ) -> Result<Vec<GeneratedImage>, EngineError> {
         let mut out = Vec::with_capacity(requests.len());
         for round in requests.chunks(self.plan.dp) {
-            out.extend(self.run_round(round, on_step)?);
+            match self.run_round(round, on_step) {
+                Ok(images) => out.extend(images),
+                // A CUDA graph capture failed (before the first step was reported): graphs are
+                // off now; run the round again eagerly on rebuilt communicators.
+                Err(e) if graphs::take_capture_failure() => {
+                    tracing::warn!(error = %e, plan = %self.plan, "rerunning the job without CUDA graphs");
+                    out.extend(self.run_round(round, on_step)?);
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }
@@ -784,6 +812,8 @@ impl RankModel {
 /// `RankComms::rank` restarts at 0 in every data-parallel group).
 fn rank_loop(node_rank: usize, model: RankModel, spec: GroupSpec, rx: Receiver<Cmd>) {
     let mut comms: Option<Box<RankComms>> = None;
+    // Captured steps use the communicators: emptied before those change or go.
+    let graphs = RefCell::new(GraphCache::default());
     if let Device::Cuda(i) = model.device()
         && let Err(e) = super::nccl::bind_thread_to_device(i)
     {
@@ -791,9 +821,13 @@ fn rank_loop(node_rank: usize, model: RankModel, spec: GroupSpec, rx: Receiver<C
     }
     while let Ok(cmd) = rx.recv() {
         match cmd {
-            Cmd::SetComms(c) => comms = Some(c),
+            Cmd::SetComms(c) => {
+                graphs.borrow_mut().clear();
+                comms = Some(c);
+            }
             Cmd::Stop(back) => {
-                // Communicators go first (NCCL handles before the model's memory).
+                // Graphs, then communicators (NCCL handles before the model's memory).
+                graphs.borrow_mut().clear();
                 drop(comms.take());
                 let _ = back.send(model);
                 return;
@@ -809,9 +843,11 @@ fn rank_loop(node_rank: usize, model: RankModel, spec: GroupSpec, rx: Receiver<C
                     let _ = done.send((node_rank, Err(rank_gone(node_rank))));
                     continue;
                 };
-                let r = run_rank(&model, &spec, c, &request, &gate, events.as_ref(), fault_at);
+                let r = run_rank(&model, &spec, c, &request, &gate, events.as_ref(), fault_at, &graphs);
                 if r.is_err() {
-                    // Release the peers blocked in collectives and the gate.
+                    // Release the peers blocked in collectives and the gate; the graphs captured
+                    // collectives of the communicators being aborted.
+                    graphs.borrow_mut().clear();
                     c.abort();
                     gate.abort();
                 }
@@ -829,6 +865,7 @@ fn run_rank(
     gate: &StepGate,
     events: Option<&Sender<StepEvent>>,
     fault_at: Option<u32>,
+    graphs: &RefCell<GraphCache>,
 ) -> Result<RankOutput, EngineError> {
     let _guard = tch::no_grad_guard();
     let with_neg = request.true_cfg();
@@ -865,6 +902,7 @@ fn run_rank(
         device,
         kind: spec.kind,
         fault_at,
+        graphs: Some(graphs),
     };
     let t1 = Instant::now();
     let latents = denoise_gathered(&ctx, request, &cond, gate, events)?;
