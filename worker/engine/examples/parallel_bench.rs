@@ -306,6 +306,7 @@ fn main() -> Result<()> {
             "step_ms_min": step_ms.iter().cloned().fold(f64::INFINITY, f64::min),
             "host_ms_median": median(host_ms),
             "cuda_graphs": std::env::var("DITFLEET_CUDA_GRAPHS").unwrap_or_else(|_| "on".into()),
+            "attn_lse_calls_cudnn_flash_efficient": ditfleet_engine::aten::attention_lse_calls(),
             "loop_s": t.denoise_ms / 1e3,
             "encode_s": t.encode_ms / 1e3,
             "decode_s": t.decode_ms / 1e3,

@@ -7,6 +7,7 @@
 #![allow(unsafe_code)] // FFI to the shim: every unsafe block states what it relies on.
 
 use std::ffi::{CStr, c_char, c_int, c_void};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tch::{TchError, Tensor};
 
@@ -91,7 +92,16 @@ pub fn attention_lse(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tens
         2 => AttnBackend::Flash,
         _ => AttnBackend::MemEfficient,
     };
+    CALLS[b as usize].fetch_add(1, Ordering::Relaxed);
     Ok((o, l, b))
+}
+
+static CALLS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+/// How many [`attention_lse`] calls each kernel served in this process: `[cuDNN, flash,
+/// memory-efficient]` (the bench reports which one Ring attention really ran on).
+pub fn attention_lse_calls() -> [u64; 3] {
+    [0, 1, 2].map(|i| CALLS[i].load(Ordering::Relaxed))
 }
 
 /// Whether this build has the CUDA parts of the shim (streams, graphs).

@@ -17,8 +17,9 @@
 //! go (see `runner::rank_loop`). A capture that fails disables graphs for the process
 //! ([`take_capture_failure`] lets the driver rerun the job eagerly on rebuilt communicators).
 //!
-//! `DITFLEET_CUDA_GRAPHS=on|off` (default `on`), `DITFLEET_CUDA_GRAPHS_MAX` graphs kept per rank
-//! (default 2; each holds its own activation memory pool).
+//! `DITFLEET_CUDA_GRAPHS=on|all|off` (default `on`: plans without Ring; `all`: Ring plans too),
+//! `DITFLEET_CUDA_GRAPHS_MAX` graphs kept per rank (default 2; each holds its own activation
+//! memory pool).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,13 +33,34 @@ use crate::flux::transformer::Rope;
 static DISABLED: AtomicBool = AtomicBool::new(false);
 static FAILED: AtomicBool = AtomicBool::new(false);
 
-/// Whether steps of multi-GPU plans on `device` run as CUDA graphs.
-pub fn enabled(device: Device) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| {
-        std::env::var("DITFLEET_CUDA_GRAPHS").map_or(true, |v| !matches!(v.as_str(), "off" | "0" | "false"))
-    });
-    on && device.is_cuda() && crate::aten::has_cuda() && !DISABLED.load(Ordering::SeqCst)
+/// `DITFLEET_CUDA_GRAPHS`: `on` (default: plans without Ring), `all` (Ring too), `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Off,
+    NoRing,
+    All,
+}
+
+fn mode() -> Mode {
+    static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("DITFLEET_CUDA_GRAPHS").as_deref() {
+        Ok("off" | "0" | "false") => Mode::Off,
+        Ok("all") => Mode::All,
+        _ => Mode::NoRing,
+    })
+}
+
+/// Whether the steps of a multi-GPU plan with Ring degree `ring` run as CUDA graphs on `device`.
+/// Ring plans stay eager by default: on 4 H200s their graphs were slower than eager launches
+/// (ring=4 at 1024²: 87.8 vs 80.5 ms/step, bench/parallel/results/h200x4-run1).
+pub fn enabled(device: Device, ring: usize) -> bool {
+    let m = mode();
+    let plan_ok = match m {
+        Mode::Off => false,
+        Mode::NoRing => ring == 1,
+        Mode::All => true,
+    };
+    plan_ok && device.is_cuda() && crate::aten::has_cuda() && !DISABLED.load(Ordering::SeqCst)
 }
 
 /// True once after a capture failed (graphs are off from then on): the caller reruns the job.

@@ -206,7 +206,7 @@ fn denoise_gathered(
     };
     let eager = |x: &Tensor, txt: &Tensor, vec: &Tensor, pe: &Rope| ctx.flux.forward_with(x, txt, vec, pe, &op);
     let graph = match (ctx.graphs, ctx.device) {
-        (Some(cache), Device::Cuda(ordinal)) if graphs::enabled(ctx.device) => Some((cache, ordinal)),
+        (Some(cache), Device::Cuda(ordinal)) if graphs::enabled(ctx.device, mesh.ring) => Some((cache, ordinal)),
         _ => None,
     };
     let key = StepKey {
