@@ -224,6 +224,16 @@ pub const WORKER_VARS: &[VarDoc] = &[
         help: "with DITFLEET_PLAN=auto: image sizes the plans are measured at; a job runs the fastest plan of the nearest size",
     },
     VarDoc {
+        name: "DITFLEET_CUDA_GRAPHS",
+        default: "on",
+        help: "multi-GPU Flux plans: on = each rank's step runs as a CUDA graph (plans without Ring), all = Ring plans too, off = eager launches (docs/parallel.md)",
+    },
+    VarDoc {
+        name: "DITFLEET_CUDA_GRAPHS_MAX",
+        default: "2",
+        help: "CUDA graphs kept per GPU (one per image size; each holds one forward's activations)",
+    },
+    VarDoc {
         name: "DITFLEET_FAULT_GPU",
         default: "",
         help: "fault injection for GPU-isolation drills: <slot>:<step> makes the device in that slot of DITFLEET_DEVICES fail at that step (with DITFLEET_PLAN)",

@@ -207,6 +207,14 @@ fn timed(engine: &mut dyn Engine, req: &GenerateRequest, runs: usize) -> Result<
 }
 
 fn main() -> Result<()> {
+    // Engine logs (plan changes, graph captures, aborts, quarantines) on stderr; RUST_LOG overrides.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let a = parse()?;
     let _guard = tch::no_grad_guard();
     let version = nccl::check_single_nccl().map_err(anyhow::Error::msg);

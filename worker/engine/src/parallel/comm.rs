@@ -96,6 +96,12 @@ pub trait Communicator: Send {
     /// Aborts the group: pending and later collectives on every member fail with
     /// [`CommError::Aborted`] instead of hanging (used when a GPU fails mid-job).
     fn abort(&self);
+
+    /// Whether [`Communicator::abort`] was called on any member (work captured in a CUDA graph
+    /// checks it before a replay: a replay does not pass through the communicator).
+    fn is_aborted(&self) -> bool {
+        false
+    }
 }
 
 /// Creates groups for a set of global ranks (one device per global rank).
@@ -256,6 +262,13 @@ impl RankComms {
                 }
             })
             .collect())
+    }
+
+    /// Whether any group this rank belongs to was aborted.
+    pub fn is_aborted(&self) -> bool {
+        [&self.world, &self.ulysses, &self.ring, &self.sp, &self.cfg]
+            .iter()
+            .any(|c| c.is_aborted())
     }
 
     /// Aborts every group this rank belongs to.

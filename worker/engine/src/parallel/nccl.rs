@@ -156,20 +156,87 @@ struct RawComm(sys::ncclComm_t);
 // each `NcclComm` is owned by exactly one rank thread, and the group's abort path only calls
 // `ncclCommAbort`, which NCCL documents as callable from another thread to release a hung comm.
 unsafe impl Send for RawComm {}
+// SAFETY: shared only as a pointer value inside `Group`; every NCCL call on it happens under the
+// member's lock in `Group::calls` (or is the abort of a member stuck in a call, see there).
+unsafe impl Sync for RawComm {}
 
 /// State shared by the members of a group created in this process.
 struct Group {
     aborted: AtomicBool,
-    /// Every member's handle, for aborting them all at once.
-    comms: Mutex<Vec<RawComm>>,
+    /// Every member's handle (fixed at creation).
+    handles: Vec<RawComm>,
+    /// One lock per member: the member's thread holds it while it is inside an NCCL call, and
+    /// [`Group::abort_all`] takes it before aborting that member's handle, so an abort from a
+    /// failing rank's thread does not race a peer's in-flight NCCL call on the same communicator
+    /// (NCCL communicators are not thread-safe). The flag: the handle was released (aborted or
+    /// destroyed), so nobody calls NCCL on it again.
+    calls: Vec<Mutex<bool>>,
 }
+
+/// How long an abort waits for a member to leave an NCCL call before aborting it anyway (a call
+/// blocked on a dead peer is exactly what `ncclCommAbort` exists to release).
+const ABORT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Group {
     fn new(comms: Vec<RawComm>) -> Arc<Self> {
         Arc::new(Self {
             aborted: AtomicBool::new(false),
-            comms: Mutex::new(comms),
+            calls: comms.iter().map(|_| Mutex::new(false)).collect(),
+            handles: comms,
         })
+    }
+
+    /// Aborts every member's handle, each once, after `aborted` was set by the caller (so no
+    /// member starts another NCCL call on it). Each handle is aborted on a thread of its own and
+    /// this returns without waiting: `ncclCommAbort` first raises the communicator's abort flag
+    /// (which releases its kernels) and then frees its resources, which waits for the device to
+    /// go idle. A rank belongs to several groups (world, sp, ulysses, ring, cfg) and a dead peer
+    /// leaves a kernel of any one of them spinning; aborting them one after the other from one
+    /// thread deadlocks as soon as the first abort's cleanup waits for a device whose kernel
+    /// belongs to a later group (seen on nvidia-h200-x4: bench/parallel/results/h200x4-drill1).
+    fn abort_all(self: &Arc<Self>, by_rank: usize) {
+        for i in 0..self.handles.len() {
+            let group = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("nccl-abort-{i}"))
+                .spawn(move || group.abort_member(i, by_rank));
+            if let Err(e) = spawned {
+                tracing::warn!(by_rank, member = i, error = %e, "no thread for the abort: aborting inline");
+                self.abort_member(i, by_rank);
+            }
+        }
+    }
+
+    fn abort_member(&self, i: usize, by_rank: usize) {
+        let (lock, c) = (&self.calls[i], self.handles[i]);
+        let deadline = std::time::Instant::now() + ABORT_LOCK_WAIT;
+        let mut guard = loop {
+            match lock.try_lock() {
+                Ok(g) => break Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => break Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    tracing::warn!(by_rank, member = i, "member still inside an NCCL call: aborting it anyway");
+                    break None;
+                }
+            }
+        };
+        if let Some(g) = guard.as_mut() {
+            if **g {
+                return; // already released by its owner's Drop
+            }
+            **g = true;
+        }
+        // SAFETY: not released yet (checked under the lock, which is held through the abort so
+        // the owner's Drop waits) and marked released, so aborted once. A member still inside a
+        // call after the wait is blocked on a dead peer (its owner cannot be dropping it), which
+        // ncclCommAbort is documented to release from another thread.
+        match unsafe { nccl::comm_abort(c.0) } {
+            Ok(_) => tracing::info!(by_rank, member = i, "NCCL communicator aborted"),
+            Err(e) => tracing::warn!(by_rank, member = i, error = ?e.0, "ncclCommAbort failed"),
+        }
     }
 }
 
@@ -181,6 +248,8 @@ pub struct NcclComm {
     device: Device,
     /// Shared by the members of the group: [`Communicator::abort`] on any of them aborts all.
     group: Arc<Group>,
+    /// This communicator's index in `group`'s handles and locks.
+    member: usize,
     /// Created on first use, on the owning (rank) thread with the rank's device current.
     side: std::cell::OnceCell<SideStream>,
 }
@@ -212,6 +281,7 @@ impl NcclComm {
                 size: n,
                 device: Device::Cuda(d as usize),
                 group: group.clone(),
+                member: rank,
                 side: std::cell::OnceCell::new(),
             })
             .collect())
@@ -242,6 +312,7 @@ impl NcclComm {
             device: Device::Cuda(device as usize),
             // Members in other processes see the abort through NCCL's own error propagation.
             group: Group::new(vec![RawComm(raw)]),
+            member: 0,
             side: std::cell::OnceCell::new(),
         })
     }
@@ -289,6 +360,13 @@ impl NcclComm {
         op: &'static str,
         enqueue: impl FnOnce(sys::cudaStream_t) -> CommResult<()>,
     ) -> CommResult<()> {
+        // Held for the whole call: an abort from another rank's thread waits for it (see
+        // `Group::calls`); checked again under the lock so no call starts after an abort.
+        let in_call = self.group.calls[self.member].lock().unwrap_or_else(|p| p.into_inner());
+        self.check()?;
+        if *in_call {
+            return Err(CommError::Aborted { backend: BACKEND });
+        }
         let r = self.rank;
         // libtorch's current stream on this device: the legacy default stream, or the capture
         // stream while a CUDA graph of the step is being captured.
@@ -370,6 +448,10 @@ impl NcclComm {
 impl Communicator for NcclComm {
     fn rank(&self) -> usize {
         self.rank
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.group.aborted.load(Ordering::SeqCst)
     }
 
     fn size(&self) -> usize {
@@ -540,26 +622,29 @@ impl Communicator for NcclComm {
             return;
         }
         tracing::warn!(rank = self.rank, size = self.size, "aborting NCCL group");
-        let comms = std::mem::take(&mut *self.group.comms.lock().unwrap_or_else(|p| p.into_inner()));
-        for c in comms {
-            // SAFETY: each handle is aborted exactly once (taken out of the group), and Drop
-            // leaves handles of an aborted group alone.
-            if let Err(e) = unsafe { nccl::comm_abort(c.0) } {
-                tracing::warn!(error = ?e.0, "ncclCommAbort failed");
-            }
-        }
+        self.group.abort_all(self.rank);
     }
 }
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        if self.comm.0.is_null() || self.group.aborted.load(Ordering::SeqCst) {
+        let mut released = self.group.calls[self.member].lock().unwrap_or_else(|p| p.into_inner());
+        if self.comm.0.is_null() || *released {
             return;
         }
-        // SAFETY: the handle came from NCCL, the group was not aborted (so it was not released
-        // there), and each member destroys only its own handle, once.
-        if let Err(e) = unsafe { nccl::comm_destroy(self.comm.0) } {
-            tracing::warn!(rank = self.rank, error = ?e.0, "ncclCommDestroy failed");
+        *released = true;
+        let aborted = self.group.aborted.load(Ordering::SeqCst);
+        // SAFETY: the handle came from NCCL and was not released yet (checked and marked under
+        // its lock, which an abort also takes): destroyed or aborted exactly once.
+        let r = unsafe {
+            if aborted {
+                nccl::comm_abort(self.comm.0)
+            } else {
+                nccl::comm_destroy(self.comm.0)
+            }
+        };
+        if let Err(e) = r {
+            tracing::warn!(rank = self.rank, error = ?e.0, "releasing the NCCL communicator failed");
         }
     }
 }

@@ -217,7 +217,14 @@ fn denoise_gathered(
     };
     let forward = |x: &Tensor, txt: &Tensor, vec: &Tensor| -> Result<Tensor, EngineError> {
         Ok(match graph {
-            Some((cache, ordinal)) => cache.borrow_mut().step(ordinal, &key, x, txt, vec, &pe, &eager)?,
+            Some((cache, ordinal)) => {
+                // A replay does not pass through the communicators: stop here once a peer's
+                // failure aborted them (its captured collectives would use released state).
+                if ctx.comms.is_aborted() {
+                    return Err(tch::TchError::from(CommError::Aborted { backend: "NCCL" }).into());
+                }
+                cache.borrow_mut().step(ordinal, &key, x, txt, vec, &pe, &eager)?
+            }
             None => eager(x, txt, vec, &pe)?,
         })
     };
