@@ -864,6 +864,7 @@ fn rank_loop(node_rank: usize, model: RankModel, spec: GroupSpec, rx: Receiver<C
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one rank's whole job: its model, group, request and per-thread state
 fn run_rank(
     model: &RankModel,
     spec: &GroupSpec,
