@@ -23,7 +23,9 @@ fn build_shim() {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/aten_shim.cpp");
     let cuda_include = [
-        std::env::var("CUDA_HOME").ok().map(|h| std::path::PathBuf::from(h).join("include")),
+        std::env::var("CUDA_HOME")
+            .ok()
+            .map(|h| std::path::PathBuf::from(h).join("include")),
         root.parent().map(|sp| sp.join("nvidia/cu13/include")),
         root.parent().map(|sp| sp.join("nvidia/cuda_runtime/include")),
         Some(std::path::PathBuf::from("/usr/local/cuda/include")),
@@ -35,7 +37,9 @@ fn build_shim() {
     if let (true, Some(dir)) = (cuda, cuda_include) {
         build.include(dir).define("DTF_WITH_CUDA", None);
     } else {
-        println!("cargo:warning=ditfleet-engine: no CUDA headers or libc10_cuda; CUDA graphs are not built in");
+        println!(
+            "cargo:warning=ditfleet-engine: no CUDA headers or libc10_cuda; CUDA graphs are not built in"
+        );
     }
     build.compile("ditfleet_aten_shim");
     if cuda {

@@ -115,7 +115,9 @@ pub fn has_cuda() -> bool {
 pub fn current_stream(ordinal: usize) -> Result<*mut c_void, TchError> {
     let mut s: *mut c_void = std::ptr::null_mut();
     // SAFETY: `s` is a valid out-pointer.
-    check("current stream", unsafe { dtf_current_stream(ordinal as c_int, &mut s) })?;
+    check("current stream", unsafe {
+        dtf_current_stream(ordinal as c_int, &mut s)
+    })?;
     Ok(s)
 }
 
@@ -173,7 +175,9 @@ impl CudaGraph {
     pub fn enter(&mut self) -> Result<(), TchError> {
         let (mut prev, mut side) = (std::ptr::null_mut(), std::ptr::null_mut());
         // SAFETY: `raw` is a live graph from `dtf_graph_new`; the out-pointers are valid.
-        check("cuda graph enter", unsafe { dtf_graph_enter(self.raw, &mut prev, &mut side) })?;
+        check("cuda graph enter", unsafe {
+            dtf_graph_enter(self.raw, &mut prev, &mut side)
+        })?;
         self.entered = true;
         self.streams = Some((prev, side));
         order(prev, side)
@@ -227,7 +231,10 @@ mod tests {
     fn the_engine_is_built_with_the_cuda_parts_of_the_shim() {
         // The GPU binaries are built on this kind of machine: without CUDA headers at build time
         // they would silently lose CUDA graphs and the stream-aware NCCL ordering.
-        assert!(has_cuda(), "csrc/aten_shim.cpp was compiled without DTF_WITH_CUDA");
+        assert!(
+            has_cuda(),
+            "csrc/aten_shim.cpp was compiled without DTF_WITH_CUDA"
+        );
     }
 
     #[test]

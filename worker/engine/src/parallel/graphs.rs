@@ -217,7 +217,12 @@ impl GraphCache {
             Ok((g, first)) => {
                 self.entries.push_back((key.clone(), g));
                 self.captures += 1;
-                tracing::info!(ordinal, ?key, graphs = self.entries.len(), "captured a CUDA graph of the step");
+                tracing::info!(
+                    ordinal,
+                    ?key,
+                    graphs = self.entries.len(),
+                    "captured a CUDA graph of the step"
+                );
                 Ok(first)
             }
             Err(e) => {
@@ -225,7 +230,9 @@ impl GraphCache {
                     FAILED.store(true, Ordering::SeqCst);
                 }
                 tracing::warn!(ordinal, error = %e, "CUDA graph capture failed: steps run eagerly from now on");
-                Err(tch::TchError::Torch(format!("CUDA graph capture failed (graphs now off): {e}")))
+                Err(tch::TchError::Torch(format!(
+                    "CUDA graph capture failed (graphs now off): {e}"
+                )))
             }
         }
     }

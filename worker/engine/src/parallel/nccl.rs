@@ -218,7 +218,11 @@ impl Group {
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
                 Err(std::sync::TryLockError::WouldBlock) => {
-                    tracing::warn!(by_rank, member = i, "member still inside an NCCL call: aborting it anyway");
+                    tracing::warn!(
+                        by_rank,
+                        member = i,
+                        "member still inside an NCCL call: aborting it anyway"
+                    );
                     break None;
                 }
             }
@@ -362,7 +366,9 @@ impl NcclComm {
     ) -> CommResult<()> {
         // Held for the whole call: an abort from another rank's thread waits for it (see
         // `Group::calls`); checked again under the lock so no call starts after an abort.
-        let in_call = self.group.calls[self.member].lock().unwrap_or_else(|p| p.into_inner());
+        let in_call = self.group.calls[self.member]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         self.check()?;
         if *in_call {
             return Err(CommError::Aborted { backend: BACKEND });
@@ -628,7 +634,9 @@ impl Communicator for NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        let mut released = self.group.calls[self.member].lock().unwrap_or_else(|p| p.into_inner());
+        let mut released = self.group.calls[self.member]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if self.comm.0.is_null() || *released {
             return;
         }

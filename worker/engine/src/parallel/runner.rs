@@ -17,8 +17,8 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::attention::{SeqLayout, UspAttention};
-use super::graphs::{self, GraphCache, StepKey};
 use super::comm::{CommError, CommFactory, Communicator, Mesh, RankComms, balanced_split};
+use super::graphs::{self, GraphCache, StepKey};
 use super::plan::Plan;
 use super::vae::decode_patch_parallel;
 use crate::flux::pipeline::{LoopInputs, device_name, sync_on, to_rgb8, true_cfg};
@@ -204,9 +204,12 @@ fn denoise_gathered(
         ring: ctx.comms.ring.as_ref(),
         layout: &layout,
     };
-    let eager = |x: &Tensor, txt: &Tensor, vec: &Tensor, pe: &Rope| ctx.flux.forward_with(x, txt, vec, pe, &op);
+    let eager =
+        |x: &Tensor, txt: &Tensor, vec: &Tensor, pe: &Rope| ctx.flux.forward_with(x, txt, vec, pe, &op);
     let graph = match (ctx.graphs, ctx.device) {
-        (Some(cache), Device::Cuda(ordinal)) if graphs::enabled(ctx.device, mesh.ring) => Some((cache, ordinal)),
+        (Some(cache), Device::Cuda(ordinal)) if graphs::enabled(ctx.device, mesh.ring) => {
+            Some((cache, ordinal))
+        }
         _ => None,
     };
     let key = StepKey {
@@ -850,7 +853,16 @@ fn rank_loop(node_rank: usize, model: RankModel, spec: GroupSpec, rx: Receiver<C
                     let _ = done.send((node_rank, Err(rank_gone(node_rank))));
                     continue;
                 };
-                let r = run_rank(&model, &spec, c, &request, &gate, events.as_ref(), fault_at, &graphs);
+                let r = run_rank(
+                    &model,
+                    &spec,
+                    c,
+                    &request,
+                    &gate,
+                    events.as_ref(),
+                    fault_at,
+                    &graphs,
+                );
                 if r.is_err() {
                     // Release the peers blocked in collectives and the gate; the graphs captured
                     // collectives of the communicators being aborted.
