@@ -236,7 +236,12 @@ pub const WORKER_VARS: &[VarDoc] = &[
     VarDoc {
         name: "DITFLEET_FAULT_GPU",
         default: "",
-        help: "fault injection for GPU-isolation drills: <slot>:<step> makes the device in that slot of DITFLEET_DEVICES fail at that step (with DITFLEET_PLAN)",
+        help: "fault injection for GPU-isolation drills: <slot>:<step> makes the device in that slot of DITFLEET_DEVICES fail at that step, <slot>:<step>:hang makes it stop answering there (with DITFLEET_PLAN)",
+    },
+    VarDoc {
+        name: "DITFLEET_STEP_TIMEOUT_S",
+        default: "300",
+        help: "multi-GPU Flux: a job that finishes no step for this long is aborted (a GPU stopped answering); the device NVML reports unhealthy is quarantined",
     },
     VarDoc {
         name: "DITFLEET_DEVICES",
@@ -331,6 +336,20 @@ pub const WORKER_VARS: &[VarDoc] = &[
 ];
 
 /// Renders variable docs for `--help`.
+/// `<slot>:<step>[:hang]` (step >= 1): the device in that slot fails at that step, or with
+/// `hang` stops answering there (see `DITFLEET_FAULT_GPU`).
+fn parse_fault_gpu(v: &str) -> Option<(usize, u32, bool)> {
+    let mut parts = v.split(':').map(str::trim);
+    let slot = parts.next()?.parse().ok()?;
+    let step: u32 = parts.next()?.parse().ok()?;
+    let hang = match parts.next() {
+        None => false,
+        Some("hang") => true,
+        Some(_) => return None,
+    };
+    (step > 0 && parts.next().is_none()).then_some((slot, step, hang))
+}
+
 pub fn help_text(groups: &[&[VarDoc]]) -> String {
     let mut s = String::from("Environment variables:\n");
     for g in groups {
@@ -684,9 +703,9 @@ pub enum EngineChoice {
         plan: Option<String>,
         /// With `plan` `auto`: where the measured plan table is kept and the sizes measured.
         autotune: Autotune,
-        /// Fault injection for isolation tests and drills (`DITFLEET_FAULT_GPU=<slot>:<step>`):
+        /// Fault injection for isolation tests and drills (`DITFLEET_FAULT_GPU=<slot>:<step>[:hang]`):
         /// the device in that slot of `DITFLEET_DEVICES` fails at that step until quarantined.
-        fault_gpu: Option<(usize, u32)>,
+        fault_gpu: Option<(usize, u32, bool)>,
     },
     /// The simulated engine (fleet load and chaos tests).
     Simulated {
@@ -903,18 +922,13 @@ impl WorkerConfig {
                 autotune: Autotune::from_env(env)?,
                 fault_gpu: match env.raw("DITFLEET_FAULT_GPU") {
                     None => None,
-                    Some(v) => Some(
-                        v.split_once(':')
-                            .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
-                            .filter(|(_, step): &(usize, u32)| *step > 0)
-                            .ok_or_else(|| {
-                                err(
-                                    "DITFLEET_FAULT_GPU",
-                                    &v,
-                                    "must be <device slot>:<step>, e.g. 2:3".into(),
-                                )
-                            })?,
-                    ),
+                    Some(v) => Some(parse_fault_gpu(&v).ok_or_else(|| {
+                        err(
+                            "DITFLEET_FAULT_GPU",
+                            &v,
+                            "must be <device slot>:<step>[:hang], e.g. 2:3 or 2:3:hang".into(),
+                        )
+                    })?),
                 },
             },
         };
@@ -1053,11 +1067,19 @@ mod tests {
         assert!(matches!(
             c.engine,
             EngineChoice::Flux {
-                fault_gpu: Some((2, 3)),
+                fault_gpu: Some((2, 3, false)),
                 ..
             }
         ));
-        for bad in ["2", "x:3", "2:0"] {
+        let c = WorkerConfig::from_env(&env(&[("DITFLEET_FAULT_GPU", "1:4:hang")])).unwrap();
+        assert!(matches!(
+            c.engine,
+            EngineChoice::Flux {
+                fault_gpu: Some((1, 4, true)),
+                ..
+            }
+        ));
+        for bad in ["2", "x:3", "2:0", "2:3:melt", "2:3:hang:x"] {
             let e = WorkerConfig::from_env(&env(&[("DITFLEET_FAULT_GPU", bad)])).unwrap_err();
             assert_eq!(e.var, "DITFLEET_FAULT_GPU");
         }

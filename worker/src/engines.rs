@@ -204,7 +204,7 @@ fn parallel(
     plan: &str,
     autotune: &Autotune,
     devices: Option<&[String]>,
-    fault_gpu: Option<(usize, u32)>,
+    fault_gpu: Option<(usize, u32, bool)>,
 ) -> Result<ResilientParallel, EngineError> {
     let auto = plan.trim() == "auto";
     let plan: Plan = if auto {
@@ -257,7 +257,7 @@ fn parallel(
             _ => Box::new(ThreadsFactory::cpu()),
         }
     });
-    let fault = fault_gpu.map(|(slot, step)| InjectedFault { slot, step });
+    let fault = fault_gpu.map(|(slot, step, hang)| InjectedFault { slot, step, hang });
     let model_id = match model_dir {
         Some(d) => d.display().to_string(),
         None => "tiny-random".to_string(),

@@ -39,7 +39,7 @@ struct Args {
     diag: bool,
     /// GPU-isolation drill: `slot:step` — the device in that slot fails at that step; the first
     /// plan runs under `ResilientParallel` twice and the outcome is reported.
-    fault: Option<(usize, u32)>,
+    fault: Option<(usize, u32, bool)>,
 }
 
 fn parse() -> Result<Args> {
@@ -68,8 +68,10 @@ fn parse() -> Result<Args> {
             "--diag" => a.diag = true,
             "--fault" => {
                 let v = val()?;
-                let (x, y) = v.split_once(':').context("--fault slot:step")?;
-                a.fault = Some((x.parse()?, y.parse()?));
+                let mut it = v.split(':');
+                let slot = it.next().context("--fault slot:step[:hang]")?.parse()?;
+                let step = it.next().context("--fault slot:step[:hang]")?.parse()?;
+                a.fault = Some((slot, step, it.next() == Some("hang")));
             }
             "--plans" => {
                 let v = val()?;
@@ -446,7 +448,7 @@ fn diag(a: &Args) -> Result<()> {
 }
 
 /// See [`Args::fault`].
-fn drill(a: &Args, (slot, step): (usize, u32)) -> Result<()> {
+fn drill(a: &Args, (slot, step, hang): (usize, u32, bool)) -> Result<()> {
     use ditfleet_engine::parallel::{InjectedFault, ResilientParallel};
     let seed = a.seed;
     let devices: Vec<Device> = a.devices.iter().map(|d| Device::Cuda(*d as usize)).collect();
@@ -460,7 +462,7 @@ fn drill(a: &Args, (slot, step): (usize, u32)) -> Result<()> {
                 Box::new(NcclFactory::from_devices(devs).expect("--devices are CUDA ordinals"))
             },
         ),
-        Some(InjectedFault { slot, step }),
+        Some(InjectedFault { slot, step, hang }),
     )?;
     let req = request(a, a.steps);
     for job in 1..=2 {

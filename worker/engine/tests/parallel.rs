@@ -660,7 +660,11 @@ fn a_failing_device_is_quarantined_and_the_job_completes_on_the_rest() {
         "ring=4".parse().unwrap(),
         Box::new(|_| Pipeline::tiny_random_with(&config(), 12, 5)),
         Box::new(|_| Box::new(ThreadsFactory::cpu())),
-        Some(InjectedFault { slot: 2, step: 3 }),
+        Some(InjectedFault {
+            slot: 2,
+            step: 3,
+            hang: false,
+        }),
     )
     .unwrap();
     assert_eq!(e.degraded(), None);
@@ -706,7 +710,11 @@ fn ulysses_plans_shrink_to_a_valid_degree_and_a_last_device_serves_alone() {
         "ulysses=4".parse().unwrap(),
         Box::new(|_| Pipeline::tiny_random_with(&config(), 12, 5)),
         Box::new(|_| Box::new(ThreadsFactory::cpu())),
-        Some(InjectedFault { slot: 0, step: 1 }),
+        Some(InjectedFault {
+            slot: 0,
+            step: 1,
+            hang: false,
+        }),
     )
     .unwrap();
     let got = e.generate(&req, &mut |_| Control::Continue).unwrap();
@@ -879,4 +887,46 @@ fn a_request_runs_the_plan_it_names_and_an_impossible_plan_is_refused_with_the_r
         ..request(false)
     };
     one.generate(&req, &mut |_| Control::Continue).unwrap();
+}
+
+/// A device that stops answering (no error from any rank): the step watchdog aborts the groups
+/// after its timeout, the health probe names the device (injected here; NVML on GPUs), the engine
+/// quarantines it, finishes the interrupted job on the other three and serves the next one.
+#[test]
+fn a_hung_device_is_caught_by_the_step_watchdog_quarantined_and_the_job_completes() {
+    use ditfleet_engine::parallel::{InjectedFault, ResilientParallel};
+    let mut one = pipeline(12);
+    let req = request(false);
+    let want = one.generate(&req, &mut |_| Control::Continue).unwrap();
+    let mut e = ResilientParallel::new(
+        vec![Device::Cpu; 4],
+        "ring=4".parse().unwrap(),
+        Box::new(|_| Pipeline::tiny_random_with(&config(), 12, 5)),
+        Box::new(|_| Box::new(ThreadsFactory::cpu())),
+        Some(InjectedFault {
+            slot: 1,
+            step: 2,
+            hang: true,
+        }),
+    )
+    .unwrap();
+    e.set_step_timeout(std::time::Duration::from_millis(1500));
+    let t = std::time::Instant::now();
+    let got = e.generate(&req, &mut |_| Control::Continue).unwrap();
+    let took = t.elapsed();
+    assert_same_image(&want.rgb, &got.rgb, "after the hang");
+    assert_eq!(got.timings.plan.as_deref(), Some("ring=3"));
+    assert!(
+        took >= std::time::Duration::from_millis(1500),
+        "{took:?}: the watchdog waited"
+    );
+    let why = e.degraded().expect("degraded after a quarantine");
+    assert!(
+        why.contains("slot 1")
+            && why.contains("stopped answering")
+            && why.contains("no step finished within"),
+        "{why}"
+    );
+    let again = e.generate(&req, &mut |_| Control::Continue).unwrap();
+    assert_same_image(&want.rgb, &again.rgb, "next job");
 }

@@ -97,12 +97,19 @@ pub trait Communicator: Send {
     /// [`CommError::Aborted`] instead of hanging (used when a GPU fails mid-job).
     fn abort(&self);
 
+    /// A handle that aborts this group from any thread (the driver's step watchdog holds one
+    /// per group while the ranks run).
+    fn abort_handle(&self) -> AbortHandle;
+
     /// Whether [`Communicator::abort`] was called on any member (work captured in a CUDA graph
     /// checks it before a replay: a replay does not pass through the communicator).
     fn is_aborted(&self) -> bool {
         false
     }
 }
+
+/// Aborts a group from any thread (see [`Communicator::abort_handle`]).
+pub type AbortHandle = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 /// Creates groups for a set of global ranks (one device per global rank).
 pub trait CommFactory {
@@ -262,6 +269,14 @@ impl RankComms {
                 }
             })
             .collect())
+    }
+
+    /// Abort handles of every group this rank belongs to.
+    pub fn abort_handles(&self) -> Vec<AbortHandle> {
+        [&self.world, &self.ulysses, &self.ring, &self.sp, &self.cfg]
+            .iter()
+            .map(|c| c.abort_handle())
+            .collect()
     }
 
     /// Whether any group this rank belongs to was aborted.

@@ -11,6 +11,7 @@
 //! - [`plan`]: the degrees of a plan, parsing and validation;
 //! - [`autotune`]: the measured plan table (fastest plan per image size on this node), on disk;
 //! - [`vae`]: patch-parallel VAE decode (row bands, halo exchange, global GroupNorm statistics);
+//! - [`health`]: device health beyond CUDA/NCCL errors (NVML: lost GPU, critical Xid, ECC);
 //! - [`resilient`]: GPU isolation (quarantine a failing device, rebuild on the rest, retry);
 //! - [`runner`]: the per-rank denoising loop (sequence and CFG parallel) and
 //!   [`runner::ParallelPipeline`], the multi-GPU [`crate::Engine`] (data parallel over groups).
@@ -19,6 +20,7 @@ pub mod attention;
 pub mod autotune;
 pub mod comm;
 pub mod graphs;
+pub mod health;
 pub mod nccl;
 pub mod pipefusion;
 pub mod plan;

@@ -460,6 +460,16 @@ impl Communicator for NcclComm {
         self.group.aborted.load(Ordering::SeqCst)
     }
 
+    fn abort_handle(&self) -> super::comm::AbortHandle {
+        let (group, rank) = (self.group.clone(), self.rank);
+        Arc::new(move || {
+            if !group.aborted.swap(true, Ordering::SeqCst) {
+                tracing::warn!(rank, "aborting NCCL group (watchdog)");
+                group.abort_all(rank);
+            }
+        })
+    }
+
     fn size(&self) -> usize {
         self.size
     }

@@ -9,6 +9,7 @@
 
 use super::autotune::PlanTable;
 use super::comm::CommFactory;
+use super::health::DeviceHealth;
 use super::plan::Plan;
 use super::runner::ParallelPipeline;
 use crate::flux::Pipeline;
@@ -22,11 +23,14 @@ pub type LeaderFn = Box<dyn Fn(Device) -> Result<Pipeline, EngineError> + Send>;
 pub type FactoryFn = Box<dyn Fn(&[Device]) -> Box<dyn CommFactory + Send> + Send>;
 
 /// A fault to inject for tests and drills: the device in slot `slot` fails at step `step`
-/// (1-based) of every generation until it is quarantined.
+/// (1-based) of every generation until it is quarantined: with a device error, or with `hang`,
+/// by stopping without one (its peers wait until the step watchdog aborts the groups, and the
+/// health probe then reports the slot as not answering, as NVML does for a GPU off the bus).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InjectedFault {
     pub slot: usize,
     pub step: u32,
+    pub hang: bool,
 }
 
 /// See the module docs. Slots are the node's devices in configuration order.
@@ -47,6 +51,10 @@ pub struct ResilientParallel {
     table: Option<PlanTable>,
     /// Plan switches so far (each rebuilds the rank threads and re-replicates weights).
     switches: u64,
+    /// NVML view of the devices (lost GPU, critical Xid, uncorrected ECC).
+    health: DeviceHealth,
+    /// Overrides the step watchdog's timeout (tests); `None` = `DITFLEET_STEP_TIMEOUT_S`.
+    step_timeout: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for ResilientParallel {
@@ -68,7 +76,10 @@ impl ResilientParallel {
         fault: Option<InjectedFault>,
     ) -> Result<Self, EngineError> {
         let healthy = vec![true; slots.len()];
+        let health = DeviceHealth::new(&slots);
         let mut me = Self {
+            health,
+            step_timeout: None,
             slots,
             healthy,
             requested: plan,
@@ -107,6 +118,34 @@ impl ResilientParallel {
     /// Attention heads of the model (what Ulysses degrees must divide).
     pub fn heads(&self) -> i64 {
         self.heads
+    }
+
+    /// Sets the step watchdog's timeout (applies to the current and every rebuilt pipeline).
+    pub fn set_step_timeout(&mut self, t: std::time::Duration) {
+        self.step_timeout = Some(t);
+        if let Some(p) = self.inner.as_mut() {
+            p.set_step_timeout(t);
+        }
+    }
+
+    /// Quarantines every active device the health probe reports (NVML: lost, critical Xid,
+    /// uncorrected ECC errors), before a job runs on it.
+    fn check_health(&mut self) -> Result<(), EngineError> {
+        let bad: Vec<(usize, String)> = self
+            .active
+            .clone()
+            .into_iter()
+            .filter(|&s| self.healthy[s])
+            .filter_map(|s| self.health.unhealthy(s, self.slots[s]).map(|why| (s, why)))
+            .collect();
+        for (slot, why) in bad {
+            let cause = EngineError::Device {
+                device: device_name(self.slots[slot]),
+                message: why,
+            };
+            self.quarantine(slot, &cause)?;
+        }
+        Ok(())
     }
 
     /// Plan switches so far.
@@ -198,8 +237,11 @@ impl ResilientParallel {
             active
                 .iter()
                 .position(|&s| s == f.slot)
-                .map(|rank| (rank, f.step))
+                .map(|rank| (rank, f.step, f.hang))
         }));
+        if let Some(t) = self.step_timeout {
+            p.set_step_timeout(t);
+        }
         self.info = p.info();
         // The engine holds every configured device, whatever the plan of the moment uses (a job
         // may run on fewer; a quarantined one stays allocated): what the node pays for.
@@ -304,6 +346,9 @@ impl Engine for ResilientParallel {
         request: &GenerateRequest,
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
+        if self.inner.is_some() {
+            self.check_health()?;
+        }
         let plan = self.plan_for(request)?;
         if self.inner.is_some() {
             self.set_plan(plan)?;
@@ -314,10 +359,46 @@ impl Engine for ResilientParallel {
         })?;
         match inner.generate(request, on_step) {
             Err(e @ EngineError::Device { .. }) => {
-                let Some(rank) = inner.last_failed_rank() else {
-                    return Err(e);
+                let (rank, timed_out, wedged) = (
+                    inner.last_failed_rank(),
+                    inner.last_timed_out(),
+                    inner.is_wedged(),
+                );
+                let (slot, cause) = match rank {
+                    Some(rank) => (self.active[rank], e),
+                    None if timed_out => {
+                        // Nobody reported an error: ask the health probe which device stopped.
+                        if let Some(f) = self.fault.filter(|f| f.hang) {
+                            self.health.inject_hang(f.slot);
+                        }
+                        let found = self
+                            .active
+                            .clone()
+                            .into_iter()
+                            .find_map(|s| self.health.unhealthy(s, self.slots[s]).map(|why| (s, why)));
+                        match found {
+                            Some((s, why)) => {
+                                let cause = EngineError::Device {
+                                    device: device_name(self.slots[s]),
+                                    message: format!("{why} ({e})"),
+                                };
+                                (s, cause)
+                            }
+                            None => {
+                                // Not attributable: rebuild the groups (a wedged pipeline's
+                                // threads are gone for good) and let the caller retry the job.
+                                if wedged {
+                                    let plan = self.plan().unwrap_or(self.requested);
+                                    drop(self.inner.take());
+                                    self.build(plan)?;
+                                }
+                                return Err(e);
+                            }
+                        }
+                    }
+                    None => return Err(e),
                 };
-                let slot = self.active[rank];
+                let e = cause;
                 self.quarantine(slot, &e)?;
                 // Retry the interrupted job once on the rebuilt groups (the caller's retry policy
                 // still applies if this fails too). A plan the job named may no longer fit:

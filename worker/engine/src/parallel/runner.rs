@@ -12,12 +12,12 @@ use std::cell::RefCell;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
 use super::attention::{SeqLayout, UspAttention};
-use super::comm::{CommError, CommFactory, Communicator, Mesh, RankComms, balanced_split};
+use super::comm::{AbortHandle, CommError, CommFactory, Communicator, Mesh, RankComms, balanced_split};
 use super::graphs::{self, GraphCache, StepKey};
 use super::plan::Plan;
 use super::vae::decode_patch_parallel;
@@ -135,8 +135,9 @@ pub struct RankCtx<'a> {
     pub vae_scale: i64,
     pub device: Device,
     pub kind: Kind,
-    /// Fault injection (tests, drills): this rank fails with a device error at this step.
-    pub fault_at: Option<u32>,
+    /// Fault injection (tests, drills): this rank fails with a device error at this step, or
+    /// with `.1` stops there without an error (a hung device) until its groups are aborted.
+    pub fault_at: Option<(u32, bool)>,
     /// This rank's CUDA graphs of the step (sequence/CFG-parallel plans on CUDA devices).
     pub graphs: Option<&'a RefCell<GraphCache>>,
 }
@@ -250,11 +251,26 @@ fn denoise_gathered(
         }
         x = sampling::euler_step(&x, &v, inputs.sigmas[i], inputs.sigmas[i + 1])?;
         let step = i as u32 + 1;
-        if ctx.fault_at == Some(step) {
-            return Err(EngineError::Device {
-                device: device_name(ctx.device),
-                message: format!("injected device fault at step {step}"),
-            });
+        match ctx.fault_at {
+            Some((at, false)) if at == step => {
+                return Err(EngineError::Device {
+                    device: device_name(ctx.device),
+                    message: format!("injected device fault at step {step}"),
+                });
+            }
+            Some((at, true)) if at == step => {
+                // A device that stops answering: no error, no progress, until the watchdog
+                // aborts the groups (then this rank reports the abort like its peers).
+                tracing::warn!(device = %device_name(ctx.device), step, "injected hang");
+                while !ctx.comms.is_aborted() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                return Err(tch::TchError::from(CommError::Aborted {
+                    backend: "injected hang",
+                })
+                .into());
+            }
+            _ => {}
         }
         report_and_check(step, inputs.steps as u32, &x, (start, step_start), gate, events)?;
     }
@@ -454,7 +470,7 @@ enum Cmd {
         gate: Arc<StepGate>,
         events: Option<Sender<StepEvent>>,
         done: Sender<(usize, Result<RankOutput, EngineError>)>,
-        fault_at: Option<u32>,
+        fault_at: Option<(u32, bool)>,
     },
     SetComms(Box<RankComms>),
     /// Stop and hand the model back.
@@ -485,11 +501,35 @@ pub struct ParallelPipeline {
     last_latents: Vec<Tensor>,
     /// Transformer weight elements each rank holds.
     rank_parameters: Vec<usize>,
-    /// Injected fault: (node rank, step).
-    fault: Option<(usize, u32)>,
+    /// Injected fault: (node rank, step, hang instead of failing).
+    fault: Option<(usize, u32, bool)>,
     /// Node rank whose device error failed the last round (not the peers' aborts).
     last_failed_rank: Option<usize>,
+    /// Abort handles of every group of every rank (the step watchdog's way to release ranks).
+    aborters: Vec<AbortHandle>,
+    /// How long a round may go without any step or result before the watchdog aborts it.
+    step_timeout: Duration,
+    /// Set when the last round timed out (no progress within `step_timeout`).
+    last_timed_out: bool,
+    /// Rank threads that did not come back after a watchdog abort: never joined again.
+    wedged: bool,
 }
+
+/// `DITFLEET_STEP_TIMEOUT_S` (default 300): how long a multi-GPU job may go without finishing a
+/// step before the watchdog aborts its groups (a GPU that stopped answering leaves its peers
+/// waiting in collectives forever otherwise). The first step of a new image size includes
+/// loading kernels and capturing its CUDA graph; a 4096² step on one H200 takes about 12 s.
+pub fn default_step_timeout() -> Duration {
+    let s = std::env::var("DITFLEET_STEP_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .unwrap_or(300.0);
+    Duration::from_secs_f64(s)
+}
+
+/// How long the watchdog waits for the ranks to return after it aborted their groups.
+const WEDGE_WAIT: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for ParallelPipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -590,6 +630,10 @@ impl ParallelPipeline {
             last_latents: Vec::new(),
             rank_parameters,
             fault: None,
+            aborters: Vec::new(),
+            step_timeout: default_step_timeout(),
+            last_timed_out: false,
+            wedged: false,
             last_failed_rank: None,
         };
         me.rebuild_comms()?;
@@ -600,9 +644,26 @@ impl ParallelPipeline {
         self.plan
     }
 
-    /// Fault injection: node rank `.0` fails with a device error at step `.1` of every job.
-    pub fn set_fault(&mut self, fault: Option<(usize, u32)>) {
+    /// Fault injection: node rank `.0` fails with a device error at step `.1` of every job, or,
+    /// with `.2`, stops there without an error (a hung device) until its groups are aborted.
+    pub fn set_fault(&mut self, fault: Option<(usize, u32, bool)>) {
         self.fault = fault;
+    }
+
+    /// See [`default_step_timeout`].
+    pub fn set_step_timeout(&mut self, t: Duration) {
+        self.step_timeout = t;
+    }
+
+    /// Whether rank threads did not come back after a watchdog abort (the pipeline cannot run
+    /// again; build another).
+    pub fn is_wedged(&self) -> bool {
+        self.wedged
+    }
+
+    /// Whether the last round was aborted by the step watchdog.
+    pub fn last_timed_out(&self) -> bool {
+        self.last_timed_out
     }
 
     /// The node rank whose device error failed the last job, if one did (see
@@ -647,6 +708,12 @@ impl ParallelPipeline {
         for g in 0..self.plan.dp {
             let base = g * self.group_size;
             let comms = RankComms::build(mesh, self.factory.as_ref(), base).map_err(tch::TchError::from)?;
+            if g == 0 {
+                self.aborters.clear();
+            }
+            for c in &comms {
+                self.aborters.extend(c.abort_handles());
+            }
             for (i, c) in comms.into_iter().enumerate() {
                 self.ranks[base + i]
                     .tx
@@ -704,7 +771,7 @@ impl ParallelPipeline {
                         gate: gates[g].clone(),
                         events: if g == 0 { events } else { None },
                         done: done_tx.clone(),
-                        fault_at: self.fault.filter(|f| f.0 == rank).map(|f| f.1),
+                        fault_at: self.fault.filter(|f| f.0 == rank).map(|f| (f.1, f.2)),
                     })
                     .map_err(|_| rank_gone(rank))?;
                 expected += 1;
@@ -736,10 +803,47 @@ impl ParallelPipeline {
         let mut first_err: Option<EngineError> = None;
         let mut received = 0;
         let mut events_open = true;
+        // Step watchdog: a round that reports no step and no result for `step_timeout` has a
+        // device that stopped answering; abort every group so the ranks come back.
+        let mut last_progress = Instant::now();
+        let mut last_step = 0;
+        let mut aborted_at: Option<Instant> = None;
+        self.last_timed_out = false;
         while received < expected {
+            if aborted_at.is_none() && last_progress.elapsed() > self.step_timeout {
+                tracing::error!(
+                    plan = %self.plan,
+                    last_step,
+                    timeout_s = self.step_timeout.as_secs_f64(),
+                    "no step finished within the step timeout: aborting the groups"
+                );
+                for a in &self.aborters {
+                    a();
+                }
+                for g in gates {
+                    g.abort();
+                }
+                aborted_at = Some(Instant::now());
+                self.last_timed_out = true;
+                first_err = Some(EngineError::Device {
+                    device: format!("group of plan {}", self.plan),
+                    message: format!(
+                        "no step finished within {:.0} s after step {last_step} (a device stopped \
+                         answering); the groups were aborted",
+                        self.step_timeout.as_secs_f64()
+                    ),
+                });
+            }
+            if aborted_at.is_some_and(|t| t.elapsed() > WEDGE_WAIT) {
+                tracing::error!(plan = %self.plan, "ranks did not return after the abort: giving them up");
+                self.wedged = true;
+                break;
+            }
             if events_open {
                 match events.recv_timeout(std::time::Duration::from_millis(5)) {
                     Ok(ev) => {
+                        last_progress = Instant::now();
+                        last_step = ev.step;
                         let cancel = on_step(ev) == Control::Cancel;
                         for g in gates {
                             g.publish(ev.step, cancel);
@@ -753,7 +857,11 @@ impl ParallelPipeline {
             let next = if events_open {
                 done.try_recv().ok()
             } else {
-                done.recv().ok()
+                match done.recv_timeout(std::time::Duration::from_millis(50)) {
+                    Ok(x) => Some(x),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
+                }
             };
             let Some((rank, r)) = next else {
                 if !events_open {
@@ -761,6 +869,7 @@ impl ParallelPipeline {
                 }
                 continue;
             };
+            last_progress = Instant::now();
             received += 1;
             match r {
                 Ok(Some(out)) => images.push((rank, out)),
@@ -884,7 +993,7 @@ fn run_rank(
     request: &GenerateRequest,
     gate: &StepGate,
     events: Option<&Sender<StepEvent>>,
-    fault_at: Option<u32>,
+    fault_at: Option<(u32, bool)>,
     graphs: &RefCell<GraphCache>,
 ) -> Result<RankOutput, EngineError> {
     let _guard = tch::no_grad_guard();
@@ -985,6 +1094,11 @@ impl Drop for ParallelPipeline {
             // Closing the channel ends the rank loop.
             let (tx, _) = channel();
             drop(std::mem::replace(&mut r.tx, tx));
+        }
+        if self.wedged {
+            // Threads stuck on a dead device would block this forever: leave them.
+            tracing::error!(plan = %self.plan, "leaving wedged rank threads behind");
+            return;
         }
         for r in &mut self.ranks {
             if let Some(h) = r.handle.take() {

@@ -319,6 +319,18 @@ impl Communicator for ThreadComm {
         self.shared.aborted.store(true, Ordering::SeqCst);
         self.shared.gate_cv.notify_all();
     }
+
+    fn abort_handle(&self) -> super::comm::AbortHandle {
+        let shared = self.shared.clone();
+        Arc::new(move || {
+            shared.aborted.store(true, Ordering::SeqCst);
+            shared.gate_cv.notify_all();
+        })
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.shared.aborted.load(Ordering::SeqCst)
+    }
 }
 
 /// Creates threads groups whose ranks all compute on one device (the CPU in tests).
