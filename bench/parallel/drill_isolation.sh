@@ -11,10 +11,13 @@ NCCL_DIR=$TORCH/../nvidia/nccl/lib
 mkdir -p /tmp/ditfleet-nccl && ln -sf "$NCCL_DIR/libnccl.so.2" /tmp/ditfleet-nccl/libnccl.so
 export LD_LIBRARY_PATH=/tmp/ditfleet-nccl:$TORCH/lib:$NCCL_DIR
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# FAULT: 1:3 (device error) or 1:3:hang (the device stops answering; the step watchdog,
+# DITFLEET_STEP_TIMEOUT_S, default 10 s here, aborts the groups and the health probe names it).
+export DITFLEET_STEP_TIMEOUT_S=${DITFLEET_STEP_TIMEOUT_S:-10}
 for plan in ${DRILLS:-ring=2 ulysses=2}; do
-  name=drill_${plan//[=,]/_}
+  name=drill_${plan//[=,]/_}${FAULT:+_${FAULT//:/_}}
   echo "== $name (t=${SECONDS}s)"
-  .gpu/parallel_bench --size 1024 --steps 8 --devices "${DEVICES:-0,1}" --plans "$plan" --fault 1:3 \
+  .gpu/parallel_bench --size 1024 --steps 8 --devices "${DEVICES:-0,1}" --plans "$plan" --fault "${FAULT:-1:3}" \
     > "$OUT/$name.jsonl" 2> "$OUT/$name.log" &
   pid=$!
   for _ in $(seq 1 "${DRILL_TIMEOUT:-90}"); do kill -0 $pid 2>/dev/null || break; sleep 1; done
@@ -33,5 +36,5 @@ for plan in ${DRILLS:-ring=2 ulysses=2}; do
     wait $pid; echo "   rc=$?"
   fi
   cat "$OUT/$name.jsonl"
-  grep -E "quarantin|abort|WARN|ERROR|capture" "$OUT/$name.log" | cut -c1-300 | head -12
+  grep -E "quarantin|abort|WARN|ERROR|capture|watchdog|step timeout|hang" "$OUT/$name.log" | cut -c1-300 | head -12
 done
