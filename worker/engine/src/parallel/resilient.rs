@@ -131,14 +131,7 @@ impl ResilientParallel {
     /// Quarantines every active device the health probe reports (NVML: lost, critical Xid,
     /// uncorrected ECC errors), before a job runs on it.
     fn check_health(&mut self) -> Result<(), EngineError> {
-        let bad: Vec<(usize, String)> = self
-            .active
-            .clone()
-            .into_iter()
-            .filter(|&s| self.healthy[s])
-            .filter_map(|s| self.health.unhealthy(s, self.slots[s]).map(|why| (s, why)))
-            .collect();
-        for (slot, why) in bad {
+        for (slot, why) in self.unhealthy_active() {
             let cause = EngineError::Device {
                 device: device_name(self.slots[slot]),
                 message: why,
@@ -146,6 +139,16 @@ impl ResilientParallel {
             self.quarantine(slot, &cause)?;
         }
         Ok(())
+    }
+
+    /// The active slots the health probe reports, with why.
+    fn unhealthy_active(&mut self) -> Vec<(usize, String)> {
+        self.active
+            .clone()
+            .into_iter()
+            .filter(|&s| self.healthy[s])
+            .filter_map(|s| self.health.unhealthy(s, self.slots[s]).map(|why| (s, why)))
+            .collect()
     }
 
     /// Plan switches so far.
@@ -371,12 +374,7 @@ impl Engine for ResilientParallel {
                         if let Some(f) = self.fault.filter(|f| f.hang) {
                             self.health.inject_hang(f.slot);
                         }
-                        let found = self
-                            .active
-                            .clone()
-                            .into_iter()
-                            .find_map(|s| self.health.unhealthy(s, self.slots[s]).map(|why| (s, why)));
-                        match found {
+                        match self.unhealthy_active().into_iter().next() {
                             Some((s, why)) => {
                                 let cause = EngineError::Device {
                                     device: device_name(self.slots[s]),

@@ -29,6 +29,14 @@ struct Shared {
     timeout: Duration,
 }
 
+impl Shared {
+    /// Fails pending and later collectives of every member with [`CommError::Aborted`].
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        self.gate_cv.notify_all();
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -316,16 +324,12 @@ impl Communicator for ThreadComm {
     }
 
     fn abort(&self) {
-        self.shared.aborted.store(true, Ordering::SeqCst);
-        self.shared.gate_cv.notify_all();
+        self.shared.abort();
     }
 
     fn abort_handle(&self) -> super::comm::AbortHandle {
         let shared = self.shared.clone();
-        Arc::new(move || {
-            shared.aborted.store(true, Ordering::SeqCst);
-            shared.gate_cv.notify_all();
-        })
+        Arc::new(move || shared.abort())
     }
 
     fn is_aborted(&self) -> bool {
