@@ -1,8 +1,9 @@
 //! CUDA graphs of one denoising step's transformer forward, for the ranks of a multi-GPU plan.
 //!
 //! Split over N GPUs, a step's GPU work shrinks N-fold but the host still launches every kernel
-//! (~1,500 launches and ~115 collectives per step for Flux): at 1024² on 2 H200s the launches took
-//! 57–69 ms per step, about what the GPU needs, so more GPUs stop paying. A graph launches the
+//! of the forward (and, for Ulysses, two all-to-alls per block: 114 per step for Flux): launching
+//! took 32.7 ms of a 60.0 ms Ulysses-4 step at 1024² (nvidia-h200-x4,
+//! bench/parallel/results/h200x4-run1), so more GPUs stop paying. A graph launches the
 //! whole captured forward, NCCL collectives included (NCCL supports stream capture), in one call.
 //!
 //! Per rank and per [`StepKey`] (the rank's token slices and the latent size: everything the

@@ -5,7 +5,7 @@
 //! - [`threads`]: the in-process backend (CPU tensors; every strategy runs in CI);
 //! - [`nccl`]: the GPU backend (one thread per GPU, NCCL through cudarc);
 //! - [`attention`]: exact sequence parallelism of Flux's joint attention: Ulysses, Ring, USP;
-//! - [`graphs`]: CUDA graphs of a rank's step (one launch instead of ~1,500 per step);
+//! - [`graphs`]: CUDA graphs of a rank's step (one launch per step instead of one per kernel);
 //! - [`pipefusion`]: PipeFusion (stages of blocks, patches of the image, one-step-stale K/V;
 //!   approximate after its warm-up steps);
 //! - [`plan`]: the degrees of a plan, parsing and validation;
