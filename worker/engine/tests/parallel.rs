@@ -646,38 +646,27 @@ fn pipefusion_engine_produces_an_image_reports_every_step_and_cancels() {
     }
 }
 
-/// A `plan` engine on 4 CPU "devices" (threads backend) with `fault` injected.
-fn with_fault(
-    plan: &str,
-    fault: ditfleet_engine::parallel::InjectedFault,
-) -> ditfleet_engine::parallel::ResilientParallel {
-    ditfleet_engine::parallel::ResilientParallel::new(
-        vec![Device::Cpu; 4],
-        plan.parse().unwrap(),
-        Box::new(|_| Pipeline::tiny_random_with(&config(), 12, 5)),
-        Box::new(|_| Box::new(ThreadsFactory::cpu())),
-        Some(fault),
-    )
-    .unwrap()
-}
-
 /// GPU isolation on 4 "GPUs" (threads backend): the device in slot 2 fails at step 3; the engine
 /// quarantines it, rebuilds ring=4 as ring=3 on the other three, finishes the interrupted job
 /// there (the same image as one rank), reports itself degraded, and serves the next job.
 #[test]
 fn a_failing_device_is_quarantined_and_the_job_completes_on_the_rest() {
-    use ditfleet_engine::parallel::InjectedFault;
+    use ditfleet_engine::parallel::{InjectedFault, ResilientParallel};
     let mut one = pipeline(12);
     let req = request(false);
     let want = one.generate(&req, &mut |_| Control::Continue).unwrap();
-    let mut e = with_fault(
-        "ring=4",
-        InjectedFault {
+    let mut e = ResilientParallel::new(
+        vec![Device::Cpu; 4],
+        "ring=4".parse().unwrap(),
+        Box::new(|_| Pipeline::tiny_random_with(&config(), 12, 5)),
+        Box::new(|_| Box::new(ThreadsFactory::cpu())),
+        Some(InjectedFault {
             slot: 2,
             step: 3,
             hang: false,
-        },
-    );
+        }),
+    )
+    .unwrap();
     assert_eq!(e.degraded(), None);
     let mut steps = Vec::new();
     let got = e
@@ -712,18 +701,22 @@ fn a_failing_device_is_quarantined_and_the_job_completes_on_the_rest() {
 
 #[test]
 fn ulysses_plans_shrink_to_a_valid_degree_and_a_last_device_serves_alone() {
-    use ditfleet_engine::parallel::InjectedFault;
+    use ditfleet_engine::parallel::{InjectedFault, ResilientParallel};
     let req = request(false);
     // 4 heads: ulysses=4 on 4 devices; losing one leaves 3, which 4 heads cannot split: the
     // engine keeps Ulysses where it divides the heads and runs the rest as Ring (ulysses=1,ring=3).
-    let mut e = with_fault(
-        "ulysses=4",
-        InjectedFault {
+    let mut e = ResilientParallel::new(
+        vec![Device::Cpu; 4],
+        "ulysses=4".parse().unwrap(),
+        Box::new(|_| Pipeline::tiny_random_with(&config(), 12, 5)),
+        Box::new(|_| Box::new(ThreadsFactory::cpu())),
+        Some(InjectedFault {
             slot: 0,
             step: 1,
             hang: false,
-        },
-    );
+        }),
+    )
+    .unwrap();
     let got = e.generate(&req, &mut |_| Control::Continue).unwrap();
     assert_eq!(got.timings.plan.as_deref(), Some("ring=3"));
     assert!(e.degraded().unwrap().contains("slot 0"));
@@ -901,18 +894,22 @@ fn a_request_runs_the_plan_it_names_and_an_impossible_plan_is_refused_with_the_r
 /// quarantines it, finishes the interrupted job on the other three and serves the next one.
 #[test]
 fn a_hung_device_is_caught_by_the_step_watchdog_quarantined_and_the_job_completes() {
-    use ditfleet_engine::parallel::InjectedFault;
+    use ditfleet_engine::parallel::{InjectedFault, ResilientParallel};
     let mut one = pipeline(12);
     let req = request(false);
     let want = one.generate(&req, &mut |_| Control::Continue).unwrap();
-    let mut e = with_fault(
-        "ring=4",
-        InjectedFault {
+    let mut e = ResilientParallel::new(
+        vec![Device::Cpu; 4],
+        "ring=4".parse().unwrap(),
+        Box::new(|_| Pipeline::tiny_random_with(&config(), 12, 5)),
+        Box::new(|_| Box::new(ThreadsFactory::cpu())),
+        Some(InjectedFault {
             slot: 1,
             step: 2,
             hang: true,
-        },
-    );
+        }),
+    )
+    .unwrap();
     e.set_step_timeout(std::time::Duration::from_millis(1500));
     let t = std::time::Instant::now();
     let got = e.generate(&req, &mut |_| Control::Continue).unwrap();

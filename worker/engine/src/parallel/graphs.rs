@@ -161,6 +161,9 @@ impl StepGraph {
 pub struct GraphCache {
     entries: VecDeque<(StepKey, StepGraph)>,
     cap: usize,
+    /// Steps run by replay / captures made (for the bench and tests).
+    pub replays: u64,
+    pub captures: u64,
 }
 
 impl Default for GraphCache {
@@ -168,6 +171,8 @@ impl Default for GraphCache {
         Self {
             entries: VecDeque::new(),
             cap: max_graphs().max(1),
+            replays: 0,
+            captures: 0,
         }
     }
 }
@@ -176,6 +181,14 @@ impl GraphCache {
     /// Drops every graph (before the communicators they captured change).
     pub fn clear(&mut self) {
         self.entries.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     /// The step's output for inputs `(x, txt, vec)`: by replaying the graph of `key`, or by
@@ -195,6 +208,7 @@ impl GraphCache {
             let entry = self.entries.remove(i).expect("index from position");
             let out = entry.1.run(x, txt, vec);
             self.entries.push_back(entry);
+            self.replays += 1;
             return out;
         }
         while self.entries.len() >= self.cap {
@@ -203,6 +217,7 @@ impl GraphCache {
         match StepGraph::capture(ordinal, x, txt, vec, pe, forward) {
             Ok((g, first)) => {
                 self.entries.push_back((key.clone(), g));
+                self.captures += 1;
                 tracing::info!(
                     ordinal,
                     ?key,

@@ -186,21 +186,6 @@ impl Group {
         })
     }
 
-    /// Marks the group aborted (no member starts another NCCL call) and aborts every member's
-    /// handle; only the first call does anything. `by` names who asked (a rank, the watchdog).
-    fn abort(self: &Arc<Self>, by_rank: usize, by: &str) {
-        if self.aborted.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        tracing::warn!(
-            rank = by_rank,
-            size = self.handles.len(),
-            by,
-            "aborting NCCL group"
-        );
-        self.abort_all(by_rank);
-    }
-
     /// Aborts every member's handle, each once, after `aborted` was set by the caller (so no
     /// member starts another NCCL call on it). Each handle is aborted on a thread of its own and
     /// this returns without waiting: `ncclCommAbort` first raises the communicator's abort flag
@@ -409,10 +394,11 @@ impl NcclComm {
         use cudarc::driver::result::{event, stream};
         use cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
         let side = self.side()?;
+        let legacy = compute;
         // SAFETY: the stream and events were created on this thread's current context (the
         // rank's device) and live as long as `self`.
         unsafe {
-            event::record(side.before, compute).map_err(|e| cuda_err(op, r, e))?;
+            event::record(side.before, legacy).map_err(|e| cuda_err(op, r, e))?;
             stream::wait_event(side.stream, side.before, CU_EVENT_WAIT_DEFAULT)
                 .map_err(|e| cuda_err(op, r, e))?;
         }
@@ -420,7 +406,7 @@ impl NcclComm {
         // SAFETY: as above.
         unsafe {
             event::record(side.after, side.stream).map_err(|e| cuda_err(op, r, e))?;
-            stream::wait_event(compute, side.after, CU_EVENT_WAIT_DEFAULT).map_err(|e| cuda_err(op, r, e))?;
+            stream::wait_event(legacy, side.after, CU_EVENT_WAIT_DEFAULT).map_err(|e| cuda_err(op, r, e))?;
         }
         Ok(())
     }
@@ -476,7 +462,12 @@ impl Communicator for NcclComm {
 
     fn abort_handle(&self) -> super::comm::AbortHandle {
         let (group, rank) = (self.group.clone(), self.rank);
-        Arc::new(move || group.abort(rank, "watchdog"))
+        Arc::new(move || {
+            if !group.aborted.swap(true, Ordering::SeqCst) {
+                tracing::warn!(rank, "aborting NCCL group (watchdog)");
+                group.abort_all(rank);
+            }
+        })
     }
 
     fn size(&self) -> usize {
@@ -643,7 +634,11 @@ impl Communicator for NcclComm {
     /// Aborts every member's communicator (releasing kernels stuck waiting for a dead peer);
     /// later calls on any member fail with [`CommError::Aborted`].
     fn abort(&self) {
-        self.group.abort(self.rank, "rank");
+        if self.group.aborted.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::warn!(rank = self.rank, size = self.size, "aborting NCCL group");
+        self.group.abort_all(self.rank);
     }
 }
 

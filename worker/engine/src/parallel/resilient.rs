@@ -131,7 +131,14 @@ impl ResilientParallel {
     /// Quarantines every active device the health probe reports (NVML: lost, critical Xid,
     /// uncorrected ECC errors), before a job runs on it.
     fn check_health(&mut self) -> Result<(), EngineError> {
-        for (slot, why) in self.unhealthy_active() {
+        let bad: Vec<(usize, String)> = self
+            .active
+            .clone()
+            .into_iter()
+            .filter(|&s| self.healthy[s])
+            .filter_map(|s| self.health.unhealthy(s, self.slots[s]).map(|why| (s, why)))
+            .collect();
+        for (slot, why) in bad {
             let cause = EngineError::Device {
                 device: device_name(self.slots[slot]),
                 message: why,
@@ -139,16 +146,6 @@ impl ResilientParallel {
             self.quarantine(slot, &cause)?;
         }
         Ok(())
-    }
-
-    /// The active slots the health probe reports, with why.
-    fn unhealthy_active(&mut self) -> Vec<(usize, String)> {
-        self.active
-            .clone()
-            .into_iter()
-            .filter(|&s| self.healthy[s])
-            .filter_map(|s| self.health.unhealthy(s, self.slots[s]).map(|why| (s, why)))
-            .collect()
     }
 
     /// Plan switches so far.
@@ -374,7 +371,12 @@ impl Engine for ResilientParallel {
                         if let Some(f) = self.fault.filter(|f| f.hang) {
                             self.health.inject_hang(f.slot);
                         }
-                        match self.unhealthy_active().into_iter().next() {
+                        let found = self
+                            .active
+                            .clone()
+                            .into_iter()
+                            .find_map(|s| self.health.unhealthy(s, self.slots[s]).map(|why| (s, why)));
+                        match found {
                             Some((s, why)) => {
                                 let cause = EngineError::Device {
                                     device: device_name(self.slots[s]),

@@ -706,10 +706,12 @@ impl ParallelPipeline {
     /// (Re)creates every group's communicators and hands them to the rank threads.
     fn rebuild_comms(&mut self) -> Result<(), EngineError> {
         let mesh: Mesh = self.plan.mesh();
-        self.aborters.clear();
         for g in 0..self.plan.dp {
             let base = g * self.group_size;
             let comms = RankComms::build(mesh, self.factory.as_ref(), base).map_err(tch::TchError::from)?;
+            if g == 0 {
+                self.aborters.clear();
+            }
             for c in &comms {
                 self.aborters.extend(c.abort_handles());
             }

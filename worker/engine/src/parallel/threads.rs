@@ -29,14 +29,6 @@ struct Shared {
     timeout: Duration,
 }
 
-impl Shared {
-    /// Fails pending and later collectives of every member with [`CommError::Aborted`].
-    fn abort(&self) {
-        self.aborted.store(true, Ordering::SeqCst);
-        self.gate_cv.notify_all();
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -324,12 +316,16 @@ impl Communicator for ThreadComm {
     }
 
     fn abort(&self) {
-        self.shared.abort();
+        self.shared.aborted.store(true, Ordering::SeqCst);
+        self.shared.gate_cv.notify_all();
     }
 
     fn abort_handle(&self) -> super::comm::AbortHandle {
         let shared = self.shared.clone();
-        Arc::new(move || shared.abort())
+        Arc::new(move || {
+            shared.aborted.store(true, Ordering::SeqCst);
+            shared.gate_cv.notify_all();
+        })
     }
 
     fn is_aborted(&self) -> bool {
