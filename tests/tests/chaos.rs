@@ -551,6 +551,17 @@ async fn chaos_2000_jobs_through_killed_workers_and_restarted_broker_and_redis_l
         multi_terminal.len()
     );
     println!("  wall time                 {elapsed_s:.1} s");
+    if !lost.is_empty() {
+        // What every process logged about the first lost jobs (killed workers' logs included),
+        // and their Redis records: enough to follow a lost job's path after the fact.
+        for l in lost.iter().take(3) {
+            let id = l.split(':').next().unwrap_or_default();
+            eprintln!("--- {id}: record {:?}", states.get(id));
+            for line in log_lines_mentioning(&fleet.log_dir, id) {
+                eprintln!("{line}");
+            }
+        }
+    }
     assert!(lost.is_empty(), "lost jobs: {:?}", &lost[..lost.len().min(10)]);
     assert!(
         duplicates.is_empty(),
@@ -627,6 +638,25 @@ fn supervise(fleet: &Fleet, sup: &mut Supervisor, worker_env: &[(&str, &str)]) {
             };
         }
     }
+}
+
+/// Every line of every log in `dir` that mentions `needle`, prefixed with the log's name.
+fn log_lines_mentioning(dir: &Path, needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    paths.sort();
+    for p in paths {
+        let name = p.file_name().unwrap_or_default().to_string_lossy().to_string();
+        for line in std::fs::read_to_string(&p).unwrap_or_default().lines() {
+            if line.contains(needle) {
+                out.push(format!("[{name}] {line}"));
+            }
+        }
+    }
+    out
 }
 
 fn tail(s: &str) -> String {

@@ -160,14 +160,29 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
         debug!(job_id = %order.job_id, error = %e, "could not clear the queued mark");
     }
     let me = shared.cfg.worker_id.clone();
-    if !shared
+    // A second delivery of a job this process is still handling. After a broker restart the broker
+    // redelivers every message whose channel died, while the task holding the first delivery lives
+    // on and can no longer settle it (its acker is dead). Acking this copy away would lose the job
+    // if that task then hands it back: so it waits for the task to end and is then handled like any
+    // delivery (the claim sees what the task left: settled, requeued, or still leased).
+    let mut waiting_since: Option<Instant> = None;
+    while !shared
         .running
         .lock()
         .expect("running set")
         .insert(order.job_id.clone())
     {
-        info!(job_id = %order.job_id, "job is already running in this worker; dropping the duplicate delivery");
-        return Ok(Settle::Ack);
+        if waiting_since.is_none() {
+            info!(job_id = %order.job_id, redelivered = delivery.redelivered, "job is being handled by another task of this worker; this delivery waits for it to end");
+            waiting_since = Some(Instant::now());
+        }
+        if shared.abort.load(Ordering::SeqCst) {
+            return Ok(Settle::Requeue);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(t) = waiting_since {
+        info!(job_id = %order.job_id, waited_ms = t.elapsed().as_millis() as u64, "the other task of this job ended; handling this delivery");
     }
     let _running = RunningGuard {
         shared,
@@ -203,7 +218,6 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
         );
     }
     let claim_started = std::time::SystemTime::now();
-    let wait_started = Instant::now();
     let (attempts, checkpoint) = loop {
         let claim = infra_retry!(
             shared,
@@ -268,12 +282,18 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
                 owner,
                 lease_until_ms,
             } => {
-                // Another worker holds a live lease. If the broker redelivered this message, the
-                // holder's delivery is gone (it died): wait for its lease to lapse. Otherwise this
-                // is a duplicate copy of a job that is running: drop it.
-                if !delivery.redelivered || wait_started.elapsed() > shared.cfg.job_lease * 2 {
+                // Another worker holds a live lease. A first delivery is a second message for a
+                // running job (its holder has the other one): drop it. A redelivered message is
+                // the holder's own: its channel died (the holder was killed, or the broker
+                // restarted under a holder that lives on and can no longer settle it). Wait, as
+                // long as the lease is renewed, for the holder to settle the job, hand it back
+                // or die; acking this copy away would lose the job if the holder hands it back.
+                if !delivery.redelivered {
                     info!(job_id = %order.job_id, owner = %owner, "job is running on another worker; dropping the duplicate delivery");
                     return Ok(Settle::Ack);
+                }
+                if shared.abort.load(Ordering::SeqCst) {
+                    return Ok(Settle::Requeue);
                 }
                 let wait = lease_until_ms.saturating_sub(now_ms()).clamp(50, 1000);
                 debug!(job_id = %order.job_id, owner = %owner, wait_ms = wait, "waiting for the previous holder's lease to lapse");
