@@ -44,19 +44,31 @@ for _ in range(3): a@b
 torch.cuda.synchronize(); e=[torch.cuda.Event(enable_timing=True) for _ in range(2)]
 e[0].record(); [a@b for _ in range(20)]; e[1].record(); torch.cuda.synchronize()
 ms=e[0].elapsed_time(e[1])/20; print(json.dumps(dict(matmul_8192_bf16_ms=ms, tflops=2*8192**3/ms/1e9)))"
-stage diffusers_eager 170 python3 "$G/bench/flux_diffusers_baseline.py" --json-out "$OUT/logs/diffusers_eager.json"
+# The fused kernels against fp32 before any timing (CHECK_FUSED=1).
+[[ -n "${CHECK_FUSED:-}" ]] && stage check_fused 90 "$BIN" --check-fused
+[[ -z "${SKIP_EAGER:-}" ]] && stage diffusers_eager 170 python3 "$G/bench/flux_diffusers_baseline.py" --json-out "$OUT/logs/diffusers_eager.json"
 for o in ${OPTS:-all none rope rope,rms rope,rms,mod all}; do
-  n=ditfleet_${o//,/+}; [[ -e "$OUT/logs/$n.out" ]] && n=${n}_2
+  n=ditfleet_${o//,/+}; n=${n//-/no}; [[ -e "$OUT/logs/$n.out" ]] && n=${n}_2
   export DITFLEET_FLUX_OPT=$o
-  stage "$n" 100 "$BIN" --bf16
+  prof=()
+  # PROFILE_OPTS: the formulations whose run also records 2 steps with the kineto profiler.
+  [[ " ${PROFILE_OPTS:-} " == *" $o "* && ! -e "$OUT/logs/profile_$n.json" ]] && prof=(--profile "/tmp/trace_$n.json")
+  stage "$n" 100 "$BIN" --bf16 "${prof[@]}"
+  if [[ -e "/tmp/trace_$n.json" ]]; then
+    python3 "$G/flux_1gpu/profile_summary.py" "/tmp/trace_$n.json" --json-out "$OUT/logs/profile_$n.json" > /dev/null
+    rm -f "/tmp/trace_$n.json"
+  fi
 done
-for o in ${CMP_OPTS:-all}; do
+for o in ${CMP_OPTS-all}; do
   export DITFLEET_FLUX_OPT=$o
   stage "compare_2x4_${o//,/+}" 150 python3 "$G/flux_1gpu/flux_gpu_compare.py" --bin "$BIN" --depth 2 --single-depth 4 \
     --workdir /tmp/cmp24 --json-out "$OUT/logs/compare_2x4_${o//,/+}.json"
 done
+# diffusers with regional torch.compile (the compiled peer; DIFFUSERS_COMPILE=1), in the same call.
+[[ -n "${DIFFUSERS_COMPILE:-}" ]] && stage diffusers_compile 260 python3 "$G/bench/flux_diffusers_baseline.py" \
+  --compile regional --json-out "$OUT/logs/diffusers_compile.json"
 export DITFLEET_FLUX_OPT=${FULL_OPT:-all}
-stage "compare_full_${DITFLEET_FLUX_OPT//,/+}" 330 python3 "$G/flux_1gpu/flux_gpu_compare.py" --bin "$BIN" --depth 19 --single-depth 38 \
+[[ -z "${SKIP_FULL:-}" ]] && stage "compare_full_${DITFLEET_FLUX_OPT//,/+}" 330 python3 "$G/flux_1gpu/flux_gpu_compare.py" --bin "$BIN" --depth 19 --single-depth 38 \
   --workdir /tmp/cmpfull --json-out "$OUT/logs/compare_full_${DITFLEET_FLUX_OPT//,/+}.json"
 [[ -n "${CHECKS:-}" ]] && stage checks 150 python3 "$G/flux_1gpu/gpu_checks.py"
 python3 "$G/flux_1gpu/summarize.py" "$OUT/logs" | tee "$OUT/summary.txt"

@@ -55,6 +55,10 @@ rows = []
 de = load("diffusers_eager")
 if de:
     rows.append(("diffusers eager (SDPA)", de["step_ms_median"], de["total_s"], de["peak_alloc_gib"], mem_gib("diffusers_eager"), None))
+dc = load("diffusers_compile")
+if dc:
+    rows.append((f"diffusers {dc.get('compile', 'compiled')} (warm-up incl. compile {sum(dc.get('warmup_step_wall_s', [0])):.0f} s)",
+                 dc["step_ms_median"], dc["total_s"], dc["peak_alloc_gib"], mem_gib("diffusers_compile"), None))
 for p in sorted(glob.glob(os.path.join(D, "ditfleet_*.out"))):
     n = os.path.basename(p)[:-4]
     j = load(n)
@@ -86,3 +90,18 @@ try:
     print("diffusers top kernels (ms): " + "; ".join(f"{k} {v}" for k, v in top[:12]))
 except Exception as e:  # noqa: BLE001
     print(f"checks: none ({e!r})")
+
+cf = load("check_fused")
+if cf:
+    print()
+    print("check_fused (1 double + 1 single block, full width, bf16 vs the same blocks in fp32, relative L2):")
+    print("| formulations | double img | double txt | single |")
+    print("| --- | --- | --- | --- |")
+    for k, v in cf.items():
+        print(f"| {k} | {v['double_img_rel_l2_vs_fp32']:.2e} | {v['double_txt_rel_l2_vs_fp32']:.2e} | {v['single_rel_l2_vs_fp32']:.2e} |")
+for p in sorted(glob.glob(os.path.join(D, "profile_*.json"))):
+    pr = json.load(open(p))
+    print()
+    print(f"{os.path.basename(p)[:-5]}: kernels {pr['kernel_ms_per_step']} ms/step, {pr['kernel_launches_per_step']:.0f} launches/step; "
+          + "; ".join(f"{k} {v}" for k, v in pr["buckets_ms_per_step"].items()))
+    print("  top: " + "; ".join(f"{t['name'][:60]} {t['ms_per_step']}" for t in pr["top"][:10]))

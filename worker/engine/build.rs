@@ -5,6 +5,7 @@ include!("link_torch.rs");
 /// `$CUDA_HOME/include`) the CUDA parts (streams, graphs) are compiled in too.
 fn build_shim() {
     println!("cargo:rerun-if-changed=csrc/aten_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/flux_kernels.cu.inc");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let Some(lib) = torch_lib_dir() else {
         panic!("ditfleet-engine: libtorch not found (set LIBTORCH or put a python3 with torch on PATH)");

@@ -18,6 +18,14 @@
 #ifdef DTF_WITH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda.h>
+#include <dlfcn.h>
+#include <nvrtc.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
+
+#include <map>
+#include <mutex>
+#include <vector>
 #endif
 
 namespace {
@@ -112,6 +120,372 @@ char *dtf_current_stream(int device, void **stream) {
   });
 }
 
+} // extern "C"
+
+// ---- Fused kernels (csrc/flux_kernels.cu.inc), compiled at run time with NVRTC ----------------
+//
+// NVRTC and the driver are opened with dlopen (NVRTC from the torch wheel's nvidia/cu13/lib beside
+// libtorch, the driver from the system), so the engine links neither and a CPU machine without
+// them still loads it. Each device's module is compiled once (for its exact sm_XY) and cached.
+
+namespace {
+
+const char *kKernelSource =
+#include "flux_kernels.cu.inc"
+    ;
+
+struct Nvrtc {
+  nvrtcResult (*create)(nvrtcProgram *, const char *, const char *, int, const char *const *,
+                        const char *const *) = nullptr;
+  nvrtcResult (*compile)(nvrtcProgram, int, const char *const *) = nullptr;
+  nvrtcResult (*log_size)(nvrtcProgram, size_t *) = nullptr;
+  nvrtcResult (*log)(nvrtcProgram, char *) = nullptr;
+  nvrtcResult (*cubin_size)(nvrtcProgram, size_t *) = nullptr;
+  nvrtcResult (*cubin)(nvrtcProgram, char *) = nullptr;
+  nvrtcResult (*destroy)(nvrtcProgram *) = nullptr;
+  const char *(*error)(nvrtcResult) = nullptr;
+  std::string load_error;
+};
+
+struct Driver {
+  CUresult (*module_load)(CUmodule *, const void *) = nullptr;
+  CUresult (*get_function)(CUfunction *, CUmodule, const char *) = nullptr;
+  CUresult (*launch)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                     unsigned, CUstream, void **, void **) = nullptr;
+  CUresult (*ctx_get)(CUcontext *) = nullptr;
+  CUresult (*ctx_set)(CUcontext) = nullptr;
+  CUresult (*primary_retain)(CUcontext *, CUdevice) = nullptr;
+  CUresult (*device_get)(CUdevice *, int) = nullptr;
+  CUresult (*attribute)(int *, CUdevice_attribute, CUdevice) = nullptr;
+  CUresult (*ctx_get_device)(CUdevice *) = nullptr;
+  CUresult (*error)(CUresult, const char **) = nullptr;
+  std::string load_error;
+};
+
+template <typename T> void sym(void *lib, const char *name, T &out, std::string &err) {
+  out = reinterpret_cast<T>(dlsym(lib, name));
+  if (out == nullptr) {
+    err += std::string("missing symbol ") + name + "; ";
+  }
+}
+
+// The directory of the libtorch shared objects (where libc10_cuda.so was loaded from).
+std::string torch_lib_dir() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void *>(&c10::cuda::getCurrentCUDAStream), &info) == 0 ||
+      info.dli_fname == nullptr) {
+    return "";
+  }
+  std::string p(info.dli_fname);
+  auto slash = p.rfind('/');
+  return slash == std::string::npos ? "" : p.substr(0, slash);
+}
+
+const Nvrtc &nvrtc() {
+  static Nvrtc api = [] {
+    Nvrtc a;
+    std::vector<std::string> candidates;
+    const std::string dir = torch_lib_dir();
+    if (!dir.empty()) {
+      candidates.push_back(dir + "/../../nvidia/cu13/lib/libnvrtc.so.13");
+      candidates.push_back(dir + "/../../nvidia/cuda_nvrtc/lib/libnvrtc.so.13");
+    }
+    candidates.push_back("libnvrtc.so.13");
+    candidates.push_back("libnvrtc.so");
+    void *lib = nullptr;
+    for (const auto &c : candidates) {
+      lib = dlopen(c.c_str(), RTLD_NOW | RTLD_GLOBAL);
+      if (lib != nullptr) {
+        // NVRTC opens its builtins library by name at compile time; that name only resolves if
+        // it is already loaded or on the loader's path, so load it from beside libnvrtc first.
+        const auto slash = c.rfind('/');
+        if (slash != std::string::npos) {
+          for (const char *b : {"libnvrtc-builtins.so.13.0", "libnvrtc-builtins.so.13.1",
+                                "libnvrtc-builtins.so.13.2", "libnvrtc-builtins.so"}) {
+            if (dlopen((c.substr(0, slash + 1) + b).c_str(), RTLD_NOW | RTLD_GLOBAL) != nullptr) {
+              break;
+            }
+          }
+        }
+        break;
+      }
+    }
+    if (lib == nullptr) {
+      a.load_error = "NVRTC not found (tried the torch wheel's nvidia/cu13/lib and libnvrtc.so.13)";
+      return a;
+    }
+    sym(lib, "nvrtcCreateProgram", a.create, a.load_error);
+    sym(lib, "nvrtcCompileProgram", a.compile, a.load_error);
+    sym(lib, "nvrtcGetProgramLogSize", a.log_size, a.load_error);
+    sym(lib, "nvrtcGetProgramLog", a.log, a.load_error);
+    sym(lib, "nvrtcGetCUBINSize", a.cubin_size, a.load_error);
+    sym(lib, "nvrtcGetCUBIN", a.cubin, a.load_error);
+    sym(lib, "nvrtcDestroyProgram", a.destroy, a.load_error);
+    sym(lib, "nvrtcGetErrorString", a.error, a.load_error);
+    return a;
+  }();
+  if (!api.load_error.empty()) {
+    throw std::runtime_error(api.load_error);
+  }
+  return api;
+}
+
+const Driver &driver() {
+  static Driver api = [] {
+    Driver a;
+    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    if (lib == nullptr) {
+      a.load_error = "the CUDA driver (libcuda.so.1) is not loadable";
+      return a;
+    }
+    sym(lib, "cuModuleLoadData", a.module_load, a.load_error);
+    sym(lib, "cuModuleGetFunction", a.get_function, a.load_error);
+    sym(lib, "cuLaunchKernel", a.launch, a.load_error);
+    sym(lib, "cuCtxGetCurrent", a.ctx_get, a.load_error);
+    sym(lib, "cuCtxSetCurrent", a.ctx_set, a.load_error);
+    sym(lib, "cuDevicePrimaryCtxRetain", a.primary_retain, a.load_error);
+    sym(lib, "cuDeviceGet", a.device_get, a.load_error);
+    sym(lib, "cuDeviceGetAttribute", a.attribute, a.load_error);
+    sym(lib, "cuCtxGetDevice", a.ctx_get_device, a.load_error);
+    sym(lib, "cuGetErrorString", a.error, a.load_error);
+    return a;
+  }();
+  if (!api.load_error.empty()) {
+    throw std::runtime_error(api.load_error);
+  }
+  return api;
+}
+
+void cu_check(CUresult r, const char *what) {
+  if (r != CUDA_SUCCESS) {
+    const char *msg = nullptr;
+    driver().error(r, &msg);
+    throw std::runtime_error(std::string(what) + ": " + (msg ? msg : "unknown CUDA error"));
+  }
+}
+
+// Compiles the kernel source for `arch` (e.g. "sm_90"); returns the CUBIN.
+std::string compile_kernels(const std::string &arch) {
+  const Nvrtc &n = nvrtc();
+  nvrtcProgram prog = nullptr;
+  if (n.create(&prog, kKernelSource, "flux_kernels.cu", 0, nullptr, nullptr) != NVRTC_SUCCESS) {
+    throw std::runtime_error("nvrtcCreateProgram failed");
+  }
+  const std::string arch_opt = "--gpu-architecture=" + arch;
+  const char *opts[] = {arch_opt.c_str(), "--std=c++17"};
+  const nvrtcResult r = n.compile(prog, 2, opts);
+  size_t log_size = 0;
+  n.log_size(prog, &log_size);
+  std::string log(log_size, '\0');
+  if (log_size > 1) {
+    n.log(prog, &log[0]);
+  }
+  if (r != NVRTC_SUCCESS) {
+    n.destroy(&prog);
+    throw std::runtime_error(std::string("NVRTC compile of the flux kernels for ") + arch +
+                             " failed: " + n.error(r) + "\n" + log);
+  }
+  size_t size = 0;
+  n.cubin_size(prog, &size);
+  std::string cubin(size, '\0');
+  n.cubin(prog, &cubin[0]);
+  n.destroy(&prog);
+  return cubin;
+}
+
+struct Kernels {
+  CUfunction qkv_norm_rope = nullptr;
+  CUfunction gate_residual_ln = nullptr;
+};
+
+// Makes `device`'s primary context (libtorch's) current on this thread.
+void use_device_context(int device) {
+  const Driver &d = driver();
+  CUcontext cur = nullptr;
+  d.ctx_get(&cur);
+  if (cur != nullptr) {
+    CUdevice dev = -1;
+    if (d.ctx_get_device(&dev) == CUDA_SUCCESS && dev == device) {
+      return;
+    }
+  }
+  CUdevice dev = 0;
+  cu_check(d.device_get(&dev, device), "cuDeviceGet");
+  CUcontext ctx = nullptr;
+  cu_check(d.primary_retain(&ctx, dev), "cuDevicePrimaryCtxRetain");
+  cu_check(d.ctx_set(ctx), "cuCtxSetCurrent");
+}
+
+const Kernels &kernels(int device) {
+  static std::mutex mu;
+  static std::map<int, Kernels> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) {
+    return it->second;
+  }
+  use_device_context(device);
+  const Driver &d = driver();
+  CUdevice dev = 0;
+  cu_check(d.device_get(&dev, device), "cuDeviceGet");
+  int major = 0, minor = 0;
+  cu_check(d.attribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "compute capability");
+  cu_check(d.attribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "compute capability");
+  const std::string cubin = compile_kernels("sm_" + std::to_string(major) + std::to_string(minor));
+  CUmodule module = nullptr;
+  cu_check(d.module_load(&module, cubin.data()), "cuModuleLoadData");
+  Kernels k;
+  cu_check(d.get_function(&k.qkv_norm_rope, module, "dtf_qkv_norm_rope"), "dtf_qkv_norm_rope");
+  cu_check(d.get_function(&k.gate_residual_ln, module, "dtf_gate_residual_ln"),
+           "dtf_gate_residual_ln");
+  return cache.emplace(device, k).first->second;
+}
+
+void require(bool ok, const std::string &what) {
+  if (!ok) {
+    throw std::runtime_error(what);
+  }
+}
+
+bool aligned8(const at::Tensor &t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 8 == 0;
+}
+
+void launch(int device, CUfunction f, unsigned gx, unsigned gy, unsigned block, void **args) {
+  use_device_context(device);
+  CUstream stream = reinterpret_cast<CUstream>(c10::cuda::getCurrentCUDAStream(device).stream());
+  cu_check(driver().launch(f, gx, gy, 1, block, 1, 1, 0, stream, args, nullptr), "cuLaunchKernel");
+}
+
+} // namespace
+
+extern "C" {
+
+// Compiles the fused kernels for `arch` (e.g. "sm_90") without a GPU (NVRTC only): NULL on
+// success, else the error with NVRTC's log.
+char *dtf_kernels_compile_check(const char *arch) {
+  return guarded([&] { compile_kernels(arch); });
+}
+
+// See dtf_qkv_norm_rope in flux_kernels.cu.inc. qkv (b, t, >= 3*H*128) bf16, last dim contiguous;
+// q_scale/k_scale (128) bf16; rope (rows, 64) complex64 or (rows, 64, 2) fp32, contiguous;
+// q_out/k_out/v_out (b, rows, H, 128) bf16 contiguous; rows >= row_offset + t.
+char *dtf_qkv_norm_rope(const at::Tensor *qkv, const at::Tensor *q_scale, const at::Tensor *k_scale,
+                        const at::Tensor *rope, const at::Tensor *q_out, const at::Tensor *k_out,
+                        const at::Tensor *v_out, int64_t row_offset, double eps) {
+  return guarded([&] {
+    const at::Tensor &x = *qkv;
+    require(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1,
+            "qkv must be a CUDA bf16 (b, t, w) tensor with a contiguous last dim");
+    const int device = x.get_device();
+    const int64_t b = x.size(0), t = x.size(1);
+    const at::Tensor &qo = *q_out;
+    require(qo.dim() == 4 && qo.size(3) == 128, "outputs must be (b, rows, heads, 128)");
+    const int64_t heads = qo.size(2), rows = qo.size(1);
+    require(x.size(2) >= 3 * heads * 128, "qkv is narrower than 3 * heads * 128");
+    require(row_offset >= 0 && row_offset + t <= rows, "rows out of range");
+    for (const at::Tensor *o : {q_out, k_out, v_out}) {
+      require(o->is_cuda() && o->get_device() == device && o->scalar_type() == at::kBFloat16 &&
+                  o->is_contiguous() && o->sizes() == qo.sizes() && aligned8(*o),
+              "outputs must be contiguous bf16 tensors of one shape on qkv's device");
+    }
+    for (const at::Tensor *sc : {q_scale, k_scale}) {
+      require(sc->is_cuda() && sc->get_device() == device && sc->scalar_type() == at::kBFloat16 &&
+                  sc->is_contiguous() && sc->numel() == 128 && aligned8(*sc),
+              "norm scales must be contiguous bf16 (128) tensors on qkv's device");
+    }
+    const at::Tensor &r = *rope;
+    require(r.is_cuda() && r.get_device() == device && r.is_contiguous() &&
+                (r.scalar_type() == at::kComplexFloat || r.scalar_type() == at::kFloat) &&
+                r.numel() * (r.scalar_type() == at::kComplexFloat ? 2 : 1) == rows * 128,
+            "rope must be contiguous (rows, 64) complex64 or (rows, 64, 2) fp32 on qkv's device");
+    require(aligned8(x) && x.stride(1) % 4 == 0 && x.stride(0) % 4 == 0,
+            "qkv rows must be 8-byte aligned");
+    if (b == 0 || t == 0) {
+      return;
+    }
+    const void *px = x.data_ptr(), *pqs = q_scale->data_ptr(), *pks = k_scale->data_ptr(),
+               *pr = r.data_ptr();
+    void *pq = q_out->data_ptr(), *pk = k_out->data_ptr(), *pv = v_out->data_ptr();
+    long long row_stride = x.stride(1), batch_stride = x.stride(0),
+              out_batch_stride = rows * heads * 128;
+    int tokens = static_cast<int>(t), h = static_cast<int>(heads), off = static_cast<int>(row_offset);
+    float e = static_cast<float>(eps);
+    void *args[] = {&px, &row_stride, &batch_stride, &pqs, &pks, &pr, &pq, &pk, &pv,
+                    &out_batch_stride, &tokens, &h, &off, &e};
+    const int64_t warps = t * heads;
+    const unsigned block = 256;
+    launch(device, kernels(device).qkv_norm_rope, static_cast<unsigned>((warps * 32 + block - 1) / block),
+           static_cast<unsigned>(b), block, args);
+  });
+}
+
+// See dtf_gate_residual_ln in flux_kernels.cu.inc. x (b, s, n) contiguous; y (b, s, n) with
+// contiguous rows (stride(0) == s * stride(1) unless b == 1); gate/scale/shift (b, 1, n) with one
+// batch stride, last dim contiguous; x_out/h_out (b, s, n) contiguous. All bf16 on one device.
+char *dtf_gate_residual_ln(const at::Tensor *x, const at::Tensor *gate, const at::Tensor *y,
+                           const at::Tensor *scale, const at::Tensor *shift, const at::Tensor *x_out,
+                           const at::Tensor *h_out, double eps) {
+  return guarded([&] {
+    require(x->is_cuda() && x->dim() == 3 && x->is_contiguous() && x->scalar_type() == at::kBFloat16,
+            "x must be a contiguous CUDA bf16 (b, s, n) tensor");
+    const int device = x->get_device();
+    const int64_t b = x->size(0), s = x->size(1), n = x->size(2);
+    require(n % 4 == 0 && n <= 4096, "row width must be a multiple of 4, at most 4096");
+    require(y->is_cuda() && y->get_device() == device && y->scalar_type() == at::kBFloat16 &&
+                y->sizes() == x->sizes() && y->stride(2) == 1 && y->stride(1) % 4 == 0 &&
+                (b == 1 || y->stride(0) == s * y->stride(1)) && aligned8(*y),
+            "y must be bf16 (b, s, n) with contiguous, aligned rows on x's device");
+    for (const at::Tensor *m : {gate, scale, shift}) {
+      require(m->is_cuda() && m->get_device() == device && m->scalar_type() == at::kBFloat16 &&
+                  m->dim() == 3 && m->size(0) == b && m->size(1) == 1 && m->size(2) == n &&
+                  m->stride(2) == 1 && m->stride(0) == gate->stride(0) &&
+                  m->stride(0) % 4 == 0 && aligned8(*m),
+              "gate/scale/shift must be bf16 (b, 1, n) chunks of one modulation tensor");
+    }
+    for (const at::Tensor *o : {x_out, h_out}) {
+      require(o->is_cuda() && o->get_device() == device && o->scalar_type() == at::kBFloat16 &&
+                  o->is_contiguous() && o->sizes() == x->sizes() && aligned8(*o),
+              "outputs must be contiguous bf16 tensors of x's shape");
+    }
+    require(aligned8(*x), "x must be 8-byte aligned");
+    if (b * s == 0) {
+      return;
+    }
+    const void *px = x->data_ptr(), *py = y->data_ptr(), *pg = gate->data_ptr(),
+               *psc = scale->data_ptr(), *psh = shift->data_ptr();
+    void *pxo = x_out->data_ptr(), *pho = h_out->data_ptr();
+    long long xs = n, ys = y->stride(1), ms = gate->stride(0), os = n;
+    int rpb = static_cast<int>(s), width = static_cast<int>(n);
+    float e = static_cast<float>(eps);
+    void *args[] = {&px, &xs, &py, &ys, &pg, &psc, &psh, &ms, &rpb, &pxo, &pho, &os, &width, &e};
+    launch(device, kernels(device).gate_residual_ln, static_cast<unsigned>(b * s), 1, 256, args);
+  });
+}
+
+// The kineto profiler (CPU ops and CUDA kernels) for this process, as torch.profiler runs it;
+// dtf_profiler_stop writes a Chrome trace to `path`.
+char *dtf_profiler_start(void) {
+  return guarded([&] {
+    using torch::profiler::impl::ActivityType;
+    torch::profiler::impl::ProfilerConfig cfg(torch::profiler::impl::ProfilerState::KINETO);
+    const std::set<ActivityType> acts{ActivityType::CPU, ActivityType::CUDA};
+    torch::autograd::profiler::prepareProfiler(cfg, acts);
+    torch::autograd::profiler::enableProfiler(cfg, acts);
+  });
+}
+
+char *dtf_profiler_stop(const char *path) {
+  return guarded([&] {
+    auto result = torch::autograd::profiler::disableProfiler();
+    result->save(path);
+  });
+}
+
+} // extern "C"
+
+extern "C" {
+
 struct DtfGraph {
   at::cuda::CUDAGraph graph;
   int device;
@@ -190,6 +564,19 @@ char *dtf_graph_exit(DtfGraph *) { return no_cuda(); }
 char *dtf_graph_begin(DtfGraph *) { return no_cuda(); }
 char *dtf_graph_end(DtfGraph *) { return no_cuda(); }
 char *dtf_graph_replay(DtfGraph *) { return no_cuda(); }
+char *dtf_kernels_compile_check(const char *) { return no_cuda(); }
+char *dtf_qkv_norm_rope(const at::Tensor *, const at::Tensor *, const at::Tensor *,
+                        const at::Tensor *, const at::Tensor *, const at::Tensor *,
+                        const at::Tensor *, int64_t, double) {
+  return no_cuda();
+}
+char *dtf_gate_residual_ln(const at::Tensor *, const at::Tensor *, const at::Tensor *,
+                           const at::Tensor *, const at::Tensor *, const at::Tensor *,
+                           const at::Tensor *, double) {
+  return no_cuda();
+}
+char *dtf_profiler_start(void) { return no_cuda(); }
+char *dtf_profiler_stop(const char *) { return no_cuda(); }
 
 #endif
 

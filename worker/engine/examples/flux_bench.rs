@@ -16,6 +16,12 @@
 //!   [--weights flux1-dev.safetensors] [--dump-latent out.safetensors] [--seed N]
 //!   [--depth N] [--single-depth N]
 //! ```
+//! `--check-fused` (CUDA): one double and one single block at full width, bf16, with every set
+//! of formulations, each against the same blocks in fp32 (relative L2), then exits: the fused
+//! kernels are checked before any timing trusts them. `--profile TRACE.json` records two timed
+//! steps with libtorch's kineto profiler after the loops (Chrome trace; summarise with
+//! `bench/flux_1gpu/profile_summary.py`).
+//!
 //! `--dump-latent` writes the inputs (packed noise, txt, pooled, guidance), the first step's
 //! transformer output (`v0`) and the final packed latents, so diffusers can be run on the same
 //! inputs for comparison. `--depth` / `--single-depth` override the number of double / single
@@ -43,6 +49,8 @@ struct Args {
     seed: u64,
     depth: Option<i64>,
     single_depth: Option<i64>,
+    check_fused: bool,
+    profile: Option<PathBuf>,
 }
 
 fn parse() -> Result<Args> {
@@ -59,6 +67,8 @@ fn parse() -> Result<Args> {
         seed: 0,
         depth: None,
         single_depth: None,
+        check_fused: false,
+        profile: None,
     };
     let mut bf16 = false;
     let mut it = std::env::args().skip(1);
@@ -77,6 +87,8 @@ fn parse() -> Result<Args> {
             "--dump-latent" => a.dump = Some(val()?.into()),
             "--depth" => a.depth = Some(val()?.parse()?),
             "--single-depth" => a.single_depth = Some(val()?.parse()?),
+            "--check-fused" => a.check_fused = true,
+            "--profile" => a.profile = Some(val()?.into()),
             "--device" => {
                 let v = val()?;
                 a.device = match v.as_str() {
@@ -154,10 +166,81 @@ impl MemProbe {
     }
 }
 
+fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.f_to_kind(Kind::Float)?;
+    let b = b.f_to_kind(Kind::Float)?;
+    Ok(f64::try_from(a.f_sub(&b)?.f_norm()?)? / f64::try_from(b.f_norm()?)?)
+}
+
+/// `--check-fused`: every set of formulations on one double + one single block (full width, bf16)
+/// against the same blocks in fp32 with the reference formulation.
+fn check_fused(dev: Device, seed: u64) -> Result<serde_json::Value> {
+    use ditfleet_engine::flux::transformer::{Ctx, LocalAttention};
+    let mut cfg = Config::dev();
+    cfg.depth = 1;
+    cfg.depth_single_blocks = 1;
+    tch::manual_seed(seed as i64);
+    let m16 = Flux::new(&cfg, dev, Kind::BFloat16)?;
+    // Norm scales start at 1: perturb every 1-D parameter so the scales are exercised too.
+    for (name, t) in m16.vs.variables() {
+        if t.dim() == 1 && (name.ends_with("scale") || name.contains("norm")) {
+            let mut t = t;
+            let noise = Tensor::f_randn_like(&t)?.f_mul_scalar(0.3)?.f_add_scalar(1.0)?;
+            t.f_copy_(&noise)?;
+        }
+    }
+    let mut m32 = Flux::new(&cfg, dev, Kind::Float)?;
+    m32.vs.copy(&m16.vs)?;
+    let (txt_len, lh, lw) = (512i64, 128i64, 128i64);
+    let img_len = (lh / 2) * (lw / 2);
+    let h = cfg.hidden_size;
+    let ids = Flux::position_ids(txt_len, lh, lw, dev)?;
+    let pe = m16.rope(&ids)?;
+    let img = Tensor::f_randn([1, img_len, h], (Kind::BFloat16, dev))?;
+    let txt = Tensor::f_randn([1, txt_len, h], (Kind::BFloat16, dev))?;
+    let x = Tensor::f_cat(&[&txt, &img], 1)?;
+    let vec = Tensor::f_randn([1, h], (Kind::BFloat16, dev))?;
+    let f32 = |t: &Tensor| t.f_to_kind(Kind::Float);
+    let ctx = |opts| Ctx {
+        pe: &pe,
+        attn: &LocalAttention,
+        opts,
+    };
+    let (ri, rt) = m32.double_blocks[0].forward(&f32(&img)?, &f32(&txt)?, &f32(&vec)?, ctx(Opts::NONE))?;
+    let rs = m32.single_blocks[0].forward(&f32(&x)?, &f32(&vec)?, ctx(Opts::NONE))?;
+    let mut out = serde_json::Map::new();
+    let variants = [
+        ("none", Opts::NONE),
+        ("rope,rms,mod,cat", Opts::parse("rope,rms,mod,cat")),
+        ("all", Opts::ALL),
+        ("all,-qkv", Opts::parse("all,-qkv")),
+        ("all,-ln", Opts::parse("all,-ln")),
+        ("all,-gelu", Opts::parse("all,-gelu")),
+    ];
+    for (name, opts) in variants {
+        let (i, t) = m16.double_blocks[0].forward(&img, &txt, &vec, ctx(opts))?;
+        let s = m16.single_blocks[0].forward(&x, &vec, ctx(opts))?;
+        out.insert(
+            name.to_string(),
+            serde_json::json!({
+                "double_img_rel_l2_vs_fp32": rel_l2(&i, &ri)?,
+                "double_txt_rel_l2_vs_fp32": rel_l2(&t, &rt)?,
+                "single_rel_l2_vs_fp32": rel_l2(&s, &rs)?,
+            }),
+        );
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
 fn main() -> Result<()> {
     let args = parse()?;
     let _guard = tch::no_grad_guard();
     let dev = args.device;
+    if args.check_fused {
+        let report = check_fused(dev, args.seed)?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     let mut cfg = if args.tiny { Config::tiny() } else { Config::dev() };
     if let Some(d) = args.depth {
         cfg.depth = d;
@@ -246,6 +329,16 @@ fn main() -> Result<()> {
     let loop_s = s.elapsed().as_secs_f64();
     mem.sample();
 
+    if let Some(path) = &args.profile {
+        ditfleet_engine::aten::profiler_start()?;
+        let mut x = x0.shallow_clone();
+        for (i, vec) in vec_rows.iter().enumerate().take(2) {
+            let v = model.forward_prepared(&x, &txt, vec, &pe)?;
+            x = sampling::euler_step(&x, &v, sched.sigmas[i], sched.sigmas[i + 1])?;
+        }
+        sync(dev);
+        ditfleet_engine::aten::profiler_stop(path)?;
+    }
     let finite = bool::try_from(latents.f_isfinite()?.f_all()?)?;
     // Both runs do the same work; they must agree exactly (determinism check, after the timing).
     let deterministic = bool::try_from(synced_latents.f_eq_tensor(&latents)?.f_all()?)?;

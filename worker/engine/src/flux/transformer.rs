@@ -26,12 +26,23 @@ use crate::EngineError;
 /// into the LayerNorm's affine for batch 1, `addcmul` otherwise; gated residuals by `addcmul`),
 /// `cat` (single blocks write attention output and GELU(mlp) straight into `linear2`'s input
 /// instead of concatenating). Measured on H100 and H200: docs/benchmarks-flux-1gpu.md.
+///
+/// Three more work on CUDA bf16 tensors only (elsewhere the formulations above run): `qkv` (one
+/// fused kernel, `csrc/flux_kernels.cu.inc`, from each stream's qkv projection straight to the
+/// attention inputs: q/k RMSNorm, RoPE and the (b, seq, heads, 128) joint layout in one pass, in
+/// place of the split, norm, RoPE and concatenation passes), `ln` (the gated residual and the next
+/// modulated LayerNorm of a double block in one kernel), `gelu` (the MLP-in matmuls with the tanh
+/// GELU in cuBLASLt's epilogue; single blocks run `linear1` / `linear2` as their qkv and MLP halves
+/// so no concatenated activation is written).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Opts {
     pub rope: bool,
     pub rms: bool,
     pub modulation: bool,
     pub cat: bool,
+    pub qkv: bool,
+    pub ln: bool,
+    pub gelu: bool,
 }
 
 impl Opts {
@@ -40,16 +51,22 @@ impl Opts {
         rms: true,
         modulation: true,
         cat: true,
+        qkv: true,
+        ln: true,
+        gelu: true,
     };
     pub const NONE: Opts = Opts {
         rope: false,
         rms: false,
         modulation: false,
         cat: false,
+        qkv: false,
+        ln: false,
+        gelu: false,
     };
 
     /// Parses `DITFLEET_FLUX_OPT`'s value (see [`Opts`]; `all` in a list = the defaults plus the
-    /// others named); unknown names are ignored.
+    /// others named, `-name` turns one off, e.g. `all,-gelu`); unknown names are ignored.
     pub fn parse(v: &str) -> Opts {
         let v = v.trim();
         if v.is_empty() || v == "all" {
@@ -57,11 +74,15 @@ impl Opts {
         }
         let has = |n: &str| v.split(',').any(|x| x.trim() == n);
         let base = if has("all") { Opts::ALL } else { Opts::NONE };
+        let off = |n: &str| v.split(',').any(|x| x.trim() == format!("-{n}"));
         Opts {
-            rope: base.rope || has("rope"),
-            rms: base.rms || has("rms"),
-            modulation: base.modulation || has("mod"),
-            cat: base.cat || has("cat"),
+            rope: (base.rope || has("rope")) && !off("rope"),
+            rms: (base.rms || has("rms")) && !off("rms"),
+            modulation: (base.modulation || has("mod")) && !off("mod"),
+            cat: (base.cat || has("cat")) && !off("cat"),
+            qkv: (base.qkv || has("qkv")) && !off("qkv"),
+            ln: (base.ln || has("ln")) && !off("ln"),
+            gelu: (base.gelu || has("gelu")) && !off("gelu"),
         }
     }
 
@@ -423,18 +444,122 @@ impl JointAttention for LocalAttention {
     }
 }
 
-/// Per-forward context of the blocks: RoPE tables of the local tokens and the attention op.
+/// Per-forward context of the blocks: RoPE tables of the local tokens, the attention op and the
+/// formulations to use.
 #[derive(Clone, Copy)]
 pub struct Ctx<'a> {
     pub pe: &'a Rope,
     pub attn: &'a dyn JointAttention,
+    pub opts: Opts,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// A context with the process-wide formulations ([`Opts::get`]).
+    pub fn new(pe: &'a Rope, attn: &'a dyn JointAttention) -> Self {
+        Self {
+            pe,
+            attn,
+            opts: Opts::get(),
+        }
+    }
+
     /// RoPE + attention; returns `(b, heads, seq, d)`.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
         self.attn.attend(&self.pe.apply(q)?, &self.pe.apply(k)?, v)
     }
+
+    /// Whether the fused qkv kernel serves a stream's projection `qkv` (bf16 on CUDA, heads of
+    /// 128, RoPE table over `rows` tokens).
+    fn fused_qkv(&self, qkv: &Tensor, heads: i64, rows: i64) -> bool {
+        self.opts.qkv
+            && cuda_bf16(qkv)
+            && qkv.size().last().is_some_and(|w| *w >= 3 * heads * 128)
+            && self.pe.freqs.size() == [1, 1, rows, 64]
+    }
+
+    /// Attention over joint buffers `(b, rows, heads, d)` that already hold normed, rotated q/k
+    /// (see [`fused_qkv`]); returns `(b, rows, heads * d)` (a view where the kernel wrote its
+    /// output in the same (b, seq, heads, d) layout, as cuDNN does).
+    fn attend_bshd(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
+        let (b, rows, heads, d) = q.size4()?;
+        let o = self
+            .attn
+            .attend(&q.f_transpose(1, 2)?, &k.f_transpose(1, 2)?, &v.f_transpose(1, 2)?)?; // (b, heads, rows, d)
+        o.f_transpose(1, 2)?.f_reshape([b, rows, heads * d])
+    }
+}
+
+/// bf16 on a CUDA device: where the fused kernels and cuBLASLt epilogues apply.
+fn cuda_bf16(x: &Tensor) -> bool {
+    x.device().is_cuda() && x.kind() == Kind::BFloat16
+}
+
+/// Joint attention-input buffers `(b, rows, heads, 128)` in `like`'s kind and device.
+fn joint_buffers(like: &Tensor, b: i64, rows: i64, heads: i64) -> Res<(Tensor, Tensor, Tensor)> {
+    let o = (like.kind(), like.device());
+    Ok((
+        Tensor::f_empty([b, rows, heads, 128], o)?,
+        Tensor::f_empty([b, rows, heads, 128], o)?,
+        Tensor::f_empty([b, rows, heads, 128], o)?,
+    ))
+}
+
+/// Writes one stream's normed, rotated q/k and v at rows `row_offset..` of the joint buffers
+/// (the fused kernel, [`crate::aten::qkv_norm_rope`]); `pe` covers the buffers' rows.
+fn fused_qkv(
+    qkv: &Tensor,
+    norm: &QkNorm,
+    pe: &Rope,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    row_offset: i64,
+) -> Res<()> {
+    crate::aten::qkv_norm_rope(
+        qkv,
+        &norm.query_norm.scale,
+        &norm.key_norm.scale,
+        &pe.freqs,
+        q,
+        k,
+        v,
+        row_offset,
+        norm.query_norm.eps,
+    )
+}
+
+/// `GELU_tanh(x W^T + b)`; on CUDA in bf16 as one cuBLASLt matmul with the GELU in its epilogue.
+fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor, fused: bool) -> Res<Tensor> {
+    if !(fused && cuda_bf16(x)) {
+        return x.f_linear(weight, Some(bias))?.f_gelu("tanh");
+    }
+    let size = x.size();
+    let (lead, in_dim) = size.split_at(size.len() - 1);
+    let out = bias.f_internal_addmm_activation(&x.f_reshape([-1, in_dim[0]])?, &weight.f_transpose(0, 1)?, true)?;
+    let mut shape = lead.to_vec();
+    shape.push(weight.size()[0]);
+    out.f_reshape(shape.as_slice())
+}
+
+/// `x' = x + gate * y` and `LN(x') * (1 + scale) + shift`: one kernel with [`Opts::ln`] on CUDA
+/// bf16, else [`gated_add`] and [`modulate`].
+#[allow(clippy::too_many_arguments)]
+fn gated_add_modulate(
+    norm: &LayerNorm,
+    x: &Tensor,
+    gate: &Tensor,
+    y: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+    opts: Opts,
+) -> Res<(Tensor, Tensor)> {
+    if opts.ln && cuda_bf16(x) && x.dim() == 3 && x.is_contiguous() && norm.weight.is_none() {
+        let x_out = x.f_empty_like()?;
+        let h_out = x.f_empty_like()?;
+        crate::aten::gate_residual_ln(x, gate, y, scale, shift, &x_out, &h_out, norm.eps)?;
+        return Ok((x_out, h_out));
+    }
+    let x = gated_add(x, gate, y)?;
+    let h = modulate(norm, &x, shift, scale)?;
+    Ok((x, h))
 }
 
 /// RoPE + attention; returns `(b, seq, heads * dim)`.
@@ -459,8 +584,12 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Res<Tensor> {
-        self.fc2.forward(&self.fc0.forward(x)?.f_gelu("tanh")?)
+    fn forward(&self, x: &Tensor, opts: Opts) -> Res<Tensor> {
+        let h = match &self.fc0.bias {
+            Some(b) => linear_gelu(x, &self.fc0.weight, b, opts.gelu)?,
+            None => self.fc0.forward(x)?.f_gelu("tanh")?,
+        };
+        self.fc2.forward(&h)
     }
 }
 
@@ -496,37 +625,54 @@ impl DoubleBlock {
     pub fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, ctx: Ctx<'_>) -> Res<(Tensor, Tensor)> {
         let im = self.img_mod.forward(vec)?; // 6 x (b, 1, h)
         let tm = self.txt_mod.forward(vec)?;
-        let img_x = modulate(&self.norm, img, &im[0], &im[1])?;
-        let (iq, ik, iv) = split_qkv(
-            &self.img_attn.qkv.forward(&img_x)?,
-            self.heads,
-            &self.img_attn.norm,
-        )?;
-        let txt_x = modulate(&self.norm, txt, &tm[0], &tm[1])?;
-        let (tq, tk, tv) = split_qkv(
-            &self.txt_attn.qkv.forward(&txt_x)?,
-            self.heads,
-            &self.txt_attn.norm,
-        )?;
-        let q = Tensor::f_cat(&[tq, iq], 2)?; // (b, heads, txt+img, d)
-        let k = Tensor::f_cat(&[tk, ik], 2)?;
-        let v = Tensor::f_cat(&[tv, iv], 2)?;
-        let attn = attention(&q, &k, &v, ctx)?; // (b, txt+img, h)
+        let img_qkv = self
+            .img_attn
+            .qkv
+            .forward(&modulate(&self.norm, img, &im[0], &im[1])?)?; // (b, img, 3h)
+        let txt_qkv = self
+            .txt_attn
+            .qkv
+            .forward(&modulate(&self.norm, txt, &tm[0], &tm[1])?)?; // (b, txt, 3h)
+        let (b, img_len, _) = img_qkv.size3()?;
         let txt_len = txt.size()[1];
+        let rows = txt_len + img_len;
+        let attn = if ctx.fused_qkv(&img_qkv, self.heads, rows) && ctx.fused_qkv(&txt_qkv, self.heads, rows) {
+            let (q, k, v) = joint_buffers(&img_qkv, b, rows, self.heads)?; // (b, txt+img, heads, d)
+            fused_qkv(&txt_qkv, &self.txt_attn.norm, ctx.pe, (&q, &k, &v), 0)?;
+            fused_qkv(&img_qkv, &self.img_attn.norm, ctx.pe, (&q, &k, &v), txt_len)?;
+            ctx.attend_bshd(&q, &k, &v)?
+        } else {
+            let (iq, ik, iv) = split_qkv(&img_qkv, self.heads, &self.img_attn.norm)?;
+            let (tq, tk, tv) = split_qkv(&txt_qkv, self.heads, &self.txt_attn.norm)?;
+            let q = Tensor::f_cat(&[tq, iq], 2)?; // (b, heads, txt+img, d)
+            let k = Tensor::f_cat(&[tk, ik], 2)?;
+            let v = Tensor::f_cat(&[tv, iv], 2)?;
+            attention(&q, &k, &v, ctx)? // (b, txt+img, h)
+        };
         let txt_attn = attn.f_narrow(1, 0, txt_len)?;
-        let img_attn = attn.f_narrow(1, txt_len, attn.size()[1] - txt_len)?;
+        let img_attn = attn.f_narrow(1, txt_len, img_len)?;
 
-        let img = gated_add(img, &im[2], &self.img_attn.proj.forward(&img_attn)?)?;
-        let img_ff = self
-            .img_mlp
-            .forward(&modulate(&self.norm, &img, &im[3], &im[4])?)?;
-        let img = gated_add(&img, &im[5], &img_ff)?;
+        let (img, img_x) = gated_add_modulate(
+            &self.norm,
+            img,
+            &im[2],
+            &self.img_attn.proj.forward(&img_attn)?,
+            &im[3],
+            &im[4],
+            ctx.opts,
+        )?;
+        let img = gated_add(&img, &im[5], &self.img_mlp.forward(&img_x, ctx.opts)?)?;
 
-        let txt = gated_add(txt, &tm[2], &self.txt_attn.proj.forward(&txt_attn)?)?;
-        let txt_ff = self
-            .txt_mlp
-            .forward(&modulate(&self.norm, &txt, &tm[3], &tm[4])?)?;
-        let txt = gated_add(&txt, &tm[5], &txt_ff)?;
+        let (txt, txt_x) = gated_add_modulate(
+            &self.norm,
+            txt,
+            &tm[2],
+            &self.txt_attn.proj.forward(&txt_attn)?,
+            &tm[3],
+            &tm[4],
+            ctx.opts,
+        )?;
+        let txt = gated_add(&txt, &tm[5], &self.txt_mlp.forward(&txt_x, ctx.opts)?)?;
         Ok((img, txt))
     }
 }
@@ -564,9 +710,23 @@ impl SingleBlock {
     pub fn forward(&self, x: &Tensor, vec: &Tensor, ctx: Ctx<'_>) -> Res<Tensor> {
         let m = self.modulation.forward(vec)?; // 3 x (b, 1, h)
         let x_mod = modulate(&self.pre_norm, x, &m[0], &m[1])?;
+        if ctx.opts.gelu && cuda_bf16(x) {
+            return self.forward_halves(x, &x_mod, &m[2], ctx);
+        }
         let fused = self.linear1.forward(&x_mod)?; // (b, seq, 3h + mlp)
         let qkv = fused.f_narrow(-1, 0, 3 * self.hidden)?;
         let mlp = fused.f_narrow(-1, 3 * self.hidden, self.mlp_hidden)?;
+        let (b, s, _) = x.size3()?;
+        if ctx.fused_qkv(&fused, self.heads, s) {
+            // linear1's output holds q|k|v|mlp per token: the kernel reads the q|k|v columns.
+            let (q, k, v) = joint_buffers(&fused, b, s, self.heads)?; // (b, seq, heads, d)
+            fused_qkv(&fused, &self.norm, ctx.pe, (&q, &k, &v), 0)?;
+            let o = ctx.attend_bshd(&q, &k, &v)?; // (b, seq, h)
+            let buf = Tensor::f_empty([b, s, self.hidden + self.mlp_hidden], (x.kind(), x.device()))?;
+            buf.f_narrow(-1, 0, self.hidden)?.f_copy_(&o)?;
+            let _ = mlp.f_gelu_out(&buf.f_narrow(-1, self.hidden, self.mlp_hidden)?, "tanh")?;
+            return gated_add(x, &m[2], &self.linear2.forward(&buf)?);
+        }
         let (q, k, v) = split_qkv(&qkv, self.heads, &self.norm)?;
         let hidden = if Opts::get().cat {
             // linear2's input (b, seq, h + mlp), written in place: attention output, GELU(mlp).
@@ -584,6 +744,36 @@ impl SingleBlock {
         };
         let out = self.linear2.forward(&hidden)?;
         gated_add(x, &m[2], &out)
+    }
+
+    /// [`SingleBlock::forward`] with `linear1` / `linear2` run as their attention and MLP halves
+    /// (CUDA bf16, [`Opts::gelu`]): `qkv = x W1[:3h]`, `g = GELU(x W1[3h:])` in one cuBLASLt matmul,
+    /// `out = attn W2[:, :h]^T + g W2[:, h:]^T` accumulated in place, so neither the GELU pass nor
+    /// the concatenated `(seq, h + mlp)` activation is needed.
+    fn forward_halves(&self, x: &Tensor, x_mod: &Tensor, gate: &Tensor, ctx: Ctx<'_>) -> Res<Tensor> {
+        let (h, mh) = (self.hidden, self.mlp_hidden);
+        let (w1, w2) = (&self.linear1.weight, &self.linear2.weight); // (3h + mlp, h), (h, h + mlp)
+        let b1 = self
+            .linear1
+            .bias
+            .as_ref()
+            .ok_or_else(|| tch::TchError::Torch("single block linear1 has no bias".into()))?;
+        let qkv = x_mod.f_linear(&w1.f_narrow(0, 0, 3 * h)?, Some(&b1.f_narrow(0, 0, 3 * h)?))?; // (b, seq, 3h)
+        let g = linear_gelu(x_mod, &w1.f_narrow(0, 3 * h, mh)?, &b1.f_narrow(0, 3 * h, mh)?, true)?; // (b, seq, mlp)
+        let (b, s, _) = x.size3()?;
+        let attn = if ctx.fused_qkv(&qkv, self.heads, s) {
+            let (q, k, v) = joint_buffers(&qkv, b, s, self.heads)?;
+            fused_qkv(&qkv, &self.norm, ctx.pe, (&q, &k, &v), 0)?;
+            ctx.attend_bshd(&q, &k, &v)?
+        } else {
+            let (q, k, v) = split_qkv(&qkv, self.heads, &self.norm)?;
+            attention(&q, &k, &v, ctx)?
+        }; // (b, seq, h)
+        let out = attn.f_linear(&w2.f_narrow(1, 0, h)?, self.linear2.bias.as_ref())?; // (b, seq, h)
+        let _ = out
+            .f_view([b * s, h])?
+            .f_addmm_(&g.f_reshape([b * s, mh])?, &w2.f_narrow(1, h, mh)?.f_transpose(0, 1)?)?;
+        gated_add(x, gate, &out)
     }
 }
 
@@ -740,8 +930,22 @@ impl Flux {
         pe: &Rope,
         attn: &dyn JointAttention,
     ) -> Res<Tensor> {
+        self.forward_opts(img, txt, vec, pe, attn, Opts::get())
+    }
+
+    /// [`Flux::forward_with`] with the formulations `opts` instead of the process-wide ones (the
+    /// fused paths are checked against the reference formulation with it).
+    pub fn forward_opts(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        vec: &Tensor,
+        pe: &Rope,
+        attn: &dyn JointAttention,
+        opts: Opts,
+    ) -> Res<Tensor> {
         self.part.require_full(&self.config)?;
-        let ctx = Ctx { pe, attn };
+        let ctx = Ctx { pe, attn, opts };
         let mut img = self.part.input_layer(&self.img_in, "img_in")?.forward(img)?; // (b, img_seq, h)
         let mut txt = txt.shallow_clone();
         for block in &self.double_blocks {
@@ -787,6 +991,13 @@ mod tests {
         assert_eq!(Opts::parse("all"), Opts::ALL);
         assert_eq!(Opts::parse("none"), Opts::NONE);
         assert_eq!(
+            Opts::parse("all,-gelu"),
+            Opts {
+                gelu: false,
+                ..Opts::ALL
+            }
+        );
+        assert_eq!(
             Opts::parse("rope, rms"),
             Opts {
                 rope: true,
@@ -794,6 +1005,36 @@ mod tests {
                 ..Opts::NONE
             }
         );
+    }
+
+    /// A single block run as its attention and MLP halves (split `linear1` / `linear2`, in-place
+    /// accumulation: what [`Opts::gelu`] runs on CUDA) computes the block's function.
+    #[test]
+    fn single_block_halves_match_the_fused_linear_layers() -> Res<()> {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(3);
+        let cfg = Config::tiny();
+        let model = Flux::new(&cfg, Device::Cpu, Kind::Float).map_err(|e| tch::TchError::Torch(e.to_string()))?;
+        let (txt_len, lh, lw) = (5, 4, 6);
+        let ids = Flux::position_ids(txt_len, lh, lw, Device::Cpu)?;
+        let pe = model.rope(&ids)?;
+        let seq = txt_len + (lh / 2) * (lw / 2);
+        let x = Tensor::f_randn([1, seq, cfg.hidden_size], (Kind::Float, Device::Cpu))?;
+        let vec = Tensor::f_randn([1, cfg.hidden_size], (Kind::Float, Device::Cpu))?;
+        let block = &model.single_blocks[0];
+        let ctx = Ctx {
+            pe: &pe,
+            attn: &LocalAttention,
+            opts: Opts::NONE,
+        };
+        let reference = block.forward(&x, &vec, ctx)?;
+        let m = block.modulation.forward(&vec)?;
+        let x_mod = modulate(&block.pre_norm, &x, &m[0], &m[1])?;
+        let halves = block.forward_halves(&x, &x_mod, &m[2], ctx)?;
+        let diff = f64::try_from(halves.f_sub(&reference)?.f_abs()?.f_max()?)?;
+        let scale = f64::try_from(reference.f_abs()?.f_max()?)?;
+        assert!(diff < 1e-5 * scale.max(1.0), "max abs diff {diff} (scale {scale})");
+        Ok(())
     }
 
     /// The fused formulations compute the reference ops' function (fp32, CPU).

@@ -332,7 +332,7 @@ impl StageRun<'_> {
     ) -> Res<Tensor> {
         let t_u = unit.txt_len(self.txt_len);
         kv.begin(unit.joint(self.txt_len), unit.patch.is_none());
-        let ctx = Ctx { pe, attn: kv };
+        let ctx = Ctx::new(pe, kv);
         let (mut img, mut txt) = match input {
             StageInput::Streams { img, txt } => (img, txt),
             StageInput::Joint(x) if !self.double.is_empty() => {
