@@ -27,6 +27,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "fixtures"))
 from flux_keys import to_original_layout  # noqa: E402
 
+DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
+
 
 def save_streaming(tensors, path):
     """safetensors file written one tensor at a time (GPU -> host -> file)."""

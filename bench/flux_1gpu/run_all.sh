@@ -59,6 +59,12 @@ for o in ${OPTS:-all none rope rope,rms rope,rms,mod all}; do
     rm -f "/tmp/trace_$n.json"
   fi
 done
+# GRAPH_OPTS: formulations also timed with each step's forward as a replayed CUDA graph.
+for o in ${GRAPH_OPTS:-}; do
+  n=ditfleet_${o//,/+}; n=${n//-/no}_graphs
+  export DITFLEET_FLUX_OPT=$o
+  stage "$n" 100 "$BIN" --bf16 --graphs
+done
 for o in ${CMP_OPTS-all}; do
   export DITFLEET_FLUX_OPT=$o
   stage "compare_2x4_${o//,/+}" 150 python3 "$G/flux_1gpu/flux_gpu_compare.py" --bin "$BIN" --depth 2 --single-depth 4 \

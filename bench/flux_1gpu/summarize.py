@@ -66,7 +66,8 @@ for p in sorted(glob.glob(os.path.join(D, "ditfleet_*.out"))):
         rows.append((n, None, None, None, mem_gib(n), None))
         continue
     nvml = j.get("peak_device_memory_bytes_nvml")
-    rows.append((f"ditfleet {n[9:]} ({j.get('opts')})", j.get("median_step_ms"), j.get("loop_s"), None,
+    graphs = ", CUDA graphs" if j.get("cuda_graphs") else ""
+    rows.append((f"ditfleet {n[9:]} ({j.get('opts')}{graphs})", j.get("median_step_ms"), j.get("loop_s"), None,
                  nvml / 2**30 if nvml else mem_gib(n), j.get("host_enqueue_s_unsynced_loop")))
 print("| config | step ms (median) | 28 steps s | torch peak alloc GiB | device used GiB (max sampled) | host enqueue s | TFLOP/s | MFU vs ceiling |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -98,7 +99,11 @@ if cf:
     print("| formulations | double img | double txt | single |")
     print("| --- | --- | --- | --- |")
     for k, v in cf.items():
+        if "double_img_rel_l2_vs_fp32" not in v:
+            continue
         print(f"| {k} | {v['double_img_rel_l2_vs_fp32']:.2e} | {v['double_txt_rel_l2_vs_fp32']:.2e} | {v['single_rel_l2_vs_fp32']:.2e} |")
+    if "addmm_activation_use_gelu" in cf:
+        print("addmm_activation(use_gelu): " + json.dumps(cf["addmm_activation_use_gelu"]))
 for p in sorted(glob.glob(os.path.join(D, "profile_*.json"))):
     pr = json.load(open(p))
     print()

@@ -17,6 +17,7 @@
 
 #ifdef DTF_WITH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda.h>
 #include <dlfcn.h>
@@ -108,9 +109,27 @@ char *dtf_attention_lse(const at::Tensor *q, const at::Tensor *k, const at::Tens
   });
 }
 
+// bias + mat1 @ mat2 with the tanh GELU applied, through ATen's _addmm_activation (on CUDA the
+// GELU runs in cuBLASLt's epilogue; on the CPU it is the erf GELU). tch 0.24's generated binding
+// of this op passes `use_gelu` positionally into `beta` and so always runs the RELU epilogue:
+// hence this call with every argument named.
+char *dtf_addmm_gelu(const at::Tensor *bias, const at::Tensor *mat1, const at::Tensor *mat2,
+                     at::Tensor **out) {
+  return guarded([&] {
+    *out = new at::Tensor(at::_addmm_activation(*bias, *mat1, *mat2, /*beta=*/1, /*alpha=*/1,
+                                                /*use_gelu=*/true));
+  });
+}
+
 #ifdef DTF_WITH_CUDA
 
 int dtf_has_cuda(void) { return 1; }
+
+// Returns the unused cached blocks of libtorch's CUDA allocator to the driver (what
+// torch.cuda.empty_cache() does), e.g. after the text encoders are dropped.
+char *dtf_empty_cache(void) {
+  return guarded([&] { c10::cuda::CUDACachingAllocator::emptyCache(); });
+}
 
 // The current stream of CUDA device `device` (the legacy default stream unless a stream guard or
 // a capture changed it) as a cudaStream_t.
@@ -564,6 +583,7 @@ char *dtf_graph_exit(DtfGraph *) { return no_cuda(); }
 char *dtf_graph_begin(DtfGraph *) { return no_cuda(); }
 char *dtf_graph_end(DtfGraph *) { return no_cuda(); }
 char *dtf_graph_replay(DtfGraph *) { return no_cuda(); }
+char *dtf_empty_cache(void) { return nullptr; }
 char *dtf_kernels_compile_check(const char *) { return no_cuda(); }
 char *dtf_qkv_norm_rope(const at::Tensor *, const at::Tensor *, const at::Tensor *,
                         const at::Tensor *, const at::Tensor *, const at::Tensor *,

@@ -22,6 +22,9 @@
 //! steps with libtorch's kineto profiler after the loops (Chrome trace; summarise with
 //! `bench/flux_1gpu/profile_summary.py`).
 //!
+//! `--graphs` runs each step's forward as a replayed CUDA graph (captured at the first step, as
+//! the multi-GPU ranks do; `parallel::graphs`).
+//!
 //! `--dump-latent` writes the inputs (packed noise, txt, pooled, guidance), the first step's
 //! transformer output (`v0`) and the final packed latents, so diffusers can be run on the same
 //! inputs for comparison. `--depth` / `--single-depth` override the number of double / single
@@ -51,6 +54,7 @@ struct Args {
     single_depth: Option<i64>,
     check_fused: bool,
     profile: Option<PathBuf>,
+    graphs: bool,
 }
 
 fn parse() -> Result<Args> {
@@ -69,6 +73,7 @@ fn parse() -> Result<Args> {
         single_depth: None,
         check_fused: false,
         profile: None,
+        graphs: false,
     };
     let mut bf16 = false;
     let mut it = std::env::args().skip(1);
@@ -88,6 +93,7 @@ fn parse() -> Result<Args> {
             "--depth" => a.depth = Some(val()?.parse()?),
             "--single-depth" => a.single_depth = Some(val()?.parse()?),
             "--check-fused" => a.check_fused = true,
+            "--graphs" => a.graphs = true,
             "--profile" => a.profile = Some(val()?.into()),
             "--device" => {
                 let v = val()?;
@@ -216,6 +222,8 @@ fn check_fused(dev: Device, seed: u64) -> Result<serde_json::Value> {
         ("all,-qkv", Opts::parse("all,-qkv")),
         ("all,-ln", Opts::parse("all,-ln")),
         ("all,-gelu", Opts::parse("all,-gelu")),
+        ("all,-split", Opts::parse("all,-split")),
+        ("all,-gelu,-split", Opts::parse("all,-gelu,-split")),
     ];
     for (name, opts) in variants {
         let (i, t) = m16.double_blocks[0].forward(&img, &txt, &vec, ctx(opts))?;
@@ -229,6 +237,24 @@ fn check_fused(dev: Device, seed: u64) -> Result<serde_json::Value> {
             }),
         );
     }
+    // tch 0.24's own binding of _addmm_activation (use_gelu = true) against RELU and GELU of the
+    // same product: it passes use_gelu as `beta`, so the RELU epilogue runs.
+    let a = Tensor::f_randn([4096, 3072], (Kind::BFloat16, dev))?;
+    let w = Tensor::f_randn([3072, 3072], (Kind::BFloat16, dev))?.f_mul_scalar(0.02)?;
+    let bias = Tensor::f_randn([3072], (Kind::BFloat16, dev))?.f_mul_scalar(0.1)?;
+    let lin = a.f_linear(&w, Some(&bias))?;
+    let tch_op = bias.f_internal_addmm_activation(&a, &w.f_transpose(0, 1)?, true)?;
+    let shim_op = ditfleet_engine::aten::addmm_gelu(&bias, &a, &w.f_transpose(0, 1)?)?;
+    let gelu = lin.f_gelu("tanh")?;
+    out.insert(
+        "addmm_activation_use_gelu".into(),
+        serde_json::json!({
+            "tch_binding_rel_l2_vs_relu": rel_l2(&tch_op, &lin.f_relu()?)?,
+            "tch_binding_rel_l2_vs_gelu_tanh": rel_l2(&tch_op, &gelu)?,
+            "shim_rel_l2_vs_gelu_tanh": rel_l2(&shim_op, &gelu)?,
+            "shim_rel_l2_vs_relu": rel_l2(&shim_op, &lin.f_relu()?)?,
+        }),
+    );
     Ok(serde_json::Value::Object(out))
 }
 
@@ -289,12 +315,31 @@ fn main() -> Result<()> {
         .map(|i| vecs.f_narrow(0, i, 1))
         .collect::<Result<_, _>>()?;
 
+    // With --graphs, every forward (warm-up included) goes through one captured graph.
+    let cache = std::cell::RefCell::new(ditfleet_engine::parallel::graphs::GraphCache::default());
+    let key = ditfleet_engine::parallel::graphs::StepKey {
+        txt: (0, args.txt_tokens),
+        img: (0, img_seq),
+        txt_len: args.txt_tokens,
+        latent_hw: (lh, lw),
+    };
+    let forward = |x: &Tensor, vec: &Tensor| -> Result<Tensor> {
+        match (args.graphs, dev) {
+            (true, Device::Cuda(ordinal)) => {
+                let f = |x: &Tensor, txt: &Tensor, vec: &Tensor, pe: &ditfleet_engine::flux::transformer::Rope| {
+                    model.forward_prepared(x, txt, vec, pe)
+                };
+                Ok(cache.borrow_mut().step(ordinal, &key, x, &txt, vec, &pe, &f)?)
+            }
+            _ => Ok(model.forward_prepared(x, &txt, vec, &pe)?),
+        }
+    };
     let run = |per_step: Option<&mut Vec<f64>>| -> Result<Tensor> {
         let mut x = x0.shallow_clone();
         let mut per_step = per_step;
         for (i, vec) in vec_rows.iter().enumerate() {
             let s = Instant::now();
-            let v = model.forward_prepared(&x, &txt, vec, &pe)?;
+            let v = forward(&x, vec)?;
             x = sampling::euler_step(&x, &v, sched.sigmas[i], sched.sigmas[i + 1])?;
             if let Some(ps) = per_step.as_deref_mut() {
                 sync(dev);
@@ -307,7 +352,7 @@ fn main() -> Result<()> {
     // Warm-up (kernel selection, allocator growth). The first warm-up forward is step 0's.
     let mut v0 = None;
     for vec in vec_rows.iter().take(args.warmup.max(1)) {
-        let v = model.forward_prepared(&x0, &txt, vec, &pe)?;
+        let v = forward(&x0, vec)?;
         if v0.is_none() {
             v0 = Some(v.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?);
         }
@@ -333,7 +378,7 @@ fn main() -> Result<()> {
         ditfleet_engine::aten::profiler_start()?;
         let mut x = x0.shallow_clone();
         for (i, vec) in vec_rows.iter().enumerate().take(2) {
-            let v = model.forward_prepared(&x, &txt, vec, &pe)?;
+            let v = forward(&x, vec)?;
             x = sampling::euler_step(&x, &v, sched.sigmas[i], sched.sigmas[i + 1])?;
         }
         sync(dev);
@@ -386,6 +431,7 @@ fn main() -> Result<()> {
         "mean_step_ms": mean,
         "median_step_ms": median,
         "opts": format!("{:?}", Opts::get()),
+        "cuda_graphs": args.graphs,
         "depth": cfg.depth,
         "single_depth": cfg.depth_single_blocks,
         "host_enqueue_s_unsynced_loop": host_enqueue_s,

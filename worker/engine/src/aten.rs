@@ -32,6 +32,13 @@ unsafe extern "C" {
     fn dtf_graph_end(g: *mut c_void) -> *mut c_char;
     fn dtf_graph_replay(g: *mut c_void) -> *mut c_char;
     fn dtf_kernels_compile_check(arch: *const c_char) -> *mut c_char;
+    fn dtf_addmm_gelu(
+        bias: *const c_void,
+        mat1: *const c_void,
+        mat2: *const c_void,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn dtf_empty_cache() -> *mut c_char;
     fn dtf_qkv_norm_rope(
         qkv: *const c_void,
         q_scale: *const c_void,
@@ -143,6 +150,28 @@ pub fn current_stream(ordinal: usize) -> Result<*mut c_void, TchError> {
         dtf_current_stream(ordinal as c_int, &mut s)
     })?;
     Ok(s)
+}
+
+/// `GELU_tanh(bias + mat1 @ mat2)` on CUDA as one cuBLASLt matmul with the GELU in its epilogue
+/// (ATen's `_addmm_activation`; on the CPU ATen applies the erf GELU). Not tch's own
+/// `f_internal_addmm_activation`: torch-sys 0.24 binds `use_gelu` to the op's `beta` argument, so
+/// that call always runs the RELU epilogue (caught by `flux_bench --check-fused` on an H200).
+pub fn addmm_gelu(bias: &Tensor, mat1: &Tensor, mat2: &Tensor) -> Result<Tensor, TchError> {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: live tch tensors borrowed for the call; on success the shim hands over a new heap
+    // `at::Tensor`, owned by the returned value.
+    check("addmm with GELU epilogue", unsafe {
+        dtf_addmm_gelu(bias.as_ptr().cast(), mat1.as_ptr().cast(), mat2.as_ptr().cast(), &mut out)
+    })?;
+    // SAFETY: see above.
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// Returns libtorch's unused cached CUDA memory to the driver (`torch.cuda.empty_cache()`); a
+/// no-op without CUDA.
+pub fn empty_cache() -> Result<(), TchError> {
+    // SAFETY: no arguments.
+    check("empty CUDA cache", unsafe { dtf_empty_cache() })
 }
 
 /// Compiles the fused Flux kernels (`csrc/flux_kernels.cu.inc`) with NVRTC for `arch` (e.g.
@@ -364,6 +393,28 @@ mod tests {
         for arch in ["sm_90", "sm_80"] {
             kernels_compile_check(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         }
+    }
+
+    #[test]
+    fn addmm_gelu_applies_a_gelu_not_the_relu_of_tchs_binding() {
+        // On the CPU ATen's op applies the erf GELU: check it is a GELU of bias + x W^T (negative
+        // pre-activations stay slightly negative, where a RELU gives 0).
+        let x = Tensor::randn([8, 16], (Kind::Float, Device::Cpu));
+        let w = Tensor::randn([12, 16], (Kind::Float, Device::Cpu));
+        let b = Tensor::randn([12], (Kind::Float, Device::Cpu));
+        let got = addmm_gelu(&b, &x, &w.tr()).unwrap();
+        let want = x.linear(&w, Some(&b)).gelu("none");
+        let err = f64::try_from((&got - &want).abs().max()).unwrap();
+        assert!(err < 1e-4, "max abs diff {err}");
+        assert!(f64::try_from(got.min()).unwrap() < 0.0, "no negative outputs: a RELU");
+        // Why the shim exists: tch's own binding passes `use_gelu` as `beta` and runs a RELU.
+        let tch_op = b.internal_addmm_activation(&x, &w.tr(), true);
+        let relu = x.linear(&w, Some(&b)).relu();
+        assert!(
+            f64::try_from((&tch_op - &relu).abs().max()).unwrap() < 1e-4,
+            "tch's _addmm_activation binding no longer runs a RELU for use_gelu = true: \
+             it may be fixed, and ditfleet_engine::aten::addmm_gelu could go"
+        );
     }
 
     #[test]

@@ -320,14 +320,23 @@ impl Pipeline {
     /// transformer's device in its dtype.
     pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Tensor), EngineError> {
         let _guard = tch::no_grad_guard();
-        let loaded;
-        let (clip, t5) = match &self.encoders {
-            TextEncoders::Resident { clip, t5 } => (clip, t5),
+        match &self.encoders {
+            TextEncoders::Resident { clip, t5 } => self.encode_with(clip, t5, prompt),
             TextEncoders::OnDemand { dir, clip, t5 } => {
-                loaded = Self::load_encoders(dir, clip, t5, &self.options)?;
-                (&loaded.0, &loaded.1)
+                let (clip, t5) = Self::load_encoders(dir, clip, t5, &self.options)?;
+                let out = self.encode_with(&clip, &t5, prompt);
+                drop((clip, t5));
+                // Low-memory mode: hand the encoders' memory back to the driver, or libtorch's
+                // caching allocator keeps it (and the process's peak with it).
+                if self.options.devices.text_encoders.is_cuda() {
+                    crate::aten::empty_cache()?;
+                }
+                out
             }
-        };
+        }
+    }
+
+    fn encode_with(&self, clip: &ClipTextModel, t5: &T5Encoder, prompt: &str) -> Result<(Tensor, Tensor), EngineError> {
         let dev = self.options.devices.text_encoders;
         let ids = |v: Vec<i64>| -> Result<Tensor, EngineError> {
             let n = v.len() as i64;

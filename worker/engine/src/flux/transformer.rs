@@ -32,8 +32,8 @@ use crate::EngineError;
 /// attention inputs: q/k RMSNorm, RoPE and the (b, seq, heads, 128) joint layout in one pass, in
 /// place of the split, norm, RoPE and concatenation passes), `ln` (the gated residual and the next
 /// modulated LayerNorm of a double block in one kernel), `gelu` (the MLP-in matmuls with the tanh
-/// GELU in cuBLASLt's epilogue; single blocks run `linear1` / `linear2` as their qkv and MLP halves
-/// so no concatenated activation is written).
+/// GELU in cuBLASLt's epilogue), `split` (single blocks run `linear1` / `linear2` as their qkv and
+/// MLP halves, so the GELU can sit in the epilogue and no concatenated activation is written).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Opts {
     pub rope: bool,
@@ -43,6 +43,7 @@ pub struct Opts {
     pub qkv: bool,
     pub ln: bool,
     pub gelu: bool,
+    pub split: bool,
 }
 
 impl Opts {
@@ -54,6 +55,7 @@ impl Opts {
         qkv: true,
         ln: true,
         gelu: true,
+        split: true,
     };
     pub const NONE: Opts = Opts {
         rope: false,
@@ -63,6 +65,7 @@ impl Opts {
         qkv: false,
         ln: false,
         gelu: false,
+        split: false,
     };
 
     /// Parses `DITFLEET_FLUX_OPT`'s value (see [`Opts`]; `all` in a list = the defaults plus the
@@ -83,6 +86,7 @@ impl Opts {
             qkv: (base.qkv || has("qkv")) && !off("qkv"),
             ln: (base.ln || has("ln")) && !off("ln"),
             gelu: (base.gelu || has("gelu")) && !off("gelu"),
+            split: (base.split || has("split")) && !off("split"),
         }
     }
 
@@ -533,7 +537,7 @@ fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor, fused: bool) -> Res<T
     }
     let size = x.size();
     let (lead, in_dim) = size.split_at(size.len() - 1);
-    let out = bias.f_internal_addmm_activation(&x.f_reshape([-1, in_dim[0]])?, &weight.f_transpose(0, 1)?, true)?;
+    let out = crate::aten::addmm_gelu(bias, &x.f_reshape([-1, in_dim[0]])?, &weight.f_transpose(0, 1)?)?;
     let mut shape = lead.to_vec();
     shape.push(weight.size()[0]);
     out.f_reshape(shape.as_slice())
@@ -710,7 +714,7 @@ impl SingleBlock {
     pub fn forward(&self, x: &Tensor, vec: &Tensor, ctx: Ctx<'_>) -> Res<Tensor> {
         let m = self.modulation.forward(vec)?; // 3 x (b, 1, h)
         let x_mod = modulate(&self.pre_norm, x, &m[0], &m[1])?;
-        if ctx.opts.gelu && cuda_bf16(x) {
+        if ctx.opts.split && cuda_bf16(x) {
             return self.forward_halves(x, &x_mod, &m[2], ctx);
         }
         let fused = self.linear1.forward(&x_mod)?; // (b, seq, 3h + mlp)
@@ -747,7 +751,8 @@ impl SingleBlock {
     }
 
     /// [`SingleBlock::forward`] with `linear1` / `linear2` run as their attention and MLP halves
-    /// (CUDA bf16, [`Opts::gelu`]): `qkv = x W1[:3h]`, `g = GELU(x W1[3h:])` in one cuBLASLt matmul,
+    /// (CUDA bf16, [`Opts::split`]): `qkv = x W1[:3h]`, `g = GELU(x W1[3h:])` (one cuBLASLt matmul
+    /// with [`Opts::gelu`]),
     /// `out = attn W2[:, :h]^T + g W2[:, h:]^T` accumulated in place, so neither the GELU pass nor
     /// the concatenated `(seq, h + mlp)` activation is needed.
     fn forward_halves(&self, x: &Tensor, x_mod: &Tensor, gate: &Tensor, ctx: Ctx<'_>) -> Res<Tensor> {
@@ -759,7 +764,12 @@ impl SingleBlock {
             .as_ref()
             .ok_or_else(|| tch::TchError::Torch("single block linear1 has no bias".into()))?;
         let qkv = x_mod.f_linear(&w1.f_narrow(0, 0, 3 * h)?, Some(&b1.f_narrow(0, 0, 3 * h)?))?; // (b, seq, 3h)
-        let g = linear_gelu(x_mod, &w1.f_narrow(0, 3 * h, mh)?, &b1.f_narrow(0, 3 * h, mh)?, true)?; // (b, seq, mlp)
+        let g = linear_gelu(
+            x_mod,
+            &w1.f_narrow(0, 3 * h, mh)?,
+            &b1.f_narrow(0, 3 * h, mh)?,
+            ctx.opts.gelu,
+        )?; // (b, seq, mlp)
         let (b, s, _) = x.size3()?;
         let attn = if ctx.fused_qkv(&qkv, self.heads, s) {
             let (q, k, v) = joint_buffers(&qkv, b, s, self.heads)?;
@@ -1008,7 +1018,7 @@ mod tests {
     }
 
     /// A single block run as its attention and MLP halves (split `linear1` / `linear2`, in-place
-    /// accumulation: what [`Opts::gelu`] runs on CUDA) computes the block's function.
+    /// accumulation: what [`Opts::split`] runs on CUDA) computes the block's function.
     #[test]
     fn single_block_halves_match_the_fused_linear_layers() -> Res<()> {
         let _g = tch::no_grad_guard();
