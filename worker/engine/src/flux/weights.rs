@@ -2,8 +2,9 @@
 //!
 //! Files are never read whole: the header is parsed first (names, dtypes, shapes), so a strict
 //! load can report every missing key, unexpected key and shape mismatch before any data is read;
-//! then each tensor is read with a positioned read and copied into its variable (which converts
-//! dtype and device), so host memory stays at about one tensor at a time.
+//! then each tensor is read with a positioned read into one reused host staging buffer
+//! (page-locked for a GPU model) and copied into its variable (which converts dtype and device),
+//! so host memory stays at one tensor's size.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -189,6 +190,41 @@ impl Checkpoint {
         self.tensors.get(name).map(|t| t.shape.as_slice())
     }
 
+    /// Reads one tensor's bytes straight into the start of `buf` (a contiguous host `Uint8` tensor
+    /// at least that large, e.g. page-locked staging) and returns a view of them with the
+    /// tensor's dtype and shape. `files` caches open handles across calls.
+    #[allow(unsafe_code)]
+    fn read_into(
+        &self,
+        name: &str,
+        buf: &Tensor,
+        files: &mut BTreeMap<PathBuf, File>,
+    ) -> Result<Tensor, EngineError> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| load_err(format!("no tensor {name}")))?;
+        let n = (info.end - info.start) as usize;
+        if buf.kind() != Kind::Uint8 || !buf.is_contiguous() || buf.device() != tch::Device::Cpu || buf.numel() < n {
+            return Err(load_err(format!("staging buffer too small for {name} ({n} bytes)")));
+        }
+        if !files.contains_key(&info.file) {
+            files.insert(info.file.clone(), File::open(&info.file)?);
+        }
+        let file = &files[&info.file];
+        if n > 0 {
+            // SAFETY: `buf` is a contiguous CPU byte tensor of at least `n` bytes (checked above)
+            // that the caller owns and does not read or copy from while this slice is alive (the
+            // copies out of it are synchronous and finished before the next read).
+            let dst = unsafe { std::slice::from_raw_parts_mut(buf.data_ptr() as *mut u8, n) };
+            file.read_exact_at(dst, info.start)?;
+        }
+        Ok(buf
+            .f_narrow(0, 0, n as i64)?
+            .f_view_dtype(info.kind)?
+            .f_view(info.shape.as_slice())?)
+    }
+
     /// Reads one tensor into host memory in its stored dtype.
     pub fn read(&self, name: &str) -> Result<Tensor, EngineError> {
         let info = self
@@ -304,21 +340,52 @@ pub fn load_strict(
         )));
     }
     let _guard = tch::no_grad_guard();
+    // Every tensor is read straight from the file into one reused host staging buffer and copied
+    // from there into (its rows of) the variable: no per-tensor host allocation, no host-side
+    // concatenation, and for a GPU model page-locked staging, so the copies run at DMA speed.
+    let largest = plan
+        .iter()
+        .flat_map(|(_, src)| src.keys())
+        .filter_map(|k| ck.tensors.get(k))
+        .map(|t| t.end - t.start)
+        .max()
+        .unwrap_or(0);
+    let mut staging: BTreeMap<bool, Tensor> = BTreeMap::new();
+    let mut files = BTreeMap::new();
     for (var, src) in plan {
-        let t = match &src {
-            Source::Key(k) => ck.read(k)?,
+        let cuda = var.device().is_cuda();
+        if !staging.contains_key(&cuda) {
+            let host = Tensor::f_empty([largest.max(1) as i64], (Kind::Uint8, tch::Device::Cpu))?;
+            // Pinned only where it pays and exists (a CUDA destination); pageable otherwise.
+            let buf = if cuda {
+                host.f_pin_memory(var.device()).unwrap_or(host)
+            } else {
+                host
+            };
+            staging.insert(cuda, buf);
+        }
+        let buf = &staging[&cuda];
+        let mut var = var.shallow_clone();
+        match &src {
+            Source::Key(k) => {
+                var.f_copy_(&ck.read_into(k, buf, &mut files)?)?;
+            }
             Source::Concat(ks) => {
-                let parts = ks.iter().map(|k| ck.read(k)).collect::<Result<Vec<_>, _>>()?;
-                Tensor::f_cat(&parts, 0)?
+                let mut row = 0;
+                for k in ks {
+                    let part = ck.read_into(k, buf, &mut files)?;
+                    let rows = part.size()[0];
+                    var.f_narrow(0, row, rows)?.f_copy_(&part)?;
+                    row += rows;
+                }
             }
             Source::SwapHalves(k) => {
-                let t = ck.read(k)?;
-                let parts = t.f_chunk(2, 0)?;
-                Tensor::f_cat(&[&parts[1], &parts[0]], 0)?
+                let t = ck.read_into(k, buf, &mut files)?;
+                let half = t.size()[0] / 2;
+                var.f_narrow(0, 0, half)?.f_copy_(&t.f_narrow(0, half, half)?)?;
+                var.f_narrow(0, half, half)?.f_copy_(&t.f_narrow(0, 0, half)?)?;
             }
-        };
-        let mut var = var.shallow_clone();
-        var.f_copy_(&t)?;
+        }
     }
     Ok(())
 }
