@@ -193,9 +193,25 @@ fn generate(a: GenerateArgs) -> Result<()> {
             tm.denoise_ms,
             tm.decode_ms,
             gen_ms,
-            tm.peak_memory_bytes
-                .map(|b| format!(" | peak device memory {:.2} GiB", b as f64 / (1u64 << 30) as f64))
-                .unwrap_or_default()
+            match (
+                tm.peak_memory_bytes,
+                tm.peak_memory_encode_bytes,
+                tm.peak_memory_denoise_bytes,
+                tm.peak_memory_decode_bytes,
+            ) {
+                (Some(all), Some(e), Some(d), Some(v)) => {
+                    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                    format!(
+                        " | peak device memory {:.2} GiB (encode {:.2}, denoise {:.2}, decode {:.2})",
+                        gib(all),
+                        gib(e),
+                        gib(d),
+                        gib(v)
+                    )
+                }
+                (Some(all), ..) => format!(" | peak device memory {:.2} GiB", all as f64 / (1u64 << 30) as f64),
+                _ => String::new(),
+            }
         );
     }
     Ok(())

@@ -43,6 +43,9 @@ def ditfleet(name):
     r["ready_s"] = float(m.group(1)) if m else None
     runs = re.findall(r"stages: text encode (\d+) ms \| denoise (\d+) ms \| decode (\d+) ms \| generate (\d+) ms", out)
     r["runs"] = [tuple(int(x) for x in t) for t in runs]
+    # libtorch's allocator peak per stage (torch.cuda.max_memory_allocated's figure), last run.
+    peaks = re.findall(r"peak device memory ([\d.]+) GiB \(encode ([\d.]+), denoise ([\d.]+), decode ([\d.]+)\)", out)
+    r["torch_peak_gib"] = [float(x) for x in peaks[-1]] if peaks else None
     r["peak_gib"] = mem_peak(name)
     m = re.search(r"wall ([\d.]+) s", read(f"{name}.time"))
     r["wall_s"] = float(m.group(1)) if m else None
@@ -81,8 +84,10 @@ for n, label in (("ditfleet_gpu", "ditfleet (all on cuda:0)"), ("ditfleet_lowmem
         continue
     last = r["runs"][-1]
     first = r["runs"][0]
+    tp = r.get("torch_peak_gib")
+    tps = f"{tp[0]:.2f} (encode {tp[1]:.2f}, denoise {tp[2]:.2f}, decode {tp[3]:.2f})" if tp else ""
     print(f"| {label} (run {len(r['runs'])} of {len(r['runs'])}) | {last[0]} | {last[1]} | {last[2]} | {last[3]} | "
-          f"{f(r['ready_s'], '{:.1f}')} | {f(r['peak_gib'], '{:.1f}')} | |")
+          f"{f(r['ready_s'], '{:.1f}')} | {f(r['peak_gib'], '{:.1f}')} | {tps} |")
     if len(r["runs"]) > 1:
         print(f"| {label} (run 1, warm-up) | {first[0]} | {first[1]} | {first[2]} | {first[3]} | | | |")
 print("\nPSNR (dB):", {k: (None if v is None else round(v, 2)) for k, v in res["psnr_db"].items()})

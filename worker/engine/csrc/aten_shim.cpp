@@ -131,6 +131,19 @@ char *dtf_empty_cache(void) {
   return guarded([&] { c10::cuda::CUDACachingAllocator::emptyCache(); });
 }
 
+// The peak of bytes allocated through libtorch's caching allocator on `device` since the last
+// reset (torch.cuda.max_memory_allocated); with `reset`, starts a new peak from the current use.
+char *dtf_memory_peak(int device, int reset, int64_t *peak) {
+  return guarded([&] {
+    const auto d = static_cast<c10::DeviceIndex>(device);
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(d);
+    *peak = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+    if (reset != 0) {
+      c10::cuda::CUDACachingAllocator::resetPeakStats(d);
+    }
+  });
+}
+
 // The current stream of CUDA device `device` (the legacy default stream unless a stream guard or
 // a capture changed it) as a cudaStream_t.
 char *dtf_current_stream(int device, void **stream) {
@@ -584,6 +597,10 @@ char *dtf_graph_begin(DtfGraph *) { return no_cuda(); }
 char *dtf_graph_end(DtfGraph *) { return no_cuda(); }
 char *dtf_graph_replay(DtfGraph *) { return no_cuda(); }
 char *dtf_empty_cache(void) { return nullptr; }
+char *dtf_memory_peak(int, int, int64_t *peak) {
+  *peak = 0;
+  return no_cuda();
+}
 char *dtf_kernels_compile_check(const char *) { return no_cuda(); }
 char *dtf_qkv_norm_rope(const at::Tensor *, const at::Tensor *, const at::Tensor *,
                         const at::Tensor *, const at::Tensor *, const at::Tensor *,

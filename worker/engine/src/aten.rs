@@ -39,6 +39,7 @@ unsafe extern "C" {
         out: *mut *mut c_void,
     ) -> *mut c_char;
     fn dtf_empty_cache() -> *mut c_char;
+    fn dtf_memory_peak(device: c_int, reset: c_int, peak: *mut i64) -> *mut c_char;
     fn dtf_qkv_norm_rope(
         qkv: *const c_void,
         q_scale: *const c_void,
@@ -172,6 +173,17 @@ pub fn addmm_gelu(bias: &Tensor, mat1: &Tensor, mat2: &Tensor) -> Result<Tensor,
 pub fn empty_cache() -> Result<(), TchError> {
     // SAFETY: no arguments.
     check("empty CUDA cache", unsafe { dtf_empty_cache() })
+}
+
+/// Peak bytes allocated by libtorch on CUDA device `ordinal` since the last reset
+/// (`torch.cuda.max_memory_allocated`); with `reset`, a new peak starts from the current use.
+pub fn memory_peak(ordinal: usize, reset: bool) -> Result<u64, TchError> {
+    let mut peak = 0i64;
+    // SAFETY: `peak` is a valid out-pointer.
+    check("CUDA memory peak", unsafe {
+        dtf_memory_peak(ordinal as c_int, c_int::from(reset), &mut peak)
+    })?;
+    Ok(peak.max(0) as u64)
 }
 
 /// Compiles the fused Flux kernels (`csrc/flux_kernels.cu.inc`) with NVRTC for `arch` (e.g.

@@ -64,8 +64,16 @@ pub struct StageTimings {
     pub encode_ms: f64,
     pub denoise_ms: f64,
     pub decode_ms: f64,
-    /// Peak device memory during the generation, bytes, where the device reports it.
+    /// Peak device memory during the generation, bytes, where the device reports it (libtorch's
+    /// allocated bytes on the transformer's CUDA device, as `torch.cuda.max_memory_allocated`).
     pub peak_memory_bytes: Option<u64>,
+    /// The same peak per stage: text encoding, denoising loop, VAE decode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_encode_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_denoise_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_decode_bytes: Option<u64>,
     /// The parallel plan the image was generated with (`single`, `ulysses=2`, ...); recorded in
     /// the job's status with the timings. `None` for engines without plans (simulated).
     #[serde(default, skip_serializing_if = "Option::is_none")]

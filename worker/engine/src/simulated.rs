@@ -253,8 +253,7 @@ impl Engine for SimulatedEngine {
                 encode_ms: 0.0,
                 denoise_ms,
                 decode_ms: t.elapsed().as_secs_f64() * 1e3,
-                peak_memory_bytes: None,
-                plan: None,
+                ..Default::default()
             },
         })
     }

@@ -661,6 +661,13 @@ impl Engine for Pipeline {
                 Some((step, latents))
             }
         };
+        // Per-stage peak memory on the transformer's CUDA device (None elsewhere).
+        let ordinal = match self.options.devices.transformer {
+            Device::Cuda(i) => Some(i),
+            _ => None,
+        };
+        let peak = |reset: bool| ordinal.and_then(|i| crate::aten::memory_peak(i, reset).ok());
+        peak(true);
         let t0 = Instant::now();
         let (txt, pooled) = self.encode_prompt(&request.prompt)?;
         let neg = match (&request.negative_prompt, request.true_cfg()) {
@@ -669,6 +676,7 @@ impl Engine for Pipeline {
         };
         sync_on(&pooled)?;
         let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let encode_peak = peak(true);
         let t1 = Instant::now();
         let (latents, hw) = self.denoise_resumable(
             &txt,
@@ -688,9 +696,11 @@ impl Engine for Pipeline {
         )?;
         let denoise_ms = t1.elapsed().as_secs_f64() * 1e3;
         self.check_finite(&latents)?;
+        let denoise_peak = peak(true);
         let t2 = Instant::now();
         let rgb = self.decode(&latents, hw)?;
         let decode_ms = t2.elapsed().as_secs_f64() * 1e3;
+        let decode_peak = peak(false);
         Ok(GeneratedImage {
             width: request.width,
             height: request.height,
@@ -699,7 +709,10 @@ impl Engine for Pipeline {
                 encode_ms,
                 denoise_ms,
                 decode_ms,
-                peak_memory_bytes: None,
+                peak_memory_bytes: [encode_peak, denoise_peak, decode_peak].into_iter().flatten().max(),
+                peak_memory_encode_bytes: encode_peak,
+                peak_memory_denoise_bytes: denoise_peak,
+                peak_memory_decode_bytes: decode_peak,
                 plan: Some("single".into()),
             },
         })

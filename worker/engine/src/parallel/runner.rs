@@ -1082,8 +1082,8 @@ fn run_rank(
             encode_ms,
             denoise_ms,
             decode_ms,
-            peak_memory_bytes: None,
             plan: Some(spec.plan.to_string()),
+            ..Default::default()
         },
     };
     Ok(Some((image, latents)))
