@@ -234,6 +234,11 @@ pub const WORKER_VARS: &[VarDoc] = &[
         help: "CUDA graphs kept per GPU (one per image size; each holds one forward's activations)",
     },
     VarDoc {
+        name: "DITFLEET_FLUX_OPT",
+        default: "all",
+        help: "Flux transformer formulations: all (fused CUDA kernels, GELU epilogues, split single blocks), none (the op-for-op port), or a list such as all,-qkv (docs/benchmarks-flux-1gpu.md)",
+    },
+    VarDoc {
         name: "DITFLEET_FAULT_GPU",
         default: "",
         help: "fault injection for GPU-isolation drills: <slot>:<step> makes the device in that slot of DITFLEET_DEVICES fail at that step, <slot>:<step>:hang makes it stop answering there (with DITFLEET_PLAN)",

@@ -393,6 +393,12 @@ void launch(int device, CUfunction f, unsigned gx, unsigned gy, unsigned block, 
 
 extern "C" {
 
+// Compiles and loads the fused kernels for CUDA device `device` (once per device; later calls
+// are free): NULL when they are ready, else why not (no NVRTC, no driver, a compile error).
+char *dtf_kernels_load(int device) {
+  return guarded([&] { kernels(device); });
+}
+
 // Compiles the fused kernels for `arch` (e.g. "sm_90") without a GPU (NVRTC only): NULL on
 // success, else the error with NVRTC's log.
 char *dtf_kernels_compile_check(const char *arch) {
@@ -602,6 +608,7 @@ char *dtf_memory_peak(int, int, int64_t *peak) {
   return no_cuda();
 }
 char *dtf_kernels_compile_check(const char *) { return no_cuda(); }
+char *dtf_kernels_load(int) { return no_cuda(); }
 char *dtf_qkv_norm_rope(const at::Tensor *, const at::Tensor *, const at::Tensor *,
                         const at::Tensor *, const at::Tensor *, const at::Tensor *,
                         const at::Tensor *, int64_t, double) {

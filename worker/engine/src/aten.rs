@@ -32,6 +32,7 @@ unsafe extern "C" {
     fn dtf_graph_end(g: *mut c_void) -> *mut c_char;
     fn dtf_graph_replay(g: *mut c_void) -> *mut c_char;
     fn dtf_kernels_compile_check(arch: *const c_char) -> *mut c_char;
+    fn dtf_kernels_load(device: c_int) -> *mut c_char;
     fn dtf_addmm_gelu(
         bias: *const c_void,
         mat1: *const c_void,
@@ -192,6 +193,31 @@ pub fn kernels_compile_check(arch: &str) -> Result<(), TchError> {
     let arch = std::ffi::CString::new(arch).map_err(|e| TchError::Torch(e.to_string()))?;
     // SAFETY: a valid NUL-terminated string for the duration of the call.
     check("fused kernels", unsafe { dtf_kernels_compile_check(arch.as_ptr()) })
+}
+
+/// Whether the fused kernels are ready on CUDA device `ordinal`: compiled (NVRTC, from the torch
+/// wheel beside libtorch) and loaded on first call, remembered per device. Where they cannot be
+/// (no NVRTC, an old driver), this says so once in the log and the model runs its reference
+/// formulations instead: a node without NVRTC is slower, not broken.
+pub fn fused_kernels_available(ordinal: usize) -> bool {
+    static READY: std::sync::Mutex<Vec<Option<bool>>> = std::sync::Mutex::new(Vec::new());
+    let mut ready = READY.lock().unwrap_or_else(|e| e.into_inner());
+    if ready.len() <= ordinal {
+        ready.resize(ordinal + 1, None);
+    }
+    *ready[ordinal].get_or_insert_with(|| {
+        // SAFETY: a plain call with an integer argument.
+        match check("fused kernels", unsafe { dtf_kernels_load(ordinal as c_int) }) {
+            Ok(()) => {
+                tracing::info!(ordinal, "fused Flux kernels compiled and loaded");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(ordinal, error = %e, "fused Flux kernels unavailable; using the reference formulations");
+                false
+            }
+        }
+    })
 }
 
 /// The fused attention-input kernel (`dtf_qkv_norm_rope`): from one stream's fused projection

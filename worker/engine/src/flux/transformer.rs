@@ -476,7 +476,7 @@ impl<'a> Ctx<'a> {
     /// 128, RoPE table over `rows` tokens).
     fn fused_qkv(&self, qkv: &Tensor, heads: i64, rows: i64) -> bool {
         self.opts.qkv
-            && cuda_bf16(qkv)
+            && fused_kernels(qkv)
             && qkv.size().last().is_some_and(|w| *w >= 3 * heads * 128)
             && self.pe.freqs.size() == [1, 1, rows, 64]
     }
@@ -496,6 +496,14 @@ impl<'a> Ctx<'a> {
 /// bf16 on a CUDA device: where the fused kernels and cuBLASLt epilogues apply.
 fn cuda_bf16(x: &Tensor) -> bool {
     x.device().is_cuda() && x.kind() == Kind::BFloat16
+}
+
+/// [`cuda_bf16`] and the fused kernels are loaded on that device.
+fn fused_kernels(x: &Tensor) -> bool {
+    match x.device() {
+        Device::Cuda(i) => x.kind() == Kind::BFloat16 && crate::aten::fused_kernels_available(i),
+        _ => false,
+    }
 }
 
 /// Joint attention-input buffers `(b, rows, heads, 128)` in `like`'s kind and device.
@@ -555,7 +563,7 @@ fn gated_add_modulate(
     scale: &Tensor,
     opts: Opts,
 ) -> Res<(Tensor, Tensor)> {
-    if opts.ln && cuda_bf16(x) && x.dim() == 3 && x.is_contiguous() && norm.weight.is_none() {
+    if opts.ln && x.dim() == 3 && x.is_contiguous() && norm.weight.is_none() && fused_kernels(x) {
         let x_out = x.f_empty_like()?;
         let h_out = x.f_empty_like()?;
         crate::aten::gate_residual_ln(x, gate, y, scale, shift, &x_out, &h_out, norm.eps)?;
