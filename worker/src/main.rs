@@ -209,7 +209,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
                         gib(v)
                     )
                 }
-                (Some(all), ..) => format!(" | peak device memory {:.2} GiB", all as f64 / (1u64 << 30) as f64),
+                (Some(all), ..) => format!(
+                    " | peak device memory {:.2} GiB",
+                    all as f64 / (1u64 << 30) as f64
+                ),
                 _ => String::new(),
             }
         );

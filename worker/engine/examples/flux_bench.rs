@@ -326,7 +326,10 @@ fn main() -> Result<()> {
     let forward = |x: &Tensor, vec: &Tensor| -> Result<Tensor> {
         match (args.graphs, dev) {
             (true, Device::Cuda(ordinal)) => {
-                let f = |x: &Tensor, txt: &Tensor, vec: &Tensor, pe: &ditfleet_engine::flux::transformer::Rope| {
+                let f = |x: &Tensor,
+                         txt: &Tensor,
+                         vec: &Tensor,
+                         pe: &ditfleet_engine::flux::transformer::Rope| {
                     model.forward_prepared(x, txt, vec, pe)
                 };
                 Ok(cache.borrow_mut().step(ordinal, &key, x, &txt, vec, &pe, &f)?)

@@ -163,7 +163,12 @@ pub fn addmm_gelu(bias: &Tensor, mat1: &Tensor, mat2: &Tensor) -> Result<Tensor,
     // SAFETY: live tch tensors borrowed for the call; on success the shim hands over a new heap
     // `at::Tensor`, owned by the returned value.
     check("addmm with GELU epilogue", unsafe {
-        dtf_addmm_gelu(bias.as_ptr().cast(), mat1.as_ptr().cast(), mat2.as_ptr().cast(), &mut out)
+        dtf_addmm_gelu(
+            bias.as_ptr().cast(),
+            mat1.as_ptr().cast(),
+            mat2.as_ptr().cast(),
+            &mut out,
+        )
     })?;
     // SAFETY: see above.
     Ok(unsafe { Tensor::from_ptr(out.cast()) })
@@ -192,7 +197,9 @@ pub fn memory_peak(ordinal: usize, reset: bool) -> Result<u64, TchError> {
 pub fn kernels_compile_check(arch: &str) -> Result<(), TchError> {
     let arch = std::ffi::CString::new(arch).map_err(|e| TchError::Torch(e.to_string()))?;
     // SAFETY: a valid NUL-terminated string for the duration of the call.
-    check("fused kernels", unsafe { dtf_kernels_compile_check(arch.as_ptr()) })
+    check("fused kernels", unsafe {
+        dtf_kernels_compile_check(arch.as_ptr())
+    })
 }
 
 /// Whether the fused kernels are ready on CUDA device `ordinal`: compiled (NVRTC, from the torch
@@ -444,7 +451,10 @@ mod tests {
         let want = x.linear(&w, Some(&b)).gelu("none");
         let err = f64::try_from((&got - &want).abs().max()).unwrap();
         assert!(err < 1e-4, "max abs diff {err}");
-        assert!(f64::try_from(got.min()).unwrap() < 0.0, "no negative outputs: a RELU");
+        assert!(
+            f64::try_from(got.min()).unwrap() < 0.0,
+            "no negative outputs: a RELU"
+        );
         // Why the shim exists: tch's own binding passes `use_gelu` as `beta` and runs a RELU.
         let tch_op = b.internal_addmm_activation(&x, &w.tr(), true);
         let relu = x.linear(&w, Some(&b)).relu();

@@ -336,7 +336,12 @@ impl Pipeline {
         }
     }
 
-    fn encode_with(&self, clip: &ClipTextModel, t5: &T5Encoder, prompt: &str) -> Result<(Tensor, Tensor), EngineError> {
+    fn encode_with(
+        &self,
+        clip: &ClipTextModel,
+        t5: &T5Encoder,
+        prompt: &str,
+    ) -> Result<(Tensor, Tensor), EngineError> {
         let dev = self.options.devices.text_encoders;
         let ids = |v: Vec<i64>| -> Result<Tensor, EngineError> {
             let n = v.len() as i64;
@@ -709,7 +714,10 @@ impl Engine for Pipeline {
                 encode_ms,
                 denoise_ms,
                 decode_ms,
-                peak_memory_bytes: [encode_peak, denoise_peak, decode_peak].into_iter().flatten().max(),
+                peak_memory_bytes: [encode_peak, denoise_peak, decode_peak]
+                    .into_iter()
+                    .flatten()
+                    .max(),
                 peak_memory_encode_bytes: encode_peak,
                 peak_memory_denoise_bytes: denoise_peak,
                 peak_memory_decode_bytes: decode_peak,

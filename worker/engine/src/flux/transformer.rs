@@ -486,9 +486,11 @@ impl<'a> Ctx<'a> {
     /// output in the same (b, seq, heads, d) layout, as cuDNN does).
     fn attend_bshd(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
         let (b, rows, heads, d) = q.size4()?;
-        let o = self
-            .attn
-            .attend(&q.f_transpose(1, 2)?, &k.f_transpose(1, 2)?, &v.f_transpose(1, 2)?)?; // (b, heads, rows, d)
+        let o = self.attn.attend(
+            &q.f_transpose(1, 2)?,
+            &k.f_transpose(1, 2)?,
+            &v.f_transpose(1, 2)?,
+        )?; // (b, heads, rows, d)
         o.f_transpose(1, 2)?.f_reshape([b, rows, heads * d])
     }
 }
@@ -788,9 +790,10 @@ impl SingleBlock {
             attention(&q, &k, &v, ctx)?
         }; // (b, seq, h)
         let out = attn.f_linear(&w2.f_narrow(1, 0, h)?, self.linear2.bias.as_ref())?; // (b, seq, h)
-        let _ = out
-            .f_view([b * s, h])?
-            .f_addmm_(&g.f_reshape([b * s, mh])?, &w2.f_narrow(1, h, mh)?.f_transpose(0, 1)?)?;
+        let _ = out.f_view([b * s, h])?.f_addmm_(
+            &g.f_reshape([b * s, mh])?,
+            &w2.f_narrow(1, h, mh)?.f_transpose(0, 1)?,
+        )?;
         gated_add(x, gate, &out)
     }
 }
@@ -1032,7 +1035,8 @@ mod tests {
         let _g = tch::no_grad_guard();
         tch::manual_seed(3);
         let cfg = Config::tiny();
-        let model = Flux::new(&cfg, Device::Cpu, Kind::Float).map_err(|e| tch::TchError::Torch(e.to_string()))?;
+        let model =
+            Flux::new(&cfg, Device::Cpu, Kind::Float).map_err(|e| tch::TchError::Torch(e.to_string()))?;
         let (txt_len, lh, lw) = (5, 4, 6);
         let ids = Flux::position_ids(txt_len, lh, lw, Device::Cpu)?;
         let pe = model.rope(&ids)?;
@@ -1051,7 +1055,10 @@ mod tests {
         let halves = block.forward_halves(&x, &x_mod, &m[2], ctx)?;
         let diff = f64::try_from(halves.f_sub(&reference)?.f_abs()?.f_max()?)?;
         let scale = f64::try_from(reference.f_abs()?.f_max()?)?;
-        assert!(diff < 1e-5 * scale.max(1.0), "max abs diff {diff} (scale {scale})");
+        assert!(
+            diff < 1e-5 * scale.max(1.0),
+            "max abs diff {diff} (scale {scale})"
+        );
         Ok(())
     }
 

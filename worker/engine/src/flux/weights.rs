@@ -205,13 +205,19 @@ impl Checkpoint {
             .get(name)
             .ok_or_else(|| load_err(format!("no tensor {name}")))?;
         let n = (info.end - info.start) as usize;
-        if buf.kind() != Kind::Uint8 || !buf.is_contiguous() || buf.device() != tch::Device::Cpu || buf.numel() < n {
-            return Err(load_err(format!("staging buffer too small for {name} ({n} bytes)")));
+        if buf.kind() != Kind::Uint8
+            || !buf.is_contiguous()
+            || buf.device() != tch::Device::Cpu
+            || buf.numel() < n
+        {
+            return Err(load_err(format!(
+                "staging buffer too small for {name} ({n} bytes)"
+            )));
         }
-        if !files.contains_key(&info.file) {
-            files.insert(info.file.clone(), File::open(&info.file)?);
-        }
-        let file = &files[&info.file];
+        let file = match files.entry(info.file.clone()) {
+            std::collections::btree_map::Entry::Occupied(f) => f.into_mut(),
+            std::collections::btree_map::Entry::Vacant(slot) => slot.insert(File::open(&info.file)?),
+        };
         if n > 0 {
             // SAFETY: `buf` is a contiguous CPU byte tensor of at least `n` bytes (checked above)
             // that the caller owns and does not read or copy from while this slice is alive (the
@@ -354,7 +360,7 @@ pub fn load_strict(
     let mut files = BTreeMap::new();
     for (var, src) in plan {
         let cuda = var.device().is_cuda();
-        if !staging.contains_key(&cuda) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = staging.entry(cuda) {
             let host = Tensor::f_empty([largest.max(1) as i64], (Kind::Uint8, tch::Device::Cpu))?;
             // Pinned only where it pays and exists (a CUDA destination); pageable otherwise.
             let buf = if cuda {
@@ -362,7 +368,7 @@ pub fn load_strict(
             } else {
                 host
             };
-            staging.insert(cuda, buf);
+            slot.insert(buf);
         }
         let buf = &staging[&cuda];
         let mut var = var.shallow_clone();
