@@ -110,12 +110,14 @@ impl ResnetBlock {
         })
     }
 
+    /// SiLU and the residual add run in place on fresh tensors (the norm's and the conv's
+    /// outputs): at 1024² each is a (1, 128, 1024, 1024) activation the decode's peak would hold.
     fn forward_with(&self, x: &Tensor, ops: &dyn Spatial) -> Res<Tensor> {
-        let h = ops.conv(&self.conv1, &ops.group_norm(&self.norm1, x)?.f_silu()?)?;
-        let h = ops.conv(&self.conv2, &ops.group_norm(&self.norm2, &h)?.f_silu()?)?;
+        let h = ops.conv(&self.conv1, &ops.group_norm(&self.norm1, x)?.f_silu_()?)?;
+        let mut h = ops.conv(&self.conv2, &ops.group_norm(&self.norm2, &h)?.f_silu_()?)?;
         match &self.conv_shortcut {
-            Some(c) => ops.conv(c, x)?.f_add(&h),
-            None => x.f_add(&h),
+            Some(c) => h.f_add_(&ops.conv(c, x)?),
+            None => h.f_add_(x),
         }
     }
 }
@@ -289,7 +291,7 @@ impl Decoder {
                 h = ops.conv(conv, &ops.upsample(&h)?)?;
             }
         }
-        let h = ops.group_norm(&self.conv_norm_out, &h)?.f_silu()?;
+        let h = ops.group_norm(&self.conv_norm_out, &h)?.f_silu_()?;
         ops.conv(&self.conv_out, &h)
     }
 }
