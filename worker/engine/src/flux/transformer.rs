@@ -666,28 +666,32 @@ impl DoubleBlock {
         let txt_attn = attn.f_narrow(1, 0, txt_len)?;
         let img_attn = attn.f_narrow(1, txt_len, img_len)?;
 
-        let (img, img_x) = gated_add_modulate(
-            &self.norm,
-            img,
-            &im[2],
-            &self.img_attn.proj.forward(&img_attn)?,
-            &im[3],
-            &im[4],
-            ctx.opts,
-        )?;
-        let img = gated_add(&img, &im[5], &self.img_mlp.forward(&img_x, ctx.opts)?)?;
-
-        let (txt, txt_x) = gated_add_modulate(
-            &self.norm,
-            txt,
-            &tm[2],
-            &self.txt_attn.proj.forward(&txt_attn)?,
-            &tm[3],
-            &tm[4],
-            ctx.opts,
-        )?;
-        let txt = gated_add(&txt, &tm[5], &self.txt_mlp.forward(&txt_x, ctx.opts)?)?;
+        let img = self.stream_out(img, &im, &self.img_attn, &self.img_mlp, &img_attn, ctx.opts)?;
+        let txt = self.stream_out(txt, &tm, &self.txt_attn, &self.txt_mlp, &txt_attn, ctx.opts)?;
         Ok((img, txt))
+    }
+
+    /// One stream after the joint attention: `x += gate1 * proj(attn)`, then
+    /// `x += gate2 * mlp(modulate(x))`; `m` is the stream's 6 modulation chunks.
+    fn stream_out(
+        &self,
+        x: &Tensor,
+        m: &[Tensor],
+        attn: &SelfAttention,
+        mlp: &Mlp,
+        attn_out: &Tensor,
+        opts: Opts,
+    ) -> Res<Tensor> {
+        let (x, x_mod) = gated_add_modulate(
+            &self.norm,
+            x,
+            &m[2],
+            &attn.proj.forward(attn_out)?,
+            &m[3],
+            &m[4],
+            opts,
+        )?;
+        gated_add(&x, &m[5], &mlp.forward(&x_mod, opts)?)
     }
 }
 
