@@ -482,16 +482,16 @@ impl<'a> Ctx<'a> {
     }
 
     /// Attention over joint buffers `(b, rows, heads, d)` that already hold normed, rotated q/k
-    /// (see [`fused_qkv`]); returns `(b, rows, heads * d)` (a view where the kernel wrote its
-    /// output in the same (b, seq, heads, d) layout, as cuDNN does).
+    /// (see [`fused_qkv`]); returns `(b, rows, heads, d)`, contiguous where the attention kernel
+    /// wrote its output in that layout (cuDNN does).
     fn attend_bshd(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
-        let (b, rows, heads, d) = q.size4()?;
-        let o = self.attn.attend(
-            &q.f_transpose(1, 2)?,
-            &k.f_transpose(1, 2)?,
-            &v.f_transpose(1, 2)?,
-        )?; // (b, heads, rows, d)
-        o.f_transpose(1, 2)?.f_reshape([b, rows, heads * d])
+        self.attn
+            .attend(
+                &q.f_transpose(1, 2)?,
+                &k.f_transpose(1, 2)?,
+                &v.f_transpose(1, 2)?,
+            )? // (b, heads, rows, d)
+            .f_transpose(1, 2)
     }
 }
 
@@ -503,7 +503,7 @@ fn cuda_bf16(x: &Tensor) -> bool {
 /// [`cuda_bf16`] and the fused kernels are loaded on that device.
 fn fused_kernels(x: &Tensor) -> bool {
     match x.device() {
-        Device::Cuda(i) => x.kind() == Kind::BFloat16 && crate::aten::fused_kernels_available(i),
+        Device::Cuda(i) => cuda_bf16(x) && crate::aten::fused_kernels_available(i),
         _ => false,
     }
 }
@@ -654,7 +654,7 @@ impl DoubleBlock {
             let (q, k, v) = joint_buffers(&img_qkv, b, rows, self.heads)?; // (b, txt+img, heads, d)
             fused_qkv(&txt_qkv, &self.txt_attn.norm, ctx.pe, (&q, &k, &v), 0)?;
             fused_qkv(&img_qkv, &self.img_attn.norm, ctx.pe, (&q, &k, &v), txt_len)?;
-            ctx.attend_bshd(&q, &k, &v)?
+            ctx.attend_bshd(&q, &k, &v)?.f_reshape([b, rows, -1])?
         } else {
             let (iq, ik, iv) = split_qkv(&img_qkv, self.heads, &self.img_attn.norm)?;
             let (tq, tk, tv) = split_qkv(&txt_qkv, self.heads, &self.txt_attn.norm)?;
@@ -732,36 +732,35 @@ impl SingleBlock {
             return self.forward_halves(x, &x_mod, &m[2], ctx);
         }
         let fused = self.linear1.forward(&x_mod)?; // (b, seq, 3h + mlp)
-        let qkv = fused.f_narrow(-1, 0, 3 * self.hidden)?;
         let mlp = fused.f_narrow(-1, 3 * self.hidden, self.mlp_hidden)?;
-        let (b, s, _) = x.size3()?;
-        if ctx.fused_qkv(&fused, self.heads, s) {
-            // linear1's output holds q|k|v|mlp per token: the kernel reads the q|k|v columns.
-            let (q, k, v) = joint_buffers(&fused, b, s, self.heads)?; // (b, seq, heads, d)
-            fused_qkv(&fused, &self.norm, ctx.pe, (&q, &k, &v), 0)?;
-            let o = ctx.attend_bshd(&q, &k, &v)?; // (b, seq, h)
-            let buf = Tensor::f_empty([b, s, self.hidden + self.mlp_hidden], (x.kind(), x.device()))?;
-            buf.f_narrow(-1, 0, self.hidden)?.f_copy_(&o)?;
-            let _ = mlp.f_gelu_out(&buf.f_narrow(-1, self.hidden, self.mlp_hidden)?, "tanh")?;
-            return gated_add(x, &m[2], &self.linear2.forward(&buf)?);
-        }
-        let (q, k, v) = split_qkv(&qkv, self.heads, &self.norm)?;
-        let hidden = if Opts::get().cat {
+        let o = self.attend_qkv(&fused, ctx)?; // (b, seq, heads, d)
+        let (b, s, heads, d) = o.size4()?;
+        let hidden = if ctx.opts.cat {
             // linear2's input (b, seq, h + mlp), written in place: attention output, GELU(mlp).
-            let (b, s, _) = x.size3()?;
-            let (_, heads, _, d) = q.size4()?;
             let buf = Tensor::f_empty([b, s, self.hidden + self.mlp_hidden], (x.kind(), x.device()))?;
-            let o = ctx.attend(&q, &k, &v)?; // (b, heads, seq, d)
             let mut dst = buf.f_narrow(-1, 0, self.hidden)?.f_view([b, s, heads, d])?;
-            dst.f_copy_(&o.f_transpose(1, 2)?)?;
+            dst.f_copy_(&o)?;
             let _ = mlp.f_gelu_out(&buf.f_narrow(-1, self.hidden, self.mlp_hidden)?, "tanh")?;
             buf
         } else {
-            let attn = attention(&q, &k, &v, ctx)?; // (b, seq, h)
-            Tensor::f_cat(&[attn, mlp.f_gelu("tanh")?], -1)?
+            Tensor::f_cat(&[o.f_reshape([b, s, heads * d])?, mlp.f_gelu("tanh")?], -1)?
         };
         let out = self.linear2.forward(&hidden)?;
         gated_add(x, &m[2], &out)
+    }
+
+    /// The joint attention of the block's tokens from their projection `qkv` `(b, seq, >= 3h)`
+    /// (q|k|v first, as `linear1` lays them out): the fused kernel where it applies, else split,
+    /// norm and RoPE. Returns `(b, seq, heads, d)` (a transposed view on the split path).
+    fn attend_qkv(&self, qkv: &Tensor, ctx: Ctx<'_>) -> Res<Tensor> {
+        let (b, s, _) = qkv.size3()?;
+        if ctx.fused_qkv(qkv, self.heads, s) {
+            let (q, k, v) = joint_buffers(qkv, b, s, self.heads)?; // (b, seq, heads, d)
+            fused_qkv(qkv, &self.norm, ctx.pe, (&q, &k, &v), 0)?;
+            return ctx.attend_bshd(&q, &k, &v);
+        }
+        let (q, k, v) = split_qkv(&qkv.f_narrow(-1, 0, 3 * self.hidden)?, self.heads, &self.norm)?;
+        ctx.attend(&q, &k, &v)?.f_transpose(1, 2)
     }
 
     /// [`SingleBlock::forward`] with `linear1` / `linear2` run as their attention and MLP halves
@@ -785,14 +784,7 @@ impl SingleBlock {
             ctx.opts.gelu,
         )?; // (b, seq, mlp)
         let (b, s, _) = x.size3()?;
-        let attn = if ctx.fused_qkv(&qkv, self.heads, s) {
-            let (q, k, v) = joint_buffers(&qkv, b, s, self.heads)?;
-            fused_qkv(&qkv, &self.norm, ctx.pe, (&q, &k, &v), 0)?;
-            ctx.attend_bshd(&q, &k, &v)?
-        } else {
-            let (q, k, v) = split_qkv(&qkv, self.heads, &self.norm)?;
-            attention(&q, &k, &v, ctx)?
-        }; // (b, seq, h)
+        let attn = self.attend_qkv(&qkv, ctx)?.f_reshape([b, s, h])?; // (b, seq, h)
         let out = attn.f_linear(&w2.f_narrow(1, 0, h)?, self.linear2.bias.as_ref())?; // (b, seq, h)
         let _ = out.f_view([b * s, h])?.f_addmm_(
             &g.f_reshape([b * s, mh])?,

@@ -231,16 +231,17 @@ impl Checkpoint {
             .f_view(info.shape.as_slice())?)
     }
 
-    /// Reads one tensor into host memory in its stored dtype.
+    /// Reads one tensor into host memory (a buffer of its own) in its stored dtype.
     pub fn read(&self, name: &str) -> Result<Tensor, EngineError> {
         let info = self
             .tensors
             .get(name)
             .ok_or_else(|| load_err(format!("no tensor {name}")))?;
-        let file = File::open(&info.file)?;
-        let mut buf = vec![0u8; (info.end - info.start) as usize];
-        file.read_exact_at(&mut buf, info.start)?;
-        Ok(Tensor::f_from_data_size(&buf, &info.shape, info.kind)?)
+        let buf = Tensor::f_empty(
+            [(info.end - info.start).max(1) as i64],
+            (Kind::Uint8, tch::Device::Cpu),
+        )?;
+        self.read_into(name, &buf, &mut BTreeMap::new())
     }
 }
 
