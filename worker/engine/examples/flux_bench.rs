@@ -25,6 +25,13 @@
 //! `--graphs` runs each step's forward as a replayed CUDA graph (captured at the first step, as
 //! the multi-GPU ranks do; `parallel::graphs`).
 //!
+//! `--sim-plan ulysses=4` (or `ring=R`, `ulysses=U,ring=R`, `text=replicated`) runs ONE rank's
+//! share of that plan: rank 0's slice of the text and image tokens through the same
+//! `UspAttention` the multi-GPU ranks run, with [`LoopbackComm`] peers (collectives return
+//! copies of this rank's own data, nothing crosses an interconnect). Its step time is the floor
+//! under the plan's step on that many GPUs: compute and local copies, no communication and no
+//! waiting for peers. Its latents are not the plan's image.
+//!
 //! `--dump-latent` writes the inputs (packed noise, txt, pooled, guidance), the first step's
 //! transformer output (`v0`) and the final packed latents, so diffusers can be run on the same
 //! inputs for comparison. `--depth` / `--single-depth` override the number of double / single
@@ -37,6 +44,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use ditfleet_engine::flux::sampling::{self, SchedulerConfig};
 use ditfleet_engine::flux::transformer::{Config, Flux, Opts};
+use ditfleet_engine::parallel::{LoopbackComm, Plan, SeqLayout, UspAttention};
 use tch::{Device, Kind, Tensor};
 
 struct Args {
@@ -55,6 +63,7 @@ struct Args {
     check_fused: bool,
     profile: Option<PathBuf>,
     graphs: bool,
+    sim_plan: Option<Plan>,
 }
 
 fn parse() -> Result<Args> {
@@ -74,6 +83,7 @@ fn parse() -> Result<Args> {
         check_fused: false,
         profile: None,
         graphs: false,
+        sim_plan: None,
     };
     let mut bf16 = false;
     let mut it = std::env::args().skip(1);
@@ -94,6 +104,13 @@ fn parse() -> Result<Args> {
             "--single-depth" => a.single_depth = Some(val()?.parse()?),
             "--check-fused" => a.check_fused = true,
             "--graphs" => a.graphs = true,
+            "--sim-plan" => {
+                let p: Plan = val()?.parse().map_err(anyhow::Error::msg)?;
+                if p.pipefusion > 1 || p.cfg > 1 || p.dp > 1 {
+                    bail!("--sim-plan takes ulysses/ring/text only (one rank's sequence-parallel share)");
+                }
+                a.sim_plan = Some(p);
+            }
             "--profile" => a.profile = Some(val()?.into()),
             "--device" => {
                 let v = val()?;
@@ -302,8 +319,33 @@ fn main() -> Result<()> {
 
     // Everything that does not change across steps, computed once.
     let ids = Flux::position_ids(args.txt_tokens, lh, lw, dev)?;
+    // --sim-plan: rank 0's slices, as `parallel::runner` cuts them.
+    let sp = args.sim_plan.map_or(1, |p| p.ulysses * p.ring);
+    let layout = SeqLayout::new(sp, args.txt_tokens, img_seq, args.sim_plan.and_then(|p| p.text));
+    let ((ts, tl), (is, il)) = (layout.txt[0], layout.img[0]);
+    let x0 = x0.f_narrow(1, is, il)?;
+    let ids = Tensor::f_cat(
+        &[ids.f_narrow(0, ts, tl)?, ids.f_narrow(0, args.txt_tokens + is, il)?],
+        0,
+    )?;
     let pe = model.rope(&ids)?;
-    let txt = model.embed_txt(&txt_raw)?;
+    let txt = model.embed_txt(&txt_raw.f_narrow(1, ts, tl)?)?;
+    let (uly, ring) = match args.sim_plan {
+        Some(p) => (LoopbackComm::new(p.ulysses, dev), LoopbackComm::new(p.ring, dev)),
+        None => (LoopbackComm::new(1, dev), LoopbackComm::new(1, dev)),
+    };
+    let usp = UspAttention {
+        ulysses: &uly,
+        ring: &ring,
+        layout: &layout,
+    };
+    let fwd = |x: &Tensor, txt: &Tensor, vec: &Tensor, pe: &ditfleet_engine::flux::transformer::Rope| {
+        if args.sim_plan.is_some() {
+            model.forward_with(x, txt, vec, pe, &usp)
+        } else {
+            model.forward_prepared(x, txt, vec, pe)
+        }
+    };
     let steps = args.steps as i64;
     let t = Tensor::f_from_slice(&sched.timesteps)?
         .f_to_device(dev)?
@@ -318,23 +360,17 @@ fn main() -> Result<()> {
     // With --graphs, every forward (warm-up included) goes through one captured graph.
     let cache = std::cell::RefCell::new(ditfleet_engine::parallel::graphs::GraphCache::default());
     let key = ditfleet_engine::parallel::graphs::StepKey {
-        txt: (0, args.txt_tokens),
-        img: (0, img_seq),
+        txt: (ts, tl),
+        img: (is, il),
         txt_len: args.txt_tokens,
         latent_hw: (lh, lw),
     };
     let forward = |x: &Tensor, vec: &Tensor| -> Result<Tensor> {
         match (args.graphs, dev) {
             (true, Device::Cuda(ordinal)) => {
-                let f = |x: &Tensor,
-                         txt: &Tensor,
-                         vec: &Tensor,
-                         pe: &ditfleet_engine::flux::transformer::Rope| {
-                    model.forward_prepared(x, txt, vec, pe)
-                };
-                Ok(cache.borrow_mut().step(ordinal, &key, x, &txt, vec, &pe, &f)?)
+                Ok(cache.borrow_mut().step(ordinal, &key, x, &txt, vec, &pe, &fwd)?)
             }
-            _ => Ok(model.forward_prepared(x, &txt, vec, &pe)?),
+            _ => Ok(fwd(x, &txt, vec, &pe)?),
         }
     };
     let run = |per_step: Option<&mut Vec<f64>>| -> Result<Tensor> {
@@ -435,6 +471,8 @@ fn main() -> Result<()> {
         "median_step_ms": median,
         "opts": format!("{:?}", Opts::get()),
         "cuda_graphs": args.graphs,
+        "sim_plan": args.sim_plan.map(|p| p.to_string()),
+        "sim_rank0_tokens": args.sim_plan.map(|_| serde_json::json!({"txt": tl, "img": il})),
         "depth": cfg.depth,
         "single_depth": cfg.depth_single_blocks,
         "host_enqueue_s_unsynced_loop": host_enqueue_s,

@@ -12,8 +12,14 @@
 //! ```text
 //! parallel_bench --size 1024 --steps 28 --plans 'single;ulysses=2;ring=2' --devices 0,1
 //! parallel_bench --size 1024 --steps 28 --plans all --devices 0,1,2,3   (single + every valid plan)
-//!   [--runs 2] [--warmup-steps 2] [--true-cfg] [--seed 0]
+//!   [--runs 2] [--warmup-steps 2] [--true-cfg] [--seed 0] [--backend nccl|threads]
 //! ```
+//!
+//! `--backend threads --devices 0,0,0,0` runs every rank as a thread on ONE GPU with the
+//! in-process backend (device-to-device copies instead of NCCL; steps run eagerly, since its
+//! exchanges go through the host and cannot be captured). The ranks share the GPU, so the
+//! timings mean nothing; the latents are the plan's own, which checks the multi-GPU code path
+//! (fused kernels included) at full size where only one GPU is at hand.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ditfleet_engine::flux::Pipeline;
-use ditfleet_engine::parallel::{NcclFactory, ParallelPipeline, Plan, nccl};
+use ditfleet_engine::parallel::{CommFactory, NcclFactory, ParallelPipeline, Plan, ThreadsFactory, nccl};
 use ditfleet_engine::{Control, Engine, GenerateRequest, GeneratedImage};
 use tch::{Device, Kind, Tensor};
 
@@ -34,6 +40,8 @@ struct Args {
     devices: Vec<i32>,
     true_cfg: bool,
     seed: u64,
+    /// `nccl` (default) or `threads` (every rank a thread, see the module docs).
+    backend: String,
     /// Diagnostics instead of plans: independent pipelines on every device at once (do rank
     /// threads compute in parallel?) and NCCL point-to-point / all-to-all bandwidth.
     diag: bool,
@@ -52,6 +60,7 @@ fn parse() -> Result<Args> {
         devices: vec![0],
         true_cfg: false,
         seed: 0,
+        backend: "nccl".into(),
         diag: false,
         fault: None,
     };
@@ -65,6 +74,12 @@ fn parse() -> Result<Args> {
             "--warmup-steps" => a.warmup_steps = val()?.parse()?,
             "--seed" => a.seed = val()?.parse()?,
             "--true-cfg" => a.true_cfg = true,
+            "--backend" => {
+                a.backend = val()?;
+                if a.backend != "nccl" && a.backend != "threads" {
+                    bail!("--backend is nccl or threads, not {}", a.backend);
+                }
+            }
             "--diag" => a.diag = true,
             "--fault" => {
                 let v = val()?;
@@ -248,9 +263,16 @@ fn main() -> Result<()> {
         let mut engine = if single {
             Eng::One(Box::new(p))
         } else {
-            let factory = Box::new(NcclFactory {
-                devices: a.devices.clone(),
-            });
+            let factory: Box<dyn CommFactory + Send> = if a.backend == "threads" {
+                Box::new(ThreadsFactory {
+                    device: devices[0],
+                    timeout: Duration::from_secs(600),
+                })
+            } else {
+                Box::new(NcclFactory {
+                    devices: a.devices.clone(),
+                })
+            };
             Eng::Par(Box::new(ParallelPipeline::new(
                 vec![p],
                 &devices,
@@ -311,6 +333,7 @@ fn main() -> Result<()> {
             "size": a.size,
             "steps": a.steps,
             "true_cfg": a.true_cfg,
+            "backend": if single { "none" } else { a.backend.as_str() },
             "build_s": build_s,
             "step_ms_median": median(step_ms.clone()),
             "step_ms_min": step_ms.iter().cloned().fold(f64::INFINITY, f64::min),

@@ -106,6 +106,13 @@ pub trait Communicator: Send {
     fn is_aborted(&self) -> bool {
         false
     }
+
+    /// Whether the collectives are device work on libtorch's current stream, so a CUDA graph
+    /// of a step can capture them (NCCL). The threads backend exchanges through host memory:
+    /// a captured step would replay stale exchanges, so steps over it run eagerly.
+    fn capturable(&self) -> bool {
+        false
+    }
 }
 
 /// Aborts a group from any thread (see [`Communicator::abort_handle`]).
@@ -284,6 +291,14 @@ impl RankComms {
         [&self.world, &self.ulysses, &self.ring, &self.sp, &self.cfg]
             .iter()
             .any(|c| c.is_aborted())
+    }
+
+    /// Whether every group's collectives can be captured in a CUDA graph
+    /// ([`Communicator::capturable`]).
+    pub fn is_capturable(&self) -> bool {
+        [&self.world, &self.ulysses, &self.ring, &self.sp, &self.cfg]
+            .iter()
+            .all(|c| c.capturable())
     }
 
     /// Aborts every group this rank belongs to.

@@ -3,6 +3,7 @@
 //! - [`comm`]: the [`comm::Communicator`] interface (all-to-all, all-gather, all-reduce,
 //!   broadcast, point-to-point) and the rank layout of a plan ([`comm::Mesh`]);
 //! - [`threads`]: the in-process backend (CPU tensors; every strategy runs in CI);
+//! - [`loopback`]: one rank with stand-in peers (one rank's share of a plan, measured on one GPU);
 //! - [`nccl`]: the GPU backend (one thread per GPU, NCCL through cudarc);
 //! - [`attention`]: exact sequence parallelism of Flux's joint attention: Ulysses, Ring, USP;
 //! - [`graphs`]: CUDA graphs of a rank's step (one launch per step instead of one per kernel);
@@ -21,6 +22,7 @@ pub mod autotune;
 pub mod comm;
 pub mod graphs;
 pub mod health;
+pub mod loopback;
 pub mod nccl;
 pub mod pipefusion;
 pub mod plan;
@@ -32,6 +34,7 @@ pub mod vae;
 pub use attention::{SeqLayout, TextMode, UspAttention};
 pub use autotune::{PlanTable, autotune};
 pub use comm::{CommError, CommFactory, Communicator, Mesh, RankComms};
+pub use loopback::LoopbackComm;
 pub use nccl::{NcclComm, NcclFactory};
 pub use plan::Plan;
 pub use resilient::{InjectedFault, ResilientParallel};

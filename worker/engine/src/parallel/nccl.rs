@@ -460,6 +460,10 @@ impl Communicator for NcclComm {
         self.group.aborted.load(Ordering::SeqCst)
     }
 
+    fn capturable(&self) -> bool {
+        true
+    }
+
     fn abort_handle(&self) -> super::comm::AbortHandle {
         let (group, rank) = (self.group.clone(), self.rank);
         Arc::new(move || {

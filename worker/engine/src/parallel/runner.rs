@@ -208,7 +208,9 @@ fn denoise_gathered(
     let eager =
         |x: &Tensor, txt: &Tensor, vec: &Tensor, pe: &Rope| ctx.flux.forward_with(x, txt, vec, pe, &op);
     let graph = match (ctx.graphs, ctx.device) {
-        (Some(cache), Device::Cuda(ordinal)) if graphs::enabled(ctx.device, mesh.ring) => {
+        (Some(cache), Device::Cuda(ordinal))
+            if graphs::enabled(ctx.device, mesh.ring) && ctx.comms.is_capturable() =>
+        {
             Some((cache, ordinal))
         }
         _ => None,

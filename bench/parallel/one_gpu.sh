@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One device call on ONE GPU (nvidia-h200): what of the multi-GPU engine can be checked and
+# measured when only one GPU is lent. Carry .gpu (flux_bench and parallel_bench, release builds).
+#   1. check_fused: the fused kernels against fp32 (flux_bench --check-fused);
+#   2. share_*: ONE rank's share of each plan (flux_bench --sim-plan: the rank's token slices
+#      through the real UspAttention, LoopbackComm peers, CUDA graphs as the ranks run): the
+#      floor under that plan's step on N GPUs (no interconnect traffic, no waiting for peers);
+#   3. threads_*: every rank of each plan as a thread on this GPU (parallel_bench --backend
+#      threads): the plan's own latents and image against one GPU at full size (timings mean
+#      nothing: the ranks share the GPU);
+#   4. profile: a kineto trace of ulysses=4's rank share at 1024 (eager), summarised.
+# Env: SHARE_PLANS_1024, SHARE_PLANS_2048, THREAD_PLANS, STEPS_2048 (default 10), SKIP_THREADS=1,
+#      SKIP_PROFILE=1, BUDGET_S (default 570). Writes $OUT/table.md and $OUT/all.tgz (every output).
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+BUDGET_S=${BUDGET_S:-570}
+TORCH=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))' 2>/dev/null || echo /opt/torch/.venv/lib/python3.12/site-packages/torch)
+export LD_LIBRARY_PATH=$TORCH/lib:$TORCH/../nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+FB=.gpu/flux_bench
+PB=.gpu/parallel_bench
+nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+stage() { # stage NAME TIMEOUT CMD...   (stdout -> NAME.json, stderr -> NAME.log)
+  local name=$1 t=$2; shift 2
+  local left=$(( BUDGET_S - SECONDS ))
+  (( t > left )) && t=$left
+  if (( t < 15 )); then echo "== $name: skipped, ${left}s left"; return; fi
+  timeout -k 5 "$t" "$@" > "$OUT/$name.json" 2> "$OUT/$name.log"
+  local rc=$?
+  echo "== $name rc=$rc t=${SECONDS}s"
+  (( rc != 0 )) && tail -3 "$OUT/$name.log"
+}
+
+stage check_fused 90 $FB --check-fused
+for p in ${SHARE_PLANS_1024:-single ulysses=2 ulysses=4 ulysses=8 ring=2 ring=4 ulysses=2,ring=2 ulysses=4,ring=2}; do
+  if [ "$p" = single ]; then args=(); else args=(--sim-plan "$p"); fi
+  stage "share_1024_${p//[=,]/_}" 60 $FB --size 1024 --steps 28 --graphs "${args[@]}"
+done
+for p in ${SHARE_PLANS_2048:-single ulysses=2 ulysses=4 ulysses=8}; do
+  if [ "$p" = single ]; then args=(); else args=(--sim-plan "$p"); fi
+  stage "share_2048_${p//[=,]/_}" 90 $FB --size 2048 --steps "${STEPS_2048:-10}" --graphs "${args[@]}"
+done
+if [ -z "${SKIP_PROFILE:-}" ]; then
+  stage profile_u4 60 $FB --size 1024 --steps 4 --sim-plan ulysses=4 --profile "$OUT/u4_trace.json"
+  python3 bench/flux_1gpu/profile_summary.py "$OUT/u4_trace.json" > "$OUT/profile_u4.txt" 2>&1 \
+    && rm -f "$OUT/u4_trace.json"
+fi
+if [ -z "${SKIP_THREADS:-}" ]; then
+  stage threads_1024 240 $PB --backend threads --devices 0,0,0,0 --size 1024 --steps 28 --runs 1 \
+    --warmup-steps 1 --plans "${THREAD_PLANS:-single;ulysses=2;ulysses=4;ring=2;ring=4;ulysses=2,ring=2;ulysses=4,text=replicated;ring=4,text=replicated;pipefusion=4,patches=4,warmup=1}"
+  stage threads_truecfg_1024 150 $PB --backend threads --devices 0,0,0,0 --size 1024 --steps 28 --runs 1 \
+    --warmup-steps 1 --true-cfg --plans "single;cfg=2;cfg=2,ulysses=2"
+fi
+python3 bench/parallel/one_gpu_summary.py "$OUT" | tee "$OUT/table.md"
+# The device tool returns few files: everything in one archive beside the table.
+tar czf /tmp/one_gpu.tgz -C "$OUT" . && find "$OUT" -mindepth 1 ! -name table.md -delete && mv /tmp/one_gpu.tgz "$OUT/all.tgz"

@@ -1,0 +1,181 @@
+//! A stand-in for the peers of one rank: [`LoopbackComm`] is rank 0 of a group of `n` whose
+//! other members do not exist. Every collective returns tensors of the shapes a real group
+//! would return, filled from this rank's own data (a copy of what it sends where the shapes
+//! match, zeros where they do not), and nothing crosses an interconnect.
+//!
+//! What it is for: measuring ONE rank's share of a plan on one GPU (`flux_bench --sim-plan`).
+//! A rank of `ulysses=4` at 1024² runs its linear layers on a quarter of the tokens and its
+//! attention on a quarter of the heads over all tokens, plus the local copies an all-to-all
+//! makes; that is the floor under the plan's step time on four GPUs, with the interconnect's
+//! cost (and the ranks waiting for each other) left out. The values it produces are not the
+//! plan's result: never serve an image with it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tch::{Device, Kind, Tensor};
+
+use super::comm::{AbortHandle, CommError, CommResult, Communicator};
+
+const BACKEND: &str = "loopback";
+
+/// Rank 0 of a group of `n` with no peers (see the module docs).
+#[derive(Debug, Clone)]
+pub struct LoopbackComm {
+    n: usize,
+    device: Device,
+    aborted: Arc<AtomicBool>,
+}
+
+impl LoopbackComm {
+    pub fn new(n: usize, device: Device) -> Self {
+        Self {
+            n: n.max(1),
+            device,
+            aborted: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn check(&self) -> CommResult<()> {
+        if self.aborted.load(Ordering::SeqCst) {
+            return Err(CommError::Aborted { backend: BACKEND });
+        }
+        Ok(())
+    }
+
+    /// A tensor of `shape` standing for what a peer would send: a copy of `like` when it has
+    /// as many elements (so the bytes moved match a real exchange's local copy), zeros otherwise.
+    fn standin(&self, like: &Tensor, shape: &[i64], kind: Kind) -> CommResult<Tensor> {
+        let numel: i64 = shape.iter().product();
+        if like.numel() as i64 == numel && like.kind() == kind {
+            Ok(like.f_reshape(shape)?.f_to_device(self.device)?.f_detach_copy()?)
+        } else {
+            Ok(Tensor::f_zeros(shape, (kind, self.device))?)
+        }
+    }
+}
+
+impl Communicator for LoopbackComm {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn size(&self) -> usize {
+        self.n
+    }
+
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn all_to_all(&self, inputs: &[Tensor], out_shapes: &[Vec<i64>]) -> CommResult<Vec<Tensor>> {
+        self.check()?;
+        if inputs.len() != self.n || out_shapes.len() != self.n {
+            return Err(CommError::Usage {
+                op: "all_to_all",
+                message: format!(
+                    "{} inputs / {} shapes for {} ranks",
+                    inputs.len(),
+                    out_shapes.len(),
+                    self.n
+                ),
+            });
+        }
+        inputs
+            .iter()
+            .zip(out_shapes)
+            .map(|(t, s)| self.standin(t, s, t.kind()))
+            .collect()
+    }
+
+    fn all_gather(&self, t: &Tensor) -> CommResult<Vec<Tensor>> {
+        self.check()?;
+        (0..self.n).map(|_| self.standin(t, &t.size(), t.kind())).collect()
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> CommResult<Tensor> {
+        self.check()?;
+        Ok(t.f_mul_scalar(self.n as f64)?)
+    }
+
+    fn broadcast(&self, t: &Tensor, _root: usize) -> CommResult<Tensor> {
+        self.check()?;
+        self.standin(t, &t.size(), t.kind())
+    }
+
+    fn send(&self, _t: &Tensor, _dst: usize) -> CommResult<()> {
+        self.check()
+    }
+
+    fn recv(&self, shape: &[i64], kind: Kind, _src: usize) -> CommResult<Tensor> {
+        self.check()?;
+        Ok(Tensor::f_zeros(shape, (kind, self.device))?)
+    }
+
+    fn send_recv(&self, t: &Tensor, _dst: usize, shape: &[i64], kind: Kind, _src: usize) -> CommResult<Tensor> {
+        self.check()?;
+        self.standin(t, shape, kind)
+    }
+
+    fn barrier(&self) -> CommResult<()> {
+        self.check()
+    }
+
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+    }
+
+    fn abort_handle(&self) -> AbortHandle {
+        let a = self.aborted.clone();
+        Arc::new(move || a.store(true, Ordering::SeqCst))
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::SeqCst)
+    }
+
+    fn capturable(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parallel::attention::{SeqLayout, UspAttention};
+    use crate::flux::transformer::JointAttention;
+
+    /// The loopback group returns the shapes a real group of 4 returns, so one rank's share of
+    /// a plan runs end to end on one device (the values are not the plan's).
+    #[test]
+    fn one_rank_of_ulysses_and_ring_runs_with_loopback_peers_and_keeps_its_shapes() {
+        let (b, h, d) = (1, 8, 16);
+        for (u, r) in [(4, 1), (1, 4), (2, 2)] {
+            let layout = SeqLayout::new(u * r, 8, 64, None);
+            let local = layout.local_len(0);
+            let uly = LoopbackComm::new(u, Device::Cpu);
+            let ring = LoopbackComm::new(r, Device::Cpu);
+            let op = UspAttention {
+                ulysses: &uly,
+                ring: &ring,
+                layout: &layout,
+            };
+            let q = Tensor::randn([b, h, local, d], (Kind::Float, Device::Cpu));
+            let o = op.attend(&q, &q.randn_like(), &q.randn_like()).unwrap();
+            assert_eq!(o.size(), vec![b, h, local, d], "u={u} r={r}");
+            assert!(bool::try_from(o.isfinite().all()).unwrap());
+        }
+    }
+
+    #[test]
+    fn an_aborted_loopback_group_fails_its_collectives() {
+        let c = LoopbackComm::new(2, Device::Cpu);
+        (c.abort_handle())();
+        let t = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+        assert!(matches!(c.all_gather(&t), Err(CommError::Aborted { .. })));
+    }
+}
