@@ -9,7 +9,7 @@
 #      threads): the plan's own latents and image against one GPU at full size (timings mean
 #      nothing: the ranks share the GPU);
 #   4. profile: a kineto trace of ulysses=4's rank share at 1024 (eager), summarised.
-# Env: SHARE_PLANS_1024, SHARE_PLANS_2048, THREAD_PLANS, STEPS_2048 (default 10), SKIP_THREADS=1,
+# Env: AB=1 (the A/B runs below), SHARE_PLANS_1024, SHARE_PLANS_2048, THREAD_PLANS, STEPS_2048 (default 10), SKIP_THREADS=1,
 #      SKIP_PROFILE=1, BUDGET_S (default 570). Writes $OUT/table.md and $OUT/all.tgz (every output).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -42,6 +42,14 @@ for p in ${SHARE_PLANS_2048:-single ulysses=2 ulysses=4 ulysses=8}; do
   if [ "$p" = single ]; then args=(); else args=(--sim-plan "$p"); fi
   stage "share_2048_${p//[=,]/_}" 90 $FB --size 2048 --steps "${STEPS_2048:-10}" --graphs "${args[@]}"
 done
+if [ -n "${AB:-}" ]; then
+  # What the copy-free Ulysses layout (Opts::a2a) and the modulation table bought, same binary.
+  stage ab_single_per_step_mod 60 $FB --size 1024 --steps 28 --graphs --per-step-modulation
+  stage ab_ulysses_4_per_step_mod 60 $FB --size 1024 --steps 28 --graphs --sim-plan ulysses=4 --per-step-modulation
+  DITFLEET_FLUX_OPT=all,-a2a stage ab_ulysses_4_no_a2a 60 $FB --size 1024 --steps 28 --graphs --sim-plan ulysses=4
+  DITFLEET_FLUX_OPT=all,-a2a stage ab_ulysses_8_no_a2a 60 $FB --size 1024 --steps 28 --graphs --sim-plan ulysses=8
+  DITFLEET_FLUX_OPT=all,-a2a stage ab_ulysses_2_no_a2a 60 $FB --size 1024 --steps 28 --graphs --sim-plan ulysses=2
+fi
 if [ -z "${SKIP_PROFILE:-}" ]; then
   stage profile_u4 60 $FB --size 1024 --steps 4 --sim-plan ulysses=4 --profile "$OUT/u4_trace.json"
   python3 bench/flux_1gpu/profile_summary.py "$OUT/u4_trace.json" > "$OUT/profile_u4.txt" 2>&1 \

@@ -85,6 +85,20 @@ def main():
             peak = f"{peak / 2**30:.1f}" if peak else ""
             print(f"| {plan} | {n} | {tok['txt']}+{tok['img']} | {ms:.1f} | {eff} | {peak} |")
         print()
+    ab = sorted(glob.glob(os.path.join(d, "ab_*.json")))
+    if ab:
+        print("## A/B at 1024² (flux_bench, CUDA graphs; `share` rows above are the defaults)\n")
+        print("| run | plan share | copy-free all-to-all (a2a) | modulation | step ms (median) |")
+        print("|---|---|---|---|---|")
+        for path in ab:
+            j = load_json(path)
+            name = os.path.basename(path)[3:-5]
+            if not j:
+                print(f"| {name} | failed | | | |")
+                continue
+            print(f"| {name} | {j.get('sim_plan') or 'single'} | {'off' if 'a2a: false' in j.get('opts', '') else 'on'} | "
+                  f"{j.get('modulation', '')} | {j['median_step_ms']:.1f} |")
+        print()
     prof = os.path.join(d, "profile_u4.txt")
     if os.path.exists(prof):
         print("## Profile of ulysses=4's rank share, 1024², eager\n")

@@ -407,7 +407,9 @@ char *dtf_kernels_compile_check(const char *arch) {
 
 // See dtf_qkv_norm_rope in flux_kernels.cu.inc. qkv (b, t, >= 3*H*128) bf16, last dim contiguous;
 // q_scale/k_scale (128) bf16; rope (rows, 64) complex64 or (rows, 64, 2) fp32, contiguous;
-// q_out/k_out/v_out (b, rows, H, 128) bf16 contiguous; rows >= row_offset + t.
+// q_out/k_out/v_out (b, rows, H, 128) bf16 contiguous, or (G, b, rows, H/G, 128) contiguous: G head
+// groups, group g holding heads g*H/G.. (the layout a Ulysses all-to-all sends from); rows >=
+// row_offset + t.
 char *dtf_qkv_norm_rope(const at::Tensor *qkv, const at::Tensor *q_scale, const at::Tensor *k_scale,
                         const at::Tensor *rope, const at::Tensor *q_out, const at::Tensor *k_out,
                         const at::Tensor *v_out, int64_t row_offset, double eps) {
@@ -418,8 +420,12 @@ char *dtf_qkv_norm_rope(const at::Tensor *qkv, const at::Tensor *q_scale, const 
     const int device = x.get_device();
     const int64_t b = x.size(0), t = x.size(1);
     const at::Tensor &qo = *q_out;
-    require(qo.dim() == 4 && qo.size(3) == 128, "outputs must be (b, rows, heads, 128)");
-    const int64_t heads = qo.size(2), rows = qo.size(1);
+    const bool grouped = qo.dim() == 5;
+    require((qo.dim() == 4 || grouped) && qo.size(qo.dim() - 1) == 128,
+            "outputs must be (b, rows, heads, 128) or (groups, b, rows, heads / groups, 128)");
+    const int64_t groups = grouped ? qo.size(0) : 1;
+    const int64_t heads = groups * qo.size(qo.dim() - 2), rows = qo.size(qo.dim() - 3);
+    require(qo.size(qo.dim() - 4) == b, "outputs must have qkv's batch size");
     require(x.size(2) >= 3 * heads * 128, "qkv is narrower than 3 * heads * 128");
     require(row_offset >= 0 && row_offset + t <= rows, "rows out of range");
     for (const at::Tensor *o : {q_out, k_out, v_out}) {
@@ -446,11 +452,12 @@ char *dtf_qkv_norm_rope(const at::Tensor *qkv, const at::Tensor *q_scale, const 
                *pr = r.data_ptr();
     void *pq = q_out->data_ptr(), *pk = k_out->data_ptr(), *pv = v_out->data_ptr();
     long long row_stride = x.stride(1), batch_stride = x.stride(0),
-              out_batch_stride = rows * heads * 128;
-    int tokens = static_cast<int>(t), h = static_cast<int>(heads), off = static_cast<int>(row_offset);
+              out_batch_stride = rows * (heads / groups) * 128, group_stride = b * out_batch_stride;
+    int tokens = static_cast<int>(t), h = static_cast<int>(heads), g = static_cast<int>(groups),
+        off = static_cast<int>(row_offset);
     float e = static_cast<float>(eps);
-    void *args[] = {&px, &row_stride, &batch_stride, &pqs, &pks, &pr, &pq, &pk, &pv,
-                    &out_batch_stride, &tokens, &h, &off, &e};
+    void *args[] = {&px,  &row_stride,       &batch_stride, &pqs,    &pks, &pr, &pq, &pk,
+                    &pv,  &out_batch_stride, &group_stride, &tokens, &h,   &g,  &off, &e};
     const int64_t warps = t * heads;
     const unsigned block = 256;
     launch(device, kernels(device).qkv_norm_rope, static_cast<unsigned>((warps * 32 + block - 1) / block),

@@ -25,6 +25,10 @@
 //! `--graphs` runs each step's forward as a replayed CUDA graph (captured at the first step, as
 //! the multi-GPU ranks do; `parallel::graphs`).
 //!
+//! The forward takes each step's row of the modulation table (`Flux::modulation_table`), as the
+//! pipeline does; `--per-step-modulation` passes the conditioning vectors instead (every block
+//! computes its modulation each step: the engine before the table).
+//!
 //! `--sim-plan ulysses=4` (or `ring=R`, `ulysses=U,ring=R`, `text=replicated`) runs ONE rank's
 //! share of that plan: rank 0's slice of the text and image tokens through the same
 //! `UspAttention` the multi-GPU ranks run, with [`LoopbackComm`] peers (collectives return
@@ -64,6 +68,7 @@ struct Args {
     profile: Option<PathBuf>,
     graphs: bool,
     sim_plan: Option<Plan>,
+    per_step_mod: bool,
 }
 
 fn parse() -> Result<Args> {
@@ -84,6 +89,7 @@ fn parse() -> Result<Args> {
         profile: None,
         graphs: false,
         sim_plan: None,
+        per_step_mod: false,
     };
     let mut bf16 = false;
     let mut it = std::env::args().skip(1);
@@ -104,6 +110,7 @@ fn parse() -> Result<Args> {
             "--single-depth" => a.single_depth = Some(val()?.parse()?),
             "--check-fused" => a.check_fused = true,
             "--graphs" => a.graphs = true,
+            "--per-step-modulation" => a.per_step_mod = true,
             "--sim-plan" => {
                 let p: Plan = val()?.parse().map_err(anyhow::Error::msg)?;
                 if p.pipefusion > 1 || p.cfg > 1 || p.dp > 1 {
@@ -325,7 +332,10 @@ fn main() -> Result<()> {
     let ((ts, tl), (is, il)) = (layout.txt[0], layout.img[0]);
     let x0 = x0.f_narrow(1, is, il)?;
     let ids = Tensor::f_cat(
-        &[ids.f_narrow(0, ts, tl)?, ids.f_narrow(0, args.txt_tokens + is, il)?],
+        &[
+            ids.f_narrow(0, ts, tl)?,
+            ids.f_narrow(0, args.txt_tokens + is, il)?,
+        ],
         0,
     )?;
     let pe = model.rope(&ids)?;
@@ -353,8 +363,15 @@ fn main() -> Result<()> {
         .f_div_scalar(1000.0)?;
     let g = Tensor::f_full([steps], guidance_scale, (Kind::Float, dev))?;
     let vecs = model.vec(&t, &pooled.f_expand([steps, cfg.vec_in_dim], false)?, Some(&g))?; // (steps, h)
+    // As the pipeline feeds the forward: rows of the modulation table (`--per-step-modulation`:
+    // the conditioning vectors, every block computing its modulation each step).
+    let mods = if args.per_step_mod {
+        vecs
+    } else {
+        model.modulation_table(&vecs)? // (steps, W)
+    };
     let vec_rows: Vec<Tensor> = (0..steps)
-        .map(|i| vecs.f_narrow(0, i, 1))
+        .map(|i| mods.f_narrow(0, i, 1))
         .collect::<Result<_, _>>()?;
 
     // With --graphs, every forward (warm-up included) goes through one captured graph.
@@ -472,6 +489,7 @@ fn main() -> Result<()> {
         "opts": format!("{:?}", Opts::get()),
         "cuda_graphs": args.graphs,
         "sim_plan": args.sim_plan.map(|p| p.to_string()),
+        "modulation": if args.per_step_mod { "per step" } else { "table" },
         "sim_rank0_tokens": args.sim_plan.map(|_| serde_json::json!({"txt": tl, "img": il})),
         "depth": cfg.depth,
         "single_depth": cfg.depth_single_blocks,

@@ -229,7 +229,9 @@ pub fn fused_kernels_available(ordinal: usize) -> bool {
 
 /// The fused attention-input kernel (`dtf_qkv_norm_rope`): from one stream's fused projection
 /// `qkv` `(b, t, >= 3 * heads * 128)` (bf16, last dim contiguous) writes, at rows `row_offset..
-/// row_offset + t` of `q_out`/`k_out`/`v_out` `(b, rows, heads, 128)` (bf16, contiguous):
+/// row_offset + t` of `q_out`/`k_out`/`v_out` `(b, rows, heads, 128)` (bf16, contiguous), or
+/// of `(g, b, rows, heads / g, 128)` buffers holding the heads in `g` groups (group `j` = heads
+/// `j * heads / g..`: what a Ulysses all-to-all sends to peer `j`):
 /// `q = RoPE(RMSNorm(q) * q_scale)`, the same for k, and `v`, in fp32 with one rounding. `rope`:
 /// the `(rows, 64)` complex64 table ([`crate::flux::transformer::Rope::freqs`]). On the current
 /// stream of the tensors' CUDA device; the module is compiled on first use per device.

@@ -427,11 +427,9 @@ impl Pipeline {
             let step_start = Instant::now();
             let mut v = self
                 .transformer
-                .forward_prepared(&x, &txt, &inputs.vec(i)?, &pe)?;
-            if let (Some(nt), Some(nv)) = (&neg_txt, &inputs.neg_vecs) {
-                let vn = self
-                    .transformer
-                    .forward_prepared(&x, nt, &nv.f_narrow(0, i as i64, 1)?, &pe)?;
+                .forward_prepared(&x, &txt, &inputs.cond(i)?, &pe)?;
+            if let (Some(nt), Some(nv)) = (&neg_txt, inputs.neg_cond(i)?) {
+                let vn = self.transformer.forward_prepared(&x, nt, &nv, &pe)?;
                 v = true_cfg(&v, &vn, request.true_cfg_scale)?;
             }
             x = sampling::euler_step(&x, &v, inputs.sigmas[i], inputs.sigmas[i + 1])?;
@@ -564,6 +562,11 @@ pub struct LoopInputs {
     pub vecs: Tensor,
     /// The negative prompt's conditioning vectors (true CFG).
     pub neg_vecs: Option<Tensor>,
+    /// Every block's modulation for every step, `(steps, modulation_width)`
+    /// ([`Flux::modulation_table`]): what the forward takes as `vec` ([`LoopInputs::cond`]).
+    pub mods: Tensor,
+    /// The negative prompt's (true CFG).
+    pub neg_mods: Option<Tensor>,
 }
 
 impl LoopInputs {
@@ -598,19 +601,35 @@ impl LoopInputs {
             None
         };
         let vecs_for = |p: &Tensor| transformer.vec(&t, &p.f_expand([steps, p.size()[1]], false)?, guidance);
+        let vecs = vecs_for(pooled)?;
+        let neg_vecs = neg_pooled.map(vecs_for).transpose()?;
         Ok(Self {
             x,
             latent_hw: (lh, lw),
             steps: steps as usize,
             sigmas: sched.sigmas,
-            vecs: vecs_for(pooled)?,
-            neg_vecs: neg_pooled.map(vecs_for).transpose()?,
+            mods: transformer.modulation_table(&vecs)?,
+            neg_mods: neg_vecs
+                .as_ref()
+                .map(|v| transformer.modulation_table(v))
+                .transpose()?,
+            vecs,
+            neg_vecs,
         })
     }
 
-    /// Step `i`'s conditioning vector `(1, h)`.
-    pub fn vec(&self, i: usize) -> Result<Tensor, EngineError> {
-        Ok(self.vecs.f_narrow(0, i as i64, 1)?)
+    /// What the forward takes as `vec` at step `i`: the row of the modulation table `(1, W)`.
+    pub fn cond(&self, i: usize) -> Result<Tensor, EngineError> {
+        Ok(self.mods.f_narrow(0, i as i64, 1)?)
+    }
+
+    /// [`LoopInputs::cond`] of the negative prompt (true CFG).
+    pub fn neg_cond(&self, i: usize) -> Result<Option<Tensor>, EngineError> {
+        Ok(self
+            .neg_mods
+            .as_ref()
+            .map(|m| m.f_narrow(0, i as i64, 1))
+            .transpose()?)
     }
 }
 

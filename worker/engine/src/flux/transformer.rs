@@ -33,7 +33,11 @@ use crate::EngineError;
 /// place of the split, norm, RoPE and concatenation passes), `ln` (the gated residual and the next
 /// modulated LayerNorm of a double block in one kernel), `gelu` (the MLP-in matmuls with the tanh
 /// GELU in cuBLASLt's epilogue), `split` (single blocks run `linear1` / `linear2` as their qkv and
-/// MLP halves, so the GELU can sit in the epilogue and no concatenated activation is written).
+/// MLP halves, so the GELU can sit in the epilogue and no concatenated activation is written),
+/// `a2a` (with `qkv`, under a pure Ulysses plan: the kernel writes q/k/v in the head groups the
+/// all-to-all sends, the received chunks land where attention reads them and its output goes back
+/// the same way: no stack, split, cat or re-layout copies around the two all-to-alls;
+/// `parallel::attention`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Opts {
     pub rope: bool,
@@ -44,6 +48,7 @@ pub struct Opts {
     pub ln: bool,
     pub gelu: bool,
     pub split: bool,
+    pub a2a: bool,
 }
 
 impl Opts {
@@ -56,6 +61,7 @@ impl Opts {
         ln: true,
         gelu: true,
         split: true,
+        a2a: true,
     };
     pub const NONE: Opts = Opts {
         rope: false,
@@ -66,6 +72,7 @@ impl Opts {
         ln: false,
         gelu: false,
         split: false,
+        a2a: false,
     };
 
     /// Parses `DITFLEET_FLUX_OPT`'s value (see [`Opts`]; `all` in a list = the defaults plus the
@@ -87,6 +94,7 @@ impl Opts {
             ln: (base.ln || has("ln")) && !off("ln"),
             gelu: (base.gelu || has("gelu")) && !off("gelu"),
             split: (base.split || has("split")) && !off("split"),
+            a2a: (base.a2a || has("a2a")) && !off("a2a"),
         }
     }
 
@@ -339,11 +347,24 @@ impl Modulation {
         })
     }
 
+    /// `vec`: the conditioning vector `(b, h)`, or this layer's precomputed output `(b, n * h)`
+    /// (a slice of [`Flux::modulation_table`]). Returns `n` chunks `(b, 1, h)`.
     fn forward(&self, vec: &Tensor) -> Res<Vec<Tensor>> {
-        self.lin
-            .forward(&vec.f_silu()?)?
-            .f_unsqueeze(1)?
-            .f_chunk(self.n, -1)
+        precomputed(&self.lin, vec)?.f_unsqueeze(1)?.f_chunk(self.n, -1)
+    }
+}
+
+/// `lin(SiLU(vec))` for a conditioning vector `(b, in)`, or `vec` itself when it already is that
+/// output `(b, out)` (a slice of [`Flux::modulation_table`]).
+fn precomputed(lin: &Linear, vec: &Tensor) -> Res<Tensor> {
+    let (out, inp) = (lin.weight.size()[0], lin.weight.size()[1]);
+    match vec.size().last().copied() {
+        Some(w) if w == inp => lin.forward(&vec.f_silu()?),
+        Some(w) if w == out => Ok(vec.shallow_clone()),
+        w => Err(tch::TchError::Shape(format!(
+            "modulation input of width {w:?}: expected the conditioning vector ({inp}) or the \
+             precomputed modulation ({out})"
+        ))),
     }
 }
 
@@ -436,6 +457,28 @@ pub trait JointAttention {
     /// `q`, `k`, `v`: `(b, heads, seq_local, d)` with RoPE applied, in this rank's token order.
     /// Returns `(b, heads, seq_local, d)`: each local query attended over the WHOLE sequence.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor>;
+
+    /// The number of head groups `g` in which this op takes q/k/v from the fused attention-input
+    /// kernel for a batch of `batch`: `(g, b, rows, heads / g, d)`, group `j` holding heads `j *
+    /// heads / g..` (Ulysses: exactly what peer `j` is sent, so the all-to-all reads the kernel's
+    /// output in place). 1 = `(b, rows, heads, d)`.
+    fn head_groups(&self, _heads: i64, _batch: i64) -> i64 {
+        1
+    }
+
+    /// Attention over q/k/v laid out in head groups (see [`JointAttention::head_groups`]),
+    /// normed and rotated; returns `(b, rows, heads, d)` in this rank's token order. The default
+    /// regroups them and calls [`JointAttention::attend`].
+    fn attend_grouped(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
+        let (q, k, v) = (ungroup_heads(q)?, ungroup_heads(k)?, ungroup_heads(v)?);
+        self.attend(&q, &k, &v)?.f_transpose(1, 2)
+    }
+}
+
+/// Head-grouped `(g, b, rows, heads / g, d)` -> `(b, heads, rows, d)` (a copy).
+pub fn ungroup_heads(t: &Tensor) -> Res<Tensor> {
+    let (g, b, rows, hg, d) = t.size5()?;
+    t.f_permute([1, 0, 3, 2, 4])?.f_reshape([b, g * hg, rows, d])
 }
 
 /// All tokens are on this rank: one SDPA call.
@@ -481,10 +524,34 @@ impl<'a> Ctx<'a> {
             && self.pe.freqs.size() == [1, 1, rows, 64]
     }
 
-    /// Attention over joint buffers `(b, rows, heads, d)` that already hold normed, rotated q/k
-    /// (see [`fused_qkv`]); returns `(b, rows, heads, d)`, contiguous where the attention kernel
-    /// wrote its output in that layout (cuDNN does).
+    /// The fused kernel's joint q/k/v buffers for `rows` tokens: `(b, rows, heads, 128)`, or
+    /// `(g, b, rows, heads / g, 128)` when the attention op takes them in `g` head groups.
+    fn joint_buffers(&self, like: &Tensor, b: i64, rows: i64, heads: i64) -> Res<(Tensor, Tensor, Tensor)> {
+        let g = if self.opts.a2a {
+            self.attn.head_groups(heads, b)
+        } else {
+            1
+        };
+        let shape: Vec<i64> = if g > 1 {
+            vec![g, b, rows, heads / g, 128]
+        } else {
+            vec![b, rows, heads, 128]
+        };
+        let o = (like.kind(), like.device());
+        Ok((
+            Tensor::f_empty(shape.as_slice(), o)?,
+            Tensor::f_empty(shape.as_slice(), o)?,
+            Tensor::f_empty(shape.as_slice(), o)?,
+        ))
+    }
+
+    /// Attention over joint buffers from [`Ctx::joint_buffers`] that already hold normed,
+    /// rotated q/k (see [`fused_qkv`]); returns `(b, rows, heads, d)`, contiguous where the
+    /// attention kernel wrote its output in that layout (cuDNN does).
     fn attend_bshd(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
+        if q.dim() == 5 {
+            return self.attn.attend_grouped(q, k, v);
+        }
         self.attn
             .attend(
                 &q.f_transpose(1, 2)?,
@@ -506,16 +573,6 @@ fn fused_kernels(x: &Tensor) -> bool {
         Device::Cuda(i) => cuda_bf16(x) && crate::aten::fused_kernels_available(i),
         _ => false,
     }
-}
-
-/// Joint attention-input buffers `(b, rows, heads, 128)` in `like`'s kind and device.
-fn joint_buffers(like: &Tensor, b: i64, rows: i64, heads: i64) -> Res<(Tensor, Tensor, Tensor)> {
-    let o = (like.kind(), like.device());
-    Ok((
-        Tensor::f_empty([b, rows, heads, 128], o)?,
-        Tensor::f_empty([b, rows, heads, 128], o)?,
-        Tensor::f_empty([b, rows, heads, 128], o)?,
-    ))
 }
 
 /// Writes one stream's normed, rotated q/k and v at rows `row_offset..` of the joint buffers
@@ -635,10 +692,17 @@ impl DoubleBlock {
         })
     }
 
-    /// img `(b, img_seq, h)`, txt `(b, txt_seq, h)`, vec `(b, h)`; `ctx.pe` covers txt then img.
+    /// img `(b, img_seq, h)`, txt `(b, txt_seq, h)`, vec `(b, h)` or this block's slice of the
+    /// modulation table `(b, 12h)` (img then txt); `ctx.pe` covers txt then img.
     pub fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, ctx: Ctx<'_>) -> Res<(Tensor, Tensor)> {
-        let im = self.img_mod.forward(vec)?; // 6 x (b, 1, h)
-        let tm = self.txt_mod.forward(vec)?;
+        let h = img.size()[2];
+        let (iv, tv) = if vec.size()[1] == 12 * h {
+            (vec.f_narrow(1, 0, 6 * h)?, vec.f_narrow(1, 6 * h, 6 * h)?)
+        } else {
+            (vec.shallow_clone(), vec.shallow_clone())
+        };
+        let im = self.img_mod.forward(&iv)?; // 6 x (b, 1, h)
+        let tm = self.txt_mod.forward(&tv)?;
         let img_qkv = self
             .img_attn
             .qkv
@@ -651,7 +715,7 @@ impl DoubleBlock {
         let txt_len = txt.size()[1];
         let rows = txt_len + img_len;
         let attn = if ctx.fused_qkv(&img_qkv, self.heads, rows) && ctx.fused_qkv(&txt_qkv, self.heads, rows) {
-            let (q, k, v) = joint_buffers(&img_qkv, b, rows, self.heads)?; // (b, txt+img, heads, d)
+            let (q, k, v) = ctx.joint_buffers(&img_qkv, b, rows, self.heads)?; // (b, txt+img, heads, d)
             fused_qkv(&txt_qkv, &self.txt_attn.norm, ctx.pe, (&q, &k, &v), 0)?;
             fused_qkv(&img_qkv, &self.img_attn.norm, ctx.pe, (&q, &k, &v), txt_len)?;
             ctx.attend_bshd(&q, &k, &v)?.f_reshape([b, rows, -1])?
@@ -755,7 +819,7 @@ impl SingleBlock {
     fn attend_qkv(&self, qkv: &Tensor, ctx: Ctx<'_>) -> Res<Tensor> {
         let (b, s, _) = qkv.size3()?;
         if ctx.fused_qkv(qkv, self.heads, s) {
-            let (q, k, v) = joint_buffers(qkv, b, s, self.heads)?; // (b, seq, heads, d)
+            let (q, k, v) = ctx.joint_buffers(qkv, b, s, self.heads)?; // (b, seq, heads, d)
             fused_qkv(qkv, &self.norm, ctx.pe, (&q, &k, &v), 0)?;
             return ctx.attend_bshd(&q, &k, &v);
         }
@@ -814,9 +878,7 @@ impl LastLayer {
 
     /// x `(b, img_seq, h)` -> `(b, img_seq, in_channels)`.
     pub fn forward(&self, x: &Tensor, vec: &Tensor) -> Res<Tensor> {
-        let m = self
-            .ada_ln_modulation
-            .forward(&vec.f_silu()?)?
+        let m = precomputed(&self.ada_ln_modulation, vec)?
             .f_unsqueeze(1)?
             .f_chunk(2, -1)?;
         self.linear.forward(&modulate(&self.norm, x, &m[0], &m[1])?)
@@ -963,22 +1025,70 @@ impl Flux {
     ) -> Res<Tensor> {
         self.part.require_full(&self.config)?;
         let ctx = Ctx { pe, attn, opts };
+        let h = self.config.hidden_size;
+        // `vec`: the conditioning vector, or a row of the modulation table (each block its slice).
+        let table = vec.size()[1] != h;
+        if table && vec.size()[1] != self.modulation_width() {
+            return Err(tch::TchError::Shape(format!(
+                "conditioning of width {}: expected {h} or this model's modulation table ({})",
+                vec.size()[1],
+                self.modulation_width()
+            )));
+        }
+        let mut off = 0;
+        let mut cond = |w: i64| -> Res<Tensor> {
+            if !table {
+                return Ok(vec.shallow_clone());
+            }
+            off += w;
+            vec.f_narrow(1, off - w, w)
+        };
         let mut img = self.part.input_layer(&self.img_in, "img_in")?.forward(img)?; // (b, img_seq, h)
         let mut txt = txt.shallow_clone();
         for block in &self.double_blocks {
-            (img, txt) = block.forward(&img, &txt, vec, ctx)?;
+            (img, txt) = block.forward(&img, &txt, &cond(12 * h)?, ctx)?;
         }
         let txt_len = txt.size()[1];
         let mut x = Tensor::f_cat(&[txt, img], 1)?; // (b, txt+img, h)
         for block in &self.single_blocks {
-            x = block.forward(&x, vec, ctx)?;
+            x = block.forward(&x, &cond(3 * h)?, ctx)?;
         }
         let img = x.f_narrow(1, txt_len, x.size()[1] - txt_len)?;
         let last = self
             .final_layer
             .as_ref()
             .ok_or_else(|| self.part.missing("final_layer"))?;
-        last.forward(&img, vec) // (b, img_seq, in_channels)
+        last.forward(&img, &cond(2 * h)?) // (b, img_seq, in_channels)
+    }
+
+    /// Width of one row of [`Flux::modulation_table`]: 12h per double block, 3h per single
+    /// block, 2h for the final layer (of the blocks this part holds).
+    pub fn modulation_width(&self) -> i64 {
+        let h = self.config.hidden_size;
+        12 * h * self.double_blocks.len() as i64
+            + 3 * h * self.single_blocks.len() as i64
+            + if self.final_layer.is_some() { 2 * h } else { 0 }
+    }
+
+    /// Every block's adaLN modulation for every step at once: `vecs` `(steps, h)` ->
+    /// `(steps, modulation_width)` (double blocks' img then txt, single blocks, final layer).
+    /// A row passed as `vec` to the forward replaces 77 matrix-vector products per step (they
+    /// read 6.4 GB of weights on Flux.1-dev, ~2 ms/step on an H200) by slices of one matmul per
+    /// layer per job.
+    pub fn modulation_table(&self, vecs: &Tensor) -> Res<Tensor> {
+        let s = vecs.f_silu()?;
+        let mut cols = Vec::with_capacity(2 * self.double_blocks.len() + self.single_blocks.len() + 1);
+        for b in &self.double_blocks {
+            cols.push(b.img_mod.lin.forward(&s)?);
+            cols.push(b.txt_mod.lin.forward(&s)?);
+        }
+        for b in &self.single_blocks {
+            cols.push(b.modulation.lin.forward(&s)?);
+        }
+        if let Some(f) = &self.final_layer {
+            cols.push(f.ada_ln_modulation.forward(&s)?);
+        }
+        Tensor::f_cat(&cols, 1)
     }
 
     /// Full forward pass. img `(b, img_seq, in_ch)`, ids `(txt+img, 3)`, txt `(b, txt_seq,
@@ -1022,6 +1132,45 @@ mod tests {
                 ..Opts::NONE
             }
         );
+    }
+
+    /// The forward fed rows of the modulation table (every block's modulation for every step,
+    /// computed once per job) computes what it computes from the conditioning vectors; a row of
+    /// the wrong width is refused with the widths it accepts.
+    #[test]
+    fn the_modulation_table_gives_the_forward_of_the_conditioning_vectors() -> Res<()> {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(4);
+        let cfg = Config::tiny();
+        let model =
+            Flux::new(&cfg, Device::Cpu, Kind::Float).map_err(|e| tch::TchError::Torch(e.to_string()))?;
+        let (txt_len, lh, lw, steps) = (5, 4, 6, 3);
+        let ids = Flux::position_ids(txt_len, lh, lw, Device::Cpu)?;
+        let pe = model.rope(&ids)?;
+        let img = Tensor::f_randn(
+            [1, (lh / 2) * (lw / 2), cfg.in_channels],
+            (Kind::Float, Device::Cpu),
+        )?;
+        let txt = model.embed_txt(&Tensor::f_randn(
+            [1, txt_len, cfg.context_in_dim],
+            (Kind::Float, Device::Cpu),
+        )?)?;
+        let vecs = Tensor::f_randn([steps, cfg.hidden_size], (Kind::Float, Device::Cpu))?;
+        let table = model.modulation_table(&vecs)?;
+        assert_eq!(table.size(), vec![steps, model.modulation_width()]);
+        for i in 0..steps {
+            let want = model.forward_prepared(&img, &txt, &vecs.f_narrow(0, i, 1)?, &pe)?;
+            let got = model.forward_prepared(&img, &txt, &table.f_narrow(0, i, 1)?, &pe)?;
+            let diff = f64::try_from(got.f_sub(&want)?.f_abs()?.f_max()?)?;
+            assert!(diff < 1e-5, "step {i}: max abs diff {diff}");
+        }
+        let bad = Tensor::f_zeros([1, 7], (Kind::Float, Device::Cpu))?;
+        let err = model
+            .forward_prepared(&img, &txt, &bad, &pe)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("width 7"), "{err}");
+        Ok(())
     }
 
     /// A single block run as its attention and MLP halves (split `linear1` / `linear2`, in-place

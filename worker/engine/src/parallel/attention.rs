@@ -9,9 +9,9 @@
 
 use tch::{Kind, Tensor};
 
-use super::comm::{CommResult, Communicator, balanced_split};
+use super::comm::{CommError, CommResult, Communicator, balanced_split};
 use crate::flux::layers::{Res, sdpa};
-use crate::flux::transformer::JointAttention;
+use crate::flux::transformer::{JointAttention, ungroup_heads};
 
 /// How the text tokens are laid out over the ranks of a sequence-parallel group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -245,9 +245,97 @@ impl UspAttention<'_> {
     }
 }
 
+impl UspAttention<'_> {
+    /// Whether q/k/v can come in the all-to-all's head groups: pure Ulysses (`u > 1`, no Ring),
+    /// split text and one image (the received chunks are then contiguous slices of the buffers
+    /// attention reads).
+    fn takes_groups(&self, heads: i64, batch: i64) -> bool {
+        let u = self.ulysses.size() as i64;
+        u > 1 && self.ring.size() == 1 && !self.replicated() && batch == 1 && heads % u == 0
+    }
+
+    /// Pure Ulysses over head-grouped q/k/v `(u, 1, rows, H/u, d)` (group `j` = what peer `j`
+    /// gets): one all-to-all of the three straight into `(1, L', H/u, d)` buffers (peer `j`'s
+    /// `[txt_j; img_j]` tokens at its offset), attention on them as they lie, and the output's
+    /// token slices sent back into `(u, 1, rows, H/u, d)`, re-laid as `(1, rows, H, d)`: one copy
+    /// in all, where the general path stacks, splits, concatenates and re-lays out.
+    fn attend_groups(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> CommResult<Tensor> {
+        let u = self.ulysses.size();
+        let (g, b, rows, hu, d) = q.size5()?;
+        let lens: Vec<i64> = (0..u)
+            .map(|j| {
+                let (t, i) = self.lens(sp_rank(u, 0, j));
+                t + i
+            })
+            .collect();
+        if g != u as i64 || b != 1 || lens[self.ulysses.rank()] != rows {
+            return Err(CommError::Usage {
+                op: "ulysses (head groups)",
+                message: format!("q {:?} for {u} ranks holding {lens:?} tokens", q.size()),
+            });
+        }
+        let total: i64 = lens.iter().sum();
+        let o = (q.kind(), q.device());
+        let recv = [
+            Tensor::f_empty([b, total, hu, d], o)?,
+            Tensor::f_empty([b, total, hu, d], o)?,
+            Tensor::f_empty([b, total, hu, d], o)?,
+        ]; // (1, L', H/u, d) each
+        let (mut ins, mut outs) = (Vec::with_capacity(3 * u), Vec::with_capacity(3 * u));
+        let mut off = 0;
+        for (j, len) in lens.iter().enumerate() {
+            for (src, dst) in [q, k, v].into_iter().zip(&recv) {
+                ins.push(src.f_get(j as i64)?); // (1, rows, H/u, d): my tokens, peer j's heads
+                outs.push(dst.f_narrow(1, off, *len)?); // peer j's tokens, my heads
+            }
+            off += len;
+        }
+        self.ulysses.all_to_all_into(&ins, &outs)?;
+        let [qr, kr, vr] = recv;
+        let out = sdpa(
+            &qr.f_transpose(1, 2)?,
+            &kr.f_transpose(1, 2)?,
+            &vr.f_transpose(1, 2)?,
+            None,
+            false,
+            None,
+        )? // (1, H/u, L', d)
+        .f_transpose(1, 2)?
+        .f_contiguous()?; // (1, L', H/u, d): no copy where cuDNN wrote it in that layout
+        let back = Tensor::f_empty([u as i64, b, rows, hu, d], o)?;
+        let (mut ins, mut outs) = (Vec::with_capacity(u), Vec::with_capacity(u));
+        let mut off = 0;
+        for (j, len) in lens.iter().enumerate() {
+            ins.push(out.f_narrow(1, off, *len)?); // peer j's tokens, my heads
+            outs.push(back.f_get(j as i64)?); // my tokens, peer j's heads
+            off += len;
+        }
+        self.ulysses.all_to_all_into(&ins, &outs)?;
+        Ok(back.f_permute([1, 2, 0, 3, 4])?.f_reshape([b, rows, g * hu, d])?) // (1, rows, H, d)
+    }
+}
+
 impl JointAttention for UspAttention<'_> {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
         Ok(self.attend_inner(q, k, v)?)
+    }
+
+    fn head_groups(&self, heads: i64, batch: i64) -> i64 {
+        if self.takes_groups(heads, batch) {
+            self.ulysses.size() as i64
+        } else {
+            1
+        }
+    }
+
+    fn attend_grouped(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
+        let (g, b, _, hu, _) = q.size5()?;
+        if !self.takes_groups(g * hu, b) || g != self.ulysses.size() as i64 {
+            // Not this op's layout: regroup and take the general path.
+            let (q, k, v) = (ungroup_heads(q)?, ungroup_heads(k)?, ungroup_heads(v)?);
+            return self.attend(&q, &k, &v)?.f_transpose(1, 2);
+        }
+        Ok(self.attend_groups(q, k, v)?)
     }
 }
 
@@ -295,6 +383,11 @@ mod tests {
     /// Full-sequence reference vs every (u, r, text mode) on 4 or fewer ranks: each rank's output
     /// rows equal the reference's rows for its tokens.
     fn check(u: usize, r: usize, txt_len: i64, img_len: i64, mode: Option<TextMode>) {
+        check_layout(u, r, txt_len, img_len, mode, false)
+    }
+
+    /// [`check`], with q/k/v handed over in `u` head groups (`attend_grouped`) when `grouped`.
+    fn check_layout(u: usize, r: usize, txt_len: i64, img_len: i64, mode: Option<TextMode>, grouped: bool) {
         tch::manual_seed(11);
         let (b, h, d) = (1, 4, 8);
         let total = txt_len + img_len;
@@ -339,7 +432,20 @@ mod tests {
                         ring: &rc,
                         layout: &layout,
                     };
-                    op.attend(&ql, &kl, &vl).unwrap()
+                    if !grouped {
+                        return op.attend(&ql, &kl, &vl).unwrap();
+                    }
+                    let g = u as i64;
+                    let to_groups = |x: &Tensor| {
+                        let (b, h, l, d) = x.size4().unwrap();
+                        x.transpose(1, 2)
+                            .reshape([b, l, g, h / g, d])
+                            .permute([2, 0, 1, 3, 4])
+                            .contiguous() // (g, b, l, h/g, d)
+                    };
+                    op.attend_grouped(&to_groups(&ql), &to_groups(&kl), &to_groups(&vl))
+                        .unwrap()
+                        .transpose(1, 2)
                 })
             })
             .collect();
@@ -361,6 +467,41 @@ mod tests {
         check(2, 1, 5, 10, None); // replicated text (5 % 2 != 0)
         check(4, 1, 8, 18, None); // uneven image slices
         check(4, 1, 7, 16, None);
+    }
+
+    /// The copy-free Ulysses path (q/k/v in the all-to-all's head groups, as the fused kernel
+    /// writes them with `Opts::a2a`) computes the same attention, for even and uneven slices; where
+    /// it does not apply (replicated text, Ring) the grouped input is regrouped and still right.
+    #[test]
+    fn ulysses_over_head_groups_matches_full_attention() {
+        check_layout(2, 1, 6, 10, None, true);
+        check_layout(4, 1, 8, 18, None, true); // uneven image slices
+        check_layout(4, 1, 8, 16, None, true);
+        check_layout(2, 1, 5, 10, None, true); // replicated text: regrouped, general path
+        check_layout(2, 2, 8, 16, None, true); // USP: regrouped, general path
+        let layout = SeqLayout::new(4, 8, 16, None);
+        let (u, r) = (
+            crate::parallel::LoopbackComm::new(4, Device::Cpu),
+            crate::parallel::LoopbackComm::new(1, Device::Cpu),
+        );
+        let op = UspAttention {
+            ulysses: &u,
+            ring: &r,
+            layout: &layout,
+        };
+        assert_eq!(
+            op.head_groups(24, 1),
+            4,
+            "pure Ulysses with split text takes head groups"
+        );
+        assert_eq!(op.head_groups(24, 2), 1, "a batch of 2 does not");
+        let ring = crate::parallel::LoopbackComm::new(2, Device::Cpu);
+        let usp = UspAttention {
+            ulysses: &u,
+            ring: &ring,
+            layout: &SeqLayout::new(8, 8, 16, None),
+        };
+        assert_eq!(usp.head_groups(24, 1), 1, "USP does not");
     }
 
     #[test]

@@ -68,6 +68,24 @@ pub trait Communicator: Send {
     /// of all tensors is `inputs[0]`'s.
     fn all_to_all(&self, inputs: &[Tensor], out_shapes: &[Vec<i64>]) -> CommResult<Vec<Tensor>>;
 
+    /// [`Communicator::all_to_all`] into buffers the caller owns, `m` chunks per peer:
+    /// `inputs[j * m + c]` goes to rank `j`, and `outputs[j * m + c]` receives chunk `c` from rank
+    /// `j` (`inputs.len() == outputs.len() == m * size`). Every output must be contiguous (a
+    /// contiguous view into a larger buffer is fine: that is the point, the received chunks land
+    /// where the next op reads them). The default goes through `all_to_all` and copies.
+    fn all_to_all_into(&self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<()> {
+        let n = self.size();
+        let m = chunks_per_peer("all_to_all_into", n, inputs, outputs)?;
+        for c in 0..m {
+            let ins: Vec<Tensor> = (0..n).map(|j| inputs[j * m + c].shallow_clone()).collect();
+            let shapes: Vec<Vec<i64>> = (0..n).map(|j| outputs[j * m + c].size()).collect();
+            for (j, t) in self.all_to_all(&ins, &shapes)?.into_iter().enumerate() {
+                outputs[j * m + c].shallow_clone().f_copy_(&t)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every rank's `t` (same shape and kind on all ranks), in rank order.
     fn all_gather(&self, t: &Tensor) -> CommResult<Vec<Tensor>>;
 
@@ -113,6 +131,33 @@ pub trait Communicator: Send {
     fn capturable(&self) -> bool {
         false
     }
+}
+
+/// Checks the arguments of [`Communicator::all_to_all_into`] for a group of `n`: returns the
+/// chunks per peer.
+pub fn chunks_per_peer(
+    op: &'static str,
+    n: usize,
+    inputs: &[Tensor],
+    outputs: &[Tensor],
+) -> CommResult<usize> {
+    if n == 0 || inputs.len() != outputs.len() || inputs.len() % n != 0 || inputs.is_empty() {
+        return Err(CommError::Usage {
+            op,
+            message: format!(
+                "{} inputs / {} outputs: both must be the same non-zero multiple of {n} ranks",
+                inputs.len(),
+                outputs.len()
+            ),
+        });
+    }
+    if let Some(i) = outputs.iter().position(|o| !o.is_contiguous()) {
+        return Err(CommError::Usage {
+            op,
+            message: format!("output {i} is not contiguous"),
+        });
+    }
+    Ok(inputs.len() / n)
 }
 
 /// Aborts a group from any thread (see [`Communicator::abort_handle`]).

@@ -92,9 +92,26 @@ impl Communicator for LoopbackComm {
             .collect()
     }
 
+    fn all_to_all_into(&self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<()> {
+        self.check()?;
+        super::comm::chunks_per_peer("all_to_all_into", self.n, inputs, outputs)?;
+        // One copy per chunk, as a real exchange moves each chunk once.
+        for (t, o) in inputs.iter().zip(outputs) {
+            let mut o = o.shallow_clone();
+            if t.numel() == o.numel() && t.kind() == o.kind() {
+                o.f_copy_(&t.f_reshape(o.size())?)?;
+            } else {
+                let _ = o.f_zero_()?;
+            }
+        }
+        Ok(())
+    }
+
     fn all_gather(&self, t: &Tensor) -> CommResult<Vec<Tensor>> {
         self.check()?;
-        (0..self.n).map(|_| self.standin(t, &t.size(), t.kind())).collect()
+        (0..self.n)
+            .map(|_| self.standin(t, &t.size(), t.kind()))
+            .collect()
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> CommResult<Tensor> {
@@ -116,7 +133,14 @@ impl Communicator for LoopbackComm {
         Ok(Tensor::f_zeros(shape, (kind, self.device))?)
     }
 
-    fn send_recv(&self, t: &Tensor, _dst: usize, shape: &[i64], kind: Kind, _src: usize) -> CommResult<Tensor> {
+    fn send_recv(
+        &self,
+        t: &Tensor,
+        _dst: usize,
+        shape: &[i64],
+        kind: Kind,
+        _src: usize,
+    ) -> CommResult<Tensor> {
         self.check()?;
         self.standin(t, shape, kind)
     }
@@ -146,8 +170,8 @@ impl Communicator for LoopbackComm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parallel::attention::{SeqLayout, UspAttention};
     use crate::flux::transformer::JointAttention;
+    use crate::parallel::attention::{SeqLayout, UspAttention};
 
     /// The loopback group returns the shapes a real group of 4 returns, so one rank's share of
     /// a plan runs end to end on one device (the values are not the plan's).

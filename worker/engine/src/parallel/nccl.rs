@@ -444,7 +444,8 @@ impl NcclComm {
 
     fn recv_raw(&self, out: &Tensor, src: usize, st: sys::cudaStream_t) -> CommResult<()> {
         let dt = dtype(out.kind(), "recv")?;
-        // SAFETY: `out` is a fresh contiguous buffer on this device, large enough for the message.
+        // SAFETY: `out` is a contiguous buffer (or a contiguous view into one) on this device, large
+        // enough for the message.
         unsafe { nccl::recv(out.data_ptr(), out.numel(), dt, src as i32, self.comm.0, st) }
             .map(|_| ())
             .map_err(|e| backend_err("recv", self.rank, e))
@@ -526,6 +527,54 @@ impl Communicator for NcclComm {
             })
         })?;
         Ok(outs)
+    }
+
+    fn all_to_all_into(&self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<()> {
+        self.check()?;
+        let m = super::comm::chunks_per_peer("all_to_all_into", self.size, inputs, outputs)?;
+        let ins = inputs
+            .iter()
+            .map(|t| self.contiguous_on_device(t, "all_to_all_into"))
+            .collect::<CommResult<Vec<_>>>()?;
+        for (i, (a, b)) in ins.iter().zip(outputs).enumerate() {
+            if b.device() != self.device
+                || a.kind() != b.kind()
+                || (i / m == self.rank && a.size() != b.size())
+            {
+                return Err(CommError::Usage {
+                    op: "all_to_all_into",
+                    message: format!(
+                        "chunk {i}: {:?} {:?} into {:?} {:?} on {:?}",
+                        a.size(),
+                        a.kind(),
+                        b.size(),
+                        b.kind(),
+                        b.device()
+                    ),
+                });
+            }
+        }
+        // This rank's own chunks: a device copy on the compute stream.
+        for c in 0..m {
+            let i = self.rank * m + c;
+            outputs[i].shallow_clone().f_copy_(&ins[i])?;
+        }
+        self.on_stream("all_to_all_into", |st| {
+            self.grouped("all_to_all_into", || {
+                for j in (0..self.size).filter(|&j| j != self.rank) {
+                    for c in 0..m {
+                        let i = j * m + c;
+                        if ins[i].numel() > 0 {
+                            self.send_raw(&ins[i], j, st)?;
+                        }
+                        if outputs[i].numel() > 0 {
+                            self.recv_raw(&outputs[i], j, st)?;
+                        }
+                    }
+                }
+                Ok(())
+            })
+        })
     }
 
     fn all_gather(&self, t: &Tensor) -> CommResult<Vec<Tensor>> {

@@ -237,9 +237,9 @@ fn denoise_gathered(
     let start = Instant::now();
     for i in 0..inputs.steps {
         let step_start = Instant::now();
-        let mut v = forward(&x, &txt, &inputs.vec(i)?)?;
-        if let (Some(nt), Some(nv)) = (&neg_txt, &inputs.neg_vecs) {
-            let vn = forward(&x, nt, &nv.f_narrow(0, i as i64, 1)?)?;
+        let mut v = forward(&x, &txt, &inputs.cond(i)?)?;
+        if let (Some(nt), Some(nv)) = (&neg_txt, inputs.neg_cond(i)?) {
+            let vn = forward(&x, nt, &nv)?;
             v = true_cfg(&v, &vn, request.true_cfg_scale)?;
         }
         if mesh.cfg == 2 {
