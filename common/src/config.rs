@@ -236,7 +236,7 @@ pub const WORKER_VARS: &[VarDoc] = &[
     VarDoc {
         name: "DITFLEET_FLUX_OPT",
         default: "all",
-        help: "Flux transformer formulations: all (fused CUDA kernels, GELU epilogues, split single blocks), none (the op-for-op port), or a list such as all,-qkv (docs/benchmarks-flux-1gpu.md)",
+        help: "Flux transformer formulations: all (fused CUDA kernels, GELU epilogues, split single blocks, copy-free Ulysses all-to-alls), none (the op-for-op port), or a list such as all,-qkv (docs/benchmarks-flux-1gpu.md)",
     },
     VarDoc {
         name: "DITFLEET_FAULT_GPU",

@@ -1073,7 +1073,7 @@ impl Flux {
     /// Every block's adaLN modulation for every step at once: `vecs` `(steps, h)` ->
     /// `(steps, modulation_width)` (double blocks' img then txt, single blocks, final layer).
     /// A row passed as `vec` to the forward replaces 77 matrix-vector products per step (they
-    /// read 6.4 GB of weights on Flux.1-dev, ~2 ms/step on an H200) by slices of one matmul per
+    /// read 6.5 GB of weights on Flux.1-dev, ~2 ms/step on an H200) by slices of one matmul per
     /// layer per job.
     pub fn modulation_table(&self, vecs: &Tensor) -> Res<Tensor> {
         let s = vecs.f_silu()?;
