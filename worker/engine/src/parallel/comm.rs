@@ -141,7 +141,7 @@ pub fn chunks_per_peer(
     inputs: &[Tensor],
     outputs: &[Tensor],
 ) -> CommResult<usize> {
-    if n == 0 || inputs.len() != outputs.len() || inputs.len() % n != 0 || inputs.is_empty() {
+    if n == 0 || inputs.len() != outputs.len() || !inputs.len().is_multiple_of(n) || inputs.is_empty() {
         return Err(CommError::Usage {
             op,
             message: format!(
