@@ -470,15 +470,24 @@ pub trait JointAttention {
     /// normed and rotated; returns `(b, rows, heads, d)` in this rank's token order. The default
     /// regroups them and calls [`JointAttention::attend`].
     fn attend_grouped(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
-        let (q, k, v) = (ungroup_heads(q)?, ungroup_heads(k)?, ungroup_heads(v)?);
-        self.attend(&q, &k, &v)?.f_transpose(1, 2)
+        attend_ungrouped(self, q, k, v)
     }
 }
 
-/// Head-grouped `(g, b, rows, heads / g, d)` -> `(b, heads, rows, d)` (a copy).
-pub fn ungroup_heads(t: &Tensor) -> Res<Tensor> {
-    let (g, b, rows, hg, d) = t.size5()?;
-    t.f_permute([1, 0, 3, 2, 4])?.f_reshape([b, g * hg, rows, d])
+/// `op`'s [`JointAttention::attend`] over head-grouped q/k/v `(g, b, rows, heads / g, d)`:
+/// regrouped to `(b, heads, rows, d)` (a copy each); returns `(b, rows, heads, d)`.
+pub fn attend_ungrouped<A: JointAttention + ?Sized>(
+    op: &A,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Res<Tensor> {
+    let ungroup = |t: &Tensor| -> Res<Tensor> {
+        let (g, b, rows, hg, d) = t.size5()?;
+        t.f_permute([1, 0, 3, 2, 4])?.f_reshape([b, g * hg, rows, d])
+    };
+    op.attend(&ungroup(q)?, &ungroup(k)?, &ungroup(v)?)?
+        .f_transpose(1, 2)
 }
 
 /// All tokens are on this rank: one SDPA call.
@@ -1112,6 +1121,22 @@ impl Flux {
 mod tests {
     use super::*;
 
+    /// Text tokens and latent size of the tiny-model tests (5 text + 2x3 image tokens).
+    const TXT: i64 = 5;
+    const LH: i64 = 4;
+    const LW: i64 = 6;
+
+    /// The tiny config, a model seeded with `seed` (fp32, CPU) and its RoPE table over
+    /// `TXT` text tokens and an `LH` x `LW` latent.
+    fn tiny_model(seed: i64) -> Res<(Config, Flux, Rope)> {
+        tch::manual_seed(seed);
+        let cfg = Config::tiny();
+        let model =
+            Flux::new(&cfg, Device::Cpu, Kind::Float).map_err(|e| tch::TchError::Torch(e.to_string()))?;
+        let pe = model.rope(&Flux::position_ids(TXT, LH, LW, Device::Cpu)?)?;
+        Ok((cfg, model, pe))
+    }
+
     #[test]
     fn opts_parse() {
         assert_eq!(Opts::parse(""), Opts::ALL);
@@ -1140,13 +1165,8 @@ mod tests {
     #[test]
     fn the_modulation_table_gives_the_forward_of_the_conditioning_vectors() -> Res<()> {
         let _g = tch::no_grad_guard();
-        tch::manual_seed(4);
-        let cfg = Config::tiny();
-        let model =
-            Flux::new(&cfg, Device::Cpu, Kind::Float).map_err(|e| tch::TchError::Torch(e.to_string()))?;
-        let (txt_len, lh, lw, steps) = (5, 4, 6, 3);
-        let ids = Flux::position_ids(txt_len, lh, lw, Device::Cpu)?;
-        let pe = model.rope(&ids)?;
+        let (cfg, model, pe) = tiny_model(4)?;
+        let (txt_len, lh, lw, steps) = (TXT, LH, LW, 3);
         let img = Tensor::f_randn(
             [1, (lh / 2) * (lw / 2), cfg.in_channels],
             (Kind::Float, Device::Cpu),
@@ -1178,13 +1198,8 @@ mod tests {
     #[test]
     fn single_block_halves_match_the_fused_linear_layers() -> Res<()> {
         let _g = tch::no_grad_guard();
-        tch::manual_seed(3);
-        let cfg = Config::tiny();
-        let model =
-            Flux::new(&cfg, Device::Cpu, Kind::Float).map_err(|e| tch::TchError::Torch(e.to_string()))?;
-        let (txt_len, lh, lw) = (5, 4, 6);
-        let ids = Flux::position_ids(txt_len, lh, lw, Device::Cpu)?;
-        let pe = model.rope(&ids)?;
+        let (cfg, model, pe) = tiny_model(3)?;
+        let (txt_len, lh, lw) = (TXT, LH, LW);
         let seq = txt_len + (lh / 2) * (lw / 2);
         let x = Tensor::f_randn([1, seq, cfg.hidden_size], (Kind::Float, Device::Cpu))?;
         let vec = Tensor::f_randn([1, cfg.hidden_size], (Kind::Float, Device::Cpu))?;

@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 
 use super::comm::{CommError, CommResult, Communicator, balanced_split};
 use crate::flux::layers::{Res, sdpa};
-use crate::flux::transformer::{JointAttention, ungroup_heads};
+use crate::flux::transformer::{JointAttention, attend_ungrouped};
 
 /// How the text tokens are laid out over the ranks of a sequence-parallel group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -332,8 +332,7 @@ impl JointAttention for UspAttention<'_> {
         let (g, b, _, hu, _) = q.size5()?;
         if !self.takes_groups(g * hu, b) || g != self.ulysses.size() as i64 {
             // Not this op's layout: regroup and take the general path.
-            let (q, k, v) = (ungroup_heads(q)?, ungroup_heads(k)?, ungroup_heads(v)?);
-            return self.attend(&q, &k, &v)?.f_transpose(1, 2);
+            return attend_ungrouped(self, q, k, v);
         }
         Ok(self.attend_groups(q, k, v)?)
     }

@@ -133,6 +133,22 @@ pub trait Communicator: Send {
     }
 }
 
+/// Checks the arguments of [`Communicator::all_to_all`] for a group of `n`: one input and one
+/// output shape per rank.
+pub fn check_all_to_all(n: usize, inputs: &[Tensor], out_shapes: &[Vec<i64>]) -> CommResult<()> {
+    if inputs.len() != n || out_shapes.len() != n {
+        return Err(CommError::Usage {
+            op: "all_to_all",
+            message: format!(
+                "{} inputs / {} shapes for {n} ranks",
+                inputs.len(),
+                out_shapes.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Checks the arguments of [`Communicator::all_to_all_into`] for a group of `n`: returns the
 /// chunks per peer.
 pub fn chunks_per_peer(

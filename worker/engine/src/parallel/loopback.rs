@@ -74,17 +74,7 @@ impl Communicator for LoopbackComm {
 
     fn all_to_all(&self, inputs: &[Tensor], out_shapes: &[Vec<i64>]) -> CommResult<Vec<Tensor>> {
         self.check()?;
-        if inputs.len() != self.n || out_shapes.len() != self.n {
-            return Err(CommError::Usage {
-                op: "all_to_all",
-                message: format!(
-                    "{} inputs / {} shapes for {} ranks",
-                    inputs.len(),
-                    out_shapes.len(),
-                    self.n
-                ),
-            });
-        }
+        super::comm::check_all_to_all(self.n, inputs, out_shapes)?;
         inputs
             .iter()
             .zip(out_shapes)

@@ -489,17 +489,7 @@ impl Communicator for NcclComm {
 
     fn all_to_all(&self, inputs: &[Tensor], out_shapes: &[Vec<i64>]) -> CommResult<Vec<Tensor>> {
         self.check()?;
-        if inputs.len() != self.size || out_shapes.len() != self.size {
-            return Err(CommError::Usage {
-                op: "all_to_all",
-                message: format!(
-                    "{} inputs / {} shapes for {} ranks",
-                    inputs.len(),
-                    out_shapes.len(),
-                    self.size
-                ),
-            });
-        }
+        super::comm::check_all_to_all(self.size, inputs, out_shapes)?;
         let kind = inputs[0].kind();
         let ins = inputs
             .iter()

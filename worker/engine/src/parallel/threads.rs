@@ -175,16 +175,7 @@ impl Communicator for ThreadComm {
 
     fn all_to_all(&self, inputs: &[Tensor], out_shapes: &[Vec<i64>]) -> CommResult<Vec<Tensor>> {
         let n = self.shared.n;
-        if inputs.len() != n || out_shapes.len() != n {
-            return Err(usage(
-                "all_to_all",
-                format!(
-                    "{} inputs / {} shapes for {n} ranks",
-                    inputs.len(),
-                    out_shapes.len()
-                ),
-            ));
-        }
+        super::comm::check_all_to_all(n, inputs, out_shapes)?;
         let parts = inputs
             .iter()
             .map(|t| self.to_device(t).map(Some))
