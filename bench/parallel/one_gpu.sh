@@ -9,7 +9,8 @@
 #      threads): the plan's own latents and image against one GPU at full size (timings mean
 #      nothing: the ranks share the GPU);
 #   4. profile: a kineto trace of ulysses=4's rank share at 1024 (eager), summarised.
-# Env: AB=1 (the A/B runs below), SHARE_PLANS_1024, SHARE_PLANS_2048, THREAD_PLANS, STEPS_2048 (default 10), SKIP_THREADS=1,
+# Env: AB=1 (the A/B runs below), OVERLAP_AB=1 (overlap on/off per OVERLAP_AB_PLANS, bit-identity),
+#      GRAPH_PROFILE_PLANS="single ulysses=4" (graphed kineto traces: gaps and two-stream time), SHARE_PLANS_1024, SHARE_PLANS_2048, THREAD_PLANS, STEPS_2048 (default 10), SKIP_THREADS=1,
 #      SKIP_PROFILE=1, BUDGET_S (default 570). Writes $OUT/table.md and $OUT/all.tgz (every output).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -50,6 +51,46 @@ if [ -n "${AB:-}" ]; then
   DITFLEET_FLUX_OPT=all,-a2a stage ab_ulysses_8_no_a2a 60 $FB --size 1024 --steps 28 --graphs --sim-plan ulysses=8
   DITFLEET_FLUX_OPT=all,-a2a stage ab_ulysses_2_no_a2a 60 $FB --size 1024 --steps 28 --graphs --sim-plan ulysses=2
 fi
+if [ -n "${OVERLAP_AB:-}" ]; then
+  # What overlapping the single blocks' MLP matmuls with the all-to-alls buys (Opts::overlap; the
+  # loopback's started exchanges copy on a side stream), and whether it changes the result: the
+  # same share with overlap on and off must give bit-identical latents.
+  for p in ${OVERLAP_AB_PLANS:-ulysses=2 ulysses=4 ulysses=8}; do
+    n=${p//[=,]/_}
+    stage "ovl_on_1024_$n" 60 $FB --size 1024 --steps 28 --graphs --sim-plan "$p" --dump-latent "$OUT/ovl_on_$n.safetensors"
+    DITFLEET_FLUX_OPT=all,-overlap stage "ab_${n}_no_overlap" 60 $FB --size 1024 --steps 28 --graphs --sim-plan "$p" \
+      --dump-latent "$OUT/ovl_off_$n.safetensors"
+    python3 - "$OUT/ovl_on_$n.safetensors" "$OUT/ovl_off_$n.safetensors" > "$OUT/ovl_same_$n.txt" 2>&1 <<'PY'
+import array, json, struct, sys
+def latents(path):  # safetensors by hand (stdlib only): 8-byte header size, JSON header, data
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    meta = json.loads(raw[8:8 + n])["latents"]
+    assert meta["dtype"] == "F32", meta
+    a, b = meta["data_offsets"]
+    return raw[8 + n + a:8 + n + b]
+x, y = latents(sys.argv[1]), latents(sys.argv[2])
+fx, fy = array.array("f", x), array.array("f", y)
+print(json.dumps({"bit_identical": x == y, "max_abs_diff": max(abs(p - q) for p, q in zip(fx, fy))}))
+PY
+    echo "   $p overlap on vs off: $(cat "$OUT/ovl_same_$n.txt")"
+    rm -f "$OUT/ovl_on_$n.safetensors" "$OUT/ovl_off_$n.safetensors"
+  done
+fi
+for p in ${GRAPH_PROFILE_PLANS:-}; do
+  # Kineto trace of the graphed step (CUPTI records a replayed graph's kernels one by one):
+  # where the timeline is idle between kernels, and how much runs on two streams at once.
+  n=${p//[=,]/_}
+  for o in on off; do
+    [ "$o" = off ] && [ "$p" = single ] && continue
+    opt=all; [ "$o" = off ] && opt=all,-overlap
+    args=(); [ "$p" != single ] && args=(--sim-plan "$p")
+    DITFLEET_FLUX_OPT=$opt stage "gprof_${n}_$o" 90 $FB --size 1024 --steps 4 --graphs "${args[@]}" --profile "$OUT/g_$n.json"
+    python3 bench/flux_1gpu/profile_gaps.py "$OUT/g_$n.json" > "$OUT/gaps_${n}_$o.txt" 2>&1
+    python3 bench/flux_1gpu/profile_summary.py "$OUT/g_$n.json" > "$OUT/gprofile_${n}_$o.txt" 2>&1
+    rm -f "$OUT/g_$n.json"
+  done
+done
 if [ -z "${SKIP_PROFILE:-}" ]; then
   stage profile_u4 60 $FB --size 1024 --steps 4 --sim-plan ulysses=4 --profile "$OUT/u4_trace.json"
   python3 bench/flux_1gpu/profile_summary.py "$OUT/u4_trace.json" > "$OUT/profile_u4.txt" 2>&1 \

@@ -88,16 +88,47 @@ def main():
     ab = sorted(glob.glob(os.path.join(d, "ab_*.json")))
     if ab:
         print("## A/B at 1024² (flux_bench, CUDA graphs; `share` rows above are the defaults)\n")
-        print("| run | plan share | copy-free all-to-all (a2a) | modulation | step ms (median) |")
-        print("|---|---|---|---|---|")
+        print("| run | plan share | copy-free all-to-all (a2a) | overlap | modulation | step ms (median) |")
+        print("|---|---|---|---|---|---|")
         for path in ab:
             j = load_json(path)
             name = os.path.basename(path)[3:-5]
             if not j:
                 print(f"| {name} | failed | | | |")
                 continue
-            print(f"| {name} | {j.get('sim_plan') or 'single'} | {'off' if 'a2a: false' in j.get('opts', '') else 'on'} | "
-                  f"{j.get('modulation', '')} | {j['median_step_ms']:.1f} |")
+            opts = j.get("opts", "")
+            print(f"| {name} | {j.get('sim_plan') or 'single'} | {'off' if 'a2a: false' in opts else 'on'} | "
+                  f"{'off' if 'overlap: false' in opts else 'on'} | {j.get('modulation', '')} | {j['median_step_ms']:.1f} |")
+        print()
+    ovl = sorted(glob.glob(os.path.join(d, "ovl_on_1024_*.json")))
+    if ovl:
+        print("## Overlap of the single blocks' MLP matmuls with the all-to-alls, 1024² share\n")
+        print("| plan share | step ms, overlap on | step ms, off | latents on vs off |")
+        print("|---|---|---|---|")
+        for path in ovl:
+            n = os.path.basename(path)[len("ovl_on_1024_"):-5]
+            on, off = load_json(path), load_json(os.path.join(d, f"ab_{n}_no_overlap.json"))
+            same = ""
+            try:
+                same = open(os.path.join(d, f"ovl_same_{n}.txt")).read().strip()
+            except OSError:
+                pass
+            f = lambda j: f"{j['median_step_ms']:.1f}" if j else "failed"
+            print(f"| {n} | {f(on)} | {f(off)} | {same} |")
+        print()
+    for path in sorted(glob.glob(os.path.join(d, "gaps_*.txt"))):
+        name = os.path.basename(path)[5:-4]
+        g = load_json(path)
+        run = load_json(os.path.join(d, f"gprof_{name}.json"))
+        if not g or "span_ms_per_step" not in g:
+            continue
+        print(f"## Graphed step timeline, {name} (kineto, 4 steps profiled as 2 after the loops)\n")
+        print(f"- span {g['span_ms_per_step']} ms/step, busy {g['busy_ms_per_step']}, idle {g['idle_ms_per_step']}, "
+              f"two or more streams busy {g['two_or_more_streams_busy_ms_per_step']}; "
+              f"{g['activities_per_step']} activities/step; by stream {g['activity_ms_per_step_by_stream']}")
+        if run:
+            print(f"- the same run's timed loop: median step {run['median_step_ms']:.1f} ms")
+        print("- gaps: " + "; ".join(f"{h['gap_us']} us: {h['count_per_step']:.0f} = {h['ms_per_step']} ms" for h in g["gaps"]))
         print()
     prof = os.path.join(d, "profile_u4.txt")
     if os.path.exists(prof):

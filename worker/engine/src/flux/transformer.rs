@@ -37,7 +37,9 @@ use crate::EngineError;
 /// `a2a` (with `qkv`, under a pure Ulysses plan: the kernel writes q/k/v in the head groups the
 /// all-to-all sends, the received chunks land where attention reads them and its output goes back
 /// the same way: no stack, split, cat or re-layout copies around the two all-to-alls;
-/// `parallel::attention`).
+/// `parallel::attention`), `overlap` (with `a2a` and `split`: each single block's MLP-in matmul
+/// runs while its q/k/v all-to-all is in flight and its MLP-out matmul while the attention
+/// output travels back; [`JointAttention::attend_grouped_with`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Opts {
     pub rope: bool,
@@ -49,6 +51,7 @@ pub struct Opts {
     pub gelu: bool,
     pub split: bool,
     pub a2a: bool,
+    pub overlap: bool,
 }
 
 impl Opts {
@@ -62,6 +65,7 @@ impl Opts {
         gelu: true,
         split: true,
         a2a: true,
+        overlap: true,
     };
     pub const NONE: Opts = Opts {
         rope: false,
@@ -73,6 +77,7 @@ impl Opts {
         gelu: false,
         split: false,
         a2a: false,
+        overlap: false,
     };
 
     /// Parses `DITFLEET_FLUX_OPT`'s value (see [`Opts`]; `all` in a list = the defaults plus the
@@ -95,6 +100,7 @@ impl Opts {
             gelu: (base.gelu || has("gelu")) && !off("gelu"),
             split: (base.split || has("split")) && !off("split"),
             a2a: (base.a2a || has("a2a")) && !off("a2a"),
+            overlap: (base.overlap || has("overlap")) && !off("overlap"),
         }
     }
 
@@ -472,6 +478,33 @@ pub trait JointAttention {
     fn attend_grouped(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
         attend_ungrouped(self, q, k, v)
     }
+
+    /// [`JointAttention::attend_grouped`] with the caller's work interleaved: `during` runs once
+    /// with [`Overlap::Inbound`], then once with [`Overlap::Outbound`]. An op that exchanges
+    /// asynchronously runs them while its exchange before / after the attention is in flight
+    /// (Ulysses over NCCL: on the communicator's side stream), so they overlap it; the default
+    /// runs them before and after the attention. The work must not touch q/k/v or the result.
+    fn attend_grouped_with(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        during: &mut dyn FnMut(Overlap) -> Res<()>,
+    ) -> Res<Tensor> {
+        during(Overlap::Inbound)?;
+        let o = self.attend_grouped(q, k, v)?;
+        during(Overlap::Outbound)?;
+        Ok(o)
+    }
+}
+
+/// When a caller's independent work runs during [`JointAttention::attend_grouped_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overlap {
+    /// While q/k/v travel to the ranks that attend over them (before the attention).
+    Inbound,
+    /// While the attention output travels back (after it).
+    Outbound,
 }
 
 /// `op`'s [`JointAttention::attend`] over head-grouped q/k/v `(g, b, rows, heads / g, d)`:
@@ -552,6 +585,25 @@ impl<'a> Ctx<'a> {
             Tensor::f_empty(shape.as_slice(), o)?,
             Tensor::f_empty(shape.as_slice(), o)?,
         ))
+    }
+
+    /// [`Ctx::attend_bshd`] with `during`'s work interleaved (see
+    /// [`JointAttention::attend_grouped_with`]): overlapped with the exchanges under
+    /// [`Opts::overlap`] and head-grouped buffers, else before and after the attention.
+    fn attend_bshd_with(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        during: &mut dyn FnMut(Overlap) -> Res<()>,
+    ) -> Res<Tensor> {
+        if self.opts.overlap && q.dim() == 5 {
+            return self.attn.attend_grouped_with(q, k, v, during);
+        }
+        during(Overlap::Inbound)?;
+        let o = self.attend_bshd(q, k, v)?;
+        during(Overlap::Outbound)?;
+        Ok(o)
     }
 
     /// Attention over joint buffers from [`Ctx::joint_buffers`] that already hold normed,
@@ -836,11 +888,33 @@ impl SingleBlock {
         ctx.attend(&q, &k, &v)?.f_transpose(1, 2)
     }
 
+    /// [`SingleBlock::attend_qkv`] with `during`'s work interleaved (see
+    /// [`Ctx::attend_bshd_with`]).
+    fn attend_qkv_with(
+        &self,
+        qkv: &Tensor,
+        ctx: Ctx<'_>,
+        during: &mut dyn FnMut(Overlap) -> Res<()>,
+    ) -> Res<Tensor> {
+        let (b, s, _) = qkv.size3()?;
+        if ctx.fused_qkv(qkv, self.heads, s) {
+            let (q, k, v) = ctx.joint_buffers(qkv, b, s, self.heads)?; // (b, seq, heads, d) or grouped
+            fused_qkv(qkv, &self.norm, ctx.pe, (&q, &k, &v), 0)?;
+            return ctx.attend_bshd_with(&q, &k, &v, during);
+        }
+        during(Overlap::Inbound)?;
+        let o = self.attend_qkv(qkv, ctx)?;
+        during(Overlap::Outbound)?;
+        Ok(o)
+    }
+
     /// [`SingleBlock::forward`] with `linear1` / `linear2` run as their attention and MLP halves
     /// (CUDA bf16, [`Opts::split`]): `qkv = x W1[:3h]`, `g = GELU(x W1[3h:])` (one cuBLASLt matmul
     /// with [`Opts::gelu`]),
-    /// `out = attn W2[:, :h]^T + g W2[:, h:]^T` accumulated in place, so neither the GELU pass nor
-    /// the concatenated `(seq, h + mlp)` activation is needed.
+    /// `out = g W2[:, h:]^T + b2 + attn W2[:, :h]^T` accumulated in place, so neither the GELU
+    /// pass nor the concatenated `(seq, h + mlp)` activation is needed. The two MLP matmuls do
+    /// not depend on the attention: they run while its exchanges are in flight
+    /// ([`Opts::overlap`], [`SingleBlock::attend_qkv_with`]).
     fn forward_halves(&self, x: &Tensor, x_mod: &Tensor, gate: &Tensor, ctx: Ctx<'_>) -> Res<Tensor> {
         let (h, mh) = (self.hidden, self.mlp_hidden);
         let (w1, w2) = (&self.linear1.weight, &self.linear2.weight); // (3h + mlp, h), (h, h + mlp)
@@ -850,19 +924,32 @@ impl SingleBlock {
             .as_ref()
             .ok_or_else(|| tch::TchError::Torch("single block linear1 has no bias".into()))?;
         let qkv = x_mod.f_linear(&w1.f_narrow(0, 0, 3 * h)?, Some(&b1.f_narrow(0, 0, 3 * h)?))?; // (b, seq, 3h)
-        let g = linear_gelu(
-            x_mod,
-            &w1.f_narrow(0, 3 * h, mh)?,
-            &b1.f_narrow(0, 3 * h, mh)?,
-            ctx.opts.gelu,
-        )?; // (b, seq, mlp)
         let (b, s, _) = x.size3()?;
-        let attn = self.attend_qkv(&qkv, ctx)?.f_reshape([b, s, h])?; // (b, seq, h)
-        let out = attn.f_linear(&w2.f_narrow(1, 0, h)?, self.linear2.bias.as_ref())?; // (b, seq, h)
-        let _ = out.f_view([b * s, h])?.f_addmm_(
-            &g.f_reshape([b * s, mh])?,
-            &w2.f_narrow(1, h, mh)?.f_transpose(0, 1)?,
-        )?;
+        let (mut g, mut out) = (None, None);
+        let mut mlp = |phase: Overlap| -> Res<()> {
+            match phase {
+                Overlap::Inbound => {
+                    g = Some(linear_gelu(
+                        x_mod,
+                        &w1.f_narrow(0, 3 * h, mh)?,
+                        &b1.f_narrow(0, 3 * h, mh)?,
+                        ctx.opts.gelu,
+                    )?); // (b, seq, mlp)
+                }
+                Overlap::Outbound => {
+                    let g = g
+                        .as_ref()
+                        .ok_or_else(|| tch::TchError::Torch("MLP-out before MLP-in".into()))?;
+                    out = Some(g.f_linear(&w2.f_narrow(1, h, mh)?, self.linear2.bias.as_ref())?); // (b, seq, h)
+                }
+            }
+            Ok(())
+        };
+        let attn = self.attend_qkv_with(&qkv, ctx, &mut mlp)?.f_reshape([b * s, h])?; // (b * seq, h)
+        let out = out.ok_or_else(|| tch::TchError::Torch("attention skipped the MLP-out matmul".into()))?;
+        let _ = out
+            .f_view([b * s, h])?
+            .f_addmm_(&attn, &w2.f_narrow(1, 0, h)?.f_transpose(0, 1)?)?;
         gated_add(x, gate, &out)
     }
 }
@@ -1146,6 +1233,13 @@ mod tests {
             Opts::parse("all,-gelu"),
             Opts {
                 gelu: false,
+                ..Opts::ALL
+            }
+        );
+        assert_eq!(
+            Opts::parse("all,-overlap"),
+            Opts {
+                overlap: false,
                 ..Opts::ALL
             }
         );

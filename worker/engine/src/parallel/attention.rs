@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 
 use super::comm::{CommError, CommResult, Communicator, balanced_split};
 use crate::flux::layers::{Res, sdpa};
-use crate::flux::transformer::{JointAttention, attend_ungrouped};
+use crate::flux::transformer::{JointAttention, Overlap, attend_ungrouped};
 
 /// How the text tokens are laid out over the ranks of a sequence-parallel group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -259,7 +259,17 @@ impl UspAttention<'_> {
     /// `[txt_j; img_j]` tokens at its offset), attention on them as they lie, and the output's
     /// token slices sent back into `(u, 1, rows, H/u, d)`, re-laid as `(1, rows, H, d)`: one copy
     /// in all, where the general path stacks, splits, concatenates and re-lays out.
-    fn attend_groups(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> CommResult<Tensor> {
+    ///
+    /// With `during`, both all-to-alls are started ([`Communicator::start_all_to_all_into`]) and
+    /// `during`'s work is enqueued while they are in flight: `Inbound` before the attention
+    /// waits for q/k/v, `Outbound` before the result is waited for.
+    fn attend_groups(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mut during: Option<&mut dyn FnMut(Overlap) -> Res<()>>,
+    ) -> CommResult<Tensor> {
         let u = self.ulysses.size();
         let (g, b, rows, hu, d) = q.size5()?;
         let lens: Vec<i64> = (0..u)
@@ -290,7 +300,7 @@ impl UspAttention<'_> {
             }
             off += len;
         }
-        self.ulysses.all_to_all_into(&ins, &outs)?;
+        self.exchange(&ins, &outs, &mut during, Overlap::Inbound)?;
         let [qr, kr, vr] = recv;
         let out = sdpa(
             &qr.f_transpose(1, 2)?,
@@ -310,8 +320,29 @@ impl UspAttention<'_> {
             outs.push(back.f_get(j as i64)?); // my tokens, peer j's heads
             off += len;
         }
-        self.ulysses.all_to_all_into(&ins, &outs)?;
+        self.exchange(&ins, &outs, &mut during, Overlap::Outbound)?;
         Ok(back.f_permute([1, 2, 0, 3, 4])?.f_reshape([b, rows, g * hu, d])?) // (1, rows, H, d)
+    }
+}
+
+impl UspAttention<'_> {
+    /// One all-to-all of [`UspAttention::attend_groups`]: blocking, or started with `during`'s
+    /// `phase` enqueued before the wait.
+    fn exchange(
+        &self,
+        ins: &[Tensor],
+        outs: &[Tensor],
+        during: &mut Option<&mut dyn FnMut(Overlap) -> Res<()>>,
+        phase: Overlap,
+    ) -> CommResult<()> {
+        match during {
+            None => self.ulysses.all_to_all_into(ins, outs),
+            Some(work) => {
+                let pending = self.ulysses.start_all_to_all_into(ins, outs)?;
+                work(phase)?;
+                pending.wait()
+            }
+        }
     }
 }
 
@@ -334,7 +365,24 @@ impl JointAttention for UspAttention<'_> {
             // Not this op's layout: regroup and take the general path.
             return attend_ungrouped(self, q, k, v);
         }
-        Ok(self.attend_groups(q, k, v)?)
+        Ok(self.attend_groups(q, k, v, None)?)
+    }
+
+    fn attend_grouped_with(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        during: &mut dyn FnMut(Overlap) -> Res<()>,
+    ) -> Res<Tensor> {
+        let (g, b, _, hu, _) = q.size5()?;
+        if !self.takes_groups(g * hu, b) || g != self.ulysses.size() as i64 {
+            during(Overlap::Inbound)?;
+            let o = attend_ungrouped(self, q, k, v)?;
+            during(Overlap::Outbound)?;
+            return Ok(o);
+        }
+        Ok(self.attend_groups(q, k, v, Some(during))?)
     }
 }
 
@@ -385,8 +433,30 @@ mod tests {
         check_layout(u, r, txt_len, img_len, mode, false)
     }
 
+    /// How [`check_layout`] hands q/k/v to the op.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Call {
+        Plain,
+        /// In `u` head groups (`attend_grouped`).
+        Grouped,
+        /// In head groups with the caller's work interleaved (`attend_grouped_with`): the work
+        /// must run exactly once per phase, Inbound first.
+        GroupedWith,
+    }
+
     /// [`check`], with q/k/v handed over in `u` head groups (`attend_grouped`) when `grouped`.
     fn check_layout(u: usize, r: usize, txt_len: i64, img_len: i64, mode: Option<TextMode>, grouped: bool) {
+        check_call(
+            u,
+            r,
+            txt_len,
+            img_len,
+            mode,
+            if grouped { Call::Grouped } else { Call::Plain },
+        )
+    }
+
+    fn check_call(u: usize, r: usize, txt_len: i64, img_len: i64, mode: Option<TextMode>, call: Call) {
         tch::manual_seed(11);
         let (b, h, d) = (1, 4, 8);
         let total = txt_len + img_len;
@@ -431,7 +501,7 @@ mod tests {
                         ring: &rc,
                         layout: &layout,
                     };
-                    if !grouped {
+                    if call == Call::Plain {
                         return op.attend(&ql, &kl, &vl).unwrap();
                     }
                     let g = u as i64;
@@ -442,9 +512,19 @@ mod tests {
                             .permute([2, 0, 1, 3, 4])
                             .contiguous() // (g, b, l, h/g, d)
                     };
-                    op.attend_grouped(&to_groups(&ql), &to_groups(&kl), &to_groups(&vl))
-                        .unwrap()
-                        .transpose(1, 2)
+                    let (qg, kg, vg) = (to_groups(&ql), to_groups(&kl), to_groups(&vl));
+                    if call == Call::Grouped {
+                        return op.attend_grouped(&qg, &kg, &vg).unwrap().transpose(1, 2);
+                    }
+                    let mut phases = Vec::new();
+                    let out = op
+                        .attend_grouped_with(&qg, &kg, &vg, &mut |p| {
+                            phases.push(p);
+                            Ok(())
+                        })
+                        .unwrap();
+                    assert_eq!(phases, [Overlap::Inbound, Overlap::Outbound], "rank {rank}");
+                    out.transpose(1, 2)
                 })
             })
             .collect();
@@ -501,6 +581,52 @@ mod tests {
             layout: &SeqLayout::new(8, 8, 16, None),
         };
         assert_eq!(usp.head_groups(24, 1), 1, "USP does not");
+    }
+
+    /// The Ulysses exchange with the caller's work interleaved (the single blocks' MLP matmuls
+    /// overlapping the all-to-alls) computes the same attention and runs that work once per
+    /// phase, Inbound then Outbound, on the copy-free path and on the ones it falls back to.
+    #[test]
+    fn ulysses_with_interleaved_work_matches_full_attention_and_runs_each_phase_once() {
+        check_call(2, 1, 6, 10, None, Call::GroupedWith);
+        check_call(4, 1, 8, 18, None, Call::GroupedWith); // uneven image slices
+        check_call(2, 1, 5, 10, None, Call::GroupedWith); // replicated text: general path
+        check_call(2, 2, 8, 16, None, Call::GroupedWith); // USP: general path
+    }
+
+    /// A started all-to-all's outputs are there after its wait, and a work error between the
+    /// start and the wait surfaces as the attention's error (the exchange is still joined).
+    #[test]
+    fn a_failing_interleaved_work_fails_the_attention() {
+        let (u, r) = (
+            crate::parallel::LoopbackComm::new(2, Device::Cpu),
+            crate::parallel::LoopbackComm::new(1, Device::Cpu),
+        );
+        let layout = SeqLayout::new(2, 4, 8, None);
+        let op = UspAttention {
+            ulysses: &u,
+            ring: &r,
+            layout: &layout,
+        };
+        let rows = layout.local_len(0);
+        let x = Tensor::randn([2, 1, rows, 2, 8], (Kind::Float, Device::Cpu));
+        let err = op
+            .attend_grouped_with(&x, &x, &x, &mut |p| match p {
+                Overlap::Inbound => Err(tch::TchError::Torch("injected".into())),
+                Overlap::Outbound => Ok(()),
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        let ins = [
+            Tensor::ones([3], (Kind::Float, Device::Cpu)),
+            Tensor::ones([3], (Kind::Float, Device::Cpu)),
+        ];
+        let outs = [
+            Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+            Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+        ];
+        u.start_all_to_all_into(&ins, &outs).unwrap().wait().unwrap();
+        assert_eq!(f64::try_from(outs[0].sum(Kind::Float)).unwrap(), 3.0);
     }
 
     #[test]

@@ -86,6 +86,16 @@ pub trait Communicator: Send {
         Ok(())
     }
 
+    /// Starts [`Communicator::all_to_all_into`] and returns before the compute stream has been
+    /// ordered after it, so that compute work enqueued before [`Pending::wait`] overlaps the
+    /// exchange (NCCL on its side stream; the Ulysses attention runs the single blocks' MLP
+    /// matmuls there). Until the wait the outputs must not be read, nor the inputs written.
+    /// The default completes the exchange before returning (nothing to overlap).
+    fn start_all_to_all_into<'a>(&'a self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<Pending<'a>> {
+        self.all_to_all_into(inputs, outputs)?;
+        Ok(Pending::done())
+    }
+
     /// Every rank's `t` (same shape and kind on all ranks), in rank order.
     fn all_gather(&self, t: &Tensor) -> CommResult<Vec<Tensor>>;
 
@@ -130,6 +140,57 @@ pub trait Communicator: Send {
     /// a captured step would replay stale exchanges, so steps over it run eagerly.
     fn capturable(&self) -> bool {
         false
+    }
+}
+
+/// A started collective ([`Communicator::start_all_to_all_into`]) that the compute stream is not
+/// yet ordered after. [`Pending::wait`] orders it (NCCL: the compute stream waits for the
+/// collective's event) and then releases the tensors the collective reads and writes, which it
+/// holds until then: their memory must not go back to the caching allocator while the exchange
+/// may still touch it. Dropped without a wait (an error path), it waits all the same.
+#[must_use = "a started collective must be waited for before its outputs are read"]
+pub struct Pending<'a> {
+    join: Option<Box<dyn FnOnce() -> CommResult<()> + 'a>>,
+}
+
+impl<'a> Pending<'a> {
+    /// A collective that is already complete (in stream order).
+    pub fn done() -> Self {
+        Self { join: None }
+    }
+
+    /// A collective that `join` orders the compute stream after.
+    pub fn new(join: impl FnOnce() -> CommResult<()> + 'a) -> Self {
+        Self {
+            join: Some(Box::new(join)),
+        }
+    }
+
+    /// Orders the compute stream after the collective: work enqueued from now on sees its
+    /// outputs.
+    pub fn wait(mut self) -> CommResult<()> {
+        match self.join.take() {
+            Some(join) => join(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(join) = self.join.take()
+            && let Err(e) = join()
+        {
+            tracing::warn!(error = %e, "ordering the compute stream after a started collective failed");
+        }
+    }
+}
+
+impl std::fmt::Debug for Pending<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("outstanding", &self.join.is_some())
+            .finish()
     }
 }
 

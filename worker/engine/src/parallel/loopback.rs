@@ -9,22 +9,48 @@
 //! makes; that is the floor under the plan's step time on four GPUs, with the interconnect's
 //! cost (and the ranks waiting for each other) left out. The values it produces are not the
 //! plan's result: never serve an image with it.
+//!
+//! A started all-to-all ([`Communicator::start_all_to_all_into`]) on a CUDA device makes its
+//! copies on a side stream ordered with the compute stream by events, as NCCL runs there, so the
+//! overlap of exchanges with compute (and its fork/join inside a captured step) runs on one GPU
+//! too; the copies then take the copy engines, where NCCL's kernels take SMs and NVLink.
+#![allow(unsafe_code)] // device copies on the side stream: every unsafe block states what it relies on.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::{Device, Kind, Tensor};
 
-use super::comm::{AbortHandle, CommError, CommResult, Communicator};
+use super::comm::{AbortHandle, CommError, CommResult, Communicator, Pending};
+use super::stream::{SideStream, compute_stream};
 
 const BACKEND: &str = "loopback";
 
 /// Rank 0 of a group of `n` with no peers (see the module docs).
-#[derive(Debug, Clone)]
 pub struct LoopbackComm {
     n: usize,
     device: Device,
     aborted: Arc<AtomicBool>,
+    /// For started exchanges on CUDA; created on first use.
+    side: std::cell::OnceCell<SideStream>,
+}
+
+impl std::fmt::Debug for LoopbackComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LoopbackComm(0/{} on {:?})", self.n, self.device)
+    }
+}
+
+impl Clone for LoopbackComm {
+    /// The same group (an abort of one is an abort of both), with a side stream of its own.
+    fn clone(&self) -> Self {
+        Self {
+            n: self.n,
+            device: self.device,
+            aborted: self.aborted.clone(),
+            side: std::cell::OnceCell::new(),
+        }
+    }
 }
 
 impl LoopbackComm {
@@ -33,7 +59,16 @@ impl LoopbackComm {
             n: n.max(1),
             device,
             aborted: Arc::new(AtomicBool::new(false)),
+            side: std::cell::OnceCell::new(),
         }
+    }
+
+    fn side(&self) -> CommResult<&SideStream> {
+        if let Some(s) = self.side.get() {
+            return Ok(s);
+        }
+        let s = SideStream::new().map_err(|e| cuda_err("stream", e))?;
+        Ok(self.side.get_or_init(|| s))
     }
 
     fn check(&self) -> CommResult<()> {
@@ -97,6 +132,66 @@ impl Communicator for LoopbackComm {
         Ok(())
     }
 
+    fn start_all_to_all_into<'a>(&'a self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<Pending<'a>> {
+        let op = "start_all_to_all_into";
+        let Device::Cuda(ordinal) = self.device else {
+            self.all_to_all_into(inputs, outputs)?;
+            return Ok(Pending::done());
+        };
+        self.check()?;
+        super::comm::chunks_per_peer(op, self.n, inputs, outputs)?;
+        let ins = inputs
+            .iter()
+            .map(|t| t.f_contiguous())
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, (t, o)) in ins.iter().zip(outputs).enumerate() {
+            if t.device() != self.device || o.device() != self.device || !o.is_contiguous() {
+                return Err(CommError::Usage {
+                    op,
+                    message: format!("chunk {i}: outputs must be contiguous on {:?}", self.device),
+                });
+            }
+        }
+        // As the blocking exchange: zeros where a chunk's shape does not match (on the compute
+        // stream, before the fork).
+        let same = |t: &Tensor, o: &Tensor| t.numel() == o.numel() && t.kind() == o.kind();
+        for (t, o) in ins.iter().zip(outputs) {
+            if !same(t, o) {
+                let _ = o.shallow_clone().f_zero_()?;
+            }
+        }
+        let compute = compute_stream(ordinal)?;
+        let side = self.side()?;
+        side.fork(compute).map_err(|e| cuda_err(op, e))?;
+        for (t, o) in ins.iter().zip(outputs) {
+            let bytes = t.numel() * t.kind().elt_size_in_bytes();
+            if bytes == 0 || !same(t, o) {
+                continue;
+            }
+            // SAFETY: both tensors are contiguous on this device with at least `bytes` bytes, and
+            // stay alive (held below) until the compute stream is ordered after the copy.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    o.data_ptr() as u64,
+                    t.data_ptr() as u64,
+                    bytes,
+                    side.stream,
+                )
+            }
+            .map_err(|e| cuda_err(op, e))?;
+        }
+        side.mark().map_err(|e| cuda_err(op, e))?;
+        let held: Vec<Tensor> = ins
+            .into_iter()
+            .chain(outputs.iter().map(Tensor::shallow_clone))
+            .collect();
+        Ok(Pending::new(move || {
+            let r = side.join_marked(compute).map_err(|e| cuda_err(op, e));
+            drop(held);
+            r
+        }))
+    }
+
     fn all_gather(&self, t: &Tensor) -> CommResult<Vec<Tensor>> {
         self.check()?;
         (0..self.n)
@@ -154,6 +249,15 @@ impl Communicator for LoopbackComm {
 
     fn capturable(&self) -> bool {
         true
+    }
+}
+
+fn cuda_err(op: &'static str, e: cudarc::driver::DriverError) -> CommError {
+    CommError::Backend {
+        backend: "CUDA",
+        op,
+        rank: 0,
+        message: e.to_string(),
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`loopback`]: one rank with stand-in peers (one rank's share of a plan, measured on one GPU);
 //! - [`nccl`]: the GPU backend (one thread per GPU, NCCL through cudarc);
 //! - [`attention`]: exact sequence parallelism of Flux's joint attention: Ulysses, Ring, USP;
+//! - [`stream`]: a communicator's side stream, ordered with the compute stream by events;
 //! - [`graphs`]: CUDA graphs of a rank's step (one launch per step instead of one per kernel);
 //! - [`pipefusion`]: PipeFusion (stages of blocks, patches of the image, one-step-stale K/V;
 //!   approximate after its warm-up steps);
@@ -28,6 +29,7 @@ pub mod pipefusion;
 pub mod plan;
 pub mod resilient;
 pub mod runner;
+pub mod stream;
 pub mod threads;
 pub mod vae;
 

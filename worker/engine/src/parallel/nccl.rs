@@ -27,7 +27,8 @@ use cudarc::nccl::result as nccl;
 use cudarc::nccl::sys;
 use tch::{Device, Kind, Tensor};
 
-use super::comm::{CommError, CommFactory, CommResult, Communicator};
+use super::comm::{CommError, CommFactory, CommResult, Communicator, Pending};
+use super::stream::{SideStream, compute_stream};
 
 const BACKEND: &str = "NCCL";
 
@@ -59,30 +60,6 @@ fn dtype(kind: Kind, op: &'static str) -> CommResult<sys::ncclDataType_t> {
 fn use_side_stream() -> bool {
     static SIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SIDE.get_or_init(|| std::env::var("DITFLEET_NCCL_STREAM").map_or(true, |v| v != "legacy"))
-}
-
-/// The communicator's side stream and the two events that order it with the compute stream.
-struct SideStream {
-    stream: cudarc::driver::sys::CUstream,
-    before: cudarc::driver::sys::CUevent,
-    after: cudarc::driver::sys::CUevent,
-}
-
-// SAFETY: created on, and only used from, the rank thread that owns the communicator (the
-// communicator moves to that thread before first use; the side stream is created lazily there).
-unsafe impl Send for SideStream {}
-
-impl Drop for SideStream {
-    fn drop(&mut self) {
-        use cudarc::driver::result::{event, stream};
-        // SAFETY: created by `NcclComm::side`, destroyed once; pending work completes first
-        // (CUDA defers the release of a stream/event with outstanding work).
-        unsafe {
-            let _ = event::destroy(self.before);
-            let _ = event::destroy(self.after);
-            let _ = stream::destroy(self.stream);
-        }
-    }
 }
 
 fn cuda_err(op: &'static str, rank: usize, e: cudarc::driver::DriverError) -> CommError {
@@ -342,16 +319,7 @@ impl NcclComm {
         if let Some(s) = self.side.get() {
             return Ok(s);
         }
-        use cudarc::driver::result::{event, stream};
-        use cudarc::driver::sys::CUevent_flags;
-        let r = self.rank;
-        let s = SideStream {
-            stream: stream::create(stream::StreamKind::NonBlocking).map_err(|e| cuda_err("stream", r, e))?,
-            before: event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING)
-                .map_err(|e| cuda_err("event", r, e))?,
-            after: event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING)
-                .map_err(|e| cuda_err("event", r, e))?,
-        };
+        let s = SideStream::new().map_err(|e| cuda_err("stream", self.rank, e))?;
         Ok(self.side.get_or_init(|| s))
     }
 
@@ -364,6 +332,22 @@ impl NcclComm {
         op: &'static str,
         enqueue: impl FnOnce(sys::cudaStream_t) -> CommResult<()>,
     ) -> CommResult<()> {
+        if let Some(compute) = self.enqueue(op, enqueue)? {
+            self.side()?
+                .join(compute)
+                .map_err(|e| cuda_err(op, self.rank, e))?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues `enqueue(stream)` as [`NcclComm::on_stream`] does, without ordering the compute
+    /// stream after it: returns that stream when the work went to the side stream (the caller
+    /// joins it), `None` when it went to the compute stream itself.
+    fn enqueue(
+        &self,
+        op: &'static str,
+        enqueue: impl FnOnce(sys::cudaStream_t) -> CommResult<()>,
+    ) -> CommResult<Option<cudarc::driver::sys::CUstream>> {
         // Held for the whole call: an abort from another rank's thread waits for it (see
         // `Group::calls`); checked again under the lock so no call starts after an abort.
         let in_call = self.group.calls[self.member]
@@ -374,41 +358,83 @@ impl NcclComm {
             return Err(CommError::Aborted { backend: BACKEND });
         }
         let r = self.rank;
-        // libtorch's current stream on this device: the legacy default stream, or the capture
-        // stream while a CUDA graph of the step is being captured.
         let ordinal = match self.device {
             Device::Cuda(i) => i,
             _ => 0,
         };
-        let compute: cudarc::driver::sys::CUstream = crate::aten::current_stream(ordinal)
-            .map_err(|e| CommError::Backend {
-                backend: "CUDA",
-                op,
-                rank: r,
-                message: e.to_string(),
-            })?
-            .cast();
+        let compute = compute_stream(ordinal).map_err(|e| CommError::Backend {
+            backend: "CUDA",
+            op,
+            rank: r,
+            message: e.to_string(),
+        })?;
         if !use_side_stream() {
-            return enqueue(compute as sys::cudaStream_t);
+            enqueue(compute as sys::cudaStream_t)?;
+            return Ok(None);
         }
-        use cudarc::driver::result::{event, stream};
-        use cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
         let side = self.side()?;
-        let legacy = compute;
-        // SAFETY: the stream and events were created on this thread's current context (the
-        // rank's device) and live as long as `self`.
-        unsafe {
-            event::record(side.before, legacy).map_err(|e| cuda_err(op, r, e))?;
-            stream::wait_event(side.stream, side.before, CU_EVENT_WAIT_DEFAULT)
-                .map_err(|e| cuda_err(op, r, e))?;
-        }
+        side.fork(compute).map_err(|e| cuda_err(op, r, e))?;
         enqueue(side.stream as sys::cudaStream_t)?;
-        // SAFETY: as above.
-        unsafe {
-            event::record(side.after, side.stream).map_err(|e| cuda_err(op, r, e))?;
-            stream::wait_event(legacy, side.after, CU_EVENT_WAIT_DEFAULT).map_err(|e| cuda_err(op, r, e))?;
+        Ok(Some(compute))
+    }
+
+    /// The checked, contiguous inputs of an `all_to_all_into` and its chunks per peer.
+    fn check_into(&self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<(Vec<Tensor>, usize)> {
+        self.check()?;
+        let m = super::comm::chunks_per_peer("all_to_all_into", self.size, inputs, outputs)?;
+        let ins = inputs
+            .iter()
+            .map(|t| self.contiguous_on_device(t, "all_to_all_into"))
+            .collect::<CommResult<Vec<_>>>()?;
+        for (i, (a, b)) in ins.iter().zip(outputs).enumerate() {
+            if b.device() != self.device
+                || a.kind() != b.kind()
+                || !b.is_contiguous()
+                || (i / m == self.rank && a.size() != b.size())
+            {
+                return Err(CommError::Usage {
+                    op: "all_to_all_into",
+                    message: format!(
+                        "chunk {i}: {:?} {:?} into {:?} {:?} on {:?}",
+                        a.size(),
+                        a.kind(),
+                        b.size(),
+                        b.kind(),
+                        b.device()
+                    ),
+                });
+            }
         }
-        Ok(())
+        // This rank's own chunks: a device copy on the compute stream.
+        for c in 0..m {
+            let i = self.rank * m + c;
+            outputs[i].shallow_clone().f_copy_(&ins[i])?;
+        }
+        Ok((ins, m))
+    }
+
+    /// The grouped sends and receives of an `all_to_all_into` (peers' chunks) on `st`.
+    fn exchange_into(
+        &self,
+        ins: &[Tensor],
+        outputs: &[Tensor],
+        m: usize,
+        st: sys::cudaStream_t,
+    ) -> CommResult<()> {
+        self.grouped("all_to_all_into", || {
+            for j in (0..self.size).filter(|&j| j != self.rank) {
+                for c in 0..m {
+                    let i = j * m + c;
+                    if ins[i].numel() > 0 {
+                        self.send_raw(&ins[i], j, st)?;
+                    }
+                    if outputs[i].numel() > 0 {
+                        self.recv_raw(&outputs[i], j, st)?;
+                    }
+                }
+            }
+            Ok(())
+        })
     }
 
     fn empty(&self, shape: &[i64], kind: Kind) -> CommResult<Tensor> {
@@ -520,51 +546,30 @@ impl Communicator for NcclComm {
     }
 
     fn all_to_all_into(&self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<()> {
-        self.check()?;
-        let m = super::comm::chunks_per_peer("all_to_all_into", self.size, inputs, outputs)?;
-        let ins = inputs
-            .iter()
-            .map(|t| self.contiguous_on_device(t, "all_to_all_into"))
-            .collect::<CommResult<Vec<_>>>()?;
-        for (i, (a, b)) in ins.iter().zip(outputs).enumerate() {
-            if b.device() != self.device
-                || a.kind() != b.kind()
-                || (i / m == self.rank && a.size() != b.size())
-            {
-                return Err(CommError::Usage {
-                    op: "all_to_all_into",
-                    message: format!(
-                        "chunk {i}: {:?} {:?} into {:?} {:?} on {:?}",
-                        a.size(),
-                        a.kind(),
-                        b.size(),
-                        b.kind(),
-                        b.device()
-                    ),
-                });
-            }
-        }
-        // This rank's own chunks: a device copy on the compute stream.
-        for c in 0..m {
-            let i = self.rank * m + c;
-            outputs[i].shallow_clone().f_copy_(&ins[i])?;
-        }
-        self.on_stream("all_to_all_into", |st| {
-            self.grouped("all_to_all_into", || {
-                for j in (0..self.size).filter(|&j| j != self.rank) {
-                    for c in 0..m {
-                        let i = j * m + c;
-                        if ins[i].numel() > 0 {
-                            self.send_raw(&ins[i], j, st)?;
-                        }
-                        if outputs[i].numel() > 0 {
-                            self.recv_raw(&outputs[i], j, st)?;
-                        }
-                    }
-                }
-                Ok(())
-            })
-        })
+        let (ins, m) = self.check_into(inputs, outputs)?;
+        self.on_stream("all_to_all_into", |st| self.exchange_into(&ins, outputs, m, st))
+    }
+
+    fn start_all_to_all_into<'a>(&'a self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<Pending<'a>> {
+        let op = "start_all_to_all_into";
+        let (ins, m) = self.check_into(inputs, outputs)?;
+        let Some(compute) = self.enqueue(op, |st| self.exchange_into(&ins, outputs, m, st))? else {
+            return Ok(Pending::done()); // on the compute stream: ordered already
+        };
+        self.side()?.mark().map_err(|e| cuda_err(op, self.rank, e))?;
+        // Held until the compute stream is ordered after the exchange (see `Pending`).
+        let held: Vec<Tensor> = ins
+            .into_iter()
+            .chain(outputs.iter().map(Tensor::shallow_clone))
+            .collect();
+        Ok(Pending::new(move || {
+            let r = self
+                .side()?
+                .join_marked(compute)
+                .map_err(|e| cuda_err(op, self.rank, e));
+            drop(held);
+            r
+        }))
     }
 
     fn all_gather(&self, t: &Tensor) -> CommResult<Vec<Tensor>> {
