@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One device call: ditfleet's multi-GPU engine (exactness vs 1 GPU + timings) and, in the same
-# call, xDiT (xfuser 0.7.0) on the same shapes. Carry: .gpu (parallel_bench binary), .whl (peer
+# call, xDiT (xfuser 0.7.0) on the same shapes. Carry: .gpu (parallel_bench, comm_bench), .whl (peer
 # wheels), .bench (copy of ../shared/bench). Writes JSONL/logs under $OUT; prints a table last.
 #   bash bench/parallel/run_gpu.sh [ours|peers|all|diag] (default all)
 # Env: DEVICES (default 0,1; any count: 0,1,2,3 or 0,...,7), SIZES (default "1024 2048"),
 #      PLANS (default all: single + every valid plan over DEVICES), PEER_STAGES (default "x1 x2 x2c";
 #      any xN / xNc with the carried .bench), SKIP_TRUECFG=1, GRAPHS_AB="plan;plan" (those plans
-#      again with DITFLEET_CUDA_GRAPHS=off at GRAPHS_AB_SIZES, default 1024).
+#      again with DITFLEET_CUDA_GRAPHS=off at GRAPHS_AB_SIZES, default 1024), AB_VARIANTS / AB_PLANS
+#      (engine variants by environment, side by side; see below).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -41,6 +42,38 @@ if [ "${AB:-0}" = 1 ]; then
   for st in legacy side; do
     DITFLEET_NCCL_STREAM=$st run "ab_$st" 120 --size 1024 --steps 8 --runs 1 --devices "$DEVICES" --plans "ulysses=2;ring=2"
     grep -ho '"plan":"[^"]*"\|"step_ms_median":[0-9.]*\|"host_ms_median":[0-9.]*' "$OUT/ab_$st.jsonl" | paste -sd' '
+  done
+fi
+if [ -x .gpu/comm_bench ] && [ "${SKIP_COMM:-0}" != 1 ]; then
+  # NCCL exchange check (every mode, blocking/started, eager/graph replay) and overlap timing.
+  echo "== comm_bench (t=${SECONDS}s)"
+  timeout -k 10 120 .gpu/comm_bench --devices "$DEVICES" > "$OUT/comm.jsonl" 2> "$OUT/comm.log"
+  echo "== comm_bench rc=$? at t=${SECONDS}s"
+  python3 - "$OUT/comm.jsonl" <<'PY'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+for j in lines:
+    if "check" in j and not (j["eager_ok"] and j["graph_replay_ok"]):
+        print(f"  CHECK FAILED rank {j['rank']} {j['mode']} started={j['started']}: {j}")
+    elif j.get("timing") and j["rank"] == 0:
+        print(f"  {j['mode']}: exchange {j['exchange_us']:.0f} us ({j['exchange_gib_s']:.0f} GiB/s, {j['sent_mib']:.1f} MiB), "
+              f"matmul {j['matmul_us']:.0f} us, started+matmul {j['started_exchange_plus_matmul_us']:.0f} us, hidden {j['hidden_us']:.0f} us")
+checks = [j for j in lines if "check" in j]
+print(f"  checks: {sum(c['eager_ok'] and c['graph_replay_ok'] for c in checks)}/{len(checks)} ok")
+PY
+  echo
+fi
+if [ -n "${AB_VARIANTS:-}" ]; then
+  # Engine variants side by side, same plans, 1024², 28 steps: each entry NAME or NAME:VAR=V+VAR=V
+  # (e.g. "base a2a_coll:DITFLEET_NCCL_A2A=collective no_overlap:DITFLEET_FLUX_OPT=all,-overlap").
+  for v in $AB_VARIANTS; do
+    name=${v%%:*}; vars=""; [ "$v" != "$name" ] && vars=${v#*:}
+    ( IFS='+'; for kv in $vars; do export "$kv"; done
+      [ -n "$vars" ] && echo "   $name: $vars"
+      run "ab_$name" ${AB_TIMEOUT:-150} --size 1024 --steps ${STEPS:-28} --runs 1 --devices "$DEVICES" \
+        --plans "${AB_PLANS:-ulysses=2;ulysses=4}" )
+    grep -ho '"plan":"[^"]*"\|"step_ms_median":[0-9.]*\|"host_ms_median":[0-9.]*\|"latent_rel_l2_vs_single":[0-9.e-]*' \
+      "$OUT/ab_$name.jsonl" | paste -sd' '
   done
 fi
 if [ "$WHAT" = diag ]; then

@@ -62,6 +62,26 @@ fn use_side_stream() -> bool {
     *SIDE.get_or_init(|| std::env::var("DITFLEET_NCCL_STREAM").map_or(true, |v| v != "legacy"))
 }
 
+/// How an `all_to_all_into` whose pieces lie back to back goes over NCCL: grouped
+/// `ncclSend`/`ncclRecv` per peer and piece, or one `ncclAlltoAll` per piece (NCCL 2.28+).
+/// Uneven pieces always take the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllToAll {
+    P2p,
+    Collective,
+}
+
+impl AllToAll {
+    /// The process default: `DITFLEET_NCCL_A2A` = `p2p` (default) or `collective`.
+    pub fn from_env() -> AllToAll {
+        static C: std::sync::OnceLock<AllToAll> = std::sync::OnceLock::new();
+        *C.get_or_init(|| match std::env::var("DITFLEET_NCCL_A2A").as_deref() {
+            Ok("collective") => AllToAll::Collective,
+            _ => AllToAll::P2p,
+        })
+    }
+}
+
 fn cuda_err(op: &'static str, rank: usize, e: cudarc::driver::DriverError) -> CommError {
     CommError::Backend {
         backend: "CUDA",
@@ -233,6 +253,8 @@ pub struct NcclComm {
     member: usize,
     /// Created on first use, on the owning (rank) thread with the rank's device current.
     side: std::cell::OnceCell<SideStream>,
+    /// [`AllToAll`] of this communicator (every member must use the same).
+    a2a: std::cell::Cell<AllToAll>,
 }
 
 impl std::fmt::Debug for NcclComm {
@@ -264,6 +286,7 @@ impl NcclComm {
                 group: group.clone(),
                 member: rank,
                 side: std::cell::OnceCell::new(),
+                a2a: std::cell::Cell::new(AllToAll::from_env()),
             })
             .collect())
     }
@@ -295,7 +318,14 @@ impl NcclComm {
             group: Group::new(vec![RawComm(raw)]),
             member: 0,
             side: std::cell::OnceCell::new(),
+            a2a: std::cell::Cell::new(AllToAll::from_env()),
         })
+    }
+
+    /// Sets how `all_to_all_into` goes over NCCL (default [`AllToAll::from_env`]). Every member
+    /// of the group must switch at the same point of its sequence of collectives.
+    pub fn set_all_to_all(&self, mode: AllToAll) {
+        self.a2a.set(mode);
     }
 
     fn check(&self) -> CommResult<()> {
@@ -405,15 +435,60 @@ impl NcclComm {
                 });
             }
         }
-        // This rank's own chunks: a device copy on the compute stream.
+        Ok((ins, m))
+    }
+
+    /// This rank's own pieces of an `all_to_all_into`, copied on the compute stream (before the
+    /// fork), unless the exchange is one `ncclAlltoAll` per chunk, which moves them itself.
+    fn copy_own_chunks(&self, ins: &[Tensor], outputs: &[Tensor], m: usize) -> CommResult<()> {
+        if self.collective_runs(ins, outputs, m).is_some() {
+            return Ok(());
+        }
         for c in 0..m {
             let i = self.rank * m + c;
             outputs[i].shallow_clone().f_copy_(&ins[i])?;
         }
-        Ok((ins, m))
+        Ok(())
     }
 
-    /// The grouped sends and receives of an `all_to_all_into` (peers' chunks) on `st`.
+    /// With [`AllToAll::Collective`], where every chunk's pieces lie as one `ncclAlltoAll`
+    /// wants them: for each chunk `c`, its `size` inputs (one per peer) back to back in one
+    /// buffer, equally long and not empty, and the same for its outputs. Returns `(send, recv,
+    /// count)` per chunk, or `None` (off, or uneven slices: the grouped sends and receives).
+    fn collective_runs(
+        &self,
+        ins: &[Tensor],
+        outputs: &[Tensor],
+        m: usize,
+    ) -> Option<Vec<(usize, usize, usize)>> {
+        if self.a2a.get() != AllToAll::Collective {
+            return None;
+        }
+        let mut runs = Vec::with_capacity(m);
+        for c in 0..m {
+            let (i0, o0) = (&ins[c], &outputs[c]);
+            let count = i0.numel();
+            let bytes = count * i0.kind().elt_size_in_bytes();
+            let (ib, ob) = (i0.data_ptr() as usize, o0.data_ptr() as usize);
+            for j in 0..self.size {
+                let (a, b) = (&ins[j * m + c], &outputs[j * m + c]);
+                if count == 0
+                    || a.numel() != count
+                    || b.numel() != count
+                    || a.data_ptr() as usize != ib + j * bytes
+                    || b.data_ptr() as usize != ob + j * bytes
+                {
+                    return None;
+                }
+            }
+            runs.push((ib, ob, count));
+        }
+        Some(runs)
+    }
+
+    /// The exchange of an `all_to_all_into` on `st`: one `ncclAlltoAll` per chunk where
+    /// [`NcclComm::collective_runs`] allows, else grouped sends and receives of the peers'
+    /// pieces (the own ones were copied by [`NcclComm::copy_own_chunks`]).
     fn exchange_into(
         &self,
         ins: &[Tensor],
@@ -421,6 +496,29 @@ impl NcclComm {
         m: usize,
         st: sys::cudaStream_t,
     ) -> CommResult<()> {
+        if let Some(runs) = self.collective_runs(ins, outputs, m) {
+            let dt = dtype(ins[0].kind(), "all_to_all_into")?;
+            return self.grouped("all_to_all_into", || {
+                for (send, recv, count) in &runs {
+                    // SAFETY: `send` / `recv` start `size` back-to-back pieces of `count` elements
+                    // in contiguous tensors on this device (checked by `collective_runs`), kept
+                    // alive by the caller until the stream has consumed them.
+                    unsafe {
+                        sys::ncclAlltoAll(
+                            *send as *const c_void,
+                            *recv as *mut c_void,
+                            *count,
+                            dt,
+                            self.comm.0,
+                            st,
+                        )
+                    }
+                    .result()
+                    .map_err(|e| backend_err("all_to_all_into", self.rank, e))?;
+                }
+                Ok(())
+            });
+        }
         self.grouped("all_to_all_into", || {
             for j in (0..self.size).filter(|&j| j != self.rank) {
                 for c in 0..m {
@@ -547,12 +645,14 @@ impl Communicator for NcclComm {
 
     fn all_to_all_into(&self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<()> {
         let (ins, m) = self.check_into(inputs, outputs)?;
+        self.copy_own_chunks(&ins, outputs, m)?;
         self.on_stream("all_to_all_into", |st| self.exchange_into(&ins, outputs, m, st))
     }
 
     fn start_all_to_all_into<'a>(&'a self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<Pending<'a>> {
         let op = "start_all_to_all_into";
         let (ins, m) = self.check_into(inputs, outputs)?;
+        self.copy_own_chunks(&ins, outputs, m)?;
         let Some(compute) = self.enqueue(op, |st| self.exchange_into(&ins, outputs, m, st))? else {
             return Ok(Pending::done()); // on the compute stream: ordered already
         };
