@@ -236,7 +236,17 @@ pub const WORKER_VARS: &[VarDoc] = &[
     VarDoc {
         name: "DITFLEET_FLUX_OPT",
         default: "all",
-        help: "Flux transformer formulations: all (fused CUDA kernels, GELU epilogues, split single blocks, copy-free Ulysses all-to-alls), none (the op-for-op port), or a list such as all,-qkv (docs/benchmarks-flux-1gpu.md)",
+        help: "Flux transformer formulations: all (fused CUDA kernels, GELU epilogues, split single blocks, copy-free Ulysses all-to-alls, single blocks' MLP matmuls overlapping the all-to-alls), none (the op-for-op port), or a list such as all,-qkv or all,-overlap (docs/benchmarks-flux-1gpu.md, docs/parallel.md)",
+    },
+    VarDoc {
+        name: "DITFLEET_NCCL_STREAM",
+        default: "side",
+        help: "where NCCL runs: side (a stream of its own, ordered with the compute stream by events; needed for overlap) or legacy (the compute stream itself)",
+    },
+    VarDoc {
+        name: "DITFLEET_NCCL_A2A",
+        default: "p2p",
+        help: "how an even Ulysses all-to-all goes over NCCL: p2p (grouped send/recv per peer) or collective (one ncclAlltoAll per tensor; not yet measured on several GPUs)",
     },
     VarDoc {
         name: "DITFLEET_FAULT_GPU",
