@@ -9,7 +9,7 @@
 #      threads): the plan's own latents and image against one GPU at full size (timings mean
 #      nothing: the ranks share the GPU);
 #   4. profile: a kineto trace of ulysses=4's rank share at 1024 (eager), summarised.
-# Env: AB=1 (the A/B runs below), OVERLAP_AB=1 (overlap on/off per OVERLAP_AB_PLANS, bit-identity),
+# Env: AB=1 (the A/B runs below), OPT_AB="name:opts ..." with OPT_AB_PLANS, OVERLAP_AB=1 (overlap on/off per OVERLAP_AB_PLANS, bit-identity),
 #      GRAPH_PROFILE_PLANS="single ulysses=4" (graphed kineto traces: gaps and two-stream time), SHARE_PLANS_1024, SHARE_PLANS_2048, THREAD_PLANS, STEPS_2048 (default 10), SKIP_THREADS=1,
 #      SKIP_PROFILE=1, BUDGET_S (default 570). Writes $OUT/table.md and $OUT/all.tgz (every output).
 set -u
@@ -51,6 +51,14 @@ if [ -n "${AB:-}" ]; then
   DITFLEET_FLUX_OPT=all,-a2a stage ab_ulysses_8_no_a2a 60 $FB --size 1024 --steps 28 --graphs --sim-plan ulysses=8
   DITFLEET_FLUX_OPT=all,-a2a stage ab_ulysses_2_no_a2a 60 $FB --size 1024 --steps 28 --graphs --sim-plan ulysses=2
 fi
+for v in ${OPT_AB:-}; do
+  # Formulation A/B: NAME:OPTS (DITFLEET_FLUX_OPT) for each plan share of OPT_AB_PLANS.
+  name=${v%%:*}; opt=${v#*:}
+  for p in ${OPT_AB_PLANS:-single ulysses=4}; do
+    args=(); [ "$p" != single ] && args=(--sim-plan "$p")
+    DITFLEET_FLUX_OPT=$opt stage "ab_${p//[=,]/_}_$name" 60 $FB --size 1024 --steps 28 --graphs "${args[@]}"
+  done
+done
 if [ -n "${OVERLAP_AB:-}" ]; then
   # What overlapping the single blocks' MLP matmuls with the all-to-alls buys (Opts::overlap; the
   # loopback's started exchanges copy on a side stream), and whether it changes the result: the

@@ -55,6 +55,8 @@ def main():
             if "double_img_rel_l2_vs_fp32" in v:
                 print(f"- {name}: {v['double_img_rel_l2_vs_fp32']:.2e} / "
                       f"{v['double_txt_rel_l2_vs_fp32']:.2e} / {v['single_rel_l2_vs_fp32']:.2e}")
+            elif "model_rel_l2_vs_fp32" in v:
+                print(f"- {name} (2 double + 2 single blocks, whole forward): {v['model_rel_l2_vs_fp32']:.2e}")
         print()
     for size in (1024, 2048):
         rows = []
@@ -88,8 +90,8 @@ def main():
     ab = sorted(glob.glob(os.path.join(d, "ab_*.json")))
     if ab:
         print("## A/B at 1024² (flux_bench, CUDA graphs; `share` rows above are the defaults)\n")
-        print("| run | plan share | copy-free all-to-all (a2a) | overlap | modulation | step ms (median) |")
-        print("|---|---|---|---|---|---|")
+        print("| run | plan share | formulations off (DITFLEET_FLUX_OPT) | modulation | step ms (median) |")
+        print("|---|---|---|---|---|")
         for path in ab:
             j = load_json(path)
             name = os.path.basename(path)[3:-5]
@@ -97,8 +99,9 @@ def main():
                 print(f"| {name} | failed | | | |")
                 continue
             opts = j.get("opts", "")
-            print(f"| {name} | {j.get('sim_plan') or 'single'} | {'off' if 'a2a: false' in opts else 'on'} | "
-                  f"{'off' if 'overlap: false' in opts else 'on'} | {j.get('modulation', '')} | {j['median_step_ms']:.1f} |")
+            off = [kv.split(":")[0].strip() for kv in opts.strip("Opts{} ").split(",") if kv.strip().endswith("false")]
+            print(f"| {name} | {j.get('sim_plan') or 'single'} | {', '.join(off) or '(none)'} | "
+                  f"{j.get('modulation', '')} | {j['median_step_ms']:.1f} |")
         print()
     ovl = sorted(glob.glob(os.path.join(d, "ovl_on_1024_*.json")))
     if ovl:

@@ -207,8 +207,9 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
 fn check_fused(dev: Device, seed: u64) -> Result<serde_json::Value> {
     use ditfleet_engine::flux::transformer::{Ctx, LocalAttention};
     let mut cfg = Config::dev();
-    cfg.depth = 1;
-    cfg.depth_single_blocks = 1;
+    // Two of each: the whole-model check below crosses every kind of block boundary.
+    cfg.depth = 2;
+    cfg.depth_single_blocks = 2;
     tch::manual_seed(seed as i64);
     let m16 = Flux::new(&cfg, dev, Kind::BFloat16)?;
     // Norm scales start at 1: perturb every 1-D parameter so the scales are exercised too.
@@ -259,6 +260,24 @@ fn check_fused(dev: Device, seed: u64) -> Result<serde_json::Value> {
                 "double_txt_rel_l2_vs_fp32": rel_l2(&t, &rt)?,
                 "single_rel_l2_vs_fp32": rel_l2(&s, &rs)?,
             }),
+        );
+    }
+    // The whole model (2 double + 2 single blocks, img_in to final layer): each block's closing
+    // residual carried into the next block's first kernel (`chain`) or added where it closes.
+    let img_raw = Tensor::f_randn([1, img_len, cfg.in_channels], (Kind::BFloat16, dev))?;
+    let model_ref = m32.forward_opts(
+        &f32(&img_raw)?,
+        &f32(&txt)?,
+        &f32(&vec)?,
+        &pe,
+        &LocalAttention,
+        Opts::NONE,
+    )?;
+    for name in ["all", "all,-chain", "all,-chain,-ln"] {
+        let got = m16.forward_opts(&img_raw, &txt, &vec, &pe, &LocalAttention, Opts::parse(name))?;
+        out.insert(
+            format!("model {name}"),
+            serde_json::json!({ "model_rel_l2_vs_fp32": rel_l2(&got, &model_ref)? }),
         );
     }
     // tch 0.24's own binding of _addmm_activation (use_gelu = true) against RELU and GELU of the

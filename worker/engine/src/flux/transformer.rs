@@ -39,7 +39,9 @@ use crate::EngineError;
 /// the same way: no stack, split, cat or re-layout copies around the two all-to-alls;
 /// `parallel::attention`), `overlap` (with `a2a` and `split`: each single block's MLP-in matmul
 /// runs while its q/k/v all-to-all is in flight and its MLP-out matmul while the attention
-/// output travels back; [`JointAttention::attend_grouped_with`]).
+/// output travels back; [`JointAttention::attend_grouped_with`]), `chain` (with `ln`: each block's
+/// closing gated residual `x + gate * y` is added by the next block's first kernel, which also
+/// computes its modulated LayerNorm; [`Hidden`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Opts {
     pub rope: bool,
@@ -52,6 +54,7 @@ pub struct Opts {
     pub split: bool,
     pub a2a: bool,
     pub overlap: bool,
+    pub chain: bool,
 }
 
 impl Opts {
@@ -66,6 +69,7 @@ impl Opts {
         split: true,
         a2a: true,
         overlap: true,
+        chain: true,
     };
     pub const NONE: Opts = Opts {
         rope: false,
@@ -78,6 +82,7 @@ impl Opts {
         split: false,
         a2a: false,
         overlap: false,
+        chain: false,
     };
 
     /// Parses `DITFLEET_FLUX_OPT`'s value (see [`Opts`]; `all` in a list = the defaults plus the
@@ -101,6 +106,7 @@ impl Opts {
             split: (base.split || has("split")) && !off("split"),
             a2a: (base.a2a || has("a2a")) && !off("a2a"),
             overlap: (base.overlap || has("overlap")) && !off("overlap"),
+            chain: (base.chain || has("chain")) && !off("chain"),
         }
     }
 
@@ -395,6 +401,49 @@ fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Res<Tensor> {
         x.f_addcmul(gate, y)
     } else {
         x.f_add(&gate.f_mul(y)?)
+    }
+}
+
+/// A block's output stream: ready, or `x + gate * y` with the addition still to do, so that the
+/// next block adds it in the kernel that computes its modulated LayerNorm
+/// ([`gated_add_modulate`]: one pass over the activations where an `addcmul`, a LayerNorm and a
+/// small add ran; [`Opts::chain`]).
+pub enum Hidden {
+    Ready(Tensor),
+    Deferred { x: Tensor, gate: Tensor, y: Tensor },
+}
+
+impl Hidden {
+    /// `x + gate * y` as `opts` has it: deferred with [`Opts::chain`], else added now.
+    fn close(x: Tensor, gate: &Tensor, y: Tensor, opts: Opts) -> Res<Hidden> {
+        Ok(if opts.chain {
+            Hidden::Deferred {
+                x,
+                gate: gate.shallow_clone(),
+                y,
+            }
+        } else {
+            Hidden::Ready(gated_add(&x, gate, &y)?)
+        })
+    }
+
+    /// The stream as a tensor.
+    pub fn materialize(self) -> Res<Tensor> {
+        match self {
+            Hidden::Ready(t) => Ok(t),
+            Hidden::Deferred { x, gate, y } => gated_add(&x, &gate, &y),
+        }
+    }
+
+    /// The stream and its modulated LayerNorm `(1 + scale) * LN(x) + shift`.
+    fn modulate(self, norm: &LayerNorm, shift: &Tensor, scale: &Tensor, opts: Opts) -> Res<(Tensor, Tensor)> {
+        match self {
+            Hidden::Ready(x) => {
+                let h = modulate(norm, &x, shift, scale)?;
+                Ok((x, h))
+            }
+            Hidden::Deferred { x, gate, y } => gated_add_modulate(norm, &x, &gate, &y, shift, scale, opts),
+        }
     }
 }
 
@@ -756,7 +805,25 @@ impl DoubleBlock {
     /// img `(b, img_seq, h)`, txt `(b, txt_seq, h)`, vec `(b, h)` or this block's slice of the
     /// modulation table `(b, 12h)` (img then txt); `ctx.pe` covers txt then img.
     pub fn forward(&self, img: &Tensor, txt: &Tensor, vec: &Tensor, ctx: Ctx<'_>) -> Res<(Tensor, Tensor)> {
-        let h = img.size()[2];
+        let (img, txt) = self.forward_chained(
+            Hidden::Ready(img.shallow_clone()),
+            Hidden::Ready(txt.shallow_clone()),
+            vec,
+            ctx,
+        )?;
+        Ok((img.materialize()?, txt.materialize()?))
+    }
+
+    /// [`DoubleBlock::forward`] on streams that may still carry the previous block's residual
+    /// ([`Hidden`]); returns its own streams the same way.
+    pub fn forward_chained(
+        &self,
+        img: Hidden,
+        txt: Hidden,
+        vec: &Tensor,
+        ctx: Ctx<'_>,
+    ) -> Res<(Hidden, Hidden)> {
+        let h = self.img_mod.lin.weight.size()[1];
         let (iv, tv) = if vec.size()[1] == 12 * h {
             (vec.f_narrow(1, 0, 6 * h)?, vec.f_narrow(1, 6 * h, 6 * h)?)
         } else {
@@ -764,14 +831,11 @@ impl DoubleBlock {
         };
         let im = self.img_mod.forward(&iv)?; // 6 x (b, 1, h)
         let tm = self.txt_mod.forward(&tv)?;
-        let img_qkv = self
-            .img_attn
-            .qkv
-            .forward(&modulate(&self.norm, img, &im[0], &im[1])?)?; // (b, img, 3h)
-        let txt_qkv = self
-            .txt_attn
-            .qkv
-            .forward(&modulate(&self.norm, txt, &tm[0], &tm[1])?)?; // (b, txt, 3h)
+        let (img, img_in) = img.modulate(&self.norm, &im[0], &im[1], ctx.opts)?;
+        let (txt, txt_in) = txt.modulate(&self.norm, &tm[0], &tm[1], ctx.opts)?;
+        let (img, txt) = (&img, &txt);
+        let img_qkv = self.img_attn.qkv.forward(&img_in)?; // (b, img, 3h)
+        let txt_qkv = self.txt_attn.qkv.forward(&txt_in)?; // (b, txt, 3h)
         let (b, img_len, _) = img_qkv.size3()?;
         let txt_len = txt.size()[1];
         let rows = txt_len + img_len;
@@ -806,7 +870,7 @@ impl DoubleBlock {
         mlp: &Mlp,
         attn_out: &Tensor,
         opts: Opts,
-    ) -> Res<Tensor> {
+    ) -> Res<Hidden> {
         let (x, x_mod) = gated_add_modulate(
             &self.norm,
             x,
@@ -816,7 +880,8 @@ impl DoubleBlock {
             &m[4],
             opts,
         )?;
-        gated_add(&x, &m[5], &mlp.forward(&x_mod, opts)?)
+        let y = mlp.forward(&x_mod, opts)?;
+        Hidden::close(x, &m[5], y, opts)
     }
 }
 
@@ -851,11 +916,20 @@ impl SingleBlock {
 
     /// x `(b, txt+img, h)`.
     pub fn forward(&self, x: &Tensor, vec: &Tensor, ctx: Ctx<'_>) -> Res<Tensor> {
+        self.forward_chained(Hidden::Ready(x.shallow_clone()), vec, ctx)?
+            .materialize()
+    }
+
+    /// [`SingleBlock::forward`] on a stream that may still carry the previous block's residual
+    /// ([`Hidden`]); returns its own the same way.
+    pub fn forward_chained(&self, x: Hidden, vec: &Tensor, ctx: Ctx<'_>) -> Res<Hidden> {
         let m = self.modulation.forward(vec)?; // 3 x (b, 1, h)
-        let x_mod = modulate(&self.pre_norm, x, &m[0], &m[1])?;
-        if ctx.opts.split && cuda_bf16(x) {
-            return self.forward_halves(x, &x_mod, &m[2], ctx);
+        let (x, x_mod) = x.modulate(&self.pre_norm, &m[0], &m[1], ctx.opts)?;
+        if ctx.opts.split && cuda_bf16(&x) {
+            let out = self.halves_out(&x, &x_mod, ctx)?;
+            return Hidden::close(x, &m[2], out, ctx.opts);
         }
+        let x = &x;
         let fused = self.linear1.forward(&x_mod)?; // (b, seq, 3h + mlp)
         let mlp = fused.f_narrow(-1, 3 * self.hidden, self.mlp_hidden)?;
         let o = self.attend_qkv(&fused, ctx)?; // (b, seq, heads, d)
@@ -871,7 +945,7 @@ impl SingleBlock {
             Tensor::f_cat(&[o.f_reshape([b, s, heads * d])?, mlp.f_gelu("tanh")?], -1)?
         };
         let out = self.linear2.forward(&hidden)?;
-        gated_add(x, &m[2], &out)
+        Hidden::close(x.shallow_clone(), &m[2], out, ctx.opts)
     }
 
     /// The joint attention of the block's tokens from their projection `qkv` `(b, seq, >= 3h)`
@@ -915,7 +989,13 @@ impl SingleBlock {
     /// pass nor the concatenated `(seq, h + mlp)` activation is needed. The two MLP matmuls do
     /// not depend on the attention: they run while its exchanges are in flight
     /// ([`Opts::overlap`], [`SingleBlock::attend_qkv_with`]).
+    #[cfg(test)]
     fn forward_halves(&self, x: &Tensor, x_mod: &Tensor, gate: &Tensor, ctx: Ctx<'_>) -> Res<Tensor> {
+        gated_add(x, gate, &self.halves_out(x, x_mod, ctx)?)
+    }
+
+    /// The block's output before its gated residual (`out` of [`SingleBlock::forward_halves`]).
+    fn halves_out(&self, x: &Tensor, x_mod: &Tensor, ctx: Ctx<'_>) -> Res<Tensor> {
         let (h, mh) = (self.hidden, self.mlp_hidden);
         let (w1, w2) = (&self.linear1.weight, &self.linear2.weight); // (3h + mlp, h), (h, h + mlp)
         let b1 = self
@@ -950,7 +1030,7 @@ impl SingleBlock {
         let _ = out
             .f_view([b * s, h])?
             .f_addmm_(&attn, &w2.f_narrow(1, 0, h)?.f_transpose(0, 1)?)?;
-        gated_add(x, gate, &out)
+        Ok(out)
     }
 }
 
@@ -1139,16 +1219,18 @@ impl Flux {
             off += w;
             vec.f_narrow(1, off - w, w)
         };
-        let mut img = self.part.input_layer(&self.img_in, "img_in")?.forward(img)?; // (b, img_seq, h)
-        let mut txt = txt.shallow_clone();
+        let img = self.part.input_layer(&self.img_in, "img_in")?.forward(img)?; // (b, img_seq, h)
+        let (mut img, mut txt) = (Hidden::Ready(img), Hidden::Ready(txt.shallow_clone()));
         for block in &self.double_blocks {
-            (img, txt) = block.forward(&img, &txt, &cond(12 * h)?, ctx)?;
+            (img, txt) = block.forward_chained(img, txt, &cond(12 * h)?, ctx)?;
         }
+        let (img, txt) = (img.materialize()?, txt.materialize()?);
         let txt_len = txt.size()[1];
-        let mut x = Tensor::f_cat(&[txt, img], 1)?; // (b, txt+img, h)
+        let mut x = Hidden::Ready(Tensor::f_cat(&[txt, img], 1)?); // (b, txt+img, h)
         for block in &self.single_blocks {
-            x = block.forward(&x, &cond(3 * h)?, ctx)?;
+            x = block.forward_chained(x, &cond(3 * h)?, ctx)?;
         }
+        let x = x.materialize()?;
         let img = x.f_narrow(1, txt_len, x.size()[1] - txt_len)?;
         let last = self
             .final_layer
@@ -1284,6 +1366,71 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("width 7"), "{err}");
+        Ok(())
+    }
+
+    /// Carrying each block's closing residual into the next block ([`Opts::chain`], [`Hidden`])
+    /// computes the same forward: across double -> double, double -> single (the streams are
+    /// joined), single -> single and single -> final layer. On the CPU the carried residual is
+    /// added by the same ops as without, so the result is bit-identical; a dropped or doubled
+    /// residual anywhere would not be.
+    #[test]
+    fn carrying_each_blocks_residual_into_the_next_block_computes_the_same_forward() -> Res<()> {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(5);
+        let mut cfg = Config::tiny();
+        cfg.depth = 2; // two of each block: every kind of boundary
+        let model =
+            Flux::new(&cfg, Device::Cpu, Kind::Float).map_err(|e| tch::TchError::Torch(e.to_string()))?;
+        let pe = model.rope(&Flux::position_ids(TXT, LH, LW, Device::Cpu)?)?;
+        assert!(cfg.depth_single_blocks >= 2);
+        let img = Tensor::f_randn(
+            [1, (LH / 2) * (LW / 2), cfg.in_channels],
+            (Kind::Float, Device::Cpu),
+        )?;
+        let txt = model.embed_txt(&Tensor::f_randn(
+            [1, TXT, cfg.context_in_dim],
+            (Kind::Float, Device::Cpu),
+        )?)?;
+        let vec = Tensor::f_randn([1, cfg.hidden_size], (Kind::Float, Device::Cpu))?;
+        let chained = Opts {
+            chain: true,
+            ..Opts::NONE
+        };
+        let want = model.forward_opts(&img, &txt, &vec, &pe, &LocalAttention, Opts::NONE)?;
+        let got = model.forward_opts(&img, &txt, &vec, &pe, &LocalAttention, chained)?;
+        assert!(
+            bool::try_from(got.f_eq_tensor(&want)?.f_all()?)?,
+            "chained forward differs"
+        );
+        // And against the blocks one by one, each closing its own residual.
+        let ctx = Ctx {
+            pe: &pe,
+            attn: &LocalAttention,
+            opts: Opts::NONE,
+        };
+        let table = model.modulation_table(&vec)?;
+        let h = cfg.hidden_size;
+        let mut off = 0;
+        let mut cond = |w: i64| {
+            off += w;
+            table.narrow(1, off - w, w)
+        };
+        let (mut i, mut t) = (model.img_in.as_ref().unwrap().forward(&img)?, txt.shallow_clone());
+        for b in &model.double_blocks {
+            (i, t) = b.forward(&i, &t, &cond(12 * h), ctx)?;
+        }
+        let mut x = Tensor::f_cat(&[t, i], 1)?;
+        for b in &model.single_blocks {
+            x = b.forward(&x, &cond(3 * h), ctx)?;
+        }
+        let by_block = model
+            .final_layer
+            .as_ref()
+            .unwrap()
+            .forward(&x.f_narrow(1, TXT, x.size()[1] - TXT)?, &cond(2 * h))?;
+        let diff = f64::try_from(by_block.f_sub(&want)?.f_abs()?.f_max()?)?;
+        assert!(diff < 1e-5, "block by block vs forward: max abs diff {diff}");
         Ok(())
     }
 
