@@ -236,7 +236,7 @@ pub const WORKER_VARS: &[VarDoc] = &[
     VarDoc {
         name: "DITFLEET_FLUX_OPT",
         default: "all",
-        help: "Flux transformer formulations: all (fused CUDA kernels, GELU epilogues, split single blocks, copy-free Ulysses all-to-alls, single blocks' MLP matmuls overlapping the all-to-alls), none (the op-for-op port), or a list such as all,-qkv or all,-overlap (docs/benchmarks-flux-1gpu.md, docs/parallel.md)",
+        help: "Flux transformer formulations: all (fused CUDA kernels, GELU epilogues, split single blocks, copy-free Ulysses all-to-alls, single blocks' MLP matmuls overlapping the all-to-alls, each block's residual carried into the next block's LayerNorm kernel), none (the op-for-op port), or a list such as all,-qkv or all,-overlap (docs/benchmarks-flux-1gpu.md, docs/parallel.md)",
     },
     VarDoc {
         name: "DITFLEET_NCCL_STREAM",
