@@ -545,6 +545,53 @@ pub trait JointAttention {
         during(Overlap::Outbound)?;
         Ok(o)
     }
+
+    /// A [`GroupedSession`] over head-grouped q/k/v buffers (written piece by piece after this
+    /// call), each piece's exchange started asynchronously with `overlap` (else complete when
+    /// sent: the same work in the same order, for A/B runs); `None` where the op takes no pieces
+    /// (the caller writes everything and calls [`JointAttention::attend_grouped`]).
+    fn session<'s>(
+        &'s self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _overlap: bool,
+    ) -> Res<Option<Box<dyn GroupedSession + 's>>> {
+        Ok(None)
+    }
+}
+
+/// Which of a rank's rows `[text; image]` a piece of a split-phase exchange covers
+/// ([`GroupedSession`]). Every rank cuts its own rows the same way, so the pieces match across
+/// ranks even where the ranks hold different numbers of image tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    All,
+    Txt,
+    /// Part `part` of `of` balanced parts of the image rows.
+    Img {
+        part: i64,
+        of: i64,
+    },
+}
+
+/// A split-phase attention over head-grouped q/k/v (the copy-free Ulysses path): the caller
+/// sends q/k/v in row pieces as it writes them, so each piece travels while it computes the next
+/// ones, and takes the output back in row pieces, so it can compute on one piece while the
+/// others travel. Order: [`GroupedSession::send`] pieces that tile the rows, then
+/// [`GroupedSession::attend`], then [`GroupedSession::give_back`] pieces that tile the rows, then
+/// [`GroupedSession::take`] each of them. Every rank of the group must make the same calls.
+pub trait GroupedSession {
+    /// This rank's rows `(start, len)` of `piece`.
+    fn local_rows(&self, piece: Rows) -> (i64, i64);
+    /// Starts sending q/k/v rows of `piece` (written by then) to the ranks attending over them.
+    fn send(&mut self, piece: Rows) -> Res<()>;
+    /// Waits for every piece sent and received, then attends.
+    fn attend(&mut self) -> Res<()>;
+    /// Starts returning the output rows of `piece` to this rank.
+    fn give_back(&mut self, piece: Rows) -> Res<()>;
+    /// The output rows of `piece` (given back before), `(b, len, heads, d)`, waiting for them.
+    fn take(&mut self, piece: Rows) -> Res<Tensor>;
 }
 
 /// When a caller's independent work runs during [`JointAttention::attend_grouped_with`].
@@ -609,10 +656,13 @@ impl<'a> Ctx<'a> {
     /// Whether the fused qkv kernel serves a stream's projection `qkv` (bf16 on CUDA, heads of
     /// 128, RoPE table over `rows` tokens).
     fn fused_qkv(&self, qkv: &Tensor, heads: i64, rows: i64) -> bool {
-        self.opts.qkv
-            && fused_kernels(qkv)
-            && qkv.size().last().is_some_and(|w| *w >= 3 * heads * 128)
-            && self.pe.freqs.size() == [1, 1, rows, 64]
+        self.fused_rows(qkv, heads, rows) && qkv.size().last().is_some_and(|w| *w >= 3 * heads * 128)
+    }
+
+    /// Whether the fused qkv kernel can write joint buffers of `rows` tokens for tensors like
+    /// `like` (bf16 on CUDA with the kernels loaded, RoPE table over `rows` tokens).
+    fn fused_rows(&self, like: &Tensor, _heads: i64, rows: i64) -> bool {
+        self.opts.qkv && fused_kernels(like) && self.pe.freqs.size() == [1, 1, rows, 64]
     }
 
     /// The fused kernel's joint q/k/v buffers for `rows` tokens: `(b, rows, heads, 128)`, or
@@ -670,6 +720,20 @@ impl<'a> Ctx<'a> {
             )? // (b, heads, rows, d)
             .f_transpose(1, 2)
     }
+}
+
+/// Parts the double blocks' image q/k/v go out in under [`Opts::overlap`]
+/// (`DITFLEET_OVERLAP_CHUNKS`, default 2): each part's projection runs while the previous part
+/// travels.
+pub fn overlap_chunks() -> i64 {
+    static N: OnceLock<i64> = OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("DITFLEET_OVERLAP_CHUNKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n >= 1)
+            .unwrap_or(2)
+    })
 }
 
 /// bf16 on a CUDA device: where the fused kernels and cuBLASLt epilogues apply.
@@ -834,6 +898,9 @@ impl DoubleBlock {
         let (img, img_in) = img.modulate(&self.norm, &im[0], &im[1], ctx.opts)?;
         let (txt, txt_in) = txt.modulate(&self.norm, &tm[0], &tm[1], ctx.opts)?;
         let (img, txt) = (&img, &txt);
+        if let Some(out) = self.forward_in_pieces(img, txt, &img_in, &txt_in, (&im, &tm), ctx)? {
+            return Ok(out);
+        }
         let img_qkv = self.img_attn.qkv.forward(&img_in)?; // (b, img, 3h)
         let txt_qkv = self.txt_attn.qkv.forward(&txt_in)?; // (b, txt, 3h)
         let (b, img_len, _) = img_qkv.size3()?;
@@ -858,6 +925,60 @@ impl DoubleBlock {
         let img = self.stream_out(img, &im, &self.img_attn, &self.img_mlp, &img_attn, ctx.opts)?;
         let txt = self.stream_out(txt, &tm, &self.txt_attn, &self.txt_mlp, &txt_attn, ctx.opts)?;
         Ok((img, txt))
+    }
+
+    /// The rest of [`DoubleBlock::forward_chained`] where the attention takes q/k/v in pieces
+    /// ([`JointAttention::session`]: pure Ulysses, copy-free layout): the image rows' q/k/v in
+    /// [`overlap_chunks`] parts, each projected, normed and rotated and then sent while the next
+    /// is computed, then the text rows'; after the attention the text rows come back first and
+    /// the text stream's projection and MLP run while the image rows travel. `None` where the
+    /// pieces do not apply (the caller takes the one-exchange path).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_in_pieces(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        img_in: &Tensor,
+        txt_in: &Tensor,
+        (im, tm): (&[Tensor], &[Tensor]),
+        ctx: Ctx<'_>,
+    ) -> Res<Option<(Hidden, Hidden)>> {
+        let (b, img_len, h) = img_in.size3()?;
+        let txt_len = txt_in.size()[1];
+        let rows = txt_len + img_len;
+        if !(ctx.opts.a2a && ctx.fused_rows(img_in, self.heads, rows) && h == self.heads * 128) {
+            return Ok(None);
+        }
+        let (q, k, v) = ctx.joint_buffers(img_in, b, rows, self.heads)?;
+        if q.dim() != 5 {
+            return Ok(None);
+        }
+        let Some(mut s) = ctx.attn.session(&q, &k, &v, ctx.opts.overlap)? else {
+            return Ok(None);
+        };
+        let parts = overlap_chunks().min(img_len.max(1));
+        for part in 0..parts {
+            let piece = Rows::Img { part, of: parts };
+            let (start, len) = s.local_rows(piece); // rows of [txt; img]
+            let qkv = self
+                .img_attn
+                .qkv
+                .forward(&img_in.f_narrow(1, start - txt_len, len)?)?; // (b, len, 3h)
+            fused_qkv(&qkv, &self.img_attn.norm, ctx.pe, (&q, &k, &v), start)?;
+            s.send(piece)?;
+        }
+        let txt_qkv = self.txt_attn.qkv.forward(txt_in)?; // (b, txt, 3h)
+        fused_qkv(&txt_qkv, &self.txt_attn.norm, ctx.pe, (&q, &k, &v), 0)?;
+        s.send(Rows::Txt)?;
+        s.attend()?;
+        let all_img = Rows::Img { part: 0, of: 1 };
+        s.give_back(Rows::Txt)?;
+        s.give_back(all_img)?;
+        let txt_attn = s.take(Rows::Txt)?.f_reshape([b, txt_len, h])?;
+        let txt = self.stream_out(txt, tm, &self.txt_attn, &self.txt_mlp, &txt_attn, ctx.opts)?;
+        let img_attn = s.take(all_img)?.f_reshape([b, img_len, h])?;
+        let img = self.stream_out(img, im, &self.img_attn, &self.img_mlp, &img_attn, ctx.opts)?;
+        Ok(Some((img, txt)))
     }
 
     /// One stream after the joint attention: `x += gate1 * proj(attn)`, then

@@ -9,9 +9,9 @@
 
 use tch::{Kind, Tensor};
 
-use super::comm::{CommError, CommResult, Communicator, balanced_split};
+use super::comm::{CommError, CommResult, Communicator, Pending, balanced_split};
 use crate::flux::layers::{Res, sdpa};
-use crate::flux::transformer::{JointAttention, Overlap, attend_ungrouped};
+use crate::flux::transformer::{GroupedSession, JointAttention, Overlap, Rows, attend_ungrouped};
 
 /// How the text tokens are laid out over the ranks of a sequence-parallel group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -268,40 +268,165 @@ impl UspAttention<'_> {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        mut during: Option<&mut dyn FnMut(Overlap) -> Res<()>>,
+        during: Option<&mut dyn FnMut(Overlap) -> Res<()>>,
     ) -> CommResult<Tensor> {
-        let u = self.ulysses.size();
+        let overlap = during.is_some();
+        let mut s = UlyssesSession::new(self, q, k, v, overlap)?;
+        let mut during = during;
+        s.send_piece(Rows::All)?;
+        if let Some(w) = during.as_mut() {
+            w(Overlap::Inbound)?;
+        }
+        s.attend_all()?;
+        s.give_back_piece(Rows::All)?;
+        if let Some(w) = during.as_mut() {
+            w(Overlap::Outbound)?;
+        }
+        s.take_piece(Rows::All)
+    }
+
+    /// Rows `(start, len)` of `piece` among `txt` text then `img` image rows.
+    fn piece_rows(piece: Rows, txt: i64, img: i64) -> (i64, i64) {
+        match piece {
+            Rows::All => (0, txt + img),
+            Rows::Txt => (0, txt),
+            Rows::Img { part, of } => {
+                let (s, l) = balanced_split(img, of.max(1) as usize)[part.clamp(0, of.max(1) - 1) as usize];
+                (txt + s, l)
+            }
+        }
+    }
+}
+
+/// [`GroupedSession`] of pure Ulysses over head-grouped q/k/v (see
+/// [`UspAttention::attend_groups`]): each piece of rows is its own all-to-all, started on the
+/// communicator's side stream when `overlap` (else complete when sent).
+struct UlyssesSession<'a> {
+    comm: &'a dyn Communicator,
+    /// The caller's buffers `(u, 1, rows, H/u, d)`.
+    qkv: [Tensor; 3],
+    /// Each peer's `(text, image)` rows and where its tokens start in the received buffers.
+    peers: Vec<(i64, i64)>,
+    offs: Vec<i64>,
+    me: usize,
+    overlap: bool,
+    /// `(1, L', H/u, d)` each: every peer's tokens, this rank's heads.
+    recv: [Tensor; 3],
+    sent: Vec<(i64, i64)>,
+    inbound: Vec<Pending<'a>>,
+    /// The attention output `(1, L', H/u, d)` and the buffer it returns into `(u, 1, rows, H/u, d)`.
+    out: Option<(Tensor, Tensor)>,
+    outbound: Vec<((i64, i64), Option<Pending<'a>>)>,
+}
+
+impl<'a> UlyssesSession<'a> {
+    fn new(op: &'a UspAttention<'a>, q: &Tensor, k: &Tensor, v: &Tensor, overlap: bool) -> CommResult<Self> {
+        let u = op.ulysses.size();
         let (g, b, rows, hu, d) = q.size5()?;
-        let lens: Vec<i64> = (0..u)
-            .map(|j| {
-                let (t, i) = self.lens(sp_rank(u, 0, j));
-                t + i
-            })
-            .collect();
-        if g != u as i64 || b != 1 || lens[self.ulysses.rank()] != rows {
+        let peers: Vec<(i64, i64)> = (0..u).map(|j| op.lens(sp_rank(u, 0, j))).collect();
+        let me = op.ulysses.rank();
+        let lens: Vec<i64> = peers.iter().map(|(t, i)| t + i).collect();
+        if g != u as i64 || b != 1 || lens[me] != rows || k.size() != q.size() || v.size() != q.size() {
             return Err(CommError::Usage {
                 op: "ulysses (head groups)",
                 message: format!("q {:?} for {u} ranks holding {lens:?} tokens", q.size()),
             });
         }
-        let total: i64 = lens.iter().sum();
+        let mut offs = Vec::with_capacity(u);
+        let mut total = 0;
+        for l in &lens {
+            offs.push(total);
+            total += l;
+        }
         let o = (q.kind(), q.device());
         let recv = [
             Tensor::f_empty([b, total, hu, d], o)?,
             Tensor::f_empty([b, total, hu, d], o)?,
             Tensor::f_empty([b, total, hu, d], o)?,
-        ]; // (1, L', H/u, d) each
-        let (mut ins, mut outs) = (Vec::with_capacity(3 * u), Vec::with_capacity(3 * u));
-        let mut off = 0;
-        for (j, len) in lens.iter().enumerate() {
-            for (src, dst) in [q, k, v].into_iter().zip(&recv) {
-                ins.push(src.f_get(j as i64)?); // (1, rows, H/u, d): my tokens, peer j's heads
-                outs.push(dst.f_narrow(1, off, *len)?); // peer j's tokens, my heads
-            }
-            off += len;
+        ];
+        Ok(Self {
+            comm: op.ulysses,
+            qkv: [q.shallow_clone(), k.shallow_clone(), v.shallow_clone()],
+            peers,
+            offs,
+            me,
+            overlap,
+            recv,
+            sent: Vec::new(),
+            inbound: Vec::new(),
+            out: None,
+            outbound: Vec::new(),
+        })
+    }
+
+    fn rows_of(&self, peer: usize, piece: Rows) -> (i64, i64) {
+        let (t, i) = self.peers[peer];
+        UspAttention::piece_rows(piece, t, i)
+    }
+
+    fn start(&self, ins: &[Tensor], outs: &[Tensor]) -> CommResult<Option<Pending<'a>>> {
+        if self.overlap {
+            Ok(Some(self.comm.start_all_to_all_into(ins, outs)?))
+        } else {
+            self.comm.all_to_all_into(ins, outs)?;
+            Ok(None)
         }
-        self.exchange(&ins, &outs, &mut during, Overlap::Inbound)?;
-        let [qr, kr, vr] = recv;
+    }
+
+    /// `ranges` tile `0..rows` exactly.
+    fn tiles(ranges: &[(i64, i64)], rows: i64) -> bool {
+        let mut r: Vec<(i64, i64)> = ranges.iter().copied().filter(|x| x.1 > 0).collect();
+        r.sort();
+        let mut at = 0;
+        for (s, l) in r {
+            if s != at {
+                return false;
+            }
+            at += l;
+        }
+        at == rows
+    }
+
+    fn usage(message: String) -> CommError {
+        CommError::Usage {
+            op: "ulysses session",
+            message,
+        }
+    }
+
+    fn send_piece(&mut self, piece: Rows) -> CommResult<()> {
+        if self.out.is_some() {
+            return Err(Self::usage(format!("{piece:?} sent after the attention")));
+        }
+        let mine = self.rows_of(self.me, piece);
+        let (mut ins, mut outs) = (Vec::new(), Vec::new());
+        for j in 0..self.peers.len() {
+            let (s, l) = self.rows_of(j, piece);
+            for (src, dst) in self.qkv.iter().zip(&self.recv) {
+                // My rows of the piece for peer j's heads; peer j's rows of it for mine.
+                ins.push(src.f_get(j as i64)?.f_narrow(1, mine.0, mine.1)?);
+                outs.push(dst.f_narrow(1, self.offs[j] + s, l)?);
+            }
+        }
+        if let Some(p) = self.start(&ins, &outs)? {
+            self.inbound.push(p);
+        }
+        self.sent.push(mine);
+        Ok(())
+    }
+
+    fn attend_all(&mut self) -> CommResult<()> {
+        let rows = self.qkv[0].size()[2];
+        if self.out.is_some() || !Self::tiles(&self.sent, rows) {
+            return Err(Self::usage(format!(
+                "attention over pieces {:?} of {rows} rows",
+                self.sent
+            )));
+        }
+        for p in self.inbound.drain(..) {
+            p.wait()?;
+        }
+        let [qr, kr, vr] = &self.recv;
         let out = sdpa(
             &qr.f_transpose(1, 2)?,
             &kr.f_transpose(1, 2)?,
@@ -312,37 +437,84 @@ impl UspAttention<'_> {
         )? // (1, H/u, L', d)
         .f_transpose(1, 2)?
         .f_contiguous()?; // (1, L', H/u, d): no copy where cuDNN wrote it in that layout
-        let back = Tensor::f_empty([u as i64, b, rows, hu, d], o)?;
-        let (mut ins, mut outs) = (Vec::with_capacity(u), Vec::with_capacity(u));
-        let mut off = 0;
-        for (j, len) in lens.iter().enumerate() {
-            ins.push(out.f_narrow(1, off, *len)?); // peer j's tokens, my heads
-            outs.push(back.f_get(j as i64)?); // my tokens, peer j's heads
-            off += len;
+        let back = self.qkv[0].f_empty_like()?; // (u, 1, rows, H/u, d)
+        self.out = Some((out, back));
+        Ok(())
+    }
+
+    fn give_back_piece(&mut self, piece: Rows) -> CommResult<()> {
+        let Some((out, back)) = &self.out else {
+            return Err(Self::usage(format!("{piece:?} given back before the attention")));
+        };
+        let mine = self.rows_of(self.me, piece);
+        let (mut ins, mut outs) = (Vec::new(), Vec::new());
+        for j in 0..self.peers.len() {
+            let (s, l) = self.rows_of(j, piece);
+            ins.push(out.f_narrow(1, self.offs[j] + s, l)?); // peer j's rows of it, my heads
+            outs.push(back.f_get(j as i64)?.f_narrow(1, mine.0, mine.1)?); // mine, peer j's heads
         }
-        self.exchange(&ins, &outs, &mut during, Overlap::Outbound)?;
-        Ok(back.f_permute([1, 2, 0, 3, 4])?.f_reshape([b, rows, g * hu, d])?) // (1, rows, H, d)
+        let p = self.start(&ins, &outs)?;
+        self.outbound.push((mine, p));
+        Ok(())
+    }
+
+    fn take_piece(&mut self, piece: Rows) -> CommResult<Tensor> {
+        let Some((_, back)) = &self.out else {
+            return Err(Self::usage(format!("{piece:?} taken before the attention")));
+        };
+        let back = back.shallow_clone();
+        let (s, l) = self.rows_of(self.me, piece);
+        let given: Vec<(i64, i64)> = self.outbound.iter().map(|(r, _)| *r).collect();
+        // Every piece given back that holds some of these rows, waited for.
+        let mut covered = Vec::new();
+        for (r, p) in self.outbound.iter_mut() {
+            if r.0 < s + l && s < r.0 + r.1 {
+                covered.push(*r);
+                if let Some(p) = p.take() {
+                    p.wait()?;
+                }
+            }
+        }
+        // The pieces given back must cover these rows (a piece may hold more of them).
+        covered.sort();
+        let mut at = s;
+        for (a, n) in &covered {
+            if *a <= at {
+                at = at.max(a + n);
+            }
+        }
+        if l > 0 && at < s + l {
+            return Err(Self::usage(format!(
+                "rows {s}+{l} taken, pieces {given:?} given back"
+            )));
+        }
+        let (u, b, _, hu, d) = back.size5()?;
+        Ok(back
+            .f_narrow(2, s, l)?
+            .f_permute([1, 2, 0, 3, 4])?
+            .f_reshape([b, l, u * hu, d])?) // (1, len, H, d)
     }
 }
 
-impl UspAttention<'_> {
-    /// One all-to-all of [`UspAttention::attend_groups`]: blocking, or started with `during`'s
-    /// `phase` enqueued before the wait.
-    fn exchange(
-        &self,
-        ins: &[Tensor],
-        outs: &[Tensor],
-        during: &mut Option<&mut dyn FnMut(Overlap) -> Res<()>>,
-        phase: Overlap,
-    ) -> CommResult<()> {
-        match during {
-            None => self.ulysses.all_to_all_into(ins, outs),
-            Some(work) => {
-                let pending = self.ulysses.start_all_to_all_into(ins, outs)?;
-                work(phase)?;
-                pending.wait()
-            }
-        }
+impl GroupedSession for UlyssesSession<'_> {
+    fn local_rows(&self, piece: Rows) -> (i64, i64) {
+        self.rows_of(self.me, piece)
+    }
+
+    fn send(&mut self, piece: Rows) -> Res<()> {
+        Ok(self.send_piece(piece)?)
+    }
+
+    fn attend(&mut self) -> Res<()> {
+        Ok(self.attend_all()?)
+    }
+
+    fn give_back(&mut self, piece: Rows) -> Res<()> {
+        Ok(self.give_back_piece(piece)?)
+    }
+
+    fn take(&mut self, piece: Rows) -> Res<Tensor> {
+        Ok(self.take_piece(piece)?)
     }
 }
 
@@ -383,6 +555,20 @@ impl JointAttention for UspAttention<'_> {
             return Ok(o);
         }
         Ok(self.attend_groups(q, k, v, Some(during))?)
+    }
+
+    fn session<'s>(
+        &'s self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        overlap: bool,
+    ) -> Res<Option<Box<dyn GroupedSession + 's>>> {
+        let (g, b, _, hu, _) = q.size5()?;
+        if !self.takes_groups(g * hu, b) || g != self.ulysses.size() as i64 {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(UlyssesSession::new(self, q, k, v, overlap)?)))
     }
 }
 
@@ -442,6 +628,9 @@ mod tests {
         /// In head groups with the caller's work interleaved (`attend_grouped_with`): the work
         /// must run exactly once per phase, Inbound first.
         GroupedWith,
+        /// Through a split-phase session: q/k/v sent as two image parts then the text, the
+        /// output given back as text then image and taken in that order.
+        Pieces,
     }
 
     /// [`check`], with q/k/v handed over in `u` head groups (`attend_grouped`) when `grouped`.
@@ -513,6 +702,23 @@ mod tests {
                             .contiguous() // (g, b, l, h/g, d)
                     };
                     let (qg, kg, vg) = (to_groups(&ql), to_groups(&kl), to_groups(&vl));
+                    if call == Call::Pieces {
+                        let mut s = op
+                            .session(&qg, &kg, &vg, true)
+                            .unwrap()
+                            .expect("pure Ulysses takes pieces");
+                        for part in 0..2 {
+                            s.send(Rows::Img { part, of: 2 }).unwrap();
+                        }
+                        s.send(Rows::Txt).unwrap();
+                        s.attend().unwrap();
+                        let img = Rows::Img { part: 0, of: 1 };
+                        s.give_back(Rows::Txt).unwrap();
+                        s.give_back(img).unwrap();
+                        let t = s.take(Rows::Txt).unwrap();
+                        let i = s.take(img).unwrap();
+                        return Tensor::cat(&[t, i], 1).transpose(1, 2);
+                    }
                     if call == Call::Grouped {
                         return op.attend_grouped(&qg, &kg, &vg).unwrap().transpose(1, 2);
                     }
@@ -592,6 +798,45 @@ mod tests {
         check_call(4, 1, 8, 18, None, Call::GroupedWith); // uneven image slices
         check_call(2, 1, 5, 10, None, Call::GroupedWith); // replicated text: general path
         check_call(2, 2, 8, 16, None, Call::GroupedWith); // USP: general path
+    }
+
+    /// The split-phase session (the double blocks' path: image rows sent in parts as they are
+    /// projected, text rows last, the output back as text then image) computes the same
+    /// attention, also where the ranks hold different numbers of image rows (each rank cuts its
+    /// own rows, so the pieces still match).
+    #[test]
+    fn ulysses_session_in_row_pieces_matches_full_attention_for_even_and_uneven_slices() {
+        check_call(2, 1, 6, 10, None, Call::Pieces);
+        check_call(4, 1, 8, 16, None, Call::Pieces);
+        check_call(4, 1, 8, 18, None, Call::Pieces); // image slices of 5, 5, 4, 4
+        check_call(2, 1, 4, 3, None, Call::Pieces); // an image part of one row
+    }
+
+    /// Pieces that do not tile the rows, and output taken before it was given back, are refused
+    /// with what was asked (never a silent wrong attention).
+    #[test]
+    fn a_session_refuses_pieces_that_do_not_tile_the_rows() {
+        let (u, r) = (
+            crate::parallel::LoopbackComm::new(2, Device::Cpu),
+            crate::parallel::LoopbackComm::new(1, Device::Cpu),
+        );
+        let layout = SeqLayout::new(2, 4, 8, None);
+        let op = UspAttention {
+            ulysses: &u,
+            ring: &r,
+            layout: &layout,
+        };
+        let x = Tensor::randn([2, 1, layout.local_len(0), 2, 8], (Kind::Float, Device::Cpu));
+        let mut s = op.session(&x, &x, &x, true).unwrap().unwrap();
+        s.send(Rows::Txt).unwrap();
+        let err = s.attend().unwrap_err().to_string();
+        assert!(err.contains("pieces"), "{err}");
+        s.send(Rows::Img { part: 0, of: 1 }).unwrap();
+        s.attend().unwrap();
+        let err = s.take(Rows::Txt).unwrap_err().to_string();
+        assert!(err.contains("given back"), "{err}");
+        s.give_back(Rows::All).unwrap();
+        assert_eq!(s.take(Rows::Txt).unwrap().size(), vec![1, 2, 4, 8]);
     }
 
     /// A started all-to-all's outputs are there after its wait, and a work error between the

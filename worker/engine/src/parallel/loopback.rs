@@ -180,13 +180,13 @@ impl Communicator for LoopbackComm {
             }
             .map_err(|e| cuda_err(op, e))?;
         }
-        side.mark().map_err(|e| cuda_err(op, e))?;
+        let mark = side.mark().map_err(|e| cuda_err(op, e))?;
         let held: Vec<Tensor> = ins
             .into_iter()
             .chain(outputs.iter().map(Tensor::shallow_clone))
             .collect();
         Ok(Pending::new(move || {
-            let r = side.join_marked(compute).map_err(|e| cuda_err(op, e));
+            let r = side.join_marked(compute, mark).map_err(|e| cuda_err(op, e));
             drop(held);
             r
         }))

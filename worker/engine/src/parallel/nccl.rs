@@ -656,7 +656,7 @@ impl Communicator for NcclComm {
         let Some(compute) = self.enqueue(op, |st| self.exchange_into(&ins, outputs, m, st))? else {
             return Ok(Pending::done()); // on the compute stream: ordered already
         };
-        self.side()?.mark().map_err(|e| cuda_err(op, self.rank, e))?;
+        let mark = self.side()?.mark().map_err(|e| cuda_err(op, self.rank, e))?;
         // Held until the compute stream is ordered after the exchange (see `Pending`).
         let held: Vec<Tensor> = ins
             .into_iter()
@@ -665,7 +665,7 @@ impl Communicator for NcclComm {
         Ok(Pending::new(move || {
             let r = self
                 .side()?
-                .join_marked(compute)
+                .join_marked(compute, mark)
                 .map_err(|e| cuda_err(op, self.rank, e));
             drop(held);
             r

@@ -25,9 +25,21 @@ pub(crate) struct SideStream {
     before: CUevent,
     /// Recorded on the side stream after a blocking collective; the compute stream waits for it.
     after: CUevent,
-    /// Recorded on the side stream after a started collective; waited for by its `Pending`.
-    marked: CUevent,
+    /// Recorded on the side stream after started collectives, round robin; each `Pending`
+    /// waits for its own.
+    marks: [CUevent; MARKS],
+    next: std::cell::Cell<usize>,
 }
+
+/// Marks kept per side stream: up to this many started collectives can be waited for one by one
+/// (a double block has five in flight at most). With more outstanding, a mark is reused: the
+/// older `Pending` then waits for the newer collective too (longer, never too little, as the
+/// side stream runs them in order).
+const MARKS: usize = 8;
+
+/// A mark of [`SideStream::mark`], for [`SideStream::join_marked`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mark(usize);
 
 // SAFETY: created on, and only used from, the rank thread that owns the communicator (it moves
 // to that thread before first use; the side stream is created lazily there).
@@ -41,7 +53,17 @@ impl SideStream {
             stream: stream::create(stream::StreamKind::NonBlocking)?,
             before: event::create(flags)?,
             after: event::create(flags)?,
-            marked: event::create(flags)?,
+            marks: [
+                event::create(flags)?,
+                event::create(flags)?,
+                event::create(flags)?,
+                event::create(flags)?,
+                event::create(flags)?,
+                event::create(flags)?,
+                event::create(flags)?,
+                event::create(flags)?,
+            ],
+            next: std::cell::Cell::new(0),
         })
     }
 
@@ -65,17 +87,18 @@ impl SideStream {
     }
 
     /// Marks the side stream's work so far, for a later [`SideStream::join_marked`].
-    pub(crate) fn mark(&self) -> Result<(), DriverError> {
+    pub(crate) fn mark(&self) -> Result<Mark, DriverError> {
+        let i = self.next.get();
+        self.next.set((i + 1) % MARKS);
         // SAFETY: as in `fork`.
-        unsafe { event::record(self.marked, self.stream) }
+        unsafe { event::record(self.marks[i], self.stream)? };
+        Ok(Mark(i))
     }
 
-    /// `compute` waits for the side stream's work up to the latest [`SideStream::mark`] (with
-    /// two started collectives outstanding, the later mark: it waits longer, never too little,
-    /// as the side stream runs them in order).
-    pub(crate) fn join_marked(&self, compute: CUstream) -> Result<(), DriverError> {
+    /// `compute` waits for the side stream's work up to `mark` (see [`MARKS`] for marks reused).
+    pub(crate) fn join_marked(&self, compute: CUstream, mark: Mark) -> Result<(), DriverError> {
         // SAFETY: as in `fork`.
-        unsafe { stream::wait_event(compute, self.marked, CU_EVENT_WAIT_DEFAULT) }
+        unsafe { stream::wait_event(compute, self.marks[mark.0], CU_EVENT_WAIT_DEFAULT) }
     }
 }
 
@@ -86,7 +109,9 @@ impl Drop for SideStream {
         unsafe {
             let _ = event::destroy(self.before);
             let _ = event::destroy(self.after);
-            let _ = event::destroy(self.marked);
+            for m in self.marks {
+                let _ = event::destroy(m);
+            }
             let _ = stream::destroy(self.stream);
         }
     }
