@@ -244,6 +244,11 @@ pub const WORKER_VARS: &[VarDoc] = &[
         help: "where NCCL runs: side (a stream of its own, ordered with the compute stream by events; needed for overlap) or legacy (the compute stream itself)",
     },
     VarDoc {
+        name: "DITFLEET_OVERLAP_CHUNKS",
+        default: "2",
+        help: "parts the double blocks' image q/k/v go out in under a pure Ulysses plan (each part's projection runs while the previous part travels)",
+    },
+    VarDoc {
         name: "DITFLEET_NCCL_A2A",
         default: "p2p",
         help: "how an even Ulysses all-to-all goes over NCCL: p2p (grouped send/recv per peer) or collective (one ncclAlltoAll per tensor; not yet measured on several GPUs)",
