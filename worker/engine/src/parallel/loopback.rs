@@ -119,9 +119,13 @@ impl Communicator for LoopbackComm {
 
     fn all_to_all_into(&self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<()> {
         self.check()?;
-        super::comm::chunks_per_peer("all_to_all_into", self.n, inputs, outputs)?;
-        // One copy per chunk, as a real exchange moves each chunk once.
-        for (t, o) in inputs.iter().zip(outputs) {
+        let m = super::comm::chunks_per_peer("all_to_all_into", self.n, inputs, outputs)?;
+        // One copy per chunk, as a real exchange moves each chunk once (only the own chunks with
+        // `DITFLEET_LOOPBACK_COPIES=own`).
+        for (i, (t, o)) in inputs.iter().zip(outputs).enumerate() {
+            if own_copies_only() && i >= m {
+                continue;
+            }
             let mut o = o.shallow_clone();
             if t.numel() == o.numel() && t.kind() == o.kind() {
                 o.f_copy_(&t.f_reshape(o.size())?)?;
@@ -139,7 +143,7 @@ impl Communicator for LoopbackComm {
             return Ok(Pending::done());
         };
         self.check()?;
-        super::comm::chunks_per_peer(op, self.n, inputs, outputs)?;
+        let m = super::comm::chunks_per_peer(op, self.n, inputs, outputs)?;
         let ins = inputs
             .iter()
             .map(|t| t.f_contiguous())
@@ -163,9 +167,9 @@ impl Communicator for LoopbackComm {
         let compute = compute_stream(ordinal)?;
         let side = self.side()?;
         side.fork(compute).map_err(|e| cuda_err(op, e))?;
-        for (t, o) in ins.iter().zip(outputs) {
+        for (i, (t, o)) in ins.iter().zip(outputs).enumerate() {
             let bytes = t.numel() * t.kind().elt_size_in_bytes();
-            if bytes == 0 || !same(t, o) {
+            if bytes == 0 || !same(t, o) || (own_copies_only() && i >= m) {
                 continue;
             }
             // SAFETY: both tensors are contiguous on this device with at least `bytes` bytes, and
@@ -250,6 +254,15 @@ impl Communicator for LoopbackComm {
     fn capturable(&self) -> bool {
         true
     }
+}
+
+/// `DITFLEET_LOOPBACK_COPIES=own`: the all-to-alls copy only the rank's own pieces (what a rank
+/// copies itself on the grouped NCCL path) and leave the peers' pieces as they were, so a share
+/// measures the rank's compute floor without the stand-in exchange's copies (default `all`: one
+/// copy per piece). The values are then further from any real result; timing only.
+fn own_copies_only() -> bool {
+    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| std::env::var("DITFLEET_LOOPBACK_COPIES").is_ok_and(|v| v == "own"))
 }
 
 fn cuda_err(op: &'static str, e: cudarc::driver::DriverError) -> CommError {
