@@ -946,7 +946,11 @@ impl DoubleBlock {
         let (b, img_len, h) = img_in.size3()?;
         let txt_len = txt_in.size()[1];
         let rows = txt_len + img_len;
-        if !(ctx.opts.a2a && ctx.fused_rows(img_in, self.heads, rows) && h == self.heads * 128) {
+        if !(ctx.opts.a2a
+            && ctx.fused_rows(img_in, self.heads, rows)
+            && h == self.heads * 128
+            && ctx.attn.head_groups(self.heads, b) > 1)
+        {
             return Ok(None);
         }
         let (q, k, v) = ctx.joint_buffers(img_in, b, rows, self.heads)?;

@@ -37,7 +37,9 @@ use super::runner::{Conditioning, RankBranch, RankCtx, StepGate, finish, rank_br
 use crate::flux::layers::{Res, sdpa};
 use crate::flux::pipeline::true_cfg;
 use crate::flux::sampling;
-use crate::flux::transformer::{Config, Ctx, DoubleBlock, Flux, JointAttention, Part, Rope, SingleBlock};
+use crate::flux::transformer::{
+    Config, Ctx, DoubleBlock, Flux, Hidden, JointAttention, Part, Rope, SingleBlock,
+};
 use crate::{EngineError, GenerateRequest, StepEvent};
 
 /// Time of a double-stream block relative to a single-stream block, for balancing the stages.
@@ -267,6 +269,8 @@ struct Branch {
     txt: Option<Tensor>,
     /// Conditioning vectors `(steps, h)`.
     vecs: Tensor,
+    /// The stage's modulation for every step ([`StageRun::table`]), computed once per job.
+    mods: Option<Tensor>,
     kv: KvBuffers,
 }
 
@@ -310,6 +314,12 @@ fn rope_slice(pe: &Rope, (start, len): (i64, i64)) -> Res<Rope> {
     })
 }
 
+/// Step `step`'s row of a branch's stage modulation (its conditioning vector where the table is
+/// not there).
+fn row(br: &Branch, step: usize) -> Res<Tensor> {
+    br.mods.as_ref().unwrap_or(&br.vecs).f_narrow(0, step as i64, 1)
+}
+
 /// What a stage's blocks run on.
 struct StageRun<'a> {
     double: &'a [DoubleBlock],
@@ -319,6 +329,46 @@ struct StageRun<'a> {
 }
 
 impl StageRun<'_> {
+    /// Every step's adaLN modulation of this stage's blocks (and of `last`, the final layer, on
+    /// the last stage), as [`Flux::modulation_table`] computes it for the whole model: `vecs`
+    /// `(steps, h)` -> `(steps, 12h per double + 3h per single block [+ 2h])`. One matmul per
+    /// layer per job instead of each block's matrix-vector product for every patch of every step.
+    fn table(&self, vecs: &Tensor, last: Option<&crate::flux::transformer::LastLayer>) -> Res<Tensor> {
+        let s = vecs.f_silu()?;
+        let mut cols = Vec::with_capacity(2 * self.double.len() + self.single.len() + 1);
+        for b in self.double {
+            cols.push(b.img_mod.lin.forward(&s)?);
+            cols.push(b.txt_mod.lin.forward(&s)?);
+        }
+        for b in self.single {
+            cols.push(b.modulation.lin.forward(&s)?);
+        }
+        if let Some(l) = last {
+            cols.push(l.ada_ln_modulation.forward(&s)?);
+        }
+        Tensor::f_cat(&cols, 1)
+    }
+
+    /// Block `i`'s conditioning from `vec`: the vector itself `(1, h)`, or its slice of a row of
+    /// [`StageRun::table`] (double blocks first, then single blocks, then the final layer).
+    fn cond(&self, vec: &Tensor, off: &mut i64, width: i64) -> Res<Tensor> {
+        if vec.size()[1] == self.hidden {
+            return Ok(vec.shallow_clone());
+        }
+        *off += width;
+        vec.f_narrow(1, *off - width, width)
+    }
+
+    /// The final layer's conditioning from `vec` (see [`StageRun::cond`]).
+    fn last_cond(&self, vec: &Tensor) -> Res<Tensor> {
+        let h = self.hidden;
+        let w = vec.size()[1];
+        if w == h {
+            return Ok(vec.shallow_clone());
+        }
+        vec.f_narrow(1, w - 2 * h, 2 * h)
+    }
+
     /// One branch of `unit` through this stage's blocks. `img` is the image hidden state
     /// `(1, L, h)` and `txt` the text's `(1, T_u, h)` (stage 0), or `joint` = `[txt; img]` from the
     /// previous stage. Returns `[txt; img]` `(1, T_u + L, h)`.
@@ -333,25 +383,31 @@ impl StageRun<'_> {
         let t_u = unit.txt_len(self.txt_len);
         kv.begin(unit.joint(self.txt_len), unit.patch.is_none());
         let ctx = Ctx::new(pe, kv);
-        let (mut img, mut txt) = match input {
+        let h = self.hidden;
+        let mut off = 0;
+        let (img, txt) = match input {
             StageInput::Streams { img, txt } => (img, txt),
             StageInput::Joint(x) if !self.double.is_empty() => {
                 let n = x.size()[1];
                 (x.f_narrow(1, t_u, n - t_u)?, x.f_narrow(1, 0, t_u)?)
             }
-            StageInput::Joint(x) => return self.singles(x, vec, ctx),
+            StageInput::Joint(x) => return self.singles(x, vec, &mut off, ctx),
         };
+        // Each block's closing residual is added by the next block's first kernel (`Hidden`).
+        let (mut img, mut txt) = (Hidden::Ready(img), Hidden::Ready(txt));
         for block in self.double {
-            (img, txt) = block.forward(&img, &txt, vec, ctx)?;
+            (img, txt) = block.forward_chained(img, txt, &self.cond(vec, &mut off, 12 * h)?, ctx)?;
         }
-        self.singles(Tensor::f_cat(&[txt, img], 1)?, vec, ctx) // (1, T_u + L, h)
+        let joint = Tensor::f_cat(&[txt.materialize()?, img.materialize()?], 1)?;
+        self.singles(joint, vec, &mut off, ctx) // (1, T_u + L, h)
     }
 
-    fn singles(&self, mut x: Tensor, vec: &Tensor, ctx: Ctx<'_>) -> Res<Tensor> {
+    fn singles(&self, x: Tensor, vec: &Tensor, off: &mut i64, ctx: Ctx<'_>) -> Res<Tensor> {
+        let mut x = Hidden::Ready(x);
         for block in self.single {
-            x = block.forward(&x, vec, ctx)?;
+            x = block.forward_chained(x, &self.cond(vec, off, 3 * self.hidden)?, ctx)?;
         }
-        Ok(x)
+        x.materialize()
     }
 }
 
@@ -428,12 +484,14 @@ pub fn denoise_rank(
     let mut branches = vec![Branch {
         txt: embed(txt_full)?,
         vecs: inputs.vecs.shallow_clone(),
+        mods: None,
         kv: KvBuffers::new(blocks),
     }];
     if let (Some(nt), Some(nv)) = (seq_neg_txt, &inputs.neg_vecs) {
         branches.push(Branch {
             txt: embed(nt)?,
             vecs: nv.shallow_clone(),
+            mods: None,
             kv: KvBuffers::new(blocks),
         });
     }
@@ -454,6 +512,14 @@ pub fn denoise_rank(
         txt_len,
         hidden,
     };
+    let last = if part.output {
+        ctx.flux.final_layer.as_ref()
+    } else {
+        None
+    };
+    for br in &mut branches {
+        br.mods = Some(run.table(&br.vecs, last)?);
+    }
     // Stage 0 and the last stage keep the whole latent (the last one updates it, stage 0 receives
     // the updates); `x` is the step's input for the patches not yet updated.
     let mut x = owned(&inputs.x)?; // (1, img_seq, 64)
@@ -526,7 +592,7 @@ fn run_unit(
     let t_u = unit.txt_len(run.txt_len);
     let mut outs = Vec::with_capacity(branches.len());
     for (b, br) in branches.iter().enumerate() {
-        let vec = br.vecs.f_narrow(0, unit.step as i64, 1)?; // (1, h)
+        let vec = row(br, unit.step)?; // (1, stage modulation width)
         let input = if part.input {
             let img_in = part.input_layer(&ctx.flux.img_in, "img_in")?;
             let txt = match (&br.txt, unit.txt) {
@@ -555,7 +621,7 @@ fn run_unit(
         .ok_or_else(|| part.missing("final_layer"))?;
     let mut vs = Vec::with_capacity(outs.len());
     for (o, br) in outs.iter().zip(branches) {
-        let vec = br.vecs.f_narrow(0, unit.step as i64, 1)?;
+        let vec = run.last_cond(&row(br, unit.step)?)?;
         vs.push(last.forward(&o.f_narrow(1, t_u, unit.img.1)?, &vec)?); // (1, L, 64)
     }
     let mut v = vs[0].shallow_clone();
@@ -712,6 +778,16 @@ mod tests {
         let head = flux.final_layer.as_ref().expect("full model");
         let got_v = head.forward(&want.f_narrow(1, txt_len, img_len)?, &vec)?;
         assert!(f64::try_from(got_v.f_sub(&reference)?.f_abs()?.f_max()?)? < 1e-5);
+        // The stage's modulation table (what the ranks feed) gives the same forward.
+        let table = run.table(&vec, Some(head))?; // (1, 12h * 2 + 3h * 2 + 2h)
+        assert_eq!(table.size()[1], (2 * 12 + 2 * 3 + 2) * c.hidden_size);
+        let kv2 = KvBuffers::new(4);
+        let from_table = run.forward(streams(whole.img, true)?, &whole, &table, &pe, &kv2)?;
+        let v_table = head.forward(
+            &from_table.f_narrow(1, txt_len, img_len)?,
+            &run.last_cond(&table)?,
+        )?;
+        assert!(f64::try_from(v_table.f_sub(&reference)?.f_abs()?.f_max()?)? < 1e-5);
         for (p, &img) in balanced_split(img_len, 3).iter().enumerate() {
             let unit = Unit {
                 step: 1,
