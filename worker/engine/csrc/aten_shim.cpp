@@ -328,6 +328,7 @@ std::string compile_kernels(const std::string &arch) {
 struct Kernels {
   CUfunction qkv_norm_rope = nullptr;
   CUfunction gate_residual_ln = nullptr;
+  CUfunction lse_merge = nullptr;
 };
 
 // Makes `device`'s primary context (libtorch's) current on this thread.
@@ -370,6 +371,7 @@ const Kernels &kernels(int device) {
   cu_check(d.get_function(&k.qkv_norm_rope, module, "dtf_qkv_norm_rope"), "dtf_qkv_norm_rope");
   cu_check(d.get_function(&k.gate_residual_ln, module, "dtf_gate_residual_ln"),
            "dtf_gate_residual_ln");
+  cu_check(d.get_function(&k.lse_merge, module, "dtf_lse_merge"), "dtf_lse_merge");
   return cache.emplace(device, k).first->second;
 }
 
@@ -508,6 +510,46 @@ char *dtf_gate_residual_ln(const at::Tensor *x, const at::Tensor *gate, const at
   });
 }
 
+// See dtf_lse_merge in flux_kernels.cu.inc. acc (b, h, L, 128) fp32 and o (same sizes) bf16, last
+// dims contiguous, other strides multiples of 4; acc_lse / lse (b, h, L) fp32. acc and acc_lse are
+// updated in place. All on one device.
+char *dtf_lse_merge(const at::Tensor *acc, const at::Tensor *acc_lse, const at::Tensor *o,
+                    const at::Tensor *lse) {
+  return guarded([&] {
+    require(acc->is_cuda() && acc->scalar_type() == at::kFloat && acc->dim() == 4 &&
+                acc->size(3) == 128 && acc->stride(3) == 1 && acc->stride(0) % 4 == 0 &&
+                acc->stride(1) % 4 == 0 && acc->stride(2) % 4 == 0 &&
+                reinterpret_cast<uintptr_t>(acc->data_ptr()) % 16 == 0,
+            "acc must be a CUDA fp32 (b, h, L, 128) tensor with contiguous, aligned rows");
+    const int device = acc->get_device();
+    const int64_t b = acc->size(0), h = acc->size(1), len = acc->size(2);
+    require(o->is_cuda() && o->get_device() == device && o->scalar_type() == at::kBFloat16 &&
+                o->sizes() == acc->sizes() && o->stride(3) == 1 && o->stride(0) % 4 == 0 &&
+                o->stride(1) % 4 == 0 && o->stride(2) % 4 == 0 && aligned8(*o),
+            "o must be bf16 of acc's shape with contiguous, aligned rows on acc's device");
+    for (const at::Tensor *l : {acc_lse, lse}) {
+      require(l->is_cuda() && l->get_device() == device && l->scalar_type() == at::kFloat &&
+                  l->dim() == 3 && l->size(0) == b && l->size(1) == h && l->size(2) == len,
+              "log-sum-exps must be fp32 (b, h, L) on acc's device");
+    }
+    const long long rows = b * h * len;
+    if (rows == 0) {
+      return;
+    }
+    void *pa = acc->data_ptr(), *pal = acc_lse->data_ptr();
+    const void *po = o->data_ptr(), *pl = lse->data_ptr();
+    long long a_b = acc->stride(0), a_h = acc->stride(1), a_l = acc->stride(2);
+    long long al_b = acc_lse->stride(0), al_h = acc_lse->stride(1), al_l = acc_lse->stride(2);
+    long long o_b = o->stride(0), o_h = o->stride(1), o_l = o->stride(2);
+    long long l_b = lse->stride(0), l_h = lse->stride(1), l_l = lse->stride(2);
+    int heads = static_cast<int>(h), n = static_cast<int>(len);
+    long long r = rows;
+    void *args[] = {&pa, &a_b, &a_h, &a_l, &pal, &al_b, &al_h, &al_l, &po, &o_b,
+                    &o_h, &o_l, &pl, &l_b, &l_h, &l_l, &heads, &n, &r};
+    launch(device, kernels(device).lse_merge, static_cast<unsigned>((rows + 7) / 8), 1, 256, args);
+  });
+}
+
 // The kineto profiler (CPU ops and CUDA kernels) for this process, as torch.profiler runs it;
 // dtf_profiler_stop writes a Chrome trace to `path`.
 char *dtf_profiler_start(void) {
@@ -624,6 +666,9 @@ char *dtf_qkv_norm_rope(const at::Tensor *, const at::Tensor *, const at::Tensor
 char *dtf_gate_residual_ln(const at::Tensor *, const at::Tensor *, const at::Tensor *,
                            const at::Tensor *, const at::Tensor *, const at::Tensor *,
                            const at::Tensor *, double) {
+  return no_cuda();
+}
+char *dtf_lse_merge(const at::Tensor *, const at::Tensor *, const at::Tensor *, const at::Tensor *) {
   return no_cuda();
 }
 char *dtf_profiler_start(void) { return no_cuda(); }

@@ -280,6 +280,25 @@ fn check_fused(dev: Device, seed: u64) -> Result<serde_json::Value> {
             serde_json::json!({ "model_rel_l2_vs_fp32": rel_l2(&got, &model_ref)? }),
         );
     }
+    // Ring attention's fused log-sum-exp merge against the reference ops (ring=4's block shape at
+    // 1024²: 24 heads, 1152 queries).
+    let (acc, acc_lse) = (
+        Tensor::f_randn([1, 24, 1152, 128], (Kind::Float, dev))?,
+        Tensor::f_randn([1, 24, 1152], (Kind::Float, dev))?.f_mul_scalar(3.0)?,
+    );
+    let o_new = Tensor::f_randn([1, 1152, 24, 128], (Kind::BFloat16, dev))?.f_transpose(1, 2)?; // cuDNN's layout
+    let lse_new = Tensor::f_randn([1, 24, 1152], (Kind::Float, dev))?.f_mul_scalar(3.0)?;
+    let (want_o, want_l) =
+        ditfleet_engine::parallel::attention::merge_reference(&acc, &acc_lse, &o_new, &lse_new)?;
+    let (got_o, got_l) = (acc.f_detach_copy()?, acc_lse.f_detach_copy()?);
+    ditfleet_engine::aten::lse_merge(&got_o, &got_l, &o_new, &lse_new)?;
+    out.insert(
+        "ring_lse_merge".into(),
+        serde_json::json!({
+            "fused_rel_l2_vs_reference_o": rel_l2(&got_o, &want_o)?,
+            "fused_rel_l2_vs_reference_lse": rel_l2(&got_l, &want_l)?,
+        }),
+    );
     // tch 0.24's own binding of _addmm_activation (use_gelu = true) against RELU and GELU of the
     // same product: it passes use_gelu as `beta`, so the RELU epilogue runs.
     let a = Tensor::f_randn([4096, 3072], (Kind::BFloat16, dev))?;

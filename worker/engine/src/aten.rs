@@ -62,6 +62,12 @@ unsafe extern "C" {
         h_out: *const c_void,
         eps: f64,
     ) -> *mut c_char;
+    fn dtf_lse_merge(
+        acc: *const c_void,
+        acc_lse: *const c_void,
+        o: *const c_void,
+        lse: *const c_void,
+    ) -> *mut c_char;
     fn dtf_profiler_start() -> *mut c_char;
     fn dtf_profiler_stop(path: *const c_char) -> *mut c_char;
 }
@@ -289,6 +295,21 @@ pub fn gate_residual_ln(
             x_out.as_ptr().cast(),
             h_out.as_ptr().cast(),
             eps,
+        )
+    })
+}
+
+/// Ring attention's log-sum-exp merge in one pass (`dtf_lse_merge`): `acc` `(b, h, L, 128)` fp32
+/// and `acc_lse` `(b, h, L)` fp32 absorb the partial attention `o` (bf16, same shape) with its
+/// `lse`, in place, on the current stream of their CUDA device.
+pub fn lse_merge(acc: &Tensor, acc_lse: &Tensor, o: &Tensor, lse: &Tensor) -> Result<(), TchError> {
+    // SAFETY: as in `qkv_norm_rope`.
+    check("fused log-sum-exp merge", unsafe {
+        dtf_lse_merge(
+            acc.as_ptr().cast(),
+            acc_lse.as_ptr().cast(),
+            o.as_ptr().cast(),
+            lse.as_ptr().cast(),
         )
     })
 }

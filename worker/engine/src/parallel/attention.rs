@@ -218,8 +218,8 @@ impl UspAttention<'_> {
             if block.size()[3] > 0 {
                 let (o, lse) = attention_with_lse(q, &block.f_get(0)?, &block.f_get(1)?)?;
                 acc = Some(match acc {
-                    None => (o.f_to_kind(Kind::Float)?, lse),
-                    Some((ao, al)) => merge(&ao, &al, &o, &lse)?,
+                    None => (o.f_to_kind(Kind::Float)?, lse.f_contiguous()?),
+                    Some((ao, al)) => merge_into(ao, al, &o, &lse)?,
                 });
             }
             if let Some(n) = next {
@@ -592,6 +592,26 @@ pub fn attention_with_lse(q: &Tensor, k: &Tensor, v: &Tensor) -> Res<(Tensor, Te
         None,
     )?;
     Ok((o, lse.f_narrow(2, 0, lq)?.f_to_kind(Kind::Float)?))
+}
+
+/// [`merge`] into the accumulator `(o1, l1)`: in place in one kernel on CUDA (bf16 `o2`, heads
+/// of 128, the fused kernels loaded; `dtf_lse_merge`), else by [`merge`].
+fn merge_into(o1: Tensor, l1: Tensor, o2: &Tensor, l2: &Tensor) -> Res<(Tensor, Tensor)> {
+    if let tch::Device::Cuda(i) = o1.device()
+        && o2.kind() == Kind::BFloat16
+        && o1.size().last() == Some(&128)
+        && crate::aten::fused_kernels_available(i)
+        && std::env::var_os("DITFLEET_RING_MERGE").is_none_or(|v| v != "reference")
+    {
+        crate::aten::lse_merge(&o1, &l1, o2, l2)?;
+        return Ok((o1, l1));
+    }
+    merge(&o1, &l1, o2, l2)
+}
+
+/// [`merge`] for checks of the fused merge (`flux_bench --check-fused`).
+pub fn merge_reference(o1: &Tensor, l1: &Tensor, o2: &Tensor, l2: &Tensor) -> Res<(Tensor, Tensor)> {
+    merge(o1, l1, o2, l2)
 }
 
 /// Merges two partial attentions over disjoint key sets: `(o, lse)` pairs, `o` fp32.
