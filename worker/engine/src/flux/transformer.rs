@@ -540,10 +540,7 @@ pub trait JointAttention {
         v: &Tensor,
         during: &mut dyn FnMut(Overlap) -> Res<()>,
     ) -> Res<Tensor> {
-        during(Overlap::Inbound)?;
-        let o = self.attend_grouped(q, k, v)?;
-        during(Overlap::Outbound)?;
-        Ok(o)
+        around(during, || self.attend_grouped(q, k, v))
     }
 
     /// A [`GroupedSession`] over head-grouped q/k/v buffers (written piece by piece after this
@@ -603,6 +600,18 @@ pub enum Overlap {
     Outbound,
 }
 
+/// `attend()` with `during`'s work run before it ([`Overlap::Inbound`]) and after it
+/// ([`Overlap::Outbound`]): where nothing is exchanged asynchronously.
+pub fn around(
+    during: &mut dyn FnMut(Overlap) -> Res<()>,
+    attend: impl FnOnce() -> Res<Tensor>,
+) -> Res<Tensor> {
+    during(Overlap::Inbound)?;
+    let o = attend()?;
+    during(Overlap::Outbound)?;
+    Ok(o)
+}
+
 /// `op`'s [`JointAttention::attend`] over head-grouped q/k/v `(g, b, rows, heads / g, d)`:
 /// regrouped to `(b, heads, rows, d)` (a copy each); returns `(b, rows, heads, d)`.
 pub fn attend_ungrouped<A: JointAttention + ?Sized>(
@@ -656,12 +665,12 @@ impl<'a> Ctx<'a> {
     /// Whether the fused qkv kernel serves a stream's projection `qkv` (bf16 on CUDA, heads of
     /// 128, RoPE table over `rows` tokens).
     fn fused_qkv(&self, qkv: &Tensor, heads: i64, rows: i64) -> bool {
-        self.fused_rows(qkv, heads, rows) && qkv.size().last().is_some_and(|w| *w >= 3 * heads * 128)
+        self.fused_rows(qkv, rows) && qkv.size().last().is_some_and(|w| *w >= 3 * heads * 128)
     }
 
     /// Whether the fused qkv kernel can write joint buffers of `rows` tokens for tensors like
     /// `like` (bf16 on CUDA with the kernels loaded, RoPE table over `rows` tokens).
-    fn fused_rows(&self, like: &Tensor, _heads: i64, rows: i64) -> bool {
+    fn fused_rows(&self, like: &Tensor, rows: i64) -> bool {
         self.opts.qkv && fused_kernels(like) && self.pe.freqs.size() == [1, 1, rows, 64]
     }
 
@@ -699,10 +708,7 @@ impl<'a> Ctx<'a> {
         if self.opts.overlap && q.dim() == 5 {
             return self.attn.attend_grouped_with(q, k, v, during);
         }
-        during(Overlap::Inbound)?;
-        let o = self.attend_bshd(q, k, v)?;
-        during(Overlap::Outbound)?;
-        Ok(o)
+        around(during, || self.attend_bshd(q, k, v))
     }
 
     /// Attention over joint buffers from [`Ctx::joint_buffers`] that already hold normed,
@@ -947,16 +953,13 @@ impl DoubleBlock {
         let txt_len = txt_in.size()[1];
         let rows = txt_len + img_len;
         if !(ctx.opts.a2a
-            && ctx.fused_rows(img_in, self.heads, rows)
+            && ctx.fused_rows(img_in, rows)
             && h == self.heads * 128
             && ctx.attn.head_groups(self.heads, b) > 1)
         {
             return Ok(None);
         }
-        let (q, k, v) = ctx.joint_buffers(img_in, b, rows, self.heads)?;
-        if q.dim() != 5 {
-            return Ok(None);
-        }
+        let (q, k, v) = ctx.joint_buffers(img_in, b, rows, self.heads)?; // (g, b, rows, heads / g, d)
         let Some(mut s) = ctx.attn.session(&q, &k, &v, ctx.opts.overlap)? else {
             return Ok(None);
         };
@@ -1101,10 +1104,7 @@ impl SingleBlock {
             fused_qkv(qkv, &self.norm, ctx.pe, (&q, &k, &v), 0)?;
             return ctx.attend_bshd_with(&q, &k, &v, during);
         }
-        during(Overlap::Inbound)?;
-        let o = self.attend_qkv(qkv, ctx)?;
-        during(Overlap::Outbound)?;
-        Ok(o)
+        around(during, || self.attend_qkv(qkv, ctx))
     }
 
     /// [`SingleBlock::forward`] with `linear1` / `linear2` run as their attention and MLP halves

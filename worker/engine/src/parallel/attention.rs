@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 
 use super::comm::{CommError, CommResult, Communicator, Pending, balanced_split};
 use crate::flux::layers::{Res, sdpa};
-use crate::flux::transformer::{GroupedSession, JointAttention, Overlap, Rows, attend_ungrouped};
+use crate::flux::transformer::{GroupedSession, JointAttention, Overlap, Rows, around, attend_ungrouped};
 
 /// How the text tokens are laid out over the ranks of a sequence-parallel group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -254,6 +254,13 @@ impl UspAttention<'_> {
         u > 1 && self.ring.size() == 1 && !self.replicated() && batch == 1 && heads % u == 0
     }
 
+    /// Whether head-grouped `q` `(g, b, rows, heads / g, d)` is in this op's groups (see
+    /// [`UspAttention::takes_groups`]).
+    fn groups_match(&self, q: &Tensor) -> Res<bool> {
+        let (g, b, _, hu, _) = q.size5()?;
+        Ok(self.takes_groups(g * hu, b) && g == self.ulysses.size() as i64)
+    }
+
     /// Pure Ulysses over head-grouped q/k/v `(u, 1, rows, H/u, d)` (group `j` = what peer `j`
     /// gets): one all-to-all of the three straight into `(1, L', H/u, d)` buffers (peer `j`'s
     /// `[txt_j; img_j]` tokens at its offset), attention on them as they lie, and the output's
@@ -464,7 +471,6 @@ impl<'a> UlyssesSession<'a> {
         };
         let back = back.shallow_clone();
         let (s, l) = self.rows_of(self.me, piece);
-        let given: Vec<(i64, i64)> = self.outbound.iter().map(|(r, _)| *r).collect();
         // Every piece given back that holds some of these rows, waited for.
         let mut covered = Vec::new();
         for (r, p) in self.outbound.iter_mut() {
@@ -484,6 +490,7 @@ impl<'a> UlyssesSession<'a> {
             }
         }
         if l > 0 && at < s + l {
+            let given: Vec<(i64, i64)> = self.outbound.iter().map(|(r, _)| *r).collect();
             return Err(Self::usage(format!(
                 "rows {s}+{l} taken, pieces {given:?} given back"
             )));
@@ -532,8 +539,7 @@ impl JointAttention for UspAttention<'_> {
     }
 
     fn attend_grouped(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
-        let (g, b, _, hu, _) = q.size5()?;
-        if !self.takes_groups(g * hu, b) || g != self.ulysses.size() as i64 {
+        if !self.groups_match(q)? {
             // Not this op's layout: regroup and take the general path.
             return attend_ungrouped(self, q, k, v);
         }
@@ -547,12 +553,8 @@ impl JointAttention for UspAttention<'_> {
         v: &Tensor,
         during: &mut dyn FnMut(Overlap) -> Res<()>,
     ) -> Res<Tensor> {
-        let (g, b, _, hu, _) = q.size5()?;
-        if !self.takes_groups(g * hu, b) || g != self.ulysses.size() as i64 {
-            during(Overlap::Inbound)?;
-            let o = attend_ungrouped(self, q, k, v)?;
-            during(Overlap::Outbound)?;
-            return Ok(o);
+        if !self.groups_match(q)? {
+            return around(during, || attend_ungrouped(self, q, k, v));
         }
         Ok(self.attend_groups(q, k, v, Some(during))?)
     }
@@ -564,8 +566,7 @@ impl JointAttention for UspAttention<'_> {
         v: &Tensor,
         overlap: bool,
     ) -> Res<Option<Box<dyn GroupedSession + 's>>> {
-        let (g, b, _, hu, _) = q.size5()?;
-        if !self.takes_groups(g * hu, b) || g != self.ulysses.size() as i64 {
+        if !self.groups_match(q)? {
             return Ok(None);
         }
         Ok(Some(Box::new(UlyssesSession::new(self, q, k, v, overlap)?)))
@@ -601,7 +602,7 @@ fn merge_into(o1: Tensor, l1: Tensor, o2: &Tensor, l2: &Tensor) -> Res<(Tensor, 
         && o2.kind() == Kind::BFloat16
         && o1.size().last() == Some(&128)
         && crate::aten::fused_kernels_available(i)
-        && std::env::var_os("DITFLEET_RING_MERGE").is_none_or(|v| v != "reference")
+        && !reference_merge()
     {
         crate::aten::lse_merge(&o1, &l1, o2, l2)?;
         return Ok((o1, l1));
@@ -609,13 +610,16 @@ fn merge_into(o1: Tensor, l1: Tensor, o2: &Tensor, l2: &Tensor) -> Res<(Tensor, 
     merge(&o1, &l1, o2, l2)
 }
 
-/// [`merge`] for checks of the fused merge (`flux_bench --check-fused`).
-pub fn merge_reference(o1: &Tensor, l1: &Tensor, o2: &Tensor, l2: &Tensor) -> Res<(Tensor, Tensor)> {
-    merge(o1, l1, o2, l2)
+/// `DITFLEET_RING_MERGE=reference`: Ring merges with the elementwise ops of [`merge`] instead of
+/// the fused kernel (for A/B runs), read once.
+fn reference_merge() -> bool {
+    static R: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *R.get_or_init(|| std::env::var("DITFLEET_RING_MERGE").is_ok_and(|v| v == "reference"))
 }
 
-/// Merges two partial attentions over disjoint key sets: `(o, lse)` pairs, `o` fp32.
-fn merge(o1: &Tensor, l1: &Tensor, o2: &Tensor, l2: &Tensor) -> Res<(Tensor, Tensor)> {
+/// Merges two partial attentions over disjoint key sets: `(o, lse)` pairs, `o` fp32 (the reference
+/// the fused merge is checked against by `flux_bench --check-fused`).
+pub fn merge(o1: &Tensor, l1: &Tensor, o2: &Tensor, l2: &Tensor) -> Res<(Tensor, Tensor)> {
     let l = l1.f_logaddexp(l2)?; // (b, h, L)
     let w1 = l1.f_sub(&l)?.f_exp()?.f_unsqueeze(-1)?;
     let w2 = l2.f_sub(&l)?.f_exp()?.f_unsqueeze(-1)?;
@@ -820,6 +824,19 @@ mod tests {
         check_call(2, 2, 8, 16, None, Call::GroupedWith); // USP: general path
     }
 
+    /// Rank 0 of a pure ulysses=2 group with stand-in peers, 4 text + 8 image tokens.
+    fn loopback_ulysses2() -> (
+        crate::parallel::LoopbackComm,
+        crate::parallel::LoopbackComm,
+        SeqLayout,
+    ) {
+        (
+            crate::parallel::LoopbackComm::new(2, Device::Cpu),
+            crate::parallel::LoopbackComm::new(1, Device::Cpu),
+            SeqLayout::new(2, 4, 8, None),
+        )
+    }
+
     /// The split-phase session (the double blocks' path: image rows sent in parts as they are
     /// projected, text rows last, the output back as text then image) computes the same
     /// attention, also where the ranks hold different numbers of image rows (each rank cuts its
@@ -836,11 +853,7 @@ mod tests {
     /// with what was asked (never a silent wrong attention).
     #[test]
     fn a_session_refuses_pieces_that_do_not_tile_the_rows() {
-        let (u, r) = (
-            crate::parallel::LoopbackComm::new(2, Device::Cpu),
-            crate::parallel::LoopbackComm::new(1, Device::Cpu),
-        );
-        let layout = SeqLayout::new(2, 4, 8, None);
+        let (u, r, layout) = loopback_ulysses2();
         let op = UspAttention {
             ulysses: &u,
             ring: &r,
@@ -863,11 +876,7 @@ mod tests {
     /// start and the wait surfaces as the attention's error (the exchange is still joined).
     #[test]
     fn a_failing_interleaved_work_fails_the_attention() {
-        let (u, r) = (
-            crate::parallel::LoopbackComm::new(2, Device::Cpu),
-            crate::parallel::LoopbackComm::new(1, Device::Cpu),
-        );
-        let layout = SeqLayout::new(2, 4, 8, None);
+        let (u, r, layout) = loopback_ulysses2();
         let op = UspAttention {
             ulysses: &u,
             ring: &r,

@@ -62,6 +62,13 @@ fn use_side_stream() -> bool {
     *SIDE.get_or_init(|| std::env::var("DITFLEET_NCCL_STREAM").map_or(true, |v| v != "legacy"))
 }
 
+/// See [`NcclComm::prepare_into`]: `runs` = `(send, recv, count)` per chunk for `ncclAlltoAll`.
+struct IntoPlan {
+    ins: Vec<Tensor>,
+    m: usize,
+    runs: Option<Vec<(usize, usize, usize)>>,
+}
+
 /// How an `all_to_all_into` whose pieces lie back to back goes over NCCL: grouped
 /// `ncclSend`/`ncclRecv` per peer and piece, or one `ncclAlltoAll` per piece (NCCL 2.28+).
 /// Uneven pieces always take the first.
@@ -408,8 +415,11 @@ impl NcclComm {
         Ok(Some(compute))
     }
 
-    /// The checked, contiguous inputs of an `all_to_all_into` and its chunks per peer.
-    fn check_into(&self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<(Vec<Tensor>, usize)> {
+    /// An `all_to_all_into` ready to enqueue: its inputs checked and contiguous, its pieces per
+    /// peer, how it goes over NCCL ([`NcclComm::collective_runs`]) and, on the grouped path, this
+    /// rank's own pieces copied on the compute stream (before the fork; `ncclAlltoAll` moves
+    /// them itself).
+    fn prepare_into(&self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<IntoPlan> {
         self.check()?;
         let m = super::comm::chunks_per_peer("all_to_all_into", self.size, inputs, outputs)?;
         let ins = inputs
@@ -435,20 +445,14 @@ impl NcclComm {
                 });
             }
         }
-        Ok((ins, m))
-    }
-
-    /// This rank's own pieces of an `all_to_all_into`, copied on the compute stream (before the
-    /// fork), unless the exchange is one `ncclAlltoAll` per chunk, which moves them itself.
-    fn copy_own_chunks(&self, ins: &[Tensor], outputs: &[Tensor], m: usize) -> CommResult<()> {
-        if self.collective_runs(ins, outputs, m).is_some() {
-            return Ok(());
+        let runs = self.collective_runs(&ins, outputs, m);
+        if runs.is_none() {
+            for c in 0..m {
+                let i = self.rank * m + c;
+                outputs[i].shallow_clone().f_copy_(&ins[i])?;
+            }
         }
-        for c in 0..m {
-            let i = self.rank * m + c;
-            outputs[i].shallow_clone().f_copy_(&ins[i])?;
-        }
-        Ok(())
+        Ok(IntoPlan { ins, m, runs })
     }
 
     /// With [`AllToAll::Collective`], where every chunk's pieces lie as one `ncclAlltoAll`
@@ -486,20 +490,15 @@ impl NcclComm {
         Some(runs)
     }
 
-    /// The exchange of an `all_to_all_into` on `st`: one `ncclAlltoAll` per chunk where
-    /// [`NcclComm::collective_runs`] allows, else grouped sends and receives of the peers'
-    /// pieces (the own ones were copied by [`NcclComm::copy_own_chunks`]).
-    fn exchange_into(
-        &self,
-        ins: &[Tensor],
-        outputs: &[Tensor],
-        m: usize,
-        st: sys::cudaStream_t,
-    ) -> CommResult<()> {
-        if let Some(runs) = self.collective_runs(ins, outputs, m) {
+    /// The exchange of a prepared `all_to_all_into` on `st`: one `ncclAlltoAll` per chunk where
+    /// [`NcclComm::collective_runs`] allowed, else grouped sends and receives of the peers'
+    /// pieces (the own ones were copied by [`NcclComm::prepare_into`]).
+    fn exchange_into(&self, plan: &IntoPlan, outputs: &[Tensor], st: sys::cudaStream_t) -> CommResult<()> {
+        let (ins, m) = (&plan.ins, plan.m);
+        if let Some(runs) = &plan.runs {
             let dt = dtype(ins[0].kind(), "all_to_all_into")?;
             return self.grouped("all_to_all_into", || {
-                for (send, recv, count) in &runs {
+                for (send, recv, count) in runs {
                     // SAFETY: `send` / `recv` start `size` back-to-back pieces of `count` elements
                     // in contiguous tensors on this device (checked by `collective_runs`), kept
                     // alive by the caller until the stream has consumed them.
@@ -644,21 +643,20 @@ impl Communicator for NcclComm {
     }
 
     fn all_to_all_into(&self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<()> {
-        let (ins, m) = self.check_into(inputs, outputs)?;
-        self.copy_own_chunks(&ins, outputs, m)?;
-        self.on_stream("all_to_all_into", |st| self.exchange_into(&ins, outputs, m, st))
+        let plan = self.prepare_into(inputs, outputs)?;
+        self.on_stream("all_to_all_into", |st| self.exchange_into(&plan, outputs, st))
     }
 
     fn start_all_to_all_into<'a>(&'a self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<Pending<'a>> {
         let op = "start_all_to_all_into";
-        let (ins, m) = self.check_into(inputs, outputs)?;
-        self.copy_own_chunks(&ins, outputs, m)?;
-        let Some(compute) = self.enqueue(op, |st| self.exchange_into(&ins, outputs, m, st))? else {
+        let plan = self.prepare_into(inputs, outputs)?;
+        let Some(compute) = self.enqueue(op, |st| self.exchange_into(&plan, outputs, st))? else {
             return Ok(Pending::done()); // on the compute stream: ordered already
         };
         let mark = self.side()?.mark().map_err(|e| cuda_err(op, self.rank, e))?;
         // Held until the compute stream is ordered after the exchange (see `Pending`).
-        let held: Vec<Tensor> = ins
+        let held: Vec<Tensor> = plan
+            .ins
             .into_iter()
             .chain(outputs.iter().map(Tensor::shallow_clone))
             .collect();
