@@ -1186,6 +1186,58 @@ impl LastLayer {
     }
 }
 
+/// [`Flux::modulation_table`] of a run of blocks (and a final layer, if given): `vecs` `(steps,
+/// h)` -> `(steps, 12h per double + 3h per single block [+ 2h])`, in that order (the blocks a
+/// PipeFusion stage runs take theirs this way too).
+pub fn modulation_table_of(
+    double: &[DoubleBlock],
+    single: &[SingleBlock],
+    last: Option<&LastLayer>,
+    vecs: &Tensor,
+) -> Res<Tensor> {
+    let s = vecs.f_silu()?;
+    let mut cols = Vec::with_capacity(2 * double.len() + single.len() + 1);
+    for b in double {
+        cols.push(b.img_mod.lin.forward(&s)?);
+        cols.push(b.txt_mod.lin.forward(&s)?);
+    }
+    for b in single {
+        cols.push(b.modulation.lin.forward(&s)?);
+    }
+    if let Some(f) = last {
+        cols.push(f.ada_ln_modulation.forward(&s)?);
+    }
+    Tensor::f_cat(&cols, 1)
+}
+
+/// Each block's conditioning from a forward's `vec`, in block order: the conditioning vector
+/// itself (width `h`), or the block's slice of a row of a modulation table.
+pub struct Conds<'a> {
+    vec: &'a Tensor,
+    table: bool,
+    off: i64,
+}
+
+impl<'a> Conds<'a> {
+    pub fn new(vec: &'a Tensor, hidden: i64) -> Self {
+        Self {
+            vec,
+            table: vec.size()[1] != hidden,
+            off: 0,
+        }
+    }
+
+    /// The next block's conditioning: `width` columns of the row (12h double, 3h single, 2h
+    /// final layer), or the vector.
+    pub fn next(&mut self, width: i64) -> Res<Tensor> {
+        if !self.table {
+            return Ok(self.vec.shallow_clone());
+        }
+        self.off += width;
+        self.vec.f_narrow(1, self.off - width, width)
+    }
+}
+
 /// The Flux transformer with its variables in `vs`: all of it, or the part one PipeFusion stage
 /// holds (see [`Part`]; `img_in`/`txt_in` on the first stage, `final_layer` on the last).
 #[derive(Debug)]
@@ -1336,14 +1388,8 @@ impl Flux {
                 self.modulation_width()
             )));
         }
-        let mut off = 0;
-        let mut cond = |w: i64| -> Res<Tensor> {
-            if !table {
-                return Ok(vec.shallow_clone());
-            }
-            off += w;
-            vec.f_narrow(1, off - w, w)
-        };
+        let mut conds = Conds::new(vec, h);
+        let mut cond = |w: i64| conds.next(w);
         let img = self.part.input_layer(&self.img_in, "img_in")?.forward(img)?; // (b, img_seq, h)
         let (mut img, mut txt) = (Hidden::Ready(img), Hidden::Ready(txt.shallow_clone()));
         for block in &self.double_blocks {
@@ -1379,19 +1425,12 @@ impl Flux {
     /// read 6.5 GB of weights on Flux.1-dev, ~2 ms/step on an H200) by slices of one matmul per
     /// layer per job.
     pub fn modulation_table(&self, vecs: &Tensor) -> Res<Tensor> {
-        let s = vecs.f_silu()?;
-        let mut cols = Vec::with_capacity(2 * self.double_blocks.len() + self.single_blocks.len() + 1);
-        for b in &self.double_blocks {
-            cols.push(b.img_mod.lin.forward(&s)?);
-            cols.push(b.txt_mod.lin.forward(&s)?);
-        }
-        for b in &self.single_blocks {
-            cols.push(b.modulation.lin.forward(&s)?);
-        }
-        if let Some(f) = &self.final_layer {
-            cols.push(f.ada_ln_modulation.forward(&s)?);
-        }
-        Tensor::f_cat(&cols, 1)
+        modulation_table_of(
+            &self.double_blocks,
+            &self.single_blocks,
+            self.final_layer.as_ref(),
+            vecs,
+        )
     }
 
     /// Full forward pass. img `(b, img_seq, in_ch)`, ids `(txt+img, 3)`, txt `(b, txt_seq,
@@ -1431,6 +1470,20 @@ mod tests {
         Ok((cfg, model, pe))
     }
 
+    /// Random packed latent `(1, img, in_channels)` and embedded text `(1, TXT, h)` for an
+    /// `LH` x `LW` latent.
+    fn random_inputs(cfg: &Config, model: &Flux) -> Res<(Tensor, Tensor)> {
+        let img = Tensor::f_randn(
+            [1, (LH / 2) * (LW / 2), cfg.in_channels],
+            (Kind::Float, Device::Cpu),
+        )?;
+        let txt = model.embed_txt(&Tensor::f_randn(
+            [1, TXT, cfg.context_in_dim],
+            (Kind::Float, Device::Cpu),
+        )?)?;
+        Ok((img, txt))
+    }
+
     #[test]
     fn opts_parse() {
         assert_eq!(Opts::parse(""), Opts::ALL);
@@ -1467,15 +1520,8 @@ mod tests {
     fn the_modulation_table_gives_the_forward_of_the_conditioning_vectors() -> Res<()> {
         let _g = tch::no_grad_guard();
         let (cfg, model, pe) = tiny_model(4)?;
-        let (txt_len, lh, lw, steps) = (TXT, LH, LW, 3);
-        let img = Tensor::f_randn(
-            [1, (lh / 2) * (lw / 2), cfg.in_channels],
-            (Kind::Float, Device::Cpu),
-        )?;
-        let txt = model.embed_txt(&Tensor::f_randn(
-            [1, txt_len, cfg.context_in_dim],
-            (Kind::Float, Device::Cpu),
-        )?)?;
+        let steps = 3;
+        let (img, txt) = random_inputs(&cfg, &model)?;
         let vecs = Tensor::f_randn([steps, cfg.hidden_size], (Kind::Float, Device::Cpu))?;
         let table = model.modulation_table(&vecs)?;
         assert_eq!(table.size(), vec![steps, model.modulation_width()]);
@@ -1509,14 +1555,7 @@ mod tests {
             Flux::new(&cfg, Device::Cpu, Kind::Float).map_err(|e| tch::TchError::Torch(e.to_string()))?;
         let pe = model.rope(&Flux::position_ids(TXT, LH, LW, Device::Cpu)?)?;
         assert!(cfg.depth_single_blocks >= 2);
-        let img = Tensor::f_randn(
-            [1, (LH / 2) * (LW / 2), cfg.in_channels],
-            (Kind::Float, Device::Cpu),
-        )?;
-        let txt = model.embed_txt(&Tensor::f_randn(
-            [1, TXT, cfg.context_in_dim],
-            (Kind::Float, Device::Cpu),
-        )?)?;
+        let (img, txt) = random_inputs(&cfg, &model)?;
         let vec = Tensor::f_randn([1, cfg.hidden_size], (Kind::Float, Device::Cpu))?;
         let chained = Opts {
             chain: true,

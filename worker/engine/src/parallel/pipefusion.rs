@@ -38,7 +38,8 @@ use crate::flux::layers::{Res, sdpa};
 use crate::flux::pipeline::true_cfg;
 use crate::flux::sampling;
 use crate::flux::transformer::{
-    Config, Ctx, DoubleBlock, Flux, Hidden, JointAttention, Part, Rope, SingleBlock,
+    Conds, Config, Ctx, DoubleBlock, Flux, Hidden, JointAttention, Part, Rope, SingleBlock,
+    modulation_table_of,
 };
 use crate::{EngineError, GenerateRequest, StepEvent};
 
@@ -334,32 +335,10 @@ impl StageRun<'_> {
     /// `(steps, h)` -> `(steps, 12h per double + 3h per single block [+ 2h])`. One matmul per
     /// layer per job instead of each block's matrix-vector product for every patch of every step.
     fn table(&self, vecs: &Tensor, last: Option<&crate::flux::transformer::LastLayer>) -> Res<Tensor> {
-        let s = vecs.f_silu()?;
-        let mut cols = Vec::with_capacity(2 * self.double.len() + self.single.len() + 1);
-        for b in self.double {
-            cols.push(b.img_mod.lin.forward(&s)?);
-            cols.push(b.txt_mod.lin.forward(&s)?);
-        }
-        for b in self.single {
-            cols.push(b.modulation.lin.forward(&s)?);
-        }
-        if let Some(l) = last {
-            cols.push(l.ada_ln_modulation.forward(&s)?);
-        }
-        Tensor::f_cat(&cols, 1)
+        modulation_table_of(self.double, self.single, last, vecs)
     }
 
-    /// Block `i`'s conditioning from `vec`: the vector itself `(1, h)`, or its slice of a row of
-    /// [`StageRun::table`] (double blocks first, then single blocks, then the final layer).
-    fn cond(&self, vec: &Tensor, off: &mut i64, width: i64) -> Res<Tensor> {
-        if vec.size()[1] == self.hidden {
-            return Ok(vec.shallow_clone());
-        }
-        *off += width;
-        vec.f_narrow(1, *off - width, width)
-    }
-
-    /// The final layer's conditioning from `vec` (see [`StageRun::cond`]).
+    /// The final layer's conditioning from `vec`: the vector, or the last 2h of a table row.
     fn last_cond(&self, vec: &Tensor) -> Res<Tensor> {
         let h = self.hidden;
         let w = vec.size()[1];
@@ -384,28 +363,28 @@ impl StageRun<'_> {
         kv.begin(unit.joint(self.txt_len), unit.patch.is_none());
         let ctx = Ctx::new(pe, kv);
         let h = self.hidden;
-        let mut off = 0;
+        let mut conds = Conds::new(vec, h);
         let (img, txt) = match input {
             StageInput::Streams { img, txt } => (img, txt),
             StageInput::Joint(x) if !self.double.is_empty() => {
                 let n = x.size()[1];
                 (x.f_narrow(1, t_u, n - t_u)?, x.f_narrow(1, 0, t_u)?)
             }
-            StageInput::Joint(x) => return self.singles(x, vec, &mut off, ctx),
+            StageInput::Joint(x) => return self.singles(x, &mut conds, ctx),
         };
         // Each block's closing residual is added by the next block's first kernel (`Hidden`).
         let (mut img, mut txt) = (Hidden::Ready(img), Hidden::Ready(txt));
         for block in self.double {
-            (img, txt) = block.forward_chained(img, txt, &self.cond(vec, &mut off, 12 * h)?, ctx)?;
+            (img, txt) = block.forward_chained(img, txt, &conds.next(12 * h)?, ctx)?;
         }
         let joint = Tensor::f_cat(&[txt.materialize()?, img.materialize()?], 1)?;
-        self.singles(joint, vec, &mut off, ctx) // (1, T_u + L, h)
+        self.singles(joint, &mut conds, ctx) // (1, T_u + L, h)
     }
 
-    fn singles(&self, x: Tensor, vec: &Tensor, off: &mut i64, ctx: Ctx<'_>) -> Res<Tensor> {
+    fn singles(&self, x: Tensor, conds: &mut Conds<'_>, ctx: Ctx<'_>) -> Res<Tensor> {
         let mut x = Hidden::Ready(x);
         for block in self.single {
-            x = block.forward_chained(x, &self.cond(vec, off, 3 * self.hidden)?, ctx)?;
+            x = block.forward_chained(x, &conds.next(3 * self.hidden)?, ctx)?;
         }
         x.materialize()
     }
