@@ -9,9 +9,10 @@
 #      threads): the plan's own latents and image against one GPU at full size (timings mean
 #      nothing: the ranks share the GPU);
 #   4. profile: a kineto trace of ulysses=4's rank share at 1024 (eager), summarised.
-# Env: AB=1 (the A/B runs below), OPT_AB="name:opts ..." with OPT_AB_PLANS, OVERLAP_AB=1 (overlap on/off per OVERLAP_AB_PLANS, bit-identity),
+# Env: AB=1 (the A/B runs below), OPT_AB="name:opts ..." with OPT_AB_PLANS,
+#      ENV_AB="name:VAR=V+VAR=V ..." with ENV_AB_PLANS (engine variants selected by environment, each plan's 1024 share), OVERLAP_AB=1 (overlap on/off per OVERLAP_AB_PLANS, bit-identity),
 #      GRAPH_PROFILE_PLANS="single ulysses=4" (graphed kineto traces: gaps and two-stream time), SHARE_PLANS_1024, SHARE_PLANS_2048, THREAD_PLANS, STEPS_2048 (default 10), SKIP_THREADS=1,
-#      SKIP_PROFILE=1, BUDGET_S (default 570). Writes $OUT/table.md and $OUT/all.tgz (every output).
+#      SKIP_PROFILE=1, SKIP_TRUECFG=1, BUDGET_S (default 570). Writes $OUT/table.md and $OUT/all.tgz (every output).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -57,6 +58,15 @@ for v in ${OPT_AB:-}; do
   for p in ${OPT_AB_PLANS:-single ulysses=4}; do
     args=(); [ "$p" != single ] && args=(--sim-plan "$p")
     DITFLEET_FLUX_OPT=$opt stage "ab_${p//[=,]/_}_$name" 60 $FB --size 1024 --steps 28 --graphs "${args[@]}"
+  done
+done
+for v in ${ENV_AB:-}; do
+  # Environment A/B: NAME:VAR=V+VAR=V for each plan share of ENV_AB_PLANS.
+  name=${v%%:*}; vars=${v#*:}
+  for p in ${ENV_AB_PLANS:-ring=4}; do
+    args=(); [ "$p" != single ] && args=(--sim-plan "$p")
+    ( for kv in ${vars//+/ }; do export "$kv"; done
+      stage "ab_${p//[=,]/_}_$name" 60 $FB --size 1024 --steps 28 --graphs "${args[@]}" )
   done
 done
 if [ -n "${OVERLAP_AB:-}" ]; then
@@ -107,7 +117,7 @@ fi
 if [ -z "${SKIP_THREADS:-}" ]; then
   stage threads_1024 240 $PB --backend threads --devices 0,0,0,0 --size 1024 --steps 28 --runs 1 \
     --warmup-steps 1 --plans "${THREAD_PLANS:-single;ulysses=2;ulysses=4;ring=2;ring=4;ulysses=2,ring=2;ulysses=4,text=replicated;ring=4,text=replicated;pipefusion=4,patches=4,warmup=1}"
-  stage threads_truecfg_1024 150 $PB --backend threads --devices 0,0,0,0 --size 1024 --steps 28 --runs 1 \
+  [ -z "${SKIP_TRUECFG:-}" ] && stage threads_truecfg_1024 150 $PB --backend threads --devices 0,0,0,0 --size 1024 --steps 28 --runs 1 \
     --warmup-steps 1 --true-cfg --plans "single;cfg=2;cfg=2,ulysses=2"
 fi
 python3 bench/parallel/one_gpu_summary.py "$OUT" | tee "$OUT/table.md"

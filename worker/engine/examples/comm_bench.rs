@@ -16,6 +16,11 @@
 //!    wait, each the median of `iters` graph replays; "hidden" = how much of the exchange the
 //!    overlap hid.
 //!
+//! 3. **Ring** (the K/V block Ring attention passes on): [`Communicator::send_recv`] to the next
+//!    rank from the previous one, blocking and started ([`Communicator::start_send_recv`] with a
+//!    matmul before the wait), eager and graph-replayed with new inputs, checked exactly; then
+//!    timed at a Flux.1-dev block `(2, 1, rows / n, 24, 128)` bf16 the same way as 2.
+//!
 //! One JSON line per rank and row on stdout; exits non-zero if any check failed. On one GPU the
 //! group has one rank: the exchange is the rank's own piece, so this checks the plumbing (side
 //! stream, events, capture), not the interconnect.
@@ -118,6 +123,123 @@ impl Exchange {
     }
 }
 
+/// Median ms of one `body()` over `iters` replays of a graph of ten of them (launch cost out of
+/// the figure), the ranks lined up by a barrier before each replay.
+fn time_graph(c: &NcclComm, ordinal: usize, iters: usize, body: &dyn Fn() -> Result<()>) -> Result<f64> {
+    let sync = || tch::Cuda::synchronize(ordinal as i64);
+    let mut g = CudaGraph::new(ordinal)?;
+    g.enter()?;
+    let cap = (|| -> Result<()> {
+        body()?;
+        g.begin()?;
+        let mut out = Ok(());
+        for _ in 0..10 {
+            out = out.and_then(|_| body());
+        }
+        g.end()?;
+        out
+    })();
+    g.exit()?;
+    cap?;
+    let mut ms = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        sync();
+        c.barrier().map_err(anyhow::Error::msg)?;
+        sync();
+        let t = Instant::now();
+        g.replay()?;
+        sync();
+        ms.push(t.elapsed().as_secs_f64() * 1e3 / 10.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms[ms.len() / 2])
+}
+
+/// Check and timing of the Ring K/V exchange (3. in the module docs).
+fn ring_rows(c: &NcclComm, ordinal: usize, a: &Args) -> Result<Vec<serde_json::Value>> {
+    let dev = c.device();
+    let (n, r) = (c.size(), c.rank() as i64);
+    let (to, from) = ((c.rank() + 1) % n, (c.rank() + n - 1) % n);
+    let sync = || tch::Cuda::synchronize(ordinal as i64);
+    let mut lines = Vec::new();
+    let work_a = Tensor::randn([64, 64], (Kind::Float, dev));
+    let shape = [2, 1, 8, 2, 4];
+    for started in [false, true] {
+        let block = Tensor::zeros(shape, (Kind::Float, dev));
+        let go = || -> Result<Tensor> {
+            if started {
+                let (got, p) = c
+                    .start_send_recv(&block, to, &shape, Kind::Float, from)
+                    .map_err(anyhow::Error::msg)?;
+                let _ = work_a.matmul(&work_a);
+                p.wait().map_err(anyhow::Error::msg)?;
+                Ok(got)
+            } else {
+                c.send_recv(&block, to, &shape, Kind::Float, from)
+                    .map_err(anyhow::Error::msg)
+            }
+        };
+        let want = |salt: f64| from as f64 + salt;
+        let exact = |got: &Tensor, salt: f64| -> Result<bool> {
+            Ok(f64::try_from((got - want(salt)).abs().max())? == 0.0)
+        };
+        let _ = block.shallow_clone().fill_(r as f64);
+        let got = go()?;
+        sync();
+        let eager = exact(&got, 0.0)?;
+        c.barrier().map_err(anyhow::Error::msg)?;
+        let mut g = CudaGraph::new(ordinal)?;
+        g.enter()?;
+        let cap = (|| -> Result<Tensor> {
+            let _ = go()?; // warm-up on the capture stream
+            g.begin()?;
+            let out = go();
+            g.end()?;
+            out
+        })();
+        g.exit()?;
+        let out = cap?;
+        sync();
+        let _ = block.shallow_clone().fill_(r as f64 + 0.5);
+        g.replay()?;
+        sync();
+        let graphed = exact(&out, 0.5)?;
+        lines.push(serde_json::json!({
+            "check": "send_recv", "rank": r, "ranks": n, "started": started,
+            "eager_ok": eager, "graph_replay_ok": graphed,
+        }));
+    }
+    let rows = a.rows / n as i64;
+    let block = Tensor::randn([2, 1, rows, 24, 128], (Kind::BFloat16, dev));
+    let bshape = block.size();
+    let x_mod = Tensor::randn([rows, 3072], (Kind::BFloat16, dev));
+    let w1 = Tensor::randn([3072, 12288], (Kind::BFloat16, dev));
+    let ex = time_graph(c, ordinal, a.iters, &|| {
+        c.send_recv(&block, to, &bshape, Kind::BFloat16, from)
+            .map(|_| ())
+            .map_err(anyhow::Error::msg)
+    })?;
+    let mm = time_graph(c, ordinal, a.iters, &|| {
+        let _ = x_mod.matmul(&w1);
+        Ok(())
+    })?;
+    let both = time_graph(c, ordinal, a.iters, &|| {
+        let (_got, p) = c
+            .start_send_recv(&block, to, &bshape, Kind::BFloat16, from)
+            .map_err(anyhow::Error::msg)?;
+        let _ = x_mod.matmul(&w1);
+        p.wait().map_err(anyhow::Error::msg)
+    })?;
+    let bytes = block.numel() as i64 * 2;
+    lines.push(serde_json::json!({
+        "timing": "ring_kv_send_recv", "rank": r, "ranks": n, "rows_per_rank": rows,
+        "sent_mib": bytes as f64 / 1048576.0, "exchange_us": ex * 1e3, "matmul_us": mm * 1e3,
+        "started_exchange_plus_matmul_us": both * 1e3,
+        "exchange_gib_s": bytes as f64 / (ex * 1e-3) / 1073741824.0, "hidden_us": (ex + mm - both) * 1e3,
+    }));
+    Ok(lines)
+}
+
 fn rank_main(c: NcclComm, a: &Args) -> Result<Vec<serde_json::Value>> {
     let dev = c.device();
     let Device::Cuda(ordinal) = dev else {
@@ -203,33 +325,7 @@ fn rank_main(c: NcclComm, a: &Args) -> Result<Vec<serde_json::Value>> {
                 }
                 Ok(())
             };
-            // Ten of them in one graph: launch cost out of the figure.
-            let mut g = CudaGraph::new(ordinal)?;
-            g.enter()?;
-            let cap = (|| -> Result<()> {
-                body(&x)?;
-                g.begin()?;
-                let mut out = Ok(());
-                for _ in 0..10 {
-                    out = out.and_then(|_| body(&x));
-                }
-                g.end()?;
-                out
-            })();
-            g.exit()?;
-            cap?;
-            let mut ms = Vec::with_capacity(a.iters);
-            for _ in 0..a.iters {
-                sync();
-                c.barrier().map_err(anyhow::Error::msg)?;
-                sync();
-                let t = Instant::now();
-                g.replay()?;
-                sync();
-                ms.push(t.elapsed().as_secs_f64() * 1e3 / 10.0);
-            }
-            ms.sort_by(f64::total_cmp);
-            Ok(ms[ms.len() / 2])
+            time_graph(&c, ordinal, a.iters, &|| body(&x))
         };
         let ex = time("exchange")?;
         let mm = time("matmul")?;
@@ -243,6 +339,7 @@ fn rank_main(c: NcclComm, a: &Args) -> Result<Vec<serde_json::Value>> {
             "hidden_us": (ex + mm - both) * 1e3,
         }));
     }
+    lines.extend(ring_rows(&c, ordinal, a)?);
     Ok(lines)
 }
 

@@ -675,7 +675,10 @@ impl<'a> Ctx<'a> {
     }
 
     /// The fused kernel's joint q/k/v buffers for `rows` tokens: `(b, rows, heads, 128)`, or
-    /// `(g, b, rows, heads / g, 128)` when the attention op takes them in `g` head groups.
+    /// `(g, b, rows, heads / g, 128)` when the attention op takes them in `g` head groups. The
+    /// three are consecutive slices of one `(3, ...)` allocation, so k and v together are one
+    /// contiguous K/V block (what Ring passes around without stacking them;
+    /// [`crate::parallel::attention::stacked_bshd`]).
     fn joint_buffers(&self, like: &Tensor, b: i64, rows: i64, heads: i64) -> Res<(Tensor, Tensor, Tensor)> {
         let g = if self.opts.a2a {
             self.attn.head_groups(heads, b)
@@ -683,16 +686,12 @@ impl<'a> Ctx<'a> {
             1
         };
         let shape: Vec<i64> = if g > 1 {
-            vec![g, b, rows, heads / g, 128]
+            vec![3, g, b, rows, heads / g, 128]
         } else {
-            vec![b, rows, heads, 128]
+            vec![3, b, rows, heads, 128]
         };
-        let o = (like.kind(), like.device());
-        Ok((
-            Tensor::f_empty(shape.as_slice(), o)?,
-            Tensor::f_empty(shape.as_slice(), o)?,
-            Tensor::f_empty(shape.as_slice(), o)?,
-        ))
+        let all = Tensor::f_empty(shape.as_slice(), (like.kind(), like.device()))?;
+        Ok((all.f_get(0)?, all.f_get(1)?, all.f_get(2)?))
     }
 
     /// [`Ctx::attend_bshd`] with `during`'s work interleaved (see

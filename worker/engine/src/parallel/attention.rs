@@ -166,15 +166,20 @@ impl UspAttention<'_> {
         }
     }
 
-    /// Ring attention of `q` over the keys of the whole ring. `kv`: `(2, b, h, L', d)` of this
-    /// rank. With replicated text the first `t` tokens of `kv` are text: they join the first
-    /// block only, and only image K/V travel.
-    fn ring_attend(&self, q: &Tensor, kv: &Tensor, t: i64) -> CommResult<Tensor> {
+    /// Ring attention of `q` `(b, h, Lq, d)` over the keys of the whole ring. `kv`: this rank's
+    /// K/V block, `(2, b, h, L', d)`, or `(2, b, L', h, d)` with [`KvLayout::Bshd`] (the fused
+    /// kernel's layout, taken as it lies). With replicated text the first `t` tokens of `kv` are
+    /// text: they join the first block only, and only image K/V travel. Unless
+    /// `DITFLEET_RING=blocking`, each block is sent on while the rank attends over the one it
+    /// holds ([`Communicator::start_send_recv`]).
+    fn ring_attend(&self, q: &Tensor, kv: &Tensor, t: i64, layout: KvLayout) -> CommResult<Tensor> {
         let r = self.ring.size();
+        let seq = layout.seq_dim();
         if r == 1 {
             // Pure Ulysses: every key is here, no log-sum-exp needed, so libtorch's SDPA picks its
             // fastest kernel (cuDNN on H100/H200).
-            return Ok(sdpa(q, &kv.f_get(0)?, &kv.f_get(1)?, None, false, None)?);
+            let (k, v) = layout.k_v(kv)?;
+            return Ok(sdpa(q, &k, &v, None, false, None)?);
         }
         let me = self.ring.rank();
         let u = self.ulysses.size();
@@ -190,39 +195,44 @@ impl UspAttention<'_> {
         };
         let (txt_kv, mut cur) = if t > 0 {
             (
-                Some(kv.f_narrow(3, 0, t)?),
-                kv.f_narrow(3, t, kv.size()[3] - t)?.f_contiguous()?,
+                Some(kv.f_narrow(seq, 0, t)?),
+                kv.f_narrow(seq, t, kv.size()[seq as usize] - t)?.f_contiguous()?,
             )
         } else {
             (None, kv.shallow_clone())
         };
-        let (_, b, h, _, d) = kv.size5()?;
+        let overlap = !ring_env().blocking;
         let mut acc: Option<(Tensor, Tensor)> = None;
         for step in 0..r {
             let src = (me + r - step) % r; // whose block `cur` is
             let next = if step + 1 < r {
                 let from = (me + r - step - 1) % r;
-                let shape = [2, b, h, block_len(from), d];
-                Some(
-                    self.ring
-                        .send_recv(&cur, (me + 1) % r, &shape, cur.kind(), (me + r - 1) % r)?,
-                )
+                let mut shape = cur.size();
+                shape[seq as usize] = block_len(from);
+                let (to, from) = ((me + 1) % r, (me + r - 1) % r);
+                Some(if overlap {
+                    self.ring.start_send_recv(&cur, to, &shape, cur.kind(), from)?
+                } else {
+                    (self.ring.send_recv(&cur, to, &shape, cur.kind(), from)?, Pending::done())
+                })
             } else {
                 None
             };
-            debug_assert_eq!(cur.size()[3], block_len(src));
+            debug_assert_eq!(cur.size()[seq as usize], block_len(src));
             let block = match (&txt_kv, step) {
-                (Some(tkv), 0) => Tensor::f_cat(&[tkv.shallow_clone(), cur.shallow_clone()], 3)?,
+                (Some(tkv), 0) => Tensor::f_cat(&[tkv.shallow_clone(), cur.shallow_clone()], seq)?,
                 _ => cur.shallow_clone(),
             };
-            if block.size()[3] > 0 {
-                let (o, lse) = attention_with_lse(q, &block.f_get(0)?, &block.f_get(1)?)?;
+            if block.size()[seq as usize] > 0 {
+                let (k, v) = layout.k_v(&block)?;
+                let (o, lse) = attention_with_lse(q, &k, &v)?;
                 acc = Some(match acc {
                     None => (o.f_to_kind(Kind::Float)?, lse.f_contiguous()?),
                     Some((ao, al)) => merge_into(ao, al, &o, &lse)?,
                 });
             }
-            if let Some(n) = next {
+            if let Some((n, pending)) = next {
+                pending.wait()?;
                 cur = n;
             }
         }
@@ -233,6 +243,13 @@ impl UspAttention<'_> {
     fn attend_inner(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> CommResult<Tensor> {
         let u = self.ulysses.size();
         let ring_idx = self.ring.rank();
+        if u == 1 && !self.replicated() && !ring_env().stacked
+            && let Some(qkv) = stacked_bshd(q, k, v)
+        {
+            // Pure Ring over the fused kernel's joint buffers: the K/V block is k and v as they
+            // lie, and the output keeps q's layout (no stack, no re-layout).
+            return self.ring_attend(q, &qkv.f_narrow(0, 1, 2)?, 0, KvLayout::Bshd);
+        }
         let own = sp_rank(u, ring_idx, self.ulysses.rank());
         let (t_loc, _) = self.lens(own);
         let qkv = Tensor::f_stack(&[q, k, v], 0)?; // (3, b, H, L, d)
@@ -240,18 +257,94 @@ impl UspAttention<'_> {
         let txt_in_front = if self.replicated() { t_loc } else { 0 };
         let q = qkv.f_get(0)?;
         let kv = qkv.f_narrow(0, 1, 2)?;
-        let o = self.ring_attend(&q, &kv, txt_in_front)?; // (b, H/u, L', d)
+        let o = self.ring_attend(&q, &kv, txt_in_front, KvLayout::Bhsd)?; // (b, H/u, L', d)
         self.gather_heads(&o, ring_idx)
     }
 }
 
+/// How a K/V block lies in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KvLayout {
+    /// `(2, b, heads, seq, d)`.
+    Bhsd,
+    /// `(2, b, seq, heads, d)`: the fused qkv kernel's joint buffers.
+    Bshd,
+}
+
+impl KvLayout {
+    fn seq_dim(self) -> i64 {
+        match self {
+            KvLayout::Bhsd => 3,
+            KvLayout::Bshd => 2,
+        }
+    }
+
+    /// k and v of a block as `(b, heads, seq, d)` (views).
+    fn k_v(self, kv: &Tensor) -> CommResult<(Tensor, Tensor)> {
+        let (k, v) = (kv.f_get(0)?, kv.f_get(1)?);
+        Ok(match self {
+            KvLayout::Bhsd => (k, v),
+            KvLayout::Bshd => (k.f_transpose(1, 2)?, v.f_transpose(1, 2)?),
+        })
+    }
+}
+
+/// Ring's A/B switches, read once. `DITFLEET_RING` (comma-separated): `stacked` makes Ring stack
+/// q/k/v (and re-lay its output) even where they lie in one joint buffer; `blocking` makes it wait
+/// for each K/V block before attending over the one it holds. `DITFLEET_RING_MERGE=reference`:
+/// the merges run as the elementwise ops of [`merge`] instead of the fused kernel.
+#[derive(Debug, Clone, Copy, Default)]
+struct RingEnv {
+    stacked: bool,
+    blocking: bool,
+    reference_merge: bool,
+}
+
+fn ring_env() -> RingEnv {
+    static R: std::sync::OnceLock<RingEnv> = std::sync::OnceLock::new();
+    *R.get_or_init(|| {
+        let v = std::env::var("DITFLEET_RING").unwrap_or_default();
+        let has = |w: &str| v.split(',').any(|x| x.trim() == w);
+        RingEnv {
+            stacked: has("stacked"),
+            blocking: has("blocking"),
+            reference_merge: std::env::var("DITFLEET_RING_MERGE").is_ok_and(|v| v == "reference"),
+        }
+    })
+}
+
+/// Where `q`, `k` and `v` `(b, heads, seq, d)` are transposed views of consecutive slices of one
+/// `(3, b, seq, heads, d)` buffer (the fused kernel's joint buffers, [`crate::flux::transformer`]):
+/// that buffer, as a view. `None` for any other layout.
+pub fn stacked_bshd(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Tensor> {
+    let Ok((b, h, s, d)) = q.size4() else {
+        return None;
+    };
+    let block = b * s * h * d;
+    let bshd = [s * h * d, d, h * d, 1]; // (b, heads, seq, d) strides of a (b, seq, heads, d) tensor
+    let es = q.kind().elt_size_in_bytes() as i64;
+    let base = q.data_ptr() as i64;
+    let fits = [q, k, v].iter().enumerate().all(|(i, t)| {
+        t.size() == q.size()
+            && t.kind() == q.kind()
+            && t.device() == q.device()
+            && t.stride() == bshd
+            && t.data_ptr() as i64 == base + i as i64 * block * es
+    });
+    if !fits || block == 0 {
+        return None;
+    }
+    // From q's own storage offset (`None`): the three lie there in one allocation.
+    q.f_as_strided([3, b, s, h, d], [block, s * h * d, h * d, d, 1], None).ok()
+}
+
 impl UspAttention<'_> {
-    /// Whether q/k/v can come in the all-to-all's head groups: pure Ulysses (`u > 1`, no Ring),
-    /// split text and one image (the received chunks are then contiguous slices of the buffers
-    /// attention reads).
+    /// Whether q/k/v can come in the all-to-all's head groups: Ulysses (`u > 1`, with or without
+    /// Ring around it), split text and one image (the received chunks are then contiguous slices
+    /// of the buffers attention reads, which Ring passes on as they lie).
     fn takes_groups(&self, heads: i64, batch: i64) -> bool {
         let u = self.ulysses.size() as i64;
-        u > 1 && self.ring.size() == 1 && !self.replicated() && batch == 1 && heads % u == 0
+        u > 1 && !self.replicated() && batch == 1 && heads % u == 0
     }
 
     /// Whether head-grouped `q` `(g, b, rows, heads / g, d)` is in this op's groups (see
@@ -309,6 +402,7 @@ impl UspAttention<'_> {
 /// [`UspAttention::attend_groups`]): each piece of rows is its own all-to-all, started on the
 /// communicator's side stream when `overlap` (else complete when sent).
 struct UlyssesSession<'a> {
+    op: &'a UspAttention<'a>,
     comm: &'a dyn Communicator,
     /// The caller's buffers `(u, 1, rows, H/u, d)`.
     qkv: [Tensor; 3],
@@ -319,6 +413,8 @@ struct UlyssesSession<'a> {
     overlap: bool,
     /// `(1, L', H/u, d)` each: every peer's tokens, this rank's heads.
     recv: [Tensor; 3],
+    /// k and v of `recv` as one `(2, 1, L', H/u, d)` block (they are one allocation).
+    kv: Tensor,
     sent: Vec<(i64, i64)>,
     inbound: Vec<Pending<'a>>,
     /// The attention output `(1, L', H/u, d)` and the buffer it returns into `(u, 1, rows, H/u, d)`.
@@ -330,7 +426,8 @@ impl<'a> UlyssesSession<'a> {
     fn new(op: &'a UspAttention<'a>, q: &Tensor, k: &Tensor, v: &Tensor, overlap: bool) -> CommResult<Self> {
         let u = op.ulysses.size();
         let (g, b, rows, hu, d) = q.size5()?;
-        let peers: Vec<(i64, i64)> = (0..u).map(|j| op.lens(sp_rank(u, 0, j))).collect();
+        let ring_idx = op.ring.rank();
+        let peers: Vec<(i64, i64)> = (0..u).map(|j| op.lens(sp_rank(u, ring_idx, j))).collect();
         let me = op.ulysses.rank();
         let lens: Vec<i64> = peers.iter().map(|(t, i)| t + i).collect();
         if g != u as i64 || b != 1 || lens[me] != rows || k.size() != q.size() || v.size() != q.size() {
@@ -345,13 +442,12 @@ impl<'a> UlyssesSession<'a> {
             offs.push(total);
             total += l;
         }
-        let o = (q.kind(), q.device());
-        let recv = [
-            Tensor::f_empty([b, total, hu, d], o)?,
-            Tensor::f_empty([b, total, hu, d], o)?,
-            Tensor::f_empty([b, total, hu, d], o)?,
-        ];
+        // One allocation: its k and v halves are the K/V block Ring passes on.
+        let all = Tensor::f_empty([3, b, total, hu, d], (q.kind(), q.device()))?;
+        let recv = [all.f_get(0)?, all.f_get(1)?, all.f_get(2)?];
+        let kv = all.f_narrow(0, 1, 2)?;
         Ok(Self {
+            op,
             comm: op.ulysses,
             qkv: [q.shallow_clone(), k.shallow_clone(), v.shallow_clone()],
             peers,
@@ -359,6 +455,7 @@ impl<'a> UlyssesSession<'a> {
             me,
             overlap,
             recv,
+            kv,
             sent: Vec::new(),
             inbound: Vec::new(),
             out: None,
@@ -434,14 +531,19 @@ impl<'a> UlyssesSession<'a> {
             p.wait()?;
         }
         let [qr, kr, vr] = &self.recv;
-        let out = sdpa(
-            &qr.f_transpose(1, 2)?,
-            &kr.f_transpose(1, 2)?,
-            &vr.f_transpose(1, 2)?,
-            None,
-            false,
-            None,
-        )? // (1, H/u, L', d)
+        let out = if self.op.ring.size() > 1 {
+            // USP: Ring across the ulysses groups, the K/V block being k and v as received.
+            self.op.ring_attend(&qr.f_transpose(1, 2)?, &self.kv, 0, KvLayout::Bshd)?
+        } else {
+            sdpa(
+                &qr.f_transpose(1, 2)?,
+                &kr.f_transpose(1, 2)?,
+                &vr.f_transpose(1, 2)?,
+                None,
+                false,
+                None,
+            )?
+        } // (1, H/u, L', d)
         .f_transpose(1, 2)?
         .f_contiguous()?; // (1, L', H/u, d): no copy where cuDNN wrote it in that layout
         let back = self.qkv[0].f_empty_like()?; // (u, 1, rows, H/u, d)
@@ -602,19 +704,12 @@ fn merge_into(o1: Tensor, l1: Tensor, o2: &Tensor, l2: &Tensor) -> Res<(Tensor, 
         && o2.kind() == Kind::BFloat16
         && o1.size().last() == Some(&128)
         && crate::aten::fused_kernels_available(i)
-        && !reference_merge()
+        && !ring_env().reference_merge
     {
         crate::aten::lse_merge(&o1, &l1, o2, l2)?;
         return Ok((o1, l1));
     }
     merge(&o1, &l1, o2, l2)
-}
-
-/// `DITFLEET_RING_MERGE=reference`: Ring merges with the elementwise ops of [`merge`] instead of
-/// the fused kernel (for A/B runs), read once.
-fn reference_merge() -> bool {
-    static R: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *R.get_or_init(|| std::env::var("DITFLEET_RING_MERGE").is_ok_and(|v| v == "reference"))
 }
 
 /// Merges two partial attentions over disjoint key sets: `(o, lse)` pairs, `o` fp32 (the reference
@@ -655,6 +750,9 @@ mod tests {
         /// Through a split-phase session: q/k/v sent as two image parts then the text, the
         /// output given back as text then image and taken in that order.
         Pieces,
+        /// As transposed views of one `(3, b, L, heads, d)` buffer (the fused kernel's joint
+        /// buffers), which pure Ring takes as they lie.
+        Stacked,
     }
 
     /// [`check`], with q/k/v handed over in `u` head groups (`attend_grouped`) when `grouped`.
@@ -716,6 +814,12 @@ mod tests {
                     };
                     if call == Call::Plain {
                         return op.attend(&ql, &kl, &vl).unwrap();
+                    }
+                    if call == Call::Stacked {
+                        let all = Tensor::stack(&[&ql, &kl, &vl].map(|t| t.transpose(1, 2)), 0); // (3, b, L, H, d)
+                        let t: Vec<Tensor> = (0..3).map(|i| all.get(i).transpose(1, 2)).collect();
+                        assert!(stacked_bshd(&t[0], &t[1], &t[2]).is_some(), "rank {rank}: one buffer");
+                        return op.attend(&t[0], &t[1], &t[2]).unwrap();
                     }
                     let g = u as i64;
                     let to_groups = |x: &Tensor| {
@@ -787,7 +891,9 @@ mod tests {
         check_layout(4, 1, 8, 18, None, true); // uneven image slices
         check_layout(4, 1, 8, 16, None, true);
         check_layout(2, 1, 5, 10, None, true); // replicated text: regrouped, general path
-        check_layout(2, 2, 8, 16, None, true); // USP: regrouped, general path
+        check_layout(2, 2, 8, 16, None, true); // USP: head groups, Ring on the received block
+        check_layout(2, 2, 8, 18, None, true); // USP, uneven image slices
+        check_layout(2, 2, 6, 13, None, true); // USP, replicated text: regrouped, general path
         let layout = SeqLayout::new(4, 8, 16, None);
         let (u, r) = (
             crate::parallel::LoopbackComm::new(4, Device::Cpu),
@@ -810,7 +916,13 @@ mod tests {
             ring: &ring,
             layout: &SeqLayout::new(8, 8, 16, None),
         };
-        assert_eq!(usp.head_groups(24, 1), 1, "USP does not");
+        assert_eq!(usp.head_groups(24, 1), 4, "USP takes its ulysses groups");
+        let replicated = UspAttention {
+            ulysses: &u,
+            ring: &ring,
+            layout: &SeqLayout::new(8, 7, 16, None),
+        };
+        assert_eq!(replicated.head_groups(24, 1), 1, "replicated text does not");
     }
 
     /// The Ulysses exchange with the caller's work interleaved (the single blocks' MLP matmuls
@@ -821,7 +933,7 @@ mod tests {
         check_call(2, 1, 6, 10, None, Call::GroupedWith);
         check_call(4, 1, 8, 18, None, Call::GroupedWith); // uneven image slices
         check_call(2, 1, 5, 10, None, Call::GroupedWith); // replicated text: general path
-        check_call(2, 2, 8, 16, None, Call::GroupedWith); // USP: general path
+        check_call(2, 2, 8, 16, None, Call::GroupedWith); // USP: Ring on the received block
     }
 
     /// Rank 0 of a pure ulysses=2 group with stand-in peers, 4 text + 8 image tokens.
@@ -847,6 +959,8 @@ mod tests {
         check_call(4, 1, 8, 16, None, Call::Pieces);
         check_call(4, 1, 8, 18, None, Call::Pieces); // image slices of 5, 5, 4, 4
         check_call(2, 1, 4, 3, None, Call::Pieces); // an image part of one row
+        check_call(2, 2, 8, 16, None, Call::Pieces); // USP: Ring on the received block
+        check_call(2, 2, 8, 18, None, Call::Pieces); // USP, uneven image slices
     }
 
     /// Pieces that do not tile the rows, and output taken before it was given back, are refused
@@ -909,6 +1023,32 @@ mod tests {
         check(1, 2, 5, 11, None);
         check(1, 4, 8, 16, None);
         check(1, 4, 3, 17, None);
+    }
+
+    /// Pure Ring over q/k/v that lie in one joint buffer (the fused kernel's layout) passes k and
+    /// v as one block without stacking them, and computes the same attention; other plans given
+    /// that layout take the general path and are still right.
+    #[test]
+    fn ring_over_the_joint_buffers_matches_full_attention() {
+        check_call(1, 2, 6, 10, None, Call::Stacked);
+        check_call(1, 4, 8, 16, None, Call::Stacked);
+        check_call(1, 4, 8, 18, None, Call::Stacked); // uneven image slices
+        check_call(1, 4, 3, 17, None, Call::Stacked); // replicated text: general path
+        check_call(2, 2, 8, 16, None, Call::Stacked); // USP given ungrouped buffers: general path
+    }
+
+    /// The joint-buffer check accepts exactly three consecutive slices of one buffer.
+    #[test]
+    fn stacked_bshd_takes_one_buffer_and_refuses_separate_tensors() {
+        let all = Tensor::randn([3, 1, 5, 2, 4], (Kind::Float, Device::Cpu));
+        let views: Vec<Tensor> = (0..3).map(|i| all.get(i).transpose(1, 2)).collect();
+        let got = stacked_bshd(&views[0], &views[1], &views[2]).expect("one buffer");
+        assert_eq!(f64::try_from(got.f_sub(&all).unwrap().abs().max()).unwrap(), 0.0);
+        let sep: Vec<Tensor> = (0..3).map(|i| all.get(i).copy().transpose(1, 2)).collect();
+        assert!(stacked_bshd(&sep[0], &sep[1], &sep[2]).is_none(), "three allocations");
+        assert!(stacked_bshd(&views[1], &views[0], &views[2]).is_none(), "out of order");
+        let plain = all.get(0).transpose(1, 2).contiguous();
+        assert!(stacked_bshd(&plain, &views[1], &views[2]).is_none(), "not the bshd layout");
     }
 
     #[test]

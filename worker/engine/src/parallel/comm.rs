@@ -118,6 +118,23 @@ pub trait Communicator: Send {
         self.recv(shape, kind, src)
     }
 
+    /// [`Communicator::send_recv`] started, not finished: returns the tensor the message lands
+    /// in and a [`Pending`] that orders the compute stream after the exchange, so that compute
+    /// work enqueued before [`Pending::wait`] overlaps it (Ring attention attends over the K/V
+    /// block it holds while the next one travels; NCCL on its side stream). Until the wait the
+    /// received tensor must not be read, nor `t` written. The default completes the exchange
+    /// before returning.
+    fn start_send_recv<'a>(
+        &'a self,
+        t: &Tensor,
+        dst: usize,
+        shape: &[i64],
+        kind: Kind,
+        src: usize,
+    ) -> CommResult<(Tensor, Pending<'a>)> {
+        Ok((self.send_recv(t, dst, shape, kind, src)?, Pending::done()))
+    }
+
     /// Returns once every rank has called it.
     fn barrier(&self) -> CommResult<()>;
 

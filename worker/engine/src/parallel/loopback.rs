@@ -71,6 +71,44 @@ impl LoopbackComm {
         Ok(self.side.get_or_init(|| s))
     }
 
+    /// Copies each `(src, dst)` pair (contiguous, same size, on this device) on the side stream
+    /// after the compute stream's work so far; the returned [`Pending`] orders the compute
+    /// stream after the copies and holds `held` until then.
+    fn copies_on_side<'a>(
+        &'a self,
+        op: &'static str,
+        ordinal: usize,
+        pairs: &[(&Tensor, &Tensor)],
+        held: Vec<Tensor>,
+    ) -> CommResult<Pending<'a>> {
+        let compute = compute_stream(ordinal)?;
+        let side = self.side()?;
+        side.fork(compute).map_err(|e| cuda_err(op, e))?;
+        for (t, o) in pairs {
+            let bytes = t.numel() * t.kind().elt_size_in_bytes();
+            if bytes == 0 {
+                continue;
+            }
+            // SAFETY: both tensors are contiguous on this device with at least `bytes` bytes, and
+            // stay alive (in `held`) until the compute stream is ordered after the copy.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    o.data_ptr() as u64,
+                    t.data_ptr() as u64,
+                    bytes,
+                    side.stream,
+                )
+            }
+            .map_err(|e| cuda_err(op, e))?;
+        }
+        let mark = side.mark().map_err(|e| cuda_err(op, e))?;
+        Ok(Pending::new(move || {
+            let r = side.join_marked(compute, mark).map_err(|e| cuda_err(op, e));
+            drop(held);
+            r
+        }))
+    }
+
     fn check(&self) -> CommResult<()> {
         if self.aborted.load(Ordering::SeqCst) {
             return Err(CommError::Aborted { backend: BACKEND });
@@ -164,36 +202,41 @@ impl Communicator for LoopbackComm {
                 let _ = o.shallow_clone().f_zero_()?;
             }
         }
-        let compute = compute_stream(ordinal)?;
-        let side = self.side()?;
-        side.fork(compute).map_err(|e| cuda_err(op, e))?;
-        for (i, (t, o)) in ins.iter().zip(outputs).enumerate() {
-            let bytes = t.numel() * t.kind().elt_size_in_bytes();
-            if bytes == 0 || !same(t, o) || (own_copies_only() && i >= m) {
-                continue;
-            }
-            // SAFETY: both tensors are contiguous on this device with at least `bytes` bytes, and
-            // stay alive (held below) until the compute stream is ordered after the copy.
-            unsafe {
-                cudarc::driver::result::memcpy_dtod_async(
-                    o.data_ptr() as u64,
-                    t.data_ptr() as u64,
-                    bytes,
-                    side.stream,
-                )
-            }
-            .map_err(|e| cuda_err(op, e))?;
-        }
-        let mark = side.mark().map_err(|e| cuda_err(op, e))?;
-        let held: Vec<Tensor> = ins
-            .into_iter()
-            .chain(outputs.iter().map(Tensor::shallow_clone))
+        let pairs: Vec<(&Tensor, &Tensor)> = ins
+            .iter()
+            .zip(outputs)
+            .enumerate()
+            .filter(|(i, (t, o))| same(t, o) && !(own_copies_only() && *i >= m))
+            .map(|(_, p)| p)
             .collect();
-        Ok(Pending::new(move || {
-            let r = side.join_marked(compute, mark).map_err(|e| cuda_err(op, e));
-            drop(held);
-            r
-        }))
+        let held: Vec<Tensor> = ins
+            .iter()
+            .chain(outputs)
+            .map(Tensor::shallow_clone)
+            .collect();
+        self.copies_on_side(op, ordinal, &pairs, held)
+    }
+
+    fn start_send_recv<'a>(
+        &'a self,
+        t: &Tensor,
+        dst: usize,
+        shape: &[i64],
+        kind: Kind,
+        src: usize,
+    ) -> CommResult<(Tensor, Pending<'a>)> {
+        // The stand-in copy goes to the side stream where the blocking exchange would copy.
+        let numel: i64 = shape.iter().product();
+        let copies = t.numel() as i64 == numel && t.kind() == kind && t.device() == self.device && !own_copies_only();
+        let (Device::Cuda(ordinal), true) = (self.device, copies) else {
+            return Ok((self.send_recv(t, dst, shape, kind, src)?, Pending::done()));
+        };
+        self.check()?;
+        let t = t.f_contiguous()?;
+        let out = Tensor::f_empty(shape, (kind, self.device))?;
+        let held = vec![t.shallow_clone(), out.shallow_clone()];
+        let pending = self.copies_on_side("start_send_recv", ordinal, &[(&t, &out)], held)?;
+        Ok((out, pending))
     }
 
     fn all_gather(&self, t: &Tensor) -> CommResult<Vec<Tensor>> {
@@ -231,6 +274,12 @@ impl Communicator for LoopbackComm {
         _src: usize,
     ) -> CommResult<Tensor> {
         self.check()?;
+        let numel: i64 = shape.iter().product();
+        if own_copies_only() && t.numel() as i64 == numel && t.kind() == kind && t.device() == self.device {
+            // What a real rank's compute stream does for a point-to-point exchange: nothing (NCCL
+            // moves the bytes); the received block is this rank's own, which Ring only reads.
+            return Ok(t.f_reshape(shape)?);
+        }
         self.standin(t, shape, kind)
     }
 

@@ -769,6 +769,41 @@ impl Communicator for NcclComm {
         Ok(out)
     }
 
+    fn start_send_recv<'a>(
+        &'a self,
+        t: &Tensor,
+        dst: usize,
+        shape: &[i64],
+        kind: Kind,
+        src: usize,
+    ) -> CommResult<(Tensor, Pending<'a>)> {
+        let op = "start_send_recv";
+        self.check()?;
+        let t = self.contiguous_on_device(t, op)?;
+        let out = self.empty(shape, kind)?;
+        let Some(compute) = self.enqueue(op, |st| {
+            self.grouped(op, || {
+                self.send_raw(&t, dst, st)?;
+                self.recv_raw(&out, src, st)
+            })
+        })?
+        else {
+            return Ok((out, Pending::done())); // on the compute stream: ordered already
+        };
+        let mark = self.side()?.mark().map_err(|e| cuda_err(op, self.rank, e))?;
+        // Both held until the compute stream is ordered after the exchange (see `Pending`).
+        let held = [t, out.shallow_clone()];
+        let pending = Pending::new(move || {
+            let r = self
+                .side()?
+                .join_marked(compute, mark)
+                .map_err(|e| cuda_err(op, self.rank, e));
+            drop(held);
+            r
+        });
+        Ok((out, pending))
+    }
+
     fn barrier(&self) -> CommResult<()> {
         let one = Tensor::f_ones([1], (Kind::Float, self.device))?;
         let s = self.all_reduce_sum(&one)?;
