@@ -249,6 +249,11 @@ pub const WORKER_VARS: &[VarDoc] = &[
         help: "parts the double blocks' image q/k/v go out in under a pure Ulysses plan (each part's projection runs while the previous part travels)",
     },
     VarDoc {
+        name: "DITFLEET_RING",
+        default: "",
+        help: "Ring/USP A/B switches, comma-separated: stacked (pure Ring stacks q/k/v instead of taking the joint buffer as it lies), blocking (wait for each K/V block before attending over the one held)",
+    },
+    VarDoc {
         name: "DITFLEET_NCCL_A2A",
         default: "p2p",
         help: "how an even Ulysses all-to-all goes over NCCL: p2p (grouped send/recv per peer) or collective (one ncclAlltoAll per tensor; not yet measured on several GPUs)",

@@ -213,7 +213,10 @@ impl UspAttention<'_> {
                 Some(if overlap {
                     self.ring.start_send_recv(&cur, to, &shape, cur.kind(), from)?
                 } else {
-                    (self.ring.send_recv(&cur, to, &shape, cur.kind(), from)?, Pending::done())
+                    (
+                        self.ring.send_recv(&cur, to, &shape, cur.kind(), from)?,
+                        Pending::done(),
+                    )
                 })
             } else {
                 None
@@ -243,7 +246,9 @@ impl UspAttention<'_> {
     fn attend_inner(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> CommResult<Tensor> {
         let u = self.ulysses.size();
         let ring_idx = self.ring.rank();
-        if u == 1 && !self.replicated() && !ring_env().stacked
+        if u == 1
+            && !self.replicated()
+            && !ring_env().stacked
             && let Some(qkv) = stacked_bshd(q, k, v)
         {
             // Pure Ring over the fused kernel's joint buffers: the K/V block is k and v as they
@@ -335,7 +340,8 @@ pub fn stacked_bshd(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Tensor> {
         return None;
     }
     // From q's own storage offset (`None`): the three lie there in one allocation.
-    q.f_as_strided([3, b, s, h, d], [block, s * h * d, h * d, d, 1], None).ok()
+    q.f_as_strided([3, b, s, h, d], [block, s * h * d, h * d, d, 1], None)
+        .ok()
 }
 
 impl UspAttention<'_> {
@@ -533,7 +539,8 @@ impl<'a> UlyssesSession<'a> {
         let [qr, kr, vr] = &self.recv;
         let out = if self.op.ring.size() > 1 {
             // USP: Ring across the ulysses groups, the K/V block being k and v as received.
-            self.op.ring_attend(&qr.f_transpose(1, 2)?, &self.kv, 0, KvLayout::Bshd)?
+            self.op
+                .ring_attend(&qr.f_transpose(1, 2)?, &self.kv, 0, KvLayout::Bshd)?
         } else {
             sdpa(
                 &qr.f_transpose(1, 2)?,
@@ -818,7 +825,10 @@ mod tests {
                     if call == Call::Stacked {
                         let all = Tensor::stack(&[&ql, &kl, &vl].map(|t| t.transpose(1, 2)), 0); // (3, b, L, H, d)
                         let t: Vec<Tensor> = (0..3).map(|i| all.get(i).transpose(1, 2)).collect();
-                        assert!(stacked_bshd(&t[0], &t[1], &t[2]).is_some(), "rank {rank}: one buffer");
+                        assert!(
+                            stacked_bshd(&t[0], &t[1], &t[2]).is_some(),
+                            "rank {rank}: one buffer"
+                        );
                         return op.attend(&t[0], &t[1], &t[2]).unwrap();
                     }
                     let g = u as i64;
@@ -1045,10 +1055,19 @@ mod tests {
         let got = stacked_bshd(&views[0], &views[1], &views[2]).expect("one buffer");
         assert_eq!(f64::try_from(got.f_sub(&all).unwrap().abs().max()).unwrap(), 0.0);
         let sep: Vec<Tensor> = (0..3).map(|i| all.get(i).copy().transpose(1, 2)).collect();
-        assert!(stacked_bshd(&sep[0], &sep[1], &sep[2]).is_none(), "three allocations");
-        assert!(stacked_bshd(&views[1], &views[0], &views[2]).is_none(), "out of order");
+        assert!(
+            stacked_bshd(&sep[0], &sep[1], &sep[2]).is_none(),
+            "three allocations"
+        );
+        assert!(
+            stacked_bshd(&views[1], &views[0], &views[2]).is_none(),
+            "out of order"
+        );
         let plain = all.get(0).transpose(1, 2).contiguous();
-        assert!(stacked_bshd(&plain, &views[1], &views[2]).is_none(), "not the bshd layout");
+        assert!(
+            stacked_bshd(&plain, &views[1], &views[2]).is_none(),
+            "not the bshd layout"
+        );
     }
 
     #[test]

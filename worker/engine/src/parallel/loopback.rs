@@ -209,11 +209,7 @@ impl Communicator for LoopbackComm {
             .filter(|(i, (t, o))| same(t, o) && !(own_copies_only() && *i >= m))
             .map(|(_, p)| p)
             .collect();
-        let held: Vec<Tensor> = ins
-            .iter()
-            .chain(outputs)
-            .map(Tensor::shallow_clone)
-            .collect();
+        let held: Vec<Tensor> = ins.iter().chain(outputs).map(Tensor::shallow_clone).collect();
         self.copies_on_side(op, ordinal, &pairs, held)
     }
 
@@ -227,7 +223,8 @@ impl Communicator for LoopbackComm {
     ) -> CommResult<(Tensor, Pending<'a>)> {
         // The stand-in copy goes to the side stream where the blocking exchange would copy.
         let numel: i64 = shape.iter().product();
-        let copies = t.numel() as i64 == numel && t.kind() == kind && t.device() == self.device && !own_copies_only();
+        let copies =
+            t.numel() as i64 == numel && t.kind() == kind && t.device() == self.device && !own_copies_only();
         let (Device::Cuda(ordinal), true) = (self.device, copies) else {
             return Ok((self.send_recv(t, dst, shape, kind, src)?, Pending::done()));
         };
