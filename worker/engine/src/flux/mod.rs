@@ -2,7 +2,10 @@
 //! encoders, the VAE decoder, the flow-matching Euler sampler and the [`Pipeline`] that ties them
 //! together behind [`crate::Engine`].
 
+pub mod blocks;
 pub mod clip;
+pub mod embed;
+pub mod joint;
 pub mod layers;
 pub mod part;
 pub mod pipeline;
