@@ -57,7 +57,10 @@ def main():
                       f"{v['double_txt_rel_l2_vs_fp32']:.2e} / {v['single_rel_l2_vs_fp32']:.2e}")
             elif "fused_rel_l2_vs_reference_o" in v:
                 print(f"- {name}: fused vs reference ops, rel L2 o {v['fused_rel_l2_vs_reference_o']:.2e}, "
-                      f"lse {v['fused_rel_l2_vs_reference_lse']:.2e}")
+                      f"lse {v['fused_rel_l2_vs_reference_lse']:.2e}"
+                      + (f"; bf16 accumulator into bf16: o {v['bf16_in_bf16_out_rel_l2_vs_reference_o']:.2e}, "
+                         f"lse {v['bf16_in_bf16_out_rel_l2_vs_reference_lse']:.2e}"
+                         if "bf16_in_bf16_out_rel_l2_vs_reference_o" in v else ""))
             elif "model_rel_l2_vs_fp32" in v:
                 print(f"- {name} (2 double + 2 single blocks, whole forward): {v['model_rel_l2_vs_fp32']:.2e}")
         print()

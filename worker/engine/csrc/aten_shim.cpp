@@ -514,15 +514,22 @@ char *dtf_gate_residual_ln(const at::Tensor *x, const at::Tensor *gate, const at
 // dims contiguous, other strides multiples of 4; acc_lse / lse (b, h, L) fp32. acc and acc_lse are
 // updated in place. All on one device.
 char *dtf_lse_merge(const at::Tensor *acc, const at::Tensor *acc_lse, const at::Tensor *o,
-                    const at::Tensor *lse) {
+                    const at::Tensor *lse, const at::Tensor *out) {
   return guarded([&] {
-    require(acc->is_cuda() && acc->scalar_type() == at::kFloat && acc->dim() == 4 &&
-                acc->size(3) == 128 && acc->stride(3) == 1 && acc->stride(0) % 4 == 0 &&
-                acc->stride(1) % 4 == 0 && acc->stride(2) % 4 == 0 &&
-                reinterpret_cast<uintptr_t>(acc->data_ptr()) % 16 == 0,
-            "acc must be a CUDA fp32 (b, h, L, 128) tensor with contiguous, aligned rows");
+    // acc and out: (b, h, L, 128), fp32 or bf16, rows contiguous and 16-byte (fp32) or 8-byte
+    // (bf16) aligned; out may be acc itself.
+    auto rows_ok = [](const at::Tensor &t) {
+      const bool f32 = t.scalar_type() == at::kFloat;
+      return t.is_cuda() && (f32 || t.scalar_type() == at::kBFloat16) && t.dim() == 4 &&
+             t.size(3) == 128 && t.stride(3) == 1 && t.stride(0) % 4 == 0 && t.stride(1) % 4 == 0 &&
+             t.stride(2) % 4 == 0 &&
+             reinterpret_cast<uintptr_t>(t.data_ptr()) % (f32 ? 16 : 8) == 0;
+    };
+    require(rows_ok(*acc), "acc must be a CUDA fp32 or bf16 (b, h, L, 128) tensor with contiguous, aligned rows");
     const int device = acc->get_device();
     const int64_t b = acc->size(0), h = acc->size(1), len = acc->size(2);
+    require(rows_ok(*out) && out->get_device() == device && out->sizes() == acc->sizes(),
+            "out must be fp32 or bf16 of acc's shape with contiguous, aligned rows on acc's device");
     require(o->is_cuda() && o->get_device() == device && o->scalar_type() == at::kBFloat16 &&
                 o->sizes() == acc->sizes() && o->stride(3) == 1 && o->stride(0) % 4 == 0 &&
                 o->stride(1) % 4 == 0 && o->stride(2) % 4 == 0 && aligned8(*o),
@@ -536,16 +543,19 @@ char *dtf_lse_merge(const at::Tensor *acc, const at::Tensor *acc_lse, const at::
     if (rows == 0) {
       return;
     }
-    void *pa = acc->data_ptr(), *pal = acc_lse->data_ptr();
+    const void *pa = acc->data_ptr();
+    void *pal = acc_lse->data_ptr(), *pu = out->data_ptr();
     const void *po = o->data_ptr(), *pl = lse->data_ptr();
+    int a_bf16 = acc->scalar_type() == at::kBFloat16, u_bf16 = out->scalar_type() == at::kBFloat16;
     long long a_b = acc->stride(0), a_h = acc->stride(1), a_l = acc->stride(2);
     long long al_b = acc_lse->stride(0), al_h = acc_lse->stride(1), al_l = acc_lse->stride(2);
     long long o_b = o->stride(0), o_h = o->stride(1), o_l = o->stride(2);
     long long l_b = lse->stride(0), l_h = lse->stride(1), l_l = lse->stride(2);
+    long long u_b = out->stride(0), u_h = out->stride(1), u_l = out->stride(2);
     int heads = static_cast<int>(h), n = static_cast<int>(len);
     long long r = rows;
-    void *args[] = {&pa, &a_b, &a_h, &a_l, &pal, &al_b, &al_h, &al_l, &po, &o_b,
-                    &o_h, &o_l, &pl, &l_b, &l_h, &l_l, &heads, &n, &r};
+    void *args[] = {&pa,  &a_bf16, &a_b, &a_h, &a_l, &pal, &al_b, &al_h, &al_l, &po,  &o_b, &o_h,
+                    &o_l, &pl,     &l_b, &l_h, &l_l, &pu,  &u_bf16, &u_b, &u_h, &u_l, &heads, &n, &r};
     launch(device, kernels(device).lse_merge, static_cast<unsigned>((rows + 7) / 8), 1, 256, args);
   });
 }
@@ -668,7 +678,8 @@ char *dtf_gate_residual_ln(const at::Tensor *, const at::Tensor *, const at::Ten
                            const at::Tensor *, double) {
   return no_cuda();
 }
-char *dtf_lse_merge(const at::Tensor *, const at::Tensor *, const at::Tensor *, const at::Tensor *) {
+char *dtf_lse_merge(const at::Tensor *, const at::Tensor *, const at::Tensor *, const at::Tensor *,
+                    const at::Tensor *) {
   return no_cuda();
 }
 char *dtf_profiler_start(void) { return no_cuda(); }

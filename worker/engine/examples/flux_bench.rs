@@ -290,12 +290,25 @@ fn check_fused(dev: Device, seed: u64) -> Result<serde_json::Value> {
     let lse_new = Tensor::f_randn([1, 24, 1152], (Kind::Float, dev))?.f_mul_scalar(3.0)?;
     let (want_o, want_l) = ditfleet_engine::parallel::attention::merge(&acc, &acc_lse, &o_new, &lse_new)?;
     let (got_o, got_l) = (acc.f_detach_copy()?, acc_lse.f_detach_copy()?);
-    ditfleet_engine::aten::lse_merge(&got_o, &got_l, &o_new, &lse_new)?;
+    ditfleet_engine::aten::lse_merge(&got_o, &got_l, &o_new, &lse_new, &got_o)?;
+    // The first merge (a bf16 accumulator, the first block's output) into a bf16 result (the
+    // last merge of two blocks): against the reference on the same bf16 inputs.
+    let acc_b = acc.f_to_kind(Kind::BFloat16)?;
+    let (want_b, _) = ditfleet_engine::parallel::attention::merge(
+        &acc_b.f_to_kind(Kind::Float)?,
+        &acc_lse,
+        &o_new,
+        &lse_new,
+    )?;
+    let (got_b, got_bl) = (o_new.f_empty_like()?, acc_lse.f_detach_copy()?);
+    ditfleet_engine::aten::lse_merge(&acc_b, &got_bl, &o_new, &lse_new, &got_b)?;
     out.insert(
         "ring_lse_merge".into(),
         serde_json::json!({
             "fused_rel_l2_vs_reference_o": rel_l2(&got_o, &want_o)?,
             "fused_rel_l2_vs_reference_lse": rel_l2(&got_l, &want_l)?,
+            "bf16_in_bf16_out_rel_l2_vs_reference_o": rel_l2(&got_b, &want_b)?,
+            "bf16_in_bf16_out_rel_l2_vs_reference_lse": rel_l2(&got_bl, &want_l)?,
         }),
     );
     // tch 0.24's own binding of _addmm_activation (use_gelu = true) against RELU and GELU of the

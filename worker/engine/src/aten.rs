@@ -67,6 +67,7 @@ unsafe extern "C" {
         acc_lse: *const c_void,
         o: *const c_void,
         lse: *const c_void,
+        out: *const c_void,
     ) -> *mut c_char;
     fn dtf_profiler_start() -> *mut c_char;
     fn dtf_profiler_stop(path: *const c_char) -> *mut c_char;
@@ -299,10 +300,18 @@ pub fn gate_residual_ln(
     })
 }
 
-/// Ring attention's log-sum-exp merge in one pass (`dtf_lse_merge`): `acc` `(b, h, L, 128)` fp32
-/// and `acc_lse` `(b, h, L)` fp32 absorb the partial attention `o` (bf16, same shape) with its
-/// `lse`, in place, on the current stream of their CUDA device.
-pub fn lse_merge(acc: &Tensor, acc_lse: &Tensor, o: &Tensor, lse: &Tensor) -> Result<(), TchError> {
+/// Ring attention's log-sum-exp merge in one pass (`dtf_lse_merge`): the partial attention `acc`
+/// `(b, h, L, 128)` (fp32 or bf16) with its log-sum-exp `acc_lse` `(b, h, L)` (fp32) absorbs the
+/// partial attention `o` (bf16, same shape) with its `lse`; the result goes to `out` (fp32 or bf16,
+/// `acc` itself for an in-place merge) and `acc_lse` is updated in place, on the current stream of
+/// their CUDA device.
+pub fn lse_merge(
+    acc: &Tensor,
+    acc_lse: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    out: &Tensor,
+) -> Result<(), TchError> {
     // SAFETY: as in `qkv_norm_rope`.
     check("fused log-sum-exp merge", unsafe {
         dtf_lse_merge(
@@ -310,6 +319,7 @@ pub fn lse_merge(acc: &Tensor, acc_lse: &Tensor, o: &Tensor, lse: &Tensor) -> Re
             acc_lse.as_ptr().cast(),
             o.as_ptr().cast(),
             lse.as_ptr().cast(),
+            out.as_ptr().cast(),
         )
     })
 }

@@ -229,9 +229,11 @@ impl UspAttention<'_> {
             if block.size()[seq as usize] > 0 {
                 let (k, v) = layout.k_v(&block)?;
                 let (o, lse) = attention_with_lse(q, &k, &v)?;
+                // The first block's output is the accumulator as it is (the first merge reads it
+                // in its kind); the last merge writes q's kind.
                 acc = Some(match acc {
-                    None => (o.f_to_kind(Kind::Float)?, lse.f_contiguous()?),
-                    Some((ao, al)) => merge_into(ao, al, &o, &lse)?,
+                    None => (o, lse.f_contiguous()?),
+                    Some((ao, al)) => merge_into(ao, al, &o, &lse, step + 1 == r)?,
                 });
             }
             if let Some((n, pending)) = next {
@@ -704,19 +706,28 @@ pub fn attention_with_lse(q: &Tensor, k: &Tensor, v: &Tensor) -> Res<(Tensor, Te
     Ok((o, lse.f_narrow(2, 0, lq)?.f_to_kind(Kind::Float)?))
 }
 
-/// [`merge`] into the accumulator `(o1, l1)`: in place in one kernel on CUDA (bf16 `o2`, heads
-/// of 128, the fused kernels loaded; `dtf_lse_merge`), else by [`merge`].
-fn merge_into(o1: Tensor, l1: Tensor, o2: &Tensor, l2: &Tensor) -> Res<(Tensor, Tensor)> {
+/// [`merge`] into the accumulator `(o1, l1)`, `o1` fp32 or (the first block's output) bf16: one
+/// kernel on CUDA (bf16 `o2`, heads of 128, the fused kernels loaded; `dtf_lse_merge`), in place
+/// where `o1` is fp32, into a new fp32 accumulator where it is bf16, into a bf16 result (`o2`'s
+/// kind and layout) when `last`; else by [`merge`] (fp32).
+fn merge_into(o1: Tensor, l1: Tensor, o2: &Tensor, l2: &Tensor, last: bool) -> Res<(Tensor, Tensor)> {
     if let tch::Device::Cuda(i) = o1.device()
         && o2.kind() == Kind::BFloat16
         && o1.size().last() == Some(&128)
         && crate::aten::fused_kernels_available(i)
         && !ring_env().reference_merge
     {
-        crate::aten::lse_merge(&o1, &l1, o2, l2)?;
-        return Ok((o1, l1));
+        let out = if last {
+            o2.f_empty_like()?
+        } else if o1.kind() == Kind::Float {
+            o1.shallow_clone()
+        } else {
+            Tensor::f_empty_strided(o1.size(), o1.stride(), (Kind::Float, o1.device()))?
+        };
+        crate::aten::lse_merge(&o1, &l1, o2, l2, &out)?;
+        return Ok((out, l1));
     }
-    merge(&o1, &l1, o2, l2)
+    merge(&o1.f_to_kind(Kind::Float)?, &l1, o2, l2)
 }
 
 /// Merges two partial attentions over disjoint key sets: `(o, lse)` pairs, `o` fp32 (the reference
