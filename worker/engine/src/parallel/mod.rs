@@ -15,8 +15,9 @@
 //! - [`vae`]: patch-parallel VAE decode (row bands, halo exchange, global GroupNorm statistics);
 //! - [`health`]: device health beyond CUDA/NCCL errors (NVML: lost GPU, critical Xid, ECC);
 //! - [`resilient`]: GPU isolation (quarantine a failing device, rebuild on the rest, retry);
-//! - [`runner`]: the per-rank denoising loop (sequence and CFG parallel) and
-//!   [`runner::ParallelPipeline`], the multi-GPU [`crate::Engine`] (data parallel over groups).
+//! - [`runner`]: the per-rank denoising loop (sequence and CFG parallel);
+//! - [`pipeline`]: [`pipeline::ParallelPipeline`], the multi-GPU [`crate::Engine`] that owns the
+//!   rank threads (data parallel over groups).
 
 pub mod attention;
 pub mod autotune;
@@ -26,6 +27,7 @@ pub mod health;
 pub mod loopback;
 pub mod nccl;
 pub mod pipefusion;
+pub mod pipeline;
 pub mod plan;
 pub mod resilient;
 pub mod runner;
@@ -38,9 +40,9 @@ pub use autotune::{PlanTable, autotune};
 pub use comm::{CommError, CommFactory, Communicator, Mesh, RankComms};
 pub use loopback::LoopbackComm;
 pub use nccl::{NcclComm, NcclFactory};
+pub use pipeline::ParallelPipeline;
 pub use plan::Plan;
 pub use resilient::{InjectedFault, ResilientParallel};
-pub use runner::ParallelPipeline;
 pub use threads::{ThreadComm, ThreadsFactory};
 pub use vae::decode_patch_parallel;
 

@@ -10,8 +10,8 @@
 use super::autotune::PlanTable;
 use super::comm::CommFactory;
 use super::health::DeviceHealth;
+use super::pipeline::ParallelPipeline;
 use super::plan::Plan;
-use super::runner::ParallelPipeline;
 use crate::flux::Pipeline;
 use crate::flux::pipeline::device_name;
 use crate::{Control, Engine, EngineError, EngineInfo, GenerateRequest, GeneratedImage, StepEvent};
