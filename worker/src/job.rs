@@ -386,35 +386,7 @@ async fn run_claimed(
 ) -> Result<Settle, InfraError> {
     let me = shared.cfg.worker_id.clone();
     let cancel = Arc::new(AtomicBool::new(false));
-    // Lease renewal and cancellation watch.
-    let watch_stop = tokio_util::sync::CancellationToken::new();
-    let watcher = {
-        let store = shared.store.clone();
-        let job_id = order.job_id.clone();
-        let me = me.clone();
-        let lease = shared.cfg.job_lease;
-        let cancel = cancel.clone();
-        let stop = watch_stop.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(
-                (lease / 3)
-                    .max(Duration::from_millis(200))
-                    .min(Duration::from_millis(1000)),
-            );
-            loop {
-                tokio::select! { _ = stop.cancelled() => return, _ = tick.tick() => {} }
-                match store.renew(&job_id, &me, lease).await {
-                    Ok(Some(JobState::Running)) => {}
-                    Ok(state) => {
-                        info!(job_id = %job_id, state = ?state, "job left the running state (cancelled); stopping at the next step");
-                        cancel.store(true, Ordering::SeqCst);
-                    }
-                    Err(e) => warn!(job_id = %job_id, error = %e, "lease renewal failed"),
-                }
-            }
-        })
-    };
-
+    let watch = LeaseWatch::spawn(shared, &order.job_id, &me, cancel.clone());
     let taken = match shared
         .pool
         .take(&order.model, order.model_version.as_deref())
@@ -422,8 +394,7 @@ async fn run_claimed(
     {
         Ok(t) => t,
         Err(e) => {
-            watch_stop.cancel();
-            let _ = watcher.await;
+            watch.stop().await;
             return match e {
                 PoolError::VersionNotHeld(_) => {
                     // Unloaded since the claim: hand it back for a holder.
@@ -441,71 +412,9 @@ async fn run_claimed(
     let plan = plan(order, &model_version, &shared.pool.info.kind);
     let resume = load_checkpoint(shared, &order.job_id, checkpoint, &plan).await;
 
-    // Progress forwarding: engine thread → channel → events + Redis.
-    let (tx, mut rx) = mpsc::unbounded_channel::<StepEvent>();
-    let forwarder = {
-        let job_id = order.job_id.clone();
-        let me = me.clone();
-        let store = shared.store.clone();
-        let publisher = shared.publisher.clone();
-        let exchange = shared.topo.events_exchange();
-        tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                let e = JobEvent::Progress {
-                    job_id: job_id.clone(),
-                    step: ev.step,
-                    total: ev.total,
-                    elapsed_ms: ev.elapsed.as_millis() as u64,
-                    worker: me.clone(),
-                };
-                let body = serde_json::to_vec(&e).expect("event serialises");
-                if let Err(err) = publisher
-                    .publish(
-                        &exchange,
-                        &e.routing_key(),
-                        &body,
-                        persistent("application/json"),
-                        false,
-                    )
-                    .await
-                {
-                    warn!(job_id = %job_id, error = %err, "progress event not published");
-                }
-                let _ = store
-                    .set_fields(&job_id, &[("progress", format!("{}/{}", ev.step, ev.total))])
-                    .await;
-            }
-        })
-    };
-    // Checkpoints: engine thread → channel → result store + pointer in Redis (owner-checked).
-    let (ck_tx, mut ck_rx) = mpsc::unbounded_channel::<StepCheckpoint>();
-    let ck_writer = {
-        let job_id = order.job_id.clone();
-        let me = me.clone();
-        let plan = plan.clone();
-        let store = shared.store.clone();
-        async move {
-            while let Some(c) = ck_rx.recv().await {
-                let url = match shared.results.put_checkpoint(&job_id, c.step, c.bytes).await {
-                    Ok(u) => u,
-                    Err(e) => {
-                        warn!(job_id = %job_id, step = c.step, error = %e, "checkpoint not stored");
-                        continue;
-                    }
-                };
-                let fields = [
-                    ("checkpoint_step", c.step.to_string()),
-                    ("checkpoint_url", url),
-                    ("checkpoint_plan", plan.clone()),
-                ];
-                match store.set_if_owner(&job_id, &me, &fields).await {
-                    Ok(true) => debug!(job_id = %job_id, step = c.step, "checkpoint saved"),
-                    Ok(false) => debug!(job_id = %job_id, "job no longer ours; checkpoint pointer not moved"),
-                    Err(e) => warn!(job_id = %job_id, error = %e, "checkpoint pointer not recorded"),
-                }
-            }
-        }
-    };
+    let (tx, forwarder) = spawn_progress_forwarder(shared, &order.job_id, &me);
+    let (ck_tx, ck_rx) = mpsc::unbounded_channel::<StepCheckpoint>();
+    let ck_writer = write_checkpoints(shared, &order.job_id, &me, &plan, ck_rx);
 
     let request = GenerateRequest {
         model: order.model.clone(),
@@ -641,8 +550,7 @@ async fn run_claimed(
         generate_s,
     );
     let _ = forwarder.await;
-    watch_stop.cancel();
-    let _ = watcher.await;
+    watch.stop().await;
     if generated.engine_retries > 0 {
         for _ in 0..generated.engine_retries {
             shared.metrics.retries.inc();
@@ -659,165 +567,16 @@ async fn run_claimed(
 
     match generated.result {
         Ok((timings, png)) => {
-            let t = Instant::now();
-            let url = match async {
-                infra_retry!(
-                    shared,
-                    "storing the image",
-                    shared.results.put(&order.job_id, png.clone()).await
-                )
-            }
-            .instrument(info_span!("store", store = %shared.results.describe()))
-            .await
-            {
-                Ok(url) => url,
-                Err(e) => {
-                    // Clients see why the job is retried, without the store's endpoint or keys.
-                    let _ = shared
-                        .store
-                        .set_fields(
-                            &order.job_id,
-                            &[(
-                                "last_error",
-                                format!("storing the result failed: {}", public_reason(&e.to_string())),
-                            )],
-                        )
-                        .await;
-                    return Err(e.into());
-                }
-            };
-            let store_ms = t.elapsed().as_millis() as u64;
-            let finished_ms = now_ms();
-            let queue_wait_ms = started_ms.saturating_sub(order.submitted_ms);
-            let end_to_end_ms = finished_ms.saturating_sub(order.submitted_ms);
-            let timings_json = serde_json::to_value(&timings).expect("timings serialise");
-            let fields = [
-                ("result_url", url.clone()),
-                ("finished_ms", finished_ms.to_string()),
-                ("engine", shared.pool.info.kind.clone()),
-                ("model_version_used", model_version.clone()),
-                ("generate_ms", generate_ms.to_string()),
-                ("store_ms", store_ms.to_string()),
-                ("queue_wait_ms", queue_wait_ms.to_string()),
-                ("timings", timings_json.to_string()),
-                ("progress", format!("{}/{}", order.steps, order.steps)),
-                ("devices", devices.to_string()),
-                ("gpu_seconds", format!("{gpu_seconds:.3}")),
-                (
-                    "resumed_from_step",
-                    resumed_from.map(|s| s.to_string()).unwrap_or_default(),
-                ),
-                // Only this task publishes the done event while its worker lives (see
-                // EVENT_LEASE); a redelivered copy, even on this worker, waits for it.
-                ("event_owner", ditfleet_common::state::event_claimant(&me)),
-                (
-                    "event_until_ms",
-                    (now_ms() + EVENT_LEASE.as_millis() as u64).to_string(),
-                ),
-            ];
-            let (mut applied, prev) = infra_retry!(
-                shared,
-                "recording success",
-                shared
-                    .store
-                    .transition(
-                        &order.job_id,
-                        &[Some(JobState::Running)],
-                        JobState::Succeeded,
-                        Some(&me),
-                        &fields,
-                    )
-                    .await
-            )?;
-            if !applied && prev == Some(JobState::Succeeded) {
-                // A retry after a lost reply: the first call applied if it recorded our result.
-                let h = shared.store.get(&order.job_id).await?;
-                applied = h.get("worker") == Some(&me) && h.get("result_url") == Some(&url);
-            }
-            if !applied {
-                info!(job_id = %order.job_id, state = ?prev, "job was settled elsewhere while running (e.g. cancelled); result discarded");
-                if prev == Some(JobState::Cancelled) {
-                    publish(
-                        shared,
-                        &JobEvent::Cancelled {
-                            job_id: order.job_id.clone(),
-                            at_step: Some(order.steps),
-                        },
-                        order.reply_to.as_deref(),
-                    )
-                    .await?;
-                }
-                return Ok(Settle::Ack);
-            }
-            let ev = JobEvent::Done {
-                job_id: order.job_id.clone(),
-                result_url: url.clone(),
-                worker: me.clone(),
-                engine: shared.pool.info.kind.clone(),
+            let done = Finished {
                 attempts,
-                queue_wait_ms,
+                started_ms,
+                model_version,
                 generate_ms,
-                store_ms,
-                end_to_end_ms,
-                timings: timings_json,
-                model_version: Some(model_version.clone()),
-                resumed_from_step: resumed_from,
+                devices,
                 gpu_seconds,
+                resumed_from,
             };
-            if let Err(e) = async {
-                infra_retry!(
-                    shared,
-                    "publishing the done event",
-                    publish(shared, &ev, order.reply_to.as_deref()).await
-                )
-            }
-            .instrument(info_span!("publish_done"))
-            .await
-            {
-                // Let the redelivered copy publish it.
-                let _ = shared
-                    .store
-                    .set_fields(&order.job_id, &[("event_until_ms", "0".into())])
-                    .await;
-                return Err(e);
-            }
-            infra_retry!(
-                shared,
-                "recording the done event",
-                shared
-                    .store
-                    .set_fields(&order.job_id, &[("event_published", "1".into())])
-                    .await
-            )?;
-            cleanup_checkpoints(shared, &order.job_id).await;
-            if shared.pool.info.kind != "simulated" {
-                // Calibrates the scheduler's cost model; the simulated engine's time is not a
-                // model's, so it is not recorded.
-                let steps_run = order.steps.saturating_sub(resumed_from.unwrap_or(0)).max(1);
-                let ms = timings.denoise_ms / f64::from(steps_run);
-                let tokens = ditfleet_common::cost::image_tokens(order.width, order.height);
-                if let Err(e) = shared.store.record_step_time(&order.model, tokens, ms).await {
-                    warn!(error = %e, "step time not recorded");
-                }
-            }
-            shared.jobs_done.fetch_add(1, Ordering::Relaxed);
-            let m = &shared.metrics;
-            m.job("succeeded", &order.class, &order.model);
-            m.observe(
-                "queue_wait",
-                &order.class,
-                &order.model,
-                queue_wait_ms as f64 / 1e3,
-            );
-            m.observe("generation", &order.class, &order.model, generate_ms as f64 / 1e3);
-            m.observe(
-                "end_to_end",
-                &order.class,
-                &order.model,
-                end_to_end_ms as f64 / 1e3,
-            );
-            info!(job_id = %order.job_id, generate_ms, store_ms, queue_wait_ms, end_to_end_ms, resumed_from_step = ?resumed_from, model_version = %model_version, url = %url, "job succeeded");
-            Ok(Settle::Ack)
+            record_success(shared, order, &me, done, timings, png).await
         }
         Err(EngineError::Cancelled { step }) if !cancel.load(Ordering::SeqCst) => {
             // Stopped by the shutdown abort: hand the job back (its checkpoint is stored).
@@ -858,6 +617,313 @@ async fn run_claimed(
             fail_permanently(shared, delivery, order, &e.to_string(), &me).await
         }
     }
+}
+
+/// Renews the job's lease while it runs and raises `cancel` when the job leaves the running state
+/// (a client cancelled it).
+struct LeaseWatch {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseWatch {
+    fn spawn(shared: &Shared, job_id: &str, me: &str, cancel: Arc<AtomicBool>) -> Self {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let store = shared.store.clone();
+        let job_id = job_id.to_string();
+        let me = me.to_string();
+        let lease = shared.cfg.job_lease;
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(
+                (lease / 3)
+                    .max(Duration::from_millis(200))
+                    .min(Duration::from_millis(1000)),
+            );
+            loop {
+                tokio::select! { _ = stopped.cancelled() => return, _ = tick.tick() => {} }
+                match store.renew(&job_id, &me, lease).await {
+                    Ok(Some(JobState::Running)) => {}
+                    Ok(state) => {
+                        info!(job_id = %job_id, state = ?state, "job left the running state (cancelled); stopping at the next step");
+                        cancel.store(true, Ordering::SeqCst);
+                    }
+                    Err(e) => warn!(job_id = %job_id, error = %e, "lease renewal failed"),
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Progress forwarding: the engine thread's step events → a channel → progress events on the bus
+/// and the job's `progress` field in Redis. The task ends when the sender is dropped.
+fn spawn_progress_forwarder(
+    shared: &Shared,
+    job_id: &str,
+    me: &str,
+) -> (mpsc::UnboundedSender<StepEvent>, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<StepEvent>();
+    let job_id = job_id.to_string();
+    let me = me.to_string();
+    let store = shared.store.clone();
+    let publisher = shared.publisher.clone();
+    let exchange = shared.topo.events_exchange();
+    let task = tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            let e = JobEvent::Progress {
+                job_id: job_id.clone(),
+                step: ev.step,
+                total: ev.total,
+                elapsed_ms: ev.elapsed.as_millis() as u64,
+                worker: me.clone(),
+            };
+            let body = serde_json::to_vec(&e).expect("event serialises");
+            if let Err(err) = publisher
+                .publish(
+                    &exchange,
+                    &e.routing_key(),
+                    &body,
+                    persistent("application/json"),
+                    false,
+                )
+                .await
+            {
+                warn!(job_id = %job_id, error = %err, "progress event not published");
+            }
+            let _ = store
+                .set_fields(&job_id, &[("progress", format!("{}/{}", ev.step, ev.total))])
+                .await;
+        }
+    });
+    (tx, task)
+}
+
+/// Checkpoints: the engine thread's step checkpoints → the result store, and their pointer in
+/// Redis (only while the job is still ours). Ends when the sender is dropped.
+async fn write_checkpoints(
+    shared: &Shared,
+    job_id: &str,
+    me: &str,
+    plan: &str,
+    mut rx: mpsc::UnboundedReceiver<StepCheckpoint>,
+) {
+    while let Some(c) = rx.recv().await {
+        let url = match shared.results.put_checkpoint(job_id, c.step, c.bytes).await {
+            Ok(u) => u,
+            Err(e) => {
+                warn!(job_id = %job_id, step = c.step, error = %e, "checkpoint not stored");
+                continue;
+            }
+        };
+        let fields = [
+            ("checkpoint_step", c.step.to_string()),
+            ("checkpoint_url", url),
+            ("checkpoint_plan", plan.to_string()),
+        ];
+        match shared.store.set_if_owner(job_id, me, &fields).await {
+            Ok(true) => debug!(job_id = %job_id, step = c.step, "checkpoint saved"),
+            Ok(false) => debug!(job_id = %job_id, "job no longer ours; checkpoint pointer not moved"),
+            Err(e) => warn!(job_id = %job_id, error = %e, "checkpoint pointer not recorded"),
+        }
+    }
+}
+
+/// What a generation that produced an image cost and came from, for [`record_success`].
+struct Finished {
+    attempts: u32,
+    started_ms: u64,
+    model_version: String,
+    generate_ms: u64,
+    devices: u32,
+    gpu_seconds: f64,
+    resumed_from: Option<u32>,
+}
+
+/// Stores the image, records the success (owner-checked: a job settled elsewhere meanwhile keeps
+/// that outcome), publishes the done event once, and updates the cost model and metrics.
+async fn record_success(
+    shared: &Shared,
+    order: &WorkOrder,
+    me: &str,
+    done: Finished,
+    timings: ditfleet_engine::StageTimings,
+    png: Vec<u8>,
+) -> Result<Settle, InfraError> {
+    let Finished {
+        attempts,
+        started_ms,
+        model_version,
+        generate_ms,
+        devices,
+        gpu_seconds,
+        resumed_from,
+    } = done;
+    let me = me.to_string();
+    let t = Instant::now();
+    let url = match async {
+        infra_retry!(
+            shared,
+            "storing the image",
+            shared.results.put(&order.job_id, png.clone()).await
+        )
+    }
+    .instrument(info_span!("store", store = %shared.results.describe()))
+    .await
+    {
+        Ok(url) => url,
+        Err(e) => {
+            // Clients see why the job is retried, without the store's endpoint or keys.
+            let _ = shared
+                .store
+                .set_fields(
+                    &order.job_id,
+                    &[(
+                        "last_error",
+                        format!("storing the result failed: {}", public_reason(&e.to_string())),
+                    )],
+                )
+                .await;
+            return Err(e.into());
+        }
+    };
+    let store_ms = t.elapsed().as_millis() as u64;
+    let finished_ms = now_ms();
+    let queue_wait_ms = started_ms.saturating_sub(order.submitted_ms);
+    let end_to_end_ms = finished_ms.saturating_sub(order.submitted_ms);
+    let timings_json = serde_json::to_value(&timings).expect("timings serialise");
+    let fields = [
+        ("result_url", url.clone()),
+        ("finished_ms", finished_ms.to_string()),
+        ("engine", shared.pool.info.kind.clone()),
+        ("model_version_used", model_version.clone()),
+        ("generate_ms", generate_ms.to_string()),
+        ("store_ms", store_ms.to_string()),
+        ("queue_wait_ms", queue_wait_ms.to_string()),
+        ("timings", timings_json.to_string()),
+        ("progress", format!("{}/{}", order.steps, order.steps)),
+        ("devices", devices.to_string()),
+        ("gpu_seconds", format!("{gpu_seconds:.3}")),
+        (
+            "resumed_from_step",
+            resumed_from.map(|s| s.to_string()).unwrap_or_default(),
+        ),
+        // Only this task publishes the done event while its worker lives (see
+        // EVENT_LEASE); a redelivered copy, even on this worker, waits for it.
+        ("event_owner", ditfleet_common::state::event_claimant(&me)),
+        (
+            "event_until_ms",
+            (now_ms() + EVENT_LEASE.as_millis() as u64).to_string(),
+        ),
+    ];
+    let (mut applied, prev) = infra_retry!(
+        shared,
+        "recording success",
+        shared
+            .store
+            .transition(
+                &order.job_id,
+                &[Some(JobState::Running)],
+                JobState::Succeeded,
+                Some(&me),
+                &fields,
+            )
+            .await
+    )?;
+    if !applied && prev == Some(JobState::Succeeded) {
+        // A retry after a lost reply: the first call applied if it recorded our result.
+        let h = shared.store.get(&order.job_id).await?;
+        applied = h.get("worker") == Some(&me) && h.get("result_url") == Some(&url);
+    }
+    if !applied {
+        info!(job_id = %order.job_id, state = ?prev, "job was settled elsewhere while running (e.g. cancelled); result discarded");
+        if prev == Some(JobState::Cancelled) {
+            publish(
+                shared,
+                &JobEvent::Cancelled {
+                    job_id: order.job_id.clone(),
+                    at_step: Some(order.steps),
+                },
+                order.reply_to.as_deref(),
+            )
+            .await?;
+        }
+        return Ok(Settle::Ack);
+    }
+    let ev = JobEvent::Done {
+        job_id: order.job_id.clone(),
+        result_url: url.clone(),
+        worker: me.clone(),
+        engine: shared.pool.info.kind.clone(),
+        attempts,
+        queue_wait_ms,
+        generate_ms,
+        store_ms,
+        end_to_end_ms,
+        timings: timings_json,
+        model_version: Some(model_version.clone()),
+        resumed_from_step: resumed_from,
+        gpu_seconds,
+    };
+    if let Err(e) = async {
+        infra_retry!(
+            shared,
+            "publishing the done event",
+            publish(shared, &ev, order.reply_to.as_deref()).await
+        )
+    }
+    .instrument(info_span!("publish_done"))
+    .await
+    {
+        // Let the redelivered copy publish it.
+        let _ = shared
+            .store
+            .set_fields(&order.job_id, &[("event_until_ms", "0".into())])
+            .await;
+        return Err(e);
+    }
+    infra_retry!(
+        shared,
+        "recording the done event",
+        shared
+            .store
+            .set_fields(&order.job_id, &[("event_published", "1".into())])
+            .await
+    )?;
+    cleanup_checkpoints(shared, &order.job_id).await;
+    if shared.pool.info.kind != "simulated" {
+        // Calibrates the scheduler's cost model; the simulated engine's time is not a
+        // model's, so it is not recorded.
+        let steps_run = order.steps.saturating_sub(resumed_from.unwrap_or(0)).max(1);
+        let ms = timings.denoise_ms / f64::from(steps_run);
+        let tokens = ditfleet_common::cost::image_tokens(order.width, order.height);
+        if let Err(e) = shared.store.record_step_time(&order.model, tokens, ms).await {
+            warn!(error = %e, "step time not recorded");
+        }
+    }
+    shared.jobs_done.fetch_add(1, Ordering::Relaxed);
+    let m = &shared.metrics;
+    m.job("succeeded", &order.class, &order.model);
+    m.observe(
+        "queue_wait",
+        &order.class,
+        &order.model,
+        queue_wait_ms as f64 / 1e3,
+    );
+    m.observe("generation", &order.class, &order.model, generate_ms as f64 / 1e3);
+    m.observe(
+        "end_to_end",
+        &order.class,
+        &order.model,
+        end_to_end_ms as f64 / 1e3,
+    );
+    info!(job_id = %order.job_id, generate_ms, store_ms, queue_wait_ms, end_to_end_ms, resumed_from_step = ?resumed_from, model_version = %model_version, url = %url, "job succeeded");
+    Ok(Settle::Ack)
 }
 
 /// Removes a finished job's checkpoints and pointer (best effort: they expire with the job).
