@@ -187,11 +187,21 @@ fn sequence_parallel_plans_match_one_rank_with_split_text() {
 }
 
 #[test]
-fn sequence_parallel_plans_match_one_rank_with_replicated_text() {
-    // 13 text tokens: not divisible, so every rank holds all of them (keys counted once).
+fn sequence_parallel_plans_match_one_rank_with_unevenly_split_and_replicated_text() {
+    // 13 text tokens: split unevenly (7 + 6, 4 + 3 + 3 + 3), or held whole by every rank with
+    // text=replicated (keys counted once).
     assert_exact(
         13,
-        &["ulysses=2", "ulysses=4", "ring=2", "ring=4", "ring=2,ulysses=2"],
+        &[
+            "ulysses=2",
+            "ulysses=4",
+            "ring=2",
+            "ring=4",
+            "ring=2,ulysses=2",
+            "ulysses=2,text=replicated",
+            "ring=4,text=replicated",
+            "ring=2,ulysses=2,text=replicated",
+        ],
         false,
     );
     assert_exact(

@@ -16,7 +16,8 @@ use crate::flux::transformer::{GroupedSession, JointAttention, Overlap, Rows, ar
 /// How the text tokens are laid out over the ranks of a sequence-parallel group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum TextMode {
-    /// Each rank holds `txt_len / n` text tokens (used when divisible).
+    /// Each rank holds a contiguous slice of the text tokens (balanced: slices differ by at most
+    /// one token, as the image's do).
     Split,
     /// Every rank holds all text tokens (and computes their updates redundantly).
     Replicated,
@@ -36,10 +37,13 @@ pub struct SeqLayout {
 }
 
 impl SeqLayout {
-    /// Text split when `txt_len` divides evenly over `n` ranks, replicated otherwise (unless
-    /// `force` picks a mode); image tokens split in balanced contiguous slices.
+    /// Text split in balanced contiguous slices when every rank gets at least one text token,
+    /// replicated otherwise (unless `force` picks a mode); image tokens split in balanced
+    /// contiguous slices. An uneven text split is as exact as an even one (every exchange takes
+    /// per-peer lengths) and spares the ranks the replicated text's redundant work, e.g. 512 text
+    /// tokens over 6 or 7 GPUs.
     pub fn new(n: usize, txt_len: i64, img_len: i64, force: Option<TextMode>) -> Self {
-        let text = force.unwrap_or(if txt_len % n as i64 == 0 {
+        let text = force.unwrap_or(if txt_len >= n as i64 {
             TextMode::Split
         } else {
             TextMode::Replicated
@@ -898,9 +902,11 @@ mod tests {
     #[test]
     fn ulysses_matches_full_attention_with_split_and_replicated_text() {
         check(2, 1, 6, 10, None); // split text
-        check(2, 1, 5, 10, None); // replicated text (5 % 2 != 0)
+        check(2, 1, 5, 10, None); // text split unevenly (3 + 2)
         check(4, 1, 8, 18, None); // uneven image slices
-        check(4, 1, 7, 16, None);
+        check(4, 1, 7, 16, None); // text split unevenly (2 + 2 + 2 + 1)
+        check(2, 1, 5, 10, Some(TextMode::Replicated));
+        check(4, 1, 7, 16, Some(TextMode::Replicated));
     }
 
     /// The copy-free Ulysses path (q/k/v in the all-to-all's head groups, as the fused kernel
@@ -911,10 +917,12 @@ mod tests {
         check_layout(2, 1, 6, 10, None, true);
         check_layout(4, 1, 8, 18, None, true); // uneven image slices
         check_layout(4, 1, 8, 16, None, true);
-        check_layout(2, 1, 5, 10, None, true); // replicated text: regrouped, general path
+        check_layout(2, 1, 5, 10, None, true); // uneven text slices
+        check_layout(2, 1, 5, 10, Some(TextMode::Replicated), true); // regrouped, general path
         check_layout(2, 2, 8, 16, None, true); // USP: head groups, Ring on the received block
         check_layout(2, 2, 8, 18, None, true); // USP, uneven image slices
-        check_layout(2, 2, 6, 13, None, true); // USP, replicated text: regrouped, general path
+        check_layout(2, 2, 6, 13, None, true); // USP, uneven text and image slices
+        check_layout(2, 2, 6, 13, Some(TextMode::Replicated), true); // regrouped, general path
         let layout = SeqLayout::new(4, 8, 16, None);
         let (u, r) = (
             crate::parallel::LoopbackComm::new(4, Device::Cpu),
@@ -953,7 +961,8 @@ mod tests {
     fn ulysses_with_interleaved_work_matches_full_attention_and_runs_each_phase_once() {
         check_call(2, 1, 6, 10, None, Call::GroupedWith);
         check_call(4, 1, 8, 18, None, Call::GroupedWith); // uneven image slices
-        check_call(2, 1, 5, 10, None, Call::GroupedWith); // replicated text: general path
+        check_call(2, 1, 5, 10, None, Call::GroupedWith); // uneven text slices
+        check_call(2, 1, 5, 10, Some(TextMode::Replicated), Call::GroupedWith); // general path
         check_call(2, 2, 8, 16, None, Call::GroupedWith); // USP: Ring on the received block
     }
 
@@ -980,6 +989,8 @@ mod tests {
         check_call(4, 1, 8, 16, None, Call::Pieces);
         check_call(4, 1, 8, 18, None, Call::Pieces); // image slices of 5, 5, 4, 4
         check_call(2, 1, 4, 3, None, Call::Pieces); // an image part of one row
+        check_call(2, 1, 5, 10, None, Call::Pieces); // uneven text slices
+        check_call(4, 1, 7, 18, None, Call::Pieces); // uneven text and image slices
         check_call(2, 2, 8, 16, None, Call::Pieces); // USP: Ring on the received block
         check_call(2, 2, 8, 18, None, Call::Pieces); // USP, uneven image slices
     }
@@ -1041,9 +1052,10 @@ mod tests {
     #[test]
     fn ring_matches_full_attention_with_split_and_replicated_text() {
         check(1, 2, 6, 10, None);
-        check(1, 2, 5, 11, None);
+        check(1, 2, 5, 11, None); // uneven text slices
+        check(1, 2, 5, 11, Some(TextMode::Replicated));
         check(1, 4, 8, 16, None);
-        check(1, 4, 3, 17, None);
+        check(1, 4, 3, 17, None); // fewer text tokens than ranks: replicated
     }
 
     /// Pure Ring over q/k/v that lie in one joint buffer (the fused kernel's layout) passes k and
@@ -1084,7 +1096,8 @@ mod tests {
     #[test]
     fn usp_matches_full_attention_for_every_degree_pair() {
         check(2, 2, 8, 16, None);
-        check(2, 2, 6, 13, None); // 6 % 4 != 0 -> replicated
+        check(2, 2, 6, 13, None); // uneven text slices (2 + 2 + 1 + 1)
+        check(2, 2, 6, 13, Some(TextMode::Replicated));
         check(2, 2, 8, 16, Some(TextMode::Replicated));
     }
 

@@ -25,7 +25,8 @@ pub struct Plan {
     pub patches: usize,
     /// PipeFusion warm-up steps run with fresh K/V (the full sequence).
     pub warmup_steps: usize,
-    /// Text layout override (`None` = split when divisible, replicated otherwise).
+    /// Text layout override (`None` = split in balanced slices, replicated when there are fewer text
+    /// tokens than ranks).
     pub text: Option<TextMode>,
     /// Patch-parallel VAE decode: every rank of the first CFG branch decodes a band of rows
     /// (see [`super::vae`]). Only takes effect when one image's sequence spans more than one
