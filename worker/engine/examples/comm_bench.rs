@@ -123,24 +123,31 @@ impl Exchange {
     }
 }
 
-/// Median ms of one `body()` over `iters` replays of a graph of ten of them (launch cost out of
-/// the figure), the ranks lined up by a barrier before each replay.
-fn time_graph(c: &NcclComm, ordinal: usize, iters: usize, body: &dyn Fn() -> Result<()>) -> Result<f64> {
-    let sync = || tch::Cuda::synchronize(ordinal as i64);
+/// A CUDA graph of `body()`, captured on a capture stream after `warm()` ran there once (cuBLAS
+/// and NCCL set up outside the capture); with what the captured call returned.
+fn capture<T>(
+    ordinal: usize,
+    warm: &mut dyn FnMut() -> Result<()>,
+    body: &mut dyn FnMut() -> Result<T>,
+) -> Result<(CudaGraph, T)> {
     let mut g = CudaGraph::new(ordinal)?;
     g.enter()?;
-    let cap = (|| -> Result<()> {
-        body()?;
+    let cap = (|| -> Result<T> {
+        warm()?;
         g.begin()?;
-        let mut out = Ok(());
-        for _ in 0..10 {
-            out = out.and_then(|_| body());
-        }
+        let out = body();
         g.end()?;
         out
     })();
     g.exit()?;
-    cap?;
+    Ok((g, cap?))
+}
+
+/// Median ms of one `body()` over `iters` replays of a graph of ten of them (launch cost out of
+/// the figure), the ranks lined up by a barrier before each replay.
+fn time_graph(c: &NcclComm, ordinal: usize, iters: usize, body: &dyn Fn() -> Result<()>) -> Result<f64> {
+    let sync = || tch::Cuda::synchronize(ordinal as i64);
+    let (g, ()) = capture(ordinal, &mut || body(), &mut || (0..10).try_for_each(|_| body()))?;
     let mut ms = Vec::with_capacity(iters);
     for _ in 0..iters {
         sync();
@@ -188,17 +195,7 @@ fn ring_rows(c: &NcclComm, ordinal: usize, a: &Args) -> Result<Vec<serde_json::V
         sync();
         let eager = exact(&got, 0.0)?;
         c.barrier().map_err(anyhow::Error::msg)?;
-        let mut g = CudaGraph::new(ordinal)?;
-        g.enter()?;
-        let cap = (|| -> Result<Tensor> {
-            let _ = go()?; // warm-up on the capture stream
-            g.begin()?;
-            let out = go();
-            g.end()?;
-            out
-        })();
-        g.exit()?;
-        let out = cap?;
+        let (g, out) = capture(ordinal, &mut || go().map(|_| ()), &mut || go())?;
         sync();
         let _ = block.shallow_clone().fill_(r as f64 + 0.5);
         g.replay()?;
@@ -276,18 +273,11 @@ fn rank_main(c: NcclComm, a: &Args) -> Result<Vec<serde_json::Value>> {
             let eager = x.verify(r, n, rows, 0.0)?;
             // Captured once, replayed with new inputs.
             c.barrier().map_err(anyhow::Error::msg)?;
-            let mut g = CudaGraph::new(ordinal)?;
-            g.enter()?;
-            let cap = (|| -> Result<()> {
+            let warm = &mut || {
                 x.fill(r, 0.0);
-                let _ = go(&x)?; // warm-up on the capture stream
-                g.begin()?;
-                let out = go(&x);
-                g.end()?;
-                out.map(|_| ())
-            })();
-            g.exit()?;
-            cap?;
+                go(&x).map(|_| ())
+            };
+            let (g, _) = capture(ordinal, warm, &mut || go(&x))?;
             sync();
             x.fill(r, 0.5);
             g.replay()?;

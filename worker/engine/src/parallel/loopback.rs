@@ -119,8 +119,7 @@ impl LoopbackComm {
     /// A tensor of `shape` standing for what a peer would send: a copy of `like` when it has
     /// as many elements (so the bytes moved match a real exchange's local copy), zeros otherwise.
     fn standin(&self, like: &Tensor, shape: &[i64], kind: Kind) -> CommResult<Tensor> {
-        let numel: i64 = shape.iter().product();
-        if like.numel() as i64 == numel && like.kind() == kind {
+        if fits(like, shape, kind) {
             Ok(like.f_reshape(shape)?.f_to_device(self.device)?.f_detach_copy()?)
         } else {
             Ok(Tensor::f_zeros(shape, (kind, self.device))?)
@@ -165,7 +164,7 @@ impl Communicator for LoopbackComm {
                 continue;
             }
             let mut o = o.shallow_clone();
-            if t.numel() == o.numel() && t.kind() == o.kind() {
+            if fits(t, &o.size(), o.kind()) {
                 o.f_copy_(&t.f_reshape(o.size())?)?;
             } else {
                 let _ = o.f_zero_()?;
@@ -196,7 +195,7 @@ impl Communicator for LoopbackComm {
         }
         // As the blocking exchange: zeros where a chunk's shape does not match (on the compute
         // stream, before the fork).
-        let same = |t: &Tensor, o: &Tensor| t.numel() == o.numel() && t.kind() == o.kind();
+        let same = |t: &Tensor, o: &Tensor| fits(t, &o.size(), o.kind());
         for (t, o) in ins.iter().zip(outputs) {
             if !same(t, o) {
                 let _ = o.shallow_clone().f_zero_()?;
@@ -222,9 +221,7 @@ impl Communicator for LoopbackComm {
         src: usize,
     ) -> CommResult<(Tensor, Pending<'a>)> {
         // The stand-in copy goes to the side stream where the blocking exchange would copy.
-        let numel: i64 = shape.iter().product();
-        let copies =
-            t.numel() as i64 == numel && t.kind() == kind && t.device() == self.device && !own_copies_only();
+        let copies = fits(t, shape, kind) && t.device() == self.device && !own_copies_only();
         let (Device::Cuda(ordinal), true) = (self.device, copies) else {
             return Ok((self.send_recv(t, dst, shape, kind, src)?, Pending::done()));
         };
@@ -271,8 +268,7 @@ impl Communicator for LoopbackComm {
         _src: usize,
     ) -> CommResult<Tensor> {
         self.check()?;
-        let numel: i64 = shape.iter().product();
-        if own_copies_only() && t.numel() as i64 == numel && t.kind() == kind && t.device() == self.device {
+        if own_copies_only() && fits(t, shape, kind) && t.device() == self.device {
             // What a real rank's compute stream does for a point-to-point exchange: nothing (NCCL
             // moves the bytes); the received block is this rank's own, which Ring only reads.
             return Ok(t.f_reshape(shape)?);
@@ -309,6 +305,12 @@ impl Communicator for LoopbackComm {
 fn own_copies_only() -> bool {
     static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OWN.get_or_init(|| std::env::var("DITFLEET_LOOPBACK_COPIES").is_ok_and(|v| v == "own"))
+}
+
+/// Whether `t` has the element count and kind of a `shape` `kind` tensor (a stand-in can then
+/// be a copy of it).
+fn fits(t: &Tensor, shape: &[i64], kind: Kind) -> bool {
+    t.numel() as i64 == shape.iter().product::<i64>() && t.kind() == kind
 }
 
 fn cuda_err(op: &'static str, e: cudarc::driver::DriverError) -> CommError {

@@ -415,6 +415,30 @@ impl NcclComm {
         Ok(Some(compute))
     }
 
+    /// Enqueues `enqueue(stream)` as [`NcclComm::enqueue`] does and returns the [`Pending`] that
+    /// orders the compute stream after it, holding `held` (the tensors the work reads and
+    /// writes) until then; complete already where the work went to the compute stream.
+    fn start<'a>(
+        &'a self,
+        op: &'static str,
+        held: Vec<Tensor>,
+        enqueue: impl FnOnce(sys::cudaStream_t) -> CommResult<()>,
+    ) -> CommResult<Pending<'a>> {
+        let Some(compute) = self.enqueue(op, enqueue)? else {
+            return Ok(Pending::done()); // on the compute stream: ordered already
+        };
+        let mark = self.side()?.mark().map_err(|e| cuda_err(op, self.rank, e))?;
+        // Held until the compute stream is ordered after the exchange (see `Pending`).
+        Ok(Pending::new(move || {
+            let r = self
+                .side()?
+                .join_marked(compute, mark)
+                .map_err(|e| cuda_err(op, self.rank, e));
+            drop(held);
+            r
+        }))
+    }
+
     /// An `all_to_all_into` ready to enqueue: its inputs checked and contiguous, its pieces per
     /// peer, how it goes over NCCL ([`NcclComm::collective_runs`]) and, on the grouped path, this
     /// rank's own pieces copied on the compute stream (before the fork; `ncclAlltoAll` moves
@@ -573,6 +597,20 @@ impl NcclComm {
             .map(|_| ())
             .map_err(|e| backend_err("recv", self.rank, e))
     }
+
+    /// `t` to `dst` and `out` from `src` as one NCCL group (a ring of them cannot deadlock).
+    fn send_recv_raw(
+        &self,
+        op: &'static str,
+        (t, dst): (&Tensor, usize),
+        (out, src): (&Tensor, usize),
+        st: sys::cudaStream_t,
+    ) -> CommResult<()> {
+        self.grouped(op, || {
+            self.send_raw(t, dst, st)?;
+            self.recv_raw(out, src, st)
+        })
+    }
 }
 
 impl Communicator for NcclComm {
@@ -648,26 +686,16 @@ impl Communicator for NcclComm {
     }
 
     fn start_all_to_all_into<'a>(&'a self, inputs: &[Tensor], outputs: &[Tensor]) -> CommResult<Pending<'a>> {
-        let op = "start_all_to_all_into";
         let plan = self.prepare_into(inputs, outputs)?;
-        let Some(compute) = self.enqueue(op, |st| self.exchange_into(&plan, outputs, st))? else {
-            return Ok(Pending::done()); // on the compute stream: ordered already
-        };
-        let mark = self.side()?.mark().map_err(|e| cuda_err(op, self.rank, e))?;
-        // Held until the compute stream is ordered after the exchange (see `Pending`).
-        let held: Vec<Tensor> = plan
+        let held = plan
             .ins
-            .into_iter()
-            .chain(outputs.iter().map(Tensor::shallow_clone))
+            .iter()
+            .chain(outputs)
+            .map(Tensor::shallow_clone)
             .collect();
-        Ok(Pending::new(move || {
-            let r = self
-                .side()?
-                .join_marked(compute, mark)
-                .map_err(|e| cuda_err(op, self.rank, e));
-            drop(held);
-            r
-        }))
+        self.start("start_all_to_all_into", held, |st| {
+            self.exchange_into(&plan, outputs, st)
+        })
     }
 
     fn all_gather(&self, t: &Tensor) -> CommResult<Vec<Tensor>> {
@@ -761,10 +789,7 @@ impl Communicator for NcclComm {
         let t = self.contiguous_on_device(t, "send_recv")?;
         let out = self.empty(shape, kind)?;
         self.on_stream("send_recv", |st| {
-            self.grouped("send_recv", || {
-                self.send_raw(&t, dst, st)?;
-                self.recv_raw(&out, src, st)
-            })
+            self.send_recv_raw("send_recv", (&t, dst), (&out, src), st)
         })?;
         Ok(out)
     }
@@ -781,26 +806,8 @@ impl Communicator for NcclComm {
         self.check()?;
         let t = self.contiguous_on_device(t, op)?;
         let out = self.empty(shape, kind)?;
-        let Some(compute) = self.enqueue(op, |st| {
-            self.grouped(op, || {
-                self.send_raw(&t, dst, st)?;
-                self.recv_raw(&out, src, st)
-            })
-        })?
-        else {
-            return Ok((out, Pending::done())); // on the compute stream: ordered already
-        };
-        let mark = self.side()?.mark().map_err(|e| cuda_err(op, self.rank, e))?;
-        // Both held until the compute stream is ordered after the exchange (see `Pending`).
-        let held = [t, out.shallow_clone()];
-        let pending = Pending::new(move || {
-            let r = self
-                .side()?
-                .join_marked(compute, mark)
-                .map_err(|e| cuda_err(op, self.rank, e));
-            drop(held);
-            r
-        });
+        let held = vec![t.shallow_clone(), out.shallow_clone()];
+        let pending = self.start(op, held, |st| self.send_recv_raw(op, (&t, dst), (&out, src), st))?;
         Ok((out, pending))
     }
 
