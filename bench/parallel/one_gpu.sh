@@ -52,23 +52,18 @@ if [ -n "${AB:-}" ]; then
   DITFLEET_FLUX_OPT=all,-a2a stage ab_ulysses_8_no_a2a 60 $FB --size 1024 --steps 28 --graphs --sim-plan ulysses=8
   DITFLEET_FLUX_OPT=all,-a2a stage ab_ulysses_2_no_a2a 60 $FB --size 1024 --steps 28 --graphs --sim-plan ulysses=2
 fi
-for v in ${OPT_AB:-}; do
-  # Formulation A/B: NAME:OPTS (DITFLEET_FLUX_OPT) for each plan share of OPT_AB_PLANS.
-  name=${v%%:*}; opt=${v#*:}
-  for p in ${OPT_AB_PLANS:-single ulysses=4}; do
+ab_shares() { # ab_shares NAME "PLANS" VAR=V...: each plan's 1024 share with the variables set
+  local name=$1 plans=$2 p; shift 2
+  for p in $plans; do
     args=(); [ "$p" != single ] && args=(--sim-plan "$p")
-    DITFLEET_FLUX_OPT=$opt stage "ab_${p//[=,]/_}_$name" 60 $FB --size 1024 --steps 28 --graphs "${args[@]}"
-  done
-done
-for v in ${ENV_AB:-}; do
-  # Environment A/B: NAME:VAR=V+VAR=V for each plan share of ENV_AB_PLANS.
-  name=${v%%:*}; vars=${v#*:}
-  for p in ${ENV_AB_PLANS:-ring=4}; do
-    args=(); [ "$p" != single ] && args=(--sim-plan "$p")
-    ( for kv in ${vars//+/ }; do export "$kv"; done
+    ( for kv in "$@"; do export "$kv"; done
       stage "ab_${p//[=,]/_}_$name" 60 $FB --size 1024 --steps 28 --graphs "${args[@]}" )
   done
-done
+}
+# Formulation A/B: NAME:OPTS (DITFLEET_FLUX_OPT) for each plan share of OPT_AB_PLANS.
+for v in ${OPT_AB:-}; do ab_shares "${v%%:*}" "${OPT_AB_PLANS:-single ulysses=4}" "DITFLEET_FLUX_OPT=${v#*:}"; done
+# Environment A/B: NAME:VAR=V+VAR=V for each plan share of ENV_AB_PLANS.
+for v in ${ENV_AB:-}; do vars=${v#*:}; ab_shares "${v%%:*}" "${ENV_AB_PLANS:-ring=4}" ${vars//+/ }; done
 if [ -n "${OVERLAP_AB:-}" ]; then
   # What overlapping the single blocks' MLP matmuls with the all-to-alls buys (Opts::overlap; the
   # loopback's started exchanges copy on a side stream), and whether it changes the result: the
