@@ -254,6 +254,11 @@ pub const WORKER_VARS: &[VarDoc] = &[
         help: "Ring/USP A/B switches, comma-separated: stacked (pure Ring stacks q/k/v instead of taking the joint buffer as it lies), blocking (wait for each K/V block before attending over the one held)",
     },
     VarDoc {
+        name: "DITFLEET_RELAYOUT",
+        default: "wide",
+        help: "how a Ulysses rank re-lays the attention output it gets back from head groups to tokens: wide (one copy in 16-byte elements) or elementwise (the same copy element by element; for A/B runs)",
+    },
+    VarDoc {
         name: "DITFLEET_NCCL_A2A",
         default: "p2p",
         help: "how an even Ulysses all-to-all goes over NCCL: p2p (grouped send/recv per peer) or collective (one ncclAlltoAll per tensor; not yet measured on several GPUs)",

@@ -610,12 +610,50 @@ impl<'a> UlyssesSession<'a> {
                 "rows {s}+{l} taken, pieces {given:?} given back"
             )));
         }
-        let (u, b, _, hu, d) = back.size5()?;
-        Ok(back
-            .f_narrow(2, s, l)?
-            .f_permute([1, 2, 0, 3, 4])?
-            .f_reshape([b, l, u * hu, d])?) // (1, len, H, d)
+        Ok(groups_to_tokens(&back.f_narrow(2, s, l)?)?) // (1, len, H, d)
     }
+}
+
+/// Head groups `(g, b, len, H/g, d)` re-laid as tokens `(b, len, H, d)`: one copy. Where the
+/// layout allows (every stride and the offset a multiple of 16 bytes, rows of a multiple of 16
+/// bytes: bf16 with `d = 128` is 16 such elements), the copy moves 16-byte elements instead of
+/// 2-byte ones: the elementwise copy kernel's cost is per element, and at bf16 it moved the
+/// ulysses=2 output at about a quarter of the memory bandwidth (1.28 ms/step,
+/// `bench/parallel/results/h200x1-u2prof`). The bytes are the same either way.
+/// `DITFLEET_RELAYOUT=elementwise` copies element by element, for A/B runs.
+pub fn groups_to_tokens(x: &Tensor) -> Res<Tensor> {
+    let (g, b, len, hu, d) = x.size5()?;
+    let permuted =
+        |t: &Tensor, d: i64| -> Res<Tensor> { t.f_permute([1, 2, 0, 3, 4])?.f_reshape([b, len, g * hu, d]) };
+    match wide_elements(x) {
+        Some(wide) if !relayout_elementwise() => {
+            let v = x.f_view_dtype(Kind::ComplexDouble)?; // (g, b, len, H/g, d / wide), 16-byte elements
+            permuted(&v, d / wide)?.f_view_dtype(x.kind())
+        }
+        _ => permuted(x, d),
+    }
+}
+
+/// How many of `x`'s elements make one 16-byte element, where every stride, the last dimension
+/// and the data pointer allow viewing `x` that way.
+fn wide_elements(x: &Tensor) -> Option<i64> {
+    let es = x.kind().elt_size_in_bytes() as i64;
+    let wide = 16 / es.max(1);
+    let d = *x.size().last()?;
+    let strides = x.stride();
+    let (last, outer) = strides.split_last()?;
+    (es < 16
+        && 16 % es == 0
+        && *last == 1
+        && d % wide == 0
+        && outer.iter().all(|s| s % wide == 0)
+        && (x.data_ptr() as usize).is_multiple_of(16))
+    .then_some(wide)
+}
+
+fn relayout_elementwise() -> bool {
+    static E: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *E.get_or_init(|| std::env::var("DITFLEET_RELAYOUT").is_ok_and(|v| v == "elementwise"))
 }
 
 impl GroupedSession for UlyssesSession<'_> {
@@ -746,6 +784,29 @@ pub fn merge(o1: &Tensor, l1: &Tensor, o2: &Tensor, l2: &Tensor) -> Res<(Tensor,
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn head_groups_return_as_tokens_in_16_byte_elements_with_the_same_bytes() {
+        // (g, b, rows, H/g, d) -> (b, rows, H, d), as the elementwise permute gives it, for the
+        // whole buffer and a row range of it; bf16 d = 128 and fp32 d = 4 take 16-byte elements,
+        // bf16 d = 6 (12-byte rows) cannot and copies element by element.
+        for (kind, d, wide) in [
+            (Kind::BFloat16, 128, Some(8)),
+            (Kind::Float, 4, Some(4)),
+            (Kind::BFloat16, 6, None),
+        ] {
+            let x = Tensor::randn([3, 1, 10, 2, d], (Kind::Float, tch::Device::Cpu)).to_kind(kind);
+            assert_eq!(wide_elements(&x), wide, "{kind:?} d={d}");
+            for (s, l) in [(0, 10), (4, 5)] {
+                let part = x.narrow(2, s, l);
+                let want = part.permute([1, 2, 0, 3, 4]).reshape([1, l, 6, d]);
+                let got = groups_to_tokens(&part).unwrap();
+                assert_eq!(got.size(), [1, l, 6, d]);
+                assert_eq!(got.kind(), kind);
+                assert!(got.equal(&want), "{kind:?} d={d} rows {s}+{l}");
+            }
+        }
+    }
     use std::sync::Arc;
     use std::time::Duration;
 
