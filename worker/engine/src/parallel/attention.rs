@@ -618,8 +618,8 @@ impl<'a> UlyssesSession<'a> {
 /// layout allows (every stride and the offset a multiple of 16 bytes, rows of a multiple of 16
 /// bytes: bf16 with `d = 128` is 16 such elements), the copy moves 16-byte elements instead of
 /// 2-byte ones: the elementwise copy kernel's cost is per element, and at bf16 it moved the
-/// ulysses=2 output at about a quarter of the memory bandwidth (1.28 ms/step,
-/// `bench/parallel/results/h200x1-u2prof`). The bytes are the same either way.
+/// ulysses=2 output at about a quarter of the memory bandwidth (1.28 ms/step on nvidia-h200,
+/// `bench/parallel/results/h200x1-u2prof`, engine at b9a5d5e; the wide copy is not yet measured). The bytes are the same either way.
 /// `DITFLEET_RELAYOUT=elementwise` copies element by element, for A/B runs.
 pub fn groups_to_tokens(x: &Tensor) -> Res<Tensor> {
     let (g, b, len, hu, d) = x.size5()?;
@@ -784,6 +784,13 @@ pub fn merge(o1: &Tensor, l1: &Tensor, o2: &Tensor, l2: &Tensor) -> Res<(Tensor,
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tch::Device;
+
+    use super::*;
+    use crate::parallel::threads::ThreadComm;
 
     #[test]
     fn head_groups_return_as_tokens_in_16_byte_elements_with_the_same_bytes() {
@@ -795,7 +802,7 @@ mod tests {
             (Kind::Float, 4, Some(4)),
             (Kind::BFloat16, 6, None),
         ] {
-            let x = Tensor::randn([3, 1, 10, 2, d], (Kind::Float, tch::Device::Cpu)).to_kind(kind);
+            let x = Tensor::randn([3, 1, 10, 2, d], (Kind::Float, Device::Cpu)).to_kind(kind);
             assert_eq!(wide_elements(&x), wide, "{kind:?} d={d}");
             for (s, l) in [(0, 10), (4, 5)] {
                 let part = x.narrow(2, s, l);
@@ -807,13 +814,6 @@ mod tests {
             }
         }
     }
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use tch::Device;
-
-    use super::*;
-    use crate::parallel::threads::ThreadComm;
 
     /// Full-sequence reference vs every (u, r, text mode) on 4 or fewer ranks: each rank's output
     /// rows equal the reference's rows for its tokens.
