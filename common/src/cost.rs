@@ -106,7 +106,9 @@ pub fn calibrated_cost(model: &str, width: u32, height: u32, steps: u32, calibra
 pub struct ClassLoad {
     /// Jobs waiting in the class's queues (every priority).
     pub depth: u64,
-    /// Free slots of live, non-draining workers that consume the class.
+    /// Free slots of live, non-draining workers that consume the class. For a class other than
+    /// the job's own, only workers that do not also consume the job's class count: those take
+    /// the job from its own queue (the scheduler's `Live::loads`).
     pub free: u64,
     /// Live, non-draining workers that consume the class.
     pub workers: u32,

@@ -97,8 +97,18 @@ struct Live {
 }
 
 impl Live {
-    /// Load per class as seen from `workers` that pass `serves` (e.g. hold a pinned version).
-    fn loads(&self, classes: &[&str], serves: impl Fn(&WorkerInfo) -> bool) -> Vec<ClassLoad> {
+    /// Load per class as a job of class `natural` sees it, from `workers` that pass `serves`
+    /// (e.g. hold a pinned version). Another class's free slots count only workers that do not
+    /// also consume `natural`: such a worker takes the job from its own queue once it is free, so
+    /// moving the job there would only relabel it.
+    fn loads(
+        &self,
+        classes: &[&str],
+        natural: usize,
+        serves: impl Fn(&WorkerInfo) -> bool,
+    ) -> Vec<ClassLoad> {
+        let consumes = |w: &WorkerInfo, c: &str| w.classes.iter().any(|wc| wc == c);
+        let own = classes.get(natural).copied();
         classes
             .iter()
             .enumerate()
@@ -109,9 +119,11 @@ impl Live {
                     ..Default::default()
                 };
                 for w in self.workers.iter().filter(|w| serves(w)) {
-                    if w.classes.iter().any(|wc| wc == c) {
+                    if consumes(w, c) {
                         l.workers += 1;
-                        l.free += u64::from(w.free_slots);
+                        if i == natural || !own.is_some_and(|o| consumes(w, o)) {
+                            l.free += u64::from(w.free_slots);
+                        }
                     }
                 }
                 l.free = l
@@ -457,7 +469,7 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
         }
         let natural = ctx.cfg.classes.classify_index(cost);
         let chosen = if ctx.cfg.spill && !live.workers.is_empty() {
-            let loads = live.loads(&names, |w| match &pin {
+            let loads = live.loads(&names, natural, |w| match &pin {
                 Some(mv) => w.model_versions.contains(mv),
                 None => w.models.contains(&spec.model),
             });
@@ -767,4 +779,76 @@ async fn publish_event(ctx: &Ctx, ev: &JobEvent, reply_to: Option<&str>) -> Resu
         ctx.publisher.publish(&exchange, key, &body, props, false).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(id: &str, classes: &[&str], free_slots: u16) -> WorkerInfo {
+        WorkerInfo {
+            id: id.into(),
+            host: "h".into(),
+            pid: 1,
+            state: "ready".into(),
+            classes: classes.iter().map(|c| c.to_string()).collect(),
+            slots: free_slots.max(1),
+            free_slots,
+            engine: "simulated".into(),
+            engine_note: String::new(),
+            models: vec!["flux-dev".into()],
+            model_versions: vec!["flux-dev@sim-1".into()],
+            default_versions: vec![],
+            loading: vec![],
+            load_error: None,
+            degraded_reason: None,
+            devices: vec![],
+            gpus: vec![],
+            parallel_degree: 1,
+            jobs_done: 0,
+            started_ms: 0,
+            heartbeat_ms: 0,
+        }
+    }
+
+    fn live(workers: Vec<WorkerInfo>, depth: Vec<u64>) -> Live {
+        let n = depth.len();
+        Live {
+            workers,
+            depth,
+            routed_since: vec![0; n],
+            spilled_since: vec![0; n],
+            ..Default::default()
+        }
+    }
+
+    const CLASSES: [&str; 3] = ["small", "medium", "large"];
+
+    #[test]
+    fn a_backlog_does_not_spill_to_a_class_whose_idle_worker_also_serves_the_jobs_own_class() {
+        // One worker serving every class, one free slot, small already holds a job: the free
+        // slot will take that small job, so the next one stays small (not relabelled medium).
+        let l = live(vec![worker("all", &CLASSES, 1)], vec![1, 0, 0]);
+        let loads = l.loads(&CLASSES, 0, |_| true);
+        assert_eq!((loads[1].workers, loads[1].free), (1, 0), "{loads:?}");
+        assert_eq!(choose_class(0, &loads), 0);
+    }
+
+    #[test]
+    fn a_backlog_spills_up_to_an_idle_worker_that_serves_only_bigger_classes() {
+        let l = live(
+            vec![
+                worker("small", &["small"], 0),
+                worker("big", &["medium", "large"], 2),
+            ],
+            vec![3, 0, 0],
+        );
+        let loads = l.loads(&CLASSES, 0, |_| true);
+        assert_eq!((loads[1].workers, loads[1].free), (1, 2), "{loads:?}");
+        assert_eq!(choose_class(0, &loads), 1);
+        // The same worker seen from a medium job counts its own free slots.
+        let loads = l.loads(&CLASSES, 1, |_| true);
+        assert_eq!((loads[1].free, loads[2].free), (2, 0), "{loads:?}");
+        assert_eq!(choose_class(1, &loads), 1);
+    }
 }

@@ -855,6 +855,25 @@ async fn record_success(
         }
         return Ok(Settle::Ack);
     }
+    // Counted the moment the success is recorded: a client that reads `succeeded`
+    // never scrapes a count that lags it. A redelivered copy (e.g. after the done
+    // event failed to publish) finds the job settled and does not count it again.
+    shared.jobs_done.fetch_add(1, Ordering::Relaxed);
+    let m = &shared.metrics;
+    m.job("succeeded", &order.class, &order.model);
+    m.observe(
+        "queue_wait",
+        &order.class,
+        &order.model,
+        queue_wait_ms as f64 / 1e3,
+    );
+    m.observe("generation", &order.class, &order.model, generate_ms as f64 / 1e3);
+    m.observe(
+        "end_to_end",
+        &order.class,
+        &order.model,
+        end_to_end_ms as f64 / 1e3,
+    );
     let ev = JobEvent::Done {
         job_id: order.job_id.clone(),
         result_url: url.clone(),
@@ -906,22 +925,6 @@ async fn record_success(
             warn!(error = %e, "step time not recorded");
         }
     }
-    shared.jobs_done.fetch_add(1, Ordering::Relaxed);
-    let m = &shared.metrics;
-    m.job("succeeded", &order.class, &order.model);
-    m.observe(
-        "queue_wait",
-        &order.class,
-        &order.model,
-        queue_wait_ms as f64 / 1e3,
-    );
-    m.observe("generation", &order.class, &order.model, generate_ms as f64 / 1e3);
-    m.observe(
-        "end_to_end",
-        &order.class,
-        &order.model,
-        end_to_end_ms as f64 / 1e3,
-    );
     info!(job_id = %order.job_id, generate_ms, store_ms, queue_wait_ms, end_to_end_ms, resumed_from_step = ?resumed_from, model_version = %model_version, url = %url, "job succeeded");
     Ok(Settle::Ack)
 }
