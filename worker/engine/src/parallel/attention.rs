@@ -619,7 +619,9 @@ impl<'a> UlyssesSession<'a> {
 /// bytes: bf16 with `d = 128` is 16 such elements), the copy moves 16-byte elements instead of
 /// 2-byte ones: the elementwise copy kernel's cost is per element, and at bf16 it moved the
 /// ulysses=2 output at about a quarter of the memory bandwidth (1.28 ms/step on nvidia-h200,
-/// `bench/parallel/results/h200x1-u2prof`, engine at b9a5d5e; the wide copy is not yet measured). The bytes are the same either way.
+/// `bench/parallel/results/h200x1-u2prof`, engine at b9a5d5e); the wide copy took 0.4 ms/step off
+/// that share, with byte-identical latents (`h200x1-relayout1`, engine at 9c7782a). The bytes are
+/// the same either way.
 /// `DITFLEET_RELAYOUT=elementwise` copies element by element, for A/B runs.
 pub fn groups_to_tokens(x: &Tensor) -> Res<Tensor> {
     let (g, b, len, hu, d) = x.size5()?;
