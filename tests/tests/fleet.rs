@@ -614,13 +614,37 @@ async fn rolling_upgrade_replaces_every_worker_under_load_with_zero_failed_jobs(
     fleet.teardown().await;
 }
 
-/// Three small jobs at once against one busy small slot: which class and worker each ran on.
-async fn burst_of_small_jobs(fleet: &Fleet, prefix: &str) -> Vec<HashMap<String, String>> {
-    let ids: Vec<String> = (0..3).map(|i| format!("{prefix}-{i}")).collect();
+/// A fleet of one scheduler (refreshing its view of the load every 100 ms) and `workers`
+/// (id, classes consumed; one slot, 300 ms steps) gets three small jobs at once: the first takes
+/// a small slot, the others are backlogged behind it. Returns each job's status (all succeeded,
+/// natural class small), to see which class and worker each ran on.
+async fn burst_of_small_jobs(name: &str, workers: &[(&str, &str)]) -> Vec<HashMap<String, String>> {
+    let fleet = Fleet::new(name).await;
+    let _s = fleet.spawn_with(
+        "ditfleet-scheduler",
+        "scheduler",
+        &[("DITFLEET_BALANCE_INTERVAL_MS", "100")],
+    );
+    let _w: Vec<_> = workers
+        .iter()
+        .map(|(id, classes)| {
+            fleet.start_worker(
+                id,
+                &[
+                    ("DITFLEET_SIM_STEP_MS", "300"),
+                    ("DITFLEET_WORKER_CLASSES", classes),
+                ],
+            )
+        })
+        .collect();
+    fleet.wait_workers(workers.len(), T).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // the scheduler's refresh sees them
+    let ids: Vec<String> = (0..3).map(|i| format!("{name}-{i}")).collect();
     for id in &ids {
         fleet.submit(&job(id, 4)).await;
     }
-    let done = wait_terminal(fleet, &ids, T).await;
+    let done = wait_terminal(&fleet, &ids, T).await;
+    fleet.teardown().await;
     ids.iter()
         .map(|id| {
             let h = done[id].clone();
@@ -633,18 +657,7 @@ async fn burst_of_small_jobs(fleet: &Fleet, prefix: &str) -> Vec<HashMap<String,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_backlog_spills_up_to_an_idle_worker_that_serves_only_a_bigger_class() {
-    let fleet = Fleet::new("spill-up").await;
-    let _s = fleet.spawn_with(
-        "ditfleet-scheduler",
-        "scheduler",
-        &[("DITFLEET_BALANCE_INTERVAL_MS", "100")],
-    );
-    let slow = ("DITFLEET_SIM_STEP_MS", "300");
-    let _small = fleet.start_worker("w-small", &[slow, ("DITFLEET_WORKER_CLASSES", "small")]);
-    let _large = fleet.start_worker("w-large", &[slow, ("DITFLEET_WORKER_CLASSES", "large")]);
-    fleet.wait_workers(2, T).await;
-    tokio::time::sleep(Duration::from_millis(500)).await; // the scheduler's refresh sees both
-    let jobs = burst_of_small_jobs(&fleet, "spill").await;
+    let jobs = burst_of_small_jobs("spill-up", &[("w-small", "small"), ("w-large", "large")]).await;
     for h in &jobs {
         let want = if h["class"] == "large" {
             "w-large"
@@ -658,34 +671,17 @@ async fn a_small_backlog_spills_up_to_an_idle_worker_that_serves_only_a_bigger_c
         (1..3).contains(&spilled),
         "the backlog beyond the small slot spills to the idle large worker, not all of it: {jobs:?}"
     );
-    fleet.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_stays_in_its_class_when_the_only_idle_bigger_slot_is_its_own_workers() {
     // One worker consumes small and large: its free slot takes the next small job from the
     // small queue, so moving a job to large would only relabel it.
-    let fleet = Fleet::new("spill-same").await;
-    let _s = fleet.spawn_with(
-        "ditfleet-scheduler",
-        "scheduler",
-        &[("DITFLEET_BALANCE_INTERVAL_MS", "100")],
-    );
-    let _w = fleet.start_worker(
-        "w-both",
-        &[
-            ("DITFLEET_SIM_STEP_MS", "300"),
-            ("DITFLEET_WORKER_CLASSES", "small,large"),
-        ],
-    );
-    fleet.wait_workers(1, T).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for h in burst_of_small_jobs(&fleet, "stay").await {
+    for h in burst_of_small_jobs("spill-same", &[("w-both", "small,large")]).await {
         assert_eq!(
             (h["class"].as_str(), h["worker"].as_str()),
             ("small", "w-both"),
             "{h:?}"
         );
     }
-    fleet.teardown().await;
 }
