@@ -26,6 +26,8 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
 }
 
+pip_tmp() { rm -rf "$1"; mkdir -p "$1"; }
+
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 wait_port() {
@@ -66,7 +68,11 @@ want_torch=2.11.0
 if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$want_torch' else 1)" 2>/dev/null; then
   [ -x .venv/bin/python ] || { log "creating .venv"; python3 -m venv .venv; }
   log "installing torch==$want_torch into .venv (about 4.6 GB with its CUDA libraries; a few minutes on first run)"
-  .venv/bin/pip install -q --disable-pip-version-check "torch==$want_torch"
+  # pip buffers each download in $TMPDIR and copies it into its cache: on a machine whose /tmp
+  # is a small tmpfs the 4.6 GB of wheels fail with ENOSPC. Download beside the venv, uncached.
+  pip_tmp "$root/.venv/.pip-tmp"
+  TMPDIR="$root/.venv/.pip-tmp" .venv/bin/pip install -q --no-cache-dir --disable-pip-version-check "torch==$want_torch"
+  rm -rf "$root/.venv/.pip-tmp"
 fi
 # The engine's ATen shim (worker/engine/csrc) includes CUDA headers; the torch wheel ships
 # cuda_runtime_api.h but not the crt/ headers it includes (166 kB wheel).
