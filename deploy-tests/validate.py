@@ -11,13 +11,21 @@ Run through scripts/validate-deploy.sh (which prepares the virtualenv). Checks:
   schemas committed in deploy-tests/crd-schemas/ (check-jsonschema CLI); any other
   kind is an error.
 * chart invariants the schemas cannot express (GPU limits, grace periods, secrets,
-  security context, selectors that must match, metric names of alerts/dashboard).
+  security context, selectors that must match, metric names of alerts/dashboard; probes on
+  /startupz, /readyz, /healthz with the start-up window from startupSeconds; the driver-version
+  node affinity of GPU pools; NVIDIA_VISIBLE_DEVICES=void on containers without GPUs; a model
+  cache claim the chart creates has a writable access mode and a writer, workers mount it
+  read-only).
 * k8s/: k8s/base is exactly what deploy-tests/render_k8s_base.py produces from the
   chart; `kubectl kustomize` of k8s/base and k8s/overlays/dev is validated the same way.
-* the verify-model init container script, run here with /bin/sh against a fake model
-  directory: passes when every file matches, fails on a wrong hash, a missing file, or
-  no checksum list.
-* docker/Dockerfile.*: hadolint (Docker itself is not available here).
+* the model cache: the populate Job's and the verify-model init container's commands as
+  rendered, run with the real ditfleet-worker (built by `make test`; skipped, and said so,
+  without it) against a local cache and a local HTTP model source: an empty claim is filled
+  once, a worker then starts without hashing, damage is refused and repaired, a corrupt
+  download publishes nothing.
+* docker/Dockerfile.*: hadolint (Docker itself is not available here); OCI labels on both
+  images; the worker runtime on a plain (non-CUDA) base, NVIDIA_VISIBLE_DEVICES not `all`,
+  and the CUDA headers (nvidia-cuda-crt) installed in its builder.
 * the committed JSON schemas and values.schema.json are valid schemas (metaschema).
 * negative cases: every deploy-tests/values/broken/*.yaml must be rejected, and every
   deploy-tests/broken-manifests/*.yaml must fail object validation.
@@ -76,12 +84,18 @@ class Report:
     def __init__(self, quiet: bool = False) -> None:
         self.passed: list[str] = []
         self.failed: list[str] = []
+        self.skipped: list[str] = []
         self.quiet = quiet
 
     def ok(self, what: str) -> None:
         self.passed.append(what)
         if not self.quiet:
             print(f"  ok    {what}")
+
+    def skip(self, what: str, why: str) -> None:
+        self.skipped.append(f"{what}: {why}")
+        if not self.quiet:
+            print(f"  SKIP  {what}: {why}")
 
     def fail(self, what: str, why: str) -> None:
         self.failed.append(f"{what}: {why}")
@@ -195,6 +209,79 @@ def promql_metrics(expr: str) -> set[str]:
     return set(re.findall(r"\b(ditfleet_[a-z_]+)\b", re.sub(r"\{[^}]*\}", "", expr)))
 
 
+WORKER_BIN = "/usr/local/bin/ditfleet-worker"
+
+
+def mounts_of(container: dict) -> dict[str, dict]:
+    return {m["name"]: m for m in container.get("volumeMounts", [])}
+
+
+def model_cache_pod(dname: str, pod: dict, merged: dict, problems: list[str]) -> None:
+    """A flux pod reads the cache read-only; only fetch-model may write it; verify-model is the
+    worker's own subcommand and checks the directory the worker loads."""
+    mc = merged["modelCache"]
+    main = pod["containers"][0]
+    inits = {c["name"]: c for c in pod.get("initContainers", [])}
+    if not mounts_of(main).get("model-cache", {}).get("readOnly"):
+        problems.append(f"{dname}: the worker mounts the model cache writable")
+    verify = inits.get("verify-model")
+    if mc["verify"]["enabled"]:
+        if verify is None:
+            problems.append(f"{dname}: flux pool without the verify-model init container")
+            return
+        if verify.get("command") != [WORKER_BIN, "verify-model"]:
+            problems.append(f"{dname}: verify-model runs {verify.get('command')}, not `ditfleet-worker verify-model`")
+        if not mounts_of(verify).get("model-cache", {}).get("readOnly"):
+            problems.append(f"{dname}: verify-model mounts the model cache writable")
+        if env_of(verify).get("FLUX_MODEL_DIR") != env_of(main).get("FLUX_MODEL_DIR"):
+            problems.append(f"{dname}: verify-model checks another directory than the worker loads")
+        args = verify.get("args", [])
+        wait = int(args[args.index("--wait-seconds") + 1]) if "--wait-seconds" in args else 0
+        mode = (mc.get("populate") or {}).get("mode", "none")
+        jobs_fill = mode == "job" or (mode == "auto" and mc["type"] == "pvc" and not mc["pvc"]["existingClaim"])
+        if jobs_fill and wait <= 0:
+            problems.append(f"{dname}: verify-model does not wait for the populate Job")
+    fetch = inits.get("fetch-model")
+    if fetch is not None:
+        if fetch.get("command") != [WORKER_BIN, "fetch-model"]:
+            problems.append(f"{dname}: fetch-model runs {fetch.get('command')}")
+        if mounts_of(fetch).get("model-cache", {}).get("readOnly"):
+            problems.append(f"{dname}: fetch-model cannot write the model cache")
+        order = list(inits)
+        if "verify-model" in inits and order.index("fetch-model") > order.index("verify-model"):
+            problems.append(f"{dname}: fetch-model runs after verify-model")
+        vol = next(v for v in pod["volumes"] if v["name"] == "model-cache")
+        if vol.get("persistentVolumeClaim", {}).get("readOnly"):
+            problems.append(f"{dname}: fetch-model's claim is attached read-only")
+
+
+def model_cache_fill(by_kind: dict, merged: dict, problems: list[str]) -> None:
+    """A claim the chart creates starts empty: something must be able to fill it (a writable access
+    mode, and a populate Job or fetch-model init containers that write it)."""
+    claims = {c["metadata"]["name"]: c for c in by_kind.get("PersistentVolumeClaim", [])}
+    for name, claim in claims.items():
+        if claim["metadata"]["labels"].get("app.kubernetes.io/component") != "model-cache":
+            continue
+        modes = set(claim["spec"]["accessModes"])
+        if not modes & {"ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod"}:
+            problems.append(f"PVC {name}: access modes {sorted(modes)} let nothing fill it")
+        writers = []
+        for work in by_kind.get("Job", []) + by_kind.get("Deployment", []):
+            pod = work["spec"]["template"]["spec"]
+            vols = {v["name"] for v in pod.get("volumes", [])
+                    if v.get("persistentVolumeClaim", {}).get("claimName") == name}
+            for c in pod.get("initContainers", []) + pod["containers"]:
+                if c.get("command") == [WORKER_BIN, "fetch-model"] and any(
+                        m["name"] in vols and not m.get("readOnly") for m in c.get("volumeMounts", [])):
+                    writers.append(f"{work['kind']}/{work['metadata']['name']}")
+        if not writers:
+            problems.append(f"PVC {name} is created empty and nothing fills it (no populate Job, no fetch-model)")
+    for job in by_kind.get("Job", []):
+        pod = job["spec"]["template"]["spec"]
+        if pod.get("restartPolicy") not in ("Never", "OnFailure"):
+            problems.append(f"Job {job['metadata']['name']}: restartPolicy {pod.get('restartPolicy')}")
+
+
 def invariants(objects: list[tuple[str, dict]], values: dict, report: Report, label: str) -> None:
     with helm.Chart.load(str(CHART)) as chart:
         merged = chart.merge_values(values)
@@ -204,6 +291,7 @@ def invariants(objects: list[tuple[str, dict]], values: dict, report: Report, la
     for o in objs:
         by_kind.setdefault(o["kind"], []).append(o)
     deployments = {d["metadata"]["name"]: d for d in by_kind.get("Deployment", [])}
+    jobs = {j["metadata"]["name"]: j for j in by_kind.get("Job", [])}
     secret_names = {s["metadata"]["name"] for s in by_kind.get("Secret", [])}
 
     # Secrets: only the dev-credentials Secret, only when explicitly asked for.
@@ -211,8 +299,8 @@ def invariants(objects: list[tuple[str, dict]], values: dict, report: Report, la
         if not (merged["secrets"]["devCredentials"]["enabled"] and name.endswith("-dev-credentials")):
             problems.append(f"Secret {name} rendered without secrets.devCredentials.enabled")
 
-    for name, dep in deployments.items():
-        pod = dep["spec"]["template"]["spec"]
+    for name, work in {**deployments, **jobs}.items():
+        pod = work["spec"]["template"]["spec"]
         if pod.get("automountServiceAccountToken") is not False:
             problems.append(f"{name}: service account token is mounted")
         psc = pod.get("securityContext", {})
@@ -223,6 +311,20 @@ def invariants(objects: list[tuple[str, dict]], values: dict, report: Report, la
             if not (sc.get("readOnlyRootFilesystem") and sc.get("allowPrivilegeEscalation") is False
                     and "ALL" in sc.get("capabilities", {}).get("drop", [])):
                 problems.append(f"{name}/{c['name']}: securityContext not locked down")
+        # The NVIDIA runtime hands a container every GPU of the node when NVIDIA_VISIBLE_DEVICES
+        # is `all` (the CUDA images' default) or unset in a CUDA image: containers that request no
+        # GPU say `void`; those that do leave the variable to the device plugin. (Sidecars are the
+        # operator's: only the chart's own containers are checked.)
+        chart_containers = pod.get("initContainers", []) + pod["containers"][:1 if work["kind"] == "Deployment" else None]
+        for c in chart_containers:
+            gpus = (c.get("resources", {}).get("limits") or {}).get("nvidia.com/gpu")
+            visible = env_of(c).get("NVIDIA_VISIBLE_DEVICES", {}).get("value")
+            if gpus and visible is not None:
+                problems.append(f"{name}/{c['name']}: sets NVIDIA_VISIBLE_DEVICES={visible!r} over the device plugin's")
+            if not gpus and visible != "void":
+                problems.append(f"{name}/{c['name']}: requests no GPU but NVIDIA_VISIBLE_DEVICES is {visible!r}, not 'void'")
+        if work["kind"] == "Job":
+            continue
         main = pod["containers"][0]
         env = env_of(main)
         for var in ("DITFLEET_AMQP_URL", "DITFLEET_REDIS_URL"):
@@ -235,6 +337,11 @@ def invariants(objects: list[tuple[str, dict]], values: dict, report: Report, la
         if main["livenessProbe"]["httpGet"]["path"] != "/healthz" or \
                 main["readinessProbe"]["httpGet"]["path"] != "/readyz":
             problems.append(f"{name}: probes not on /healthz and /readyz")
+        # Workers: start-up on "models loaded" (/startupz), not on "process up" (/healthz, which is
+        # 200 from the first second and would let liveness kill a pod that is still loading).
+        if work["metadata"]["labels"].get("app.kubernetes.io/component") == "worker" and \
+                main.get("startupProbe", {}).get("httpGet", {}).get("path") != "/startupz":
+            problems.append(f"{name}: worker start-up probe not on /startupz")
 
     # One worker Deployment per pool with the pool's GPUs and grace period.
     defaults = merged["workerDefaults"]
@@ -263,8 +370,6 @@ def invariants(objects: list[tuple[str, dict]], values: dict, report: Report, la
             problems.append(f"{dname}: DITFLEET_WORKER_CLASSES mismatch")
         flux = pool["engine"] == "flux"
         inits = [c["name"] for c in pod.get("initContainers", [])]
-        if flux and merged["modelCache"]["verify"]["enabled"] and "verify-model" not in inits:
-            problems.append(f"{dname}: flux pool without the verify-model init container")
         if flux and "FLUX_MODEL_DIR" not in env:
             problems.append(f"{dname}: flux pool without FLUX_MODEL_DIR")
         # Multi-GPU flux pools pick their parallel plan (autotuned by default) and keep the
@@ -286,9 +391,47 @@ def invariants(objects: list[tuple[str, dict]], values: dict, report: Report, la
         auto = (pool.get("autoscaling") or {}).get("enabled")
         if auto and "replicas" in dep["spec"]:
             problems.append(f"{dname}: replicas set although KEDA owns the replica count")
+        # The start-up probe allows the pool's start-up budget, rounded up to whole periods.
+        probe = main.get("startupProbe", {})
+        window = int(probe.get("periodSeconds", 10)) * int(probe.get("failureThreshold", 3))
+        startup = pool.get("startupSeconds")
+        if startup is None:
+            problems.append(f"{dname}: the pool has no start-up budget (startupSeconds) for its start-up probe")
+        elif not int(startup) <= window < int(startup) + int(probe.get("periodSeconds", 10)):
+            problems.append(f"{dname}: start-up probe window {window} s is not the pool's startupSeconds {startup}")
+        # A rollout replaces a pod: the old one drains, the new one pulls, verifies (waiting for a
+        # populate Job to publish the version) and loads.
+        job_wait = 0
+        if flux and merged["modelCache"]["verify"]["enabled"] and any(
+                j["metadata"]["labels"].get("app.kubernetes.io/component") == "model-populate" for j in jobs.values()):
+            job_wait = int(merged["modelCache"]["verify"].get("waitSeconds", 0))
+        budget = want + int(pool["pullAndVerifySeconds"]) + job_wait + window
+        if int(dep["spec"].get("progressDeadlineSeconds", 600)) < budget:
+            problems.append(f"{dname}: progressDeadlineSeconds {dep['spec'].get('progressDeadlineSeconds', 600)}"
+                            f" < start-up budget {budget} s")
+        # GPU pods only where the driver runs the image's CUDA 13 (R580+): every required node
+        # selector term carries the driver-version expression.
+        driver = {"minMajor": 580, "label": "nvidia.com/cuda.driver-version.major",
+                  **(defaults.get("driver") or {}), **(raw.get("driver") or {})}
+        if gpus and int(driver["minMajor"]) > 0:
+            want_expr = {"key": driver["label"], "operator": "Gt", "values": [str(int(driver["minMajor"]) - 1)]}
+            terms = (((pod.get("affinity") or {}).get("nodeAffinity") or {})
+                     .get("requiredDuringSchedulingIgnoredDuringExecution") or {}).get("nodeSelectorTerms") or []
+            if not terms or any(want_expr not in t.get("matchExpressions", []) for t in terms):
+                problems.append(f"{dname}: not every required node selector term requires driver >= {driver['minMajor']} ({driver['label']})")
+        if flux:
+            model_cache_pod(dname, pod, merged, problems)
+        if multi and pool.get("planCacheHostPath"):
+            vol = next(v for v in pod["volumes"] if v["name"] == "plan-cache")
+            if vol["hostPath"].get("type") != "DirectoryOrCreate":
+                problems.append(f"{dname}: plan-cache hostPath is not created when missing")
+            if pool.get("planCacheHostPathPrepare", True) and "prepare-plan-cache" not in inits:
+                problems.append(f"{dname}: nothing makes the plan-cache hostPath writable for the worker's user")
+
+    model_cache_fill(by_kind, merged, problems)
 
     # Selectors of PDBs, Services, ScaledObjects, ServiceMonitors must hit something.
-    pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in deployments.values()]
+    pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in [*deployments.values(), *jobs.values()]]
 
     def selects(sel: dict) -> bool:
         return any(all(lbl.get(k) == v for k, v in sel.items()) for lbl in pod_labels)
@@ -311,6 +454,46 @@ def invariants(objects: list[tuple[str, dict]], values: dict, report: Report, la
                 problems.append(f"ScaledObject {so['metadata']['name']}: missing TriggerAuthentication")
             if trig["metadata"].get("protocol") != "http":
                 problems.append(f"ScaledObject {so['metadata']['name']}: protocol is not http")
+    # KEDA: a private CA reaches the scaler (with tls=enable, which it reads from the
+    # authentication only), and a pool at zero is not left there while its scaler fails.
+    for ta in by_kind.get("TriggerAuthentication", []):
+        params = {r["parameter"] for r in ta["spec"].get("secretTargetRef", [])}
+        params |= {r["parameter"] for r in ta["spec"].get("configMapTargetRef", [])}
+        if merged["tls"]["caSecret"] and not {"ca", "tls"} <= params:
+            problems.append(f"TriggerAuthentication {ta['metadata']['name']}: tls.caSecret set but no ca/tls parameters")
+        for ref in ta["spec"].get("configMapTargetRef", []):
+            cms = {c["metadata"]["name"]: c for c in by_kind.get("ConfigMap", [])}
+            if ref["key"] not in (cms.get(ref["name"], {}).get("data") or {}):
+                problems.append(f"TriggerAuthentication {ta['metadata']['name']}: ConfigMap {ref['name']} lacks {ref['key']}")
+    for so in by_kind.get("ScaledObject", []):
+        spec = so["spec"]
+        if spec.get("minReplicaCount", 0) == 0 and "fallback" not in spec:
+            problems.append(f"ScaledObject {so['metadata']['name']}: minReplicaCount 0 without a fallback")
+        if spec.get("minReplicaCount", 0) > spec["maxReplicaCount"]:
+            problems.append(f"ScaledObject {so['metadata']['name']}: minReplicaCount > maxReplicaCount")
+    # NetworkPolicy egress reaches the ports of the endpoints configured as URLs.
+    from urllib.parse import urlparse
+    for np_ in by_kind.get("NetworkPolicy", []):
+        ports = {p["port"] for rule in np_["spec"].get("egress", []) for p in rule.get("ports", [])}
+        component = np_["metadata"]["labels"].get("app.kubernetes.io/component")
+        urls = [merged["config"]["otlpEndpoint"]] if component in ("scheduler", "worker") else []
+        if component == "worker":
+            urls.append(merged["results"]["endpointUrl"])
+        # Where fetch-model downloads from (the populate Job, or workers with fetch-model inits).
+        fetchers = {j["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
+                    for j in by_kind.get("Job", [])}
+        if any(c["name"] == "fetch-model" for d in deployments.values()
+               for c in d["spec"]["template"]["spec"].get("initContainers", [])):
+            fetchers.add("worker")
+        if component in fetchers:
+            pop = merged["modelCache"].get("populate") or {}
+            urls.append(pop["source"] if not pop["source"].startswith("s3://")
+                        else (pop["endpointUrl"] or merged["results"]["endpointUrl"] or "https://s3.amazonaws.com"))
+        for url in filter(None, urls):
+            u = urlparse(url)
+            port = u.port or (443 if u.scheme == "https" else 80)
+            if port not in ports:
+                problems.append(f"NetworkPolicy {np_['metadata']['name']}: no egress to port {port} of {url}")
     for sm in by_kind.get("ServiceMonitor", []):
         sel = sm["spec"]["selector"]["matchLabels"]
         if not any(all(s["metadata"]["labels"].get(k) == v for k, v in sel.items())
@@ -343,6 +526,28 @@ def invariants(objects: list[tuple[str, dict]], values: dict, report: Report, la
         report.ok(f"{label}: chart invariants ({len(objs)} objects)")
 
 
+def notes_warn_of_shared_classes(values: dict, report: Report, label: str) -> None:
+    """The install notes warn exactly when two autoscaled pools scale on one class's queues."""
+    with helm.Chart.load(str(CHART)) as chart:
+        merged = chart.merge_values(values)
+        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    notes = next((t for k, t in manifests.items() if k.endswith("NOTES.txt")), "")
+    seen: dict[str, str] = {}
+    shared = []
+    for pool in merged["workerPools"]:
+        if not (pool.get("autoscaling") or {}).get("enabled"):
+            continue
+        for c in pool["classes"]:
+            if c in seen:
+                shared.append((seen[c], pool["name"], c))
+            seen.setdefault(c, pool["name"])
+    missing = [s for s in shared if f"pools {s[0]} and {s[1]} both autoscale on the queues of class {s[2]}" not in notes]
+    if missing or (not shared and "WARNING: pools" in notes):
+        report.fail(f"{label}: install notes", f"shared classes {shared}, notes:\n{notes}")
+    else:
+        report.ok(f"{label}: install notes warn of {len(shared)} shared autoscaled class(es)")
+
+
 # ------------------------------------------------------------------- kustomize
 
 
@@ -356,58 +561,179 @@ def kustomize(path: Path) -> list[tuple[str, dict]]:
     return [(str(path.relative_to(ROOT)), d) for d in yaml.safe_load_all(proc.stdout) if d]
 
 
-# ------------------------------------------------------------------- verify-model
+# ------------------------------------------------------------------- model cache
 
 
-def verify_model_script(report: Report, work: Path) -> None:
-    """Run the init container's shell script from the rendered chart on a fake cache."""
-    files = {"model_index.json": b"{}\n", "transformer/part-00001.safetensors": b"\x00" * 4096,
+def worker_binary() -> Path | None:
+    """The ditfleet-worker that `make test` built (DITFLEET_WORKER_BIN overrides)."""
+    if os.environ.get("DITFLEET_WORKER_BIN"):
+        return Path(os.environ["DITFLEET_WORKER_BIN"])
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
+    for profile in ("debug", "release"):
+        if (target / profile / "ditfleet-worker").is_file():
+            return target / profile / "ditfleet-worker"
+    return None
+
+
+def model_cache_commands(report: Report, work: Path) -> None:
+    """Run the populate Job's and the verify-model init container's commands exactly as the chart
+    renders them, with the real ditfleet-worker, against a local cache directory and a local HTTP
+    model source: the defaults fill an empty claim once, a worker then starts without hashing,
+    damage is refused, and a corrupt download publishes nothing."""
+    import hashlib
+    import http.server
+    import threading
+    from functools import partial
+
+    binary = worker_binary()
+    if binary is None:
+        report.skip("model cache commands", "no ditfleet-worker binary (cargo build -p ditfleet-worker, "
+                    "or DITFLEET_WORKER_BIN); `make test` builds it first")
+        return
+    files = {"model_index.json": b"{}\n", "transformer/part-00001.safetensors": b"\x00" * 300_000,
              "vae/diffusion_pytorch_model.safetensors": b"vae"}
-    sums = {p: __import__("hashlib").sha256(b).hexdigest() for p, b in files.items()}
-    values = {"modelCache": {"type": "pvc", "mountPath": "/models", "modelSubPath": "FLUX.1-dev",
-                             "pvc": {"existingClaim": "m"},
-                             "verify": {"enabled": True, "checksums": sums}}}
-    objs = [o for _, o in render(values)]
-    dep = next(o for o in objs if o["kind"] == "Deployment" and "worker" in o["metadata"]["name"])
-    init = dep["spec"]["template"]["spec"]["initContainers"][0]
-    cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("model-checksums"))
-    script = init["args"][0]
-    env = {e["name"]: e["value"] for e in init["env"]}
+    sums = {p: hashlib.sha256(b).hexdigest() for p, b in files.items()}
+    source = work / "model-source" / "FLUX.1-dev"
+    for rel, data in files.items():
+        (source / rel).parent.mkdir(parents=True, exist_ok=True)
+        (source / rel).write_bytes(data)
+    (source / "SHA256SUMS").write_text("".join(f"{h}  {p}\n" for p, h in sums.items()))
 
-    def run(case: str, listed: str | None, manifest: str | None, mutate=None) -> int:
-        root = work / "verify" / case
-        model, cmdir = root / "model", root / "cm"
-        for rel, data in files.items():
-            (model / rel).parent.mkdir(parents=True, exist_ok=True)
-            (model / rel).write_bytes(data)
-        cmdir.mkdir(parents=True)
-        (cmdir / "SHA256SUMS").write_text(listed or "")
-        if manifest is not None:
-            (model / env["MODEL_MANIFEST"]).write_text(manifest)
-        if mutate:
-            mutate(model)
-        proc = subprocess.run(["/bin/sh", "-ec", script.replace("/etc/ditfleet/model-checksums", str(cmdir))],
-                              env={"PATH": os.environ["PATH"], "FLUX_MODEL_DIR": str(model),
-                                   "MODEL_MANIFEST": env["MODEL_MANIFEST"]},
-                              capture_output=True, text=True)
-        return proc.returncode
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
 
-    listed = cm["data"]["SHA256SUMS"]
-    manifest = "".join(f"{h}  {p}\n" for p, h in sums.items())
-    cases = [
-        ("checksums from values, all match", run("values-ok", listed, None), True),
-        ("manifest in the cache, all match", run("manifest-ok", None, manifest), True),
-        ("one file changed", run("changed", listed, None,
-                                 lambda m: (m / "vae/diffusion_pytorch_model.safetensors").write_bytes(b"VAE")), False),
-        ("one file missing", run("missing", None, manifest,
-                                 lambda m: (m / "model_index.json").unlink()), False),
-        ("no checksum list at all", run("nolist", None, None), False),
-    ]
-    for what, rc, should_pass in cases:
-        if (rc == 0) == should_pass:
-            report.ok(f"verify-model script: {what} -> exit {rc}")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(source.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/FLUX.1-dev"
+
+    def containers(extra: dict) -> tuple[dict, dict, str]:
+        values = {"modelCache": {"populate": {"source": base}, **extra}}
+        objs = [o for _, o in render(values)]
+        job = next(o for o in objs if o["kind"] == "Job")
+        dep = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-l40x1"))
+        verify = next(c for c in dep["spec"]["template"]["spec"]["initContainers"] if c["name"] == "verify-model")
+        cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("model-checksums"))
+        return job["spec"]["template"]["spec"]["containers"][0], verify, cm["data"]["SHA256SUMS"]
+
+    def run(container: dict, case: str, listed: str, wait: str | None = None) -> subprocess.CompletedProcess:
+        root = work / "cache-cases" / case
+        cache, cm = root / "models", root / "checksums"
+        cache.mkdir(parents=True, exist_ok=True)
+        cm.mkdir(parents=True, exist_ok=True)
+        (cm / "SHA256SUMS").write_text(listed)
+
+        def local(v: str) -> str:
+            v = v.replace("/etc/ditfleet/model-checksums", str(cm))
+            return str(cache) + v[len("/models"):] if v == "/models" or v.startswith("/models/") else v
+
+        args = [local(a) for a in container.get("args", [])]
+        if wait is not None:
+            args[args.index("--wait-seconds") + 1] = wait
+        env = {e["name"]: local(e["value"]) for e in container.get("env", []) if "value" in e}
+        env |= {"PATH": os.environ["PATH"], "HOME": str(root), "DITFLEET_LOG_FORMAT": "text"}
+        return subprocess.run([str(binary), *container["command"][1:], *args], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    def check(what: str, proc: subprocess.CompletedProcess, ok: bool, expect: str = "") -> None:
+        out = proc.stdout + proc.stderr
+        if (proc.returncode == 0) == ok and expect in out:
+            report.ok(f"model cache: {what} -> exit {proc.returncode}")
         else:
-            report.fail(f"verify-model script: {what}", f"exit {rc}, expected {'0' if should_pass else 'non-zero'}")
+            report.fail(f"model cache: {what}", f"exit {proc.returncode}, wanted {'0' if ok else 'non-zero'}"
+                        f"{f' and {expect!r}' if expect else ''}:\n{out[-1500:]}")
+
+    try:
+        fetch, verify, listed = containers({})
+        version = work / "cache-cases" / "defaults" / "models" / "FLUX.1-dev"
+        check("defaults: verify-model refuses an empty cache (wait cut to 1 s)",
+              run(verify, "defaults", listed, wait="1"), False, "does not exist")
+        check("defaults: the populate Job fills the empty claim", run(fetch, "defaults", listed), True,
+              "downloaded, verified and published")
+        if not (version / ".ditfleet-verified").is_file() or (version / "transformer/part-00001.safetensors").read_bytes() != files["transformer/part-00001.safetensors"]:
+            report.fail("model cache: populate result", f"{version} lacks the files or the verification record")
+        check("defaults: a worker's verify-model trusts the record, hashes nothing",
+              run(verify, "defaults", listed), True, "(3 trusted from the record, 0 hashed)")
+        check("defaults: the Job run again keeps the verified copy", run(fetch, "defaults", listed), True,
+              "present and verified")
+        (version / "vae/diffusion_pytorch_model.safetensors").write_bytes(b"VAE")
+        check("defaults: verify-model refuses a changed file",
+              run(verify, "defaults", listed), False, "vae/diffusion_pytorch_model.safetensors: sha256")
+        check("defaults: the Job replaces the damaged copy", run(fetch, "defaults", listed), True,
+              "downloaded, verified and published")
+        check("defaults: verify-model passes after the repair", run(verify, "defaults", listed), True, "0 hashed")
+
+        wrong = {**sums, "vae/diffusion_pytorch_model.safetensors": "0" * 64}
+        fetch, verify, listed = containers({"verify": {"checksums": wrong}})
+        check("pinned checksums: a download that does not match publishes nothing",
+              run(fetch, "pinned", listed), False, "is corrupt")
+        if (work / "cache-cases" / "pinned" / "models" / "FLUX.1-dev").exists():
+            report.fail("model cache: pinned checksums", "a corrupt download was published")
+    finally:
+        server.shutdown()
+
+
+# ------------------------------------------------------------------- Dockerfiles
+
+OCI_LABELS = {"title", "description", "source", "licenses", "version", "revision"}
+
+
+def dockerfile_stages(path: Path) -> list[dict]:
+    """Stages of a Dockerfile: base image (global ARG defaults substituted), LABEL keys, ENV
+    values and RUN text. Continuation lines are joined; comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(l for l in path.read_text().splitlines()
+                                        if not l.lstrip().startswith("#")))
+    args: dict[str, str] = {}
+    stages: list[dict] = []
+    for line in text.splitlines():
+        m = re.match(r"\s*(\w+)\s+(.*)", line)
+        if not m:
+            continue
+        op, rest = m.group(1).upper(), m.group(2).strip()
+        if op == "ARG" and not stages and "=" in rest:
+            k, v = rest.split("=", 1)
+            args[k.strip()] = v.strip().strip('"')
+        elif op == "FROM":
+            image = re.sub(r"\$\{(\w+)\}", lambda a: args.get(a.group(1), ""), rest.split()[0])
+            stages.append({"from": image, "labels": {}, "env": {}, "run": ""})
+        elif stages and op in ("LABEL", "ENV"):
+            for k, v in re.findall(r'([\w.\-]+)=("[^"]*"|\S+)', rest):
+                stages[-1]["labels" if op == "LABEL" else "env"][k] = v.strip('"')
+        elif stages and op == "RUN":
+            stages[-1]["run"] += rest + "\n"
+    return stages
+
+
+def dockerfile_checks(report: Report) -> None:
+    """What hadolint does not know: OCI labels on both images; the worker's runtime on a plain
+    base (the torch wheel's nvidia-* libraries are the only CUDA copy), no GPUs for containers
+    that request none, and the CUDA headers the engine build requires."""
+    for path in sorted((ROOT / "docker").glob("Dockerfile.*")):
+        if path.name.endswith(".dockerignore"):
+            continue
+        final = dockerfile_stages(path)[-1]
+        keys = {k.removeprefix("org.opencontainers.image.") for k in final["labels"]
+                if k.startswith("org.opencontainers.image.")}
+        missing = OCI_LABELS - keys
+        if missing:
+            report.fail(f"{path.name}: OCI labels", f"final stage lacks org.opencontainers.image.{{{','.join(sorted(missing))}}}")
+        else:
+            report.ok(f"{path.name}: OCI labels {', '.join(sorted(OCI_LABELS))}")
+    worker = dockerfile_stages(ROOT / "docker" / "Dockerfile.worker")
+    base = worker[-1]["from"]
+    if re.search(r"cuda", base, re.I):
+        report.fail("Dockerfile.worker: runtime base", f"{base} is a CUDA image: the torch wheel's libraries would be carried twice")
+    else:
+        report.ok(f"Dockerfile.worker: runtime base {base} carries no CUDA of its own")
+    visible = worker[-1]["env"].get("NVIDIA_VISIBLE_DEVICES")
+    if visible in (None, "all"):
+        report.fail("Dockerfile.worker: NVIDIA_VISIBLE_DEVICES", f"{visible!r}: containers requesting no GPU would see every GPU")
+    else:
+        report.ok(f"Dockerfile.worker: NVIDIA_VISIBLE_DEVICES={visible} unless the device plugin sets it")
+    if not any("nvidia-cuda-crt" in st["run"] for st in worker[:-1]):
+        report.fail("Dockerfile.worker: CUDA headers", "the builder does not install nvidia-cuda-crt; the engine build refuses a CUDA libtorch without crt/ headers")
+    else:
+        report.ok("Dockerfile.worker: the builder installs the CUDA headers the engine build requires")
 
 
 # ------------------------------------------------------------------- negatives
@@ -458,6 +784,7 @@ def main() -> int:
             if validate_objects(objects, label, crd_dir, report):
                 report.ok(f"{label}: core objects valid (strict) for Kubernetes {', '.join(K8S_VERSIONS)}")
             invariants(objects, values, report, label)
+            notes_warn_of_shared_classes(values, report, label)
 
         # 2. plain manifests
         print("== k8s/ (kustomize)")
@@ -478,8 +805,8 @@ def main() -> int:
             if validate_objects(objects, label, crd_dir, report):
                 report.ok(f"{label}: core objects valid (strict) for Kubernetes {', '.join(K8S_VERSIONS)}")
 
-        print("== verify-model init container")
-        verify_model_script(report, work)
+        print("== model cache: populate Job and verify-model with the real ditfleet-worker")
+        model_cache_commands(report, work)
 
         # 3. Dockerfiles and schema files
         print("== docker/ and schemas")
@@ -492,6 +819,7 @@ def main() -> int:
             report.ok(f"hadolint {' '.join(Path(d).name for d in dockerfiles)}")
         else:
             report.fail("hadolint", (proc.stdout + proc.stderr).strip() or "no Dockerfiles")
+        dockerfile_checks(report)
         schemas = [str(CHART / "values.schema.json"),
                    *sorted(str(p) for p in (TESTS / "crd-schemas").glob("*.json"))]
         proc = subprocess.run([str(bindir / "check-jsonschema"), "--check-metaschema", *schemas],
@@ -536,7 +864,9 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nSUMMARY: {len(report.passed)} passed, {len(report.failed)} failed")
+    print(f"\nSUMMARY: {len(report.passed)} passed, {len(report.failed)} failed, {len(report.skipped)} skipped")
+    for s in report.skipped:
+        print(f"  ~ {s}")
     for f in report.failed:
         print(f"  - {f}")
     return 0 if not report.failed else 1

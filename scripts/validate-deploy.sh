@@ -8,8 +8,10 @@
 # template of helm/ditfleet with every deploy-tests/values/*.yaml, strict Kubernetes
 # schema validation of every rendered object, CRD objects against the committed
 # deploy-tests/crd-schemas/, kubectl kustomize of k8s/base and k8s/overlays/dev, and
-# the negative cases that must be rejected, hadolint on docker/Dockerfile.*. Exits
-# non-zero on any failure.
+# the negative cases that must be rejected, hadolint and image checks on docker/Dockerfile.*,
+# and the chart's populate Job / verify-model commands run with the ditfleet-worker binary that
+# `make build` left in ${CARGO_TARGET_DIR:-target}/debug (skipped, and reported, without it).
+# Exits non-zero on any failure.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -138,7 +138,10 @@ The AMQP URL comes from the component's own key when set (least-privilege Rabbit
 {{- end -}}
 {{- end -}}
 
-{{/* Probes on the health/metrics HTTP server. */}}
+{{/* Liveness and readiness on the health/metrics HTTP server. /healthz: the process runs and its
+main loop is not wedged (a failure restarts the container). /readyz: it can take work now (a
+worker: models loaded, consuming, not draining or reconnecting, capacity above zero); a failure
+only takes it out of the ready count. The worker's start-up probe (/startupz) is set per pool. */}}
 {{- define "ditfleet.probes" -}}
 livenessProbe:
   httpGet:
@@ -154,4 +157,76 @@ readinessProbe:
   periodSeconds: 5
   timeoutSeconds: 3
   failureThreshold: 3
+{{- end -}}
+
+{{/* How the model cache is filled: job | initContainer | none. `auto` = a Job when the chart
+creates the claim (an empty claim nothing else would fill), none otherwise (an existing claim or a
+hostPath the operator seeds). */}}
+{{- define "ditfleet.populateMode" -}}
+{{- $mc := .Values.modelCache -}}
+{{- $mode := $mc.populate.mode -}}
+{{- if eq $mode "auto" -}}
+{{- $mode = ternary "job" "none" (and (eq $mc.type "pvc") (not $mc.pvc.existingClaim) $mc.pvc.create) -}}
+{{- end -}}
+{{- $mode -}}
+{{- end -}}
+
+{{/* Environment of `ditfleet-worker fetch-model` (populate Job and init container). It needs no
+GPU: NVIDIA_VISIBLE_DEVICES=void keeps the NVIDIA runtime from giving it every GPU of the node. */}}
+{{- define "ditfleet.populateEnv" -}}
+{{- $p := .Values.modelCache.populate -}}
+{{- $source := required "modelCache.populate.source is required to fill the model cache (s3://bucket/prefix or https://host/path), or set modelCache.populate.mode=none and fill it yourself" $p.source -}}
+- name: DITFLEET_MODEL_SOURCE
+  value: {{ $source | quote }}
+- name: NVIDIA_VISIBLE_DEVICES
+  value: void
+- name: DITFLEET_LOG
+  value: {{ .Values.config.log | quote }}
+- name: DITFLEET_LOG_FORMAT
+  value: {{ .Values.config.logFormat | quote }}
+{{- if hasPrefix "s3://" $source }}
+{{- $endpoint := default .Values.results.endpointUrl $p.endpointUrl }}
+{{- with $endpoint }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- if hasPrefix "http://" . }}
+- name: AWS_ALLOW_HTTP
+  value: "true"
+{{- end }}
+{{- end }}
+- name: AWS_REGION
+  value: {{ default .Values.results.region $p.region | quote }}
+{{- $secret := $p.credentialsSecret | default (include "ditfleet.secretName" (dict "root" . "ref" .Values.secrets.s3)) }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ .Values.secrets.s3.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ .Values.secrets.s3.secretAccessKeyKey }}
+{{- else if $p.tokenSecret.name }}
+- name: DITFLEET_MODEL_SOURCE_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $p.tokenSecret.name }}
+      key: {{ $p.tokenSecret.key }}
+{{- end }}
+{{- end -}}
+
+{{/* fetch-model arguments (dict "root" $): the version lands in <mountPath>/<modelSubPath>. */}}
+{{- define "ditfleet.populateArgs" -}}
+{{- $mc := .Values.modelCache -}}
+- --cache-dir
+- {{ $mc.mountPath | quote }}
+- --version
+- {{ $mc.modelSubPath | quote }}
+- --checksums
+- /etc/ditfleet/model-checksums/SHA256SUMS
+- --list-name
+- {{ $mc.verify.manifestFile | quote }}
+- --parallel
+- {{ $mc.populate.parallel | int | quote }}
 {{- end -}}
