@@ -26,12 +26,14 @@ pub enum PublishError {
 /// error (callers retry or requeue, and consumers dedupe), instead of hanging the caller.
 pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long opening a connection (TCP, TLS, AMQP handshake) may take. A broker that accepts the
+/// socket and never answers, or a handshake failure that recovery keeps retrying, fails the
+/// connect instead of hanging the caller.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Opens a connection with automatic recovery (reconnect + topology replay).
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
-    let props = ConnectionProperties::default()
-        .with_connection_name(name.into())
-        .enable_auto_recover();
-    Connection::connect(url, props).await
+    connect_with(url, name, None, true).await
 }
 
 /// [`connect`] with TLS settings: for `amqps://`, the CA certificates in `ca_file` (PEM) are
@@ -41,30 +43,61 @@ pub async fn connect_tls(
     name: &str,
     ca_file: Option<&std::path::Path>,
 ) -> lapin::Result<Connection> {
-    let Some(ca) = ca_file else {
-        return connect(url, name).await;
-    };
-    let pem = std::fs::read_to_string(ca)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("reading the AMQP CA file: {e}")))?;
-    let props = ConnectionProperties::default()
-        .with_connection_name(name.into())
-        .enable_auto_recover();
-    let tls = lapin::tcp::OwnedTLSConfig {
-        identity: None,
-        cert_chain: Some(pem),
-    };
-    Connection::connect_with_config(url, props, tls, lapin::runtime::default_runtime()?).await
+    connect_with(url, name, ca_file, true).await
 }
 
-/// Connects with the service's configured URL and TLS settings.
+/// Opens a connection within [`CONNECT_TIMEOUT`]; `recover` enables lapin's automatic recovery,
+/// which long-running services want and a one-shot command does not (it should fail, not wait
+/// for a broker that went away).
+pub async fn connect_with(
+    url: &str,
+    name: &str,
+    ca_file: Option<&std::path::Path>,
+    recover: bool,
+) -> lapin::Result<Connection> {
+    let mut props = ConnectionProperties::default().with_connection_name(name.into());
+    if recover {
+        props = props.enable_auto_recover();
+    }
+    let connecting = async {
+        let Some(ca) = ca_file else {
+            return Connection::connect(url, props).await;
+        };
+        let pem = std::fs::read_to_string(ca)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("reading the AMQP CA file: {e}")))?;
+        let tls = lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain: Some(pem),
+        };
+        Connection::connect_with_config(url, props, tls, lapin::runtime::default_runtime()?).await
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no AMQP handshake within {} s", CONNECT_TIMEOUT.as_secs()),
+        )
+        .into()),
+    }
+}
+
+/// Connects with the service's configured URL and TLS settings, with automatic recovery.
 pub async fn connect_cfg(cfg: &crate::config::CommonConfig, name: &str) -> lapin::Result<Connection> {
-    connect_tls(&cfg.amqp_url, name, cfg.amqp_ca_file.as_deref()).await
+    connect_with(&cfg.amqp_url, name, cfg.amqp_ca_file.as_deref(), true).await
+}
+
+/// [`connect_cfg`] without automatic recovery, for one-shot commands (ditfleetctl).
+pub async fn connect_cfg_once(cfg: &crate::config::CommonConfig, name: &str) -> lapin::Result<Connection> {
+    connect_with(&cfg.amqp_url, name, cfg.amqp_ca_file.as_deref(), false).await
 }
 
 /// A channel in confirm mode: every publish waits for the broker's ack.
 #[derive(Clone)]
 pub struct Publisher {
     channel: Channel,
+    /// Publishes in a row that got no confirm within [`CONFIRM_TIMEOUT`] (0 after any confirm):
+    /// one of the signs a [`LinkWatch`] reads.
+    confirm_timeouts: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -79,11 +112,19 @@ impl Publisher {
     pub async fn new(conn: &Connection) -> lapin::Result<Self> {
         let channel = conn.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Self { channel })
+        Ok(Self {
+            channel,
+            confirm_timeouts: Default::default(),
+        })
     }
 
     pub fn channel(&self) -> &Channel {
         &self.channel
+    }
+
+    /// Publishes in a row that timed out waiting for their confirm (0 since the last confirm).
+    pub fn confirm_timeouts_in_a_row(&self) -> u32 {
+        self.confirm_timeouts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Publishes and waits for the confirm (at most [`CONFIRM_TIMEOUT`]). With `mandatory`, a
@@ -113,11 +154,17 @@ impl Publisher {
         };
         let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, publish)
             .await
-            .map_err(|_| PublishError::ConfirmTimeout {
-                exchange: exchange.into(),
-                key: key.into(),
-                secs: CONFIRM_TIMEOUT.as_secs(),
+            .map_err(|_| {
+                self.confirm_timeouts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                PublishError::ConfirmTimeout {
+                    exchange: exchange.into(),
+                    key: key.into(),
+                    secs: CONFIRM_TIMEOUT.as_secs(),
+                }
             })??;
+        self.confirm_timeouts
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         if confirm.is_nack() {
             return Err(PublishError::Nacked {
                 exchange: exchange.into(),
@@ -131,6 +178,123 @@ impl Publisher {
             });
         }
         Ok(())
+    }
+}
+
+/// Publishes in a row without a confirm after which a [`LinkWatch`] counts the link as down even
+/// though lapin reports it connected (about 90 s without any confirm).
+pub const CONFIRM_TIMEOUTS_DOWN: u32 = 3;
+
+/// Whether a connection and the channels a service uses all report `Connected`. While lapin
+/// recovers a connection they report `Reconnecting`; a recovery that wedged leaves them so.
+pub fn link_up(conn: &Connection, channels: &[&Channel]) -> bool {
+    conn.status().connected() && channels.iter().all(|c| c.status().connected())
+}
+
+/// A connection's state in one word, for logs.
+pub fn connection_state(conn: &Connection) -> &'static str {
+    let s = conn.status();
+    if s.connected() {
+        "connected"
+    } else if s.reconnecting() {
+        "reconnecting"
+    } else if s.connecting() {
+        "connecting"
+    } else if s.closing() {
+        "closing"
+    } else if s.closed() {
+        "closed"
+    } else {
+        "error"
+    }
+}
+
+/// A channel's state in one word, for logs.
+pub fn channel_state(channel: &Channel) -> &'static str {
+    let s = channel.status();
+    if s.connected() {
+        "connected"
+    } else if s.reconnecting() {
+        "reconnecting"
+    } else if s.initializing() {
+        "opening"
+    } else if s.closing() {
+        "closing"
+    } else {
+        "closed or error"
+    }
+}
+
+/// What a [`LinkWatch`] concluded from one observation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// The link works.
+    Up,
+    /// The link came back after being down this long.
+    Recovered(std::time::Duration),
+    /// The link is down (for this long so far), within the recovery bound.
+    Down(std::time::Duration),
+    /// The link has been down for longer than the recovery bound: the service should give up
+    /// (exit non-zero for its supervisor to restart it); its unacked deliveries are redelivered.
+    Lost(std::time::Duration),
+}
+
+/// Watchdog of a service's broker link. lapin's automatic recovery can wedge after a broker
+/// restart (a connection or channel left `Reconnecting` for good, or confirms that never come);
+/// the watch turns "no working link for longer than `bound`" into [`LinkState::Lost`] so the
+/// service stops instead of sitting alive but idle.
+#[derive(Debug)]
+pub struct LinkWatch {
+    bound: std::time::Duration,
+    down_since: Option<std::time::Instant>,
+}
+
+impl LinkWatch {
+    pub fn new(bound: std::time::Duration) -> Self {
+        Self {
+            bound,
+            down_since: None,
+        }
+    }
+
+    /// How often to observe: often enough to see an outage quickly, at least 4 times per bound.
+    pub fn period(&self) -> std::time::Duration {
+        (self.bound / 4).clamp(
+            std::time::Duration::from_millis(10),
+            std::time::Duration::from_millis(250),
+        )
+    }
+
+    /// Whether the link was down at the last observation.
+    pub fn is_down(&self) -> bool {
+        self.down_since.is_some()
+    }
+
+    /// Records one observation (`up`: the link works now).
+    pub fn observe(&mut self, up: bool) -> LinkState {
+        self.observe_at(up, std::time::Instant::now())
+    }
+
+    fn observe_at(&mut self, up: bool, now: std::time::Instant) -> LinkState {
+        match (up, self.down_since) {
+            (true, None) => LinkState::Up,
+            (true, Some(since)) => {
+                self.down_since = None;
+                LinkState::Recovered(now.saturating_duration_since(since))
+            }
+            (false, None) => {
+                self.down_since = Some(now);
+                LinkState::Down(std::time::Duration::ZERO)
+            }
+            (false, Some(since)) => {
+                let down = now.saturating_duration_since(since);
+                if down > self.bound {
+                    LinkState::Lost(down)
+                } else {
+                    LinkState::Down(down)
+                }
+            }
+        }
     }
 }
 
@@ -188,4 +352,56 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// A passive declare: the queue's message and consumer counts, or an error (which closes the
+/// channel) when it does not exist. Needs no permission on the queue.
+pub async fn passive_declare(ch: &Channel, queue: &str) -> lapin::Result<lapin::Queue> {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn link_watch_reports_down_then_lost_past_the_bound_and_recovery() {
+        let mut w = LinkWatch::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(w.observe_at(true, t0), LinkState::Up);
+        assert_eq!(w.observe_at(false, t0), LinkState::Down(Duration::ZERO));
+        assert!(w.is_down());
+        let t = t0 + Duration::from_secs(4);
+        assert_eq!(w.observe_at(false, t), LinkState::Down(Duration::from_secs(4)));
+        assert_eq!(
+            w.observe_at(true, t),
+            LinkState::Recovered(Duration::from_secs(4))
+        );
+        assert!(!w.is_down());
+        // A new outage counts from its own start.
+        let t1 = t0 + Duration::from_secs(20);
+        assert_eq!(w.observe_at(false, t1), LinkState::Down(Duration::ZERO));
+        assert_eq!(
+            w.observe_at(false, t1 + Duration::from_secs(10)),
+            LinkState::Down(Duration::from_secs(10))
+        );
+        assert_eq!(
+            w.observe_at(false, t1 + Duration::from_secs(11)),
+            LinkState::Lost(Duration::from_secs(11))
+        );
+        assert_eq!(w.period(), Duration::from_millis(250));
+        assert_eq!(
+            LinkWatch::new(Duration::from_millis(100)).period(),
+            Duration::from_millis(25)
+        );
+    }
 }

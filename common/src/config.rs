@@ -81,6 +81,11 @@ pub const COMMON_VARS: &[VarDoc] = &[
         help: "PEM file of CA certificates trusted for rediss:// (e.g. a private CA)",
     },
     VarDoc {
+        name: "DITFLEET_BROKER_RECOVERY_TIMEOUT_MS",
+        default: "60000",
+        help: "a worker or scheduler without a working RabbitMQ connection, channels and consumers for this long exits with code 1 (for its supervisor to restart it); shorter outages are ridden out by reconnecting",
+    },
+    VarDoc {
         name: "OTEL_EXPORTER_OTLP_ENDPOINT",
         default: "unset (traces off)",
         help: "OTLP/HTTP collector base URL, e.g. http://otel-collector:4318; setting it turns traces on",
@@ -140,6 +145,11 @@ pub const SCHEDULER_VARS: &[VarDoc] = &[
         help: "longest accepted prompt and negative prompt, in characters",
     },
     VarDoc {
+        name: "DITFLEET_SERVED_MODELS",
+        default: "(the models workers of the fleet ever held)",
+        help: "comma list of the models this fleet serves: jobs for other models are rejected; unset, a job is rejected only for a model no worker ever held once some worker has registered (a fleet that never had a worker accepts jobs, so scale-from-zero works)",
+    },
+    VarDoc {
         name: "DITFLEET_QUEUE_POLL_S",
         default: "5",
         help: "seconds between reads of the queue depths for ditfleet_queue_depth",
@@ -191,7 +201,7 @@ pub const WORKER_VARS: &[VarDoc] = &[
     VarDoc {
         name: "DITFLEET_ENGINE",
         default: "flux",
-        help: "engine: flux (real pipeline; tiny random-weight config when FLUX_MODEL_DIR is unset) or simulated",
+        help: "engine: flux (the real pipelines, Flux.1 or SDXL by the model directory; tiny random-weight Flux and SDXL configs when no model directory is set) or simulated",
     },
     VarDoc {
         name: "DITFLEET_SIM_STEP_MS",
@@ -199,9 +209,19 @@ pub const WORKER_VARS: &[VarDoc] = &[
         help: "simulated engine: milliseconds per denoising step",
     },
     VarDoc {
+        name: "DITFLEET_SIM_LOAD_MS",
+        default: "0",
+        help: "simulated engine: milliseconds its model load takes (start-up probe and SIGTERM-while-loading tests)",
+    },
+    VarDoc {
+        name: "DITFLEET_MODEL_DIR",
+        default: "unset",
+        help: "diffusers-layout model directory, Flux.1 or SDXL (told apart by its model_index.json); an SDXL folder may hold the single-file checkpoint instead of per-component weights",
+    },
+    VarDoc {
         name: "FLUX_MODEL_DIR",
         default: "unset",
-        help: "diffusers-layout Flux.1 checkpoint directory",
+        help: "the model directory when DITFLEET_MODEL_DIR is unset (its older name)",
     },
     VarDoc {
         name: "DITFLEET_LOW_MEMORY",
@@ -345,8 +365,8 @@ pub const WORKER_VARS: &[VarDoc] = &[
     },
     VarDoc {
         name: "DITFLEET_MODEL_ROOT",
-        default: "parent of FLUX_MODEL_DIR",
-        help: "directory of Flux model versions: version v of a model is <root>/<v>",
+        default: "parent of the model directory",
+        help: "directory of model versions (Flux.1 or SDXL folders): version v of a model is <root>/<v>",
     },
     VarDoc {
         name: "DITFLEET_SWAP_MODE",
@@ -359,11 +379,23 @@ pub const WORKER_VARS: &[VarDoc] = &[
         help: "simulated engine: the model version it starts with",
     },
     VarDoc {
+        name: "DITFLEET_SIM_MODELS",
+        default: "every known model (flux-dev,flux-schnell,sdxl-base)",
+        help: "simulated engine: the models it serves (a worker consumes only its models' queues)",
+    },
+    VarDoc {
         name: "DITFLEET_SIM_FAULTS",
         default: "none",
-        help: "simulated engine fault injection, comma list: oom=N (first N tries of every job run out of memory), device=N, bad-weights (every job fails permanently)",
+        help: "simulated engine fault injection, comma list: oom=N (first N tries of every job run out of memory), device=N, panic=N (first N tries panic inside the engine), bad-weights (every job fails permanently)",
     },
 ];
+
+/// The model directory: `DITFLEET_MODEL_DIR`, else its older name `FLUX_MODEL_DIR`.
+pub fn model_dir(env: &Env<'_>) -> Option<PathBuf> {
+    env.raw("DITFLEET_MODEL_DIR")
+        .or_else(|| env.raw("FLUX_MODEL_DIR"))
+        .map(PathBuf::from)
+}
 
 /// Renders variable docs for `--help`.
 /// `<slot>:<step>[:hang]` (step >= 1): the device in that slot fails at that step, or with
@@ -615,6 +647,9 @@ pub struct CommonConfig {
     /// Extra CA certificates (PEM) for amqps:// and rediss://.
     pub amqp_ca_file: Option<PathBuf>,
     pub redis_ca_file: Option<PathBuf>,
+    /// How long a service may be without a working broker link (connection, channels,
+    /// consumers) before it gives up and exits non-zero (`DITFLEET_BROKER_RECOVERY_TIMEOUT_MS`).
+    pub broker_recovery_timeout: Duration,
     /// Trace export; `None` = off.
     pub otel: Option<OtelConfig>,
 }
@@ -653,6 +688,9 @@ impl CommonConfig {
             },
             amqp_ca_file: env.file("DITFLEET_AMQP_CA_FILE")?,
             redis_ca_file: env.file("DITFLEET_REDIS_CA_FILE")?,
+            broker_recovery_timeout: Duration::from_millis(
+                env.positive("DITFLEET_BROKER_RECOVERY_TIMEOUT_MS", 60_000)?,
+            ),
             otel: OtelConfig::from_env(env)?,
         })
     }
@@ -670,6 +708,8 @@ pub struct SchedulerConfig {
     pub tenant_limits: TenantLimits,
     pub balance_interval: Duration,
     pub spill: bool,
+    /// `DITFLEET_SERVED_MODELS`: the models jobs may name (`None`: those workers ever held).
+    pub served_models: Option<Vec<String>>,
 }
 
 impl SchedulerConfig {
@@ -716,6 +756,26 @@ impl SchedulerConfig {
             },
             balance_interval: Duration::from_millis(env.positive("DITFLEET_BALANCE_INTERVAL_MS", 1000)?),
             spill: env.choice("DITFLEET_SPILL", "1", &["0", "1"])? == "1",
+            served_models: match env.raw("DITFLEET_SERVED_MODELS").filter(|v| !v.trim().is_empty()) {
+                None => None,
+                Some(raw) => {
+                    let list: Vec<String> = raw.split(',').map(|m| m.trim().to_string()).collect();
+                    if let Some(bad) = list
+                        .iter()
+                        .find(|m| !crate::job::KNOWN_MODELS.contains(&m.as_str()))
+                    {
+                        return Err(err(
+                            "DITFLEET_SERVED_MODELS",
+                            &raw,
+                            format!(
+                                "{bad:?} is not a known model ({})",
+                                crate::job::KNOWN_MODELS.join(", ")
+                            ),
+                        ));
+                    }
+                    Some(list)
+                }
+            },
         })
     }
 }
@@ -723,8 +783,10 @@ impl SchedulerConfig {
 /// Which engine a worker runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineChoice {
-    /// The Flux.1 pipeline: the checkpoint in `model_dir`, or the tiny random-weight config.
-    /// `low_memory`: the text encoders are loaded for each request and freed after encoding.
+    /// The real pipelines: the model in `model_dir` (`DITFLEET_MODEL_DIR`, else `FLUX_MODEL_DIR`;
+    /// Flux.1 or SDXL, as its `model_index.json` says), or the tiny random-weight Flux and SDXL
+    /// configs. `low_memory`: Flux's text encoders are loaded for each request and freed after
+    /// encoding.
     /// `plan`: how one image is split over `DITFLEET_DEVICES` (`ulysses=2`, `ring=2,ulysses=2`,
     /// `cfg=2`, ...; parsed and validated by the engine); `None` = one device.
     Flux {
@@ -740,8 +802,12 @@ pub enum EngineChoice {
     /// The simulated engine (fleet load and chaos tests).
     Simulated {
         step_ms: u64,
+        /// `DITFLEET_SIM_LOAD_MS`: how long loading the simulated model takes.
+        load_ms: u64,
         version: String,
         faults: SimFaults,
+        /// `DITFLEET_SIM_MODELS`: the models it serves (default: every known model).
+        models: Vec<String>,
     },
 }
 
@@ -803,6 +869,8 @@ pub struct SimFaults {
     pub device: u32,
     /// Every job fails with a model-load error (permanent).
     pub bad_weights: bool,
+    /// The first `panic` tries of every job panic inside the engine (the worker rebuilds it).
+    pub panic: u32,
 }
 
 impl SimFaults {
@@ -818,8 +886,15 @@ impl SimFaults {
                 Some(("device", n)) => {
                     f.device = n.parse().map_err(|_| format!("device={n:?} is not a count"))?
                 }
+                Some(("panic", n)) => {
+                    f.panic = n.parse().map_err(|_| format!("panic={n:?} is not a count"))?
+                }
                 None if part == "bad-weights" => f.bad_weights = true,
-                _ => return Err(format!("unknown fault {part:?} (oom=N, device=N, bad-weights)")),
+                _ => {
+                    return Err(format!(
+                        "unknown fault {part:?} (oom=N, device=N, panic=N, bad-weights)"
+                    ));
+                }
             }
         }
         Ok(f)
@@ -863,7 +938,7 @@ pub struct WorkerConfig {
     /// Steps between checkpoints; 0 = off.
     pub checkpoint_every: u32,
     pub control_poll: Duration,
-    /// Directory of Flux model versions (`<root>/<version>`).
+    /// Directory of model versions (`<root>/<version>`, Flux.1 or SDXL folders).
     pub model_root: Option<PathBuf>,
     pub swap_mode: SwapMode,
 }
@@ -872,15 +947,13 @@ impl WorkerConfig {
     pub fn from_env(env: &Env<'_>) -> Result<Self, ConfigError> {
         let host = hostname_fallback();
         let worker_id = env.string("DITFLEET_WORKER_ID", &format!("{host}-{}", std::process::id()));
-        if worker_id.len() > 128
-            || !worker_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
+        // The id is a Redis key part (`<ns>:worker:<id>`, `<ns>:control:<id>`) and a consumer
+        // tag; `fleet` is the fleet-wide control key's own name.
+        if !crate::ident::is_name(&worker_id, 128, &['-', '_', '.']) || worker_id == "fleet" {
             return Err(err(
                 "DITFLEET_WORKER_ID",
                 &worker_id,
-                "must be 1-128 characters of [A-Za-z0-9._-]".into(),
+                "must be 1-128 characters of [A-Za-z0-9._-] starting with a letter or digit, and not `fleet` (reserved)".into(),
             ));
         }
         let classes: Vec<String> = env
@@ -915,6 +988,7 @@ impl WorkerConfig {
         {
             "simulated" => EngineChoice::Simulated {
                 step_ms: env.parse("DITFLEET_SIM_STEP_MS", 20u64)?,
+                load_ms: env.parse("DITFLEET_SIM_LOAD_MS", 0u64)?,
                 version: {
                     let v = env.string("DITFLEET_SIM_VERSION", "sim-1");
                     if !crate::job::valid_version(&v) {
@@ -930,9 +1004,33 @@ impl WorkerConfig {
                     let raw = env.string("DITFLEET_SIM_FAULTS", "");
                     SimFaults::parse(&raw).map_err(|e| err("DITFLEET_SIM_FAULTS", &raw, e))?
                 },
+                models: {
+                    let raw = env.string("DITFLEET_SIM_MODELS", &crate::job::KNOWN_MODELS.join(","));
+                    let models: Vec<String> = raw
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|m| !m.is_empty())
+                        .map(str::to_string)
+                        .collect();
+                    if models.is_empty()
+                        || models
+                            .iter()
+                            .any(|m| !crate::job::KNOWN_MODELS.contains(&m.as_str()))
+                    {
+                        return Err(err(
+                            "DITFLEET_SIM_MODELS",
+                            &raw,
+                            format!(
+                                "must be a comma list of known models ({})",
+                                crate::job::KNOWN_MODELS.join(", ")
+                            ),
+                        ));
+                    }
+                    models
+                },
             },
             _ => EngineChoice::Flux {
-                model_dir: env.raw("FLUX_MODEL_DIR").map(PathBuf::from),
+                model_dir: model_dir(env),
                 low_memory: env.choice("DITFLEET_LOW_MEMORY", "0", &["0", "1"])? == "1",
                 plan: match env.raw("DITFLEET_PLAN").filter(|p| p != "single") {
                     Some(p)
@@ -1011,10 +1109,10 @@ impl WorkerConfig {
                     "must be between 1 and 1000".into(),
                 )
             })?;
-        let model_root = env.raw("DITFLEET_MODEL_ROOT").map(PathBuf::from).or_else(|| {
-            env.raw("FLUX_MODEL_DIR")
-                .and_then(|d| PathBuf::from(d).parent().map(|p| p.to_path_buf()))
-        });
+        let model_root = env
+            .raw("DITFLEET_MODEL_ROOT")
+            .map(PathBuf::from)
+            .or_else(|| model_dir(env).and_then(|d| d.parent().map(|p| p.to_path_buf())));
         let swap_mode = match env
             .choice("DITFLEET_SWAP_MODE", "alongside", &["alongside", "drain"])?
             .as_str()
@@ -1138,6 +1236,37 @@ mod tests {
     }
 
     #[test]
+    fn the_model_dir_is_ditfleet_model_dir_else_flux_model_dir_and_its_parent_the_root() {
+        let dir = |pairs: &[(&str, &str)]| {
+            let c = WorkerConfig::from_env(&env(pairs)).unwrap();
+            match c.engine {
+                EngineChoice::Flux { model_dir, .. } => (model_dir, c.model_root),
+                other => panic!("{other:?}"),
+            }
+        };
+        let p = |s: &str| Some(PathBuf::from(s));
+        assert_eq!(
+            dir(&[("FLUX_MODEL_DIR", "/m/FLUX.1-dev")]),
+            (p("/m/FLUX.1-dev"), p("/m"))
+        );
+        assert_eq!(
+            dir(&[
+                ("DITFLEET_MODEL_DIR", "/models/sdxl-base-1.0"),
+                ("FLUX_MODEL_DIR", "/m/FLUX.1-dev")
+            ]),
+            (p("/models/sdxl-base-1.0"), p("/models"))
+        );
+        assert_eq!(
+            dir(&[
+                ("DITFLEET_MODEL_DIR", "/models/sdxl"),
+                ("DITFLEET_MODEL_ROOT", "/versions")
+            ]),
+            (p("/models/sdxl"), p("/versions"))
+        );
+        assert_eq!(dir(&[]), (None, None));
+    }
+
+    #[test]
     fn low_memory_is_parsed() {
         let c = WorkerConfig::from_env(&env(&[("DITFLEET_LOW_MEMORY", "1")])).unwrap();
         assert!(matches!(c.engine, EngineChoice::Flux { low_memory: true, .. }));
@@ -1188,6 +1317,10 @@ mod tests {
         assert_eq!(e.var, "DITFLEET_NAMESPACE");
         let e = CommonConfig::from_env(&env(&[("DITFLEET_HTTP_ADDR", "localhost")])).unwrap_err();
         assert_eq!(e.var, "DITFLEET_HTTP_ADDR");
+        let e = CommonConfig::from_env(&env(&[("DITFLEET_BROKER_RECOVERY_TIMEOUT_MS", "0")])).unwrap_err();
+        assert_eq!(e.var, "DITFLEET_BROKER_RECOVERY_TIMEOUT_MS");
+        let c = CommonConfig::from_env(&env(&[("DITFLEET_BROKER_RECOVERY_TIMEOUT_MS", "1500")])).unwrap();
+        assert_eq!(c.broker_recovery_timeout, Duration::from_millis(1500));
     }
 
     #[test]
@@ -1246,7 +1379,8 @@ mod tests {
                 faults: SimFaults {
                     oom: 2,
                     device: 0,
-                    bad_weights: true
+                    bad_weights: true,
+                    panic: 0
                 },
                 ..
             }

@@ -1,14 +1,26 @@
 //! The first cost model: how expensive a job is, and which class (work queue) serves it.
 //!
-//! cost = image tokens x steps x model factor, where image tokens = (width/16) x (height/16) is
-//! the transformer's sequence length for Flux (8x VAE downsampling, 2x2 latent patches). Classes
-//! are ascending upper bounds on the cost; the last class is unbounded.
+//! cost = image tokens x steps x model factor x guidance passes, where image tokens =
+//! (width/16) x (height/16): the transformer's sequence length for Flux (8x VAE downsampling, 2x2
+//! latent patches), and for SDXL simply the same measure of pixels (pixels / 256). Classes are
+//! ascending upper bounds on the cost; the last class is unbounded.
 //!
-//! **Calibration.** Workers record their measured ms per denoising step by model and image tokens
-//! in Redis; [`Calibration`] turns those into a factor relative to the reference point (flux-dev at
-//! 1024², 4096 tokens), so a model or resolution that is slower per token than the linear model
-//! predicts (attention grows quadratically with tokens) costs proportionally more and lands in a
-//! bigger class. Without measurements the static [`model_factor`] applies.
+//! **Model factors.** A model's static factor is its measured one-GPU step time at 1024x1024
+//! relative to flux-dev's ([`STEP_MS_1024`] lists the figures and where they come from), so an
+//! SDXL step is priced by SDXL's step time, not Flux's. Away from 1024² the static cost grows
+//! linearly with pixels for every model: about right for SDXL's UNet (convolutions, and attention
+//! only at the two coarsest latent levels), an underestimate for a DiT at large sizes (attention
+//! over the whole token sequence grows quadratically), which calibration corrects.
+//!
+//! **Guidance passes.** Flux's true CFG (`true_cfg_scale` > 1) runs the transformer twice per
+//! step, so it doubles the cost. SDXL's classic CFG runs the UNet once per step on a batch of 2,
+//! and that batch is already in SDXL's measured step time: it doubles nothing.
+//!
+//! **Calibration.** Workers record their measured ms per denoising step (per guidance pass) by
+//! model and image tokens in Redis; [`Calibration`] turns those into a factor relative to the
+//! reference point (flux-dev at 1024², 4096 tokens), so a model or resolution that is slower per
+//! token than the linear model predicts costs proportionally more and lands in a bigger class.
+//! Without measurements the static [`model_factor`] applies.
 //!
 //! **Balancing.** [`choose_class`] keeps a job in its cost class unless that class has a backlog
 //! while a bigger class idles (spill up: bigger workers can always run smaller jobs), or no live
@@ -16,28 +28,76 @@
 
 use std::collections::BTreeMap;
 
+use crate::job::{JobSpec, ModelFamily};
+
 /// The calibration's reference point: flux-dev at 1024x1024.
 pub const REFERENCE_MODEL: &str = "flux-dev";
 pub const REFERENCE_TOKENS: u64 = 4096;
 
-/// Relative per-token-step cost of a model (Flux.1-dev = 1.0).
+/// One-GPU step time of each model at 1024x1024 (bf16, one nvidia-h200), ms, as a job's step
+/// runs it: the sources of the static [`model_factor`]s. Only ratios matter.
+///
+/// - `flux-dev`: ditfleet's engine, 122.8-127.3 ms/step in the calls of
+///   docs/benchmarks-flux-1gpu.md (one transformer pass, guidance distilled): 124.
+/// - `flux-schnell`: the same transformer (no guidance embedding, negligible): flux-dev's figure.
+/// - `sdxl-base`: **provisional**, diffusers eager bf16, the UNet on its CFG batch of 2, 72.0
+///   ms/step (2.16 s for 30 steps, measured on nvidia-h200 in issue 17), until ditfleet's own SDXL
+///   step time is measured; replace it then (calibration already prices by measured step times
+///   where workers have recorded them).
+pub const STEP_MS_1024: &[(&str, f64)] = &[("flux-dev", 124.0), ("flux-schnell", 124.0), ("sdxl-base", 72.0)];
+
+/// The measured step time of `model` at 1024x1024 ([`STEP_MS_1024`]).
+pub fn step_ms_1024(model: &str) -> Option<f64> {
+    STEP_MS_1024.iter().find(|(m, _)| *m == model).map(|(_, ms)| *ms)
+}
+
+/// Relative per-token-step cost of a model (flux-dev = 1.0): its step time at 1024x1024 over
+/// flux-dev's; 1.0 for a model without a figure.
 pub fn model_factor(model: &str) -> f64 {
-    match model {
-        // Same transformer; schnell has no guidance embedding (negligible).
-        "flux-dev" | "flux-schnell" => 1.0,
+    match (step_ms_1024(model), step_ms_1024(REFERENCE_MODEL)) {
+        (Some(ms), Some(reference)) => ms / reference,
         _ => 1.0,
     }
 }
 
-/// Transformer sequence length of the image for a width x height request.
+/// Model passes per step beyond what the model's step time already holds: 2 for Flux with true
+/// CFG (`true_cfg_scale` above 1), else 1 (SDXL's classic CFG batch is in its step time).
+pub fn guidance_passes(model: &str, true_cfg_scale: Option<f64>) -> u32 {
+    let true_cfg = true_cfg_scale.is_some_and(|t| t > 1.0)
+        && ModelFamily::of(model).is_none_or(ModelFamily::has_true_cfg);
+    if true_cfg { 2 } else { 1 }
+}
+
+/// Transformer sequence length of the image for a width x height request (for SDXL, the same
+/// measure of its pixels).
 pub fn image_tokens(width: u32, height: u32) -> u64 {
     u64::from(width / 16) * u64::from(height / 16)
 }
 
-/// The job's cost in token-steps (steps as resolved, i.e. after model defaults).
+/// The job's cost in token-steps (steps as resolved, i.e. after model defaults), one guidance
+/// pass.
 pub fn job_cost(model: &str, width: u32, height: u32, steps: u32) -> u64 {
     let raw = image_tokens(width, height) as f64 * f64::from(steps) * model_factor(model);
     raw.round() as u64
+}
+
+/// The cost of a validated job as the scheduler routes it: its (calibrated) token-steps with the
+/// model's default steps filled in, times its [`guidance_passes`].
+pub fn spec_cost(spec: &JobSpec, calibration: &Calibration) -> u64 {
+    let steps = spec.steps.unwrap_or_else(|| JobSpec::default_steps(&spec.model));
+    calibrated_cost(&spec.model, spec.width, spec.height, steps, calibration)
+        .saturating_mul(u64::from(guidance_passes(&spec.model, spec.true_cfg_scale)))
+}
+
+/// What a finished job adds to the calibration: its ms per step in the unit its price assumes
+/// (per guidance pass: half of a Flux true-CFG step), or `None` when the run is not the shape
+/// its model's price assumes (SDXL with `guidance` at most 1 runs without CFG, a batch of 1,
+/// where the price holds a batch of 2).
+pub fn calibration_sample(model: &str, guidance: f32, true_cfg_scale: f32, ms_per_step: f64) -> Option<f64> {
+    if ModelFamily::of(model) == Some(ModelFamily::Sdxl) && guidance <= 1.0 {
+        return None;
+    }
+    Some(ms_per_step / f64::from(guidance_passes(model, Some(f64::from(true_cfg_scale)))))
 }
 
 /// Measured ms per denoising step by model and image tokens (the fleet-wide means workers keep in
@@ -279,6 +339,69 @@ mod tests {
         // Garbage is clamped.
         c.set("flux-schnell", vec![(4096, 1e9)]);
         assert_eq!(c.factor("flux-schnell", 4096), Some(16.0));
+    }
+
+    fn spec(model: &str, side: u32) -> JobSpec {
+        JobSpec::parse(
+            format!(
+                r#"{{"schema_version":1,"job_id":"j","tenant":"t","model":"{model}","prompt":"p","width":{side},"height":{side}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_sdxl_step_is_priced_by_its_own_step_time() {
+        assert_eq!(model_factor("flux-dev"), 1.0);
+        assert_eq!(model_factor("flux-schnell"), 1.0);
+        assert_eq!(model_factor("sdxl-base"), 72.0 / 124.0);
+        assert_eq!(model_factor("unknown"), 1.0);
+        for m in crate::job::KNOWN_MODELS {
+            assert!(step_ms_1024(m).is_some(), "{m} has no measured step time");
+        }
+        let none = Calibration::default();
+        // 1024², 30 default steps: 4096 x 30 x 72/124 = 71,350 (flux-dev at its 28: 114,688).
+        assert_eq!(spec_cost(&spec("sdxl-base", 1024), &none), 71_350);
+        assert_eq!(spec_cost(&spec("flux-dev", 1024), &none), 114_688);
+        let t = ClassTable::default();
+        assert_eq!(t.classify(spec_cost(&spec("sdxl-base", 512), &none)), "small"); // 17,837
+        assert_eq!(t.classify(spec_cost(&spec("sdxl-base", 1024), &none)), "medium");
+        assert_eq!(t.classify(spec_cost(&spec("sdxl-base", 2048), &none)), "large"); // 285,399
+        // Flux classes as before.
+        assert_eq!(t.classify(spec_cost(&spec("flux-schnell", 512), &none)), "small");
+        assert_eq!(t.classify(spec_cost(&spec("flux-dev", 1024), &none)), "medium");
+        assert_eq!(t.classify(spec_cost(&spec("flux-dev", 2048), &none)), "large");
+    }
+
+    #[test]
+    fn flux_true_cfg_doubles_the_cost_and_sdxl_classic_cfg_does_not() {
+        let none = Calibration::default();
+        let mut flux = spec("flux-dev", 1024);
+        flux.true_cfg_scale = Some(4.0);
+        flux.negative_prompt = Some("blurry".into());
+        assert_eq!(spec_cost(&flux, &none), 2 * 114_688);
+        flux.true_cfg_scale = Some(1.0);
+        assert_eq!(spec_cost(&flux, &none), 114_688);
+        let mut sdxl = spec("sdxl-base", 1024);
+        sdxl.guidance = Some(12.0);
+        sdxl.negative_prompt = Some("blurry".into());
+        assert_eq!(spec_cost(&sdxl, &none), 71_350);
+        assert_eq!(guidance_passes("sdxl-base", Some(4.0)), 1);
+        assert_eq!(guidance_passes("flux-schnell", Some(4.0)), 2);
+    }
+
+    #[test]
+    fn calibration_samples_are_per_guidance_pass_and_skip_sdxl_without_cfg() {
+        assert_eq!(calibration_sample("flux-dev", 3.5, 1.0, 124.0), Some(124.0));
+        assert_eq!(calibration_sample("flux-dev", 3.5, 4.0, 248.0), Some(124.0));
+        assert_eq!(calibration_sample("sdxl-base", 5.0, 1.0, 72.0), Some(72.0));
+        assert_eq!(calibration_sample("sdxl-base", 1.0, 1.0, 40.0), None);
+        // Measured SDXL and flux-dev steps at 1024² give the static factor.
+        let mut c = Calibration::default();
+        c.set(REFERENCE_MODEL, vec![(4096, 124.0)]);
+        c.set("sdxl-base", vec![(4096, 72.0)]);
+        assert_eq!(c.factor("sdxl-base", 4096), Some(model_factor("sdxl-base")));
     }
 
     #[test]

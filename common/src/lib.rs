@@ -4,7 +4,9 @@
 pub mod amqp;
 pub mod config;
 pub mod cost;
+pub mod events;
 pub mod http;
+pub mod ident;
 pub mod job;
 pub mod metrics;
 pub mod redact;

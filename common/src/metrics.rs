@@ -67,7 +67,7 @@ pub struct Metrics {
     pub retries: Counter,
     /// Messages this process copied to the DLQ.
     pub dlq: Counter,
-    /// 1 for the worker's current state (`ready`, `busy`, `draining`), 0 for the others.
+    /// 1 for the worker's current state (`ready`, `busy`, `draining`, `degraded`, `reconnecting`), 0 for the others.
     pub worker_state: Family<StateLabel, Gauge>,
     /// 1 for each model version loaded.
     pub model_loaded: Family<ModelLabels, Gauge>,
@@ -209,7 +209,7 @@ impl Metrics {
     }
 
     pub fn set_worker_state(&self, current: &str) {
-        for s in ["ready", "busy", "draining"] {
+        for s in ["ready", "busy", "draining", "degraded", "reconnecting"] {
             self.worker_state
                 .get_or_create(&StateLabel { state: s.into() })
                 .set(i64::from(s == current));

@@ -44,7 +44,9 @@ where
             }
         }
     });
-    drop(rt);
+    // Bounded: a blocking task (an engine step, a DNS lookup) still running must not keep a
+    // process that has decided to exit alive.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
     telemetry.shutdown();
     std::process::exit(code);
 }

@@ -704,6 +704,16 @@ impl JobStore {
             .await
     }
 
+    /// The models any worker of the fleet has ever held a version of.
+    pub async fn known_models(&self) -> redis::RedisResult<std::collections::BTreeSet<String>> {
+        let mut conn = self.conn.clone();
+        let all: Vec<String> = conn.smembers(format!("{}:model_versions", self.ns)).await?;
+        Ok(all
+            .iter()
+            .filter_map(|mv| mv.split_once('@').map(|(m, _)| m.to_string()))
+            .collect())
+    }
+
     /// Sets fields without a state change (progress, timings).
     pub async fn set_fields(&self, job_id: &str, fields: &[(&str, String)]) -> redis::RedisResult<()> {
         let mut conn = self.conn.clone();

@@ -1,7 +1,7 @@
 //! AMQP topology: exchanges, queues and their arguments, declared idempotently by every service.
 //!
 //! ```text
-//! backends ──▶ {ns}.submit (direct) ──▶ {ns}.submit (quorum queue) ──▶ scheduler
+//! backends ──▶ {ns}.submit (direct) ──▶ {ns}.submit.jobs (quorum queue) ──▶ scheduler
 //! scheduler ──▶ {ns}.work (direct) ──▶ {ns}.work.<class>[.high|.low] (quorum, one per priority)
 //!                                   └─▶ {ns}.work.<class>.pin.<model>@<version> (pinned jobs)
 //!                                                                              ──▶ workers
@@ -46,6 +46,23 @@ pub struct Permissions {
     pub read: String,
 }
 
+/// RabbitMQ topic permission regexes of one user on one topic exchange of the fleet's vhost
+/// (`rabbitmqctl set_topic_permissions <user> <exchange> <write> <read>`): `write` is matched
+/// against the routing key of each publish, `read` against the binding key of each bind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPermissions {
+    pub exchange: String,
+    pub write: String,
+    pub read: String,
+}
+
+/// A character of a job id (`[A-Za-z0-9._:-]`, common/src/job.rs): no topic wildcard.
+const JOB_ID_CHAR: &str = r"[A-Za-z0-9._:-]";
+/// The last word of a job's binding key: one event kind, or `*` for all of them.
+const EVENT_KIND: &str = r"(\*|progress|done|failed|cancelled)";
+/// A character of a reply key (`[A-Za-z0-9._-]`, common/src/job.rs): no topic wildcard.
+const REPLY_CHAR: &str = r"[A-Za-z0-9._-]";
+
 fn regex_escape(s: &str) -> String {
     s.chars()
         .flat_map(|c| {
@@ -71,7 +88,16 @@ impl Topology {
     pub fn submit_exchange(&self) -> String {
         format!("{}.submit", self.ns)
     }
+    /// The queue the scheduler consumes, `{ns}.submit.jobs`. It has a name of its own, not the
+    /// exchange's: RabbitMQ's permission regexes match a name whatever its kind, so the backend's
+    /// write right on the exchange `{ns}.submit` would also be write on a queue of that name,
+    /// which lets it bind that queue to other exchanges (e.g. feed events to the scheduler).
     pub fn submit_queue(&self) -> String {
+        format!("{}.submit.jobs", self.ns)
+    }
+    /// The submit queue's earlier name (the exchange's, `{ns}.submit`). A scheduler finding it
+    /// unbinds it from the submit exchange, drains it, and deletes it once it is empty.
+    pub fn legacy_submit_queue(&self) -> String {
         format!("{}.submit", self.ns)
     }
     pub fn work_exchange(&self) -> String {
@@ -109,6 +135,29 @@ impl Topology {
     pub fn pin_queue(&self, class: &str, model_version: &str) -> String {
         format!("{}.work.{}", self.ns, Self::pin_key(class, model_version))
     }
+    /// Routing key of a class's unpinned jobs for `model` at a priority: `<class>.model.<model>`,
+    /// with `.high` / `.low` for those priorities. Only workers holding a version of the model
+    /// consume these queues, so a job never reaches a worker that cannot run it.
+    pub fn model_key(class: &str, model: &str, priority: Priority) -> String {
+        match priority {
+            Priority::Normal => format!("{class}.model.{model}"),
+            p => format!("{class}.model.{model}.{}", p.as_str()),
+        }
+    }
+    /// The queue of [`Topology::model_key`] (`{ns}.work.<key>`).
+    pub fn model_queue_for(&self, class: &str, model: &str, priority: Priority) -> String {
+        format!("{}.work.{}", self.ns, Self::model_key(class, model, priority))
+    }
+    /// Every queue a job of `class` can wait in without a pin: the class's own priority queues
+    /// (what schedulers before model routing used) and its per-model queues, highest priority
+    /// first within each.
+    pub fn routed_queues(&self, class: &str) -> Vec<String> {
+        let mut q = self.class_queues(class);
+        for m in crate::job::KNOWN_MODELS {
+            q.extend(Priority::ALL.iter().map(|p| self.model_queue_for(class, m, *p)));
+        }
+        q
+    }
     pub fn events_exchange(&self) -> String {
         format!("{}.events", self.ns)
     }
@@ -120,10 +169,22 @@ impl Topology {
     }
 
     /// The least permissions a user of `role` needs in this namespace (docs/operations.md,
-    /// "RabbitMQ users"). A backend can publish to the submit exchange and read its own events
-    /// (through a server-named `amq.gen-*` queue) and nothing else; a worker can consume its work
-    /// queues and publish to the DLX and events, but neither publish to the submit or work
-    /// exchanges nor touch the submit queue.
+    /// "RabbitMQ users"). RabbitMQ matches these regexes against a name whatever its kind: the
+    /// submit queue is `{ns}.submit.jobs`, not the exchange's `{ns}.submit`, because the write a
+    /// backend needs to publish to the exchange would otherwise also let it bind a queue of that
+    /// name, as destination, to any exchange it may read (the events exchange).
+    /// [`Topology::topic_permissions`] (binding keys on the events exchange) limits what a backend
+    /// may subscribe to; both must be set. A backend may bind the submit exchange to the events
+    /// exchange with the exact keys it may follow, which routes nothing: the submit exchange is
+    /// direct and routes only [`SUBMIT_KEY`], which no event carries.
+    ///
+    /// A backend publishes to the submit exchange and declares, binds, consumes and deletes its
+    /// own server-named `amq.gen-*` queues, bound to the events exchange. The scheduler declares
+    /// everything, consumes the submit queue and publishes work orders, dead letters and events;
+    /// reading a queue's depth (passive declare) needs no permission, so it may not consume work
+    /// queues. A worker declares the work side, consumes work queues and publishes dead letters
+    /// and events; neither it nor the scheduler may read the events exchange, so neither can bind
+    /// a fleet queue to it.
     pub fn permissions(&self, role: Role) -> Permissions {
         let ns = regex_escape(&self.ns);
         let (configure, write, read) = match role {
@@ -132,10 +193,11 @@ impl Topology {
                 format!(r"^({ns}\.submit|amq\.gen-.*)$"),
                 format!(r"^({ns}\.events|amq\.gen-.*)$"),
             ),
+            // `submit` alone is the exchange and the legacy queue the scheduler drains.
             Role::Scheduler => (
-                format!(r"^{ns}\.(submit|work|work\..+|dlx|dead|events)$"),
-                format!(r"^{ns}\.(submit|work|work\..+|dlx|dead|events)$"),
-                format!(r"^{ns}\.(submit|work|work\..+|dlx)$"),
+                format!(r"^{ns}\.(submit|submit\.jobs|work|work\..+|dlx|dead|events)$"),
+                format!(r"^{ns}\.(submit|submit\.jobs|work|work\..+|dlx|dead|events)$"),
+                format!(r"^{ns}\.(submit|submit\.jobs|work|dlx)$"),
             ),
             Role::Worker => (
                 format!(r"^{ns}\.(work|work\..+|dlx|dead|events)$"),
@@ -148,6 +210,58 @@ impl Topology {
             write,
             read,
         }
+    }
+
+    /// Topic permissions of a backend user on the events exchange (`rabbitmqctl
+    /// set_topic_permissions`), which RabbitMQ checks against binding keys on `queue.bind` and
+    /// `exchange.bind` (read) and routing keys on publish (write). A backend binds only the keys of
+    /// one job (`job.<id>.<kind>` or `job.<id>.*`, the id without wildcards) and exact reply keys
+    /// (`reply.<suffix>`, no wildcards), so no `#`, `job.#` or `job.*.done` subscription: it
+    /// cannot follow jobs whose id it does not know, nor bind the submit queue so that it
+    /// receives every event. It publishes no events (write matches only the empty key, and its
+    /// [`Topology::permissions`] refuse the exchange anyway).
+    ///
+    /// The scheduler and the worker get none (`None`): they cannot read the events exchange, and
+    /// their routing keys come from validated jobs; a refused publish would close their channel.
+    pub fn topic_permissions(&self, role: Role) -> Option<TopicPermissions> {
+        match role {
+            Role::Backend => Some(TopicPermissions {
+                exchange: self.events_exchange(),
+                write: "^$".to_string(),
+                read: format!(r"^(job\.{JOB_ID_CHAR}+\.{EVENT_KIND}|reply\.{REPLY_CHAR}+)$"),
+            }),
+            Role::Scheduler | Role::Worker => None,
+        }
+    }
+
+    /// Topic permissions of a backend user scoped to `tenant`: it binds only the events of job
+    /// ids that start with `<tenant>:` (`job.<tenant>:<rest>.<kind>`; a tenant name has no `:`, so
+    /// no other tenant's prefix matches) and keys of its reply namespace `reply.<tenant>.`, with
+    /// wildcards (`reply.<tenant>.#`). Nothing enforces the id prefix or the reply namespace on
+    /// submission: a tenant that follows this convention is private from other tenant-scoped
+    /// users; one that does not cannot be followed by tenant-scoped users at all, and a global
+    /// backend user ([`Topology::topic_permissions`]) still binds any exact key.
+    ///
+    /// Refuses a tenant outside `[A-Za-z0-9_-]{1,64}`: tenant names may contain `.`, and then
+    /// `reply.acme.#` would also match the reply namespace `reply.acme.eu.` of tenant `acme.eu`.
+    pub fn tenant_topic_permissions(&self, tenant: &str) -> Result<TopicPermissions, String> {
+        if tenant.is_empty()
+            || tenant.len() > 64
+            || !tenant
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(format!(
+                "tenant {tenant:?}: a tenant-scoped user needs 1-64 characters of [A-Za-z0-9_-] \
+                 (a '.' would make its reply namespace a prefix of another tenant's)"
+            ));
+        }
+        let t = regex_escape(tenant);
+        Ok(TopicPermissions {
+            exchange: self.events_exchange(),
+            write: "^$".to_string(),
+            read: format!(r"^(job\.{t}:{JOB_ID_CHAR}*\.{EVENT_KIND}|reply\.{t}\.({REPLY_CHAR}|[*#])+)$"),
+        })
     }
 
     fn quorum_args(&self, with_dlx: bool, delivery_limit: Option<i64>) -> FieldTable {
@@ -267,6 +381,14 @@ impl Topology {
             for p in Priority::ALL {
                 self.declare_work_queue(ch, &self.work_queue_for(class, p), &Self::work_key(class, p))
                     .await?;
+                for m in crate::job::KNOWN_MODELS {
+                    self.declare_work_queue(
+                        ch,
+                        &self.model_queue_for(class, m, p),
+                        &Self::model_key(class, m, p),
+                    )
+                    .await?;
+                }
             }
         }
         Ok(())
@@ -284,7 +406,8 @@ impl Topology {
         Ok(())
     }
 
-    async fn declare_work_queue(&self, ch: &Channel, queue: &str, key: &str) -> lapin::Result<()> {
+    /// Declares a work queue bound to the work exchange with `key` (idempotent).
+    pub async fn declare_work_queue(&self, ch: &Channel, queue: &str, key: &str) -> lapin::Result<()> {
         ch.queue_declare(
             queue.into(),
             QueueDeclareOptions {
@@ -369,5 +492,33 @@ mod tests {
             "ns.work.small.pin.flux-dev@v2"
         );
         assert_eq!(Topology::pin_key("small", "flux-dev@v2"), "small.pin.flux-dev@v2");
+        assert_eq!(
+            t.model_queue_for("small", "flux-schnell", Priority::High),
+            "ns.work.small.model.flux-schnell.high"
+        );
+        assert_eq!(
+            Topology::model_key("small", "flux-dev", Priority::Normal),
+            "small.model.flux-dev"
+        );
+        let all = t.routed_queues("small");
+        assert_eq!(all.len(), 3 + 3 * crate::job::KNOWN_MODELS.len());
+        assert!(all.contains(&"ns.work.small.model.flux-dev.low".to_string()));
+    }
+
+    #[test]
+    fn tenant_scoped_topic_permissions_refuse_a_tenant_whose_namespace_could_prefix_another() {
+        let t = Topology::new("ns");
+        assert!(t.tenant_topic_permissions("acme.eu").is_err());
+        assert!(t.tenant_topic_permissions("").is_err());
+        assert!(t.tenant_topic_permissions("a*").is_err());
+        let p = t.tenant_topic_permissions("acme-eu").unwrap();
+        assert_eq!(p.exchange, "ns.events");
+        assert!(
+            p.read.contains(r"job\.acme\-eu:") && p.read.contains(r"reply\.acme\-eu\."),
+            "{}",
+            p.read
+        );
+        assert!(t.topic_permissions(Role::Worker).is_none());
+        assert!(t.topic_permissions(Role::Scheduler).is_none());
     }
 }

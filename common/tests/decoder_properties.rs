@@ -2,7 +2,10 @@
 //! companion of the `cargo fuzz` target in fuzz/): nothing panics, every rejection carries a
 //! reason, and whatever is accepted obeys every rule of the contract and round-trips.
 
-use ditfleet_common::job::{JobError, JobSpec, Limits, MAX_SIDE, MAX_STEPS, MIN_SIDE, WorkOrder};
+use ditfleet_common::job::{
+    JobError, JobSpec, Limits, MAX_LORAS, MAX_SIDE, MAX_STEPS, MIN_SIDE, ModelFamily, WorkOrder,
+    valid_lora_ident,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
@@ -11,8 +14,9 @@ fn valid() -> Value {
     json!({"schema_version": 1, "job_id": "j-1", "tenant": "acme", "model": "flux-dev",
            "model_version": "v2", "prompt": "a harbour at dawn", "negative_prompt": "blur",
            "width": 1024, "height": 768, "steps": 28, "guidance": 3.5, "seed": 42,
-           "priority": "high", "deadline": "2030-01-01T00:00:00Z", "reply_to": "svc.replies",
-           "labels": {"team/app": "x"}})
+           "priority": "high", "deadline": "2030-01-01T00:00:00Z", "reply_to": "reply.svc",
+           "labels": {"team/app": "x"}, "scheduler": "flow_euler",
+           "loras": [{"name": "pixel-art", "version": "v1", "scale": 0.8}, {"name": "b", "version": "2"}]})
 }
 
 fn random_value(rng: &mut ChaCha8Rng, depth: u32) -> Value {
@@ -27,6 +31,10 @@ fn random_value(rng: &mut ChaCha8Rng, depth: u32) -> Value {
                 "",
                 " ",
                 "flux-dev",
+                "sdxl-base",
+                "euler",
+                "flow_euler",
+                "..",
                 "low",
                 long.as_str(),
                 "2030-01-01T00:00:00Z",
@@ -78,6 +86,23 @@ fn check(body: &[u8]) -> bool {
             assert!(spec.guidance.is_none_or(|g| (0.0..=30.0).contains(&g)));
             assert!(!spec.prompt.trim().is_empty() && spec.prompt.chars().count() <= limits.max_prompt_chars);
             assert!(spec.labels.len() <= 32);
+            let family = ModelFamily::of(&spec.model).expect("a known model");
+            assert!(
+                spec.scheduler
+                    .as_deref()
+                    .is_none_or(|s| family.schedulers().contains(&s))
+            );
+            assert!(family.has_true_cfg() || spec.true_cfg_scale.is_none_or(|t| t <= 1.0));
+            assert!(spec.loras.len() <= MAX_LORAS);
+            for (i, l) in spec.loras.iter().enumerate() {
+                assert!(valid_lora_ident(&l.name) && valid_lora_ident(&l.version), "{l:?}");
+                assert!(l.scale.is_none_or(|s| (-4.0..=4.0).contains(&s)), "{l:?}");
+                assert!(
+                    !spec.loras[..i]
+                        .iter()
+                        .any(|p| (&p.name, &p.version) == (&l.name, &l.version))
+                );
+            }
             let again = JobSpec::parse(&serde_json::to_vec(&spec).unwrap()).unwrap();
             assert_eq!(again, spec);
             let o = WorkOrder::from_spec(&spec, "small", 1, 2);

@@ -64,7 +64,7 @@ fn schema_and_rust_validation_give_the_same_verdict_on_every_case() {
             "all fields",
             with(
                 json!({"model_version": "2024-08", "negative_prompt": "blur", "steps": 28, "guidance": 3.5,
-            "seed": 42, "priority": "high", "deadline": "2030-01-01T00:00:00Z", "reply_to": "svc.replies",
+            "seed": 42, "priority": "high", "deadline": "2030-01-01T00:00:00Z", "reply_to": "reply.svc",
             "labels": {"team/app": "x"}}),
             ),
             true,
@@ -96,10 +96,49 @@ fn schema_and_rust_validation_give_the_same_verdict_on_every_case() {
         ("bad priority", with(json!({"priority": "urgent"})), false),
         ("negative seed", with(json!({"seed": -3})), false),
         ("bad job id", with(json!({"job_id": "has space"})), false),
+        ("job id ..", with(json!({"job_id": ".."})), false),
+        ("job id .", with(json!({"job_id": "."})), false),
+        ("hidden job id", with(json!({"job_id": ".x"})), false),
+        ("job id with a separator", with(json!({"job_id": "a/b"})), false),
+        ("job id with a backslash", with(json!({"job_id": "a\\b"})), false),
+        ("job id like a flag", with(json!({"job_id": "-x"})), false),
+        ("job id with inner dots", with(json!({"job_id": "a..b"})), true),
+        (
+            "job id shaped like a redis key",
+            with(json!({"job_id": "ditfleet:job:x"})),
+            true,
+        ),
+        ("tenant ..", with(json!({"tenant": ".."})), false),
+        ("model version ..", with(json!({"model_version": ".."})), false),
+        (
+            "hidden model version",
+            with(json!({"model_version": ".v1"})),
+            false,
+        ),
         ("long job id", with(json!({"job_id": "a".repeat(129)})), false),
         ("bad tenant", with(json!({"tenant": "a/b"})), false),
         ("bad model version", with(json!({"model_version": "v 1"})), false),
         ("bad reply_to", with(json!({"reply_to": "job.#"})), false),
+        (
+            "reply_to as another job's event key",
+            with(json!({"reply_to": "job.victim.done"})),
+            false,
+        ),
+        (
+            "reply_to outside the reply namespace",
+            with(json!({"reply_to": "svc.replies"})),
+            false,
+        ),
+        (
+            "reply_to prefix alone",
+            with(json!({"reply_to": "reply."})),
+            false,
+        ),
+        (
+            "reply_to with a dot after the prefix",
+            with(json!({"reply_to": "reply..x"})),
+            false,
+        ),
         ("bad deadline", with(json!({"deadline": "next week"})), false),
         (
             "prompt at schema cap",
@@ -176,11 +215,417 @@ fn schema_and_rust_validation_give_the_same_verdict_on_every_case() {
         ("plan empty", with(json!({"plan": ""})), false),
         ("plan trailing comma", with(json!({"plan": "ulysses=2,"})), false),
         ("plan bad text", with(json!({"plan": "text=both"})), false),
+        ("sdxl minimal", with(json!({"model": "sdxl-base"})), true),
+        (
+            "sdxl with every new field",
+            with(
+                json!({"model": "sdxl-base", "negative_prompt": "blurry", "guidance": 7.5,
+                "steps": 30, "scheduler": "dpmpp_2m_karras",
+                "loras": [{"name": "pixel-art", "version": "v1.2", "scale": 0.8},
+                          {"name": "0style", "version": "2024_01"}]}),
+            ),
+            true,
+        ),
+        (
+            "flux with its sampler and loras",
+            with(json!({"scheduler": "flow_euler", "loras": [{"name": "a", "version": "1", "scale": -1}]})),
+            true,
+        ),
+        (
+            "sdxl with a negative prompt and no true cfg",
+            with(json!({"model": "sdxl-base", "negative_prompt": "blurry"})),
+            true,
+        ),
+        (
+            "sdxl with a blank negative prompt",
+            with(json!({"model": "sdxl-base", "negative_prompt": "  "})),
+            true,
+        ),
+        (
+            "sdxl with true cfg",
+            with(json!({"model": "sdxl-base", "true_cfg_scale": 4.0, "negative_prompt": "blurry"})),
+            false,
+        ),
+        (
+            "sdxl with true cfg and no negative prompt",
+            with(json!({"model": "sdxl-base", "true_cfg_scale": 1.5})),
+            false,
+        ),
+        (
+            "sdxl with true cfg 1",
+            with(json!({"model": "sdxl-base", "true_cfg_scale": 1.0})),
+            true,
+        ),
+        (
+            "sdxl with true cfg null",
+            with(json!({"model": "sdxl-base", "true_cfg_scale": null})),
+            true,
+        ),
+        (
+            "flux with an sdxl sampler",
+            with(json!({"scheduler": "euler"})),
+            false,
+        ),
+        (
+            "schnell with an sdxl sampler",
+            with(json!({"model": "flux-schnell", "scheduler": "dpmpp_2m"})),
+            false,
+        ),
+        (
+            "sdxl with flux's sampler",
+            with(json!({"model": "sdxl-base", "scheduler": "flow_euler"})),
+            false,
+        ),
+        (
+            "unknown sampler",
+            with(json!({"model": "sdxl-base", "scheduler": "ddim"})),
+            false,
+        ),
+        (
+            "sampler in capitals",
+            with(json!({"model": "sdxl-base", "scheduler": "EULER"})),
+            false,
+        ),
+        ("sampler not a string", with(json!({"scheduler": 1})), false),
+        ("no loras", with(json!({"loras": []})), true),
+        (
+            "loras not a list",
+            with(json!({"loras": {"name": "a", "version": "1"}})),
+            false,
+        ),
+        ("lora not an object", with(json!({"loras": ["a@1"]})), false),
+        (
+            "lora without a version",
+            with(json!({"loras": [{"name": "a"}]})),
+            false,
+        ),
+        (
+            "lora without a name",
+            with(json!({"loras": [{"version": "1"}]})),
+            false,
+        ),
+        (
+            "lora with an unknown key",
+            with(json!({"loras": [{"name": "a", "version": "1", "weight": 1}]})),
+            false,
+        ),
+        (
+            "lora scale as a string",
+            with(json!({"loras": [{"name": "a", "version": "1", "scale": "1"}]})),
+            false,
+        ),
+        (
+            "lora name as a number",
+            with(json!({"loras": [{"name": 7, "version": "1"}]})),
+            false,
+        ),
+        (
+            "identical loras twice",
+            with(json!({"loras": [{"name": "a", "version": "1"}, {"name": "a", "version": "1"}]})),
+            false,
+        ),
+        (
+            "same adapter in two versions",
+            with(json!({"loras": [{"name": "a", "version": "1"}, {"name": "a", "version": "2"}]})),
+            true,
+        ),
     ];
+    let mut cases: Vec<(String, Value, bool)> =
+        cases.into_iter().map(|(n, d, e)| (n.to_string(), d, e)).collect();
+    cases.extend(generated_cases());
     for (name, doc, expected) in cases {
         let by_schema = validator.is_valid(&doc);
         let by_rust = rust_accepts(&doc);
         assert_eq!(by_schema, expected, "schema verdict for case {name:?}");
         assert_eq!(by_rust, expected, "rust verdict for case {name:?}");
+    }
+}
+
+/// The classes of input where schema and Rust once disagreed, generated per field: `null` for
+/// every optional field, integral floats for every integer, every numeric bound and every length
+/// limit at the edge and one past it, and strings of only whitespace or invisible characters.
+fn generated_cases() -> Vec<(String, Value, bool)> {
+    let mut out = Vec::new();
+    let mut case = |name: String, patch: Value, ok: bool| {
+        let mut v = base();
+        for (k, val) in patch.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        out.push((name, v, ok));
+    };
+    // null means absent for every optional field (true_cfg_scale: null needs no negative prompt).
+    for field in [
+        "model_version",
+        "negative_prompt",
+        "true_cfg_scale",
+        "plan",
+        "steps",
+        "guidance",
+        "seed",
+        "priority",
+        "deadline",
+        "reply_to",
+        "labels",
+        "scheduler",
+        "loras",
+    ] {
+        case(format!("{field}: null"), json!({ field: null }), true);
+    }
+    case(
+        "lora scale: null".into(),
+        json!({"loras": [{"name": "a", "version": "1", "scale": null}]}),
+        true,
+    );
+    for field in ["name", "version"] {
+        case(
+            format!("lora {field}: null"),
+            json!({"loras": [{"name": "a", "version": "1", field: null}]}),
+            false,
+        );
+    }
+    // A LoRA's name and version: the model-version rule (they become folders / object keys).
+    for (field, other) in [("name", "version"), ("version", "name")] {
+        let entry = |v: Value| json!({"loras": [{ field: v, other: "v1" }]});
+        for (v, ok) in [
+            ("a".to_string(), true),
+            ("0".to_string(), true),
+            ("pixel-art_v1.2".to_string(), true),
+            ("a..b".to_string(), true),
+            ("x.".to_string(), true),
+            ("a".repeat(64), true),
+            ("a".repeat(65), false),
+            (String::new(), false),
+            (".".to_string(), false),
+            ("..".to_string(), false),
+            (".hidden".to_string(), false),
+            ("-x".to_string(), false),
+            ("_x".to_string(), false),
+            ("a/b".to_string(), false),
+            ("../x".to_string(), false),
+            ("a\\b".to_string(), false),
+            ("a b".to_string(), false),
+            ("a:b".to_string(), false),
+            ("a@b".to_string(), false),
+            ("a*".to_string(), false),
+            ("é".to_string(), false),
+            ("a\0b".to_string(), false),
+        ] {
+            case(format!("lora {field} {v:?}"), entry(json!(v)), ok);
+        }
+    }
+    // At most 8 entries.
+    let loras = |n: usize| {
+        (0..n)
+            .map(|i| json!({"name": format!("l{i}"), "version": "1"}))
+            .collect::<Vec<_>>()
+    };
+    case("8 loras".into(), json!({"loras": loras(8)}), true);
+    case("9 loras".into(), json!({"loras": loras(9)}), false);
+    for field in [
+        "schema_version",
+        "job_id",
+        "tenant",
+        "model",
+        "prompt",
+        "width",
+        "height",
+    ] {
+        case(format!("required {field}: null"), json!({ field: null }), false);
+    }
+    // Integral floats are integers; fractions are not.
+    case("width 256.0".into(), json!({"width": 256.0}), true);
+    case("height 1024.0".into(), json!({"height": 1024.0}), true);
+    case("steps 28.0".into(), json!({"steps": 28.0}), true);
+    case("seed 42.0".into(), json!({"seed": 42.0}), true);
+    case("schema_version 1.0".into(), json!({"schema_version": 1.0}), true);
+    case("width 256.5".into(), json!({"width": 256.5}), false);
+    case("steps 2.5".into(), json!({"steps": 2.5}), false);
+    case("seed 0.5".into(), json!({"seed": 0.5}), false);
+    // Numeric bounds, at the edge and one past.
+    for (field, lo, hi) in [("width", 256, 4096), ("height", 256, 4096)] {
+        case(format!("{field} {lo}"), json!({ field: lo }), true);
+        case(format!("{field} {hi}"), json!({ field: hi }), true);
+        case(format!("{field} {}", lo - 16), json!({ field: lo - 16 }), false);
+        case(format!("{field} {}", hi + 16), json!({ field: hi + 16 }), false);
+        case(format!("{field} {}", lo + 1), json!({ field: lo + 1 }), false);
+    }
+    for (v, ok) in [(0, false), (1, true), (100, true), (101, false)] {
+        case(format!("steps {v}"), json!({ "steps": v }), ok);
+    }
+    for (v, ok) in [
+        (-0.001, false),
+        (0.0, true),
+        (30.0, true),
+        (30.001, false),
+        (30.0000001, false),
+    ] {
+        case(format!("guidance {v}"), json!({ "guidance": v }), ok);
+    }
+    for (v, ok) in [(0.999, false), (1.0, true), (20.0, true), (20.0000001, false)] {
+        case(
+            format!("true_cfg_scale {v}"),
+            json!({ "true_cfg_scale": v, "negative_prompt": "blurry" }),
+            ok,
+        );
+    }
+    for (v, ok) in [
+        (-4.0000001, false),
+        (-4.0, true),
+        (-0.5, true),
+        (0.0, true),
+        (1.0, true),
+        (4.0, true),
+        (4.0000001, false),
+        (5.0, false),
+    ] {
+        case(
+            format!("lora scale {v}"),
+            json!({"loras": [{"name": "a", "version": "1", "scale": v}]}),
+            ok,
+        );
+    }
+    case(
+        "lora scale 2 (an integer)".into(),
+        json!({"loras": [{"name": "a", "version": "1", "scale": 2}]}),
+        true,
+    );
+    case("seed 0".into(), json!({"seed": 0}), true);
+    case("seed 2^64-1".into(), json!({"seed": u64::MAX}), true);
+    let two_pow_64: Value = serde_json::from_str("18446744073709551616").unwrap();
+    case("seed 2^64".into(), json!({ "seed": two_pow_64 }), false);
+    case("seed -1".into(), json!({"seed": -1}), false);
+    // Length limits, at the edge and one past.
+    let text = |n: usize| "a".repeat(n);
+    for (field, max) in [("job_id", 128), ("tenant", 64), ("model_version", 64)] {
+        case(format!("{field} of {max}"), json!({ field: text(max) }), true);
+        case(
+            format!("{field} of {}", max + 1),
+            json!({ field: text(max + 1) }),
+            false,
+        );
+    }
+    case(
+        "reply_to of 200".into(),
+        json!({"reply_to": format!("reply.{}", text(194))}),
+        true,
+    );
+    case(
+        "reply_to of 201".into(),
+        json!({"reply_to": format!("reply.{}", text(195))}),
+        false,
+    );
+    case("prompt of 10000".into(), json!({"prompt": text(10_000)}), true);
+    case("prompt of 10001".into(), json!({"prompt": text(10_001)}), false);
+    case(
+        "negative_prompt of 10000".into(),
+        json!({"negative_prompt": text(10_000)}),
+        true,
+    );
+    case(
+        "negative_prompt of 10001".into(),
+        json!({"negative_prompt": text(10_001)}),
+        false,
+    );
+    let plan = ["ring=64"; 12].join(",");
+    assert_eq!(plan.len() + ",dp=1".len(), 100);
+    case(
+        "plan of 100".into(),
+        json!({"plan": format!("{plan},dp=1")}),
+        true,
+    );
+    case(
+        "plan of 101".into(),
+        json!({"plan": format!("{plan},dp=10")}),
+        false,
+    );
+    let labels = |n: usize| {
+        (0..n)
+            .map(|i| (format!("k{i}"), json!("v")))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    case("32 labels".into(), json!({"labels": labels(32)}), true);
+    case("33 labels".into(), json!({"labels": labels(33)}), false);
+    case("label key of 64".into(), json!({"labels": {text(64): "v"}}), true);
+    case(
+        "label key of 65".into(),
+        json!({"labels": {text(65): "v"}}),
+        false,
+    );
+    case(
+        "label value of 256".into(),
+        json!({"labels": {"k": text(256)}}),
+        true,
+    );
+    case(
+        "label value of 257".into(),
+        json!({"labels": {"k": text(257)}}),
+        false,
+    );
+    // Text that is only whitespace or invisible characters is blank.
+    for (name, blank) in [
+        ("spaces", "   "),
+        ("tab and newline", "\t\n"),
+        ("zero-width space", "\u{200b}"),
+        ("zero-width joiners", "\u{200c}\u{200d}"),
+        ("word joiner", "\u{2060}"),
+        ("byte-order mark", "\u{feff}"),
+        ("no-break and ideographic spaces", "\u{a0}\u{3000}"),
+        ("next line", "\u{85}"),
+        ("mongolian vowel separator", "\u{180e}"),
+    ] {
+        case(format!("prompt of {name}"), json!({ "prompt": blank }), false);
+        case(
+            format!("true cfg with a negative prompt of {name}"),
+            json!({ "true_cfg_scale": 4.0, "negative_prompt": blank }),
+            false,
+        );
+        case(
+            format!("prompt of {name} around a word"),
+            json!({ "prompt": format!("{blank}fox{blank}") }),
+            true,
+        );
+    }
+    out
+}
+
+/// The one rule the schema cannot state: JSON Schema compares whole array items (`uniqueItems`),
+/// not fields across items, so two entries naming the same adapter with different scales (or one
+/// with `scale` left out and one with 1) pass the schema, and only the Rust validation (the
+/// scheduler, `ditfleetctl submit`) rejects them. Documented in docs/message-contract.md; this
+/// test fails if the list of such cases grows or the schema learns to reject them.
+#[test]
+fn duplicate_lora_pairs_are_the_only_rule_the_schema_leaves_to_rust() {
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(SCHEMA_PATH).unwrap()).unwrap();
+    let validator = jsonschema::options().build(&schema).expect("schema compiles");
+    for loras in [
+        json!([{"name": "a", "version": "1", "scale": 0.5}, {"name": "a", "version": "1", "scale": 0.8}]),
+        json!([{"name": "a", "version": "1"}, {"name": "a", "version": "1", "scale": 1.0}]),
+        json!([{"name": "a", "version": "1"}, {"name": "b", "version": "1"}, {"name": "a", "version": "1", "scale": null}]),
+    ] {
+        let doc = with(json!({ "loras": loras }));
+        assert!(validator.is_valid(&doc), "schema: {doc}");
+        let err = JobSpec::parse(doc.to_string().as_bytes())
+            .unwrap()
+            .validate(&Limits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("loras: entries 0 and"), "rust: {err}");
+    }
+}
+
+#[test]
+fn the_schemas_model_enum_is_the_known_models_list_and_its_description_names_each() {
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(SCHEMA_PATH).unwrap()).unwrap();
+    let model = &schema["properties"]["model"];
+    let listed: Vec<&str> = model["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ditfleet_common::job::KNOWN_MODELS);
+    let description = model["description"].as_str().unwrap();
+    for m in ditfleet_common::job::KNOWN_MODELS {
+        assert!(description.contains(&format!("`{m}`")), "{description}");
     }
 }

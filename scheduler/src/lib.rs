@@ -24,10 +24,12 @@ use std::time::Duration;
 
 use ditfleet_common::amqp::{self, Publisher, header_str, now_ms, persistent};
 use ditfleet_common::config::SchedulerConfig;
-use ditfleet_common::cost::{Calibration, ClassLoad, calibrated_cost, choose_class};
-use ditfleet_common::http::{self, Health};
+use ditfleet_common::cost::{Calibration, ClassLoad, choose_class, spec_cost};
+use ditfleet_common::events::{self, DeadLetter, EventBus};
+use ditfleet_common::http::{self, Health, ServiceState};
 use ditfleet_common::job::{
-    JobError, JobEvent, JobSpec, KNOWN_MODELS, Limits, WORK_ORDER_CONTENT_TYPE, WorkOrder, deadline_ms,
+    FieldError, JobError, JobEvent, JobSpec, KNOWN_MODELS, Limits, WORK_ORDER_CONTENT_TYPE, WorkOrder,
+    deadline_ms, fnv1a,
 };
 use ditfleet_common::metrics::Metrics;
 use ditfleet_common::state::{self, Created, JobState, JobStore, RateLimit, WorkerInfo};
@@ -37,7 +39,6 @@ use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use tokio::task::JoinSet;
@@ -53,6 +54,10 @@ pub enum SchedulerError {
     Redis(#[from] redis::RedisError),
     #[error("the submit consumer was cancelled by the broker")]
     ConsumerClosed,
+    #[error(
+        "no working RabbitMQ connection and channels for {secs:.1} s (DITFLEET_BROKER_RECOVERY_TIMEOUT_MS); exiting for the supervisor to restart the scheduler"
+    )]
+    BrokerLost { secs: f64 },
     #[error("health/metrics endpoint: {0}")]
     Http(std::io::Error),
 }
@@ -76,6 +81,7 @@ struct Ctx {
     topo: Topology,
     store: JobStore,
     publisher: Publisher,
+    events: EventBus,
     limits: Limits,
     live: std::sync::Mutex<Live>,
     /// Pinned-version queues declared by this process.
@@ -156,7 +162,8 @@ async fn refresh_loop(ctx: Arc<Ctx>, conn: Arc<lapin::Connection>, stop: Cancell
             Ok(list) => list
                 .iter()
                 .filter_map(|(_, v)| serde_json::from_str::<WorkerInfo>(v).ok())
-                .filter(|w| w.state != "draining")
+                // A draining worker takes no more work; a reconnecting one cannot consume now.
+                .filter(|w| !matches!(w.state.as_str(), "draining" | "reconnecting"))
                 .collect(),
             Err(e) => {
                 debug!(error = %e, "worker list not refreshed");
@@ -169,18 +176,8 @@ async fn refresh_loop(ctx: Arc<Ctx>, conn: Arc<lapin::Connection>, stop: Cancell
         let mut depth = vec![0u64; classes.len()];
         if let Some(c) = &ch {
             'classes: for (i, class) in classes.iter().enumerate() {
-                for q in ctx.topo.class_queues(class) {
-                    match c
-                        .queue_declare(
-                            q.as_str().into(),
-                            QueueDeclareOptions {
-                                passive: true,
-                                ..Default::default()
-                            },
-                            FieldTable::default(),
-                        )
-                        .await
-                    {
+                for q in ctx.topo.routed_queues(class) {
+                    match amqp::passive_declare(c, &q).await {
                         Ok(queue) => depth[i] += u64::from(queue.message_count()),
                         Err(e) => {
                             debug!(error = %e, queue = %q, "queue depth not read");
@@ -204,6 +201,8 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut registry);
     let health = Arc::new(Health::default());
+    // The scheduler loads nothing: it is started once its HTTP endpoint is up.
+    health.set_loaded();
     if let Some(addr) = cfg.common.http_addr {
         http::serve(addr, health.clone(), Arc::new(registry), shutdown.clone())
             .await
@@ -233,7 +232,7 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
         ditfleet_common::config::hostname_fallback(),
         std::process::id()
     );
-    let mut consumer = consume_ch
+    let consumer = consume_ch
         .basic_consume(
             topo.submit_queue().as_str().into(),
             tag.as_str().into(),
@@ -241,15 +240,25 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
             FieldTable::default(),
         )
         .await?;
+    // A fleet upgraded from the submit queue's old name: drain that queue too (on a channel of
+    // its own, so a refusal cannot close the main consumer's), and delete it once empty.
+    let legacy = adopt_legacy_submit(&conn, &topo, cfg.prefetch, &tag).await;
+    let legacy_ch = legacy.as_ref().map(|(ch, _)| ch.clone());
+    let mut consumer: futures_util::stream::BoxStream<'static, lapin::Result<Delivery>> = match legacy {
+        Some((_, old)) => futures_util::stream::select(consumer, old).boxed(),
+        None => consumer.boxed(),
+    };
     let limits = Limits {
         max_prompt_chars: cfg.max_prompt_chars,
     };
     info!(queue = %topo.submit_queue(), prefetch = cfg.prefetch, classes = ?cfg.classes.names(), spill = cfg.spill, tenant_limits = ?cfg.tenant_limits, "scheduler ready");
+    let events = EventBus::new(publisher.clone(), topo.clone(), "scheduler");
     let ctx = Arc::new(Ctx {
         metrics,
         cfg,
         topo,
         store,
+        events,
         publisher,
         limits,
         live: std::sync::Mutex::new(Live::default()),
@@ -257,9 +266,15 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
     });
     let refresh_stop = CancellationToken::new();
     let refresher = tokio::spawn(refresh_loop(ctx.clone(), conn.clone(), refresh_stop.clone()));
-    health.set_ready(true);
+    health.set_serving();
     let mut tasks = JoinSet::new();
+    // Watchdog of the broker link (see the worker's): readiness follows it, and a recovery that
+    // has not brought the link back within the bound ends the process non-zero.
+    let mut watch = amqp::LinkWatch::new(ctx.cfg.common.broker_recovery_timeout);
+    let mut watch_tick = tokio::time::interval(watch.period());
+    watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
+        health.beat();
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
@@ -270,36 +285,130 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
                     let ctx = ctx.clone();
                     tasks.spawn(async move { handle(&ctx, delivery).await });
                 }
-                Some(Err(e)) => {
-                    warn!(error = %e, "submit consumer error; waiting for recovery");
-                    if let Err(e) = consume_ch.wait_for_recovery(e).await {
-                        break Err(SchedulerError::Amqp(e));
+                // Not waited for here (a wedged recovery would block the loop for good): the
+                // watchdog below sees the link down and bounds the outage.
+                Some(Err(e)) => warn!(error = %e, "submit consumer error; the connection is recovering"),
+                None => break Err(SchedulerError::ConsumerClosed),
+            },
+            _ = watch_tick.tick() => {
+                let up = amqp::link_up(&conn, &[&consume_ch, ctx.publisher.channel()])
+                    && ctx.publisher.confirm_timeouts_in_a_row() < amqp::CONFIRM_TIMEOUTS_DOWN;
+                match watch.observe(up) {
+                    amqp::LinkState::Down(d) if d.is_zero() => {
+                        health.set_state(ServiceState::Reconnecting);
+                        warn!(connection = amqp::connection_state(&conn), consume_channel = amqp::channel_state(&consume_ch), publish_channel = amqp::channel_state(ctx.publisher.channel()), confirm_timeouts = ctx.publisher.confirm_timeouts_in_a_row(), bound_ms = ctx.cfg.common.broker_recovery_timeout.as_millis() as u64, "broker link down: not ready until it recovers");
+                    }
+                    amqp::LinkState::Up | amqp::LinkState::Down(_) => {}
+                    amqp::LinkState::Recovered(d) => {
+                        health.set_serving();
+                        info!(down_ms = d.as_millis() as u64, "broker link recovered: consuming the submit queue again");
+                    }
+                    amqp::LinkState::Lost(d) => {
+                        error!(down_ms = d.as_millis() as u64, connection = amqp::connection_state(&conn), consume_channel = amqp::channel_state(&consume_ch), publish_channel = amqp::channel_state(ctx.publisher.channel()), "broker link did not recover within the bound: exiting");
+                        break Err(SchedulerError::BrokerLost { secs: d.as_secs_f64() });
                     }
                 }
-                None => break Err(SchedulerError::ConsumerClosed),
             }
         }
     };
-    health.set_ready(false);
+    health.set_state(ServiceState::Draining);
     info!(
         in_flight = tasks.len(),
         "scheduler stopping: cancelling consumer, finishing in-flight messages"
     );
-    let _ = consume_ch
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+    // With the broker link lost nothing in flight can settle: a short wait, then exit (the
+    // broker requeues the unacked messages when the connection closes).
+    let (settle, drain_for) = if matches!(result, Err(SchedulerError::BrokerLost { .. })) {
+        (Duration::from_secs(2), Duration::from_secs(5))
+    } else {
+        (Duration::from_secs(10), Duration::from_secs(25))
+    };
+    let _ = tokio::time::timeout(
+        settle,
+        consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+    )
+    .await;
+    if let Some(ch) = &legacy_ch {
+        let _ = tokio::time::timeout(
+            settle,
+            ch.basic_cancel(
+                format!("{tag}-legacy").as_str().into(),
+                BasicCancelOptions::default(),
+            ),
+        )
         .await;
-    let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(25), drain)
-        .await
-        .is_err()
-    {
-        warn!("in-flight messages did not finish in 25 s; they are requeued by the broker");
     }
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(drain_for, drain).await.is_err() {
+        warn!(
+            wait_s = drain_for.as_secs(),
+            "in-flight messages did not finish; they are requeued by the broker"
+        );
+    }
+    // Whatever still runs waits on a broker that is not answering; the broker requeues its
+    // messages when the connection goes, so nothing is lost by not waiting longer.
+    tasks.abort_all();
     poller.abort();
     refresh_stop.cancel();
-    let _ = refresher.await;
-    let _ = conn.close(200, "scheduler shutdown".into()).await;
+    let refresher_abort = refresher.abort_handle();
+    if tokio::time::timeout(settle, refresher).await.is_err() {
+        refresher_abort.abort();
+    }
+    let _ = tokio::time::timeout(settle, conn.close(200, "scheduler shutdown".into())).await;
     result
+}
+
+/// The submit queue under its old name (`{ns}.submit`, shared with the exchange), if it exists:
+/// unbound from the submit exchange (no new jobs reach it), deleted when empty, else consumed
+/// until it is (its jobs dedupe on `job_id` like any redelivery). `None` when there is nothing to
+/// drain or this user may not touch it.
+async fn adopt_legacy_submit(
+    conn: &lapin::Connection,
+    topo: &Topology,
+    prefetch: u16,
+    tag: &str,
+) -> Option<(lapin::Channel, lapin::Consumer)> {
+    let q = topo.legacy_submit_queue();
+    let ch = conn.create_channel().await.ok()?;
+    // A missing queue closes this channel: nothing to adopt.
+    amqp::passive_declare(&ch, &q).await.ok()?;
+    if let Err(e) = ch
+        .queue_unbind(
+            q.as_str().into(),
+            topo.submit_exchange().as_str().into(),
+            ditfleet_common::topology::SUBMIT_KEY.into(),
+            FieldTable::default(),
+        )
+        .await
+    {
+        warn!(queue = %q, error = %e, "cannot unbind the submit queue's old name; leave it to an operator (docs/operations.md)");
+        return None;
+    }
+    // Counted again after the unbind, so no routed message can arrive after the count. Quorum
+    // queues refuse `if_empty` deletes (NOT_IMPLEMENTED, which closes the whole connection), so
+    // the delete is plain and happens only when nothing is ready and nobody consumes: a scheduler
+    // of the old version still draining it holds unacknowledged jobs a delete would lose.
+    let declared = amqp::passive_declare(&ch, &q).await.ok()?;
+    if declared.message_count() == 0 && declared.consumer_count() == 0 {
+        let deleted = ch
+            .queue_delete(q.as_str().into(), lapin::options::QueueDeleteOptions::default())
+            .await;
+        info!(queue = %q, deleted = deleted.is_ok(), "removed the empty submit queue of the old name");
+        let _ = ch.close(200, "done".into()).await;
+        return None;
+    }
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await.ok()?;
+    let consumer = ch
+        .basic_consume(
+            q.as_str().into(),
+            format!("{tag}-legacy").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .ok()?;
+    info!(queue = %q, messages = declared.message_count(), "draining the submit queue of the old name (unbound; a later start deletes it once empty)");
+    Some((ch, consumer))
 }
 
 /// Reads each queue's depth and consumer count with passive declares every `every`, into
@@ -323,7 +432,7 @@ async fn poll_queues(
         ("submit", "none".to_string(), vec![topo.submit_queue()]),
         ("dead", "none".to_string(), vec![topo.dead_queue()]),
     ];
-    queues.extend(classes.iter().map(|c| ("work", c.clone(), topo.class_queues(c))));
+    queues.extend(classes.iter().map(|c| ("work", c.clone(), topo.routed_queues(c))));
     let mut ch: Option<lapin::Channel> = None;
     let mut tick = tokio::time::interval(every);
     loop {
@@ -362,14 +471,7 @@ async fn poll_queues(
                         }
                     },
                 };
-                let opts = lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                };
-                match channel
-                    .queue_declare(name.as_str().into(), opts, FieldTable::default())
-                    .await
-                {
+                match amqp::passive_declare(&channel, name).await {
                     Ok(q) => {
                         depth += i64::from(q.message_count());
                         consumers = consumers.max(i64::from(q.consumer_count()));
@@ -447,26 +549,15 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
         Err(e) => return reject(ctx, delivery, &e).await,
     };
     let pin = spec.model_version.as_ref().map(|v| format!("{}@{v}", spec.model));
-    if let Some(mv) = &pin
-        && !ctx.store.is_known_version(mv).await?
-    {
-        let e = JobError::Invalid(vec![ditfleet_common::job::FieldError {
-            field: Some("model_version"),
-            reason: format!(
-                "no worker of this fleet has ever held {mv}; load it first (ditfleetctl model load {mv})"
-            ),
-        }]);
+    if let Err(e) = admit(ctx, &spec, pin.as_deref()).await? {
         return reject(ctx, delivery, &e).await;
     }
     let steps = spec.steps.unwrap_or_else(|| JobSpec::default_steps(&spec.model));
     let names = ctx.cfg.classes.names();
     let (cost, natural, chosen) = {
         let mut live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
-        let mut cost = calibrated_cost(&spec.model, spec.width, spec.height, steps, &live.calibration);
-        if spec.true_cfg_scale.is_some_and(|t| t > 1.0) {
-            // True CFG runs the model twice per step.
-            cost = cost.saturating_mul(2);
-        }
+        // Model factor (calibrated where measured) and guidance passes: cost::spec_cost.
+        let cost = spec_cost(&spec, &live.calibration);
         let natural = ctx.cfg.classes.classify_index(cost);
         let chosen = if ctx.cfg.spill && !live.workers.is_empty() {
             let loads = live.loads(&names, natural, |w| match &pin {
@@ -508,7 +599,13 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
         ("steps", steps.to_string()),
         ("priority", spec.priority.as_str().to_string()),
         ("submitted_ms", submitted_ms.to_string()),
-        ("spec", serde_json::to_string(&spec).expect("spec serialises")),
+        // The body as the backend sent it (valid JSON, so UTF-8): a worker that gives up on the
+        // job copies this to the DLQ.
+        (
+            "spec",
+            String::from_utf8(delivery.data.clone())
+                .unwrap_or_else(|_| serde_json::to_string(&spec).expect("spec serialises")),
+        ),
     ];
     let limit = ctx.cfg.tenant_limits.for_tenant(&spec.tenant).map(|l| RateLimit {
         rate: l.rate,
@@ -568,6 +665,7 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
             );
             warn!(job_id = %spec.job_id, "conflicting reuse of job_id sent to the DLQ; the existing job is untouched");
             dead_letter(ctx, delivery, &spec.job_id, &reason).await?;
+            announce_rejected_copy(ctx, delivery, &spec.job_id, &reason, spec.reply_to.as_deref()).await?;
             return Ok(());
         }
     }
@@ -609,7 +707,7 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
             }
             Topology::pin_key(&class, mv)
         }
-        None => Topology::work_key(&class, spec.priority),
+        None => Topology::model_key(&class, &spec.model, spec.priority),
     };
     ctx.publisher
         .publish(&ctx.topo.work_exchange(), &key, &order.encode(), props, true)
@@ -626,6 +724,73 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
     );
     info!(job_id = %spec.job_id, class = %class, key = %key, cost, tenant = %spec.tenant, priority = spec.priority.as_str(), "routed");
     Ok(())
+}
+
+/// The checks of a valid job against what this fleet holds, after the contract's own rules
+/// ([`JobSpec::validate`]): a pinned version some worker has held, a model the fleet serves, and
+/// the job's LoRA stack. `Ok(Err(_))` is the rejection, every problem found.
+async fn admit(ctx: &Ctx, spec: &JobSpec, pin: Option<&str>) -> Result<Result<(), JobError>, HandleError> {
+    let mut errs = Vec::new();
+    match pin {
+        Some(mv) if !ctx.store.is_known_version(mv).await? => errs.push(FieldError {
+            field: Some("model_version"),
+            reason: format!(
+                "no worker of this fleet has ever held {mv}; load it first (ditfleetctl model load {mv})"
+            ),
+        }),
+        Some(_) => {}
+        None => {
+            if let Some(reason) = unserved_model(ctx, &spec.model).await? {
+                errs.push(FieldError {
+                    field: Some("model"),
+                    reason,
+                });
+            }
+        }
+    }
+    if !spec.loras.is_empty()
+        && let Some(reason) = unavailable_loras(ctx, spec).await?
+    {
+        errs.push(FieldError {
+            field: Some("loras"),
+            reason,
+        });
+    }
+    Ok(if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(JobError::Invalid(errs))
+    })
+}
+
+/// Why the fleet cannot run the job's LoRA stack, if it cannot: the one place a job's adapters
+/// are checked against the fleet's LoRA registry (each must be there, made for the job's model).
+/// The fleet has no registry yet, so every stack that passed validation is admitted; a worker
+/// whose engine cannot apply adapters fails the job with that reason.
+async fn unavailable_loras(_ctx: &Ctx, _spec: &JobSpec) -> Result<Option<String>, HandleError> {
+    Ok(None)
+}
+
+/// Why the fleet does not serve `model`, if it does not: not in `DITFLEET_SERVED_MODELS`, or
+/// (that unset) no worker ever held a version of it while others have registered. A fleet whose
+/// workers never registered (a fresh install scaling from zero) accepts every known model: its
+/// jobs wait for a worker that holds theirs.
+async fn unserved_model(ctx: &Ctx, model: &str) -> Result<Option<String>, HandleError> {
+    if let Some(served) = &ctx.cfg.served_models {
+        return Ok((!served.iter().any(|m| m == model)).then(|| {
+            format!(
+                "this fleet serves {} (DITFLEET_SERVED_MODELS), not {model}",
+                served.join(", ")
+            )
+        }));
+    }
+    let known = ctx.store.known_models().await?;
+    Ok((!known.is_empty() && !known.contains(model)).then(|| {
+        format!(
+            "no worker of this fleet has ever held a version of {model} (it has held {}); start workers that serve it, or list it in DITFLEET_SERVED_MODELS to let its jobs wait",
+            known.iter().cloned().collect::<Vec<_>>().join(", ")
+        )
+    }))
 }
 
 /// A job past its deadline on arrival: recorded `expired` (never routed) and announced.
@@ -711,12 +876,7 @@ async fn reject(ctx: &Ctx, delivery: &Delivery, err: &JobError) -> Result<(), Ha
     let job_id = JobSpec::sniff_job_id(&delivery.data)
         .or_else(|| delivery.properties.message_id().as_ref().map(|s| s.to_string()))
         .filter(|id| ditfleet_common::job::valid_job_id(id))
-        .unwrap_or_else(|| {
-            format!(
-                "invalid-{:016x}",
-                JobSpec::derived_seed(&String::from_utf8_lossy(&delivery.data))
-            )
-        });
+        .unwrap_or_else(|| format!("invalid-{:016x}", fnv1a(&delivery.data)));
     let reason = err.to_string();
     let (recorded, prev) = ctx
         .store
@@ -735,13 +895,17 @@ async fn reject(ctx: &Ctx, delivery: &Delivery, err: &JobError) -> Result<(), Ha
     warn!(job_id = %job_id, reason = %reason, recorded, existing = ?prev, "job rejected");
     ctx.metrics.job("failed", "none", "none");
     dead_letter(ctx, delivery, &job_id, &reason).await?;
+    // Terminal events go to the job's reply_to when the body names a well-formed one.
+    let reply_to = JobSpec::sniff_reply_to(&delivery.data);
     if recorded {
         let ev = JobEvent::Failed {
             job_id: job_id.clone(),
             state: JobState::Failed.to_string(),
             reason,
         };
-        publish_event(ctx, &ev, None).await?;
+        publish_event(ctx, &ev, reply_to.as_deref()).await?;
+    } else {
+        announce_rejected_copy(ctx, delivery, &job_id, &reason, reply_to.as_deref()).await?;
     }
     Ok(())
 }
@@ -753,32 +917,39 @@ async fn dead_letter(ctx: &Ctx, delivery: &Delivery, job_id: &str, reason: &str)
         .as_ref()
         .map(|s| s.to_string())
         .unwrap_or_else(|| "application/octet-stream".into());
-    let props = persistent(&content_type)
-        .with_message_id(job_id.into())
-        .with_headers(amqp::headers(&[
-            ("x-ditfleet-job-id", job_id.to_string()),
-            ("x-ditfleet-reason", reason.to_string()),
-            ("x-ditfleet-rejected-by", "scheduler".into()),
-            ("x-ditfleet-rejected-ms", now_ms().to_string()),
-        ]));
-    ctx.publisher
-        .publish(&ctx.topo.dlx(), "rejected", &delivery.data, props, true)
+    ctx.events
+        .dead_letter(DeadLetter {
+            job_id,
+            reason,
+            body: &delivery.data,
+            content_type: &content_type,
+            key: events::DLQ_KEY_SCHEDULER,
+            extra: &[],
+        })
         .await?;
     ctx.metrics.dlq.inc();
     Ok(())
 }
 
 async fn publish_event(ctx: &Ctx, ev: &JobEvent, reply_to: Option<&str>) -> Result<(), HandleError> {
-    let body = serde_json::to_vec(ev).expect("event serialises");
-    let props = persistent("application/json").with_message_id(ev.message_id().as_str().into());
-    let exchange = ctx.topo.events_exchange();
-    ctx.publisher
-        .publish(&exchange, &ev.routing_key(), &body, props.clone(), false)
-        .await?;
-    if let Some(key) = reply_to {
-        ctx.publisher.publish(&exchange, key, &body, props, false).await?;
-    }
-    Ok(())
+    Ok(ctx.events.publish(ev, reply_to).await?)
+}
+
+/// Answers a rejected submission whose id belongs to an existing job: a `rejected` event (the
+/// existing job's own events are untouched) on the job's keys and its `reply_to`.
+async fn announce_rejected_copy(
+    ctx: &Ctx,
+    delivery: &Delivery,
+    job_id: &str,
+    reason: &str,
+    reply_to: Option<&str>,
+) -> Result<(), HandleError> {
+    let ev = JobEvent::Rejected {
+        job_id: job_id.to_string(),
+        reason: reason.to_string(),
+        body_hash: format!("{:016x}", fnv1a(&delivery.data)),
+    };
+    publish_event(ctx, &ev, reply_to).await
 }
 
 #[cfg(test)]

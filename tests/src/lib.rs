@@ -5,6 +5,7 @@
 //! are taken from the cargo target directory beside the test executable (`make test` builds them
 //! first).
 
+pub mod broker;
 pub mod otlp;
 pub mod services;
 
@@ -21,6 +22,58 @@ use ditfleet_common::topology::{SUBMIT_KEY, Topology};
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::AMQPValue;
+
+/// The longest any `ditfleetctl` run of a test may take (its own `--wait` timeouts are 60 s): a
+/// hung command fails its test with its output instead of stalling the whole suite.
+pub const CTL_LIMIT: Duration = Duration::from_secs(180);
+
+/// `cmd.output()`, but a command still running after `limit` is killed and the test fails with
+/// what it printed so far.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the command starts");
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = out.read_to_end(&mut b);
+        b
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = err.read_to_end(&mut b);
+        b
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = out_t.join().unwrap_or_default();
+            let stderr = err_t.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} still ran after {} s and was killed\nstdout: {}\nstderr: {}",
+                limit.as_secs(),
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
+}
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
@@ -136,6 +189,82 @@ pub struct Fleet {
     pub store: JobStore,
     pub events: EventLog,
     pub env: HashMap<String, String>,
+    _watch: TestWatch,
+}
+
+/// The longest one end-to-end test may run. The suite runs its tests one at a time under CI's
+/// overall limit; a test hung past this kills its own processes and its test binary, so the
+/// other test binaries still run and report.
+pub const TEST_LIMIT: Duration = Duration::from_secs(20 * 60);
+
+static DEADLINES: Mutex<Vec<(u64, String, Instant)>> = Mutex::new(Vec::new());
+
+/// Registers a [`Fleet`]'s deadline with the process's watchdog thread while it lives.
+struct TestWatch(u64);
+
+impl TestWatch {
+    fn start(ns: &str) -> TestWatch {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        static WATCHDOG: std::sync::Once = std::sync::Once::new();
+        WATCHDOG.call_once(|| {
+            std::thread::spawn(|| {
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let overdue = DEADLINES
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .find(|(_, _, d)| Instant::now() > *d)
+                        .map(|(_, ns, _)| ns.clone());
+                    if let Some(ns) = overdue {
+                        eprintln!(
+                            "test of namespace {ns} still ran after {} s: killing its processes and this test binary",
+                            TEST_LIMIT.as_secs()
+                        );
+                        kill_children();
+                        std::process::exit(101);
+                    }
+                }
+            });
+        });
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        DEADLINES
+            .lock()
+            .unwrap()
+            .push((id, ns.to_string(), Instant::now() + TEST_LIMIT));
+        TestWatch(id)
+    }
+}
+
+impl Drop for TestWatch {
+    fn drop(&mut self) {
+        if let Ok(mut d) = DEADLINES.lock() {
+            d.retain(|(id, _, _)| *id != self.0);
+        }
+    }
+}
+
+/// SIGKILLs every direct child of this process (services, ditfleetctl runs, private brokers).
+fn kill_children() {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces, so read after its closing paren.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        if ppid == Some(me.as_str()) {
+            send_signal(pid, libc::SIGKILL);
+        }
+    }
 }
 
 /// Model versions the tests pin jobs to; teardown deletes their pinned queues.
@@ -165,6 +294,7 @@ impl Fleet {
             test.replace('_', "-").chars().take(40).collect::<String>(),
             &uuid::Uuid::new_v4().to_string()[..8]
         );
+        let watch = TestWatch::start(&ns);
         let root = std::env::temp_dir().join("ditfleet-tests").join(&ns);
         let result_dir = root.join("results");
         let log_dir = root.join("logs");
@@ -216,6 +346,7 @@ impl Fleet {
             store,
             events,
             env,
+            _watch: watch,
         }
     }
 
@@ -276,7 +407,7 @@ impl Fleet {
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        cmd.output().expect("ditfleetctl runs")
+        output_within(&mut cmd, CTL_LIMIT)
     }
 
     /// `ditfleetctl submit --wait` of a small job (256², `steps` steps, prompt "a fox") with the
@@ -425,15 +556,12 @@ impl Fleet {
         out
     }
 
-    /// Records every terminal event (`done`, `failed`, `cancelled`) in a durable quorum queue that
-    /// outlives broker restarts; read it with [`Fleet::terminal_events`].
-    pub async fn record_terminal_events_durably(&self) {
-        let ch = self.conn.create_channel().await.unwrap();
-        let q = format!("{}.test-terminal", self.ns);
+    /// Declares a durable quorum queue `name` (no dead-letter exchange) on `ch`.
+    pub async fn declare_quorum_queue(ch: &lapin::Channel, name: &str) {
         let mut args = lapin::types::FieldTable::default();
         args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
         ch.queue_declare(
-            q.as_str().into(),
+            name.into(),
             lapin::options::QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -442,6 +570,14 @@ impl Fleet {
         )
         .await
         .unwrap();
+    }
+
+    /// Records every terminal event (`done`, `failed`, `cancelled`) in a durable quorum queue that
+    /// outlives broker restarts; read it with [`Fleet::terminal_events`].
+    pub async fn record_terminal_events_durably(&self) {
+        let ch = self.conn.create_channel().await.unwrap();
+        let q = format!("{}.test-terminal", self.ns);
+        Self::declare_quorum_queue(&ch, &q).await;
         for kind in ["done", "failed", "cancelled"] {
             ch.queue_bind(
                 q.as_str().into(),
@@ -489,7 +625,7 @@ impl Fleet {
             self.topo.dead_queue(),
             format!("{}.test-terminal", self.ns),
         ];
-        queues.extend(CLASSES.iter().flat_map(|c| self.topo.class_queues(c)));
+        queues.extend(CLASSES.iter().flat_map(|c| self.topo.routed_queues(c)));
         for q in queues {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -539,6 +675,8 @@ pub fn job(job_id: &str, steps: u32) -> JobSpec {
         height: 256,
         steps: Some(steps),
         guidance: None,
+        scheduler: None,
+        loras: Vec::new(),
         seed: Some(7),
         priority: Priority::Normal,
         deadline: None,

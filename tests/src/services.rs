@@ -186,6 +186,20 @@ impl RabbitUser {
         u
     }
 
+    /// Sets the user's topic permissions on `exchange` of vhost `/` (`rabbitmqctl
+    /// set_topic_permissions`); deleting the user removes them.
+    pub fn set_topic_permissions(&self, exchange: &str, write: &str, read: &str) {
+        rabbitmqctl(&[
+            "set_topic_permissions",
+            "-p",
+            "/",
+            &self.name,
+            exchange,
+            write,
+            read,
+        ]);
+    }
+
     /// `amqp://name:password@127.0.0.1:5672/%2f`
     pub fn url(&self) -> String {
         format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)

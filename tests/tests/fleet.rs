@@ -56,7 +56,7 @@ async fn ctl(fleet: &Fleet, args: &[&str]) -> (i32, String, String) {
         for (k, v) in &fleet_env {
             cmd.env(k, v);
         }
-        cmd.output().expect("ditfleetctl runs")
+        ditfleet_tests::output_within(&mut cmd, ditfleet_tests::CTL_LIMIT)
     })
     .await
     .unwrap();
@@ -237,7 +237,9 @@ async fn a_job_past_its_deadline_is_expired_and_never_started() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_engine_failures_are_retried_and_permanent_or_poison_ones_end_in_the_dlq() {
     let fleet = Fleet::new("retries").await;
-    let _s = fleet.start_scheduler();
+    // No spilling: each job must reach the one worker of its class (a small job spilled to the
+    // idle large-only worker, whose engine always fails, would be dead-lettered there).
+    let _s = fleet.spawn_with("ditfleet-scheduler", "scheduler", &[("DITFLEET_SPILL", "0")]);
     let fast = [("DITFLEET_RETRY_BASE_MS", "50")];
     let _oom = fleet.start_worker(
         "w-oom",
@@ -558,7 +560,7 @@ async fn hot_swap_under_load_fails_no_job_and_pinned_jobs_run_only_on_holders() 
     let ws = workers(&fleet).await;
     assert!(
         ws.iter()
-            .all(|w| w.model_versions == ["flux-dev@v2", "flux-schnell@sim-1"]),
+            .all(|w| w.model_versions == ["flux-dev@v2", "flux-schnell@sim-1", "sdxl-base@sim-1"]),
         "{ws:?}"
     );
     let _ = conn.close(200, "done".into()).await;

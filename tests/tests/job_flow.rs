@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use ditfleet_common::job::JobEvent;
+use ditfleet_common::job::{JobEvent, LoraSpec};
 use ditfleet_common::state::JobState;
 use ditfleet_tests::{Fleet, job};
+use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -158,7 +159,7 @@ async fn every_invalid_job_is_recorded_failed_with_its_reason_and_dead_lettered(
         .join(",");
     let cases: Vec<(String, String, &str)> = vec![
         ("bad-json".into(), "{not json".into(), "malformed job: key must be a string"),
-        ("bad-type".into(), ok(r#","job_id":"bad-type","steps":"many""#), "invalid type: string \"many\", expected u32"),
+        ("bad-type".into(), ok(r#","job_id":"bad-type","steps":"many""#), "steps: invalid type: string \"many\""),
         ("bad-unknown-field".into(), ok(r#","job_id":"bad-unknown-field","colour":"red""#), "unknown field `colour`"),
         ("bad-missing".into(), r#"{"schema_version":1,"job_id":"bad-missing","tenant":"t","model":"flux-dev","width":512,"height":512}"#.into(), "missing field `prompt`"),
         ("bad-version".into(), ok(r#","job_id":"bad-version""#).replace(r#""schema_version":1"#, r#""schema_version":7"#), "schema_version: unsupported version 7"),
@@ -175,10 +176,15 @@ async fn every_invalid_job_is_recorded_failed_with_its_reason_and_dead_lettered(
         ("bad-steps-500".into(), ok(r#","job_id":"bad-steps-500","steps":500"#), "steps: must be between 1 and 100, got 500"),
         ("bad-guidance".into(), ok(r#","job_id":"bad-guidance","guidance":99.0"#), "guidance: must be between 0 and 30, got 99"),
         ("bad-deadline".into(), ok(r#","job_id":"bad-deadline","deadline":"soon""#), "deadline: must be an RFC 3339 time"),
-        ("bad-reply-to".into(), ok(r#","job_id":"bad-reply-to","reply_to":"job.*""#), "reply_to: must be 1-200 characters"),
+        ("bad-reply-to".into(), ok(r#","job_id":"bad-reply-to","reply_to":"job.*""#), "reply_to: must be `reply.` then a name"),
         ("bad-labels".into(), ok(&format!(r#","job_id":"bad-labels","labels":{{{labels}}}"#)), "labels: has 33 entries, the limit is 32"),
         ("bad-priority".into(), ok(r#","job_id":"bad-priority","priority":"urgent""#), "unknown variant `urgent`"),
-        ("bad-seed".into(), ok(r#","job_id":"bad-seed","seed":-1"#), "invalid value: integer `-1`, expected u64"),
+        ("bad-seed".into(), ok(r#","job_id":"bad-seed","seed":-1"#), "seed: -1 is not an integer in 0..=18446744073709551615"),
+        ("bad-lora-dots".into(), ok(r#","job_id":"bad-lora-dots","loras":[{"name":"..","version":"1"}]"#).replace("flux-dev", "sdxl-base"), "loras: entry 0: name \"..\" must be 1-64 characters of [A-Za-z0-9._-] starting with a letter or digit"),
+        ("bad-lora-scale".into(), ok(r#","job_id":"bad-lora-scale","loras":[{"name":"a","version":"1","scale":9}]"#), "loras: entry 0: scale must be between -4 and 4, got 9"),
+        ("bad-lora-twice".into(), ok(r#","job_id":"bad-lora-twice","loras":[{"name":"a","version":"1"},{"name":"a","version":"1","scale":0.5}]"#), "loras: entries 0 and 1 are both a@1"),
+        ("bad-scheduler".into(), ok(r#","job_id":"bad-scheduler","scheduler":"euler""#), "scheduler: \"euler\" is not a sampler of flux-dev; flux-dev runs flow_euler"),
+        ("bad-sdxl-true-cfg".into(), ok(r#","job_id":"bad-sdxl-true-cfg","true_cfg_scale":4,"negative_prompt":"blur""#).replace("flux-dev", "sdxl-base"), "true_cfg_scale: above 1 is a Flux option (true CFG); sdxl-base runs classic CFG"),
     ];
     for (id, body, _) in &cases {
         fleet.submit_raw(body.as_bytes(), id).await;
@@ -217,6 +223,172 @@ async fn every_invalid_job_is_recorded_failed_with_its_reason_and_dead_lettered(
     // Each rejection was announced on the events exchange.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(fleet.events.count_kind("failed"), cases.len());
+    fleet.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdxl_job_runs_with_its_sampler_and_lora_stack_and_its_timings_show_them() {
+    let fleet = Fleet::new("sdxl-lora").await;
+    let _s = fleet.start_scheduler();
+    // The simulated engine serves every known model by default, sdxl-base included.
+    let _w = fleet.start_worker("w-sdxl", &[]);
+    fleet.wait_workers(1, T).await;
+    let mut plain = job("sdxl-plain", 4);
+    plain.model = "sdxl-base".into();
+    let mut styled = plain.clone();
+    styled.job_id = "sdxl-styled".into();
+    styled.scheduler = Some("dpmpp_2m_karras".into());
+    styled.loras = vec![
+        LoraSpec {
+            name: "pixel-art".into(),
+            version: "v1.2".into(),
+            scale: Some(0.8),
+        },
+        LoraSpec {
+            name: "detail".into(),
+            version: "2".into(),
+            scale: None,
+        },
+    ];
+    fleet.submit(&plain).await;
+    fleet.submit(&styled).await;
+    let p = fleet.wait_state("sdxl-plain", JobState::Succeeded, T).await;
+    let h = fleet.wait_state("sdxl-styled", JobState::Succeeded, T).await;
+    assert_eq!(h["model"], "sdxl-base");
+    let timings: serde_json::Value = serde_json::from_str(&h["timings"]).unwrap();
+    assert_eq!(timings["scheduler"], "dpmpp_2m_karras", "{timings}");
+    assert_eq!(
+        timings["loras"],
+        json!([{"name": "pixel-art", "version": "v1.2", "scale": 0.8},
+               {"name": "detail", "version": "2", "scale": 1.0}]),
+        "the stack in order, the absent scale resolved to 1"
+    );
+    let plain_timings: serde_json::Value = serde_json::from_str(&p["timings"]).unwrap();
+    assert_eq!(plain_timings["scheduler"], "euler", "sdxl-base's default sampler");
+    assert!(plain_timings.get("loras").is_none(), "{plain_timings}");
+    let png = |h: &std::collections::HashMap<String, String>| {
+        std::fs::read(h["result_url"].strip_prefix("file://").unwrap()).unwrap()
+    };
+    assert_ne!(png(&p), png(&h), "the sampler and stack change the image");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let done = fleet
+        .events
+        .for_job("sdxl-styled")
+        .into_iter()
+        .find_map(|e| match e {
+            JobEvent::Done { timings, .. } => Some(timings),
+            _ => None,
+        })
+        .expect("a done event");
+    assert_eq!(done["scheduler"], "dpmpp_2m_karras");
+    assert_eq!(done["loras"], timings["loras"]);
+    // The same through ditfleetctl's flags, which it validates before publishing.
+    let out = fleet.ctl(&[
+        "submit",
+        "--prompt",
+        "a quiet harbour",
+        "--model",
+        "sdxl-base",
+        "--width",
+        "256",
+        "--height",
+        "256",
+        "--steps",
+        "3",
+        "--scheduler",
+        "euler_a",
+        "--lora",
+        "pixel-art@v1.2:-0.5",
+        "--lora",
+        "detail@2",
+        "--job-id",
+        "sdxl-ctl",
+        "--wait",
+        "--timeout-s",
+        "60",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("sampler: euler_a | loras: pixel-art@v1.2*-0.5, detail@2*1"),
+        "{stdout}"
+    );
+    let out = fleet.ctl(&[
+        "submit",
+        "--prompt",
+        "x",
+        "--model",
+        "sdxl-base",
+        "--width",
+        "256",
+        "--height",
+        "256",
+        "--scheduler",
+        "flow_euler",
+        "--lora",
+        "..@1",
+        "--job-id",
+        "sdxl-ctl-bad",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("scheduler: \"flow_euler\" is not a sampler of sdxl-base")
+            && stderr.contains("loras: entry 0: name \"..\""),
+        "{stderr}"
+    );
+    assert_eq!(fleet.state("sdxl-ctl-bad").await, None, "never published");
+    assert!(fleet.dead_letters().await.is_empty());
+    fleet.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_engines_run_the_named_sampler_and_refuse_a_lora_stack_they_cannot_apply() {
+    // The tiny random-weight Flux and SDXL pipelines (no model directory). They apply no LoRA
+    // yet, so a job naming adapters must fail with the reason rather than silently get the base
+    // model's image; an SDXL job with a non-default sampler runs it.
+    let fleet = Fleet::new("model-engines").await;
+    let _s = fleet.start_scheduler();
+    let _w = fleet.start_worker(
+        "w-tiny",
+        &[("DITFLEET_ENGINE", "flux"), ("DITFLEET_DEVICES", "cpu")],
+    );
+    let slow = Duration::from_secs(300);
+    fleet.wait_workers(1, slow).await;
+    let mut styled = job("tiny-lora", 2);
+    styled.loras = vec![LoraSpec {
+        name: "pixel-art".into(),
+        version: "v1".into(),
+        scale: Some(0.5),
+    }];
+    fleet.submit(&styled).await;
+    let h = fleet.wait_state("tiny-lora", JobState::Failed, slow).await;
+    assert!(h["error"].contains("LoRA adapters it cannot apply"), "{h:?}");
+    let dead = fleet.dead_letters().await;
+    assert!(
+        dead.iter()
+            .any(|(id, why, _)| id == "tiny-lora" && why.contains("LoRA adapters it cannot apply")),
+        "{:?}",
+        dead.iter().map(|(i, r, _)| (i, r)).collect::<Vec<_>>()
+    );
+    let mut sdxl = job("tiny-sdxl", 2);
+    sdxl.model = "sdxl-base".into();
+    sdxl.scheduler = Some("dpmpp_2m_karras".into());
+    sdxl.negative_prompt = Some("blurry".into());
+    fleet.submit(&sdxl).await;
+    let h = fleet.wait_state("tiny-sdxl", JobState::Succeeded, slow).await;
+    assert_eq!(
+        (h["worker"].as_str(), h["model"].as_str()),
+        ("w-tiny", "sdxl-base")
+    );
+    let mut flux = job("tiny-flux", 2);
+    flux.scheduler = Some("flow_euler".into());
+    fleet.submit(&flux).await;
+    fleet.wait_state("tiny-flux", JobState::Succeeded, slow).await;
     fleet.teardown().await;
 }
 
@@ -463,7 +635,7 @@ fn bad_configuration_exits_64_and_names_the_variable() {
         if bin == "ditfleetctl" {
             cmd.args(["workers"]);
         }
-        let out = cmd.env(var, value).output().unwrap();
+        let out = ditfleet_tests::output_within(cmd.env(var, value), ditfleet_tests::CTL_LIMIT);
         assert_eq!(out.status.code(), Some(64), "{bin} with {var}={value}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(var), "{bin}: error names {var}: {err}");

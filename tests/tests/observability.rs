@@ -108,3 +108,66 @@ async fn health_readiness_and_metrics_follow_the_jobs_and_the_drain() {
     assert_eq!(w.wait_exit(T), Some(Some(0)));
     fleet.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loading_worker_is_alive_but_neither_started_nor_ready_then_serves_and_reports_draining() {
+    let fleet = Fleet::new("probes").await;
+    let _s = fleet.start_scheduler();
+    let wp = free_port();
+    let w_addr = format!("127.0.0.1:{wp}");
+    let mut w = fleet.start_worker(
+        "w-probes",
+        &[
+            ("DITFLEET_HTTP_ADDR", w_addr.as_str()),
+            ("DITFLEET_SIM_LOAD_MS", "4000"),
+            ("DITFLEET_SIM_STEP_MS", "100"),
+        ],
+    );
+    // While the model loads: alive, not started, not ready (and the body says why).
+    assert_eq!(wait_http(wp, "/healthz", 200).await, "ok\n");
+    assert_eq!(http_get(wp, "/startupz"), Some((503, "loading\n".into())));
+    assert_eq!(http_get(wp, "/readyz"), Some((503, "loading\n".into())));
+    // Loaded: started for good; ready once it consumes.
+    assert_eq!(wait_http(wp, "/startupz", 200).await, "loaded\n");
+    assert_eq!(wait_http(wp, "/readyz", 200).await, "ready\n");
+
+    fleet.submit(&job("probe-long", 40)).await;
+    fleet.wait_state("probe-long", JobState::Running, T).await;
+    w.signal(libc::SIGTERM);
+    assert_eq!(wait_http(wp, "/readyz", 503).await, "draining\n");
+    assert_eq!(http_get(wp, "/startupz").map(|r| r.0), Some(200));
+    assert_eq!(w.wait_exit(T), Some(Some(0)));
+    fleet.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_model_loads_ends_the_worker_at_once_not_after_the_load() {
+    let fleet = Fleet::new("probes-term").await;
+    let wp = free_port();
+    let w_addr = format!("127.0.0.1:{wp}");
+    // A load far longer than the test waits for the exit.
+    let mut w = fleet.start_worker(
+        "w-loading",
+        &[
+            ("DITFLEET_HTTP_ADDR", w_addr.as_str()),
+            ("DITFLEET_SIM_LOAD_MS", "600000"),
+        ],
+    );
+    assert_eq!(wait_http(wp, "/startupz", 503).await, "loading\n");
+    let sent = Instant::now();
+    w.signal(libc::SIGTERM);
+    assert_eq!(
+        w.wait_exit(Duration::from_secs(20)),
+        Some(Some(0)),
+        "the worker did not exit within 20 s of SIGTERM while loading:\n{}",
+        w.log_text()
+    );
+    assert!(
+        w.log_text()
+            .contains("shutdown requested while loading the models"),
+        "{}",
+        w.log_text()
+    );
+    eprintln!("exited {:.1} s after SIGTERM", sent.elapsed().as_secs_f64());
+    fleet.teardown().await;
+}

@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use ditfleet_common::amqp::{self, now_ms, persistent};
-use ditfleet_common::job::{JobEvent, JobSpec, WorkOrder, deadline_ms};
+use ditfleet_common::amqp::{self, now_ms};
+use ditfleet_common::events::{DeadLetter, EventBus};
+use ditfleet_common::job::{JobEvent, JobSpec, LoraRef, WorkOrder, deadline_ms};
 use ditfleet_common::redact::public_reason;
 use ditfleet_common::state::{CheckpointRef, Claim, EventClaim, JobState};
 use ditfleet_common::telemetry;
@@ -23,6 +24,61 @@ use crate::pool::PoolError;
 enum Settle {
     Ack,
     Requeue,
+    /// Nothing: the delivery's channel died (a broker restart), so the broker has already
+    /// requeued the message and no settle of this delivery can reach it.
+    Abandon,
+}
+
+/// A worker slot, held by a delivery's task only while it may run the engine.
+///
+/// Waiting (for another task of this job, for another worker's lease) and work that runs no
+/// engine (re-publishing a settled job's event, dead-lettering) give the slot back, so such
+/// deliveries (many of them after a broker restart redelivers every unacked message) never keep
+/// new jobs from starting.
+pub(crate) struct Slot {
+    slots: Arc<tokio::sync::Semaphore>,
+    freed: Arc<tokio::sync::Notify>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Slot {
+    pub(crate) fn new(
+        slots: Arc<tokio::sync::Semaphore>,
+        freed: Arc<tokio::sync::Notify>,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        Self {
+            slots,
+            freed,
+            permit: Some(permit),
+        }
+    }
+
+    /// Gives the slot back and wakes the dispatch loop, which may start a buffered delivery on it.
+    fn release(&mut self) {
+        if self.permit.take().is_some() {
+            self.freed.notify_one();
+        }
+    }
+
+    /// Takes a slot again (waits for one), unless this task holds one.
+    async fn acquire(&mut self) {
+        if self.permit.is_none() {
+            let p = self
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the slot semaphore is never closed");
+            self.permit = Some(p);
+        }
+    }
+}
+
+/// The delivery's channel died since it arrived (lapin poisons its acker when the channel fails
+/// or starts recovering): the broker has requeued the message already.
+fn orphaned(delivery: &Delivery) -> bool {
+    delivery.acker.poisoned()
 }
 
 /// Failure talking to Redis/RabbitMQ/storage: the job is requeued (the message redelivers).
@@ -78,7 +134,7 @@ macro_rules! infra_retry {
 
 /// One delivery, in the job's trace: the `job` span continues the trace context the scheduler put
 /// in the message headers.
-pub(crate) async fn process(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphorePermit) {
+pub(crate) async fn process(shared: Arc<Shared>, delivery: Delivery, slot: Slot) {
     let job_id = delivery
         .properties
         .message_id()
@@ -93,20 +149,33 @@ pub(crate) async fn process(shared: Arc<Shared>, delivery: Delivery, permit: Own
         messaging.system = "rabbitmq",
     );
     telemetry::set_parent_from_message(&span, &delivery.properties);
-    process_in_span(shared, delivery, permit).instrument(span).await
+    process_in_span(shared, delivery, slot).instrument(span).await
 }
 
-async fn process_in_span(shared: Arc<Shared>, delivery: Delivery, permit: OwnedSemaphorePermit) {
-    let settle = match handle(&shared, &delivery).await {
+async fn process_in_span(shared: Arc<Shared>, delivery: Delivery, mut slot: Slot) {
+    let settle = match handle(&shared, &delivery, &mut slot).await {
         Ok(s) => s,
         Err(e) => {
+            slot.release();
             error!(error = %e, "infrastructure failure; requeueing the job");
             shared.metrics.retries.inc();
             tokio::time::sleep(amqp::requeue_delay(&delivery.properties, Duration::from_secs(10))).await;
             Settle::Requeue
         }
     };
+    slot.release();
+    let settle = match settle {
+        Settle::Ack | Settle::Requeue if orphaned(&delivery) => {
+            // Its effect is recorded in Redis; the redelivered copy finds it there and settles.
+            info!(
+                "the delivery's channel died meanwhile; not settling it (the broker redelivered the message)"
+            );
+            Settle::Abandon
+        }
+        s => s,
+    };
     let r = match settle {
+        Settle::Abandon => Ok(false),
         Settle::Ack => {
             delivery
                 .ack(BasicAckOptions::default())
@@ -126,10 +195,9 @@ async fn process_in_span(shared: Arc<Shared>, delivery: Delivery, permit: OwnedS
     if let Err(e) = r {
         warn!(error = %e, "settling the delivery failed; the broker redelivers it and the claim protocol absorbs the duplicate");
     }
-    drop(permit);
 }
 
-async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraError> {
+async fn handle(shared: &Shared, delivery: &Delivery, slot: &mut Slot) -> Result<Settle, InfraError> {
     let order = match WorkOrder::decode(&delivery.data) {
         Ok(o) => o,
         Err(e) => {
@@ -141,15 +209,39 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
                 .unwrap_or_else(|| "unknown".into());
             let reason = e.to_string();
             error!(job_id = %job_id, reason = %reason, "unreadable work order");
-            fail(shared, delivery, &job_id, JobState::Failed, &reason, None).await?;
+            slot.release();
+            fail(shared, delivery, &job_id, JobState::Failed, &reason, None, None).await?;
             return Ok(Settle::Ack);
         }
     };
+    if !ditfleet_common::job::valid_job_id(&order.job_id) {
+        // The scheduler never routes such an id; an order from elsewhere (an older scheduler, a
+        // hand-published message) is refused before its id becomes a file or key name.
+        let reason = format!(
+            "invalid work order: job_id {:?} {}",
+            order.job_id.chars().take(64).collect::<String>(),
+            ditfleet_common::job::JOB_ID_RULE
+        );
+        error!(reason = %reason, "work order with an unusable job id");
+        slot.release();
+        fail(
+            shared,
+            delivery,
+            &order.job_id,
+            JobState::Failed,
+            &reason,
+            None,
+            None,
+        )
+        .await?;
+        return Ok(Settle::Ack);
+    }
     if let Some(v) = &order.model_version {
         let mv = format!("{}@{v}", order.model);
         if !shared.pool.serves(&mv) {
             // Swapped out after the message was buffered: another holder takes it.
             info!(job_id = %order.job_id, model_version = %mv, "pinned version no longer held here; handing the job back");
+            slot.release();
             tokio::time::sleep(Duration::from_millis(200)).await;
             return Ok(Settle::Requeue);
         }
@@ -175,9 +267,14 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
         if waiting_since.is_none() {
             info!(job_id = %order.job_id, redelivered = delivery.redelivered, "job is being handled by another task of this worker; this delivery waits for it to end");
             waiting_since = Some(Instant::now());
+            slot.release();
         }
         if shared.abort.load(Ordering::SeqCst) {
             return Ok(Settle::Requeue);
+        }
+        if orphaned(delivery) {
+            info!(job_id = %order.job_id, "the waiting delivery's channel died; its redelivered copy takes over");
+            return Ok(Settle::Abandon);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -219,6 +316,8 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
     }
     let claim_started = std::time::SystemTime::now();
     let (attempts, checkpoint) = loop {
+        // A claimed job starts at once (its lease is not yet renewed), so the slot comes first.
+        slot.acquire().await;
         let claim = infra_retry!(
             shared,
             "claim",
@@ -237,11 +336,13 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
         match claim {
             Claim::Claimed { attempts, checkpoint } => break (attempts, checkpoint),
             Claim::Terminal(state) => {
+                slot.release();
                 info!(job_id = %order.job_id, state = %state, "job already settled; dropping this delivery");
                 ensure_terminal_event(shared, &order.job_id, state).await?;
                 return Ok(Settle::Ack);
             }
             Claim::Expired => {
+                slot.release();
                 let reason = format!(
                     "deadline {} passed before the job could start",
                     order.deadline.as_deref().unwrap_or("?")
@@ -261,6 +362,7 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
                 return Ok(Settle::Ack);
             }
             Claim::Exhausted { attempts } => {
+                slot.release();
                 let reason = format!("gave up after {attempts} attempts");
                 warn!(job_id = %order.job_id, attempts, "poison job dead-lettered");
                 shared.metrics.job("dead_lettered", &order.class, &order.model);
@@ -288,12 +390,17 @@ async fn handle(shared: &Shared, delivery: &Delivery) -> Result<Settle, InfraErr
                 // restarted under a holder that lives on and can no longer settle it). Wait, as
                 // long as the lease is renewed, for the holder to settle the job, hand it back
                 // or die; acking this copy away would lose the job if the holder hands it back.
+                slot.release();
                 if !delivery.redelivered {
                     info!(job_id = %order.job_id, owner = %owner, "job is running on another worker; dropping the duplicate delivery");
                     return Ok(Settle::Ack);
                 }
                 if shared.abort.load(Ordering::SeqCst) {
                     return Ok(Settle::Requeue);
+                }
+                if orphaned(delivery) {
+                    info!(job_id = %order.job_id, "the waiting delivery's channel died; its redelivered copy takes over");
+                    return Ok(Settle::Abandon);
                 }
                 let wait = lease_until_ms.saturating_sub(now_ms()).clamp(50, 1000);
                 debug!(job_id = %order.job_id, owner = %owner, wait_ms = wait, "waiting for the previous holder's lease to lapse");
@@ -327,17 +434,58 @@ impl Drop for RunningGuard<'_> {
     }
 }
 
-/// What a checkpoint is valid for: an attempt resumes only from a checkpoint of the same plan.
+/// What a checkpoint is valid for: an attempt resumes only from a checkpoint of the same plan,
+/// so a resume never mixes samplers or LoRA stacks. A job with the model's default sampler and
+/// no LoRAs keeps the plan string workers wrote before those fields existed (its checkpoints
+/// stay usable across the upgrade); otherwise the sampler and a digest of the stack (adapters,
+/// versions, scales, in order) are appended.
 fn plan(order: &WorkOrder, model_version: &str, engine: &str) -> String {
     let digest = JobSpec::derived_seed(&format!(
         "{}\u{1f}{}",
         order.prompt,
         order.negative_prompt.as_deref().unwrap_or("")
     ));
-    format!(
+    let mut plan = format!(
         "{engine}|{model_version}|{}x{}|{}|{}|{}|{digest:016x}",
         order.width, order.height, order.steps, order.seed, order.guidance
-    )
+    );
+    if order.scheduler != JobSpec::default_scheduler(&order.model) || !order.loras.is_empty() {
+        let stack: Vec<String> = order.loras.iter().map(LoraRef::label).collect();
+        let stack = JobSpec::derived_seed(&stack.join("\u{1f}"));
+        plan.push_str(&format!(
+            "|{}|{}:{stack:016x}",
+            order.scheduler,
+            order.loras.len()
+        ));
+    }
+    plan
+}
+
+/// The engine's request for a work order.
+fn request_of(order: &WorkOrder) -> GenerateRequest {
+    GenerateRequest {
+        model: order.model.clone(),
+        prompt: order.prompt.clone(),
+        negative_prompt: order.negative_prompt.clone(),
+        width: order.width,
+        height: order.height,
+        steps: order.steps,
+        guidance: order.guidance,
+        true_cfg_scale: order.true_cfg_scale,
+        plan: order.plan.clone(),
+        scheduler: Some(order.scheduler.clone()),
+        loras: order
+            .loras
+            .iter()
+            .map(|l| ditfleet_engine::request::LoraRef {
+                name: l.name.clone(),
+                version: l.version.clone(),
+                scale: l.scale as f32,
+                path: None,
+            })
+            .collect(),
+        seed: order.seed,
+    }
 }
 
 /// Loads the checkpoint to resume from, if it fits this attempt's plan and can be read.
@@ -416,18 +564,7 @@ async fn run_claimed(
     let (ck_tx, ck_rx) = mpsc::unbounded_channel::<StepCheckpoint>();
     let ck_writer = write_checkpoints(shared, &order.job_id, &me, &plan, ck_rx);
 
-    let request = GenerateRequest {
-        model: order.model.clone(),
-        prompt: order.prompt.clone(),
-        negative_prompt: order.negative_prompt.clone(),
-        width: order.width,
-        height: order.height,
-        steps: order.steps,
-        guidance: order.guidance,
-        true_cfg_scale: order.true_cfg_scale,
-        plan: order.plan.clone(),
-        seed: order.seed,
-    };
+    let request = request_of(order);
     let gen_started = Instant::now();
     let gen_started_wall = std::time::SystemTime::now();
     let gen_span = info_span!("generate", steps = order.steps, engine = %shared.pool.info.kind, model_version = %model_version);
@@ -437,6 +574,7 @@ async fn run_claimed(
     let every = shared.cfg.checkpoint_every;
     let mut retry_delays = backoff(shared, shared.cfg.engine_retries as usize).build();
     let job_id = order.job_id.clone();
+    let (engine_model, engine_version) = (taken.model.clone(), taken.version.clone());
     let engine_task = tokio::task::spawn_blocking(move || {
         let mut taken = taken;
         let stop = || cancel_flag.load(Ordering::SeqCst) || abort.load(Ordering::SeqCst);
@@ -507,7 +645,25 @@ async fn run_claimed(
     .instrument(gen_span);
     // Checkpoints are written while the engine runs; all are stored before the job settles.
     let (joined, ()) = tokio::join!(engine_task, ck_writer);
-    let (taken, generated) = joined.expect("engine thread does not panic");
+    let (taken, generated) = match joined {
+        Ok(v) => v,
+        Err(e) => {
+            // The engine was dropped while its thread unwound: rebuild it (the worker keeps its
+            // slots) and hand the job back; its attempts are counted, so a job that panics every
+            // engine ends dead-lettered with this reason rather than cycling.
+            let reason = format!("engine panicked: {}", panic_text(e));
+            error!(job_id = %order.job_id, reason = %reason, model_version = %model_version, "engine thread panicked; rebuilding the engine and requeueing the job");
+            let _ = forwarder.await;
+            watch.stop().await;
+            if let Err(err) = shared.pool.replace_lost(&engine_model, &engine_version).await {
+                error!(model_version = %model_version, error = %err, "rebuilding the engine failed; serving on with one engine less");
+            }
+            shared.metrics.job("requeued", &order.class, &order.model);
+            shared.metrics.retries.inc();
+            requeue(shared, &order.job_id, &reason).await?;
+            return Ok(Settle::Requeue);
+        }
+    };
     shared.pool.give_back(taken);
     if let Some(reason) = &generated.degraded {
         // The engine keeps serving on fewer GPUs: advertise it (the slot count is unchanged).
@@ -619,6 +775,19 @@ async fn run_claimed(
     }
 }
 
+/// The message of a panicked engine thread (or why there is none).
+fn panic_text(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return format!("engine thread ended without a result: {e}");
+    }
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 /// Renews the job's lease while it runs and raises `cancel` when the job leaves the running state
 /// (a client cancelled it).
 struct LeaseWatch {
@@ -672,35 +841,27 @@ fn spawn_progress_forwarder(
     let job_id = job_id.to_string();
     let me = me.to_string();
     let store = shared.store.clone();
-    let publisher = shared.publisher.clone();
-    let exchange = shared.topo.events_exchange();
-    let task = tokio::spawn(async move {
-        while let Some(ev) = rx.recv().await {
-            let e = JobEvent::Progress {
-                job_id: job_id.clone(),
-                step: ev.step,
-                total: ev.total,
-                elapsed_ms: ev.elapsed.as_millis() as u64,
-                worker: me.clone(),
-            };
-            let body = serde_json::to_vec(&e).expect("event serialises");
-            if let Err(err) = publisher
-                .publish(
-                    &exchange,
-                    &e.routing_key(),
-                    &body,
-                    persistent("application/json"),
-                    false,
-                )
-                .await
-            {
-                warn!(job_id = %job_id, error = %err, "progress event not published");
+    let bus = events(shared);
+    let task = tokio::spawn(
+        async move {
+            while let Some(ev) = rx.recv().await {
+                let e = JobEvent::Progress {
+                    job_id: job_id.clone(),
+                    step: ev.step,
+                    total: ev.total,
+                    elapsed_ms: ev.elapsed.as_millis() as u64,
+                    worker: me.clone(),
+                };
+                if let Err(err) = bus.publish(&e, None).await {
+                    warn!(job_id = %job_id, error = %err, "progress event not published");
+                }
+                let _ = store
+                    .set_fields(&job_id, &[("progress", format!("{}/{}", ev.step, ev.total))])
+                    .await;
             }
-            let _ = store
-                .set_fields(&job_id, &[("progress", format!("{}/{}", ev.step, ev.total))])
-                .await;
         }
-    });
+        .instrument(tracing::Span::current()),
+    );
     (tx, task)
 }
 
@@ -918,10 +1079,20 @@ async fn record_success(
     if shared.pool.info.kind != "simulated" {
         // Calibrates the scheduler's cost model; the simulated engine's time is not a
         // model's, so it is not recorded.
+        // Recorded per guidance pass, and only for runs of the shape the model's price assumes
+        // (`cost::calibration_sample`).
         let steps_run = order.steps.saturating_sub(resumed_from.unwrap_or(0)).max(1);
         let ms = timings.denoise_ms / f64::from(steps_run);
         let tokens = ditfleet_common::cost::image_tokens(order.width, order.height);
-        if let Err(e) = shared.store.record_step_time(&order.model, tokens, ms).await {
+        let true_cfg = if order.true_cfg() {
+            order.true_cfg_scale
+        } else {
+            1.0
+        };
+        if let Some(ms) =
+            ditfleet_common::cost::calibration_sample(&order.model, order.guidance, true_cfg, ms)
+            && let Err(e) = shared.store.record_step_time(&order.model, tokens, ms).await
+        {
             warn!(error = %e, "step time not recorded");
         }
     }
@@ -978,6 +1149,7 @@ async fn fail_permanently(
         JobState::Failed,
         reason,
         Some(me),
+        order.reply_to.as_deref(),
     )
     .await?;
     Ok(Settle::Ack)
@@ -990,6 +1162,7 @@ async fn fail(
     state: JobState,
     reason: &str,
     owner: Option<&str>,
+    reply_to: Option<&str>,
 ) -> Result<(), InfraError> {
     let reason = &public_reason(reason);
     let from = [
@@ -1023,62 +1196,73 @@ async fn fail(
             state: state.to_string(),
             reason: reason.to_string(),
         },
-        None,
+        reply_to,
     )
     .await?;
     Ok(())
 }
 
+/// The fleet's event bus as this worker publishes on it.
+fn events(shared: &Shared) -> EventBus {
+    EventBus::new(
+        shared.publisher.clone(),
+        shared.topo.clone(),
+        format!("worker {}", shared.cfg.worker_id),
+    )
+}
+
+/// Copies the job to the DLQ: the JSON the backend submitted (kept in the job's record by the
+/// scheduler), or, when Redis lost the record, the job rebuilt from the work order as JSON; the
+/// work order's bytes only when they cannot be read (`x-ditfleet-body` says which).
 async fn dead_letter(
     shared: &Shared,
     delivery: &Delivery,
     job_id: &str,
     reason: &str,
 ) -> Result<(), InfraError> {
-    let props = persistent(ditfleet_common::job::WORK_ORDER_CONTENT_TYPE)
-        .with_message_id(job_id.into())
-        .with_headers(amqp::headers(&[
-            ("x-ditfleet-job-id", job_id.to_string()),
-            ("x-ditfleet-reason", reason.to_string()),
-            (
-                "x-ditfleet-rejected-by",
-                format!("worker {}", shared.cfg.worker_id),
-            ),
-            ("x-ditfleet-rejected-ms", now_ms().to_string()),
-        ]));
+    let submitted = match shared.store.get(job_id).await {
+        Ok(h) => h.get("spec").cloned(),
+        Err(e) => {
+            debug!(job_id = %job_id, error = %e, "job record unreadable; dead-lettering the rebuilt job");
+            None
+        }
+    };
+    let (body, content_type, origin) = match (submitted, WorkOrder::decode(&delivery.data)) {
+        (Some(spec), _) => (spec.into_bytes(), "application/json", "submitted"),
+        (None, Ok(order)) => (
+            serde_json::to_vec(&order.to_spec()).expect("job serialises"),
+            "application/json",
+            "rebuilt-from-work-order",
+        ),
+        (None, Err(_)) => (
+            delivery.data.clone(),
+            ditfleet_common::job::WORK_ORDER_CONTENT_TYPE,
+            "work-order",
+        ),
+    };
+    let extra = [("x-ditfleet-body", origin.to_string())];
+    let bus = events(shared);
     infra_retry!(
         shared,
         "dead-lettering",
-        shared
-            .publisher
-            .publish(&shared.topo.dlx(), "worker", &delivery.data, props.clone(), true)
-            .await
+        bus.dead_letter(DeadLetter {
+            job_id,
+            reason,
+            body: &body,
+            content_type,
+            key: ditfleet_common::events::DLQ_KEY_WORKER,
+            extra: &extra,
+        })
+        .await
     )?;
     shared.metrics.dlq.inc();
     Ok(())
 }
 
-/// Publishes a job event under `job.<id>.<kind>` and, for terminal events, the job's reply_to key.
-/// Terminal events carry the job's trace context (`traceparent`) when traces are on.
+/// Publishes a job event under `job.<id>.<kind>` and, for terminal events, the job's reply_to key
+/// (one implementation for the fleet: [`EventBus::publish`]).
 async fn publish(shared: &Shared, ev: &JobEvent, reply_to: Option<&str>) -> Result<(), InfraError> {
-    let body = serde_json::to_vec(ev).expect("event serialises");
-    let exchange = shared.topo.events_exchange();
-    let mut headers = lapin::types::FieldTable::default();
-    telemetry::inject_current(&mut headers);
-    let props = persistent("application/json")
-        .with_message_id(ev.message_id().as_str().into())
-        .with_headers(headers);
-    shared
-        .publisher
-        .publish(&exchange, &ev.routing_key(), &body, props.clone(), false)
-        .await?;
-    if let (Some(key), false) = (reply_to, matches!(ev, JobEvent::Progress { .. })) {
-        shared
-            .publisher
-            .publish(&exchange, key, &body, props, false)
-            .await?;
-    }
-    Ok(())
+    Ok(events(shared).publish(ev, reply_to).await?)
 }
 
 /// A redelivered message for a job that already succeeded: make sure its done event goes out
@@ -1197,5 +1381,77 @@ fn record_engine_stages(
             denoise_end + ms(t.decode_ms),
             vec![],
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(model: &str, scheduler: Option<&str>, loras: &[(&str, &str, f64)]) -> WorkOrder {
+        let mut spec = JobSpec::parse(
+            format!(
+                r#"{{"schema_version":1,"job_id":"j","tenant":"t","model":"{model}","prompt":"p","width":512,"height":512}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        spec.scheduler = scheduler.map(str::to_string);
+        spec.loras = loras
+            .iter()
+            .map(|(n, v, s)| ditfleet_common::job::LoraSpec {
+                name: n.to_string(),
+                version: v.to_string(),
+                scale: Some(*s),
+            })
+            .collect();
+        spec.validate(&Default::default()).unwrap();
+        WorkOrder::from_spec(&spec, "small", 1, 2)
+    }
+
+    #[test]
+    fn checkpoint_plans_differ_by_sampler_and_lora_stack_and_keep_the_old_form_without_them() {
+        let plain = plan(&order("flux-dev", None, &[]), "flux-dev@v1", "flux");
+        assert_eq!(
+            plain.split('|').count(),
+            7,
+            "the form older workers wrote: {plain}"
+        );
+        assert_eq!(
+            plan(&order("flux-dev", Some("flow_euler"), &[]), "flux-dev@v1", "flux"),
+            plain
+        );
+        let mut seen = std::collections::HashSet::new();
+        for o in [
+            order("sdxl-base", None, &[]),
+            order("sdxl-base", Some("dpmpp_2m"), &[]),
+            order("sdxl-base", Some("dpmpp_2m_karras"), &[]),
+            order("sdxl-base", None, &[("a", "1", 1.0)]),
+            order("sdxl-base", None, &[("a", "1", 0.5)]),
+            order("sdxl-base", None, &[("a", "2", 1.0)]),
+            order("sdxl-base", None, &[("a", "1", 1.0), ("b", "1", 1.0)]),
+            order("sdxl-base", None, &[("b", "1", 1.0), ("a", "1", 1.0)]),
+            order("flux-dev", None, &[("a", "1", 1.0)]),
+        ] {
+            let p = plan(&o, &format!("{}@v1", o.model), "simulated");
+            assert!(seen.insert(p.clone()), "two jobs share the plan {p}");
+        }
+    }
+
+    #[test]
+    fn the_engines_request_carries_the_orders_sampler_and_lora_stack_in_order() {
+        let o = order("sdxl-base", Some("euler_a"), &[("b", "2", -0.5), ("a", "1", 1.0)]);
+        let r = request_of(&o);
+        assert_eq!(r.scheduler.as_deref(), Some("euler_a"));
+        assert_eq!(
+            r.loras
+                .iter()
+                .map(|l| (l.name.as_str(), l.version.as_str(), l.scale))
+                .collect::<Vec<_>>(),
+            [("b", "2", -0.5), ("a", "1", 1.0)]
+        );
+        assert_eq!((r.steps, r.guidance), (30, 5.0));
+        let f = request_of(&order("flux-dev", None, &[]));
+        assert_eq!((f.scheduler.as_deref(), f.loras.len()), (Some("flow_euler"), 0));
     }
 }

@@ -25,7 +25,7 @@ pub mod pool;
 pub mod results;
 
 use std::cmp::Ordering as CmpOrdering;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,7 +33,7 @@ use std::time::Duration;
 use ditfleet_common::amqp::{self, Publisher, now_ms};
 use ditfleet_common::config::WorkerConfig;
 use ditfleet_common::cost::ClassTable;
-use ditfleet_common::http::{self, Health};
+use ditfleet_common::http::{self, Health, ServiceState};
 use ditfleet_common::job::{Priority, parse_model_version};
 use ditfleet_common::metrics::Metrics;
 use ditfleet_common::state::{JobStore, WorkerInfo};
@@ -65,6 +65,10 @@ pub enum WorkerError {
     Store(#[from] std::io::Error),
     #[error("the broker cancelled the consumers")]
     ConsumerClosed,
+    #[error(
+        "no working RabbitMQ connection, channels and consumers for {secs:.1} s (DITFLEET_BROKER_RECOVERY_TIMEOUT_MS); exiting for the supervisor to restart the worker"
+    )]
+    BrokerLost { secs: f64 },
     #[error("health/metrics endpoint: {0}")]
     Http(std::io::Error),
 }
@@ -80,9 +84,14 @@ pub(crate) struct Shared {
     pub publisher: Publisher,
     pub pool: EnginePool,
     pub slots: Arc<Semaphore>,
+    /// Notified when a task gives its slot back before it ends (see [`job::Slot`]).
+    pub slot_freed: Arc<tokio::sync::Notify>,
     /// Set when the grace period has passed: running jobs stop at their next step and requeue.
     pub abort: Arc<AtomicBool>,
     pub draining: AtomicBool,
+    /// Set while the broker link is down (connection or channels recovering, a consumer gone):
+    /// advertised as state `reconnecting`, so the scheduler counts no free slots here.
+    pub reconnecting: AtomicBool,
     pub jobs_done: AtomicU64,
     /// Jobs this process is running now (a second delivery of one of them is a duplicate).
     pub running: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -98,6 +107,7 @@ impl Shared {
     pub(crate) fn degrade(&self, reason: String, lost_slots: u16) {
         let forgotten = self.slots.forget_permits(usize::from(lost_slots));
         warn!(reason = %reason, lost_slots, forgotten, "worker degraded");
+        self.health.set_degraded(reason.clone());
         *self.degraded.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
     }
 }
@@ -167,10 +177,25 @@ impl Consumers {
         classes: &[String],
         held: &[String],
     ) -> lapin::Result<()> {
+        // queue → its routing key: the pinned queue of every held version, and the per-model
+        // queues (every priority) of every model with a held version.
         let mut want = BTreeMap::new();
+        let models: BTreeSet<&str> = held
+            .iter()
+            .filter_map(|mv| mv.split_once('@'))
+            .map(|(m, _)| m)
+            .collect();
         for class in classes {
             for mv in held {
-                want.insert(topo.pin_queue(class, mv), (class.clone(), mv.clone()));
+                want.insert(topo.pin_queue(class, mv), Topology::pin_key(class, mv));
+            }
+            for m in &models {
+                for p in Priority::ALL {
+                    want.insert(
+                        topo.model_queue_for(class, m, p),
+                        Topology::model_key(class, m, p),
+                    );
+                }
             }
         }
         let gone: Vec<String> = self
@@ -181,21 +206,21 @@ impl Consumers {
             .collect();
         for q in gone {
             if let Some(tag) = self.pinned.remove(&q) {
-                info!(queue = %q, "no longer holding this version: leaving its pinned queue");
+                info!(queue = %q, "no longer holding this version or model: leaving its queue");
                 self.tags.retain(|t| t != &tag);
                 self.channel
                     .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                     .await?;
             }
         }
-        for (q, (class, mv)) in want {
+        for (q, key) in want {
             if self.pinned.contains_key(&q) {
                 continue;
             }
-            topo.declare_pin(&self.channel, &class, &mv).await?;
-            let tag = format!("{}-{class}-pin-{mv}-{}", self.worker_id, now_ms());
+            topo.declare_work_queue(&self.channel, &q, &key).await?;
+            let tag = format!("{}-{key}-{}", self.worker_id, now_ms());
             self.consume(&q, tag.clone()).await?;
-            info!(queue = %q, "consuming jobs pinned to a held version");
+            info!(queue = %q, "consuming jobs of a held model or version");
             self.pinned.insert(q, tag);
         }
         Ok(())
@@ -237,7 +262,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     let gpus = gpus::Gpus::init();
     let gpu_metrics = gpus::GpuMetrics::register_if_present(&gpus, &mut registry);
     let health = Arc::new(Health::default());
-    // Served from the start: /healthz answers while the model loads, /readyz once consuming.
+    // Served from the start: /healthz answers while the model loads, /startupz once it is loaded,
+    // /readyz while consuming.
     let http_stop = CancellationToken::new();
     if let Some(addr) = cfg.common.http_addr {
         http::serve(addr, health.clone(), Arc::new(registry), http_stop.clone())
@@ -262,11 +288,21 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     let engine_cfg = cfg.engine.clone();
     let devices = cfg.devices.clone();
     let slots = cfg.slots;
-    // Model loading is its own trace (`load`), once per process.
-    let engines = tokio::task::spawn_blocking(move || engines::build(&engine_cfg, slots, devices.as_deref()))
-        .instrument(tracing::info_span!("load", slots = slots))
-        .await
-        .map_err(std::io::Error::other)??;
+    // Model loading is its own trace (`load`), once per process. A SIGTERM while loading (or
+    // autotuning) ends the process at once: the load cannot be interrupted, but nothing has been
+    // taken from the queue yet, so there is nothing to hand back.
+    let load = tokio::task::spawn_blocking(move || engines::build(&engine_cfg, slots, devices.as_deref()))
+        .instrument(tracing::info_span!("load", slots = slots));
+    let engines = tokio::select! {
+        r = load => r.map_err(std::io::Error::other)??,
+        _ = shutdown.cancelled() => {
+            info!(worker = %cfg.worker_id, "shutdown requested while loading the models; exiting without waiting for the load");
+            health.set_state(ServiceState::Stopped);
+            http_stop.cancel();
+            return Ok(());
+        }
+    };
+    health.set_loaded();
     let builder: pool::Builder = {
         let (choice, devices, root) = (cfg.engine.clone(), cfg.devices.clone(), cfg.model_root.clone());
         Arc::new(move |model: &str, version: &str| {
@@ -317,8 +353,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         publisher,
         pool,
         slots: Arc::new(Semaphore::new(usize::from(cfg.slots))),
+        slot_freed: Arc::new(tokio::sync::Notify::new()),
         abort: Arc::new(AtomicBool::new(false)),
         draining: AtomicBool::new(false),
+        reconnecting: AtomicBool::new(false),
         jobs_done: AtomicU64::new(0),
         running: std::sync::Mutex::new(Default::default()),
         degraded: std::sync::Mutex::new(None),
@@ -359,7 +397,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     consumers
         .sync_pinned(&topo, &classes, &shared.pool.holdings().held)
         .await?;
-    shared.health.set_ready(true);
+    shared.health.set_serving();
     // Start-up time is paid for on every device of the worker.
     shared.metrics.device_time(
         "startup",
@@ -371,17 +409,27 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     let mut seq = 0u64;
     let mut tasks = JoinSet::new();
     let mut sync_tick = tokio::time::interval(shared.cfg.control_poll);
+    // Watchdog of the broker link: lapin's automatic recovery usually brings the connection,
+    // channels and consumers back after an outage, but it can wedge (channels left
+    // `Reconnecting` for good). Past the bound the worker exits non-zero instead of idling.
+    let mut watch = amqp::LinkWatch::new(shared.cfg.common.broker_recovery_timeout);
+    let mut watch_tick = tokio::time::interval(watch.period());
+    watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
+        shared.health.beat();
         // Start the highest-priority buffered jobs while slots are free.
         while !buffer.is_empty() {
             let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
                 break;
             };
             let b = buffer.pop().expect("buffer is not empty");
+            let slot = job::Slot::new(shared.slots.clone(), shared.slot_freed.clone(), permit);
             let shared = shared.clone();
-            tasks.spawn(async move { job::process(shared, b.delivery, permit).await });
+            tasks.spawn(async move { job::process(shared, b.delivery, slot).await });
         }
         tokio::select! {
+            // A waiting task gave its slot back: start a buffered delivery on it.
+            _ = shared.slot_freed.notified(), if !buffer.is_empty() => {}
             _ = shutdown.cancelled() => break Ok(()),
             _ = drain_requested.cancelled() => {
                 info!(worker = %shared.cfg.worker_id, "drain requested by an operator");
@@ -395,15 +443,36 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
                     seq += 1;
                     buffer.push(Buffered { rank: rank(&delivery), seq, delivery });
                 }
-                Some(Err(e)) => {
-                    warn!(error = %e, "work consumer error; waiting for recovery");
-                    if let Err(e) = consume_ch.wait_for_recovery(e).await {
-                        break Err(WorkerError::Amqp(e));
-                    }
-                }
+                // Not waited for here (a wedged recovery would block the loop for good): the
+                // watchdog below sees the link down and bounds the outage.
+                Some(Err(e)) => warn!(error = %e, "work consumer error; the connection is recovering"),
                 None => break Err(WorkerError::ConsumerClosed),
             },
-            _ = sync_tick.tick() => {
+            _ = watch_tick.tick() => {
+                // A consumer whose stream ended (cancelled, not recovered) leaves `streams`.
+                let up = amqp::link_up(&conn, &[&consume_ch, shared.publisher.channel()])
+                    && consumers.streams.len() >= consumers.tags.len()
+                    && shared.publisher.confirm_timeouts_in_a_row() < amqp::CONFIRM_TIMEOUTS_DOWN;
+                match watch.observe(up) {
+                    amqp::LinkState::Up => {}
+                    amqp::LinkState::Down(d) if d.is_zero() => {
+                        shared.reconnecting.store(true, Ordering::SeqCst);
+                        shared.health.set_state(ServiceState::Reconnecting);
+                        warn!(connection = amqp::connection_state(&conn), consume_channel = amqp::channel_state(&consume_ch), publish_channel = amqp::channel_state(shared.publisher.channel()), consumers = consumers.streams.len(), confirm_timeouts = shared.publisher.confirm_timeouts_in_a_row(), bound_ms = shared.cfg.common.broker_recovery_timeout.as_millis() as u64, "broker link down: not ready until it recovers");
+                    }
+                    amqp::LinkState::Down(_) => {}
+                    amqp::LinkState::Recovered(d) => {
+                        shared.reconnecting.store(false, Ordering::SeqCst);
+                        shared.health.set_serving();
+                        info!(down_ms = d.as_millis() as u64, "broker link recovered: consuming again");
+                    }
+                    amqp::LinkState::Lost(d) => {
+                        error!(down_ms = d.as_millis() as u64, connection = amqp::connection_state(&conn), consume_channel = amqp::channel_state(&consume_ch), publish_channel = amqp::channel_state(shared.publisher.channel()), "broker link did not recover within the bound: exiting");
+                        break Err(WorkerError::BrokerLost { secs: d.as_secs_f64() });
+                    }
+                }
+            }
+            _ = sync_tick.tick(), if !watch.is_down() => {
                 let held = shared.pool.holdings().held;
                 if let Err(e) = consumers.sync_pinned(&topo, &classes, &held).await {
                     warn!(error = %e, "updating the pinned-version consumers failed; retrying");
@@ -414,26 +483,39 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
 
     // Drain: stop taking work, hand buffered jobs back, let running jobs finish within the grace.
     shared.draining.store(true, Ordering::SeqCst);
-    shared.health.set_ready(false);
+    shared.health.set_state(ServiceState::Draining);
     shared.metrics.set_worker_state("draining");
-    consumers.cancel_all().await;
+    // With the broker link lost, nothing below can reach the broker: settle nothing, stop the
+    // running jobs at their next step (their checkpoints are kept) and exit. Closing the process
+    // closes its connection; the broker redelivers every unacked message and the claim/lease
+    // protocol lets the next holder take the jobs over.
+    let broker_lost = matches!(result, Err(WorkerError::BrokerLost { .. }));
+    let settle_bound = Duration::from_secs(5);
+    let _ = tokio::time::timeout(settle_bound, consumers.cancel_all()).await;
     let handed_back = buffer.len();
-    for b in buffer.drain() {
-        let _ = b
-            .delivery
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
-            .await;
-    }
+    let _ = tokio::time::timeout(settle_bound, async {
+        for b in buffer.drain() {
+            let _ = b
+                .delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+        }
+    })
+    .await;
     info!(
         in_flight = tasks.len(),
         handed_back,
         grace_s = shared.cfg.shutdown_grace.as_secs(),
         "draining"
     );
-    let grace = shared.cfg.shutdown_grace;
+    let grace = if broker_lost {
+        Duration::ZERO
+    } else {
+        shared.cfg.shutdown_grace
+    };
     let finished = tokio::time::timeout(grace, async {
         while let Some(done) = tasks.join_next().await {
             if let Err(e) = done {
@@ -448,11 +530,14 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
             "grace period over: stopping running jobs at their next step (with a checkpoint) and requeueing them"
         );
         shared.abort.store(true, Ordering::SeqCst);
-        if tokio::time::timeout(Duration::from_secs(30), async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await
-        .is_err()
+        let after_abort = if broker_lost {
+            settle_bound
+        } else {
+            Duration::from_secs(30)
+        };
+        if tokio::time::timeout(after_abort, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_err()
         {
             warn!("jobs still running after abort; exiting, the broker requeues their messages");
         }
@@ -470,7 +555,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
             .control_del(Some(&shared.cfg.worker_id), "drain")
             .await;
     }
-    let _ = conn.close(200, "worker shutdown".into()).await;
+    let _ = tokio::time::timeout(settle_bound, conn.close(200, "worker shutdown".into())).await;
+    shared.health.set_state(ServiceState::Stopped);
     http_stop.cancel();
     info!(worker = %shared.cfg.worker_id, jobs_done = shared.jobs_done.load(Ordering::Relaxed), "worker stopped");
     result
@@ -573,6 +659,8 @@ async fn heartbeat_loop(
         let degraded = shared.degraded.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let state = if shared.draining.load(Ordering::SeqCst) {
             "draining"
+        } else if shared.reconnecting.load(Ordering::SeqCst) {
+            "reconnecting"
         } else if degraded.is_some() {
             "degraded"
         } else if free < shared.cfg.slots {

@@ -1,7 +1,11 @@
-//! `ditfleet-worker`: the GPU worker service (default) and a standalone `generate` command.
+//! `ditfleet-worker`: the GPU worker service (default), a standalone `generate` command, and the
+//! model cache's `fetch-model` / `verify-model` (the chart's populate Job and init containers).
+
+mod model_cache;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -29,22 +33,84 @@ enum Cmd {
     Serve,
     /// Generate one image locally, without the fleet.
     Generate(GenerateArgs),
+    /// Fill the model cache: download a checkpoint version from S3 or HTTPS into
+    /// <cache-dir>/<version>, checking every file's sha256, and publish it in one rename with a
+    /// verification record. A version already present and intact is kept.
+    FetchModel(FetchModelArgs),
+    /// Check a checkpoint directory against its sha256 list before the worker starts. Files whose
+    /// size and mtime match the verification record written when they were last hashed are
+    /// trusted; the others are hashed.
+    VerifyModel(VerifyModelArgs),
+}
+
+#[derive(clap::Args)]
+struct FetchModelArgs {
+    /// Where the checkpoint is read: s3://bucket/prefix (endpoint, region and credentials from
+    /// AWS_*) or https://host/path (file <path> is <url>/<path>).
+    #[arg(long, env = "DITFLEET_MODEL_SOURCE")]
+    source: String,
+    /// Bearer token sent to an https:// source (e.g. a Hugging Face token).
+    #[arg(long, env = "DITFLEET_MODEL_SOURCE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The cache volume; the checkpoint lands in <cache-dir>/<version>.
+    #[arg(long, env = "DITFLEET_MODEL_CACHE")]
+    cache_dir: PathBuf,
+    /// Version directory name (one path segment), e.g. FLUX.1-dev.
+    #[arg(long)]
+    version: String,
+    /// sha256sum-format list of the files; missing or empty: <source>/<list-name>.
+    #[arg(long)]
+    checksums: Option<PathBuf>,
+    /// Name of the checksum list in the source and in the version directory.
+    #[arg(long, default_value = "SHA256SUMS")]
+    list_name: String,
+    /// Files downloaded at the same time.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Hash every file of a copy already present instead of trusting its verification record.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+struct VerifyModelArgs {
+    /// The checkpoint directory.
+    #[arg(long, env = "FLUX_MODEL_DIR")]
+    model_dir: PathBuf,
+    /// sha256sum-format list of the files; missing or empty: <model-dir>/<list-name>.
+    #[arg(long)]
+    checksums: Option<PathBuf>,
+    /// Name of the checksum list in the model directory.
+    #[arg(long, default_value = "SHA256SUMS")]
+    list_name: String,
+    /// Hash every file, whatever the verification record says.
+    #[arg(long)]
+    force: bool,
+    /// Rewrite a stale verification record (the directory must be writable).
+    #[arg(long)]
+    write_record: bool,
+    /// Wait this long for the model directory to appear (a populate Job still downloading).
+    #[arg(long, default_value_t = 0)]
+    wait_seconds: u64,
 }
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// Diffusers-layout Flux.1 checkpoint directory (default: the tiny random-weight config).
-    #[arg(long, env = "FLUX_MODEL_DIR")]
+    /// Diffusers-layout model directory, Flux.1 or SDXL (also read from FLUX_MODEL_DIR; default:
+    /// the tiny random-weight Flux and SDXL configs).
+    #[arg(long, env = "DITFLEET_MODEL_DIR")]
     model_dir: Option<PathBuf>,
-    /// Engine: flux or simulated.
+    /// Engine: flux (the real pipelines, Flux.1 or SDXL) or simulated.
     #[arg(long, default_value = "flux")]
     engine: String,
     #[arg(long)]
     prompt: String,
     #[arg(long)]
     negative_prompt: Option<String>,
-    #[arg(long, default_value = "flux-dev")]
-    model: String,
+    /// Model: flux-dev, flux-schnell or sdxl-base (default: the model directory's model, else
+    /// flux-dev).
+    #[arg(long)]
+    model: Option<String>,
     #[arg(long, default_value_t = 1024)]
     width: u32,
     #[arg(long, default_value_t = 1024)]
@@ -58,6 +124,10 @@ struct GenerateArgs {
     true_cfg_scale: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Sampler: euler (SDXL's default), euler_a, dpmpp_2m, dpmpp_2m_karras (SDXL) or flow_euler
+    /// (Flux); default: the model's.
+    #[arg(long)]
+    scheduler: Option<String>,
     /// Parallel plan over --devices, e.g. ulysses=2 (default: one device).
     #[arg(long, env = "DITFLEET_PLAN")]
     plan: Option<String>,
@@ -79,8 +149,18 @@ struct GenerateArgs {
 
 fn main() {
     let cli = Cli::parse();
+    // The engine's settings, parsed once from the environment and handed to the engine.
+    match ditfleet_engine::settings::EngineSettings::from_env().and_then(ditfleet_engine::settings::install) {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("ditfleet-worker: {e}");
+            std::process::exit(ditfleet_common::config::EXIT_BAD_CONFIG);
+        }
+    }
     match cli.cmd.unwrap_or(Cmd::Serve) {
         Cmd::Serve => serve(),
+        Cmd::FetchModel(args) => cache_command("fetch-model", || fetch_model(args)),
+        Cmd::VerifyModel(args) => cache_command("verify-model", || verify_model(args)),
         Cmd::Generate(args) => {
             ditfleet_common::telemetry::init(
                 &std::env::var("DITFLEET_LOG").unwrap_or_else(|_| "warn".into()),
@@ -103,15 +183,138 @@ fn serve() {
     )
 }
 
+/// Runs a model cache command with the service's log settings; exit status 1 on failure.
+fn cache_command(name: &str, run: impl FnOnce() -> Result<()>) {
+    let env = |k: &str| std::env::var(k).ok();
+    ditfleet_common::telemetry::init(
+        &env("DITFLEET_LOG").unwrap_or_else(|| "info".into()),
+        env("DITFLEET_LOG_FORMAT").as_deref() == Some("json"),
+    );
+    if let Err(e) = run() {
+        tracing::error!("{name}: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn fetch_model(a: FetchModelArgs) -> Result<()> {
+    let given = match &a.checksums {
+        Some(path) => model_cache::Checksums::read(path)?,
+        None => None,
+    };
+    let source = model_cache::Source::parse(&a.source, a.token.filter(|t| !t.is_empty()))?;
+    let opts = model_cache::FetchOptions {
+        parallel: a.parallel,
+        force: a.force,
+        list_name: a.list_name,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let report = runtime.block_on(model_cache::fetch(
+        &source,
+        &a.cache_dir,
+        &a.version,
+        given,
+        &opts,
+    ))?;
+    if report.already_present {
+        println!(
+            "{}: present and verified ({} files)",
+            report.dir.display(),
+            report.files
+        );
+    } else {
+        println!(
+            "{}: downloaded, verified and published ({} files, {:.2} GiB)",
+            report.dir.display(),
+            report.files,
+            report.bytes as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
+}
+
+fn verify_model(a: VerifyModelArgs) -> Result<()> {
+    if !model_cache::wait_for(
+        &a.model_dir,
+        Duration::from_secs(a.wait_seconds),
+        Duration::from_secs(10),
+    ) {
+        anyhow::bail!(
+            "{} does not exist{} (populate the cache first: the chart's model-populate Job or `ditfleet-worker fetch-model`)",
+            a.model_dir.display(),
+            if a.wait_seconds > 0 {
+                format!(" after waiting {} s", a.wait_seconds)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let given = match &a.checksums {
+        Some(path) => model_cache::Checksums::read(path)?,
+        None => None,
+    };
+    let list = match given {
+        Some(list) => list,
+        None => {
+            let path = a.model_dir.join(ditfleet_common::ident::segment(
+                "checksum list name",
+                &a.list_name,
+            )?);
+            model_cache::Checksums::read(&path)?.ok_or_else(|| {
+                model_cache::CacheError::NoList(format!(
+                    "{} is missing or empty and no --checksums list was given",
+                    path.display()
+                ))
+            })?
+        }
+    };
+    let opts = model_cache::VerifyOptions {
+        force: a.force,
+        write_record: a.write_record,
+    };
+    let report = model_cache::verify(&a.model_dir, &list, opts)?;
+    if report.record_written {
+        tracing::info!("verification record written");
+    }
+    if report.record_stale {
+        tracing::warn!(
+            hashed = report.hashed.len(),
+            "the verification record does not match the files, so they were hashed; refresh it \
+             (run the populate Job again, or verify-model --write-record on a writable mount) so \
+             the next start does not hash them again"
+        );
+    }
+    println!(
+        "{}: {} files verified ({} trusted from the record, {} hashed)",
+        a.model_dir.display(),
+        list.len(),
+        report.trusted.len(),
+        report.hashed.len()
+    );
+    Ok(())
+}
+
 fn generate(a: GenerateArgs) -> Result<()> {
     let choice = match a.engine.as_str() {
         "simulated" => EngineChoice::Simulated {
             step_ms: 20,
+            load_ms: 0,
             version: "sim-1".into(),
             faults: Default::default(),
+            models: ditfleet_common::job::KNOWN_MODELS
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
         },
         "flux" => EngineChoice::Flux {
-            model_dir: a.model_dir.clone(),
+            // The older name of the variable, as the worker service reads it.
+            model_dir: a.model_dir.clone().or_else(|| {
+                std::env::var_os("FLUX_MODEL_DIR")
+                    .filter(|d| !d.is_empty())
+                    .map(PathBuf::from)
+            }),
             low_memory: a.low_memory,
             plan: a.plan.clone(),
             autotune: ditfleet_common::config::Autotune::from_env(&ditfleet_common::config::Env::process())?,
@@ -122,10 +325,17 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let t = std::time::Instant::now();
     let mut engines =
         ditfleet_worker::engines::build(&choice, 1, a.devices.as_deref()).context("loading the engine")?;
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => engines
+            .first()
+            .and_then(|e| e.info().models.first().cloned())
+            .unwrap_or_else(|| "flux-dev".into()),
+    };
     let engine = engines
         .iter_mut()
-        .find(|e| e.info().models.contains(&a.model))
-        .with_context(|| format!("the engine does not serve model {:?}", a.model))?;
+        .find(|e| e.info().models.contains(&model))
+        .with_context(|| format!("the engine does not serve model {model:?}"))?;
     let info = engine.info();
     eprintln!(
         "engine {} ready in {:.2} s: {}",
@@ -135,9 +345,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
     );
     let steps = a
         .steps
-        .unwrap_or_else(|| ditfleet_common::job::JobSpec::default_steps(&a.model));
+        .unwrap_or_else(|| ditfleet_common::job::JobSpec::default_steps(&model));
     let request = GenerateRequest {
-        model: a.model.clone(),
+        model: model.clone(),
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
         width: a.width,
@@ -145,10 +355,12 @@ fn generate(a: GenerateArgs) -> Result<()> {
         steps,
         guidance: a
             .guidance
-            .unwrap_or_else(|| ditfleet_common::job::JobSpec::default_guidance(&a.model)),
+            .unwrap_or_else(|| ditfleet_common::job::JobSpec::default_guidance(&model)),
         true_cfg_scale: a.true_cfg_scale,
         plan: None,
         seed: a.seed,
+        scheduler: a.scheduler.clone(),
+        loras: Vec::new(),
     };
     let tty = std::io::stderr().is_terminal();
     let repeat = a.repeat.max(1);

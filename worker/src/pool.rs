@@ -180,6 +180,51 @@ impl EnginePool {
         self.notify.notify_waiters();
     }
 
+    /// Replaces an engine lost with its job (the engine thread panicked, so its state cannot be
+    /// trusted and it was dropped while unwinding): one engine of the version is rebuilt, so the
+    /// worker keeps its capacity. A version unloaded meanwhile is not rebuilt. On a build error
+    /// the worker serves on with one engine less and the error is returned.
+    pub async fn replace_lost(&self, model: &str, version: &str) -> Result<(), String> {
+        let mv = format!("{model}@{version}");
+        {
+            let mut st = self.lock();
+            if let Some(n) = st.in_use.get_mut(&mv) {
+                *n = n.saturating_sub(1);
+            }
+            if !st.held.contains(&mv) {
+                drop(st);
+                self.notify.notify_waiters();
+                return Ok(());
+            }
+        }
+        let builder = self.builder.clone();
+        let (m, v) = (model.to_string(), version.to_string());
+        let built = tokio::task::spawn_blocking(move || builder(&m, &v))
+            .await
+            .map_err(|e| format!("rebuilding panicked: {e}"))?
+            .map_err(|e| e.to_string());
+        let r = match built {
+            Ok(engines) => match engines.into_iter().next() {
+                Some(engine) => {
+                    let mut st = self.lock();
+                    if st.held.contains(&mv) {
+                        st.idle.push(Taken {
+                            model: model.to_string(),
+                            version: version.to_string(),
+                            engine,
+                        });
+                    }
+                    info!(model_version = %mv, "engine rebuilt after a panic");
+                    Ok(())
+                }
+                None => Err("the builder returned no engine".to_string()),
+            },
+            Err(e) => Err(e),
+        };
+        self.notify.notify_waiters();
+        r
+    }
+
     async fn wait_unused(&self, mv: &str) {
         loop {
             let notified = self.notify.notified();

@@ -7,6 +7,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
+use ditfleet_common::ident::{join_within, segment};
+
 /// A place that durably keeps result images and hands out URLs to them.
 pub trait ResultStore: Send + Sync {
     /// Stores `png` for `job_id` durably (the call returns only once the bytes survive a crash)
@@ -57,7 +59,7 @@ impl LocalDirStore {
     }
 
     fn put_blocking(dir: &Path, job_id: &str, png: &[u8]) -> std::io::Result<String> {
-        let final_path = dir.join(format!("{job_id}.png"));
+        let final_path = join_within(dir, "job id", &[&format!("{}.png", segment("job id", job_id)?)])?;
         Self::write_durably(dir, &final_path, png)?;
         Ok(format!("file://{}", final_path.display()))
     }
@@ -79,8 +81,10 @@ impl LocalDirStore {
         Ok(())
     }
 
-    fn checkpoint_dir(&self, job_id: &str) -> PathBuf {
-        self.dir.join("checkpoints").join(job_id)
+    /// `<dir>/checkpoints/<job_id>`; an id that is not one plain path segment is refused, so
+    /// neither a write nor the clean-up at the job's end can reach outside this job's folder.
+    fn checkpoint_dir(&self, job_id: &str) -> std::io::Result<PathBuf> {
+        Ok(join_within(&self.dir, "job id", &["checkpoints", job_id])?)
     }
 
     fn put_checkpoint_blocking(dir: &Path, step: u32, bytes: &[u8]) -> std::io::Result<String> {
@@ -120,6 +124,7 @@ impl ResultStore for LocalDirStore {
     ) -> Pin<Box<dyn Future<Output = std::io::Result<String>> + Send + 'a>> {
         let dir = self.checkpoint_dir(job_id);
         Box::pin(async move {
+            let dir = dir?;
             tokio::task::spawn_blocking(move || Self::put_checkpoint_blocking(&dir, step, &bytes))
                 .await
                 .map_err(std::io::Error::other)?
@@ -133,7 +138,12 @@ impl ResultStore for LocalDirStore {
         let root = self.dir.join("checkpoints");
         Box::pin(async move {
             let path = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
-            if !path.starts_with(&root) {
+            // Lexical containment is not enough with `..` parts: only plain parts below the root.
+            let plain = path.strip_prefix(&root).is_ok_and(|rel| {
+                rel.components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+            });
+            if !plain {
                 return Err(std::io::Error::other(format!(
                     "{url} is not a checkpoint of this store ({})",
                     root.display()
@@ -149,7 +159,7 @@ impl ResultStore for LocalDirStore {
     ) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>> {
         let dir = self.checkpoint_dir(job_id);
         Box::pin(async move {
-            match tokio::fs::remove_dir_all(&dir).await {
+            match tokio::fs::remove_dir_all(&dir?).await {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
             }
@@ -214,8 +224,8 @@ impl S3Store {
         })
     }
 
-    fn key(&self, job_id: &str) -> String {
-        self.prefixed(&format!("{job_id}.png"))
+    fn key(&self, job_id: &str) -> std::io::Result<String> {
+        Ok(self.prefixed(&format!("{}.png", segment("job id", job_id)?)))
     }
 
     fn prefixed(&self, name: &str) -> String {
@@ -227,15 +237,18 @@ impl S3Store {
     }
 
     /// `<prefix>/checkpoints/<job_id>`: a job's step checkpoints (`step-00005.ckpt`).
-    fn checkpoint_dir(&self, job_id: &str) -> object_store::path::Path {
-        object_store::path::Path::from(self.prefixed(&format!("checkpoints/{job_id}")).as_str())
+    fn checkpoint_dir(&self, job_id: &str) -> std::io::Result<object_store::path::Path> {
+        let id = segment("job id", job_id)?;
+        Ok(object_store::path::Path::from(
+            self.prefixed(&format!("checkpoints/{id}")).as_str(),
+        ))
     }
 
     /// Objects under a job's checkpoint directory.
     async fn checkpoint_objects(&self, job_id: &str) -> std::io::Result<Vec<object_store::path::Path>> {
         use futures_util::TryStreamExt as _;
         use object_store::ObjectStore as _;
-        let dir = self.checkpoint_dir(job_id);
+        let dir = self.checkpoint_dir(job_id)?;
         let list: Vec<object_store::ObjectMeta> = self
             .store
             .list(Some(&dir))
@@ -254,7 +267,7 @@ impl ResultStore for S3Store {
     ) -> Pin<Box<dyn Future<Output = std::io::Result<String>> + Send + 'a>> {
         use object_store::ObjectStore as _;
         Box::pin(async move {
-            let key = self.key(job_id);
+            let key = self.key(job_id)?;
             let path = object_store::path::Path::from(key.as_str());
             // A successful PUT is durable on S3 (and on the compatible servers we support).
             let mut opts = object_store::PutOptions::default();
@@ -291,7 +304,7 @@ impl ResultStore for S3Store {
         use object_store::ObjectStoreExt as _;
         Box::pin(async move {
             let path = self
-                .checkpoint_dir(job_id)
+                .checkpoint_dir(job_id)?
                 .join(format!("step-{step:05}.ckpt").as_str());
             self.store
                 .put(&path, object_store::PutPayload::from(bytes))

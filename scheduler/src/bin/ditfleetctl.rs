@@ -11,12 +11,27 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use ditfleet_common::amqp::{self, Publisher, now_ms, persistent};
 use ditfleet_common::config::{self, COMMON_VARS, CommonConfig, Env};
-use ditfleet_common::job::{JobEvent, JobSpec, Limits, Priority, SCHEMA_VERSION};
+use ditfleet_common::job::{JobEvent, JobSpec, Limits, LoraRef, LoraSpec, Priority, SCHEMA_VERSION};
 use ditfleet_common::state::{JobState, JobStore, WorkerInfo};
 use ditfleet_common::topology::Topology;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing::Instrument;
+
+/// `println!` that ends the program quietly (exit 0) when stdout is a closed pipe, as in
+/// `ditfleetctl status <id> | head -1`, instead of panicking with a backtrace.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("ditfleetctl: writing to stdout: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
 
 #[derive(Parser)]
 #[command(name = "ditfleetctl", version, about = "Submit text-to-image jobs to a ditfleet and operate it.",
@@ -53,6 +68,11 @@ enum Cmd {
         /// User name prefix: users are <prefix>-backend, <prefix>-scheduler, <prefix>-worker.
         #[arg(long, default_value = "ditfleet")]
         user_prefix: String,
+        /// Print a tenant-scoped backend user <prefix>-backend-<tenant> (repeatable) instead of
+        /// the global backend user: it follows only job ids starting with `<tenant>:` and reply
+        /// keys under `reply.<tenant>.`.
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
     },
     /// Drain a worker: it stops taking jobs, finishes the running ones (within its grace period),
     /// deregisters and exits 0. Waits for that unless --no-wait.
@@ -108,7 +128,7 @@ struct SubmitArgs {
     /// True CFG scale (1..=20; above 1 needs --negative-prompt): every step also runs the model
     /// on the negative prompt.
     #[arg(long)]
-    true_cfg_scale: Option<f32>,
+    true_cfg_scale: Option<f64>,
     /// Parallel plan for this job, e.g. ulysses=2 (default: the worker's configured or
     /// autotuned plan).
     #[arg(long)]
@@ -124,7 +144,15 @@ struct SubmitArgs {
     #[arg(long)]
     steps: Option<u32>,
     #[arg(long)]
-    guidance: Option<f32>,
+    guidance: Option<f64>,
+    /// Sampler: sdxl-base runs euler (default), euler_a, dpmpp_2m, dpmpp_2m_karras; Flux models
+    /// flow_euler.
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// LoRA adapter as NAME@VERSION[:SCALE] (scale -4..=4, default 1); repeat for a stack, in
+    /// order.
+    #[arg(long = "lora", value_parser = parse_lora)]
+    loras: Vec<LoraSpec>,
     #[arg(long)]
     seed: Option<u64>,
     #[arg(long, env = "DITFLEET_TENANT", default_value = "default")]
@@ -158,6 +186,30 @@ enum PriorityArg {
     Low,
     Normal,
     High,
+}
+
+/// `NAME@VERSION[:SCALE]`: the syntax only; the contract's rules for names, versions and scales
+/// are checked with the rest of the job ([`JobSpec::validate`]).
+fn parse_lora(s: &str) -> Result<LoraSpec, String> {
+    let (name, rest) = s
+        .split_once('@')
+        .ok_or_else(|| format!("lora {s:?} is not NAME@VERSION[:SCALE], e.g. pixel-art@v1:0.8"))?;
+    let (version, scale) = match rest.split_once(':') {
+        Some((v, scale)) => (
+            v,
+            Some(
+                scale
+                    .parse::<f64>()
+                    .map_err(|_| format!("lora {s:?}: scale {scale:?} is not a number"))?,
+            ),
+        ),
+        None => (rest, None),
+    };
+    Ok(LoraSpec {
+        name: name.to_string(),
+        version: version.to_string(),
+        scale,
+    })
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -206,10 +258,11 @@ async fn dispatch(cmd: Cmd, cfg: CommonConfig) -> Result<i32> {
         Cmd::Status { job_id, json } => status(&job_id, json, &cfg).await,
         Cmd::Workers { json } => workers(json, &cfg).await,
         Cmd::Cancel { job_id } => cancel(&job_id, &cfg).await,
-        Cmd::RabbitmqPermissions { vhost, user_prefix } => {
-            rabbitmq_permissions(&vhost, &user_prefix, &cfg);
-            Ok(0)
-        }
+        Cmd::RabbitmqPermissions {
+            vhost,
+            user_prefix,
+            tenants,
+        } => Ok(rabbitmq_permissions(&vhost, &user_prefix, &tenants, &cfg)),
         Cmd::Drain {
             worker,
             no_wait,
@@ -254,7 +307,7 @@ async fn drain(worker: &str, wait: bool, timeout: Duration, cfg: &CommonConfig) 
         return Ok(3);
     };
     s.control_set(Some(worker), "drain", "1").await?;
-    println!(
+    out!(
         "draining worker {worker} ({} of {} slots busy); it finishes its running jobs and exits",
         w.slots.saturating_sub(w.free_slots),
         w.slots
@@ -267,7 +320,7 @@ async fn drain(worker: &str, wait: bool, timeout: Duration, cfg: &CommonConfig) 
     loop {
         match live_workers(&s).await?.into_iter().find(|w| w.id == worker) {
             None => {
-                println!("worker {worker} drained and deregistered");
+                out!("worker {worker} drained and deregistered");
                 return Ok(0);
             }
             Some(w) if w.state != last_state => {
@@ -345,7 +398,7 @@ async fn model_load(
         v
     };
     let ids: Vec<String> = scope.iter().map(|w| w.id.clone()).collect();
-    println!(
+    out!(
         "{model_version} requested on {}",
         if targets.is_empty() {
             "the whole fleet".to_string()
@@ -366,7 +419,7 @@ async fn model_load(
                 Some(w) if w.default_versions.iter().any(|d| d == model_version) => {}
                 Some(w) => {
                     if let Some(err) = w.load_error.as_ref().filter(|e| e.starts_with(model_version)) {
-                        println!("worker {id} failed to load {model_version}: {err}");
+                        out!("worker {id} failed to load {model_version}: {err}");
                         return Ok(1);
                     }
                     pending.push(id.clone());
@@ -374,7 +427,7 @@ async fn model_load(
             }
         }
         if pending.is_empty() {
-            println!("{model_version} serves on {}", ids.join(", "));
+            out!("{model_version} serves on {}", ids.join(", "));
             return Ok(0);
         }
         if start.elapsed() > timeout {
@@ -423,7 +476,7 @@ async fn model_unload(model_version: &str, targets: &[String], cfg: &CommonConfi
             .await?;
         changed += 1;
     }
-    println!("{model_version} unloaded on {changed} worker(s)");
+    out!("{model_version} unloaded on {changed} worker(s)");
     Ok(0)
 }
 
@@ -456,6 +509,8 @@ fn build_spec(a: &SubmitArgs) -> Result<(JobSpec, Vec<u8>)> {
         height: a.height,
         steps: a.steps,
         guidance: a.guidance,
+        scheduler: a.scheduler.clone(),
+        loras: a.loras.clone(),
         seed: a.seed,
         priority: match a.priority {
             PriorityArg::Low => Priority::Low,
@@ -484,6 +539,29 @@ async fn submit(a: SubmitArgs, cfg: &CommonConfig) -> Result<i32> {
     submit_in_span(a, cfg, spec, body).instrument(span).await
 }
 
+/// How long ditfleetctl waits for the broker to finish a submission or an announcement.
+const BROKER_RPC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Declares the topology only when it is missing, which makes a first submission safe before any
+/// scheduler ran. A passive check needs no permission; a least-privileged backend user may not
+/// declare, and when the topology is missing the mandatory publish after this says so.
+async fn ensure_topology(conn: &lapin::Connection, topo: &Topology) -> Result<()> {
+    let probe = conn.create_channel().await?;
+    match amqp::passive_declare(&probe, &topo.submit_queue()).await {
+        Ok(_) => {
+            let _ = probe.close(200, "ok".into()).await;
+        }
+        // A failed passive declare closed the probe channel; declare on a fresh one.
+        Err(_) => {
+            let ch = conn.create_channel().await?;
+            if let Err(e) = topo.declare(&ch, &[]).await {
+                tracing::debug!(error = %e, "not declaring the topology (no configure permission?); using the existing one");
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn submit_in_span(a: SubmitArgs, cfg: &CommonConfig, spec: JobSpec, body: Vec<u8>) -> Result<i32> {
     if !a.no_validate {
         spec.validate(&Limits {
@@ -492,45 +570,53 @@ async fn submit_in_span(a: SubmitArgs, cfg: &CommonConfig, spec: JobSpec, body: 
         .context("the job is invalid (use --no-validate to let the scheduler record the rejection)")?;
     }
     let topo = Topology::new(&cfg.namespace);
-    let conn = amqp::connect_cfg(cfg, "ditfleetctl")
-        .await
-        .with_context(|| format!("connecting to RabbitMQ at {}", config::redact_url(&cfg.amqp_url)))?;
-    // Declaring makes a first submission safe before any scheduler ran. A least-privileged
-    // backend user may not declare (ACCESS_REFUSED closes that channel): then the topology must
-    // exist already, and the mandatory publish below says so if it does not.
-    let declare_ch = conn.create_channel().await?;
-    if let Err(e) = topo.declare(&declare_ch, &[]).await {
-        tracing::debug!(error = %e, "not declaring the topology (no configure permission?); using the existing one");
-    }
-    let ch = conn.create_channel().await?;
-    // Subscribe before publishing so no event can be missed.
-    let events = if a.wait {
-        Some(
-            topo.subscribe_events(&ch, &format!("job.{}.*", spec.job_id))
-                .await?,
-        )
-    } else {
-        None
+    // Everything up to the confirmed publish is bounded: a broker that stops answering fails the
+    // command with a reason instead of leaving it (and a backend's script) waiting forever.
+    let setup = async {
+        let conn = amqp::connect_cfg_once(cfg, "ditfleetctl")
+            .await
+            .with_context(|| format!("connecting to RabbitMQ at {}", config::redact_url(&cfg.amqp_url)))?;
+        ensure_topology(&conn, &topo).await?;
+        let ch = conn.create_channel().await?;
+        // Subscribe before publishing so no event can be missed.
+        let events = if a.wait {
+            Some(
+                topo.subscribe_events(&ch, &format!("job.{}.*", spec.job_id))
+                    .await?,
+            )
+        } else {
+            None
+        };
+        let publisher = Publisher::new(&conn).await?;
+        let submitted = Instant::now();
+        let mut headers = amqp::headers(&[("x-submitted-ms", now_ms().to_string())]);
+        ditfleet_common::telemetry::inject_current(&mut headers);
+        let props = persistent("application/json")
+            .with_message_id(spec.job_id.as_str().into())
+            .with_headers(headers);
+        publisher
+            .publish(
+                &topo.submit_exchange(),
+                ditfleet_common::topology::SUBMIT_KEY,
+                &body,
+                props,
+                true,
+            )
+            .await
+            .context("publishing the job")?;
+        anyhow::Ok((conn, ch, events, submitted))
     };
-    let publisher = Publisher::new(&conn).await?;
-    let submitted = Instant::now();
-    let mut headers = amqp::headers(&[("x-submitted-ms", now_ms().to_string())]);
-    ditfleet_common::telemetry::inject_current(&mut headers);
-    let props = persistent("application/json")
-        .with_message_id(spec.job_id.as_str().into())
-        .with_headers(headers);
-    publisher
-        .publish(
-            &topo.submit_exchange(),
-            ditfleet_common::topology::SUBMIT_KEY,
-            &body,
-            props,
-            true,
-        )
+    let (_conn, _ch, events, submitted) = tokio::time::timeout(BROKER_RPC_TIMEOUT, setup)
         .await
-        .context("publishing the job")?;
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "RabbitMQ did not complete the submission within {} s; the job may or may not be queued (`ditfleetctl status {}` says)",
+                BROKER_RPC_TIMEOUT.as_secs(),
+                spec.job_id
+            )
+        })??;
     let Some(mut events) = events else {
-        println!("{}", spec.job_id);
+        out!("{}", spec.job_id);
         return Ok(0);
     };
     eprintln!(
@@ -547,6 +633,8 @@ async fn submit_in_span(a: SubmitArgs, cfg: &CommonConfig, spec: JobSpec, body: 
     );
     bar.set_message("queued");
     let tty = std::io::stderr().is_terminal();
+    let own_hash = format!("{:016x}", ditfleet_common::job::fnv1a(&body));
+    let mut seen = std::collections::HashSet::new();
     let deadline = tokio::time::sleep(Duration::from_secs(a.timeout_s));
     tokio::pin!(deadline);
     loop {
@@ -569,7 +657,30 @@ async fn submit_in_span(a: SubmitArgs, cfg: &CommonConfig, spec: JobSpec, body: 
                 continue;
             }
         };
+        // Only the fleet's own events about this job count: the routing key the fleet gives
+        // them, the job's id in the body, and for a rejection, this very submission's body.
+        if ev.job_id() != spec.job_id || delivery.routing_key.as_str() != ev.routing_key() {
+            tracing::warn!(routing_key = %delivery.routing_key, event_job_id = %ev.job_id(), "ignoring an event that is not this job's");
+            continue;
+        }
+        if let Some(id) = delivery.properties.message_id().as_ref()
+            && ev.is_terminal()
+            && !seen.insert(id.to_string())
+        {
+            continue;
+        }
         match ev {
+            JobEvent::Rejected {
+                reason, body_hash, ..
+            } => {
+                if body_hash != own_hash {
+                    // Another submission under this id was rejected; ours is the existing job.
+                    continue;
+                }
+                bar.abandon_with_message("rejected");
+                out!("job {} rejected: {reason}", spec.job_id);
+                return Ok(1);
+            }
             JobEvent::Progress {
                 step, total, worker, ..
             } => {
@@ -596,32 +707,49 @@ async fn submit_in_span(a: SubmitArgs, cfg: &CommonConfig, spec: JobSpec, body: 
                 bar.finish_with_message("done");
                 let path = result_url.strip_prefix("file://").unwrap_or(&result_url);
                 let f = |k: &str| timings.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-                println!(
+                out!(
                     "job {} succeeded on worker {worker} (engine: {engine}, attempt {attempts})",
                     spec.job_id
                 );
-                println!("image: {path}");
-                println!(
+                out!("image: {path}");
+                out!(
                     "stages: queue wait {queue_wait_ms} ms | generate {generate_ms} ms (text encode {:.0} ms, denoise {:.0} ms, decode {:.0} ms) | store {store_ms} ms | end to end {end_to_end_ms} ms",
                     f("encode_ms"),
                     f("denoise_ms"),
                     f("decode_ms")
                 );
-                println!("cost: {gpu_seconds:.3} GPU-seconds");
-                if let Some(tp) = ditfleet_common::telemetry::current_traceparent() {
-                    println!("trace: {tp}");
+                let sampler = timings.get("scheduler").and_then(|v| v.as_str());
+                let loras = timings
+                    .get("loras")
+                    .and_then(|v| serde_json::from_value::<Vec<LoraRef>>(v.clone()).ok())
+                    .unwrap_or_default();
+                if sampler.is_some() || !loras.is_empty() {
+                    let loras: Vec<String> = loras.iter().map(LoraRef::label).collect();
+                    out!(
+                        "sampler: {} | loras: {}",
+                        sampler.unwrap_or("-"),
+                        if loras.is_empty() {
+                            "none".into()
+                        } else {
+                            loras.join(", ")
+                        }
+                    );
                 }
-                println!("client round trip: {} ms", submitted.elapsed().as_millis());
+                out!("cost: {gpu_seconds:.3} GPU-seconds");
+                if let Some(tp) = ditfleet_common::telemetry::current_traceparent() {
+                    out!("trace: {tp}");
+                }
+                out!("client round trip: {} ms", submitted.elapsed().as_millis());
                 return Ok(0);
             }
             JobEvent::Failed { state, reason, .. } => {
                 bar.abandon_with_message(state.clone());
-                println!("job {} {state}: {reason}", spec.job_id);
+                out!("job {} {state}: {reason}", spec.job_id);
                 return Ok(1);
             }
             JobEvent::Cancelled { at_step, .. } => {
                 bar.abandon_with_message("cancelled");
-                println!(
+                out!(
                     "job {} cancelled{}",
                     spec.job_id,
                     at_step.map(|s| format!(" at step {s}")).unwrap_or_default()
@@ -640,14 +768,14 @@ async fn status(job_id: &str, json: bool, cfg: &CommonConfig) -> Result<i32> {
         return Ok(3);
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&h)?);
+        out!("{}", serde_json::to_string_pretty(&h)?);
         return Ok(0);
     }
     h.remove("spec");
     let mut keys: Vec<_> = h.keys().cloned().collect();
     keys.sort_by_key(|k| (k != "state", k.clone()));
     for k in keys {
-        println!("{k:<16} {}", h[&k]);
+        out!("{k:<16} {}", h[&k]);
     }
     Ok(0)
 }
@@ -660,16 +788,23 @@ async fn workers(json: bool, cfg: &CommonConfig) -> Result<i32> {
         .filter_map(|(_, v)| serde_json::from_str(v).ok())
         .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&infos)?);
+        out!("{}", serde_json::to_string_pretty(&infos)?);
         return Ok(0);
     }
     if infos.is_empty() {
-        println!("no live workers");
+        out!("no live workers");
         return Ok(0);
     }
-    println!(
+    out!(
         "{:<24} {:<9} {:<22} {:>5} {:<34} {:<18} {:>6} {:>9}",
-        "WORKER", "STATE", "CLASSES", "FREE", "MODEL VERSIONS (*default)", "GPUS", "DEGREE", "HEARTBEAT"
+        "WORKER",
+        "STATE",
+        "CLASSES",
+        "FREE",
+        "MODEL VERSIONS (*default)",
+        "GPUS",
+        "DEGREE",
+        "HEARTBEAT"
     );
     let now = now_ms();
     for w in infos {
@@ -691,7 +826,7 @@ async fn workers(json: bool, cfg: &CommonConfig) -> Result<i32> {
             .chain(w.loading.iter().map(|mv| format!("{mv}(loading)")))
             .collect::<Vec<_>>()
             .join(",");
-        println!(
+        out!(
             "{:<24} {:<9} {:<22} {:>2}/{:<2} {:<34} {:<18} {:>6} {:>7}ms",
             w.id,
             w.state,
@@ -704,13 +839,13 @@ async fn workers(json: bool, cfg: &CommonConfig) -> Result<i32> {
             now.saturating_sub(w.heartbeat_ms)
         );
         if !w.engine_note.is_empty() {
-            println!("  {} engine: {}", w.engine, w.engine_note);
+            out!("  {} engine: {}", w.engine, w.engine_note);
         }
         if let Some(r) = &w.degraded_reason {
-            println!("  degraded: {r}");
+            out!("  degraded: {r}");
         }
         if let Some(e) = &w.load_error {
-            println!("  last model load failed: {e}");
+            out!("  last model load failed: {e}");
         }
     }
     Ok(0)
@@ -736,14 +871,13 @@ async fn cancel(job_id: &str, cfg: &CommonConfig) -> Result<i32> {
         .await?;
     match (applied, prev) {
         (true, Some(JobState::Running)) => {
-            println!("job {job_id} cancelled; its worker stops it at the next step");
+            out!("job {job_id} cancelled; its worker stops it at the next step");
         }
         (true, _) => {
             // Nobody runs it: announce the cancellation here.
             let topo = Topology::new(&cfg.namespace);
-            let conn = amqp::connect_cfg(cfg, "ditfleetctl").await?;
-            let ch = conn.create_channel().await?;
-            topo.declare(&ch, &[]).await?;
+            let conn = amqp::connect_cfg_once(cfg, "ditfleetctl").await?;
+            ensure_topology(&conn, &topo).await?;
             let p = Publisher::new(&conn).await?;
             let ev = JobEvent::Cancelled {
                 job_id: job_id.to_string(),
@@ -757,7 +891,7 @@ async fn cancel(job_id: &str, cfg: &CommonConfig) -> Result<i32> {
                 false,
             )
             .await?;
-            println!("job {job_id} cancelled before it started");
+            out!("job {job_id} cancelled before it started");
         }
         (false, None) => {
             eprintln!("no job {job_id:?}");
@@ -771,33 +905,155 @@ async fn cancel(job_id: &str, cfg: &CommonConfig) -> Result<i32> {
     Ok(0)
 }
 
-fn rabbitmq_permissions(vhost: &str, prefix: &str, cfg: &CommonConfig) {
-    use ditfleet_common::topology::Role;
+fn rabbitmq_permissions(vhost: &str, prefix: &str, tenants: &[String], cfg: &CommonConfig) -> i32 {
+    use ditfleet_common::topology::{Role, TopicPermissions};
     let topo = Topology::new(&cfg.namespace);
     let q = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
-    println!(
-        "# least-privilege RabbitMQ users of namespace {:?}: configure, write, read",
+    let mut backends: Vec<(String, String, TopicPermissions)> = Vec::new();
+    if tenants.is_empty() {
+        let tp = topo
+            .topic_permissions(Role::Backend)
+            .expect("a backend has topic permissions");
+        backends.push((format!("{prefix}-backend"), "BACKEND".into(), tp));
+    }
+    for tenant in tenants {
+        match topo.tenant_topic_permissions(tenant) {
+            Ok(tp) => backends.push((
+                format!("{prefix}-backend-{tenant}"),
+                format!("BACKEND_{}", tenant.to_uppercase().replace('-', "_")),
+                tp,
+            )),
+            Err(e) => {
+                eprintln!("{e}");
+                return 2;
+            }
+        }
+    }
+    out!(
+        "# least-privilege RabbitMQ users of namespace {:?}: set_permissions <configure> <write> <read>,",
         cfg.namespace
     );
-    for (role, name) in [
-        (Role::Backend, "backend"),
-        (Role::Scheduler, "scheduler"),
-        (Role::Worker, "worker"),
-    ] {
+    out!("# set_topic_permissions <exchange> <write> <read> (docs/operations.md \"RabbitMQ users\")");
+    let print_user = |user: &str, password_var: &str, role: Role, topic: Option<&TopicPermissions>| {
         let p = topo.permissions(role);
-        let user = format!("{prefix}-{name}");
-        println!(
-            "rabbitmqctl add_user {} \"$PASSWORD_{}\"",
-            q(&user),
-            name.to_uppercase()
-        );
-        println!(
+        out!("rabbitmqctl add_user {} \"$PASSWORD_{password_var}\"", q(user));
+        out!(
             "rabbitmqctl set_permissions -p {} {} {} {} {}",
             q(vhost),
-            q(&user),
+            q(user),
             q(&p.configure),
             q(&p.write),
             q(&p.read)
+        );
+        if let Some(t) = topic {
+            out!(
+                "rabbitmqctl set_topic_permissions -p {} {} {} {} {}",
+                q(vhost),
+                q(user),
+                q(&t.exchange),
+                q(&t.write),
+                q(&t.read)
+            );
+        }
+    };
+    for (user, var, tp) in &backends {
+        print_user(user, var, Role::Backend, Some(tp));
+    }
+    for (role, name) in [(Role::Scheduler, "scheduler"), (Role::Worker, "worker")] {
+        print_user(
+            &format!("{prefix}-{name}"),
+            &name.to_uppercase(),
+            role,
+            topo.topic_permissions(role).as_ref(),
+        );
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_flags_parse_name_version_and_an_optional_scale() {
+        let l = parse_lora("pixel-art@v1.2:0.8").unwrap();
+        assert_eq!(
+            (l.name.as_str(), l.version.as_str(), l.scale),
+            ("pixel-art", "v1.2", Some(0.8))
+        );
+        let l = parse_lora("a@1").unwrap();
+        assert_eq!((l.name.as_str(), l.version.as_str(), l.scale), ("a", "1", None));
+        assert_eq!(parse_lora("a@1:-2").unwrap().scale, Some(-2.0));
+        assert!(
+            parse_lora("a")
+                .unwrap_err()
+                .contains("is not NAME@VERSION[:SCALE]")
+        );
+        assert!(
+            parse_lora("a@1:lots")
+                .unwrap_err()
+                .contains("scale \"lots\" is not a number")
+        );
+        // Names and versions are the contract's to judge: `..` parses, and validation rejects it.
+        let l = parse_lora("..@1").unwrap();
+        assert_eq!(l.name, "..");
+    }
+
+    #[test]
+    fn submit_flags_build_a_job_that_the_contract_then_checks() {
+        let cli = Cli::try_parse_from([
+            "ditfleetctl",
+            "submit",
+            "--prompt",
+            "a fox",
+            "--model",
+            "sdxl-base",
+            "--scheduler",
+            "dpmpp_2m_karras",
+            "--lora",
+            "b@2:0.5",
+            "--lora",
+            "a@1",
+            "--job-id",
+            "j-1",
+        ])
+        .unwrap();
+        let Cmd::Submit(a) = cli.cmd else {
+            panic!("not a submit")
+        };
+        let (spec, body) = build_spec(&a).unwrap();
+        assert_eq!(spec.scheduler.as_deref(), Some("dpmpp_2m_karras"));
+        assert_eq!(
+            spec.loras.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+            ["b", "a"],
+            "stack order as given"
+        );
+        spec.validate(&Limits::default()).unwrap();
+        assert_eq!(JobSpec::parse(&body).unwrap(), spec);
+        let cli = Cli::try_parse_from([
+            "ditfleetctl",
+            "submit",
+            "--prompt",
+            "a fox",
+            "--scheduler",
+            "euler",
+            "--lora",
+            "../x@1",
+        ])
+        .unwrap();
+        let Cmd::Submit(a) = cli.cmd else {
+            panic!("not a submit")
+        };
+        let e = build_spec(&a)
+            .unwrap()
+            .0
+            .validate(&Limits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("scheduler: \"euler\" is not a sampler of flux-dev")
+                && e.contains("loras: entry 0: name \"../x\""),
+            "{e}"
         );
     }
 }
