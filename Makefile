@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO ?= cargo
 
-.PHONY: demo test setup build build-release goldens validate-deploy loadtest fmt clippy clean-test-queues
+.PHONY: demo test setup build build-release goldens validate-deploy drill-broker-restarts loadtest fmt clippy clean-test-queues
 
 setup:
 	@bash scripts/setup.sh
@@ -21,11 +21,15 @@ build-release: setup
 demo: build
 	@bash scripts/demo.sh
 
-# Real-width goldens are generated (~1 min, cached under target/goldens) and compared; the small
+# Real-width goldens (Flux, SDXL) are generated (~1.5 min, cached under target/goldens) and compared; the small
 # committed goldens run in the plain `cargo test` pass.
 goldens: setup
 	@dir=$$(bash tests/fixtures/flux_goldens.sh big) && \
 	  DITFLEET_GOLDENS=$$dir $(CARGO) test --workspace --test flux_goldens -- --ignored --test-threads 1
+	@dir=$$(bash tests/fixtures/sdxl_goldens.sh big) && \
+	  DITFLEET_SDXL_GOLDENS=$$dir $(CARGO) test -p ditfleet-engine --test sdxl_goldens -- --ignored --test-threads 1
+	@dir=$$(bash tests/fixtures/sdxl_unet_goldens.sh big) && \
+	  DITFLEET_SDXL_UNET_GOLDENS=$$dir $(CARGO) test -p ditfleet-engine --test sdxl_unet_goldens -- --ignored --test-threads 1
 
 validate-deploy:
 	@bash scripts/validate-deploy.sh
@@ -34,11 +38,17 @@ validate-deploy:
 # a 2-core machine they run one at a time (in parallel they starve each other's leases).
 test: build
 	@$(CARGO) test --workspace --exclude ditfleet-tests --no-fail-fast; a=$$?; \
+	  $(CARGO) test -p ditfleet-engine --features bench --lib --no-fail-fast; c=$$?; \
 	  $(CARGO) test -p ditfleet-tests --no-fail-fast -- --test-threads=1; b=$$?; \
-	  exit $$(( a | b ))
+	  exit $$(( a | b | c ))
 	$(MAKE) --no-print-directory goldens
 	$(MAKE) --no-print-directory validate-deploy
 	$(MAKE) --no-print-directory clippy
+
+# 10 restarts of a private RabbitMQ node under load, with its summary table (docs/benchmarks.md);
+# `make test` runs the same test.
+drill-broker-restarts: build
+	$(CARGO) test -p ditfleet-tests --test broker_restarts -- --nocapture
 
 loadtest: build-release
 	$(CARGO) run --release -p ditfleet-tests --bin ditfleet-loadtest -- --jobs 5000 --workers 4
@@ -46,5 +56,8 @@ loadtest: build-release
 fmt:
 	$(CARGO) fmt --all
 
+# The engine's benchmark code (loopback communicator, A/B switches, examples) only builds with
+# its `bench` feature: checked separately.
 clippy: setup
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p ditfleet-engine --all-targets --features bench -- -D warnings

@@ -24,6 +24,7 @@
 #include <nvrtc.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -166,6 +167,10 @@ const char *kKernelSource =
 #include "flux_kernels.cu.inc"
     ;
 
+const char *kSdxlKernelSource =
+#include "sdxl_kernels.cu.inc"
+    ;
+
 struct Nvrtc {
   nvrtcResult (*create)(nvrtcProgram *, const char *, const char *, int, const char *const *,
                         const char *const *) = nullptr;
@@ -296,11 +301,11 @@ void cu_check(CUresult r, const char *what) {
   }
 }
 
-// Compiles the kernel source for `arch` (e.g. "sm_90"); returns the CUBIN.
-std::string compile_kernels(const std::string &arch) {
+// Compiles a kernel source (`name` for messages) for `arch` (e.g. "sm_90"); returns the CUBIN.
+std::string compile_source(const char *source, const std::string &name, const std::string &arch) {
   const Nvrtc &n = nvrtc();
   nvrtcProgram prog = nullptr;
-  if (n.create(&prog, kKernelSource, "flux_kernels.cu", 0, nullptr, nullptr) != NVRTC_SUCCESS) {
+  if (n.create(&prog, source, (name + ".cu").c_str(), 0, nullptr, nullptr) != NVRTC_SUCCESS) {
     throw std::runtime_error("nvrtcCreateProgram failed");
   }
   const std::string arch_opt = "--gpu-architecture=" + arch;
@@ -314,7 +319,7 @@ std::string compile_kernels(const std::string &arch) {
   }
   if (r != NVRTC_SUCCESS) {
     n.destroy(&prog);
-    throw std::runtime_error(std::string("NVRTC compile of the flux kernels for ") + arch +
+    throw std::runtime_error("NVRTC compile of the " + name + " kernels for " + arch +
                              " failed: " + n.error(r) + "\n" + log);
   }
   size_t size = 0;
@@ -324,6 +329,8 @@ std::string compile_kernels(const std::string &arch) {
   n.destroy(&prog);
   return cubin;
 }
+
+std::string compile_kernels(const std::string &arch) { return compile_source(kKernelSource, "flux", arch); }
 
 struct Kernels {
   CUfunction qkv_norm_rope = nullptr;
@@ -385,10 +392,12 @@ bool aligned8(const at::Tensor &t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 8 == 0;
 }
 
-void launch(int device, CUfunction f, unsigned gx, unsigned gy, unsigned block, void **args) {
+void launch(int device, CUfunction f, unsigned gx, unsigned gy, unsigned block, void **args,
+            unsigned shared_bytes = 0) {
   use_device_context(device);
   CUstream stream = reinterpret_cast<CUstream>(c10::cuda::getCurrentCUDAStream(device).stream());
-  cu_check(driver().launch(f, gx, gy, 1, block, 1, 1, 0, stream, args, nullptr), "cuLaunchKernel");
+  cu_check(driver().launch(f, gx, gy, 1, block, 1, 1, shared_bytes, stream, args, nullptr),
+           "cuLaunchKernel");
 }
 
 } // namespace
@@ -560,6 +569,12 @@ char *dtf_lse_merge(const at::Tensor *acc, const at::Tensor *acc_lse, const at::
   });
 }
 
+} // extern "C"
+
+#include "sdxl_ops.cpp.inc"
+
+extern "C" {
+
 // The kineto profiler (CPU ops and CUDA kernels) for this process, as torch.profiler runs it;
 // dtf_profiler_stop writes a Chrome trace to `path`.
 char *dtf_profiler_start(void) {
@@ -668,6 +683,22 @@ char *dtf_memory_peak(int, int, int64_t *peak) {
 }
 char *dtf_kernels_compile_check(const char *) { return no_cuda(); }
 char *dtf_kernels_load(int) { return no_cuda(); }
+char *dtf_attention(const at::Tensor *, const at::Tensor *, const at::Tensor *, int,
+                    at::Tensor **out) {
+  *out = nullptr;
+  return no_cuda();
+}
+char *dtf_sdxl_kernels_load(int) { return no_cuda(); }
+char *dtf_sdxl_kernels_compile_check(const char *) { return no_cuda(); }
+char *dtf_group_norm(const at::Tensor *, const at::Tensor *, const at::Tensor *, const at::Tensor *,
+                     int64_t, double, int, at::Tensor **out) {
+  *out = nullptr;
+  return no_cuda();
+}
+char *dtf_geglu(const at::Tensor *, at::Tensor **out) {
+  *out = nullptr;
+  return no_cuda();
+}
 char *dtf_qkv_norm_rope(const at::Tensor *, const at::Tensor *, const at::Tensor *,
                         const at::Tensor *, const at::Tensor *, const at::Tensor *,
                         const at::Tensor *, int64_t, double) {

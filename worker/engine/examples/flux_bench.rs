@@ -376,7 +376,7 @@ fn main() -> Result<()> {
 
     // Everything that does not change across steps, computed once.
     let ids = Flux::position_ids(args.txt_tokens, lh, lw, dev)?;
-    // --sim-plan: rank 0's slices, as `parallel::runner` cuts them.
+    // --sim-plan: rank 0's slices, as `flux::parallel::runner` cuts them.
     let sp = args.sim_plan.map_or(1, |p| p.ulysses * p.ring);
     let layout = SeqLayout::new(sp, args.txt_tokens, img_seq, args.sim_plan.and_then(|p| p.text));
     let ((ts, tl), (is, il)) = (layout.txt[0], layout.img[0]);
@@ -426,17 +426,17 @@ fn main() -> Result<()> {
 
     // With --graphs, every forward (warm-up included) goes through one captured graph.
     let cache = std::cell::RefCell::new(ditfleet_engine::parallel::graphs::GraphCache::default());
-    let key = ditfleet_engine::parallel::graphs::StepKey {
-        txt: (ts, tl),
-        img: (is, il),
-        txt_len: args.txt_tokens,
-        latent_hw: (lh, lw),
-    };
+    let key = ditfleet_engine::parallel::graphs::StepKey(vec![ts, tl, is, il, args.txt_tokens, lh, lw]);
+    let graphed = |t: &[Tensor]| fwd(&t[0], &t[1], &t[2], &pe);
     let forward = |x: &Tensor, vec: &Tensor| -> Result<Tensor> {
         match (args.graphs, dev) {
-            (true, Device::Cuda(ordinal)) => {
-                Ok(cache.borrow_mut().step(ordinal, &key, x, &txt, vec, &pe, &fwd)?)
-            }
+            (true, Device::Cuda(ordinal)) => Ok(cache.borrow_mut().step(
+                ordinal,
+                &key,
+                &[x, &txt, vec],
+                &[&pe.cos, &pe.sin, &pe.freqs],
+                &graphed,
+            )?),
             _ => Ok(fwd(x, &txt, vec, &pe)?),
         }
     };

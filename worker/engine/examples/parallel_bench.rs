@@ -168,6 +168,8 @@ fn request(a: &Args, steps: u32) -> GenerateRequest {
         true_cfg_scale: if a.true_cfg { 4.0 } else { 1.0 },
         plan: None,
         seed: a.seed,
+        scheduler: None,
+        loras: Vec::new(),
     }
 }
 
@@ -356,7 +358,7 @@ fn main() -> Result<()> {
 
 enum Eng {
     One(Box<Pipeline>),
-    Par(Box<ParallelPipeline>),
+    Par(Box<ParallelPipeline<Pipeline>>),
 }
 
 impl Eng {

@@ -3,7 +3,8 @@
 //! - [`attention_lse`]: attention with its log-sum-exp through the fastest CUDA kernel that
 //!   returns one (cuDNN, then flash, then memory-efficient; Ring attention needs the log-sum-exp);
 //! - [`current_stream`]: the CUDA stream libtorch launches on for a device (NCCL is ordered on it);
-//! - [`CudaGraph`]: CUDA graph capture and replay (libtorch's `at::cuda::CUDAGraph`).
+//! - [`CudaGraph`]: CUDA graph capture and replay (libtorch's `at::cuda::CUDAGraph`);
+//! - SDXL's fused kernels ([`group_norm`], [`geglu`]) and [`attention`] through a named kernel.
 #![allow(unsafe_code)] // FFI to the shim: every unsafe block states what it relies on.
 
 use std::ffi::{CStr, c_char, c_int, c_void};
@@ -69,6 +70,26 @@ unsafe extern "C" {
         lse: *const c_void,
         out: *const c_void,
     ) -> *mut c_char;
+    fn dtf_attention(
+        q: *const c_void,
+        k: *const c_void,
+        v: *const c_void,
+        which: c_int,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn dtf_sdxl_kernels_compile_check(arch: *const c_char) -> *mut c_char;
+    fn dtf_sdxl_kernels_load(device: c_int) -> *mut c_char;
+    fn dtf_group_norm(
+        x: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
+        add: *const c_void,
+        groups: i64,
+        eps: f64,
+        act: c_int,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn dtf_geglu(h: *const c_void, out: *mut *mut c_void) -> *mut c_char;
     fn dtf_profiler_start() -> *mut c_char;
     fn dtf_profiler_stop(path: *const c_char) -> *mut c_char;
 }
@@ -95,14 +116,13 @@ pub enum AttnBackend {
 
 /// Which kernels [`attention_lse`] tries, fastest first (measured on H200 at (1, 24, 4608, 128)
 /// bf16: cuDNN 0.40 ms, flash 0.78 ms, memory-efficient 1.58 ms).
-/// `DITFLEET_ATTN_LSE=cudnn|flash|efficient` (first one tried), read once; default `cudnn`.
+/// cuDNN first; the benchmark switch `DITFLEET_ATTN_LSE=flash|efficient` tries another first.
 fn preference() -> c_int {
-    static P: std::sync::OnceLock<c_int> = std::sync::OnceLock::new();
-    *P.get_or_init(|| match std::env::var("DITFLEET_ATTN_LSE").as_deref() {
-        Ok("flash") => 2,
-        Ok("efficient") => 3,
+    match crate::settings::bench().attn_lse.as_deref() {
+        Some("flash") => 2,
+        Some("efficient") => 3,
         _ => 0,
-    })
+    }
 }
 
 /// CUDA attention with log-sum-exp: q `(b, h, lq, d)`, k/v `(b, h, lk, d)` on one CUDA device ->
@@ -324,6 +344,146 @@ pub fn lse_merge(
     })
 }
 
+/// The attention kernel a model's attention runs on. `Sdpa` lets ATen's
+/// `scaled_dot_product_attention` pick (flash, memory-efficient, cuDNN or math, by its own
+/// priorities and the inputs); the others call that kernel by name (CUDA only), for A/B runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttnKernel {
+    #[default]
+    Sdpa,
+    Cudnn,
+    Flash,
+    Efficient,
+}
+
+impl AttnKernel {
+    /// `sdpa`, `cudnn`, `flash` or `efficient`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "sdpa" => Self::Sdpa,
+            "cudnn" => Self::Cudnn,
+            "flash" => Self::Flash,
+            "efficient" => Self::Efficient,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sdpa => "sdpa",
+            Self::Cudnn => "cudnn",
+            Self::Flash => "flash",
+            Self::Efficient => "efficient",
+        }
+    }
+}
+
+/// Attention of q `(b, h, lq, d)` over k/v `(b, h, lk, d)` (no mask, default scale) through
+/// `kernel`; off CUDA every kernel is ATen's `scaled_dot_product_attention`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, kernel: AttnKernel) -> Result<Tensor, TchError> {
+    let which = match kernel {
+        AttnKernel::Cudnn => 1,
+        AttnKernel::Flash => 2,
+        AttnKernel::Efficient => 3,
+        AttnKernel::Sdpa => 0,
+    };
+    if which == 0 || !q.device().is_cuda() {
+        return crate::nn::sdpa(q, k, v, None, false, None);
+    }
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: live tch tensors borrowed for the call; on success the shim hands over a new heap
+    // `at::Tensor`, owned by the returned value.
+    check(&format!("{} attention", kernel.name()), unsafe {
+        dtf_attention(
+            q.as_ptr().cast(),
+            k.as_ptr().cast(),
+            v.as_ptr().cast(),
+            which,
+            &mut out,
+        )
+    })?;
+    // SAFETY: see above.
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// Compiles SDXL's fused kernels (`csrc/sdxl_kernels.cu.inc`) with NVRTC for `arch` without
+/// running them (NVRTC only, no GPU).
+pub fn sdxl_kernels_compile_check(arch: &str) -> Result<(), TchError> {
+    let arch = std::ffi::CString::new(arch).map_err(|e| TchError::Torch(e.to_string()))?;
+    // SAFETY: a valid NUL-terminated string for the duration of the call.
+    check("sdxl kernels", unsafe {
+        dtf_sdxl_kernels_compile_check(arch.as_ptr())
+    })
+}
+
+/// Whether SDXL's fused kernels are ready on CUDA device `ordinal` (compiled and loaded on first
+/// call, remembered per device); where they cannot be, the log says so once and the models run
+/// ATen's ops instead.
+pub fn sdxl_kernels_available(ordinal: usize) -> bool {
+    static READY: std::sync::Mutex<Vec<Option<bool>>> = std::sync::Mutex::new(Vec::new());
+    let mut ready = READY.lock().unwrap_or_else(|e| e.into_inner());
+    if ready.len() <= ordinal {
+        ready.resize(ordinal + 1, None);
+    }
+    *ready[ordinal].get_or_insert_with(|| {
+        // SAFETY: a plain call with an integer argument.
+        match check("sdxl kernels", unsafe { dtf_sdxl_kernels_load(ordinal as c_int) }) {
+            Ok(()) => {
+                tracing::info!(ordinal, "fused SDXL kernels compiled and loaded");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(ordinal, error = %e, "fused SDXL kernels unavailable; using ATen's ops");
+                false
+            }
+        }
+    })
+}
+
+/// `GroupNorm(x + add)` with affine `weight`/`bias` `(c)`, then SiLU when `silu`, in one
+/// statistics pass and one normalising pass (`dtf_gn_stats`, `dtf_gn_apply`): `x` `(b, c, h, w)`
+/// bf16 on CUDA, dense in NCHW or channels-last layout (the output keeps it); `add` `(b, c)`
+/// bf16 is added to every pixel of its channel first (a resnet's time embedding). Moments in
+/// fp32, one bf16 rounding of the output.
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    add: Option<&Tensor>,
+    groups: i64,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor, TchError> {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    let add_ptr = add.map_or(std::ptr::null(), |a| a.as_ptr().cast());
+    // SAFETY: live tch tensors (or null for `add`) borrowed for the call; the shim checks devices,
+    // kinds, shapes and layouts before launching and hands over a new heap `at::Tensor`.
+    check("fused group norm", unsafe {
+        dtf_group_norm(
+            x.as_ptr().cast(),
+            weight.as_ptr().cast(),
+            bias.as_ptr().cast(),
+            add_ptr,
+            groups,
+            eps,
+            c_int::from(silu),
+            &mut out,
+        )
+    })?;
+    // SAFETY: see above.
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// GEGLU `h[..., :n] * gelu(h[..., n:])` (exact GELU) of `h` `(..., 2n)` bf16 on CUDA with
+/// contiguous rows, in one pass (`dtf_geglu`).
+pub fn geglu(h: &Tensor) -> Result<Tensor, TchError> {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: as in `group_norm`.
+    check("fused geglu", unsafe { dtf_geglu(h.as_ptr().cast(), &mut out) })?;
+    // SAFETY: see above.
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
 /// Starts libtorch's kineto profiler (CPU ops and CUDA kernels, as `torch.profiler` records
 /// them) for this process.
 pub fn profiler_start() -> Result<(), TchError> {
@@ -471,6 +631,37 @@ mod tests {
         for arch in ["sm_90", "sm_80"] {
             kernels_compile_check(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         }
+    }
+
+    #[test]
+    fn the_fused_sdxl_kernels_compile_with_nvrtc_for_hopper_and_ampere() {
+        for arch in ["sm_90", "sm_80"] {
+            sdxl_kernels_compile_check(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        }
+    }
+
+    #[test]
+    fn attention_through_a_named_kernel_off_cuda_is_scaled_dot_product_attention() {
+        let q = Tensor::randn([1, 2, 8, 16], (Kind::Float, Device::Cpu));
+        let k = Tensor::randn([1, 2, 5, 16], (Kind::Float, Device::Cpu));
+        let want = crate::nn::sdpa(&q, &k, &k, None, false, None).unwrap();
+        for kernel in [
+            AttnKernel::Sdpa,
+            AttnKernel::Cudnn,
+            AttnKernel::Flash,
+            AttnKernel::Efficient,
+        ] {
+            assert!(attention(&q, &k, &k, kernel).unwrap().equal(&want), "{kernel:?}");
+            assert_eq!(AttnKernel::parse(kernel.name()), Some(kernel));
+        }
+    }
+
+    #[test]
+    fn the_fused_sdxl_ops_on_cpu_tensors_are_errors_not_crashes() {
+        let x = Tensor::randn([1, 8, 4, 4], (Kind::BFloat16, Device::Cpu));
+        let w = Tensor::ones([8], (Kind::BFloat16, Device::Cpu));
+        assert!(group_norm(&x, &w, &w, None, 2, 1e-5, true).is_err());
+        assert!(geglu(&x).is_err());
     }
 
     #[test]

@@ -2,22 +2,32 @@
 //!
 //! A library with no async runtime and no queue: the worker service drives it from a blocking
 //! thread, and `ditfleet-worker generate` drives it from the command line. Every engine implements
-//! [`Engine`]; today that is the [`simulated::SimulatedEngine`] (for fleet load and chaos tests)
-//! and the Flux.1 pipeline.
+//! [`Engine`]; today that is the [`simulated::SimulatedEngine`] (for fleet load and chaos tests),
+//! the Flux.1 pipeline ([`flux`]) and the SDXL pipeline ([`models::sdxl`]), both behind the model
+//! seam ([`models::DiffusionModel`]) and the one denoising loop ([`denoise`]).
 
 pub mod aten;
 pub mod checkpoint;
+pub mod denoise;
+pub mod device;
 pub mod error;
-pub mod flux;
+pub mod guidance;
 pub mod image;
+pub mod lora;
+pub mod models;
+/// Flux.1 (`models::flux`), at the crate root too: its paths predate the model seam.
+pub use models::flux;
+pub mod nn;
 pub mod parallel;
 pub mod request;
+pub mod schedulers;
+pub mod settings;
 pub mod simulated;
 
 pub use checkpoint::StepCheckpoint;
 pub use error::EngineError;
 pub use image::GeneratedImage;
-pub use request::{Control, GenerateRequest, StageTimings, StepEvent};
+pub use request::{Control, GenerateRequest, LoraRef, StageTimings, StepEvent};
 
 /// What an engine tells the fleet about itself (advertised in the worker's registration).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

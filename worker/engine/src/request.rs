@@ -25,6 +25,34 @@ pub struct GenerateRequest {
     /// [`crate::EngineError::InvalidRequest`]; `None` = the engine's choice.
     #[serde(default)]
     pub plan: Option<String>,
+    /// Sampler: `euler`, `euler_a`, `dpmpp_2m`, `dpmpp_2m_karras` (SDXL) or `flow_euler` (Flux);
+    /// `None` = the model's default (`euler` for SDXL, `flow_euler` for Flux).
+    #[serde(default)]
+    pub scheduler: Option<String>,
+    /// LoRA adapters applied for this request, in stack order (empty = the base model).
+    #[serde(default)]
+    pub loras: Vec<LoraRef>,
+}
+
+/// One LoRA adapter of a request's stack, as the job names it (the worker resolves the files).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraRef {
+    pub name: String,
+    pub version: String,
+    #[serde(serialize_with = "f32_as_written")]
+    pub scale: f32,
+    /// Where the worker put the adapter's verified file (safetensors) on this machine; engines
+    /// read the adapter from there. `None` until the worker has resolved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<std::path::PathBuf>,
+}
+
+/// An `f32` as the shortest decimal that reads back as it (`0.8`, not `0.800000011920929`, which
+/// is what widening it to `f64` gives in a `serde_json::Value`), so reported stacks show the
+/// scales the job gave.
+fn f32_as_written<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+    let shortest: f64 = v.to_string().parse().unwrap_or(f64::from(*v));
+    s.serialize_f64(shortest)
 }
 
 fn one() -> f32 {
@@ -75,7 +103,15 @@ pub struct StageTimings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_memory_decode_bytes: Option<u64>,
     /// The parallel plan the image was generated with (`single`, `ulysses=2`, ...); recorded in
-    /// the job's status with the timings. `None` for engines without plans (simulated).
+    /// the job's status with the timings (the simulated engine reports the plan it was asked
+    /// for, or `single`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<String>,
+    /// The sampler the image was generated with, where the engine reports it (the simulated
+    /// engine does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
+    /// The LoRA stack applied, where the engine reports it (the simulated engine does).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraRef>,
 }

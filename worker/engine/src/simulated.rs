@@ -5,7 +5,10 @@
 //! It sleeps `step_ms` per denoising step and draws a deterministic image from the seed: the same
 //! request always yields the same bytes. Like a real sampler it carries a state from step to step
 //! (a hash chain seeded by the request) that the image depends on, and it checkpoints and resumes
-//! that state, so resuming from a wrong step or state gives a different image. Faults can be
+//! that state, so resuming from a wrong step or state gives a different image. It knows each
+//! model's samplers as the real engines do (rejecting one the model does not run); the image also
+//! depends on the sampler and the LoRA stack (so different stacks give different images), and the
+//! timings report both. Faults can be
 //! injected ([`SimulatedFaults`]) to exercise the worker's retry and dead-letter paths.
 
 use std::collections::HashMap;
@@ -19,6 +22,14 @@ use crate::{
     StepEvent,
 };
 
+/// The samplers each model runs, its default first (the fleet contract's `scheduler` values).
+fn schedulers(model: &str) -> &'static [&'static str] {
+    match model {
+        "sdxl-base" => &["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"],
+        _ => &["flow_euler"],
+    }
+}
+
 /// Injected failures.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SimulatedFaults {
@@ -28,7 +39,13 @@ pub struct SimulatedFaults {
     pub device: u32,
     /// Every request fails with a model-load error (permanent).
     pub bad_weights: bool,
+    /// The first `panic` tries of every request panic inside the engine, counted across every
+    /// simulated engine of the process (an engine rebuilt after a panic does not start over).
+    pub panic: u32,
 }
+
+/// Tries per request that met the `panic` fault, process-wide.
+static PANIC_TRIES: std::sync::Mutex<Option<HashMap<u64, u32>>> = std::sync::Mutex::new(None);
 
 /// Settings of the simulated engine.
 #[derive(Debug, Clone)]
@@ -46,7 +63,7 @@ impl Default for SimulatedConfig {
     fn default() -> Self {
         Self {
             step_ms: 20,
-            models: vec!["flux-dev".into(), "flux-schnell".into()],
+            models: vec!["flux-dev".into(), "flux-schnell".into(), "sdxl-base".into()],
             version: "sim-1".into(),
             faults: SimulatedFaults::default(),
         }
@@ -79,11 +96,44 @@ impl SimulatedEngine {
         }
     }
 
-    /// The sampler state before the first step.
+    /// The sampler the request runs: the named one if the model has it, else an invalid request.
+    fn scheduler(request: &GenerateRequest) -> Result<&'static str, EngineError> {
+        let known = schedulers(&request.model);
+        match &request.scheduler {
+            None => Ok(known[0]),
+            Some(s) => known.iter().copied().find(|k| k == s).ok_or_else(|| {
+                EngineError::InvalidRequest(format!(
+                    "model {} has no sampler {s:?} (it runs {})",
+                    request.model,
+                    known.join(", ")
+                ))
+            }),
+        }
+    }
+
+    /// The sampler state before the first step. A non-default sampler and the LoRA stack (each
+    /// adapter, its scale and its place) enter it; requests without them keep the images they
+    /// had before the simulated engine knew either.
     fn initial_state(request: &GenerateRequest) -> u64 {
         let mut seed = request.seed;
         for b in request.prompt.bytes() {
             seed = seed.rotate_left(5) ^ u64::from(b);
+        }
+        let scheduler = request
+            .scheduler
+            .as_deref()
+            .filter(|s| *s != schedulers(&request.model)[0]);
+        if let Some(s) = scheduler {
+            for b in s.bytes() {
+                seed = mix(seed ^ u64::from(b));
+            }
+        }
+        for (i, l) in request.loras.iter().enumerate() {
+            seed = mix(seed ^ i as u64);
+            for b in l.name.bytes().chain([0]).chain(l.version.bytes()) {
+                seed = mix(seed ^ u64::from(b));
+            }
+            seed = mix(seed ^ u64::from(l.scale.to_bits()));
         }
         seed
     }
@@ -176,12 +226,25 @@ impl Engine for SimulatedEngine {
                 "steps, width and height must be positive".into(),
             ));
         }
+        let scheduler = Self::scheduler(request)?;
         let faults = &self.config.faults;
         if faults.bad_weights {
             return Err(EngineError::Load(format!(
                 "simulated fault: weights of {}@{} are corrupt",
                 request.model, self.config.version
             )));
+        }
+        if faults.panic > 0 {
+            let n = {
+                let mut g = PANIC_TRIES.lock().unwrap_or_else(|p| p.into_inner());
+                let n = g
+                    .get_or_insert_with(HashMap::new)
+                    .entry(Self::request_key(request))
+                    .or_insert(0);
+                *n += 1;
+                *n
+            };
+            assert!(n > faults.panic, "simulated fault: engine panic on try {n}");
         }
         let tries = self.tries.entry(Self::request_key(request)).or_insert(0);
         *tries += 1;
@@ -253,6 +316,9 @@ impl Engine for SimulatedEngine {
                 encode_ms: 0.0,
                 denoise_ms,
                 decode_ms: t.elapsed().as_secs_f64() * 1e3,
+                plan: Some(request.plan.clone().unwrap_or_else(|| "single".into())),
+                scheduler: Some(scheduler.to_string()),
+                loras: request.loras.clone(),
                 ..Default::default()
             },
         })
@@ -275,7 +341,112 @@ mod tests {
             true_cfg_scale: 1.0,
             plan: None,
             seed,
+            scheduler: None,
+            loras: Vec::new(),
         }
+    }
+
+    fn lora(name: &str, version: &str, scale: f32) -> crate::request::LoraRef {
+        crate::request::LoraRef {
+            name: name.into(),
+            version: version.into(),
+            scale,
+            path: None,
+        }
+    }
+
+    #[test]
+    fn sdxl_runs_its_samplers_and_refuses_others_as_invalid_requests() {
+        let mut e = SimulatedEngine::new(SimulatedConfig {
+            step_ms: 0,
+            ..Default::default()
+        });
+        let mut r = request(1);
+        r.model = "sdxl-base".into();
+        let img = e.generate(&r, &mut |_| Control::Continue).unwrap();
+        assert_eq!(img.timings.scheduler.as_deref(), Some("euler"), "the default");
+        let mut images = vec![img.rgb];
+        for s in ["euler_a", "dpmpp_2m", "dpmpp_2m_karras"] {
+            r.scheduler = Some(s.into());
+            let img = e.generate(&r, &mut |_| Control::Continue).unwrap();
+            assert_eq!(img.timings.scheduler.as_deref(), Some(s));
+            assert!(!images.contains(&img.rgb), "{s} gives its own image");
+            images.push(img.rgb);
+        }
+        r.scheduler = Some("euler".into());
+        assert_eq!(
+            e.generate(&r, &mut |_| Control::Continue).unwrap().rgb,
+            images[0],
+            "naming the default is the default"
+        );
+        for bad in ["flow_euler", "ddim"] {
+            r.scheduler = Some(bad.into());
+            let err = e.generate(&r, &mut |_| Control::Continue).unwrap_err();
+            assert!(
+                matches!(&err, EngineError::InvalidRequest(m) if m.contains("sdxl-base has no sampler")),
+                "{err}"
+            );
+        }
+        let mut f = request(1);
+        f.scheduler = Some("euler".into());
+        assert!(matches!(
+            e.generate(&f, &mut |_| Control::Continue),
+            Err(EngineError::InvalidRequest(_))
+        ));
+        f.scheduler = Some("flow_euler".into());
+        let img = e.generate(&f, &mut |_| Control::Continue).unwrap();
+        assert_eq!(
+            img.rgb,
+            SimulatedEngine::render(&request(1)),
+            "Flux images unchanged"
+        );
+        assert_eq!(img.timings.scheduler.as_deref(), Some("flow_euler"));
+    }
+
+    #[test]
+    fn the_image_depends_on_the_lora_stack_and_the_timings_report_it() {
+        let mut e = SimulatedEngine::new(SimulatedConfig {
+            step_ms: 0,
+            ..Default::default()
+        });
+        let base = request(4);
+        let stacks = [
+            vec![lora("a", "1", 1.0)],
+            vec![lora("a", "1", 0.5)],
+            vec![lora("a", "2", 1.0)],
+            vec![lora("b", "1", 1.0)],
+            vec![lora("a", "1", 1.0), lora("b", "1", 1.0)],
+            vec![lora("b", "1", 1.0), lora("a", "1", 1.0)],
+        ];
+        let mut images = vec![SimulatedEngine::render(&base)];
+        for stack in stacks {
+            let r = GenerateRequest {
+                loras: stack.clone(),
+                ..base.clone()
+            };
+            let img = e.generate(&r, &mut |_| Control::Continue).unwrap();
+            assert_eq!(img.timings.loras, stack);
+            assert_eq!(img.rgb, SimulatedEngine::render(&r), "deterministic");
+            assert!(!images.contains(&img.rgb), "{stack:?} gives its own image");
+            images.push(img.rgb);
+        }
+        let json = serde_json::to_value(
+            e.generate(
+                &GenerateRequest {
+                    loras: vec![lora("a", "1", 0.8)],
+                    ..base.clone()
+                },
+                &mut |_| Control::Continue,
+            )
+            .unwrap()
+            .timings,
+        )
+        .unwrap();
+        assert_eq!(
+            json["loras"],
+            serde_json::json!([{"name": "a", "version": "1", "scale": 0.8}])
+        );
+        assert_eq!(json["scheduler"], "flow_euler");
     }
 
     #[test]
@@ -377,7 +548,7 @@ mod tests {
             faults: SimulatedFaults {
                 oom: 2,
                 device: 1,
-                bad_weights: false,
+                ..Default::default()
             },
             ..Default::default()
         });
@@ -403,13 +574,36 @@ mod tests {
     }
 
     #[test]
+    fn an_injected_panic_hits_the_first_tries_across_engines_then_the_request_succeeds() {
+        let cfg = SimulatedConfig {
+            step_ms: 0,
+            faults: SimulatedFaults {
+                panic: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let r = request(77);
+        let mut first = SimulatedEngine::new(cfg.clone());
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = first.generate(&r, &mut |_| Control::Continue);
+        }));
+        assert!(panicked.is_err());
+        // A fresh engine (as the worker builds after a panic) does not panic again.
+        let img = SimulatedEngine::new(cfg)
+            .generate(&r, &mut |_| Control::Continue)
+            .unwrap();
+        assert_eq!(img.timings.plan.as_deref(), Some("single"));
+    }
+
+    #[test]
     fn unknown_model_is_an_invalid_request() {
         let mut e = SimulatedEngine::new(SimulatedConfig {
             step_ms: 0,
             ..Default::default()
         });
         let mut r = request(1);
-        r.model = "sdxl".into();
+        r.model = "sdxl-turbo".into();
         assert!(matches!(
             e.generate(&r, &mut |_| Control::Continue),
             Err(EngineError::InvalidRequest(_))

@@ -1,6 +1,7 @@
 //! Step checkpoints of the Flux pipeline: a generation interrupted after step k and resumed from
 //! its checkpoint in another pipeline (another worker) gives the same image as an uninterrupted one.
 
+use ditfleet_engine::checkpoint::LoopState;
 use ditfleet_engine::flux::Pipeline;
 use ditfleet_engine::{Control, Engine, EngineError, GenerateRequest, StepCheckpoint};
 
@@ -16,6 +17,8 @@ fn request() -> GenerateRequest {
         true_cfg_scale: 1.0,
         plan: None,
         seed: 11,
+        scheduler: None,
+        loras: Vec::new(),
     }
 }
 
@@ -38,9 +41,14 @@ fn tiny_flux_resumed_from_each_checkpoint_in_a_fresh_pipeline_gives_the_uninterr
         .unwrap_err();
     assert!(matches!(err, EngineError::Cancelled { step: 5 }), "{err}");
     assert_eq!(saved.iter().map(|c| c.step).collect::<Vec<_>>(), [2, 4, 5]);
-    let (step, latents) = Pipeline::read_checkpoint(&saved[1].bytes).unwrap();
-    assert_eq!(step, 4);
-    assert_eq!(latents.size(), [1, 64, 64], "packed latents of a 128x128 image");
+    let state = LoopState::from_bytes(&saved[1].bytes).unwrap();
+    assert_eq!(state.step, 4);
+    assert_eq!(
+        state.latents.size(),
+        [1, 64, 64],
+        "packed latents of a 128x128 image"
+    );
+    assert_eq!(state.scheduler.len(), 1, "the flow-matching scheduler's state");
 
     // Another worker: a fresh pipeline built from the same weights.
     let mut second = Pipeline::tiny_random(0).unwrap();

@@ -330,6 +330,8 @@ fn pipeline_case(folder: &str, model: &str) {
         true_cfg_scale: 1.0,
         plan: None,
         seed: io["seed"].as_u64().unwrap(),
+        scheduler: None,
+        loras: Vec::new(),
     };
     let (txt, pooled) = pipe.encode_prompt(&req.prompt).unwrap();
     let (latents, hw) = pipe

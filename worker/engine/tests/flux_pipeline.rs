@@ -22,6 +22,8 @@ fn request(seed: u64) -> GenerateRequest {
         true_cfg_scale: 1.0,
         plan: None,
         seed,
+        scheduler: None,
+        loras: Vec::new(),
     }
 }
 

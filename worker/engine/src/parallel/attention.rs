@@ -10,8 +10,8 @@
 use tch::{Kind, Tensor};
 
 use super::comm::{CommError, CommResult, Communicator, Pending, balanced_split};
-use crate::flux::layers::{Res, sdpa};
-use crate::flux::transformer::{GroupedSession, JointAttention, Overlap, Rows, around, attend_ungrouped};
+use crate::nn::attention::{GroupedSession, JointAttention, Overlap, Rows, around, attend_ungrouped};
+use crate::nn::{Res, sdpa};
 
 /// How the text tokens are laid out over the ranks of a sequence-parallel group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -312,20 +312,16 @@ struct RingEnv {
 }
 
 fn ring_env() -> RingEnv {
-    static R: std::sync::OnceLock<RingEnv> = std::sync::OnceLock::new();
-    *R.get_or_init(|| {
-        let v = std::env::var("DITFLEET_RING").unwrap_or_default();
-        let has = |w: &str| v.split(',').any(|x| x.trim() == w);
-        RingEnv {
-            stacked: has("stacked"),
-            blocking: has("blocking"),
-            reference_merge: std::env::var("DITFLEET_RING_MERGE").is_ok_and(|v| v == "reference"),
-        }
-    })
+    let b = crate::settings::bench();
+    RingEnv {
+        stacked: b.ring_stacked,
+        blocking: b.ring_blocking,
+        reference_merge: b.ring_reference_merge,
+    }
 }
 
 /// Where `q`, `k` and `v` `(b, heads, seq, d)` are transposed views of consecutive slices of one
-/// `(3, b, seq, heads, d)` buffer (the fused kernel's joint buffers, [`crate::flux::transformer`]):
+/// `(3, b, seq, heads, d)` buffer (a fused kernel's joint q/k/v buffers):
 /// that buffer, as a view. `None` for any other layout.
 pub fn stacked_bshd(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Tensor> {
     let Ok((b, h, s, d)) = q.size4() else {
@@ -654,8 +650,7 @@ fn wide_elements(x: &Tensor) -> Option<i64> {
 }
 
 fn relayout_elementwise() -> bool {
-    static E: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *E.get_or_init(|| std::env::var("DITFLEET_RELAYOUT").is_ok_and(|v| v == "elementwise"))
+    crate::settings::bench().relayout_elementwise
 }
 
 impl GroupedSession for UlyssesSession<'_> {
@@ -986,6 +981,12 @@ mod tests {
         check_layout(2, 2, 8, 18, None, true); // USP, uneven image slices
         check_layout(2, 2, 6, 13, None, true); // USP, uneven text and image slices
         check_layout(2, 2, 6, 13, Some(TextMode::Replicated), true); // regrouped, general path
+    }
+
+    /// Which plans take the copy-free head groups (one rank with stand-in peers).
+    #[cfg(feature = "bench")]
+    #[test]
+    fn head_groups_are_taken_by_pure_ulysses_and_usp_with_split_text_only() {
         let layout = SeqLayout::new(4, 8, 16, None);
         let (u, r) = (
             crate::parallel::LoopbackComm::new(4, Device::Cpu),
@@ -1030,6 +1031,7 @@ mod tests {
     }
 
     /// Rank 0 of a pure ulysses=2 group with stand-in peers, 4 text + 8 image tokens.
+    #[cfg(feature = "bench")]
     fn loopback_ulysses2() -> (
         crate::parallel::LoopbackComm,
         crate::parallel::LoopbackComm,
@@ -1060,6 +1062,7 @@ mod tests {
 
     /// Pieces that do not tile the rows, and output taken before it was given back, are refused
     /// with what was asked (never a silent wrong attention).
+    #[cfg(feature = "bench")]
     #[test]
     fn a_session_refuses_pieces_that_do_not_tile_the_rows() {
         let (u, r, layout) = loopback_ulysses2();
@@ -1083,6 +1086,7 @@ mod tests {
 
     /// A started all-to-all's outputs are there after its wait, and a work error between the
     /// start and the wait surfaces as the attention's error (the exchange is still joined).
+    #[cfg(feature = "bench")]
     #[test]
     fn a_failing_interleaved_work_fails_the_attention() {
         let (u, r, layout) = loopback_ulysses2();

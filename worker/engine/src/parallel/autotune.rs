@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::plan::Plan;
+use super::rank::ParallelLeader;
 use super::resilient::ResilientParallel;
 use crate::{Control, Engine, EngineError, GenerateRequest};
 
@@ -148,8 +149,8 @@ pub struct TuneProgress<'a> {
 /// `warmup + timed` denoising steps of a `model` request per plan and size, the median of the
 /// timed steps kept. A plan that fails at a size (e.g. out of memory) is recorded with its error
 /// and the next one is measured. Leaves the engine on the plan it started with.
-pub fn autotune(
-    engine: &mut ResilientParallel,
+pub fn autotune<L: ParallelLeader>(
+    engine: &mut ResilientParallel<L>,
     model: &str,
     node: &str,
     sizes: &[(u32, u32)],
@@ -161,7 +162,7 @@ pub fn autotune(
     let devices = engine.healthy_devices();
     let mut candidates = vec![Plan::SINGLE];
     for n in 2..=devices {
-        candidates.extend(Plan::candidates(engine.heads(), n, false));
+        candidates.extend(engine.splits().candidates(n));
     }
     let total = candidates.len() * sizes.len();
     let mut index = 0;
@@ -193,6 +194,8 @@ pub fn autotune(
                 true_cfg_scale: 1.0,
                 seed: 0,
                 plan: Some(plan.to_string()),
+                scheduler: None,
+                loras: Vec::new(),
             };
             let mut ends = Vec::new();
             let t0 = Instant::now();

@@ -265,14 +265,23 @@ pub trait CommFactory {
 }
 
 /// The degrees of a parallel plan and the rank layout they imply:
-/// `global = cfg_idx * sp + (ring_idx * ulysses + ulysses_idx)` with `sp = pipe * ring * ulysses`.
-/// PipeFusion (`pipe > 1`) runs with `ring = ulysses = 1`; its stages are the `sp` group.
+/// `global = cfg_idx * sp + (ring_idx * ulysses + ulysses_idx)` with
+/// `sp = pipe * ring * ulysses * patch`. PipeFusion (`pipe > 1`) runs with `ring = ulysses = 1`;
+/// its stages are the `sp` group. Patch parallelism of a UNet (`patch > 1`, row bands of the
+/// latent) runs alone in a branch too: the `sp` group is the patch group (band index = its
+/// rank), and the CFG group joins the same band of both branches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Mesh {
     pub cfg: usize,
     pub pipe: usize,
     pub ring: usize,
     pub ulysses: usize,
+    #[serde(default = "one")]
+    pub patch: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Mesh {
@@ -282,15 +291,17 @@ impl Mesh {
         pipe: 1,
         ring: 1,
         ulysses: 1,
+        patch: 1,
     };
 
     pub fn world(&self) -> usize {
         self.cfg * self.sp()
     }
 
-    /// Ranks working on one sequence (one CFG branch): the sequence-parallel or pipeline group.
+    /// Ranks working on one sequence (one CFG branch): the sequence-parallel, pipeline or patch
+    /// group.
     pub fn sp(&self) -> usize {
-        self.pipe * self.ring * self.ulysses
+        self.pipe * self.ring * self.ulysses * self.patch
     }
 
     /// `(cfg_idx, ring_idx, ulysses_idx)` of a global rank (with `pipe = 1`).
@@ -308,8 +319,9 @@ impl Mesh {
     /// The groups of each kind, each a list of global ranks in group-rank order.
     fn groups(&self, kind: GroupKind) -> Vec<Vec<usize>> {
         let mut out = Vec::new();
-        if self.pipe > 1 && matches!(kind, GroupKind::Ulysses | GroupKind::Ring) {
-            // PipeFusion stages do not split heads or pass K/V blocks: singleton groups.
+        if (self.pipe > 1 || self.patch > 1) && matches!(kind, GroupKind::Ulysses | GroupKind::Ring) {
+            // PipeFusion stages and UNet bands do not split heads or pass K/V blocks around a
+            // ring: singleton groups.
             return (0..self.world()).map(|g| vec![g]).collect();
         }
         match kind {
@@ -472,9 +484,9 @@ mod tests {
     fn mesh_groups_cover_every_rank_once_per_kind() {
         let mesh = Mesh {
             cfg: 2,
-            pipe: 1,
             ring: 2,
             ulysses: 2,
+            ..Mesh::SINGLE
         };
         for kind in [GroupKind::Ulysses, GroupKind::Ring, GroupKind::Sp, GroupKind::Cfg] {
             let mut all: Vec<usize> = mesh.groups(kind).concat();
@@ -488,6 +500,31 @@ mod tests {
             let (c, r, u) = mesh.coords(g);
             assert_eq!(mesh.global(c, r, u), g);
         }
+    }
+
+    /// `cfg=2,patch=2`: a patch group per branch (ranks 0-1 and 2-3, band index = group rank)
+    /// and a CFG group per band index (ranks 0 and 2, 1 and 3).
+    #[test]
+    fn patch_mesh_pairs_the_same_band_of_both_branches() {
+        let mesh = Mesh {
+            cfg: 2,
+            patch: 2,
+            ..Mesh::SINGLE
+        };
+        assert_eq!((mesh.world(), mesh.sp()), (4, 2));
+        assert_eq!(mesh.groups(GroupKind::Sp), vec![vec![0, 1], vec![2, 3]]);
+        assert_eq!(mesh.groups(GroupKind::Cfg), vec![vec![0, 2], vec![1, 3]]);
+        assert_eq!(
+            mesh.groups(GroupKind::Ulysses),
+            (0..4).map(|g| vec![g]).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            mesh.groups(GroupKind::Ring),
+            (0..4).map(|g| vec![g]).collect::<Vec<_>>()
+        );
+        // Meshes serialised before the field existed have no patch degree.
+        let old: Mesh = serde_json::from_str(r#"{"cfg":2,"pipe":1,"ring":1,"ulysses":2}"#).unwrap();
+        assert_eq!(old.patch, 1);
     }
 
     #[test]

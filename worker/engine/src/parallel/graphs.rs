@@ -28,8 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Device, Tensor};
 
 use crate::aten::CudaGraph;
-use crate::flux::layers::Res;
-use crate::flux::transformer::Rope;
+use crate::nn::Res;
 
 static DISABLED: AtomicBool = AtomicBool::new(false);
 static FAILED: AtomicBool = AtomicBool::new(false);
@@ -43,12 +42,11 @@ enum Mode {
 }
 
 fn mode() -> Mode {
-    static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
-    *MODE.get_or_init(|| match std::env::var("DITFLEET_CUDA_GRAPHS").as_deref() {
-        Ok("off" | "0" | "false") => Mode::Off,
-        Ok("all") => Mode::All,
-        _ => Mode::NoRing,
-    })
+    match crate::settings::get().cuda_graphs {
+        crate::settings::CudaGraphs::Off => Mode::Off,
+        crate::settings::CudaGraphs::All => Mode::All,
+        crate::settings::CudaGraphs::NoRing => Mode::NoRing,
+    }
 }
 
 /// Whether the steps of a multi-GPU plan with Ring degree `ring` run as CUDA graphs on `device`.
@@ -70,22 +68,14 @@ pub fn take_capture_failure() -> bool {
 }
 
 fn max_graphs() -> usize {
-    std::env::var("DITFLEET_CUDA_GRAPHS_MAX")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
+    crate::settings::get().cuda_graphs_max
 }
 
-/// What a captured step depends on besides its input values.
+/// What a captured step depends on besides its input values: the shapes, slices and positions
+/// the model's forward bakes into its kernels, as the model family lists them (Flux: its text and
+/// image token slices, the whole text length and the latent size).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct StepKey {
-    /// `(start, len)` of this rank's text and image tokens.
-    pub txt: (i64, i64),
-    pub img: (i64, i64),
-    /// Whole text length and packed latent size (the RoPE positions).
-    pub txt_len: i64,
-    pub latent_hw: (i64, i64),
-}
+pub struct StepKey(pub Vec<i64>);
 
 /// A new tensor with `t`'s values (on the current stream).
 fn deep_copy(t: &Tensor) -> Res<Tensor> {
@@ -97,61 +87,56 @@ fn deep_copy(t: &Tensor) -> Res<Tensor> {
 /// One captured forward and its static tensors.
 pub struct StepGraph {
     graph: CudaGraph,
-    x: Tensor,
-    txt: Tensor,
-    vec: Tensor,
+    /// Static copies of the per-step inputs: each replay copies the step's values in.
+    inputs: Vec<Tensor>,
     out: Tensor,
-    /// The RoPE tables the captured kernels read (same values for every job with this key).
-    _pe: Rope,
+    /// Tensors the captured kernels read that do not change between jobs with this key (e.g.
+    /// RoPE tables): kept alive with the graph.
+    _held: Vec<Tensor>,
 }
 
-/// The forward a graph captures: `(x, txt, vec, pe) -> v`.
-pub type Forward<'a> = dyn Fn(&Tensor, &Tensor, &Tensor, &Rope) -> Res<Tensor> + 'a;
+/// The forward a graph captures: the per-step inputs -> the output.
+pub type Forward<'a> = dyn Fn(&[Tensor]) -> Res<Tensor> + 'a;
 
 impl StepGraph {
     /// Runs `forward` eagerly on a side stream (its result is returned: this step's output) and
     /// captures it into a graph on the same static inputs.
     fn capture(
         ordinal: usize,
-        x: &Tensor,
-        txt: &Tensor,
-        vec: &Tensor,
-        pe: &Rope,
+        inputs: &[&Tensor],
+        held: &[&Tensor],
         forward: &Forward<'_>,
     ) -> Res<(Self, Tensor)> {
         let mut graph = CudaGraph::new(ordinal)?;
         graph.enter()?;
         let captured = (|| {
-            let (sx, stxt, svec) = (deep_copy(x)?, deep_copy(txt)?, deep_copy(vec)?);
-            let pe = pe.shallow_clone();
-            let first = forward(&sx, &stxt, &svec, &pe)?;
+            let statics = inputs.iter().map(|t| deep_copy(t)).collect::<Res<Vec<_>>>()?;
+            let first = forward(&statics)?;
             graph.begin()?;
-            let out = forward(&sx, &stxt, &svec, &pe);
+            let out = forward(&statics);
             let end = graph.end();
             let out = out?;
             end?;
-            Ok::<_, tch::TchError>((sx, stxt, svec, pe, out, first))
+            Ok::<_, tch::TchError>((statics, out, first))
         })();
         graph.exit()?;
-        let (x, txt, vec, pe, out, first) = captured?;
+        let (inputs, out, first) = captured?;
         Ok((
             Self {
                 graph,
-                x,
-                txt,
-                vec,
+                inputs,
                 out,
-                _pe: pe,
+                _held: held.iter().map(|t| t.shallow_clone()).collect(),
             },
             first,
         ))
     }
 
     /// Copies the inputs into the static tensors, replays, returns a copy of the output.
-    fn run(&self, x: &Tensor, txt: &Tensor, vec: &Tensor) -> Res<Tensor> {
-        self.x.shallow_clone().f_copy_(x)?;
-        self.txt.shallow_clone().f_copy_(txt)?;
-        self.vec.shallow_clone().f_copy_(vec)?;
+    fn run(&self, inputs: &[&Tensor]) -> Res<Tensor> {
+        for (s, t) in self.inputs.iter().zip(inputs) {
+            s.shallow_clone().f_copy_(t)?;
+        }
         self.graph.replay()?;
         deep_copy(&self.out)
     }
@@ -191,22 +176,20 @@ impl GraphCache {
         self.entries.is_empty()
     }
 
-    /// The step's output for inputs `(x, txt, vec)`: by replaying the graph of `key`, or by
-    /// capturing it first (evicting the least recently used beyond the cap).
-    #[allow(clippy::too_many_arguments)]
+    /// The step's output for `inputs`: by replaying the graph of `key`, or by capturing it first
+    /// (evicting the least recently used beyond the cap). `held`: what the forward reads besides
+    /// its inputs and weights (kept alive with the graph).
     pub fn step(
         &mut self,
         ordinal: usize,
         key: &StepKey,
-        x: &Tensor,
-        txt: &Tensor,
-        vec: &Tensor,
-        pe: &Rope,
+        inputs: &[&Tensor],
+        held: &[&Tensor],
         forward: &Forward<'_>,
     ) -> Res<Tensor> {
         if let Some(i) = self.entries.iter().position(|(k, _)| k == key) {
             let entry = self.entries.remove(i).expect("index from position");
-            let out = entry.1.run(x, txt, vec);
+            let out = entry.1.run(inputs);
             self.entries.push_back(entry);
             self.replays += 1;
             return out;
@@ -214,7 +197,7 @@ impl GraphCache {
         while self.entries.len() >= self.cap {
             self.entries.pop_front();
         }
-        match StepGraph::capture(ordinal, x, txt, vec, pe, forward) {
+        match StepGraph::capture(ordinal, inputs, held, forward) {
             Ok((g, first)) => {
                 self.entries.push_back((key.clone(), g));
                 self.captures += 1;

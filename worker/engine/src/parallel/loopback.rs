@@ -303,8 +303,7 @@ impl Communicator for LoopbackComm {
 /// measures the rank's compute floor without the stand-in exchange's copies (default `all`: one
 /// copy per piece). The values are then further from any real result; timing only.
 fn own_copies_only() -> bool {
-    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OWN.get_or_init(|| std::env::var("DITFLEET_LOOPBACK_COPIES").is_ok_and(|v| v == "own"))
+    crate::settings::bench().loopback_own_copies
 }
 
 /// Whether `t` has the element count and kind of a `shape` `kind` tensor (a stand-in can then
@@ -325,7 +324,7 @@ fn cuda_err(op: &'static str, e: cudarc::driver::DriverError) -> CommError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flux::transformer::JointAttention;
+    use crate::nn::attention::JointAttention;
     use crate::parallel::attention::{SeqLayout, UspAttention};
 
     /// The loopback group returns the shapes a real group of 4 returns, so one rank's share of

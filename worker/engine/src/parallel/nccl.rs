@@ -58,8 +58,7 @@ fn dtype(kind: Kind, op: &'static str) -> CommResult<sys::ncclDataType_t> {
 /// the GPU catches up, so host launches and GPU work serialise per collective.
 /// `DITFLEET_NCCL_STREAM=legacy|side`, read once.
 fn use_side_stream() -> bool {
-    static SIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SIDE.get_or_init(|| std::env::var("DITFLEET_NCCL_STREAM").map_or(true, |v| v != "legacy"))
+    !crate::settings::bench().nccl_legacy_stream
 }
 
 /// See [`NcclComm::prepare_into`]: `runs` = `(send, recv, count)` per chunk for `ncclAlltoAll`.
@@ -79,13 +78,14 @@ pub enum AllToAll {
 }
 
 impl AllToAll {
-    /// The process default: `DITFLEET_NCCL_A2A` = `p2p` (default) or `collective`.
+    /// The process default: grouped send/recv, or `ncclAlltoAll` under the benchmark switch
+    /// `DITFLEET_NCCL_A2A=collective`.
     pub fn from_env() -> AllToAll {
-        static C: std::sync::OnceLock<AllToAll> = std::sync::OnceLock::new();
-        *C.get_or_init(|| match std::env::var("DITFLEET_NCCL_A2A").as_deref() {
-            Ok("collective") => AllToAll::Collective,
-            _ => AllToAll::P2p,
-        })
+        if crate::settings::bench().nccl_collective_a2a {
+            AllToAll::Collective
+        } else {
+            AllToAll::P2p
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! [`ParallelPipeline`]: the multi-GPU [`Engine`] that owns one thread per rank, builds the
-//! communicators of its [`Plan`], runs each request's SPMD loop ([`super::runner`]) on every rank,
-//! and rebuilds the groups on the healthy GPUs when one fails.
+//! communicators of its [`Plan`], runs each request's SPMD loop (the model family's
+//! [`RankWork`]) on every rank, watches for a device that stops answering, and assembles step
+//! checkpoints from the ranks' parts.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -8,74 +9,48 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use super::comm::{AbortHandle, CommFactory, Mesh, RankComms};
 use super::graphs::{self, GraphCache};
 use super::plan::Plan;
-use super::runner::{Conditioning, RankCtx, StepGate, decode_bands, denoise_gathered};
-use crate::flux::Pipeline;
-use crate::flux::pipeline::{device_name, sync_on};
-use crate::flux::sampling::{self, SchedulerConfig};
-use crate::flux::transformer::{Flux, Part};
-use crate::flux::vae::Decoder;
-use crate::{
-    Control, Engine, EngineError, EngineInfo, GenerateRequest, GeneratedImage, StageTimings, StepEvent,
+use super::rank::{
+    CheckpointAssembler, CheckpointPart, CheckpointSink, ParallelLeader, RankJob, RankOutput, RankWork,
+    StepGate,
 };
+use crate::checkpoint::LoopState;
+use crate::device::device_name;
+use crate::{Control, Engine, EngineError, EngineInfo, GenerateRequest, GeneratedImage, StepEvent};
 
-/// What a rank thread holds: the group leader holds the whole pipeline (text encoders, VAE,
-/// its transformer replica), the others a transformer replica (under PipeFusion, each rank's
-/// transformer is only its stage's part, the leader's included) and, for a patch-parallel decode
-/// on the first CFG branch, a VAE decoder replica.
-pub enum RankModel {
-    Leader(Box<Pipeline>),
-    Follower {
-        flux: Box<Flux>,
-        vae: Option<Box<Decoder>>,
-        device: Device,
-    },
-}
-
-/// Static facts every rank of a group needs.
-#[derive(Debug, Clone)]
-struct GroupSpec {
-    plan: Plan,
-    scheduler: SchedulerConfig,
-    vae_scale: i64,
-    txt_shape: Vec<i64>,
-    pooled_shape: Vec<i64>,
-    kind: Kind,
-}
-
-enum Cmd {
+enum Cmd<R> {
     Generate {
         request: Box<GenerateRequest>,
         gate: Arc<StepGate>,
         events: Option<Sender<StepEvent>>,
         done: Sender<(usize, Result<RankOutput, EngineError>)>,
         fault_at: Option<(u32, bool)>,
+        resume: Option<Box<LoopState>>,
+        checkpoints: Option<CheckpointSink>,
     },
     SetComms(Box<RankComms>),
     /// Stop and hand the model back.
-    Stop(Sender<RankModel>),
+    Stop(Sender<R>),
 }
 
-/// A finished image and its final packed latents.
+/// A finished image and its final latents.
 type Finished = (GeneratedImage, Tensor);
 
-/// What a rank reports when a job ends: the image and final latents on world rank 0.
-type RankOutput = Option<Finished>;
-
-struct RankThread {
-    tx: Sender<Cmd>,
+struct RankThread<R> {
+    tx: Sender<Cmd<R>>,
     handle: Option<JoinHandle<()>>,
 }
 
-/// The multi-GPU Flux engine: `plan.world()` rank threads, one per device, in `plan.dp` groups.
-pub struct ParallelPipeline {
+/// The multi-GPU engine of a model family (`L`, its group leader): `plan.world()` rank threads,
+/// one per device, in `plan.dp` groups.
+pub struct ParallelPipeline<L: ParallelLeader> {
     plan: Plan,
     group_size: usize,
-    ranks: Vec<RankThread>,
+    ranks: Vec<RankThread<L::Rank>>,
     factory: Box<dyn CommFactory + Send>,
     /// Set when a group was aborted: rebuilt before the next job.
     broken: bool,
@@ -98,37 +73,29 @@ pub struct ParallelPipeline {
     wedged: bool,
 }
 
-/// `DITFLEET_STEP_TIMEOUT_S` (default 300): how long a multi-GPU job may go without finishing a
-/// step before the watchdog aborts its groups (a GPU that stopped answering leaves its peers
-/// waiting in collectives forever otherwise). The first step of a new image size includes
-/// loading kernels and capturing its CUDA graph; a 2048² step takes 0.78 s on one H200
-/// (docs/parallel.md; 4096² was not measured).
+/// How long a multi-GPU job may go without finishing a step before the watchdog aborts its
+/// groups: [`crate::settings::EngineSettings::step_timeout`].
 pub fn default_step_timeout() -> Duration {
-    let s = std::env::var("DITFLEET_STEP_TIMEOUT_S")
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| *s > 0.0)
-        .unwrap_or(300.0);
-    Duration::from_secs_f64(s)
+    crate::settings::get().step_timeout
 }
 
 /// How long the watchdog waits for the ranks to return after it aborted their groups.
 const WEDGE_WAIT: Duration = Duration::from_secs(60);
 
-impl std::fmt::Debug for ParallelPipeline {
+impl<L: ParallelLeader> std::fmt::Debug for ParallelPipeline<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ParallelPipeline({})", self.plan)
     }
 }
 
-impl ParallelPipeline {
+impl<L: ParallelLeader> ParallelPipeline<L> {
     /// `leaders[g]` serves data-parallel group `g` (its transformer is replicated onto
     /// `devices[g * group_size + i]` for the group's other ranks; the leader computes on its own
     /// transformer's device). Under PipeFusion each rank gets only its stage's part of the
     /// transformer and the leader's own is cut down to stage 0's. `factory` builds the groups'
     /// communicators (threads or NCCL).
     pub fn new(
-        leaders: Vec<Pipeline>,
+        leaders: Vec<L>,
         devices: &[Device],
         plan: Plan,
         factory: Box<dyn CommFactory + Send>,
@@ -136,7 +103,9 @@ impl ParallelPipeline {
         let first = leaders
             .first()
             .ok_or_else(|| EngineError::Load("a parallel pipeline needs a leader".into()))?;
-        plan.validate(first.transformer.config.num_heads, devices.len())
+        first
+            .splits()
+            .validate(&plan, devices.len())
             .map_err(EngineError::InvalidRequest)?;
         if leaders.len() != plan.dp {
             return Err(EngineError::Load(format!(
@@ -150,58 +119,13 @@ impl ParallelPipeline {
         info.parallel_degree = group_size as u32;
         info.devices = devices[..plan.world()].iter().map(|d| device_name(*d)).collect();
         info.note = format!("{} | plan {plan}", info.note);
-        let config = first.transformer.config.clone();
-        let parts = if plan.pipefusion > 1 {
-            Some(super::pipefusion::stage_parts(&config, plan.pipefusion)?)
-        } else {
-            None
-        };
-        let sp = plan.mesh().sp();
-        let part_of = |i: usize| match &parts {
-            Some(p) => p[i % sp].clone(),
-            None => Part::full(&config),
-        };
         let mut ranks = Vec::new();
         let mut rank_parameters = Vec::new();
-        for (g, mut leader) in leaders.into_iter().enumerate() {
-            let spec = GroupSpec {
-                plan,
-                scheduler: leader.scheduler.clone(),
-                vae_scale: leader.vae.config.scale_factor(),
-                txt_shape: vec![
-                    1,
-                    leader.t5_tokenizer.max_len as i64,
-                    leader.transformer.config.context_in_dim,
-                ],
-                pooled_shape: vec![1, leader.transformer.config.vec_in_dim],
-                kind: leader.options().kind,
-            };
-            let mut models = Vec::with_capacity(group_size);
-            for i in 1..group_size {
-                let device = devices[g * group_size + i];
-                let flux = leader.transformer.copy_part(&part_of(i), device)?;
-                rank_parameters.push(flux.parameters());
-                // Ranks `0..sp` of the group are CFG branch 0, the ones that decode.
-                let vae = if plan.vae_split() && i < plan.mesh().sp() {
-                    Some(Box::new(leader.vae.replicate(device)?))
-                } else {
-                    None
-                };
-                models.push(RankModel::Follower {
-                    flux: Box::new(flux),
-                    vae,
-                    device,
-                });
-            }
-            if parts.is_some() {
-                // Frees the other stages' blocks on the leader's device.
-                let dev = leader.options().devices.transformer;
-                leader.transformer = leader.transformer.copy_part(&part_of(0), dev)?;
-            }
-            rank_parameters.insert(g * group_size, leader.transformer.parameters());
-            models.insert(0, RankModel::Leader(Box::new(leader)));
-            for (i, model) in models.into_iter().enumerate() {
-                ranks.push(spawn_rank(g * group_size + i, model, spec.clone())?);
+        for (g, leader) in leaders.into_iter().enumerate() {
+            let group = &devices[g * group_size..(g + 1) * group_size];
+            for (i, rank) in leader.split(&plan, group)?.into_iter().enumerate() {
+                rank_parameters.push(rank.parameters());
+                ranks.push(spawn_rank(g * group_size + i, rank, plan)?);
             }
         }
         let mut me = Self {
@@ -264,14 +188,15 @@ impl ParallelPipeline {
     /// Stops the rank threads and returns the group leaders' pipelines (e.g. to build another
     /// plan on the same weights, or on fewer GPUs after one failed). Under PipeFusion a leader
     /// holds only stage 0's blocks: reload the checkpoint before building another plan from it.
-    pub fn into_leaders(mut self) -> Vec<Pipeline> {
+    pub fn into_leaders(mut self) -> Vec<L> {
         let mut leaders = Vec::new();
         for r in std::mem::take(&mut self.ranks) {
             let (tx, rx) = channel();
             if r.tx.send(Cmd::Stop(tx)).is_ok()
-                && let Ok(RankModel::Leader(p)) = rx.recv()
+                && let Ok(rank) = rx.recv()
+                && let Some(p) = rank.into_leader()
             {
-                leaders.push(*p);
+                leaders.push(p);
             }
             if let Some(h) = r.handle {
                 let _ = h.join();
@@ -318,23 +243,69 @@ impl ParallelPipeline {
     ) -> Result<Vec<GeneratedImage>, EngineError> {
         let mut out = Vec::with_capacity(requests.len());
         for round in requests.chunks(self.plan.dp) {
-            match self.run_round(round, on_step) {
-                Ok(images) => out.extend(images),
-                // A CUDA graph capture failed (before the first step was reported): graphs are
-                // off now; run the round again eagerly on rebuilt communicators.
-                Err(e) if graphs::take_capture_failure() => {
-                    tracing::warn!(error = %e, plan = %self.plan, "rerunning the job without CUDA graphs");
-                    out.extend(self.run_round(round, on_step)?);
-                }
-                Err(e) => return Err(e),
-            }
+            out.extend(self.run_round_once(round, None, 0, &mut |_| {}, on_step)?);
         }
         Ok(out)
+    }
+
+    /// One request with step checkpoints: resumes from `resume` (a checkpoint of any plan whose
+    /// scheduler state fits this one's split; every rank takes its slice), and hands a checkpoint
+    /// to `on_checkpoint` every `every` steps and at a cancel (assembled from the slices of the
+    /// ranks that hold the result).
+    pub fn generate_checkpointed(
+        &mut self,
+        request: &GenerateRequest,
+        resume: Option<&crate::StepCheckpoint>,
+        every: u32,
+        on_checkpoint: &mut dyn FnMut(crate::StepCheckpoint),
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<GeneratedImage, EngineError> {
+        let state = resume.map(LoopState::from_checkpoint).transpose()?;
+        let mut images = self.run_round_once(
+            std::slice::from_ref(request),
+            state,
+            every,
+            on_checkpoint,
+            on_step,
+        )?;
+        images
+            .pop()
+            .ok_or_else(|| EngineError::Torch("the parallel group returned no image".into()))
+    }
+
+    fn run_round_once(
+        &mut self,
+        round: &[GenerateRequest],
+        resume: Option<LoopState>,
+        every: u32,
+        on_checkpoint: &mut dyn FnMut(crate::StepCheckpoint),
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<Vec<GeneratedImage>, EngineError> {
+        match self.run_round(round, resume.as_ref(), every, on_checkpoint, on_step) {
+            Ok(images) => Ok(images),
+            // A CUDA graph capture failed (before the first step was reported): graphs are off
+            // now; run the round again eagerly on rebuilt communicators.
+            Err(e) if graphs::take_capture_failure() => {
+                tracing::warn!(error = %e, plan = %self.plan, "rerunning the job without CUDA graphs");
+                self.run_round(round, resume.as_ref(), every, on_checkpoint, on_step)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// How many ranks send a part of each checkpoint: branch 0's sequence-parallel ranks (each
+    /// holds a slice of the sample), or world rank 0 alone under PipeFusion (it holds it whole).
+    fn checkpoint_parts(&self) -> usize {
+        let mesh = self.plan.mesh();
+        if mesh.pipe > 1 { 1 } else { mesh.sp() }
     }
 
     fn run_round(
         &mut self,
         requests: &[GenerateRequest],
+        resume: Option<&LoopState>,
+        every: u32,
+        on_checkpoint: &mut dyn FnMut(crate::StepCheckpoint),
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<Vec<GeneratedImage>, EngineError> {
         if self.broken {
@@ -343,6 +314,14 @@ impl ParallelPipeline {
         let (done_tx, done_rx) = channel();
         let (ev_tx, ev_rx) = channel();
         let gates: Vec<Arc<StepGate>> = requests.iter().map(|_| Arc::new(StepGate::default())).collect();
+        if let Some(r) = &resume {
+            // The steps before the resume point were decided in the earlier run.
+            for g in &gates {
+                g.publish(r.step, false);
+            }
+        }
+        let (ck_tx, ck_rx) = channel();
+        let sink = (every > 0).then(|| CheckpointSink { every, tx: ck_tx });
         let mut expected = 0;
         for (g, request) in requests.iter().enumerate() {
             for i in 0..self.group_size {
@@ -356,16 +335,34 @@ impl ParallelPipeline {
                         events: if g == 0 { events } else { None },
                         done: done_tx.clone(),
                         fault_at: self.fault.filter(|f| f.0 == rank).map(|f| (f.1, f.2)),
+                        resume: if g == 0 {
+                            resume.map(|r| Box::new(r.share()))
+                        } else {
+                            None
+                        },
+                        checkpoints: if g == 0 { sink.clone() } else { None },
                     })
                     .map_err(|_| rank_gone(rank))?;
                 expected += 1;
             }
         }
         drop(ev_tx);
+        drop(sink);
         // Other groups follow group 0's decisions on their own gates.
         self.last_failed_rank = None;
-        let result = self.drive(&ev_rx, &done_rx, expected, &gates, on_step);
-        if result.is_err() {
+        let parts = self.checkpoint_parts();
+        let mut assembler = CheckpointAssembler::default();
+        let mut on_part = |part: CheckpointPart| -> Result<(), EngineError> {
+            if let Some(c) = assembler.add(part, parts)? {
+                on_checkpoint(c);
+            }
+            Ok(())
+        };
+        let result = self.drive(&ev_rx, &done_rx, &ck_rx, &mut on_part, expected, &gates, on_step);
+        if result
+            .as_ref()
+            .is_err_and(|e| !matches!(e, EngineError::Cancelled { .. }))
+        {
             self.broken = true;
         }
         let mut images = result?;
@@ -375,10 +372,13 @@ impl ParallelPipeline {
     }
 
     /// Runs the step callback for each reported step and collects every rank's result.
+    #[allow(clippy::too_many_arguments)]
     fn drive(
         &mut self,
         events: &Receiver<StepEvent>,
         done: &Receiver<(usize, Result<RankOutput, EngineError>)>,
+        checkpoints: &Receiver<CheckpointPart>,
+        on_part: &mut dyn FnMut(CheckpointPart) -> Result<(), EngineError>,
         expected: usize,
         gates: &[Arc<StepGate>],
         on_step: &mut dyn FnMut(StepEvent) -> Control,
@@ -394,6 +394,11 @@ impl ParallelPipeline {
         let mut aborted_at: Option<Instant> = None;
         self.last_timed_out = false;
         while received < expected {
+            while let Ok(part) = checkpoints.try_recv() {
+                if let Err(e) = on_part(part) {
+                    tracing::warn!(error = %e, "a step checkpoint could not be assembled; the job goes on without it");
+                }
+            }
             if aborted_at.is_none() && last_progress.elapsed() > self.step_timeout {
                 tracing::error!(
                     plan = %self.plan,
@@ -458,6 +463,13 @@ impl ParallelPipeline {
             match r {
                 Ok(Some(out)) => images.push((rank, out)),
                 Ok(None) => {}
+                // Every rank reads the same cancel decision at the same step: a cancelled rank
+                // leaves its peers and the gate alone.
+                Err(e @ EngineError::Cancelled { .. }) => {
+                    if first_err.is_none() {
+                        first_err = Some(e);
+                    }
+                }
                 Err(e) => {
                     // The first real failure wins over the aborts it caused in the peers.
                     for g in gates {
@@ -475,6 +487,12 @@ impl ParallelPipeline {
                 }
             }
         }
+        // Parts sent just before the ranks finished (the checkpoint of a cancelled step).
+        while let Ok(part) = checkpoints.try_recv() {
+            if let Err(e) = on_part(part) {
+                tracing::warn!(error = %e, "a step checkpoint could not be assembled; the job goes on without it");
+            }
+        }
         match first_err {
             Some(e) => Err(e),
             None => Ok(images),
@@ -489,11 +507,11 @@ fn rank_gone(rank: usize) -> EngineError {
     }
 }
 
-fn spawn_rank(rank: usize, model: RankModel, spec: GroupSpec) -> Result<RankThread, EngineError> {
-    let (tx, rx) = channel::<Cmd>();
+fn spawn_rank<R: RankWork>(rank: usize, model: R, plan: Plan) -> Result<RankThread<R>, EngineError> {
+    let (tx, rx) = channel::<Cmd<R>>();
     let handle = std::thread::Builder::new()
         .name(format!("ditfleet-rank-{rank}"))
-        .spawn(move || rank_loop(rank, model, spec, rx))
+        .spawn(move || rank_loop(rank, model, plan, rx))
         .map_err(EngineError::Io)?;
     Ok(RankThread {
         tx,
@@ -501,19 +519,9 @@ fn spawn_rank(rank: usize, model: RankModel, spec: GroupSpec) -> Result<RankThre
     })
 }
 
-impl RankModel {
-    /// The device the rank's transformer computes on.
-    pub fn device(&self) -> Device {
-        match self {
-            RankModel::Leader(p) => p.options().devices.transformer,
-            RankModel::Follower { device, .. } => *device,
-        }
-    }
-}
-
 /// `node_rank`: the thread's index over all groups (results are ordered by it: the group rank
 /// `RankComms::rank` restarts at 0 in every data-parallel group).
-fn rank_loop(node_rank: usize, model: RankModel, spec: GroupSpec, rx: Receiver<Cmd>) {
+fn rank_loop<R: RankWork>(node_rank: usize, model: R, plan: Plan, rx: Receiver<Cmd<R>>) {
     let mut comms: Option<Box<RankComms>> = None;
     // Captured steps use the communicators: emptied before those change or go.
     let graphs = RefCell::new(GraphCache::default());
@@ -541,24 +549,33 @@ fn rank_loop(node_rank: usize, model: RankModel, spec: GroupSpec, rx: Receiver<C
                 events,
                 done,
                 fault_at,
+                resume,
+                checkpoints,
             } => {
                 let Some(c) = comms.as_deref() else {
                     let _ = done.send((node_rank, Err(rank_gone(node_rank))));
                     continue;
                 };
-                let r = run_rank(
-                    &model,
-                    &spec,
-                    c,
-                    &request,
-                    &gate,
-                    events.as_ref(),
-                    fault_at,
-                    &graphs,
-                );
-                if r.is_err() {
+                let r = {
+                    let _guard = tch::no_grad_guard();
+                    model.run(&RankJob {
+                        comms: c,
+                        plan: &plan,
+                        request: &request,
+                        gate: &gate,
+                        events: events.as_ref(),
+                        fault_at,
+                        graphs: &graphs,
+                        resume: resume.as_deref(),
+                        checkpoints: checkpoints.as_ref(),
+                    })
+                };
+                if r.as_ref()
+                    .is_err_and(|e| !matches!(e, EngineError::Cancelled { .. }))
+                {
                     // Release the peers blocked in collectives and the gate; the graphs captured
-                    // collectives of the communicators being aborted.
+                    // collectives of the communicators being aborted. (A cancel stops every rank
+                    // at the same step: nothing to release.)
                     graphs.borrow_mut().clear();
                     c.abort();
                     gate.abort();
@@ -569,110 +586,7 @@ fn rank_loop(node_rank: usize, model: RankModel, spec: GroupSpec, rx: Receiver<C
     }
 }
 
-#[allow(clippy::too_many_arguments)] // one rank's whole job: its model, group, request and per-thread state
-fn run_rank(
-    model: &RankModel,
-    spec: &GroupSpec,
-    comms: &RankComms,
-    request: &GenerateRequest,
-    gate: &StepGate,
-    events: Option<&Sender<StepEvent>>,
-    fault_at: Option<(u32, bool)>,
-    graphs: &RefCell<GraphCache>,
-) -> Result<RankOutput, EngineError> {
-    let _guard = tch::no_grad_guard();
-    let with_neg = request.true_cfg();
-    let t0 = Instant::now();
-    let (flux, device, mine) = match model {
-        RankModel::Leader(p) => {
-            p.check(request)?;
-            let (txt, pooled) = p.encode_prompt(&request.prompt)?;
-            let neg = match (&request.negative_prompt, with_neg) {
-                (Some(n), true) => Some(p.encode_prompt(n)?),
-                _ => None,
-            };
-            let c = Conditioning { txt, pooled, neg };
-            (&p.transformer, p.options().devices.transformer, Some(c))
-        }
-        RankModel::Follower { flux, device, .. } => (flux.as_ref(), *device, None),
-    };
-    let cond = Conditioning::broadcast(
-        comms.world.as_ref(),
-        mine,
-        &spec.txt_shape,
-        &spec.pooled_shape,
-        with_neg,
-        spec.kind,
-    )?;
-    sync_on(&cond.pooled)?;
-    let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let ctx = RankCtx {
-        flux,
-        comms,
-        plan: &spec.plan,
-        scheduler: &spec.scheduler,
-        vae_scale: spec.vae_scale,
-        device,
-        kind: spec.kind,
-        fault_at,
-        graphs: Some(graphs),
-    };
-    let t1 = Instant::now();
-    let latents = denoise_gathered(&ctx, request, &cond, gate, events)?;
-    let denoise_ms = t1.elapsed().as_secs_f64() * 1e3;
-    let hw = sampling::latent_size(request.height, request.width, spec.vae_scale);
-    let t2 = Instant::now();
-    let rgb = if spec.plan.vae_split() {
-        if comms.mesh.coords(comms.rank).0 != 0 {
-            return Ok(None);
-        }
-        let vae = match model {
-            RankModel::Leader(p) => {
-                p.check_finite(&latents)?;
-                &p.vae
-            }
-            RankModel::Follower { vae: Some(v), .. } => v.as_ref(),
-            RankModel::Follower { vae: None, .. } => {
-                return Err(EngineError::Load(format!(
-                    "rank {} of plan {} has no VAE replica",
-                    comms.rank, spec.plan
-                )));
-            }
-        };
-        let Some(rgb) = decode_bands(vae, &latents, hw, comms.sp.as_ref())? else {
-            return Ok(None);
-        };
-        let rgb = rgb.f_to_device(Device::Cpu)?;
-        let mut bytes = vec![0u8; rgb.numel()];
-        rgb.f_copy_data_u8(&mut bytes, rgb.numel())?;
-        bytes
-    } else {
-        let RankModel::Leader(p) = model else {
-            return Ok(None);
-        };
-        if comms.rank != 0 {
-            return Ok(None);
-        }
-        p.check_finite(&latents)?;
-        p.decode(&latents, hw)?
-    };
-    let decode_ms = t2.elapsed().as_secs_f64() * 1e3;
-    let image = GeneratedImage {
-        width: request.width,
-        height: request.height,
-        rgb,
-        timings: StageTimings {
-            encode_ms,
-            denoise_ms,
-            decode_ms,
-            plan: Some(spec.plan.to_string()),
-            ..Default::default()
-        },
-    };
-    Ok(Some((image, latents)))
-}
-
-impl Drop for ParallelPipeline {
+impl<L: ParallelLeader> Drop for ParallelPipeline<L> {
     fn drop(&mut self) {
         for r in &mut self.ranks {
             // Closing the channel ends the rank loop.
@@ -692,7 +606,7 @@ impl Drop for ParallelPipeline {
     }
 }
 
-impl Engine for ParallelPipeline {
+impl<L: ParallelLeader> Engine for ParallelPipeline<L> {
     fn info(&self) -> EngineInfo {
         self.info.clone()
     }
@@ -713,9 +627,30 @@ impl Engine for ParallelPipeline {
                 )));
             }
         }
-        let mut images = self.generate_batch(std::slice::from_ref(request), on_step)?;
-        images
-            .pop()
-            .ok_or_else(|| EngineError::Torch("the parallel group returned no image".into()))
+        self.generate_resumable(request, None, 0, &mut |_| {}, on_step)
+    }
+
+    /// Checkpoints are [`LoopState`]s of the whole packed latents, with one scheduler part per
+    /// rank slice.
+    fn generate_resumable(
+        &mut self,
+        request: &GenerateRequest,
+        resume: Option<&crate::StepCheckpoint>,
+        every: u32,
+        on_checkpoint: &mut dyn FnMut(crate::StepCheckpoint),
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<GeneratedImage, EngineError> {
+        if let Some(want) = &request.plan {
+            let want: Plan = want
+                .parse()
+                .map_err(|e| EngineError::InvalidRequest(format!("plan: {e}")))?;
+            if want != self.plan {
+                return Err(EngineError::InvalidRequest(format!(
+                    "plan {want} requested, this engine runs {} (a ResilientParallel engine switches plans)",
+                    self.plan
+                )));
+            }
+        }
+        self.generate_checkpointed(request, resume, every, on_checkpoint, on_step)
     }
 }

@@ -6,8 +6,11 @@ use std::str::FromStr;
 use super::attention::TextMode;
 use super::comm::Mesh;
 
-/// The degrees of each strategy. The product of `cfg`, `pipefusion` (or `ulysses * ring`) is the
-/// number of GPUs one image uses; `dp` groups of that many serve different images of a batch.
+/// The degrees of each strategy. The product of `cfg` and `pipefusion` (or `ulysses * ring`, or
+/// `patch`) is the number of GPUs one image uses; `dp` groups of that many serve different
+/// images of a batch. Transformer models (Flux) split the token sequence (`ulysses`, `ring`,
+/// `pipefusion`; [`Plan::validate`]); UNet models (SDXL) split the latent's rows (`patch`;
+/// [`Plan::validate_unet`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     /// Data-parallel groups (images of a batch spread over groups).
@@ -25,6 +28,10 @@ pub struct Plan {
     pub patches: usize,
     /// PipeFusion warm-up steps run with fresh K/V (the full sequence).
     pub warmup_steps: usize,
+    /// Patch parallel: the UNet's latent split into this many row bands per CFG branch (see
+    /// [`super::spatial`]; UNet models only, alone or with `cfg`).
+    #[serde(default = "one")]
+    pub patch: usize,
     /// Text layout override (`None` = split in balanced slices, replicated when there are fewer text
     /// tokens than ranks).
     pub text: Option<TextMode>,
@@ -37,6 +44,10 @@ pub struct Plan {
 
 fn yes() -> bool {
     true
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for Plan {
@@ -54,6 +65,7 @@ impl Plan {
         pipefusion: 1,
         patches: 1,
         warmup_steps: 1,
+        patch: 1,
         text: None,
         vae_parallel: true,
     };
@@ -74,6 +86,7 @@ impl Plan {
             pipe: self.pipefusion,
             ring: self.ring,
             ulysses: self.ulysses,
+            patch: self.patch,
         }
     }
 
@@ -91,9 +104,16 @@ impl Plan {
             self.ring,
             self.pipefusion,
             self.patches,
+            self.patch,
         ];
         if all.contains(&0) {
             return Err(format!("{self}: every degree must be at least 1"));
+        }
+        if self.patch > 1 {
+            return Err(format!(
+                "{self}: patch parallelism splits a UNet's latent rows; a transformer's plans split \
+                 its tokens (ulysses, ring, pipefusion)"
+            ));
         }
         if self.cfg > 2 {
             return Err(format!("{self}: cfg degree is 1 or 2"));
@@ -130,6 +150,46 @@ impl Plan {
             ));
         }
         Ok(())
+    }
+
+    /// Checks the plan for a UNet model (SDXL): data, CFG and patch parallelism only (its
+    /// attention runs at several resolutions and head counts; the sequence strategies and
+    /// PipeFusion's stages are the transformer's).
+    pub fn validate_unet(&self, gpus: usize) -> Result<(), String> {
+        if [self.dp, self.cfg, self.patch].contains(&0) {
+            return Err(format!("{self}: every degree must be at least 1"));
+        }
+        if self.cfg > 2 {
+            return Err(format!("{self}: cfg degree is 1 or 2"));
+        }
+        if self.ulysses > 1 || self.ring > 1 || self.pipefusion > 1 {
+            return Err(format!(
+                "{self}: a UNet splits its latent rows (patch=N, with cfg=2), not its tokens \
+                 (ulysses, ring, pipefusion)"
+            ));
+        }
+        if self.world() > gpus {
+            return Err(format!(
+                "{self}: needs {} GPUs, the node has {gpus}",
+                self.world()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every valid UNet plan for `gpus` GPUs used by one image (dp = 1): all of them patch
+    /// parallel, and with CFG parallel when the request has classifier-free guidance.
+    pub fn unet_candidates(gpus: usize, cfg_guidance: bool) -> Vec<Plan> {
+        let cfgs: &[usize] = if cfg_guidance { &[1, 2] } else { &[1] };
+        cfgs.iter()
+            .filter(|&&cfg| gpus.is_multiple_of(cfg))
+            .map(|&cfg| Plan {
+                cfg,
+                patch: gpus / cfg,
+                ..Plan::SINGLE
+            })
+            .filter(|p| p.validate_unet(gpus).is_ok())
+            .collect()
     }
 
     /// Every valid plan for `gpus` GPUs used by one image (dp = 1), for autotuning.
@@ -175,6 +235,7 @@ impl fmt::Display for Plan {
             ("ulysses", self.ulysses),
             ("ring", self.ring),
             ("pipefusion", self.pipefusion),
+            ("patch", self.patch),
         ] {
             if v != 1 {
                 parts.push(format!("{name}={v}"));
@@ -204,7 +265,7 @@ impl FromStr for Plan {
     type Err = String;
 
     /// Parses [`Plan`]'s display form, e.g. `ulysses=4`, `ring=2,ulysses=2`, `cfg=2,ulysses=2`,
-    /// `pipefusion=4,patches=8,warmup=2`, `ulysses=4,vae=single`, `single`.
+    /// `pipefusion=4,patches=8,warmup=2`, `ulysses=4,vae=single`, `cfg=2,patch=4`, `single`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut p = Plan::SINGLE;
         let s = s.trim();
@@ -245,6 +306,7 @@ impl FromStr for Plan {
                     patches_set = true;
                 }
                 "warmup" => p.warmup_steps = n,
+                "patch" => p.patch = n,
                 _ => return Err(format!("unknown plan item {k:?}")),
             }
         }
@@ -255,13 +317,149 @@ impl FromStr for Plan {
     }
 }
 
+/// What a model can split, as its plans see it (the model family states it; plans are checked
+/// and shrunk against it without knowing the model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Splits {
+    /// A transformer over tokens (Flux): Ulysses over its `heads`, Ring over the token axis,
+    /// PipeFusion over its blocks, CFG parallel for true CFG.
+    Tokens { heads: i64 },
+    /// A convolutional UNet over latent rows (SDXL): row bands (`patch`), CFG parallel.
+    Rows,
+}
+
+impl Splits {
+    /// Whether `plan` can run such a model on `gpus` devices (the reason if not).
+    pub fn validate(&self, plan: &Plan, gpus: usize) -> Result<(), String> {
+        match self {
+            Splits::Tokens { heads } => plan.validate(*heads, gpus),
+            Splits::Rows => plan.validate_unet(gpus),
+        }
+    }
+
+    /// The plans worth measuring on `gpus` devices for the model's usual request: Flux without
+    /// true CFG (no CFG parallel), SDXL with classic CFG (CFG parallel included).
+    pub fn candidates(&self, gpus: usize) -> Vec<Plan> {
+        match self {
+            Splits::Tokens { heads } => Plan::candidates(*heads, gpus, false),
+            Splits::Rows => Plan::unet_candidates(gpus, true),
+        }
+    }
+
+    /// The largest plan of `requested`'s strategy family that fits `gpus` devices (after a GPU
+    /// was quarantined); the single-device plan when nothing else does.
+    pub fn shrink(&self, requested: &Plan, gpus: usize) -> Plan {
+        match self {
+            Splits::Tokens { heads } => shrink_tokens(requested, gpus, *heads),
+            Splits::Rows => shrink_rows(requested, gpus),
+        }
+    }
+}
+
+/// Row bands: the largest band count that fits, keeping CFG parallel while two ranks per band
+/// fit.
+fn shrink_rows(r: &Plan, n: usize) -> Plan {
+    if r.world() <= n {
+        return *r;
+    }
+    let single = Plan {
+        text: r.text,
+        ..Plan::SINGLE
+    };
+    let per_group = n / r.dp.max(1);
+    let (dp, m) = if per_group >= 1 {
+        (r.dp, per_group)
+    } else {
+        (1, n.max(1))
+    };
+    for cfg in [r.cfg, 1] {
+        let patch = m / cfg;
+        if patch >= 1 {
+            let cand = Plan {
+                dp,
+                cfg,
+                patch,
+                ..single
+            };
+            if cand.validate_unet(n).is_ok() {
+                return cand;
+            }
+        }
+    }
+    single
+}
+
+/// The largest plan of `r`'s strategy family that fits `n` devices (a model with `heads`
+/// attention heads: what Ulysses degrees must divide).
+fn shrink_tokens(r: &Plan, n: usize, heads: i64) -> Plan {
+    let single = Plan {
+        text: r.text,
+        ..Plan::SINGLE
+    };
+    if r.world() <= n {
+        return *r;
+    }
+    let per_group = n / r.dp.max(1);
+    let (dp, m) = if per_group >= 1 {
+        (r.dp, per_group)
+    } else {
+        (1, n.max(1))
+    };
+    for g in (1..=m).rev() {
+        let cand = if r.pipefusion > 1 {
+            Plan {
+                dp,
+                pipefusion: g,
+                patches: r.patches.max(g),
+                ..*r
+            }
+        } else if r.ulysses > 1 {
+            // Keep Ulysses as large as divides the heads, the rest as Ring.
+            let u = (1..=g)
+                .rev()
+                .find(|u| g % u == 0 && heads % *u as i64 == 0)
+                .unwrap_or(1);
+            Plan {
+                dp,
+                cfg: 1,
+                ulysses: u,
+                ring: g / u,
+                ..*r
+            }
+        } else {
+            Plan {
+                dp,
+                cfg: 1,
+                ring: g,
+                ..*r
+            }
+        };
+        let cand = if cand.pipefusion <= 1 && cand.ulysses * cand.ring == 1 {
+            Plan { dp, ..single }
+        } else {
+            cand
+        };
+        if cand.validate(heads, n).is_ok() {
+            return cand;
+        }
+    }
+    single
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn plans_round_trip_through_their_text_form() {
-        for s in ["single", "ulysses=4", "cfg=2,ulysses=2", "ring=2,ulysses=2"] {
+        for s in [
+            "single",
+            "ulysses=4",
+            "cfg=2,ulysses=2",
+            "ring=2,ulysses=2",
+            "patch=4",
+            "cfg=2,patch=2",
+        ] {
             let p: Plan = s.parse().unwrap();
             assert_eq!(p.to_string().parse::<Plan>().unwrap(), p, "{s}");
         }
@@ -307,5 +505,29 @@ mod tests {
         let pf = usize::from(super::super::PIPEFUSION_AVAILABLE);
         assert_eq!(Plan::candidates(24, 4, false).len(), 3 + pf); // u4, u2r2, r4 (+ pipefusion4)
         assert_eq!(Plan::candidates(24, 4, true).len(), 3 + pf + 2 + pf); // + cfg2 x (u2, r2, pf2)
+    }
+
+    #[test]
+    fn patch_plans_are_unet_plans_only() {
+        let p: Plan = "cfg=2,patch=2".parse().unwrap();
+        assert_eq!((p.cfg, p.patch, p.group_size()), (2, 2, 4));
+        assert_eq!(p.to_string(), "cfg=2,patch=2");
+        assert!(p.vae_split());
+        assert_eq!(p.validate_unet(4), Ok(()));
+        assert!(p.validate_unet(2).unwrap_err().contains("needs 4 GPUs"));
+        assert!(p.validate(24, 8).unwrap_err().contains("UNet"));
+        let u: Plan = "ulysses=2".parse().unwrap();
+        assert!(u.validate_unet(8).unwrap_err().contains("latent rows"));
+        assert!("pipefusion=2".parse::<Plan>().unwrap().validate_unet(8).is_err());
+        let names = |ps: Vec<Plan>| ps.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            names(Plan::unet_candidates(4, true)),
+            ["patch=4", "cfg=2,patch=2"]
+        );
+        assert_eq!(names(Plan::unet_candidates(2, false)), ["patch=2"]);
+        assert_eq!(names(Plan::unet_candidates(3, true)), ["patch=3"]);
+        // Plans serialised before the field existed deserialise without patch parallelism.
+        let old = r#"{"dp":1,"cfg":2,"ulysses":1,"ring":1,"pipefusion":1,"patches":1,"warmup_steps":1,"text":null}"#;
+        assert_eq!(serde_json::from_str::<Plan>(old).unwrap().patch, 1);
     }
 }

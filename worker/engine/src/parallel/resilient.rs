@@ -11,14 +11,16 @@ use super::autotune::PlanTable;
 use super::comm::CommFactory;
 use super::health::DeviceHealth;
 use super::pipeline::ParallelPipeline;
-use super::plan::Plan;
-use crate::flux::Pipeline;
-use crate::flux::pipeline::device_name;
-use crate::{Control, Engine, EngineError, EngineInfo, GenerateRequest, GeneratedImage, StepEvent};
+use super::plan::{Plan, Splits};
+use super::rank::ParallelLeader;
+use crate::device::device_name;
+use crate::{
+    Control, Engine, EngineError, EngineInfo, GenerateRequest, GeneratedImage, StepCheckpoint, StepEvent,
+};
 use tch::Device;
 
 /// Builds a leader pipeline on a device.
-pub type LeaderFn = Box<dyn Fn(Device) -> Result<Pipeline, EngineError> + Send>;
+pub type LeaderFn<L> = Box<dyn Fn(Device) -> Result<L, EngineError> + Send>;
 /// Builds the communicator factory for a list of devices (rank `i` on `devices[i]`).
 pub type FactoryFn = Box<dyn Fn(&[Device]) -> Box<dyn CommFactory + Send> + Send>;
 
@@ -34,14 +36,15 @@ pub struct InjectedFault {
 }
 
 /// See the module docs. Slots are the node's devices in configuration order.
-pub struct ResilientParallel {
+pub struct ResilientParallel<L: ParallelLeader> {
     slots: Vec<Device>,
     healthy: Vec<bool>,
     requested: Plan,
-    heads: i64,
-    make_leader: LeaderFn,
+    make_leader: LeaderFn<L>,
     make_factory: FactoryFn,
-    inner: Option<ParallelPipeline>,
+    inner: Option<ParallelPipeline<L>>,
+    /// What the model can split (from the first leader built).
+    splits: Splits,
     /// Slots the current pipeline's node ranks run on.
     active: Vec<usize>,
     fault: Option<InjectedFault>,
@@ -57,7 +60,7 @@ pub struct ResilientParallel {
     step_timeout: Option<std::time::Duration>,
 }
 
-impl std::fmt::Debug for ResilientParallel {
+impl<L: ParallelLeader> std::fmt::Debug for ResilientParallel<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResilientParallel")
             .field("slots", &self.slots)
@@ -67,11 +70,11 @@ impl std::fmt::Debug for ResilientParallel {
     }
 }
 
-impl ResilientParallel {
+impl<L: ParallelLeader> ResilientParallel<L> {
     pub fn new(
         slots: Vec<Device>,
         plan: Plan,
-        make_leader: LeaderFn,
+        make_leader: LeaderFn<L>,
         make_factory: FactoryFn,
         fault: Option<InjectedFault>,
     ) -> Result<Self, EngineError> {
@@ -83,7 +86,7 @@ impl ResilientParallel {
             slots,
             healthy,
             requested: plan,
-            heads: 0,
+            splits: Splits::Tokens { heads: 1 },
             make_leader,
             make_factory,
             inner: None,
@@ -93,7 +96,7 @@ impl ResilientParallel {
             table: None,
             switches: 0,
             info: EngineInfo {
-                kind: "flux".into(),
+                kind: "parallel".into(),
                 models: Vec::new(),
                 model_versions: Vec::new(),
                 devices: Vec::new(),
@@ -115,9 +118,9 @@ impl ResilientParallel {
         self.healthy.iter().filter(|h| **h).count()
     }
 
-    /// Attention heads of the model (what Ulysses degrees must divide).
-    pub fn heads(&self) -> i64 {
-        self.heads
+    /// What the model can split (how its plans are checked).
+    pub fn splits(&self) -> Splits {
+        self.splits
     }
 
     /// Sets the step watchdog's timeout (applies to the current and every rebuilt pipeline).
@@ -171,10 +174,11 @@ impl ResilientParallel {
         if self.plan() == Some(plan) {
             return Ok(());
         }
-        plan.validate(self.heads, self.healthy_devices())
+        self.splits
+            .validate(&plan, self.healthy_devices())
             .map_err(EngineError::InvalidRequest)?;
         let reuse = match self.inner.take() {
-            Some(p) if p.plan().pipefusion <= 1 => p.into_leaders(),
+            Some(p) => p.into_leaders(),
             _ => Vec::new(),
         };
         let from = self.info.note.clone();
@@ -193,7 +197,7 @@ impl ResilientParallel {
             let plan: Plan = text
                 .parse()
                 .map_err(|e| EngineError::InvalidRequest(format!("plan {text:?}: {e}")))?;
-            plan.validate(self.heads, healthy).map_err(|e| {
+            self.splits.validate(&plan, healthy).map_err(|e| {
                 EngineError::InvalidRequest(format!("plan {text:?} cannot run on this worker: {e}"))
             })?;
             return Ok(plan);
@@ -215,21 +219,21 @@ impl ResilientParallel {
 
     /// Builds `plan` on the healthy slots, taking group leaders from `reuse` where one sits on
     /// the group's first device.
-    fn build_with(&mut self, plan: Plan, mut reuse: Vec<Pipeline>) -> Result<(), EngineError> {
+    fn build_with(&mut self, plan: Plan, mut reuse: Vec<L>) -> Result<(), EngineError> {
         let active: Vec<usize> = (0..self.slots.len()).filter(|&i| self.healthy[i]).collect();
         let devices: Vec<Device> = active.iter().map(|&i| self.slots[i]).collect();
         let group = plan.group_size();
         let leaders = (0..plan.dp)
             .map(|g| {
                 let dev = devices[g * group];
-                match reuse.iter().position(|p| p.options().devices.transformer == dev) {
+                match reuse.iter().position(|p| p.device() == dev) {
                     Some(i) => Ok(reuse.swap_remove(i)),
                     None => (self.make_leader)(dev),
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
         drop(reuse);
-        self.heads = leaders[0].transformer.config.num_heads;
+        self.splits = leaders[0].splits();
         let factory = (self.make_factory)(&devices);
         let mut p = ParallelPipeline::new(leaders, &devices, plan, factory)?;
         // The injected fault follows its slot to whatever node rank now runs on it.
@@ -256,60 +260,7 @@ impl ResilientParallel {
 
     /// The largest plan of the requested plan's family that fits `n` devices.
     fn shrink(&self, n: usize) -> Option<Plan> {
-        let r = self.requested;
-        if n == 0 {
-            return None;
-        }
-        if r.world() <= n {
-            return Some(r);
-        }
-        let single = Plan {
-            text: r.text,
-            ..Plan::SINGLE
-        };
-        let per_group = n / r.dp.max(1);
-        let (dp, m) = if per_group >= 1 { (r.dp, per_group) } else { (1, n) };
-        let mut best = single;
-        for g in (1..=m).rev() {
-            let cand = if r.pipefusion > 1 {
-                Plan {
-                    dp,
-                    pipefusion: g,
-                    patches: r.patches.max(g),
-                    ..r
-                }
-            } else if r.ulysses > 1 {
-                // Keep Ulysses as large as divides the heads, the rest as Ring.
-                let u = (1..=g)
-                    .rev()
-                    .find(|u| g % u == 0 && self.heads % *u as i64 == 0)
-                    .unwrap_or(1);
-                Plan {
-                    dp,
-                    cfg: 1,
-                    ulysses: u,
-                    ring: g / u,
-                    ..r
-                }
-            } else {
-                Plan {
-                    dp,
-                    cfg: 1,
-                    ring: g,
-                    ..r
-                }
-            };
-            let cand = if cand.pipefusion <= 1 && cand.ulysses * cand.ring == 1 {
-                Plan { dp, ..single }
-            } else {
-                cand
-            };
-            if cand.validate(self.heads, n).is_ok() {
-                best = cand;
-                break;
-            }
-        }
-        Some(best)
+        (n > 0).then(|| self.splits.shrink(&self.requested, n))
     }
 
     /// Quarantines `slot`, rebuilds on the rest.
@@ -336,7 +287,7 @@ impl ResilientParallel {
     }
 }
 
-impl Engine for ResilientParallel {
+impl<L: ParallelLeader> Engine for ResilientParallel<L> {
     fn info(&self) -> EngineInfo {
         self.info.clone()
     }
@@ -346,6 +297,24 @@ impl Engine for ResilientParallel {
         request: &GenerateRequest,
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
+        self.generate_resumable(request, None, 0, &mut |_| {}, on_step)
+    }
+
+    /// A job interrupted by a failing device resumes on the rebuilt groups from the last
+    /// checkpoint it wrote (when it wrote one).
+    fn generate_resumable(
+        &mut self,
+        request: &GenerateRequest,
+        resume: Option<&StepCheckpoint>,
+        every: u32,
+        on_checkpoint: &mut dyn FnMut(StepCheckpoint),
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<GeneratedImage, EngineError> {
+        let last: std::cell::RefCell<Option<StepCheckpoint>> = Default::default();
+        let mut keep = |c: StepCheckpoint| {
+            *last.borrow_mut() = Some(c.clone());
+            on_checkpoint(c);
+        };
         if self.inner.is_some() {
             self.check_health()?;
         }
@@ -357,7 +326,7 @@ impl Engine for ResilientParallel {
             device: "all".into(),
             message: "no healthy devices left".into(),
         })?;
-        match inner.generate(request, on_step) {
+        match inner.generate_resumable(request, resume, every, &mut keep, on_step) {
             Err(e @ EngineError::Device { .. }) => {
                 let (rank, timed_out, wedged) = (
                     inner.last_failed_rank(),
@@ -413,7 +382,16 @@ impl Engine for ResilientParallel {
                 };
                 self.set_plan(plan)?;
                 retry.plan = None;
-                self.inner.as_mut().expect("rebuilt").generate(&retry, on_step)
+                let from = last.borrow_mut().take().or_else(|| resume.cloned());
+                let inner = self.inner.as_mut().expect("rebuilt");
+                match inner.generate_resumable(&retry, from.as_ref(), every, &mut keep, on_step) {
+                    // A checkpoint the new split cannot take: the whole job again.
+                    Err(EngineError::BadCheckpoint(why)) if from.is_some() => {
+                        tracing::warn!(reason = %why, "the checkpoint does not fit the rebuilt plan; running the job from the start");
+                        inner.generate_resumable(&retry, None, every, &mut keep, on_step)
+                    }
+                    other => other,
+                }
             }
             other => other,
         }

@@ -1,0 +1,389 @@
+//! LoRA merge benchmark (`ditfleet_engine::lora`) on Flux.1-dev at full size with random weights.
+//!
+//! Writes random PEFT-format adapters (bf16, every Linear module of the transformer and CLIP, as
+//! LoRAs trained on "all linear layers" are) of each rank in `--ranks`, then for stacks of each
+//! size in `--stacks` times, on the pipeline's own weights:
+//!
+//! * `cold`: read the files (page cache warm: they were just written) into an empty host cache,
+//!   then merge; `cold_read_ms` is the reading alone;
+//! * `warm_host`: adapters in the host cache (page-locked on CUDA unless `--no-pin`), merge;
+//! * `warm_device`: adapters also kept on the GPU (`ApplyOptions::device_cache_bytes`), merge;
+//! * `hot`: the same stack again (nothing to do);
+//! * `switch`: from another stack of the same size to this one (the weights both touch are
+//!   re-merged from the saved originals, no restore in between);
+//! * `restore`: back to the base weights;
+//!
+//! each the median of `--repeats`. Then the denoising step time (1024², 512 text tokens, bf16,
+//! rows of the modulation table as the pipeline runs it) with the base weights, with the largest
+//! stack merged, and after restoring, and whether the restored model's output is bit-identical to
+//! the base one's. On CUDA it also captures a step as a CUDA graph on the base weights, merges the
+//! largest stack and replays it: the replay must give the eager merged output (the merge writes
+//! in place, so captured pointers stay valid).
+//!
+//! ```text
+//! cargo run --release -p ditfleet-engine --example lora_bench                  # CUDA, full size
+//! cargo run -p ditfleet-engine --example lora_bench -- --tiny                  # CPU smoke test
+//!   [--ranks 16,64] [--stacks 1,3] [--repeats N] [--steps N] [--size PX] [--txt-tokens N]
+//!   [--device cpu|cuda:N] [--dir DIR] [--keep-files] [--no-pin] [--device-cache-gb N] [--seed N]
+//! ```
+//! Prints one JSON object. `--keep-files` leaves the adapter files in `--dir` (e.g. for
+//! tests/fixtures/lora_bench_compare.py, the same timings with diffusers).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use ditfleet_engine::flux::Pipeline;
+use ditfleet_engine::flux::sampling::{self, SchedulerConfig};
+use ditfleet_engine::flux::transformer::{Flux, Rope};
+use ditfleet_engine::lora::flux::FluxLora;
+use ditfleet_engine::lora::{Adapter, AdapterKey, Applier, ApplyOptions, Family, Format, LoraCache};
+use ditfleet_engine::parallel::graphs::{GraphCache, StepKey};
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+struct Args {
+    tiny: bool,
+    ranks: Vec<i64>,
+    stacks: Vec<usize>,
+    repeats: usize,
+    steps: usize,
+    size: i64,
+    txt_tokens: i64,
+    device: Device,
+    dir: PathBuf,
+    keep: bool,
+    pin: bool,
+    device_cache_gb: f64,
+    seed: u64,
+}
+
+fn parse() -> Result<Args> {
+    let cuda = tch::Cuda::is_available();
+    let mut a = Args {
+        tiny: false,
+        ranks: vec![16, 64],
+        stacks: vec![1, 3],
+        repeats: 3,
+        steps: 5,
+        size: 1024,
+        txt_tokens: 512,
+        device: if cuda { Device::Cuda(0) } else { Device::Cpu },
+        dir: std::env::temp_dir().join(format!("ditfleet-lora-bench-{}", std::process::id())),
+        keep: false,
+        pin: cuda,
+        device_cache_gb: 8.0,
+        seed: 0,
+    };
+    let list = |v: &str| -> Result<Vec<i64>> { v.split(',').map(|x| Ok(x.trim().parse()?)).collect() };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--tiny" => {
+                a.tiny = true;
+                a.ranks = vec![2, 4];
+                a.size = 64;
+                a.txt_tokens = 16;
+                a.steps = 2;
+                a.device = Device::Cpu;
+                a.pin = false;
+            }
+            "--ranks" => a.ranks = list(&val()?)?,
+            "--stacks" => a.stacks = list(&val()?)?.into_iter().map(|x| x as usize).collect(),
+            "--repeats" => a.repeats = val()?.parse()?,
+            "--steps" => a.steps = val()?.parse()?,
+            "--size" => a.size = val()?.parse()?,
+            "--txt-tokens" => a.txt_tokens = val()?.parse()?,
+            "--device" => {
+                a.device = match val()?.as_str() {
+                    "cpu" => Device::Cpu,
+                    d => Device::Cuda(d.strip_prefix("cuda:").context("--device cpu|cuda:N")?.parse()?),
+                }
+            }
+            "--dir" => a.dir = PathBuf::from(val()?),
+            "--keep-files" => a.keep = true,
+            "--no-pin" => a.pin = false,
+            "--device-cache-gb" => a.device_cache_gb = val()?.parse()?,
+            "--seed" => a.seed = val()?.parse()?,
+            other => bail!("unknown flag {other} (see the file's docs)"),
+        }
+    }
+    if a.stacks.is_empty() || a.stacks.contains(&0) || a.ranks.is_empty() || a.repeats == 0 {
+        bail!("--ranks, --stacks and --repeats need positive values");
+    }
+    Ok(a)
+}
+
+fn sync(d: Device) {
+    if let Device::Cuda(i) = d {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// The GPU's name from NVML (None on the CPU or without NVML).
+fn gpu_name(d: Device) -> Option<String> {
+    let Device::Cuda(i) = d else { return None };
+    let nvml = nvml_wrapper::Nvml::init().ok()?;
+    nvml.device_by_index(i as u32).ok()?.name().ok()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (a.f_to_kind(Kind::Double)?, b.f_to_kind(Kind::Double)?);
+    Ok(f64::try_from(a.f_sub(&b)?.f_norm()?)? / f64::try_from(b.f_norm()?)?.max(1e-30))
+}
+
+/// Writes `count` random PEFT adapters of rank `r` covering every module of `family` (bf16).
+fn write_adapters(family: &FluxLora, r: i64, count: usize, args: &Args) -> Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    for j in 0..count {
+        tch::manual_seed(args.seed as i64 * 1000 + r * 10 + j as i64);
+        let mut named = Vec::new();
+        // One name per module: the CLIP modules also answer to a name without `text_model.`.
+        for (name, place) in family.modules(Format::Peft) {
+            if name.starts_with("text_encoder.") && !name.starts_with("text_encoder.text_model.") {
+                continue;
+            }
+            let shape = family
+                .shape(&place.slices[0].var)
+                .context("placement of an unknown weight")?;
+            let inp = shape[1];
+            let a = Tensor::f_randn([r, inp], (Kind::Float, Device::Cpu))?
+                .f_mul_scalar(1.0 / (inp as f64).sqrt())?;
+            let b = Tensor::f_randn([place.out, r], (Kind::Float, Device::Cpu))?.f_mul_scalar(0.01)?;
+            named.push((format!("{name}.lora_A.weight"), a.f_to_kind(Kind::BFloat16)?));
+            named.push((format!("{name}.lora_B.weight"), b.f_to_kind(Kind::BFloat16)?));
+        }
+        let path = args.dir.join(format!("rank{r}_{j}.safetensors"));
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&refs, &path)?;
+        paths.push(path);
+    }
+    Ok(paths)
+}
+
+/// The inputs of one denoising step, computed from the current weights (as a job does after its
+/// stack is applied): embedded text, the step's row of the modulation table, RoPE.
+struct StepInputs {
+    x: Tensor,
+    txt: Tensor,
+    vec: Tensor,
+    pe: Rope,
+    key: StepKey,
+}
+
+fn step_inputs(model: &Flux, args: &Args, kind: Kind) -> Result<StepInputs> {
+    let dev = args.device;
+    let cfg = &model.config;
+    let (lh, lw) = sampling::latent_size(args.size as u32, args.size as u32, 8);
+    let x = sampling::pack(&sampling::noise(
+        args.seed,
+        cfg.in_channels / 4,
+        lh,
+        lw,
+        kind,
+        dev,
+    )?)?;
+    tch::manual_seed(args.seed as i64 + 1);
+    let txt_raw =
+        Tensor::f_randn([1, args.txt_tokens, cfg.context_in_dim], (kind, Device::Cpu))?.f_to_device(dev)?;
+    let pooled = Tensor::f_randn([1, cfg.vec_in_dim], (kind, Device::Cpu))?.f_to_device(dev)?;
+    let sched = sampling::schedule(&SchedulerConfig::dev(), 28, x.size()[1]);
+    let t = Tensor::f_from_slice(&sched.timesteps[..1])?
+        .f_to_device(dev)?
+        .f_to_kind(kind)?
+        .f_div_scalar(1000.0)?;
+    let g = Tensor::f_full([1], 3.5, (Kind::Float, dev))?;
+    let vec = model.modulation_table(&model.vec(&t, &pooled, Some(&g))?)?;
+    let pe = model.rope(&Flux::position_ids(args.txt_tokens, lh, lw, dev)?)?;
+    let key = StepKey(vec![0, args.txt_tokens, 0, x.size()[1], args.txt_tokens, lh, lw]);
+    Ok(StepInputs {
+        txt: model.embed_txt(&txt_raw)?,
+        x,
+        vec,
+        pe,
+        key,
+    })
+}
+
+/// Median step time (ms, synchronized) and the last step's output.
+fn step_time(model: &Flux, inp: &StepInputs, args: &Args) -> Result<(f64, Tensor)> {
+    let mut times = Vec::new();
+    let mut out = None;
+    for i in 0..args.steps + 1 {
+        let s = Instant::now();
+        let v = model.forward_prepared(&inp.x, &inp.txt, &inp.vec, &inp.pe)?;
+        sync(args.device);
+        if i > 0 {
+            times.push(s.elapsed().as_secs_f64() * 1e3); // the first is warm-up
+        }
+        out = Some(v);
+    }
+    Ok((median(times), out.context("no step ran")?))
+}
+
+fn main() -> Result<()> {
+    let args = parse()?;
+    let _guard = tch::no_grad_guard();
+    let dev = args.device;
+    std::fs::create_dir_all(&args.dir)?;
+    let t = Instant::now();
+    let pipe = if args.tiny {
+        Pipeline::tiny_random(args.seed)?
+    } else {
+        Pipeline::random_dev(dev, Kind::BFloat16, args.seed)?
+    };
+    sync(dev);
+    let build_s = t.elapsed().as_secs_f64();
+    let kind = pipe.transformer.kind();
+    let clip = pipe.resident_clip();
+    let family = Arc::new(FluxLora::new(&pipe.transformer.config, clip.map(|c| &c.config)));
+    let weights = || ditfleet_engine::lora::flux::weights(&pipe.transformer, clip);
+    let most = *args.stacks.iter().max().unwrap_or(&1);
+
+    // Base step time and output, before any merge.
+    let base_inputs = step_inputs(&pipe.transformer, &args, kind)?;
+    let (base_step_ms, base_out) = step_time(&pipe.transformer, &base_inputs, &args)?;
+
+    let mut cases = Vec::new();
+    let mut files = Vec::new();
+    let mut largest = None;
+    for &r in &args.ranks {
+        let t = Instant::now();
+        // Twice the largest stack: `switch` goes from the second half to the first.
+        let paths = write_adapters(&family, r, 2 * most, &args)?;
+        let write_s = t.elapsed().as_secs_f64();
+        let bytes: u64 = paths
+            .iter()
+            .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        files.push(json!({"rank": r, "files": paths.len(), "bytes": bytes, "write_s": write_s}));
+        let keys: Vec<AdapterKey> = (0..paths.len())
+            .map(|j| AdapterKey::new(format!("rank{r}-{j}"), "1", "bench"))
+            .collect();
+        for &n in &args.stacks {
+            let options = ApplyOptions::default();
+            let mut applier = Applier::new(family.clone(), weights(), options.clone());
+            let mut device_applier = Applier::new(
+                family.clone(),
+                weights(),
+                ApplyOptions {
+                    device_cache_bytes: (args.device_cache_gb * 1e9) as usize,
+                    ..options
+                },
+            );
+            let (mut cold, mut cold_read, mut warm, mut warm_dev, mut hot, mut switch, mut restore) =
+                (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+            let mut touched = 0;
+            let mut saved_bytes = 0;
+            for _ in 0..args.repeats {
+                // cold: an empty cache reads the files.
+                let cache = LoraCache::new(usize::MAX).pinned(args.pin);
+                let s = Instant::now();
+                let load = |range: std::ops::Range<usize>| -> Result<Vec<(Arc<Adapter>, f64)>> {
+                    range
+                        .map(|j| Ok((cache.get_or_load(&keys[j], &paths[j])?.0, 0.8)))
+                        .collect()
+                };
+                let stack = load(0..n)?;
+                cold_read.push(s.elapsed().as_secs_f64() * 1e3);
+                let rep = applier.apply(&stack)?;
+                cold.push(s.elapsed().as_secs_f64() * 1e3);
+                (touched, saved_bytes) = (rep.touched, rep.saved_bytes);
+                restore.push(applier.restore()?.ms);
+                // warm (host cache), hot.
+                let stack = load(0..n)?;
+                warm.push(applier.apply(&stack)?.ms);
+                hot.push(applier.apply(&stack)?.ms);
+                // switch: from stack B (adapters n..2n) to this one.
+                applier.apply(&load(n..2 * n)?)?;
+                switch.push(applier.apply(&stack)?.ms);
+                applier.restore()?;
+                if dev.is_cuda() && args.device_cache_gb > 0.0 {
+                    device_applier.apply(&stack)?; // fills the device cache
+                    device_applier.restore()?;
+                    warm_dev.push(device_applier.apply(&stack)?.ms);
+                    device_applier.restore()?;
+                }
+            }
+            let warm_dev_ms = (!warm_dev.is_empty()).then(|| median(warm_dev));
+            cases.push(json!({
+                "rank": r, "adapters": n, "touched_weights": touched, "saved_original_bytes": saved_bytes,
+                "cold_ms": median(cold), "cold_read_ms": median(cold_read), "warm_host_ms": median(warm),
+                "warm_device_ms": warm_dev_ms, "hot_ms": median(hot), "switch_ms": median(switch),
+                "restore_ms": median(restore),
+            }));
+            eprintln!("{}", cases.last().map(|c| c.to_string()).unwrap_or_default());
+            if n == most && Some(r) == args.ranks.iter().copied().max() {
+                let cache = LoraCache::new(usize::MAX).pinned(args.pin);
+                let stack: Vec<_> = (0..n)
+                    .map(|j| Ok((cache.get_or_load(&keys[j], &paths[j])?.0, 0.8)))
+                    .collect::<Result<_>>()?;
+                largest = Some((r, n, stack));
+            }
+        }
+        if !args.keep {
+            for p in &paths {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
+    // Step time with the largest stack merged, then after restoring.
+    let (r, n, stack) = largest.context("no stack")?;
+    let mut applier = Applier::new(family.clone(), weights(), ApplyOptions::default());
+    applier.apply(&stack)?;
+    let lora_inputs = step_inputs(&pipe.transformer, &args, kind)?;
+    let (lora_step_ms, lora_out) = step_time(&pipe.transformer, &lora_inputs, &args)?;
+    // The graph check: capture on the base weights, replay with the stack merged.
+    let graph = if let Device::Cuda(ordinal) = dev {
+        applier.restore()?;
+        let mut graphs = GraphCache::default();
+        let b = &base_inputs;
+        let fwd = |t: &[Tensor]| pipe.transformer.forward_prepared(&t[0], &t[1], &t[2], &b.pe);
+        let held = [&b.pe.cos, &b.pe.sin, &b.pe.freqs];
+        let captured = graphs.step(ordinal, &b.key, &[&b.x, &b.txt, &b.vec], &held, &fwd)?;
+        applier.apply(&stack)?;
+        let l = &lora_inputs;
+        let replayed = graphs.step(ordinal, &l.key, &[&l.x, &l.txt, &l.vec], &held, &fwd)?;
+        Some(json!({
+            "captures": graphs.captures, "replays": graphs.replays,
+            "captured_vs_eager_base_rel_l2": rel_l2(&captured, &base_out)?,
+            "replayed_vs_eager_merged_rel_l2": rel_l2(&replayed, &lora_out)?,
+        }))
+    } else {
+        None
+    };
+    applier.restore()?;
+    let restored_inputs = step_inputs(&pipe.transformer, &args, kind)?;
+    let (restored_step_ms, restored_out) = step_time(&pipe.transformer, &restored_inputs, &args)?;
+    if !args.keep {
+        let _ = std::fs::remove_dir(&args.dir);
+    }
+    let report = json!({
+        "device": format!("{dev:?}"),
+        "gpu": gpu_name(dev),
+        "config": if args.tiny { "tiny" } else { "flux.1-dev (random weights)" },
+        "dtype": format!("{kind:?}"),
+        "build_s": build_s,
+        "image": [args.size, args.size], "txt_tokens": args.txt_tokens, "steps_timed": args.steps,
+        "pinned_host_copies": args.pin,
+        "adapter_files": files,
+        "cases": cases,
+        "step": {
+            "stack": {"rank": r, "adapters": n, "scale": 0.8},
+            "base_ms": base_step_ms, "merged_ms": lora_step_ms, "restored_ms": restored_step_ms,
+            "merged_vs_base_output_rel_l2": rel_l2(&lora_out, &base_out)?,
+            "restored_output_bit_identical": restored_out.f_equal(&base_out)?,
+        },
+        "cuda_graph": graph,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
