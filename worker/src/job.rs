@@ -482,6 +482,7 @@ fn request_of(order: &WorkOrder) -> GenerateRequest {
                 version: l.version.clone(),
                 scale: l.scale as f32,
                 path: None,
+                checksum: None,
             })
             .collect(),
         seed: order.seed,

@@ -46,6 +46,25 @@ pub struct EngineInfo {
     pub note: String,
 }
 
+/// What an engine holds of the fleet's LoRA adapters: the stack merged into its weights now (the
+/// one a job naming the same stack finds hot and pays nothing for), the adapters kept in its cache,
+/// and counters the worker turns into metrics and advertises for the scheduler's affinity.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraStatus {
+    /// The stack applied now, in job order (`path` is `None` here).
+    pub applied: Vec<LoraRef>,
+    /// `name@version` of every adapter held in the engine's cache (host or GPU memory).
+    pub cached: Vec<String>,
+    /// Adapters a job found in the cache / had to read from its file.
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    /// Bytes the cache holds, and its bound.
+    pub cache_bytes: u64,
+    pub cache_capacity_bytes: u64,
+    /// Milliseconds the last stack switch took to apply (0 when the stack was already hot).
+    pub last_apply_ms: f64,
+}
+
 /// An image generator. Implementations keep their weights resident between calls.
 pub trait Engine: Send {
     /// Static description for registration and logs.
@@ -90,5 +109,11 @@ pub trait Engine: Send {
     /// the parallel groups rebuilt on the others); the worker advertises it as `degraded`.
     fn degraded(&self) -> Option<String> {
         None
+    }
+
+    /// The LoRA adapters this engine holds (see [`LoraStatus`]); engines without LoRA support
+    /// report an empty status.
+    fn lora_status(&self) -> LoraStatus {
+        LoraStatus::default()
     }
 }

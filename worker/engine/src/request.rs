@@ -45,6 +45,10 @@ pub struct LoraRef {
     /// read the adapter from there. `None` until the worker has resolved it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<std::path::PathBuf>,
+    /// The SHA-256 (hex) of that file as the registry's manifest gives it: part of the engine's
+    /// cache key, so a version pushed again with other bytes is never served from a stale entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
 }
 
 /// An `f32` as the shortest decimal that reads back as it (`0.8`, not `0.800000011920929`, which

@@ -352,6 +352,7 @@ mod tests {
             version: version.into(),
             scale,
             path: None,
+            checksum: None,
         }
     }
 

@@ -507,6 +507,7 @@ mod tests {
                         version: "1".into(),
                         scale: 1.0,
                         path: None,
+                        checksum: None,
                     })
                 }),
                 "LoRA",
