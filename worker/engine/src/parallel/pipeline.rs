@@ -71,6 +71,8 @@ pub struct ParallelPipeline<L: ParallelLeader> {
     last_timed_out: bool,
     /// Rank threads that did not come back after a watchdog abort: never joined again.
     wedged: bool,
+    /// The LoRA adapters every rank reads through, and what the engine reports of them.
+    lora: Option<Arc<crate::lora::LoraHub>>,
 }
 
 /// How long a multi-GPU job may go without finishing a step before the watchdog aborts its
@@ -115,6 +117,14 @@ impl<L: ParallelLeader> ParallelPipeline<L> {
             )));
         }
         let group_size = plan.group_size();
+        let lora = first.lora_hub();
+        let mut leaders = leaders;
+        if let Some(hub) = &lora {
+            for l in leaders.iter_mut().skip(1) {
+                l.set_lora_hub(hub.clone());
+            }
+        }
+        let first = &leaders[0];
         let mut info = first.info();
         info.parallel_degree = group_size as u32;
         info.devices = devices[..plan.world()].iter().map(|d| device_name(*d)).collect();
@@ -143,6 +153,7 @@ impl<L: ParallelLeader> ParallelPipeline<L> {
             last_timed_out: false,
             wedged: false,
             last_failed_rank: None,
+            lora,
         };
         me.rebuild_comms()?;
         Ok(me)
@@ -261,6 +272,9 @@ impl<L: ParallelLeader> ParallelPipeline<L> {
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
         let state = resume.map(LoopState::from_checkpoint).transpose()?;
+        if let Some(s) = &state {
+            s.check_lora(&request.loras)?;
+        }
         let mut images = self.run_round_once(
             std::slice::from_ref(request),
             state,
@@ -351,7 +365,8 @@ impl<L: ParallelLeader> ParallelPipeline<L> {
         // Other groups follow group 0's decisions on their own gates.
         self.last_failed_rank = None;
         let parts = self.checkpoint_parts();
-        let mut assembler = CheckpointAssembler::default();
+        let mut assembler =
+            CheckpointAssembler::for_stack(crate::lora::stack_id(&requests[0].loras));
         let mut on_part = |part: CheckpointPart| -> Result<(), EngineError> {
             if let Some(c) = assembler.add(part, parts)? {
                 on_checkpoint(c);
@@ -652,5 +667,9 @@ impl<L: ParallelLeader> Engine for ParallelPipeline<L> {
             }
         }
         self.generate_checkpointed(request, resume, every, on_checkpoint, on_step)
+    }
+
+    fn lora_status(&self) -> crate::LoraStatus {
+        self.lora.as_ref().map(|h| h.status()).unwrap_or_default()
     }
 }

@@ -1,0 +1,335 @@
+//! Per-job LoRA in an engine: a job's [`LoraRef`]s resolved into adapters ([`LoraHub`], one per
+//! engine: the host cache and what the engine reports in [`LoraStatus`]) and merged into the
+//! weights one model copy holds ([`LoraSlot`], one per rank: its [`Applier`]).
+//!
+//! Per job, [`LoraSlot::prepare`]:
+//!
+//! 1. names the stack: `(name, version, checksum, scale)` of each entry, in job order. If it is
+//!    the stack applied now, nothing else happens (no cache lookup, no file read, no GPU work);
+//! 2. otherwise reads each adapter from the cache, or from the file the worker verified
+//!    (`LoraRef::path`, required) and keeps it there;
+//! 3. validates the whole stack against the model family's mapping and merges it
+//!    ([`Applier::apply`]: the weights only the previous stack touched go back to base first);
+//! 4. on ANY failure (no file, corrupt file, unknown or partial keys, shapes that do not fit,
+//!    NaN/Inf in the adapter or in the merged weights) puts every weight back to base and fails
+//!    the job with the reason; the engine goes on serving.
+//!
+//! After the job the stack stays merged ("hot"): the next job with the same stack pays nothing,
+//! one with another stack starts from the exact base weights.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tch::Device;
+
+use super::{Adapter, AdapterKey, Applier, ApplyOptions, ApplyReport, Family, LoraCache, Weights};
+use crate::{EngineError, LoraRef, LoraStatus};
+
+/// Whether `s` is a well-formed adapter name or version: 1-64 characters of `[A-Za-z0-9._-]`
+/// starting with a letter or digit (the registry's rule; such a value cannot name another
+/// folder, hold a separator, or be mistaken for another key's parts).
+pub fn valid_ident(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// Whether `s` is a well-formed checksum: 1-128 ASCII letters or digits (a SHA-256 in hex).
+fn valid_checksum(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+fn invalid(r: &LoraRef, message: impl std::fmt::Display) -> EngineError {
+    EngineError::InvalidRequest(format!(
+        "lora {:?}@{:?}: {message}",
+        truncate(&r.name),
+        truncate(&r.version)
+    ))
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// The cache key of a job's entry: its name, version and checksum (the worker gives the file's
+/// SHA-256; without one, the file's length and modification time stand in, so a file rewritten
+/// in place is not served from a stale entry).
+pub fn adapter_key(r: &LoraRef) -> Result<AdapterKey, EngineError> {
+    for (what, v) in [("name", &r.name), ("version", &r.version)] {
+        if !valid_ident(v) {
+            return Err(invalid(
+                r,
+                format!("{what} must be 1-64 characters of [A-Za-z0-9._-] starting with a letter or digit"),
+            ));
+        }
+    }
+    if !r.scale.is_finite() {
+        return Err(invalid(r, format!("scale {} is not finite", r.scale)));
+    }
+    let checksum = match (&r.checksum, &r.path) {
+        (Some(c), _) if valid_checksum(c) => c.clone(),
+        (Some(_), _) => return Err(invalid(r, "checksum must be 1-128 letters or digits (hex SHA-256)")),
+        (None, Some(p)) => unverified_checksum(p),
+        (None, None) => String::new(),
+    };
+    Ok(AdapterKey::new(&r.name, &r.version, checksum))
+}
+
+fn unverified_checksum(path: &Path) -> String {
+    let meta = std::fs::metadata(path).ok();
+    let len = meta.as_ref().map_or(0, |m| m.len());
+    let mtime = meta
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("unverified{len}x{mtime}")
+}
+
+/// A stack's identity for step checkpoints: `name@version#checksum*scale` per entry (the scale's
+/// f32 bits in hex, so it reads back exactly), `,`-separated, in job order; `""` for no LoRA.
+pub fn stack_id(loras: &[LoraRef]) -> String {
+    loras
+        .iter()
+        .map(|r| {
+            format!(
+                "{}@{}#{}*{:08x}",
+                r.name,
+                r.version,
+                r.checksum.as_deref().unwrap_or("-"),
+                r.scale.to_bits()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// What the engine reports (the stack applied now, the last switch's time).
+#[derive(Debug, Default)]
+struct Reported {
+    applied: Vec<LoraRef>,
+    last_apply_ms: f64,
+}
+
+/// One engine's adapters: the host cache every rank reads through, and the status it reports.
+#[derive(Debug)]
+pub struct LoraHub {
+    cache: LoraCache,
+    reported: Mutex<Reported>,
+}
+
+impl LoraHub {
+    /// A hub whose cache holds at most `max_bytes` of adapters; `pin`: page-locked host copies
+    /// (adapters merged on a GPU).
+    pub fn new(max_bytes: usize, pin: bool) -> Arc<Self> {
+        Arc::new(Self {
+            cache: LoraCache::new(max_bytes).pinned(pin),
+            reported: Mutex::default(),
+        })
+    }
+
+    /// A hub sized by the engine settings ([`crate::settings::EngineSettings::lora_cache_bytes`])
+    /// for weights on `device`.
+    pub fn from_settings(device: Device) -> Arc<Self> {
+        Self::new(crate::settings::get().lora_cache_bytes, device.is_cuda())
+    }
+
+    pub fn cache(&self) -> &LoraCache {
+        &self.cache
+    }
+
+    fn reported(&self) -> std::sync::MutexGuard<'_, Reported> {
+        self.reported.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The adapters of a job's stack with their scales, from the cache or read from their files.
+    pub fn resolve(&self, loras: &[LoraRef]) -> Result<Vec<(Arc<Adapter>, f64)>, EngineError> {
+        let mut stack = Vec::with_capacity(loras.len());
+        for r in loras {
+            let key = adapter_key(r)?;
+            let adapter = match self.cache.get(&key) {
+                Some(a) => a,
+                None => {
+                    let path = r.path.as_deref().ok_or_else(|| {
+                        invalid(
+                            r,
+                            "no local file (the worker fetches and verifies adapters before the engine runs)",
+                        )
+                    })?;
+                    self.cache.get_or_load(&key, path)?.0
+                }
+            };
+            stack.push((adapter, f64::from(r.scale)));
+        }
+        Ok(stack)
+    }
+
+    /// See [`LoraStatus`].
+    pub fn status(&self) -> LoraStatus {
+        let s = self.cache.stats();
+        let r = self.reported();
+        LoraStatus {
+            applied: r.applied.clone(),
+            cached: self.cache.keys().iter().map(|k| k.to_string()).collect(),
+            cache_hits: s.hits,
+            cache_misses: s.misses,
+            cache_bytes: s.bytes as u64,
+            cache_capacity_bytes: self.cache.capacity() as u64,
+            last_apply_ms: r.last_apply_ms,
+        }
+    }
+}
+
+/// The stack merged into one model copy's weights (see the module docs).
+pub struct LoraSlot {
+    hub: Arc<LoraHub>,
+    family: Arc<dyn Family>,
+    options: ApplyOptions,
+    /// Built on the first stack, bound to the weights of that moment; `None`: base weights.
+    applier: Option<Applier>,
+    /// Whether this slot's applies are what the engine reports (the group leader's).
+    reports: bool,
+}
+
+impl std::fmt::Debug for LoraSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoraSlot")
+            .field("family", &self.family.name())
+            .field("applied", &self.applied())
+            .field("reports", &self.reports)
+            .finish()
+    }
+}
+
+impl LoraSlot {
+    /// The slot of a model whose LoRA mapping is `family`, reading adapters through `hub`.
+    pub fn new(hub: Arc<LoraHub>, family: Arc<dyn Family>) -> Self {
+        Self {
+            hub,
+            family,
+            options: ApplyOptions::default(),
+            applier: None,
+            reports: true,
+        }
+    }
+
+    /// A slot for another rank's copy of the model: same hub and mapping, nothing applied, not
+    /// reporting.
+    pub fn follower(&self) -> Self {
+        self.another(false)
+    }
+
+    /// A slot for another copy of the model (same hub and mapping, nothing applied) that reports
+    /// its applies as the engine's or not.
+    pub fn another(&self, reports: bool) -> Self {
+        Self {
+            reports,
+            ..Self::new(self.hub.clone(), self.family.clone())
+        }
+    }
+
+    pub fn hub(&self) -> &Arc<LoraHub> {
+        &self.hub
+    }
+
+    pub fn family(&self) -> &Arc<dyn Family> {
+        &self.family
+    }
+
+    /// Reads adapters through `hub` from now on (the engines of one worker share one).
+    pub fn set_hub(&mut self, hub: Arc<LoraHub>) {
+        self.hub = hub;
+    }
+
+    /// The stack applied now (empty: base weights).
+    pub fn applied(&self) -> &[(AdapterKey, f64)] {
+        self.applier.as_ref().map_or(&[], |a| a.applied())
+    }
+
+    /// Makes the job's stack the applied one (see the module docs). `weights`: the variables
+    /// this copy of the model holds, asked for only when the first stack is merged.
+    pub fn prepare(
+        &mut self,
+        loras: &[LoraRef],
+        weights: impl FnOnce() -> Weights,
+    ) -> Result<ApplyReport, EngineError> {
+        let keys = match loras.iter().map(adapter_key).collect::<Result<Vec<_>, _>>() {
+            Ok(k) => k,
+            Err(e) => return Err(self.failed(e)),
+        };
+        let applied = self.applied();
+        let hot = keys.len() == applied.len()
+            && keys
+                .iter()
+                .zip(loras)
+                .zip(applied)
+                .all(|((k, r), (k2, s2))| k == k2 && f64::from(r.scale).to_bits() == s2.to_bits());
+        if hot {
+            if self.reports {
+                self.hub.reported().last_apply_ms = 0.0;
+            }
+            return Ok(ApplyReport {
+                hot: true,
+                ..Default::default()
+            });
+        }
+        let stack = match self.hub.resolve(loras) {
+            Ok(s) => s,
+            Err(e) => return Err(self.failed(e)),
+        };
+        let (family, options) = (self.family.clone(), self.options.clone());
+        let applier = self
+            .applier
+            .get_or_insert_with(|| Applier::new(family, weights(), options));
+        match applier.apply(&stack) {
+            Ok(report) => {
+                tracing::info!(
+                    stack = %stack_id(loras),
+                    touched = report.touched,
+                    elsewhere = report.elsewhere,
+                    restored = report.restored,
+                    ms = report.ms,
+                    "lora stack applied"
+                );
+                if self.reports {
+                    let mut r = self.hub.reported();
+                    r.applied = loras
+                        .iter()
+                        .zip(&keys)
+                        .map(|(l, k)| LoraRef {
+                            path: None,
+                            checksum: Some(k.checksum.clone()),
+                            ..l.clone()
+                        })
+                        .collect();
+                    r.last_apply_ms = report.ms;
+                }
+                Ok(report)
+            }
+            Err(e) => Err(self.failed(e.into())),
+        }
+    }
+
+    /// After a failure: every weight back to base (the applier restores on its own errors; this
+    /// covers the ones before it ran), reported as such, and the job's error returned (or the
+    /// restore's, which is worse: the weights may not be the base ones).
+    fn failed(&mut self, e: EngineError) -> EngineError {
+        tracing::warn!(error = %e, "lora stack refused; base weights restored");
+        match self.reset() {
+            Ok(()) => e,
+            Err(r) => r,
+        }
+    }
+
+    /// Puts the base weights back and forgets the weights the applier was bound to (before the
+    /// model is split, copied or rebuilt).
+    pub fn reset(&mut self) -> Result<(), EngineError> {
+        if self.reports {
+            self.hub.reported().applied.clear();
+        }
+        if let Some(mut a) = self.applier.take() {
+            a.restore()?;
+        }
+        Ok(())
+    }
+}
