@@ -150,11 +150,15 @@ impl LoraHub {
             let adapter = match self.cache.get(&key) {
                 Some(a) => a,
                 None => {
+                    // (The wording keeps what engines said before they applied LoRAs: a worker
+                    // that does not fetch adapters gets the same failure as then.)
                     let path = r.path.as_deref().ok_or_else(|| {
-                        invalid(
-                            r,
-                            "no local file (the worker fetches and verifies adapters before the engine runs)",
-                        )
+                        EngineError::InvalidRequest(format!(
+                            "this engine was given LoRA adapters it cannot apply: {:?}@{:?} has no \
+                             local file (the worker fetches and verifies adapters before the engine runs)",
+                            truncate(&r.name),
+                            truncate(&r.version)
+                        ))
                     })?;
                     self.cache.get_or_load(&key, path)?.0
                 }
