@@ -41,11 +41,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use ditfleet_engine::LoraRef;
 use ditfleet_engine::flux::Pipeline;
 use ditfleet_engine::flux::sampling::{self, SchedulerConfig};
 use ditfleet_engine::flux::transformer::{Flux, Rope};
 use ditfleet_engine::lora::flux::FluxLora;
-use ditfleet_engine::LoraRef;
 use ditfleet_engine::lora::{
     Adapter, AdapterKey, Applier, ApplyOptions, Family, Format, LoraCache, LoraHub, LoraSlot,
 };
@@ -287,7 +287,9 @@ fn engine_path(
     let (warm_ms, _) = timed(&mut slot, &refs)?;
     let status = hub.status();
     slot.reset()?;
-    if args.check && (!hot || status.cache_misses != refs.len() as u64 || status.cache_hits != refs.len() as u64) {
+    if args.check
+        && (!hot || status.cache_misses != refs.len() as u64 || status.cache_hits != refs.len() as u64)
+    {
         bail!("check: the engine path did not find its stack hot or read each file once: {status:?}");
     }
     Ok(json!({

@@ -88,7 +88,13 @@ impl LoopState {
     pub fn check_lora(&self, loras: &[crate::LoraRef]) -> Result<(), EngineError> {
         let want = crate::lora::stack_id(loras);
         if self.lora != want {
-            let show = |s: &str| if s.is_empty() { "no LoRA".to_string() } else { s.to_string() };
+            let show = |s: &str| {
+                if s.is_empty() {
+                    "no LoRA".to_string()
+                } else {
+                    s.to_string()
+                }
+            };
             return Err(bad(format!(
                 "the checkpoint was written under LoRA stack {} and this job runs {}: it cannot resume it",
                 show(&self.lora),

@@ -158,7 +158,10 @@ fn snapshot(p: &Pipeline) -> BTreeMap<String, Tensor> {
     let clip = p.resident_clip().unwrap();
     for (c, vs) in [("transformer", &p.transformer.vs), ("clip", &clip.vs)] {
         for (n, t) in vs.variables() {
-            all.insert(format!("{c}.{n}"), t.flatten(0, -1).view_dtype(Kind::Uint8).copy());
+            all.insert(
+                format!("{c}.{n}"),
+                t.flatten(0, -1).view_dtype(Kind::Uint8).copy(),
+            );
         }
     }
     all
@@ -274,23 +277,44 @@ fn a_bad_adapter_fails_its_job_with_the_reason_and_the_engine_keeps_serving_the_
                 "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
                 t(&[2, 64]).fill(f64::NAN),
             ),
-            ("transformer.transformer_blocks.0.attn.to_q.lora_B.weight", t(&[64, 2])),
+            (
+                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight",
+                t(&[64, 2]),
+            ),
         ],
     );
     let wide = write(
         "wide",
         vec![
-            ("transformer.transformer_blocks.0.attn.to_q.lora_A.weight", t(&[2, 65])),
-            ("transformer.transformer_blocks.0.attn.to_q.lora_B.weight", t(&[64, 2])),
+            (
+                "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+                t(&[2, 65]),
+            ),
+            (
+                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight",
+                t(&[64, 2]),
+            ),
         ],
     );
     let unknown = write(
         "unknown",
         vec![
-            ("transformer.transformer_blocks.9.attn.to_q.lora_A.weight", t(&[2, 64])),
-            ("transformer.transformer_blocks.9.attn.to_q.lora_B.weight", t(&[64, 2])),
-            ("text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight", t(&[2, 32])),
-            ("text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight", t(&[32, 2])),
+            (
+                "transformer.transformer_blocks.9.attn.to_q.lora_A.weight",
+                t(&[2, 64]),
+            ),
+            (
+                "transformer.transformer_blocks.9.attn.to_q.lora_B.weight",
+                t(&[64, 2]),
+            ),
+            (
+                "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight",
+                t(&[2, 32]),
+            ),
+            (
+                "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight",
+                t(&[32, 2]),
+            ),
         ],
     );
     let huge = write(
@@ -326,7 +350,10 @@ fn a_bad_adapter_fails_its_job_with_the_reason_and_the_engine_keeps_serving_the_
                 "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight",
             ],
         ),
-        (lora("huge", &huge, 1.0), &["NaN or Inf", "single_blocks.0.linear1"]),
+        (
+            lora("huge", &huge, 1.0),
+            &["NaN or Inf", "single_blocks.0.linear1"],
+        ),
         (no_path, &["no local file"]),
         (escape, &["name must be"]),
     ];
@@ -357,11 +384,7 @@ fn a_step_checkpoint_resumes_only_under_the_stack_it_was_written_with() {
         .generate_resumable(&req, None, 2, &mut |c| saved.push(c), &mut |_| Control::Continue)
         .unwrap();
     let ck = saved.first().expect("a checkpoint at step 2").clone();
-    for other in [
-        vec![],
-        vec![lora("a", &ad.a, 0.9)],
-        vec![lora("b", &ad.b, 1.0)],
-    ] {
+    for other in [vec![], vec![lora("a", &ad.a, 0.9)], vec![lora("b", &ad.b, 1.0)]] {
         let mut r = req.clone();
         r.loras = other;
         match p.generate_resumable(&r, Some(&ck), 0, &mut |_| {}, &mut |_| Control::Continue) {
@@ -419,7 +442,10 @@ fn check_plan(c: &Config, plan: &str, tag: &str) {
         }
         seen.insert(i, img);
     }
-    assert!(worst(&seen[&1], &seen[&0]) > 10, "{plan}: the stack barely changes the image");
+    assert!(
+        worst(&seen[&1], &seen[&0]) > 10,
+        "{plan}: the stack barely changes the image"
+    );
     let s = e.lora_status();
     assert!(s.applied.is_empty() && s.cached.len() == 3, "{s:?}");
     for i in [1, 2] {

@@ -60,7 +60,12 @@ fn stack(case: &str) -> Vec<LoraRef> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| adapter(e["adapter"].as_str().unwrap(), e["scale"].as_f64().unwrap() as f32))
+        .map(|e| {
+            adapter(
+                e["adapter"].as_str().unwrap(),
+                e["scale"].as_f64().unwrap() as f32,
+            )
+        })
         .collect()
 }
 
@@ -97,7 +102,10 @@ fn snapshot(p: &SdxlPipeline) -> BTreeMap<String, Tensor> {
         ("text_encoder_2", &p.text.text_encoder_2.vs),
     ] {
         for (n, t) in vs.variables() {
-            all.insert(format!("{c}.{n}"), t.flatten(0, -1).view_dtype(Kind::Uint8).copy());
+            all.insert(
+                format!("{c}.{n}"),
+                t.flatten(0, -1).view_dtype(Kind::Uint8).copy(),
+            );
         }
     }
     all
@@ -203,12 +211,7 @@ fn sdxl_cfg_parallel_ranks_apply_the_stack_and_give_the_one_device_image() {
             assert_eq!(&img, prev, "cfg=2: {case} changed after other stacks");
         }
         let want = run(&mut one, &request(loras)).unwrap();
-        let d = want
-            .iter()
-            .zip(&img)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
+        let d = want.iter().zip(&img).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
         assert!(d <= 1, "cfg=2: {case}: pixels differ from one device by {d}");
         seen.insert(case, img);
     }
@@ -235,8 +238,14 @@ fn a_bad_sdxl_adapter_fails_its_job_naming_the_keys_and_the_base_model_keeps_ser
     let conv = write(
         "conv",
         vec![
-            ("lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight", t(&[2, 8, 1, 1])),
-            ("lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight", t(&[8, 2, 1, 1])),
+            (
+                "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight",
+                t(&[2, 8, 1, 1]),
+            ),
+            (
+                "lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight",
+                t(&[8, 2, 1, 1]),
+            ),
         ],
     );
     let unknown = write(
@@ -250,7 +259,10 @@ fn a_bad_sdxl_adapter_fails_its_job_naming_the_keys_and_the_base_model_keeps_ser
     );
     let half = write(
         "half",
-        vec![("unet.down_blocks.1.attentions.0.proj_in.lora_A.weight", t(&[2, 16]))],
+        vec![(
+            "unet.down_blocks.1.attentions.0.proj_in.lora_A.weight",
+            t(&[2, 16]),
+        )],
     );
     for (bad, want) in [
         (conv, &["conv@1", "in_layers_2.lora_up.weight", "conv1"][..]),

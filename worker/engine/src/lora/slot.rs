@@ -32,7 +32,8 @@ pub fn valid_ident(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.as_bytes()[0].is_ascii_alphanumeric()
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 /// Whether `s` is a well-formed checksum: 1-128 ASCII letters or digits (a SHA-256 in hex).
@@ -69,7 +70,12 @@ pub fn adapter_key(r: &LoraRef) -> Result<AdapterKey, EngineError> {
     }
     let checksum = match (&r.checksum, &r.path) {
         (Some(c), _) if valid_checksum(c) => c.clone(),
-        (Some(_), _) => return Err(invalid(r, "checksum must be 1-128 letters or digits (hex SHA-256)")),
+        (Some(_), _) => {
+            return Err(invalid(
+                r,
+                "checksum must be 1-128 letters or digits (hex SHA-256)",
+            ));
+        }
         (None, Some(p)) => unverified_checksum(p),
         (None, None) => String::new(),
     };

@@ -365,8 +365,7 @@ impl<L: ParallelLeader> ParallelPipeline<L> {
         // Other groups follow group 0's decisions on their own gates.
         self.last_failed_rank = None;
         let parts = self.checkpoint_parts();
-        let mut assembler =
-            CheckpointAssembler::for_stack(crate::lora::stack_id(&requests[0].loras));
+        let mut assembler = CheckpointAssembler::for_stack(crate::lora::stack_id(&requests[0].loras));
         let mut on_part = |part: CheckpointPart| -> Result<(), EngineError> {
             if let Some(c) = assembler.add(part, parts)? {
                 on_checkpoint(c);

@@ -28,13 +28,13 @@
 use tch::{Device, Kind, Tensor};
 
 use super::fast::{self, Perf, StepGraphs};
-use crate::lora::LoraSlot;
 use super::text::TextEncoders;
 use super::unet::Unet;
 use super::vae::{self, Vae};
 use crate::denoise::Denoiser;
 use crate::flux::pipeline::to_rgb8;
 use crate::guidance::Guidance;
+use crate::lora::LoraSlot;
 use crate::models::DiffusionModel;
 use crate::schedulers::{self, Scheduler, SchedulerKind};
 use crate::{
