@@ -473,3 +473,40 @@ fn ulysses_ranks_each_merge_the_stack_and_give_the_one_device_image() {
 fn pipefusion_stages_each_merge_their_blocks_and_interleaved_stacks_stay_exact() {
     check_plan(&pf_config(), "pipefusion=2", "pipefusion");
 }
+
+/// A plan switch hands the leader back and splits it again: the leader must go back with its
+/// base weights (the new replicas are copies of it), and the engine's adapter cache survives.
+#[test]
+fn a_plan_switch_after_a_stack_splits_the_base_weights_and_keeps_the_cache() {
+    use ditfleet_engine::parallel::ResilientParallel;
+    let c = config();
+    let ad = adapters("switch", &c);
+    let mut one = pipeline(&c);
+    let base = run(&mut one, &request(vec![])).unwrap();
+    let with_a = run(&mut one, &request(vec![lora("a", &ad.a, 1.0)])).unwrap();
+    let mut e = ResilientParallel::new(
+        vec![Device::Cpu; 2],
+        "ulysses=2".parse().unwrap(),
+        Box::new(move |_| Pipeline::tiny_random_with(&config(), 12, 5)),
+        Box::new(|_| Box::new(ThreadsFactory::cpu())),
+        None,
+    )
+    .unwrap();
+    let mut req = request(vec![lora("a", &ad.a, 1.0)]);
+    assert!(worst(&run(&mut e, &req).unwrap(), &with_a) <= 1);
+    req.plan = Some("ring=2".into());
+    req.loras.clear();
+    let got = run(&mut e, &req).unwrap();
+    assert_eq!(e.plan().map(|p| p.to_string()).as_deref(), Some("ring=2"));
+    assert!(
+        worst(&got, &base) <= 1,
+        "the new plan's replicas kept the merged stack"
+    );
+    req.loras = vec![lora("a", &ad.a, 1.0)];
+    assert!(worst(&run(&mut e, &req).unwrap(), &with_a) <= 1);
+    // Each rank resolves the stack through the engine's one cache: the file was read by the
+    // first job's ranks at most, the last job's ranks all found it.
+    let s = e.lora_status();
+    assert!(s.cache_misses <= 2 && s.cache_hits >= 2, "{s:?}");
+    assert_eq!(s.cached, ["a@1"]);
+}

@@ -289,3 +289,39 @@ fn a_bad_sdxl_adapter_fails_its_job_naming_the_keys_and_the_base_model_keeps_ser
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SDXL's fast paths stack the attention projections (their variables become views of the
+/// stacked weight) and convert the convolutions to channels-last: a merged stack must reach the
+/// weights they read, and switching them restores the base weights first.
+#[test]
+fn stacked_projections_and_channels_last_convolutions_see_the_merged_stack() {
+    use ditfleet_engine::models::sdxl::fast::Perf;
+    let mut p = load();
+    let base_w = snapshot(&p);
+    let req = request(stack("two"));
+    p.apply_loras(&req).unwrap();
+    p.set_perf(Perf::parse("cl,qkv").unwrap()).unwrap();
+    assert!(
+        p.lora().applied().is_empty(),
+        "switching the fast paths restores the base weights"
+    );
+    let restored = snapshot(&p);
+    for (name, t) in &base_w {
+        // Same values, whatever the layout now.
+        let (c, rest) = name.split_once('.').unwrap();
+        let now = variable(&p, &format!("{c}.{rest}")).contiguous();
+        let then = t.view_dtype(Kind::Float).reshape(now.size());
+        assert!(now.equal(&then), "{name} differs after the switch");
+        assert!(restored.contains_key(name));
+    }
+    p.apply_loras(&req).unwrap();
+    let got = models::denoise_request(&p, &req, None, 0, &mut |_| {}, &mut |_| Control::Continue)
+        .unwrap()
+        .latents;
+    let want = read(&goldens().join("sdxl_lora_small/case_two.safetensors"));
+    let e = rel_l2(&got, &want["latents"]);
+    assert!(
+        e <= LATENT_TOL,
+        "fast paths with the stack: relative L2 error {e:.3e}"
+    );
+}
