@@ -213,6 +213,20 @@ fn a_stack_changes_the_image_stays_hot_and_a_plain_job_after_it_gets_the_base_we
     assert_eq!(plain, base);
     assert_bit_identical(&base_w, &snapshot(&p));
     assert!(p.lora_status().applied.is_empty());
+    // The model seam's one-device run (which cannot apply a stack) refuses a request whose stack
+    // is not the applied one rather than give the base model's image.
+    let m = match ditfleet_engine::models::denoise_request(
+        &p,
+        &request(stack.clone()),
+        None,
+        0,
+        &mut |_| {},
+        &mut |_| Control::Continue,
+    ) {
+        Err(EngineError::InvalidRequest(m)) => m,
+        other => panic!("ran a stack that was not applied: {}", other.is_ok()),
+    };
+    assert!(m.contains("not the one merged"), "{m}");
     // Back to the stack: read from the host cache this time.
     assert_eq!(run(&mut p, &request(stack)).unwrap(), with);
     assert_eq!(p.lora_status().cache_hits, 2);

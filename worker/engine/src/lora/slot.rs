@@ -256,6 +256,33 @@ impl LoraSlot {
         self.applier.as_ref().map_or(&[], |a| a.applied())
     }
 
+    /// Whether `loras` is the stack applied now (what a job's run checks, so that a request whose
+    /// stack was not applied never silently gets another model's image).
+    pub fn is_applied(&self, loras: &[LoraRef]) -> bool {
+        let applied = self.applied();
+        loras.len() == applied.len()
+            && loras.iter().zip(applied).all(|(r, (k, s))| {
+                adapter_key(r).is_ok_and(|key| key == *k) && f64::from(r.scale).to_bits() == s.to_bits()
+            })
+    }
+
+    /// An error unless `loras` is the stack applied now (see [`LoraSlot::is_applied`]).
+    pub fn check_applied(&self, loras: &[LoraRef]) -> Result<(), EngineError> {
+        if self.is_applied(loras) {
+            return Ok(());
+        }
+        Err(EngineError::InvalidRequest(format!(
+            "the request's LoRA stack [{}] is not the one merged into the weights [{}]: apply it first \
+             (Engine::generate does)",
+            stack_id(loras),
+            self.applied()
+                .iter()
+                .map(|(k, s)| format!("{k} x {s}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+
     /// Makes the job's stack the applied one (see the module docs). `weights`: the variables
     /// this copy of the model holds, asked for only when the first stack is merged.
     pub fn prepare(
@@ -267,14 +294,7 @@ impl LoraSlot {
             Ok(k) => k,
             Err(e) => return Err(self.failed(e)),
         };
-        let applied = self.applied();
-        let hot = keys.len() == applied.len()
-            && keys
-                .iter()
-                .zip(loras)
-                .zip(applied)
-                .all(|((k, r), (k2, s2))| k == k2 && f64::from(r.scale).to_bits() == s2.to_bits());
-        if hot {
+        if self.is_applied(loras) {
             if self.reports {
                 self.hub.reported().last_apply_ms = 0.0;
             }

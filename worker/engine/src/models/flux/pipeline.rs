@@ -653,6 +653,7 @@ impl DiffusionModel for Pipeline {
 
     fn check(&self, request: &GenerateRequest) -> Result<(), EngineError> {
         Pipeline::check(self, request)?;
+        self.lora.check_applied(&request.loras)?;
         if let Some(plan) = request
             .plan
             .as_deref()
@@ -765,7 +766,7 @@ impl Engine for Pipeline {
         on_checkpoint: &mut dyn FnMut(StepCheckpoint),
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
-        DiffusionModel::check(&*self, request)?;
+        Pipeline::check(self, request)?;
         self.apply_loras(request)?;
         crate::models::generate(&*self, request, resume, every, on_checkpoint, on_step)
     }

@@ -387,6 +387,7 @@ impl DiffusionModel for SdxlPipeline {
 
     fn check(&self, request: &GenerateRequest) -> Result<(), EngineError> {
         self.check_request(request)?;
+        self.lora.check_applied(&request.loras)?;
         if let Some(plan) = request
             .plan
             .as_deref()
@@ -481,7 +482,7 @@ impl Engine for SdxlPipeline {
         on_checkpoint: &mut dyn FnMut(StepCheckpoint),
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
-        DiffusionModel::check(&*self, request)?;
+        self.check_request(request)?;
         self.apply_loras(request)?;
         crate::models::generate(&*self, request, resume, every, on_checkpoint, on_step)
     }
