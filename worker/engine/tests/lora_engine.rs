@@ -276,7 +276,8 @@ fn a_bad_adapter_fails_its_job_with_the_reason_and_the_engine_keeps_serving_the_
     let base_w = snapshot(&p);
     let base = run(&mut p, &request(vec![])).unwrap();
     let good = run(&mut p, &request(vec![lora("a", &ad.a, 1.0)])).unwrap();
-    let t = |s: &[i64]| Tensor::randn(s, (Kind::Float, Device::Cpu));
+    // Not random: an unseeded draw here would shift the seeded draws of tests running beside it.
+    let t = |s: &[i64]| Tensor::full(s, 0.01, (Kind::Float, Device::Cpu));
     let write = |name: &str, named: Vec<(&str, Tensor)>| {
         let path = dir.join(format!("{name}.safetensors"));
         Tensor::write_safetensors(&named, &path).unwrap();
@@ -507,7 +508,13 @@ fn a_plan_switch_after_a_stack_splits_the_base_weights_and_keeps_the_cache() {
     )
     .unwrap();
     let mut req = request(vec![lora("a", &ad.a, 1.0)]);
-    assert!(worst(&run(&mut e, &req).unwrap(), &with_a) <= 1);
+    let first = run(&mut e, &req).unwrap();
+    assert!(
+        worst(&first, &with_a) <= 1,
+        "ulysses=2 with the stack differs from one device by {} (from the base image by {})",
+        worst(&first, &with_a),
+        worst(&first, &base)
+    );
     req.plan = Some("ring=2".into());
     req.loras.clear();
     let got = run(&mut e, &req).unwrap();
@@ -518,9 +525,9 @@ fn a_plan_switch_after_a_stack_splits_the_base_weights_and_keeps_the_cache() {
     );
     req.loras = vec![lora("a", &ad.a, 1.0)];
     assert!(worst(&run(&mut e, &req).unwrap(), &with_a) <= 1);
-    // Each rank resolves the stack through the engine's one cache: the file was read by the
-    // first job's ranks at most, the last job's ranks all found it.
+    // The ranks resolve the stack through the engine's one cache, counted once per job: read for
+    // the first job, found for the last.
     let s = e.lora_status();
-    assert!(s.cache_misses <= 2 && s.cache_hits >= 2, "{s:?}");
+    assert_eq!((s.cache_misses, s.cache_hits), (1, 1), "{s:?}");
     assert_eq!(s.cached, ["a@1"]);
 }

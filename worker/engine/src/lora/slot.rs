@@ -115,6 +115,10 @@ pub fn stack_id(loras: &[LoraRef]) -> String {
 struct Reported {
     applied: Vec<LoraRef>,
     last_apply_ms: f64,
+    /// Adapters the reporting slot's jobs found in the cache / read from their files (the other
+    /// ranks of a plan resolve the same stack through the same cache and are not counted again).
+    hits: u64,
+    misses: u64,
 }
 
 /// One engine's adapters: the host cache every rank reads through, and the status it reports.
@@ -150,10 +154,28 @@ impl LoraHub {
 
     /// The adapters of a job's stack with their scales, from the cache or read from their files.
     pub fn resolve(&self, loras: &[LoraRef]) -> Result<Vec<(Arc<Adapter>, f64)>, EngineError> {
+        self.resolve_counted(loras, false)
+    }
+
+    /// [`LoraHub::resolve`], counting the hits and misses in the engine's status when `count`.
+    fn resolve_counted(
+        &self,
+        loras: &[LoraRef],
+        count: bool,
+    ) -> Result<Vec<(Arc<Adapter>, f64)>, EngineError> {
         let mut stack = Vec::with_capacity(loras.len());
         for r in loras {
             let key = adapter_key(r)?;
-            let adapter = match self.cache.get(&key) {
+            let cached = self.cache.get(&key);
+            if count {
+                let mut rep = self.reported();
+                if cached.is_some() {
+                    rep.hits += 1;
+                } else {
+                    rep.misses += 1;
+                }
+            }
+            let adapter = match cached {
                 Some(a) => a,
                 None => {
                     // (The wording keeps what engines said before they applied LoRAs: a worker
@@ -174,6 +196,29 @@ impl LoraHub {
         Ok(stack)
     }
 
+    /// Reads a multi-GPU job's adapters into the cache once, before its ranks resolve them (so
+    /// the file is read once and the job counted once in the status, not once per rank). A stack
+    /// the engine reports applied is skipped (a hot job counts nothing). Errors are the ranks' to
+    /// report: they meet the same ones, and put their base weights back.
+    pub fn prefetch(&self, loras: &[LoraRef]) -> Result<(), EngineError> {
+        let hot = {
+            let r = self.reported();
+            r.applied.len() == loras.len()
+                && r.applied.iter().zip(loras).all(|(a, l)| {
+                    adapter_key(l).is_ok_and(|k| {
+                        a.name == k.name
+                            && a.version == k.version
+                            && a.checksum.as_deref() == Some(k.checksum.as_str())
+                            && a.scale.to_bits() == l.scale.to_bits()
+                    })
+                })
+        };
+        if hot {
+            return Ok(());
+        }
+        self.resolve_counted(loras, true).map(|_| ())
+    }
+
     /// See [`LoraStatus`].
     pub fn status(&self) -> LoraStatus {
         let s = self.cache.stats();
@@ -181,8 +226,8 @@ impl LoraHub {
         LoraStatus {
             applied: r.applied.clone(),
             cached: self.cache.keys().iter().map(|k| k.to_string()).collect(),
-            cache_hits: s.hits,
-            cache_misses: s.misses,
+            cache_hits: r.hits,
+            cache_misses: r.misses,
             cache_bytes: s.bytes as u64,
             cache_capacity_bytes: self.cache.capacity() as u64,
             last_apply_ms: r.last_apply_ms,
@@ -199,6 +244,9 @@ pub struct LoraSlot {
     applier: Option<Applier>,
     /// Whether this slot's applies are what the engine reports (the group leader's).
     reports: bool,
+    /// Whether this slot's cache hits and misses are counted in the status (a one-device
+    /// engine's; a multi-GPU engine counts in [`LoraHub::prefetch`]).
+    counts: bool,
 }
 
 impl std::fmt::Debug for LoraSlot {
@@ -220,6 +268,7 @@ impl LoraSlot {
             options: ApplyOptions::default(),
             applier: None,
             reports: true,
+            counts: true,
         }
     }
 
@@ -230,10 +279,11 @@ impl LoraSlot {
     }
 
     /// A slot for another copy of the model (same hub and mapping, nothing applied) that reports
-    /// its applies as the engine's or not.
+    /// its applies as the engine's or not; it counts no cache hits (see [`LoraHub::prefetch`]).
     pub fn another(&self, reports: bool) -> Self {
         Self {
             reports,
+            counts: false,
             ..Self::new(self.hub.clone(), self.family.clone())
         }
     }
@@ -303,7 +353,7 @@ impl LoraSlot {
                 ..Default::default()
             });
         }
-        let stack = match self.hub.resolve(loras) {
+        let stack = match self.hub.resolve_counted(loras, self.counts) {
             Ok(s) => s,
             Err(e) => return Err(self.failed(e)),
         };

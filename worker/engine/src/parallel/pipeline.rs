@@ -334,6 +334,13 @@ impl<L: ParallelLeader> ParallelPipeline<L> {
                 g.publish(r.step, false);
             }
         }
+        if let Some(hub) = &self.lora {
+            for r in requests {
+                if let Err(e) = hub.prefetch(&r.loras) {
+                    tracing::debug!(error = %e, "lora prefetch failed; the ranks report it");
+                }
+            }
+        }
         let (ck_tx, ck_rx) = channel();
         let sink = (every > 0).then(|| CheckpointSink { every, tx: ck_tx });
         let mut expected = 0;
