@@ -531,3 +531,41 @@ fn a_plan_switch_after_a_stack_splits_the_base_weights_and_keeps_the_cache() {
     assert_eq!((s.cache_misses, s.cache_hits), (1, 1), "{s:?}");
     assert_eq!(s.cached, ["a@1"]);
 }
+
+/// A stack that only one PipeFusion stage cannot merge (its product overflows in a block that
+/// stage holds) fails the job with the reason on every plan, the other ranks are released, and
+/// the engine serves the base model and other stacks afterwards.
+#[test]
+fn a_bad_adapter_on_a_plan_fails_the_job_with_its_reason_and_the_plan_keeps_serving() {
+    let c = pf_config();
+    let ad = adapters("plan-bad", &c);
+    let huge = ad._dir.0.join("huge.safetensors");
+    let big = |s: &[i64]| Tensor::full(s, 1e25, (Kind::Float, Device::Cpu));
+    Tensor::write_safetensors(
+        &[
+            (
+                "transformer.single_transformer_blocks.3.proj_mlp.lora_A.weight",
+                big(&[2, 64]),
+            ),
+            (
+                "transformer.single_transformer_blocks.3.proj_mlp.lora_B.weight",
+                big(&[256, 2]),
+            ),
+        ],
+        &huge,
+    )
+    .unwrap();
+    for plan in ["ulysses=2", "pipefusion=2"] {
+        let mut e = threads_engine(&c, plan);
+        let base = run(&mut e, &request(vec![])).unwrap();
+        let good = vec![lora("a", &ad.a, 1.0)];
+        let with_a = run(&mut e, &request(good.clone())).unwrap();
+        let m = invalid(run(&mut e, &request(vec![lora("huge", &huge, 1.0)])));
+        assert!(
+            m.contains("NaN or Inf") && m.contains("single_blocks.3.linear1"),
+            "{plan}: {m}"
+        );
+        assert_eq!(run(&mut e, &request(vec![])).unwrap(), base, "{plan}");
+        assert_eq!(run(&mut e, &request(good)).unwrap(), with_a, "{plan}");
+    }
+}
