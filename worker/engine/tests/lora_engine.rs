@@ -565,6 +565,12 @@ fn a_bad_adapter_on_a_plan_fails_the_job_with_its_reason_and_the_plan_keeps_serv
             m.contains("NaN or Inf") && m.contains("single_blocks.3.linear1"),
             "{plan}: {m}"
         );
+        assert!(
+            e.lora_status().applied.is_empty(),
+            "{plan}: a failed job's stack is not held"
+        );
+        // The good stack again: merged afresh from the base weights on every rank.
+        assert_eq!(run(&mut e, &request(good.clone())).unwrap(), with_a, "{plan}");
         assert_eq!(run(&mut e, &request(vec![])).unwrap(), base, "{plan}");
         assert_eq!(run(&mut e, &request(good)).unwrap(), with_a, "{plan}");
     }

@@ -18,6 +18,7 @@
 //! one with another stack starts from the exact base weights.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tch::Device;
@@ -126,6 +127,9 @@ struct Reported {
 pub struct LoraHub {
     cache: LoraCache,
     reported: Mutex<Reported>,
+    /// Bumped by [`LoraHub::invalidate`]: every slot puts its base weights back before its next
+    /// job.
+    epoch: AtomicU64,
 }
 
 impl LoraHub {
@@ -135,6 +139,7 @@ impl LoraHub {
         Arc::new(Self {
             cache: LoraCache::new(max_bytes).pinned(pin),
             reported: Mutex::default(),
+            epoch: AtomicU64::new(0),
         })
     }
 
@@ -146,6 +151,18 @@ impl LoraHub {
 
     pub fn cache(&self) -> &LoraCache {
         &self.cache
+    }
+
+    /// Makes every slot of the engine restore its base weights before its next job, and reports
+    /// no stack applied: after a multi-GPU job failed, some ranks may have merged its stack and
+    /// others not.
+    pub fn invalidate(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.reported().applied.clear();
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
     }
 
     fn reported(&self) -> std::sync::MutexGuard<'_, Reported> {
@@ -247,6 +264,8 @@ pub struct LoraSlot {
     /// Whether this slot's cache hits and misses are counted in the status (a one-device
     /// engine's; a multi-GPU engine counts in [`LoraHub::prefetch`]).
     counts: bool,
+    /// The hub's epoch the applied stack was merged in ([`LoraHub::invalidate`]).
+    epoch: u64,
 }
 
 impl std::fmt::Debug for LoraSlot {
@@ -263,6 +282,7 @@ impl LoraSlot {
     /// The slot of a model whose LoRA mapping is `family`, reading adapters through `hub`.
     pub fn new(hub: Arc<LoraHub>, family: Arc<dyn Family>) -> Self {
         Self {
+            epoch: hub.epoch(),
             hub,
             family,
             options: ApplyOptions::default(),
@@ -298,6 +318,7 @@ impl LoraSlot {
 
     /// Reads adapters through `hub` from now on (the engines of one worker share one).
     pub fn set_hub(&mut self, hub: Arc<LoraHub>) {
+        self.epoch = hub.epoch();
         self.hub = hub;
     }
 
@@ -340,6 +361,13 @@ impl LoraSlot {
         loras: &[LoraRef],
         weights: impl FnOnce() -> Weights,
     ) -> Result<ApplyReport, EngineError> {
+        let epoch = self.hub.epoch();
+        if epoch != self.epoch {
+            if let Err(e) = self.reset() {
+                return Err(self.failed(e));
+            }
+            self.epoch = epoch;
+        }
         let keys = match loras.iter().map(adapter_key).collect::<Result<Vec<_>, _>>() {
             Ok(k) => k,
             Err(e) => return Err(self.failed(e)),

@@ -385,6 +385,11 @@ impl<L: ParallelLeader> ParallelPipeline<L> {
             .is_err_and(|e| !matches!(e, EngineError::Cancelled { .. }))
         {
             self.broken = true;
+            // Some ranks may have merged the job's LoRA stack and others not (or failed
+            // mid-merge): every rank starts the next job from its base weights.
+            if let Some(hub) = &self.lora {
+                hub.invalidate();
+            }
         }
         let mut images = result?;
         images.sort_by_key(|(rank, _)| *rank);
