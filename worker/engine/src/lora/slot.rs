@@ -441,3 +441,63 @@ impl LoraSlot {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(name: &str, version: &str, checksum: Option<&str>) -> LoraRef {
+        LoraRef {
+            name: name.into(),
+            version: version.into(),
+            scale: 0.5,
+            path: None,
+            checksum: checksum.map(str::to_string),
+        }
+    }
+
+    /// Names, versions and checksums become cache keys and status entries (`name@version`): a
+    /// value that could name another folder or read as another key's parts is refused.
+    #[test]
+    fn adapter_names_versions_and_checksums_that_could_escape_or_collide_are_refused() {
+        let key = adapter_key(&r("pixel-art", "v1.2_b", Some("ab12"))).unwrap();
+        assert_eq!(key, AdapterKey::new("pixel-art", "v1.2_b", "ab12"));
+        for (name, version) in [
+            ("..", "1"),
+            (".hidden", "1"),
+            ("a/b", "1"),
+            ("a\\b", "1"),
+            ("a@b", "1"),
+            ("a", "1@2"),
+            ("a", "../1"),
+            ("", "1"),
+            ("a b", "1"),
+            ("a", "v1#x"),
+            ("é", "1"),
+        ] {
+            let e = adapter_key(&r(name, version, Some("ab"))).unwrap_err();
+            assert!(
+                matches!(e, EngineError::InvalidRequest(_)),
+                "{name:?}@{version:?}"
+            );
+        }
+        assert!(adapter_key(&r(&"a".repeat(64), "1", None)).is_ok());
+        assert!(adapter_key(&r(&"a".repeat(65), "1", None)).is_err());
+        for bad in ["", "ab/cd", "ab cd", "ab@cd", &"f".repeat(129)] {
+            assert!(adapter_key(&r("a", "1", Some(bad))).is_err(), "{bad:?}");
+        }
+        let mut nan = r("a", "1", None);
+        nan.scale = f32::NAN;
+        assert!(adapter_key(&nan).is_err());
+    }
+
+    #[test]
+    fn a_stack_id_names_every_entry_in_order_with_its_exact_scale() {
+        assert_eq!(stack_id(&[]), "");
+        let two = [r("a", "1", Some("c1")), r("b", "2", None)];
+        assert_eq!(stack_id(&two), "a@1#c1*3f000000,b@2#-*3f000000");
+        let mut swapped = two.clone();
+        swapped.reverse();
+        assert_ne!(stack_id(&swapped), stack_id(&two));
+    }
+}
