@@ -13,7 +13,12 @@
 //!   re-merged from the saved originals, no restore in between);
 //! * `restore`: back to the base weights;
 //!
-//! each the median of `--repeats`. Then the denoising step time (1024², 512 text tokens, bf16,
+//! each the median of `--repeats`; and the same through the engine's per-job path
+//! ([`ditfleet_engine::lora::LoraSlot::prepare`] with the jobs' `LoraRef`s, as
+//! `Pipeline::generate` runs it) for the largest stack of the largest rank: `engine.cold_ms` (a
+//! fresh host cache reads the files), `engine.hot_ms` (the same stack again: no cache lookup, no
+//! merge), `engine.restore_ms` (a job without adapters), `engine.warm_ms` (the stack again, from
+//! the host cache). Then the denoising step time (1024², 512 text tokens, bf16,
 //! rows of the modulation table as the pipeline runs it) with the base weights, with the largest
 //! stack merged, and after restoring, and whether the restored model's output is bit-identical to
 //! the base one's. On CUDA it also captures a step as a CUDA graph on the base weights, merges the
@@ -23,6 +28,8 @@
 //! ```text
 //! cargo run --release -p ditfleet-engine --example lora_bench                  # CUDA, full size
 //! cargo run -p ditfleet-engine --example lora_bench -- --tiny                  # CPU smoke test
+//! cargo run -p ditfleet-engine --example lora_bench -- --check                 # tiny dry run that
+//!                                                   # fails unless merge/restore/hot behave
 //!   [--ranks 16,64] [--stacks 1,3] [--repeats N] [--steps N] [--size PX] [--txt-tokens N]
 //!   [--device cpu|cuda:N] [--dir DIR] [--keep-files] [--no-pin] [--device-cache-gb N] [--seed N]
 //! ```
@@ -34,17 +41,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use ditfleet_engine::LoraRef;
 use ditfleet_engine::flux::Pipeline;
 use ditfleet_engine::flux::sampling::{self, SchedulerConfig};
 use ditfleet_engine::flux::transformer::{Flux, Rope};
 use ditfleet_engine::lora::flux::FluxLora;
-use ditfleet_engine::lora::{Adapter, AdapterKey, Applier, ApplyOptions, Family, Format, LoraCache};
+use ditfleet_engine::lora::{
+    Adapter, AdapterKey, Applier, ApplyOptions, Family, Format, LoraCache, LoraHub, LoraSlot,
+};
 use ditfleet_engine::parallel::graphs::{GraphCache, StepKey};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 struct Args {
     tiny: bool,
+    check: bool,
     ranks: Vec<i64>,
     stacks: Vec<usize>,
     repeats: usize,
@@ -63,6 +74,7 @@ fn parse() -> Result<Args> {
     let cuda = tch::Cuda::is_available();
     let mut a = Args {
         tiny: false,
+        check: false,
         ranks: vec![16, 64],
         stacks: vec![1, 3],
         repeats: 3,
@@ -87,6 +99,18 @@ fn parse() -> Result<Args> {
                 a.size = 64;
                 a.txt_tokens = 16;
                 a.steps = 2;
+                a.device = Device::Cpu;
+                a.pin = false;
+            }
+            "--check" => {
+                a.tiny = true;
+                a.check = true;
+                a.ranks = vec![2, 4];
+                a.stacks = vec![1, 3];
+                a.size = 32;
+                a.txt_tokens = 8;
+                a.steps = 1;
+                a.repeats = 1;
                 a.device = Device::Cpu;
                 a.pin = false;
             }
@@ -228,6 +252,53 @@ fn step_time(model: &Flux, inp: &StepInputs, args: &Args) -> Result<(f64, Tensor
     Ok((median(times), out.context("no step ran")?))
 }
 
+/// The engine's per-job path on the pipeline's weights: cold (a fresh host cache reads the
+/// files), hot, restore (a job without adapters), warm (from the host cache).
+fn engine_path(
+    family: &Arc<FluxLora>,
+    weights: &dyn Fn() -> ditfleet_engine::lora::Weights,
+    paths: &[PathBuf],
+    r: i64,
+    args: &Args,
+) -> Result<serde_json::Value> {
+    let hub = LoraHub::new(usize::MAX, args.pin);
+    let family: Arc<dyn Family> = family.clone();
+    let mut slot = LoraSlot::new(hub.clone(), family);
+    let refs: Vec<LoraRef> = paths
+        .iter()
+        .enumerate()
+        .map(|(j, p)| LoraRef {
+            name: format!("rank{r}-{j}"),
+            version: "1".into(),
+            scale: 0.8,
+            path: Some(p.clone()),
+            checksum: Some(format!("bench{j}")),
+        })
+        .collect();
+    let timed = |slot: &mut LoraSlot, loras: &[LoraRef]| -> Result<(f64, bool)> {
+        let s = Instant::now();
+        let rep = slot.prepare(loras, weights)?;
+        sync(args.device);
+        Ok((s.elapsed().as_secs_f64() * 1e3, rep.hot))
+    };
+    let (cold_ms, _) = timed(&mut slot, &refs)?;
+    let (hot_ms, hot) = timed(&mut slot, &refs)?;
+    let (restore_ms, _) = timed(&mut slot, &[])?;
+    let (warm_ms, _) = timed(&mut slot, &refs)?;
+    let status = hub.status();
+    slot.reset()?;
+    if args.check
+        && (!hot || status.cache_misses != refs.len() as u64 || status.cache_hits != refs.len() as u64)
+    {
+        bail!("check: the engine path did not find its stack hot or read each file once: {status:?}");
+    }
+    Ok(json!({
+        "rank": r, "adapters": refs.len(), "cold_ms": cold_ms, "hot_ms": hot_ms, "hot": hot,
+        "restore_ms": restore_ms, "warm_ms": warm_ms,
+        "cache_hits": status.cache_hits, "cache_misses": status.cache_misses, "cache_bytes": status.cache_bytes,
+    }))
+}
+
 fn main() -> Result<()> {
     let args = parse()?;
     let _guard = tch::no_grad_guard();
@@ -254,6 +325,7 @@ fn main() -> Result<()> {
     let mut cases = Vec::new();
     let mut files = Vec::new();
     let mut largest = None;
+    let mut engine = None;
     for &r in &args.ranks {
         let t = Instant::now();
         // Twice the largest stack: `switch` goes from the second half to the first.
@@ -326,6 +398,7 @@ fn main() -> Result<()> {
                     .map(|j| Ok((cache.get_or_load(&keys[j], &paths[j])?.0, 0.8)))
                     .collect::<Result<_>>()?;
                 largest = Some((r, n, stack));
+                engine = Some(engine_path(&family, &weights, &paths[..n], r, &args)?);
             }
         }
         if !args.keep {
@@ -376,6 +449,7 @@ fn main() -> Result<()> {
         "pinned_host_copies": args.pin,
         "adapter_files": files,
         "cases": cases,
+        "engine": engine,
         "step": {
             "stack": {"rank": r, "adapters": n, "scale": 0.8},
             "base_ms": base_step_ms, "merged_ms": lora_step_ms, "restored_ms": restored_step_ms,
@@ -385,5 +459,14 @@ fn main() -> Result<()> {
         "cuda_graph": graph,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
+    if args.check {
+        if !restored_out.f_equal(&base_out)? {
+            bail!("check: the restored model's output is not the base one's");
+        }
+        if rel_l2(&lora_out, &base_out)? == 0.0 {
+            bail!("check: the merged stack did not change the output");
+        }
+        eprintln!("check: ok");
+    }
     Ok(())
 }

@@ -7,7 +7,9 @@
 //! sample (`scheduler.<i>`, uint8 bytes of [`crate::schedulers::Scheduler::state_bytes`], with
 //! `scheduler.<i>.slice` = `[dim, start, len]` of the rank's slice, absent for the whole sample).
 //! Files written before the scheduler state was recorded (latents and step only) still load:
-//! they came from the stateless flow-matching sampler.
+//! they came from the stateless flow-matching sampler. A job run with LoRA adapters records its
+//! stack (`lora`, uint8 bytes of [`crate::lora::stack_id`]); a checkpoint resumes only a job with
+//! the same stack (none recorded: no adapters).
 
 use tch::{Device, Kind, Tensor};
 
@@ -44,6 +46,8 @@ pub struct LoopState {
     /// The whole latent sample, on the CPU, in the dtype the loop computed it in.
     pub latents: Tensor,
     pub scheduler: Vec<SchedulerPart>,
+    /// The LoRA stack the steps ran under ([`crate::lora::stack_id`]; empty: none).
+    pub lora: String,
 }
 
 /// A temporary file path, removed on drop (tch reads and writes safetensors through files).
@@ -75,7 +79,29 @@ impl LoopState {
             step: self.step,
             latents: self.latents.shallow_clone(),
             scheduler: self.scheduler.clone(),
+            lora: self.lora.clone(),
         }
+    }
+
+    /// Refuses to resume a job under another LoRA stack than the one its steps ran under (the
+    /// image would be neither's).
+    pub fn check_lora(&self, loras: &[crate::LoraRef]) -> Result<(), EngineError> {
+        let want = crate::lora::stack_id(loras);
+        if self.lora != want {
+            let show = |s: &str| {
+                if s.is_empty() {
+                    "no LoRA".to_string()
+                } else {
+                    s.to_string()
+                }
+            };
+            return Err(bad(format!(
+                "the checkpoint was written under LoRA stack {} and this job runs {}: it cannot resume it",
+                show(&self.lora),
+                show(&want)
+            )));
+        }
+        Ok(())
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>, EngineError> {
@@ -91,6 +117,9 @@ impl LoopState {
                     Tensor::f_from_slice(&[s.dim, s.start, s.len])?,
                 ));
             }
+        }
+        if !self.lora.is_empty() {
+            named.push(("lora".into(), Tensor::f_from_slice(self.lora.as_bytes())?));
         }
         let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
         Tensor::write_safetensors(&refs, &tmp.0)?;
@@ -145,10 +174,20 @@ impl LoopState {
             };
             scheduler.push(SchedulerPart { slice, state });
         }
+        let lora = match get("lora") {
+            None => String::new(),
+            Some(t) if t.kind() == Kind::Uint8 && t.dim() == 1 => {
+                let mut b = vec![0u8; t.numel()];
+                t.f_copy_data_u8(&mut b, t.numel())?;
+                String::from_utf8(b).map_err(|_| bad("\"lora\" is not UTF-8"))?
+            }
+            Some(_) => return Err(bad("\"lora\" is not a byte vector")),
+        };
         Ok(Self {
             step,
             latents,
             scheduler,
+            lora,
         })
     }
 
@@ -234,12 +273,14 @@ mod tests {
                     state: vec![9],
                 },
             ],
+            lora: "style@1#abc*3f800000".into(),
         };
         let back = LoopState::from_bytes(&s.to_bytes().unwrap()).unwrap();
         assert_eq!(back.step, 7);
         assert!(back.latents.equal(&x));
         assert_eq!(back.latents.kind(), Kind::BFloat16);
         assert_eq!(back.scheduler, s.scheduler);
+        assert_eq!(back.lora, s.lora);
         let second = Some(Slice {
             dim: 1,
             start: 3,
@@ -278,6 +319,8 @@ mod tests {
         Tensor::write_safetensors(&[("latents", &x), ("step", &step)], &tmp.0).unwrap();
         let s = LoopState::from_bytes(&std::fs::read(&tmp.0).unwrap()).unwrap();
         assert_eq!(s.step, 3);
+        assert_eq!(s.lora, "", "no stack recorded: no LoRA");
+        s.check_lora(&[]).unwrap();
         assert_eq!(s.scheduler_state_for(None, false).unwrap(), None);
         assert!(s.scheduler_state_for(None, true).is_err());
         assert!(matches!(

@@ -164,8 +164,14 @@ pub fn run(
 }
 
 /// A checkpoint of a sample stepped whole: the bytes of a [`LoopState`] with one scheduler part.
-pub fn whole_checkpoint(step: u32, x: &Tensor, scheduler_state: Vec<u8>) -> Result<Vec<u8>, EngineError> {
+pub fn whole_checkpoint(
+    step: u32,
+    x: &Tensor,
+    scheduler_state: Vec<u8>,
+    lora: &str,
+) -> Result<Vec<u8>, EngineError> {
     LoopState {
+        lora: lora.to_string(),
         step,
         latents: x.shallow_clone(),
         scheduler: vec![SchedulerPart {
@@ -230,7 +236,7 @@ mod tests {
                     every: 3,
                     on_step: &mut |_, _| Ok(Control::Continue),
                     on_checkpoint: &mut |step, x, state| {
-                        saved.push(whole_checkpoint(step, x, state)?);
+                        saved.push(whole_checkpoint(step, x, state, "")?);
                         Ok(())
                     },
                     noise: &noise,

@@ -55,7 +55,8 @@ pub struct LoraStatus {
     pub applied: Vec<LoraRef>,
     /// `name@version` of every adapter held in the engine's cache (host or GPU memory).
     pub cached: Vec<String>,
-    /// Adapters a job found in the cache / had to read from its file.
+    /// Adapters a job found in the cache / had to read from its file (a job whose stack was
+    /// already applied counts neither; the ranks of a multi-GPU plan count once).
     pub cache_hits: u64,
     pub cache_misses: u64,
     /// Bytes the cache holds, and its bound.

@@ -19,6 +19,9 @@ pub enum CudaGraphs {
     All,
 }
 
+/// [`EngineSettings::lora_cache_bytes`]'s default: 4 GiB, a dozen rank-64 Flux adapters in bf16.
+pub const DEFAULT_LORA_CACHE_BYTES: usize = 4 << 30;
+
 /// What an operator may set for the engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineSettings {
@@ -32,6 +35,10 @@ pub struct EngineSettings {
     /// `DITFLEET_CUDA_GRAPHS_MAX` (default 2): captured step graphs kept per rank (one per image
     /// size and text length seen; the oldest is dropped).
     pub cuda_graphs_max: usize,
+    /// `DITFLEET_LORA_CACHE_BYTES` (default 4 GiB): host memory an engine keeps parsed LoRA
+    /// adapters in (least recently used out first); 0 keeps none (every stack switch reads its
+    /// files again).
+    pub lora_cache_bytes: usize,
 }
 
 impl Default for EngineSettings {
@@ -40,6 +47,7 @@ impl Default for EngineSettings {
             step_timeout: Duration::from_secs(300),
             cuda_graphs: CudaGraphs::NoRing,
             cuda_graphs_max: 2,
+            lora_cache_bytes: DEFAULT_LORA_CACHE_BYTES,
         }
     }
 }
@@ -75,6 +83,11 @@ impl EngineSettings {
         if let Some(v) = var("DITFLEET_CUDA_GRAPHS_MAX") {
             s.cuda_graphs_max = v.trim().parse().ok().filter(|n: &usize| *n >= 1).ok_or_else(|| {
                 format!("DITFLEET_CUDA_GRAPHS_MAX={v:?}: must be a whole number of at least 1")
+            })?;
+        }
+        if let Some(v) = var("DITFLEET_LORA_CACHE_BYTES") {
+            s.lora_cache_bytes = v.trim().parse().map_err(|_| {
+                format!("DITFLEET_LORA_CACHE_BYTES={v:?}: must be a whole number of bytes (0 = keep none)")
             })?;
         }
         Ok(s)
@@ -183,17 +196,21 @@ mod tests {
             "DITFLEET_STEP_TIMEOUT_S" => Some("12.5".to_string()),
             "DITFLEET_CUDA_GRAPHS" => Some("all".to_string()),
             "DITFLEET_CUDA_GRAPHS_MAX" => Some("4".to_string()),
+            "DITFLEET_LORA_CACHE_BYTES" => Some("1048576".to_string()),
             _ => None,
         };
         let s = EngineSettings::parse(&set).unwrap();
         assert_eq!(s.step_timeout, Duration::from_millis(12_500));
         assert_eq!(s.cuda_graphs, CudaGraphs::All);
         assert_eq!(s.cuda_graphs_max, 4);
+        assert_eq!(s.lora_cache_bytes, 1 << 20);
         for (k, v) in [
             ("DITFLEET_STEP_TIMEOUT_S", "-1"),
             ("DITFLEET_STEP_TIMEOUT_S", "soon"),
             ("DITFLEET_CUDA_GRAPHS", "sometimes"),
             ("DITFLEET_CUDA_GRAPHS_MAX", "0"),
+            ("DITFLEET_LORA_CACHE_BYTES", "4G"),
+            ("DITFLEET_LORA_CACHE_BYTES", "-1"),
         ] {
             let one = |q: &str| (q == k).then(|| v.to_string());
             let e = EngineSettings::parse(&one).unwrap_err();

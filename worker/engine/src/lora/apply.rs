@@ -456,7 +456,9 @@ impl Applier {
             gemms.push((dst, len, b, a));
         }
         let mut w = var.shallow_clone();
-        if var.kind() == Kind::Float {
+        // In place for contiguous fp32 weights; a channels-last convolution weight (SDXL's fast
+        // paths) takes the ΔW route below, whose add writes through any layout.
+        if var.kind() == Kind::Float && var.is_contiguous() {
             w.f_copy_(original)?;
             let w2d = var.f_view([rows, -1])?; // (out, in · kernel)
             for (dst, len, b, a) in &gemms {

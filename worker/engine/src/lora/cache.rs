@@ -108,6 +108,19 @@ impl LoraCache {
         self.lock().stats
     }
 
+    /// The bound on the bytes held.
+    pub fn capacity(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// The keys held, most recently used first.
+    pub fn keys(&self) -> Vec<AdapterKey> {
+        let inner = self.lock();
+        let mut held: Vec<(&AdapterKey, u64)> = inner.map.iter().map(|(k, (_, used))| (k, *used)).collect();
+        held.sort_by_key(|(_, used)| std::cmp::Reverse(*used));
+        held.into_iter().map(|(k, _)| k.clone()).collect()
+    }
+
     fn touch(inner: &mut Inner, key: &AdapterKey) -> Option<Arc<Adapter>> {
         inner.tick += 1;
         let tick = inner.tick;

@@ -58,10 +58,13 @@ pub mod adapter;
 pub mod apply;
 pub mod cache;
 pub mod flux;
+pub mod sdxl;
+pub mod slot;
 
 pub use adapter::{Adapter, Format, Module};
 pub use apply::{Applier, ApplyOptions, ApplyReport, Weights};
 pub use cache::{CacheStats, LoraCache};
+pub use slot::{LoraHub, LoraSlot, stack_id};
 
 use crate::EngineError;
 

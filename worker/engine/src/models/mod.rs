@@ -153,6 +153,10 @@ pub fn denoise_request<M: DiffusionModel>(
     let _guard = tch::no_grad_guard();
     model.check(request)?;
     let state = resume.map(LoopState::from_checkpoint).transpose()?;
+    if let Some(s) = &state {
+        s.check_lora(&request.loras)?;
+    }
+    let lora = crate::lora::stack_id(&request.loras);
     let ordinal = match model.compute_device() {
         Device::Cuda(i) => Some(i),
         _ => None,
@@ -194,7 +198,7 @@ pub fn denoise_request<M: DiffusionModel>(
             on_checkpoint: &mut |step, x, state| {
                 on_checkpoint(StepCheckpoint {
                     step,
-                    bytes: denoise::whole_checkpoint(step, x, state)?,
+                    bytes: denoise::whole_checkpoint(step, x, state, &lora)?,
                 });
                 Ok(())
             },

@@ -71,6 +71,8 @@ pub struct ParallelPipeline<L: ParallelLeader> {
     last_timed_out: bool,
     /// Rank threads that did not come back after a watchdog abort: never joined again.
     wedged: bool,
+    /// The LoRA adapters every rank reads through, and what the engine reports of them.
+    lora: Option<Arc<crate::lora::LoraHub>>,
 }
 
 /// How long a multi-GPU job may go without finishing a step before the watchdog aborts its
@@ -115,6 +117,14 @@ impl<L: ParallelLeader> ParallelPipeline<L> {
             )));
         }
         let group_size = plan.group_size();
+        let lora = first.lora_hub();
+        let mut leaders = leaders;
+        if let Some(hub) = &lora {
+            for l in leaders.iter_mut().skip(1) {
+                l.set_lora_hub(hub.clone());
+            }
+        }
+        let first = &leaders[0];
         let mut info = first.info();
         info.parallel_degree = group_size as u32;
         info.devices = devices[..plan.world()].iter().map(|d| device_name(*d)).collect();
@@ -143,6 +153,7 @@ impl<L: ParallelLeader> ParallelPipeline<L> {
             last_timed_out: false,
             wedged: false,
             last_failed_rank: None,
+            lora,
         };
         me.rebuild_comms()?;
         Ok(me)
@@ -261,6 +272,9 @@ impl<L: ParallelLeader> ParallelPipeline<L> {
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
         let state = resume.map(LoopState::from_checkpoint).transpose()?;
+        if let Some(s) = &state {
+            s.check_lora(&request.loras)?;
+        }
         let mut images = self.run_round_once(
             std::slice::from_ref(request),
             state,
@@ -320,6 +334,13 @@ impl<L: ParallelLeader> ParallelPipeline<L> {
                 g.publish(r.step, false);
             }
         }
+        if let Some(hub) = &self.lora {
+            for r in requests {
+                if let Err(e) = hub.prefetch(&r.loras) {
+                    tracing::debug!(error = %e, "lora prefetch failed; the ranks report it");
+                }
+            }
+        }
         let (ck_tx, ck_rx) = channel();
         let sink = (every > 0).then(|| CheckpointSink { every, tx: ck_tx });
         let mut expected = 0;
@@ -351,7 +372,7 @@ impl<L: ParallelLeader> ParallelPipeline<L> {
         // Other groups follow group 0's decisions on their own gates.
         self.last_failed_rank = None;
         let parts = self.checkpoint_parts();
-        let mut assembler = CheckpointAssembler::default();
+        let mut assembler = CheckpointAssembler::for_stack(crate::lora::stack_id(&requests[0].loras));
         let mut on_part = |part: CheckpointPart| -> Result<(), EngineError> {
             if let Some(c) = assembler.add(part, parts)? {
                 on_checkpoint(c);
@@ -364,6 +385,11 @@ impl<L: ParallelLeader> ParallelPipeline<L> {
             .is_err_and(|e| !matches!(e, EngineError::Cancelled { .. }))
         {
             self.broken = true;
+            // Some ranks may have merged the job's LoRA stack and others not (or failed
+            // mid-merge): every rank starts the next job from its base weights.
+            if let Some(hub) = &self.lora {
+                hub.invalidate();
+            }
         }
         let mut images = result?;
         images.sort_by_key(|(rank, _)| *rank);
@@ -652,5 +678,9 @@ impl<L: ParallelLeader> Engine for ParallelPipeline<L> {
             }
         }
         self.generate_checkpointed(request, resume, every, on_checkpoint, on_step)
+    }
+
+    fn lora_status(&self) -> crate::LoraStatus {
+        self.lora.as_ref().map(|h| h.status()).unwrap_or_default()
     }
 }

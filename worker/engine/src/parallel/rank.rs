@@ -34,6 +34,17 @@ pub trait ParallelLeader: Send + Sized + 'static {
 
     /// Where the leader computes (a leader is reused on its device when the plan changes).
     fn device(&self) -> Device;
+
+    /// The adapters cache and LoRA status the leader's ranks share (`None`: no LoRA support).
+    fn lora_hub(&self) -> Option<std::sync::Arc<crate::lora::LoraHub>> {
+        None
+    }
+
+    /// Makes the leader read adapters through `hub` (the data-parallel groups of one engine
+    /// share one cache).
+    fn set_lora_hub(&mut self, hub: std::sync::Arc<crate::lora::LoraHub>) {
+        let _ = hub;
+    }
 }
 
 /// One rank thread's model: runs its part of each job.
@@ -230,9 +241,19 @@ impl CheckpointSink {
 #[derive(Debug, Default)]
 pub struct CheckpointAssembler {
     pending: std::collections::BTreeMap<u32, Vec<CheckpointPart>>,
+    /// The job's LoRA stack ([`crate::lora::stack_id`]), recorded in every checkpoint.
+    lora: String,
 }
 
 impl CheckpointAssembler {
+    /// An assembler for a job run under the LoRA stack `lora` ([`crate::lora::stack_id`]).
+    pub fn for_stack(lora: String) -> Self {
+        Self {
+            pending: Default::default(),
+            lora,
+        }
+    }
+
     /// Adds a part; returns the step's checkpoint once all `expected` parts are in.
     pub fn add(
         &mut self,
@@ -264,6 +285,7 @@ impl CheckpointAssembler {
                     state: p.state,
                 })
                 .collect(),
+            lora: self.lora.clone(),
         };
         Ok(Some(crate::StepCheckpoint {
             step,

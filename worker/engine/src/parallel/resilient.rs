@@ -400,4 +400,8 @@ impl<L: ParallelLeader> Engine for ResilientParallel<L> {
     fn degraded(&self) -> Option<String> {
         self.degraded.clone()
     }
+
+    fn lora_status(&self) -> crate::LoraStatus {
+        self.inner.as_ref().map(|p| p.lora_status()).unwrap_or_default()
+    }
 }

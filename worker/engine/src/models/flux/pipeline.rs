@@ -12,6 +12,7 @@ use super::t5::{self, T5Encoder};
 use super::tokenizer::PromptTokenizer;
 use super::transformer::{self, Flux};
 use super::vae::{self, Decoder};
+use crate::lora::{LoraHub, LoraSlot, flux::FluxLora};
 use crate::models::DiffusionModel;
 use crate::schedulers::{FlowMatchEulerDiscreteScheduler, Scheduler};
 use crate::{
@@ -88,6 +89,8 @@ pub struct Pipeline {
     encoders: TextEncoders,
     options: PipelineOptions,
     info: EngineInfo,
+    /// The LoRA stack merged into the transformer and the resident CLIP encoder.
+    lora: LoraSlot,
 }
 
 pub(crate) use crate::device::{device_name, sync_on};
@@ -151,6 +154,7 @@ impl Pipeline {
                 options.kind
             ),
         };
+        let lora = Self::lora_slot(&transformer, &encoders, d.transformer);
         Ok(Self {
             model: model.into(),
             transformer,
@@ -161,7 +165,44 @@ impl Pipeline {
             encoders,
             options,
             info,
+            lora,
         })
+    }
+
+    /// The LoRA slot of a pipeline: Flux's mapping for its transformer and, when resident, its
+    /// CLIP encoder (a low-memory pipeline loads CLIP per job: text-encoder modules are refused
+    /// as matching nothing), with a cache sized by the engine settings.
+    fn lora_slot(transformer: &Flux, encoders: &TextEncoders, device: Device) -> LoraSlot {
+        let clip = match encoders {
+            TextEncoders::Resident { clip, .. } => Some(&clip.config),
+            TextEncoders::OnDemand { .. } => None,
+        };
+        LoraSlot::new(
+            LoraHub::from_settings(device),
+            std::sync::Arc::new(FluxLora::new(&transformer.config, clip)),
+        )
+    }
+
+    /// The LoRA slot (the stack merged now; the adapters cache).
+    pub fn lora(&self) -> &LoraSlot {
+        &self.lora
+    }
+
+    pub fn lora_mut(&mut self) -> &mut LoraSlot {
+        &mut self.lora
+    }
+
+    /// Merges the request's LoRA stack into the weights (free when it is the one applied; on
+    /// any failure the base weights are back and the job fails with the reason).
+    pub fn apply_loras(&mut self, request: &GenerateRequest) -> Result<(), EngineError> {
+        let clip = match &self.encoders {
+            TextEncoders::Resident { clip, .. } => Some(clip),
+            TextEncoders::OnDemand { .. } => None,
+        };
+        let transformer = &self.transformer;
+        self.lora
+            .prepare(&request.loras, || crate::lora::flux::weights(transformer, clip))?;
+        Ok(())
     }
 
     fn device_list(d: &Devices) -> Vec<String> {
@@ -235,6 +276,8 @@ impl Pipeline {
             parallel_degree: 1,
             note: "tiny random-weight Flux config, not a trained model (images are noise)".into(),
         };
+        let encoders = TextEncoders::Resident { clip, t5 };
+        let lora = Self::lora_slot(&transformer, &encoders, device);
         Ok(Self {
             model: "flux-dev".into(),
             transformer,
@@ -242,9 +285,10 @@ impl Pipeline {
             scheduler: SchedulerConfig::dev(),
             clip_tokenizer: PromptTokenizer::tiny_clip(77)?,
             t5_tokenizer: PromptTokenizer::tiny_t5(t5_len)?,
-            encoders: TextEncoders::Resident { clip, t5 },
+            encoders,
             options: PipelineOptions::new(device, kind),
             info,
+            lora,
         })
     }
 
@@ -270,6 +314,8 @@ impl Pipeline {
             parallel_degree: 1,
             note: "Flux.1-dev shapes with random weights (benchmarks only; images are noise)".into(),
         };
+        let encoders = TextEncoders::Resident { clip, t5 };
+        let lora = Self::lora_slot(&transformer, &encoders, device);
         Ok(Self {
             model: "flux-dev".into(),
             transformer,
@@ -277,9 +323,10 @@ impl Pipeline {
             scheduler: SchedulerConfig::dev(),
             clip_tokenizer: PromptTokenizer::tiny_clip(77)?,
             t5_tokenizer: PromptTokenizer::tiny_t5(512)?,
-            encoders: TextEncoders::Resident { clip, t5 },
+            encoders,
             options: PipelineOptions::new(device, kind),
             info,
+            lora,
         })
     }
 
@@ -606,11 +653,7 @@ impl DiffusionModel for Pipeline {
 
     fn check(&self, request: &GenerateRequest) -> Result<(), EngineError> {
         Pipeline::check(self, request)?;
-        if !request.loras.is_empty() {
-            return Err(EngineError::InvalidRequest(
-                "this engine was given LoRA adapters it cannot apply (the worker applies them)".into(),
-            ));
-        }
+        self.lora.check_applied(&request.loras)?;
         if let Some(plan) = request
             .plan
             .as_deref()
@@ -723,7 +766,13 @@ impl Engine for Pipeline {
         on_checkpoint: &mut dyn FnMut(StepCheckpoint),
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
+        Pipeline::check(self, request)?;
+        self.apply_loras(request)?;
         crate::models::generate(&*self, request, resume, every, on_checkpoint, on_step)
+    }
+
+    fn lora_status(&self) -> crate::LoraStatus {
+        self.lora.hub().status()
     }
 }
 

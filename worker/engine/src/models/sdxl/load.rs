@@ -15,6 +15,8 @@ use crate::flux::clip::{self, Activation, ClipTextModel};
 use crate::flux::pipeline::device_name;
 use crate::flux::tokenizer::PromptTokenizer;
 use crate::flux::vae::Decoder;
+use crate::lora::sdxl::SdxlLora;
+use crate::lora::{LoraHub, LoraSlot};
 use crate::{EngineError, EngineInfo};
 
 /// stable-diffusion-xl-base-1.0's `scheduler/scheduler_config.json` (for pipelines built without
@@ -141,6 +143,7 @@ impl SdxlPipeline {
                 perf.name()
             ),
         };
+        let lora = lora_slot(&unet, &text, d.unet);
         let mut pipeline = Self {
             unet,
             text,
@@ -153,6 +156,7 @@ impl SdxlPipeline {
             },
             info,
             graphs: Default::default(),
+            lora,
         };
         pipeline.check_dims()?;
         pipeline.set_perf(perf)?;
@@ -211,6 +215,7 @@ impl SdxlPipeline {
             parallel_degree: 1,
             note: "tiny random-weight SDXL config, not a trained model (images are noise)".into(),
         };
+        let lora = lora_slot(&unet, &text, device);
         let pipeline = Self {
             unet,
             text,
@@ -220,6 +225,7 @@ impl SdxlPipeline {
             options: PipelineOptions::new(device, kind),
             info,
             graphs: Default::default(),
+            lora,
         };
         pipeline.check_dims()?;
         Ok(pipeline)
@@ -261,6 +267,7 @@ impl SdxlPipeline {
                 perf.name()
             ),
         };
+        let lora = lora_slot(&unet, &text, d.unet);
         let mut pipeline = Self {
             unet,
             text,
@@ -273,11 +280,19 @@ impl SdxlPipeline {
             },
             info,
             graphs: Default::default(),
+            lora,
         };
         pipeline.check_dims()?;
         pipeline.set_perf(perf)?;
         Ok(pipeline)
     }
+}
+
+/// The LoRA slot of a pipeline: SDXL's mapping for its UNet and both text encoders, with a
+/// cache sized by the engine settings.
+fn lora_slot(unet: &Unet, text: &TextEncoders, device: Device) -> LoraSlot {
+    let family = SdxlLora::new(unet, &text.text_encoder.config, &text.text_encoder_2.config);
+    LoraSlot::new(LoraHub::from_settings(device), std::sync::Arc::new(family))
 }
 
 fn device_list(d: &Devices) -> Vec<String> {

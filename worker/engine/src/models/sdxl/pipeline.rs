@@ -34,6 +34,7 @@ use super::vae::{self, Vae};
 use crate::denoise::Denoiser;
 use crate::flux::pipeline::to_rgb8;
 use crate::guidance::Guidance;
+use crate::lora::LoraSlot;
 use crate::models::DiffusionModel;
 use crate::schedulers::{self, Scheduler, SchedulerKind};
 use crate::{
@@ -112,6 +113,8 @@ pub struct SdxlPipeline {
     pub(super) info: EngineInfo,
     /// The captured UNet steps (with [`Perf::cuda_graphs`]).
     pub(super) graphs: StepGraphs,
+    /// The LoRA stack merged into the UNet and both text encoders.
+    pub(super) lora: LoraSlot,
 }
 
 /// A request's encoded conditioning, on the UNet's device in its dtype: `rows` = 2 under
@@ -136,6 +139,9 @@ impl SdxlPipeline {
     /// convolution weights' layout in place when `channels_last` changes and drops the captured
     /// step graphs.
     pub fn set_perf(&mut self, perf: Perf) -> Result<(), EngineError> {
+        // The layout change and the stacking may give the variables new storage: the LoRA
+        // applier's handles would miss it, so the base weights go back first.
+        self.lora.reset()?;
         self.graphs.clear();
         let was = self.options.perf;
         self.unet.set_perf(perf)?;
@@ -143,6 +149,33 @@ impl SdxlPipeline {
             fast::set_conv_layout(&self.vae.decoder.vs, perf.channels_last)?;
         }
         self.options.perf = perf;
+        Ok(())
+    }
+
+    /// The LoRA slot (the stack merged now; the adapters cache).
+    pub fn lora(&self) -> &LoraSlot {
+        &self.lora
+    }
+
+    pub fn lora_mut(&mut self) -> &mut LoraSlot {
+        &mut self.lora
+    }
+
+    /// The variables a LoRA stack may be merged into on the leader: the UNet and both encoders.
+    pub(crate) fn lora_weights(&self) -> crate::lora::Weights {
+        crate::lora::sdxl::weights(
+            &self.unet,
+            Some((&self.text.text_encoder, &self.text.text_encoder_2)),
+        )
+    }
+
+    /// Merges the request's LoRA stack into the weights (free when it is the one applied; on
+    /// any failure the base weights are back and the job fails with the reason).
+    pub fn apply_loras(&mut self, request: &GenerateRequest) -> Result<(), EngineError> {
+        let (unet, text) = (&self.unet, &self.text);
+        self.lora.prepare(&request.loras, || {
+            crate::lora::sdxl::weights(unet, Some((&text.text_encoder, &text.text_encoder_2)))
+        })?;
         Ok(())
     }
 
@@ -272,11 +305,6 @@ impl SdxlPipeline {
         {
             return Err(unknown_scheduler(name));
         }
-        if !r.loras.is_empty() {
-            return invalid(
-                "this engine was given LoRA adapters it cannot apply (the worker applies them)".into(),
-            );
-        }
         Ok(())
     }
 
@@ -359,6 +387,7 @@ impl DiffusionModel for SdxlPipeline {
 
     fn check(&self, request: &GenerateRequest) -> Result<(), EngineError> {
         self.check_request(request)?;
+        self.lora.check_applied(&request.loras)?;
         if let Some(plan) = request
             .plan
             .as_deref()
@@ -453,7 +482,13 @@ impl Engine for SdxlPipeline {
         on_checkpoint: &mut dyn FnMut(StepCheckpoint),
         on_step: &mut dyn FnMut(StepEvent) -> Control,
     ) -> Result<GeneratedImage, EngineError> {
+        self.check_request(request)?;
+        self.apply_loras(request)?;
         crate::models::generate(&*self, request, resume, every, on_checkpoint, on_step)
+    }
+
+    fn lora_status(&self) -> crate::LoraStatus {
+        self.lora.hub().status()
     }
 }
 
@@ -499,18 +534,6 @@ mod tests {
             (
                 Box::new(|r| r.scheduler = Some("flow_euler".into())),
                 "euler, euler_a",
-            ),
-            (
-                Box::new(|r| {
-                    r.loras.push(crate::LoraRef {
-                        name: "a".into(),
-                        version: "1".into(),
-                        scale: 1.0,
-                        path: None,
-                        checksum: None,
-                    })
-                }),
-                "LoRA",
             ),
         ];
         for (edit, want) in cases {

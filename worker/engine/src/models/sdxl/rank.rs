@@ -8,6 +8,7 @@
 //! schedulers step a band exactly as they would step the whole latent. The ranks of CFG branch 0
 //! decode their bands ([`super::parallel::decode_band`]) and send the image rows to rank 0.
 
+use std::sync::Mutex;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
@@ -21,6 +22,7 @@ use crate::denoise::{self, Hooks, Resume};
 use crate::device::sync_on;
 use crate::flux::pipeline::to_rgb8;
 use crate::guidance::Guidance;
+use crate::lora::LoraSlot;
 use crate::models::{check_finite, initial_sample};
 use crate::parallel::Plan;
 use crate::parallel::comm::Communicator;
@@ -60,6 +62,8 @@ pub enum SdxlRankModel {
 pub struct SdxlRank {
     pub model: SdxlRankModel,
     spec: GroupSpec,
+    /// The LoRA stack merged into this rank's copy of the UNet (and the leader's encoders).
+    lora: Mutex<LoraSlot>,
 }
 
 impl ParallelLeader for SdxlPipeline {
@@ -77,7 +81,17 @@ impl ParallelLeader for SdxlPipeline {
         self.options().devices.unet
     }
 
-    fn split(self, plan: &Plan, devices: &[Device]) -> Result<Vec<SdxlRank>, EngineError> {
+    fn lora_hub(&self) -> Option<std::sync::Arc<crate::lora::LoraHub>> {
+        Some(self.lora().hub().clone())
+    }
+
+    fn set_lora_hub(&mut self, hub: std::sync::Arc<crate::lora::LoraHub>) {
+        self.lora_mut().set_hub(hub);
+    }
+
+    fn split(mut self, plan: &Plan, devices: &[Device]) -> Result<Vec<SdxlRank>, EngineError> {
+        // The replicas are copies of the base weights; each rank merges stacks into its own.
+        self.lora_mut().reset()?;
         let (config, source) = self.scheduler_config();
         let spec = GroupSpec {
             plan: *plan,
@@ -105,13 +119,16 @@ impl ParallelLeader for SdxlPipeline {
                     device,
                 },
                 spec: spec.clone(),
+                lora: Mutex::new(self.lora().follower()),
             });
         }
+        let lora = Mutex::new(self.lora().another(true));
         ranks.insert(
             0,
             SdxlRank {
                 model: SdxlRankModel::Leader(Box::new(self)),
                 spec,
+                lora,
             },
         );
         Ok(ranks)
@@ -137,10 +154,23 @@ impl RankWork for SdxlRank {
     }
 
     fn run(&self, job: &RankJob<'_>) -> Result<RankOutput, EngineError> {
+        {
+            let mut slot = self.lora.lock().unwrap_or_else(|p| p.into_inner());
+            slot.prepare(&job.request.loras, || match &self.model {
+                SdxlRankModel::Leader(p) => p.lora_weights(),
+                SdxlRankModel::Follower { unet, .. } => crate::lora::sdxl::weights(unet, None),
+            })?;
+        }
         run_rank(self, job)
     }
 
+    /// The leader goes back with its base weights.
     fn into_leader(self) -> Option<SdxlPipeline> {
+        let mut slot = self.lora.into_inner().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = slot.reset() {
+            tracing::error!(error = %e, "could not restore the base weights of a rank's LoRA stack");
+            return None;
+        }
         match self.model {
             SdxlRankModel::Leader(p) => Some(*p),
             SdxlRankModel::Follower { .. } => None,

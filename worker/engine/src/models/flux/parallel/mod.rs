@@ -9,6 +9,7 @@
 pub mod pipefusion;
 pub mod runner;
 
+use std::sync::Mutex;
 use std::time::Instant;
 
 use tch::{Device, Kind};
@@ -19,6 +20,8 @@ use super::sampling::{self, SchedulerConfig};
 use super::transformer::{Flux, Part};
 use super::vae::Decoder;
 use crate::device::sync_on;
+use crate::lora::LoraSlot;
+use crate::lora::flux::weights;
 use crate::parallel::Plan;
 use crate::parallel::plan::Splits;
 use crate::parallel::rank::{ParallelLeader, RankJob, RankOutput, RankWork};
@@ -65,10 +68,20 @@ impl ParallelLeader for Pipeline {
         self.options().devices.transformer
     }
 
+    fn lora_hub(&self) -> Option<std::sync::Arc<crate::lora::LoraHub>> {
+        Some(self.lora().hub().clone())
+    }
+
+    fn set_lora_hub(&mut self, hub: std::sync::Arc<crate::lora::LoraHub>) {
+        self.lora_mut().set_hub(hub);
+    }
+
     /// The transformer is replicated onto the group's other devices (under PipeFusion each rank
     /// gets only its stage's part and the leader's own is cut down to stage 0's); ranks of CFG
     /// branch 0 get a VAE replica for the patch-parallel decode.
     fn split(mut self, plan: &Plan, devices: &[Device]) -> Result<Vec<FluxRank>, EngineError> {
+        // The replicas are copies of the base weights; each rank merges stacks into its own.
+        self.lora_mut().reset()?;
         let config = self.transformer.config.clone();
         let parts = if plan.pipefusion > 1 {
             Some(pipefusion::stage_parts(&config, plan.pipefusion)?)
@@ -108,6 +121,7 @@ impl ParallelLeader for Pipeline {
                     device,
                 },
                 spec: spec.clone(),
+                lora: Mutex::new(self.lora().follower()),
             });
         }
         if parts.is_some() {
@@ -115,11 +129,13 @@ impl ParallelLeader for Pipeline {
             let dev = self.options().devices.transformer;
             self.transformer = self.transformer.copy_part(&part_of(0), dev)?;
         }
+        let lora = Mutex::new(self.lora().another(true));
         ranks.insert(
             0,
             FluxRank {
                 model: RankModel::Leader(Box::new(self)),
                 spec,
+                lora,
             },
         );
         Ok(ranks)
@@ -130,6 +146,9 @@ impl ParallelLeader for Pipeline {
 pub struct FluxRank {
     pub model: RankModel,
     spec: GroupSpec,
+    /// The LoRA stack merged into the weights this rank holds (its stage's blocks under
+    /// PipeFusion; the CLIP encoder on the leader).
+    lora: Mutex<LoraSlot>,
 }
 
 impl RankWork for FluxRank {
@@ -147,11 +166,24 @@ impl RankWork for FluxRank {
     }
 
     fn run(&self, job: &RankJob<'_>) -> Result<RankOutput, EngineError> {
+        {
+            let mut slot = self.lora.lock().unwrap_or_else(|p| p.into_inner());
+            slot.prepare(&job.request.loras, || match &self.model {
+                RankModel::Leader(p) => weights(&p.transformer, p.resident_clip()),
+                RankModel::Follower { flux, .. } => weights(flux, None),
+            })?;
+        }
         run_rank(&self.model, &self.spec, job)
     }
 
-    /// A PipeFusion leader holds one stage only: not reusable for another plan.
+    /// A PipeFusion leader holds one stage only: not reusable for another plan. The leader
+    /// goes back with its base weights.
     fn into_leader(self) -> Option<Pipeline> {
+        let mut slot = self.lora.into_inner().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = slot.reset() {
+            tracing::error!(error = %e, "could not restore the base weights of a rank's LoRA stack");
+            return None;
+        }
         match self.model {
             RankModel::Leader(p) if self.spec.plan.pipefusion <= 1 => Some(*p),
             _ => None,
