@@ -14,11 +14,11 @@
 # Then one device call per kind (see docs/benchmarks.md, "SDXL across 2, 4 and 8 GPUs"), carry
 # [".gpu", ".whl"]:
 #   OUT=$OUT bash bench/sdxl_multi/run.sh
-# Env: SKIP_BUILD=1, SKIP_WHEELS=1, CARGO_TARGET_DIR (default target), CARGO_JOBS.
+# Env: SKIP_BUILD=1, SKIP_WHEELS=1, VENV (default .venv), CARGO_TARGET_DIR (default target), CARGO_JOBS.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
-export PATH=$PWD/.venv/bin:$PATH LIBTORCH_USE_PYTORCH=1
-git check-ignore -q .gpu .whl || { echo ".gpu and .whl must be git-ignored (.gitignore lists them)" >&2; exit 1; }
+export PATH=${VENV:-$PWD/.venv}/bin:$PATH LIBTORCH_USE_PYTORCH=1  # the venv with torch 2.11 (make setup)
+{ git check-ignore -q .gpu && git check-ignore -q .whl; } || { echo ".gpu and .whl must be git-ignored (.gitignore lists them)" >&2; exit 1; }
 if [[ -z "${SKIP_BUILD:-}" ]]; then
   cargo build --release -p ditfleet-engine --features bench --example sdxl_multi ${CARGO_JOBS:+-j $CARGO_JOBS}
   mkdir -p .gpu
@@ -38,7 +38,7 @@ if [[ -z "${SKIP_WHEELS:-}" ]]; then
     transformers==5.23.0 tokenizers==0.23.3 regex==2026.12.2 \
     xfuser==0.7.0 yunchang==0.6.4 distvae==0.1.0 einops==0.8.2
 fi
-ls -la .gpu .whl
+ls -la .gpu .whl || true
 # The device call carries at most 64 MiB: the working tree (tracked and untracked files) with these.
 tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
 carried=$(du -cb .gpu .whl | tail -1 | cut -f1)

@@ -78,8 +78,10 @@ fi
 {
   date -u
   echo "devices: $DEVICES (${NGPU} GPUs seen)${DRY_RUN:+ DRY_RUN on the CPU}"
-  nvidia-smi --query-gpu=index,name,memory.total,memory.used,clocks.sm,clocks.max.sm,power.limit --format=csv
-  nvidia-smi topo -m
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=index,name,memory.total,memory.used,clocks.sm,clocks.max.sm,power.limit --format=csv
+    nvidia-smi topo -m
+  fi
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'gpus', torch.cuda.device_count())"
   [[ -n "$PYSITE" ]] && python3 -c "import diffusers, transformers; print('diffusers', diffusers.__version__, 'transformers', transformers.__version__)" 2>&1 | tail -1
   [[ -n "$HAVE_XFUSER" ]] && python3 -c "import importlib.metadata as m; print('xfuser', m.version('xfuser'), 'yunchang', m.version('yunchang'), 'distvae', m.version('distvae'))" 2>&1 | tail -1
@@ -146,6 +148,7 @@ for s in $SIZES; do
   [[ -n "${XDIT_X1:-}" ]] && xdit 1 "$s"
   diffusers "$s"
 done
-python3 "$HERE/summarize.py" "$W" --json-out "$OUT/results.json" > "$OUT/summary.md" 2> "$W/logs/summarize.err"
+python3 "$HERE/summarize.py" "$W" --json-out "$OUT/results.json" ${DRY_RUN:+--dry-run} > "$OUT/summary.md" \
+  2> "$W/logs/summarize.err"
 tar -C "$OUT" -czf "$OUT/all.tgz" work && rm -rf "$W"
 cat "$OUT/summary.md"

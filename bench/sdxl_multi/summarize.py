@@ -115,6 +115,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("work")
     ap.add_argument("--json-out", default="")
+    ap.add_argument("--dry-run", action="store_true", help="say that the figures are a CPU dry run's")
     a = ap.parse_args()
     W = a.work
     merged, by_size = {}, {}
@@ -142,7 +143,12 @@ def main():
     except OSError:
         pass
     print("# SDXL across GPUs: ditfleet's plans vs one GPU, xDiT and diffusers (issue 21)\n")
-    print("SDXL base 1.0 shapes, random weights, bf16, Euler with CFG (guidance 5, zeros as the negative prompt).\n")
+    if a.dry_run:
+        print("**DRY RUN on the CPU: tiny models, ranks as threads; the times below measure nothing, only that "
+              "every stage ran.**\n")
+    else:
+        print("SDXL base 1.0 shapes, random weights, bf16, Euler with CFG (guidance 5, zeros as the negative "
+              "prompt).\n")
     if env:
         print("```\n" + env + "\n```\n")
     print("Columns: ms/step = median step time of the timed runs; loop / e2e = the fastest timed request's "

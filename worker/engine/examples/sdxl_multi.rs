@@ -47,8 +47,8 @@ use anyhow::{Context, Result, bail};
 use ditfleet_engine::aten;
 use ditfleet_engine::models::sdxl::fast::Perf;
 use ditfleet_engine::models::sdxl::{PipelineOptions, SdxlPipeline};
-use ditfleet_engine::parallel::{CommFactory, NcclFactory, ParallelPipeline, Plan, ThreadsFactory, nccl};
 use ditfleet_engine::models::{self, DiffusionModel};
+use ditfleet_engine::parallel::{CommFactory, NcclFactory, ParallelPipeline, Plan, ThreadsFactory, nccl};
 use ditfleet_engine::{Control, Engine, GenerateRequest, GeneratedImage};
 use serde_json::{Value, json};
 use tch::{Device, Kind, Tensor};
@@ -408,7 +408,13 @@ fn run_plan(
     ordinals.dedup();
     let devices: Vec<Device> = used
         .iter()
-        .map(|&d| if a.cpu { Device::Cpu } else { Device::Cuda(d as usize) })
+        .map(|&d| {
+            if a.cpu {
+                Device::Cpu
+            } else {
+                Device::Cuda(d as usize)
+            }
+        })
         .collect();
     let mut p = match leader.take() {
         Some(p) => p,
