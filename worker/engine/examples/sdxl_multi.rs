@@ -27,10 +27,11 @@
 //! ```
 //! `--plans all`: `single`, then every UNet plan ([`Plan::unet_candidates`] with CFG) on 2, 4, 8,
 //! ... of the devices (powers of two up to their count, and the count itself): `patch=2;cfg=2;
-//! patch=4;cfg=2,patch=2;patch=8;cfg=2,patch=4` on eight. A plan may carry `@VARIANT` (a
-//! [`Perf`] spec, e.g. `single@reference`): the leader's fast paths are set to it before that
-//! plan and set back after it (the parallel ranks run the UNet's plain formulation whatever the
-//! leader's setting).
+//! patch=4;cfg=2,patch=2;patch=8;cfg=2,patch=4` on eight (`all` may stand among other plans:
+//! `all;single@reference`). A plan may carry `@VARIANT` (a [`Perf`] spec, e.g.
+//! `single@reference`): the leader's fast paths are set to it before that plan and set back after
+//! it (in a parallel plan the leader's UNet computes rank 0's band with them; the other ranks'
+//! replicas are built with none).
 //! `--devices 0,0,0,0 --backend threads`: every rank a thread on one GPU (timings meaningless,
 //! numerics the plans' own). `--tiny --cpu`: the tiny random SDXL on the CPU, ranks as threads
 //! (`--devices` gives only the rank count): a dry run of every code path.
@@ -178,15 +179,14 @@ fn parse() -> Result<Args> {
     if !a.size.is_multiple_of(8) {
         bail!("--size must be a multiple of 8");
     }
-    a.plans = if plans == "all" {
-        all_plans(a.devices.len())
-    } else {
-        plans
-            .split(';')
-            .filter(|p| !p.trim().is_empty())
-            .map(parse_plan)
-            .collect::<Result<_>>()?
-    };
+    a.plans = Vec::new();
+    for p in plans.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        if p == "all" {
+            a.plans.extend(all_plans(a.devices.len()));
+        } else {
+            a.plans.push(parse_plan(p)?);
+        }
+    }
     Ok(a)
 }
 
