@@ -16,7 +16,8 @@
 #   OUT=$OUT bash bench/sdxl_multi/run.sh
 # Env: BUDGET_S (default 570: every stage's timeout is cut to what is left), SIZES ("1024 2048"),
 # STEPS (30), DEVICES (default: every GPU, 0,1,...), PLANS (all), RUNS (2; RUNS_BIG=1 at 2048 and up),
-# OURS_T / PEER_T (stage timeouts, 240 / 150), XDIT_X1=1, SKIP_XDIT=1, SKIP_DIFFUSERS=1,
+# OURS_T / PEER_T (stage timeouts, 240 / 150), XDIT_X1=1, SKIP_XDIT=1, SKIP_DIFFUSERS=1, BACKEND
+# (nccl; threads with DEVICES=0,0: every rank a thread on one GPU, a smoke test whose times mean nothing),
 # BIN (.gpu/sdxl_multi), DRY_RUN=1 (a CPU machine: the tiny models on the CPU at 64² and 128², 4 steps,
 # our plans as threads over DEVICES (default 8 ranks), xDiT on 2 gloo ranks, diffusers on the CPU; the
 # peers only where the wheels import).
@@ -38,7 +39,7 @@ else
   NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
   DEVICES=${DEVICES:-$(seq -s, 0 $((NGPU - 1)))}
 fi
-NDEV=$(tr ',' '\n' <<< "$DEVICES" | grep -c .)
+[[ -n "${BACKEND:-}" && -z "${DRY_RUN:-}" ]] && OURS_ARGS+=(--backend "$BACKEND")
 TORCH=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null \
   || echo /opt/torch/.venv/lib/python3.12/site-packages/torch)
 NCCL_DIR=$TORCH/../nvidia/nccl/lib
