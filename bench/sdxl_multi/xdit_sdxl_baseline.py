@@ -33,6 +33,7 @@ the relative L2 and PSNR of xDiT's image against it.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -202,13 +203,17 @@ def main():
                 step_ms = [(h[i + 1] - h[i]) * 1e3 for i in range(len(h) - 1)]
                 loop_s, decode_s = h[-1] - h[0], None
             runs.append(dict(step_ms=step_ms, loop_s=loop_s, decode_s=decode_s, encode_s=enc, e2e_s=e2e))
+        # Collectives on the process group's device (NCCL takes CUDA tensors only).
         peak = torch.tensor([float(torch.cuda.max_memory_allocated(device)) if cuda else 0.0,
-                             float(torch.cuda.max_memory_reserved(device)) if cuda else 0.0], dtype=torch.float64)
+                             float(torch.cuda.max_memory_reserved(device)) if cuda else 0.0],
+                            dtype=torch.float64, device=device)
         peaks = [torch.zeros_like(peak) for _ in range(world)]
         dist.all_gather(peaks, peak)
+        peaks = [p.cpu() for p in peaks]
         img = np.asarray(images[0], dtype=np.float64)
+        digest = hashlib.sha256(np.asarray(images[0], dtype=np.uint8).tobytes()).hexdigest()
         gathered = [None] * world
-        dist.all_gather_object(gathered, img.tobytes() if world > 1 else None)
+        dist.all_gather_object(gathered, digest)
         ranks_agree = all(x == gathered[0] for x in gathered) if world > 1 else None
         check = None
         if a.check:
