@@ -7,7 +7,7 @@ WORKDIR holds ours_<size>.jsonl (sdxl_multi: one line per plan), xdit_x<N>_<size
 (xdit_sdxl_baseline.py on N ranks) and diffusers_<size>.json (bench/sdxl_1gpu's diffusers
 baseline); ../env.txt describes the machine. Per size, one table:
 
-  plan | GPUs | ms/step | loop s | e2e s | peak GiB per GPU | speed-up loop / e2e vs our single |
+  plan | GPUs | size | ms/step | loop s | e2e s | peak GiB per GPU | speed-up loop / e2e vs our single |
   efficiency (loop speed-up / GPUs) | rel L2 | PSNR dB | vs xDiT (xDiT's time / ours, same GPU count)
 
 with xDiT's and diffusers' rows below ours (diffusers reports no end-to-end time: its row shows
@@ -167,12 +167,12 @@ def main():
         xd = {r["gpus"]: r for r in rows if r["who"] == "xdit"}
         diff = next((r for r in rows if r["who"] == "diffusers"), None)
         print(f"## {size}x{size}" + (f", {steps} steps" if steps else "") + "\n")
-        print("| plan | GPUs | ms/step | loop s | e2e s | peak GiB per GPU | NVML max GiB | speed-up loop / e2e | "
+        print("| plan | GPUs | size | ms/step | loop s | e2e s | peak GiB per GPU | NVML max GiB | speed-up loop / e2e | "
               "efficiency | rel L2 | PSNR dB | vs xDiT loop / e2e |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             if r["error"]:
-                print(f"| {r['name']} | {r['gpus']} | error: {r['error'][:120]} | | | | | | | | | |")
+                print(f"| {r['name']} | {r['gpus']} | {size}² | error: {r['error'][:120]} | | | | | | | | | |")
                 continue
             sp_l = single["loop"] / r["loop"] if single and r["loop"] else None
             sp_e = single["e2e"] / r["e2e"] if single and r["e2e"] else None
@@ -184,7 +184,7 @@ def main():
                   f"{fmt(x['e2e'] / r['e2e'] if x and x['e2e'] and r['e2e'] else None)}x") if x else "–"
             psnr = "identical" if r.get("identical") else fmt(r["psnr"], ".1f")
             nv = max([v for v in (r["nvml"] or []) if v is not None and not math.isnan(v)], default=None)
-            print(f"| {r['name']} | {r['gpus']} | {fmt(r['step'])} | {fmt(r['loop'], '.3f')} | "
+            print(f"| {r['name']} | {r['gpus']} | {size}² | {fmt(r['step'])} | {fmt(r['loop'], '.3f')} | "
                   f"{'≈' if r['e2e_approx'] else ''}{fmt(r['e2e'], '.3f')} | {gib_list(r['peak'])} | {fmt(nv, '.1f')} | "
                   f"{fmt(sp_l)}x / {fmt(sp_e)}x | {fmt(eff * 100 if eff else None, '.0f')}% | "
                   f"{fmt(r['rel'], '.2e')} | {psnr} | {vx} |")
