@@ -17,7 +17,8 @@
 //!   the end of the timed runs (every rank is a thread of this process, so each device's
 //!   allocator is read here; on one device, with the stage peaks the engine reports);
 //!   `peak_nvml_gib` per device: NVML's used memory sampled every 20 ms from the plan's build to
-//!   its end (context and libtorch's cache included);
+//!   its end (context and libtorch's cache included); `build_peak_alloc_gib`: the allocated peak
+//!   while the plan's engine was built (the weights and their replicas);
 //! * `latent_rel_l2_vs_single` (final latents) and `image_psnr_vs_single_db` (RGB8) against the
 //!   `single` plan of the same size earlier in this process (put `single` first).
 //!
@@ -447,7 +448,7 @@ fn run_plan(
         Eng::Par(Box::new(ParallelPipeline::new(vec![p], &devices, plan, factory)?))
     };
     let build_s = t_build.elapsed().as_secs_f64();
-    let resident = alloc_peaks(&ordinals, a.cpu);
+    let build_peak = alloc_peaks(&ordinals, a.cpu);
     let t_warm = Instant::now();
     let warm = request(a.size, a.warmup_steps, a.seed);
     engine.as_engine().generate(&warm, &mut |_| Control::Continue)?;
@@ -548,7 +549,7 @@ fn run_plan(
         "decode_s": t.decode_ms / 1e3,
         "e2e_s": best.e2e_s,
         "e2e_s_all": runs.iter().map(|r| r.e2e_s).collect::<Vec<_>>(),
-        "resident_alloc_gib": resident,
+        "build_peak_alloc_gib": build_peak,
         "peak_alloc_gib": peak_alloc,
         "peak_nvml_gib": peak_nvml,
         "engine_plan": t.plan,
