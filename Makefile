@@ -39,7 +39,8 @@ validate-deploy:
 test: build
 	@$(CARGO) test --workspace --exclude ditfleet-tests --no-fail-fast; a=$$?; \
 	  $(CARGO) test -p ditfleet-engine --features bench --lib --no-fail-fast; c=$$?; \
-	  $(CARGO) test -p ditfleet-tests --no-fail-fast -- --test-threads=1; b=$$?; \
+	  bash scripts/heal-rabbitmq.sh; \
+	  DITFLEET_TEST_HEAL_BROKER=1 $(CARGO) test -p ditfleet-tests --no-fail-fast -- --test-threads=1; b=$$?; \
 	  exit $$(( a | b | c ))
 	$(MAKE) --no-print-directory goldens
 	$(MAKE) --no-print-directory validate-deploy

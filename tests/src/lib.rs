@@ -275,6 +275,30 @@ pub const TEST_VERSIONS: [&str; 4] = [
     "flux-schnell@sim-1",
 ];
 
+/// Connects to `url`; when that is the shared broker, it does not answer and
+/// `DITFLEET_TEST_HEAL_BROKER=1` (set by `make test`), restarts it with scripts/heal-rabbitmq.sh
+/// and tries once more, so that one wedged RabbitMQ 3.10 node (see that script) fails at most the
+/// test that was running, not every test after it. Loud on stderr whenever it heals.
+async fn connect_healing(url: &str, name: &str) -> lapin::Connection {
+    match amqp::connect(url, name).await {
+        Ok(c) => return c,
+        Err(e) if url == AMQP_URL && std::env::var("DITFLEET_TEST_HEAL_BROKER").as_deref() == Ok("1") => {
+            eprintln!("!!! shared RabbitMQ on 127.0.0.1:5672 failed ({e}); restarting it (scripts/heal-rabbitmq.sh)");
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/heal-rabbitmq.sh");
+            let ok = tokio::process::Command::new("bash")
+                .arg(script)
+                .status()
+                .await
+                .is_ok_and(|s| s.success());
+            assert!(ok, "scripts/heal-rabbitmq.sh could not bring RabbitMQ back");
+        }
+        Err(e) => panic!("RabbitMQ at {url} (make test starts it): {e}"),
+    }
+    amqp::connect(url, name)
+        .await
+        .expect("RabbitMQ at 127.0.0.1:5672 after scripts/heal-rabbitmq.sh")
+}
+
 impl Fleet {
     /// Creates the namespace's topology and starts recording its events.
     pub async fn new(test: &str) -> Fleet {
@@ -301,9 +325,7 @@ impl Fleet {
         std::fs::create_dir_all(&result_dir).unwrap();
         std::fs::create_dir_all(&log_dir).unwrap();
         let topo = Topology::new(&ns);
-        let conn = amqp::connect(amqp_url, &format!("test {ns}"))
-            .await
-            .expect("RabbitMQ at 127.0.0.1:5672 (make test starts it)");
+        let conn = connect_healing(amqp_url, &format!("test {ns}")).await;
         let ch = conn.create_channel().await.unwrap();
         topo.declare(&ch, &CLASSES).await.unwrap();
         let publisher = Publisher::new(&conn).await.unwrap();
