@@ -165,7 +165,7 @@ pub fn safetensors_keys(reader: &mut impl Read, file_len: u64) -> Result<Vec<Str
         .map_err(|e| format!("reading the safetensors header: {e}"))?;
     let v: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&header).map_err(|e| format!("not a safetensors file (header: {e})"))?;
-    Ok(v.into_keys().collect())
+    Ok(v.into_iter().map(|(k, _)| k).collect())
 }
 
 /// Checks a local adapter file and describes it: its format (from the tensor names), size and
