@@ -554,13 +554,14 @@ async fn resolve_loras(
         out.push(r);
     }
     if !order.loras.is_empty() {
+        let bytes = shared.lora.bytes().await as i64;
         shared
             .metrics
             .lora_cache_bytes
             .get_or_create(&ditfleet_common::metrics::LoraCacheName {
                 cache: "download".into(),
             })
-            .set(shared.lora.bytes().await as i64);
+            .set(bytes);
     }
     Ok(out)
 }
