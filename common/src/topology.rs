@@ -5,7 +5,7 @@
 //! scheduler ──▶ {ns}.work (direct) ──▶ {ns}.work.<class>[.high|.low] (quorum, one per priority)
 //!                                   └─▶ {ns}.work.<class>.pin.<model>@<version> (pinned jobs)
 //!                                                                              ──▶ workers
-//! scheduler ──▶ {ns}.work.affinity (headers: x-ditfleet-worker) ──▶ {ns}.work.affinity.<worker>
+//! scheduler ──▶ {ns}.work.affinity (headers: ditfleet-worker) ──▶ {ns}.work.affinity.<worker>
 //!              (LoRA affinity; a message past its wait is dead-lettered to {ns}.work.return,
 //!               direct, bound to every class and per-model queue with its work key) ──▶ workers
 //! any service ──▶ {ns}.dlx (fanout) ──▶ {ns}.dead (quorum, the DLQ)
@@ -25,8 +25,9 @@ use crate::job::Priority;
 /// Routing key of submitted jobs on the submit exchange.
 pub const SUBMIT_KEY: &str = "job";
 /// Header naming the worker whose affinity queue a work order is for (see
-/// [`Topology::affinity_exchange`]).
-pub const AFFINITY_HEADER: &str = "x-ditfleet-worker";
+/// [`Topology::affinity_exchange`]). Not `x-…`: a headers exchange ignores such keys when
+/// matching, so every affinity queue would get a copy.
+pub const AFFINITY_HEADER: &str = "ditfleet-worker";
 /// How long an idle affinity queue (no consumer, no get) lives: a worker that went away for good
 /// leaves no queue behind. Far above any wait bound, so no order is ever in a queue that expires.
 pub const AFFINITY_QUEUE_EXPIRES_MS: i64 = 3_600_000;

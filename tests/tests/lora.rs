@@ -16,8 +16,8 @@ const T: Duration = Duration::from_secs(30);
 
 fn with_stack(id: &str, steps: u32, stack: &[&str]) -> JobSpec {
     let mut j = job(id, steps);
-    j.width = 64;
-    j.height = 64;
+    j.width = 256;
+    j.height = 256;
     j.loras = stack
         .iter()
         .map(|a| {
@@ -77,6 +77,8 @@ async fn adapters_pushed_to_s3_run_their_jobs_on_the_worker_holding_their_stack_
         ("DITFLEET_BALANCE_INTERVAL_MS", "200".into()),
         ("DITFLEET_AFFINITY_POLL_MS", "50".into()),
         ("DITFLEET_SIM_LORA_APPLY_MS", "150".into()),
+        // 100 steps (the most a job may have) take 4 s: the long job below.
+        ("DITFLEET_SIM_STEP_MS", "40".into()),
     ] {
         fleet.env.insert(k.into(), v);
     }
@@ -167,7 +169,7 @@ async fn adapters_pushed_to_s3_run_their_jobs_on_the_worker_holding_their_stack_
 
     // No starvation: the worker holding stack a is busy with a long job; the next a job waits
     // for it at most the bound (1.5 s), then the other worker takes it.
-    fleet.submit(&with_stack("long-a", 600, &["style-a@1"])).await;
+    fleet.submit(&with_stack("long-a", 100, &["style-a@1"])).await;
     let t = Instant::now();
     while fleet.state("long-a").await != Some(JobState::Running) {
         assert!(t.elapsed() < T, "long-a never started");
