@@ -247,7 +247,7 @@ mod tests {
     }
 
     async fn push(reg: &Registry, root: &Path, name: &str, base: &str, pad: usize) -> Manifest {
-        let keys: Vec<String> = (0..(1 + pad)).map(|i| format!("b{i}.lora_A.weight")).collect();
+        let keys: Vec<String> = (0..(1 + pad)).map(|i| format!("{name}{i}.lora_A.weight")).collect();
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         let f = root.join(format!("{name}.in"));
         std::fs::write(&f, ditfleet_common::lora::tiny_safetensors(&refs)).unwrap();
