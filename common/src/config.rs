@@ -825,7 +825,9 @@ impl SchedulerConfig {
             balance_interval: Duration::from_millis(env.positive("DITFLEET_BALANCE_INTERVAL_MS", 1000)?),
             spill: env.choice("DITFLEET_SPILL", "1", &["0", "1"])? == "1",
             lora_registry: lora_registry(env)?,
-            lora_manifest_cache: Duration::from_millis(env.parse("DITFLEET_LORA_MANIFEST_CACHE_MS", 5000u64)?),
+            lora_manifest_cache: Duration::from_millis(
+                env.parse("DITFLEET_LORA_MANIFEST_CACHE_MS", 5000u64)?,
+            ),
             affinity_wait: match env.parse("DITFLEET_AFFINITY_WAIT_MS", 3000u64)? {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
@@ -1219,7 +1221,10 @@ impl WorkerConfig {
                     .filter(|r| r.is_absolute())
                     .map(|r| format!("file://{}", r.display())),
             },
-            lora_cache_dir: match env.raw("DITFLEET_LORA_CACHE_DIR").filter(|v| !v.trim().is_empty()) {
+            lora_cache_dir: match env
+                .raw("DITFLEET_LORA_CACHE_DIR")
+                .filter(|v| !v.trim().is_empty())
+            {
                 Some(v) => PathBuf::from(v),
                 None => env
                     .raw("XDG_CACHE_HOME")

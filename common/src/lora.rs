@@ -130,7 +130,11 @@ pub fn detect_format<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<&'st
             continue;
         }
         n += 1;
-        if k.contains(".lora_A.") || k.contains(".lora_B.") || k.contains(".lora.down.") || k.contains(".lora.up.") {
+        if k.contains(".lora_A.")
+            || k.contains(".lora_B.")
+            || k.contains(".lora.down.")
+            || k.contains(".lora.up.")
+        {
             peft += 1;
         } else if k.contains(".lora_down.") || k.contains(".lora_up.") || k.ends_with(".alpha") {
             kohya += 1;
@@ -276,7 +280,11 @@ impl Registry {
     /// `<root>/loras/<name>/<version>/<file>` (checked to stay below `<root>/loras`).
     pub fn local_path(root: &Path, name: &str, version: &str, file: &str) -> Result<PathBuf, RegistryError> {
         check_ident(name, version)?;
-        Ok(join_within(&root.join(LORAS_DIR), "LoRA adapter", &[name, version, file])?)
+        Ok(join_within(
+            &root.join(LORAS_DIR),
+            "LoRA adapter",
+            &[name, version, file],
+        )?)
     }
 
     fn key_parts(prefix: &str, parts: &[&str]) -> object_store::path::Path {
@@ -290,7 +298,12 @@ impl Registry {
     }
 
     /// The object key `<prefix>/loras/<name>/<version>/<file>`.
-    pub fn s3_key(prefix: &str, name: &str, version: &str, file: &str) -> Result<object_store::path::Path, RegistryError> {
+    pub fn s3_key(
+        prefix: &str,
+        name: &str,
+        version: &str,
+        file: &str,
+    ) -> Result<object_store::path::Path, RegistryError> {
         check_ident(name, version)?;
         segment("LoRA file", file)?;
         Ok(Self::key_parts(prefix, &[name, version, file]))
@@ -692,8 +705,20 @@ mod tests {
     use super::*;
 
     const HOSTILE: &[&str] = &[
-        "", ".", "..", ".hidden", "../x", "a/b", "/abs", "a\\b", "..\\x", "a\0b", "-flag", "a b",
-        "ditfleet:job:x", "x*",
+        "",
+        ".",
+        "..",
+        ".hidden",
+        "../x",
+        "a/b",
+        "/abs",
+        "a\\b",
+        "..\\x",
+        "a\0b",
+        "-flag",
+        "a b",
+        "ditfleet:job:x",
+        "x*",
     ];
 
     #[test]
@@ -702,8 +727,14 @@ mod tests {
         for bad in HOSTILE {
             assert!(check_ident(bad, "1").is_err(), "name {bad:?}");
             assert!(check_ident("a", bad).is_err(), "version {bad:?}");
-            assert!(Registry::local_path(root, bad, "1", ADAPTER_FILE).is_err(), "{bad:?}");
-            assert!(Registry::local_path(root, "a", bad, MANIFEST_FILE).is_err(), "{bad:?}");
+            assert!(
+                Registry::local_path(root, bad, "1", ADAPTER_FILE).is_err(),
+                "{bad:?}"
+            );
+            assert!(
+                Registry::local_path(root, "a", bad, MANIFEST_FILE).is_err(),
+                "{bad:?}"
+            );
             assert!(Registry::s3_key("p", bad, "1", ADAPTER_FILE).is_err(), "{bad:?}");
             assert!(Registry::s3_key("p", "a", bad, ADAPTER_FILE).is_err(), "{bad:?}");
         }
@@ -729,7 +760,10 @@ mod tests {
     #[test]
     fn formats_are_told_apart_by_tensor_names() {
         assert_eq!(
-            detect_format(["unet.down.0.attn.to_q.lora_A.weight", "unet.down.0.attn.to_q.lora_B.weight"]),
+            detect_format([
+                "unet.down.0.attn.to_q.lora_A.weight",
+                "unet.down.0.attn.to_q.lora_B.weight"
+            ]),
             Ok("peft")
         );
         assert_eq!(
@@ -741,8 +775,16 @@ mod tests {
             ]),
             Ok("kohya")
         );
-        assert!(detect_format(["model.weight"]).unwrap_err().contains("none of its 1 tensors"));
-        assert!(detect_format(["a.lora_A.weight", "b.lora_down.weight"]).unwrap_err().contains("mixes"));
+        assert!(
+            detect_format(["model.weight"])
+                .unwrap_err()
+                .contains("none of its 1 tensors")
+        );
+        assert!(
+            detect_format(["a.lora_A.weight", "b.lora_down.weight"])
+                .unwrap_err()
+                .contains("mixes")
+        );
         assert!(detect_format([]).is_err());
     }
 
@@ -767,7 +809,10 @@ mod tests {
             stack_key([("a", "1", 0.8f32), ("b", "v2", 1.0)]),
             "a@1*0.8,b@v2*1"
         );
-        assert_ne!(stack_key([("a", "1", 1.0), ("b", "1", 1.0)]), stack_key([("b", "1", 1.0), ("a", "1", 1.0)]));
+        assert_ne!(
+            stack_key([("a", "1", 1.0), ("b", "1", 1.0)]),
+            stack_key([("b", "1", 1.0), ("a", "1", 1.0)])
+        );
     }
 
     #[tokio::test]
@@ -783,7 +828,10 @@ mod tests {
             .push(&src, "pixel-art", "v1", "sdxl-base", &mut |d, _| seen = d)
             .await
             .unwrap();
-        assert_eq!((m.format.as_str(), m.bytes, seen), ("peft", std::fs::metadata(&src).unwrap().len(), m.bytes));
+        assert_eq!(
+            (m.format.as_str(), m.bytes, seen),
+            ("peft", std::fs::metadata(&src).unwrap().len(), m.bytes)
+        );
         assert_eq!(reg.manifest("pixel-art", "v1").await.unwrap(), Some(m.clone()));
         assert_eq!(reg.manifest("pixel-art", "v2").await.unwrap(), None);
         assert!(reg.manifest("..", "v1").await.is_err());
@@ -802,9 +850,15 @@ mod tests {
         assert!(!dest2.exists());
         // Not a safetensors file / not an adapter.
         std::fs::write(root.join("junk"), b"not safetensors at all").unwrap();
-        let err = reg.push(&root.join("junk"), "j", "1", "flux-dev", &mut |_, _| {}).await.unwrap_err();
+        let err = reg
+            .push(&root.join("junk"), "j", "1", "flux-dev", &mut |_, _| {})
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("not a safetensors file"), "{err}");
-        let err = reg.push(&src, "j", "1", "sd15", &mut |_, _| {}).await.unwrap_err();
+        let err = reg
+            .push(&src, "j", "1", "sd15", &mut |_, _| {})
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("not a known model"), "{err}");
         assert!(reg.remove("pixel-art", "v1").await.unwrap());
         assert!(!reg.remove("pixel-art", "v1").await.unwrap());

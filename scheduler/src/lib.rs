@@ -94,7 +94,8 @@ struct Ctx {
     /// The LoRA registry (`None`: jobs naming adapters are rejected).
     registry: Option<Registry>,
     /// Manifest lookups by `(name, version)`, each reused for `DITFLEET_LORA_MANIFEST_CACHE_MS`.
-    manifests: std::sync::Mutex<std::collections::HashMap<(String, String), (std::time::Instant, Option<Manifest>)>>,
+    manifests:
+        std::sync::Mutex<std::collections::HashMap<(String, String), (std::time::Instant, Option<Manifest>)>>,
 }
 
 /// The fleet's load as last seen (refreshed by [`refresh_loop`]).
@@ -884,7 +885,12 @@ async fn manifest(
 /// class and model, if any (the one with the most free slots; ties by id). A busy one is still
 /// chosen: the order waits for it at most the affinity bound.
 fn hot_worker(ctx: &Ctx, order: &WorkOrder, class: &str) -> Option<String> {
-    let key = stack_key(order.loras.iter().map(|l| (l.name.as_str(), l.version.as_str(), l.scale as f32)));
+    let key = stack_key(
+        order
+            .loras
+            .iter()
+            .map(|l| (l.name.as_str(), l.version.as_str(), l.scale as f32)),
+    );
     let live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
     pick_hot(&live.workers, &key, class, &order.model)
 }
@@ -1139,11 +1145,30 @@ mod tests {
         old.lora_stacks = vec!["px@1*0.8".into()];
         old.affinity_queue = false;
         let ws = vec![a.clone(), b, old];
-        assert_eq!(pick_hot(&ws, "px@1*0.8", "small", "flux-dev").as_deref(), Some("b"), "most free slots");
-        assert_eq!(pick_hot(&ws, "other@2*1", "small", "flux-dev").as_deref(), Some("b"));
-        assert_eq!(pick_hot(&ws, "px@1*1", "small", "flux-dev"), None, "another scale is another stack");
-        assert_eq!(pick_hot(&ws, "px@1*0.8", "large", "flux-dev"), None, "not of the class");
-        assert_eq!(pick_hot(&ws, "px@1*0.8", "small", "sdxl-base"), None, "not of the model");
+        assert_eq!(
+            pick_hot(&ws, "px@1*0.8", "small", "flux-dev").as_deref(),
+            Some("b"),
+            "most free slots"
+        );
+        assert_eq!(
+            pick_hot(&ws, "other@2*1", "small", "flux-dev").as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            pick_hot(&ws, "px@1*1", "small", "flux-dev"),
+            None,
+            "another scale is another stack"
+        );
+        assert_eq!(
+            pick_hot(&ws, "px@1*0.8", "large", "flux-dev"),
+            None,
+            "not of the class"
+        );
+        assert_eq!(
+            pick_hot(&ws, "px@1*0.8", "small", "sdxl-base"),
+            None,
+            "not of the model"
+        );
         assert_eq!(
             pick_hot(&[a], "px@1*0.8", "small", "flux-dev").as_deref(),
             Some("a"),

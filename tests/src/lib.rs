@@ -399,7 +399,10 @@ impl Fleet {
             .join(id)
             .display()
             .to_string();
-        let mut e = vec![("DITFLEET_WORKER_ID", id), ("DITFLEET_LORA_CACHE_DIR", cache.as_str())];
+        let mut e = vec![
+            ("DITFLEET_WORKER_ID", id),
+            ("DITFLEET_LORA_CACHE_DIR", cache.as_str()),
+        ];
         e.extend_from_slice(extra);
         self.spawn("ditfleet-worker", id, &e, &[])
     }
@@ -410,7 +413,10 @@ impl Fleet {
         let dir = self.log_dir.parent().expect("the test's folder").join("lora-src");
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join(format!("{name}-{version}.safetensors"));
-        let keys = [format!("{name}.blocks.0.attn.to_q.lora_A.weight"), format!("{name}.blocks.0.attn.to_q.lora_B.weight")];
+        let keys = [
+            format!("{name}.blocks.0.attn.to_q.lora_A.weight"),
+            format!("{name}.blocks.0.attn.to_q.lora_B.weight"),
+        ];
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         std::fs::write(&file, ditfleet_common::lora::tiny_safetensors(&refs)).unwrap();
         let out = self.ctl(&[

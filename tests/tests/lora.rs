@@ -58,7 +58,8 @@ fn text(out: &std::process::Output) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn adapters_pushed_to_s3_run_their_jobs_on_the_worker_holding_their_stack_and_unknown_ones_are_rejected() {
+async fn adapters_pushed_to_s3_run_their_jobs_on_the_worker_holding_their_stack_and_unknown_ones_are_rejected()
+ {
     let started = Instant::now();
     let moto = Moto::start();
     let bucket = "ditfleet-loras";
@@ -85,7 +86,11 @@ async fn adapters_pushed_to_s3_run_their_jobs_on_the_worker_holding_their_stack_
 
     // Push: the adapter, then its manifest, under <prefix>/loras/<name>/<version>/.
     let out = fleet.push_lora("style-a", "1", "flux-dev");
-    assert!(text(&out).contains("pushed style-a@1 for flux-dev (peft format"), "{}", text(&out));
+    assert!(
+        text(&out).contains("pushed style-a@1 for flux-dev (peft format"),
+        "{}",
+        text(&out)
+    );
     fleet.push_lora("style-b", "1", "flux-dev");
     fleet.push_lora("sdxl-only", "1", "sdxl-base");
     let manifest = moto
@@ -93,20 +98,48 @@ async fn adapters_pushed_to_s3_run_their_jobs_on_the_worker_holding_their_stack_
         .await
         .expect("the manifest is in the bucket");
     let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    assert_eq!((m["base_model"].as_str(), m["format"].as_str()), (Some("flux-dev"), Some("peft")));
+    assert_eq!(
+        (m["base_model"].as_str(), m["format"].as_str()),
+        (Some("flux-dev"), Some("peft"))
+    );
     assert_eq!(m["sha256"].as_str().map(str::len), Some(64));
     let list = text(&fleet.ctl(&["lora", "list"]));
     for a in ["style-a@1", "style-b@1", "sdxl-only@1"] {
         assert!(list.contains(a), "{list}");
     }
     let sdxl = text(&fleet.ctl(&["lora", "list", "--base-model", "sdxl-base"]));
-    assert!(sdxl.contains("sdxl-only@1") && !sdxl.contains("style-a@1"), "{sdxl}");
+    assert!(
+        sdxl.contains("sdxl-only@1") && !sdxl.contains("style-a@1"),
+        "{sdxl}"
+    );
     // Names that would leave their folder never reach the store.
     let bad = fleet.ctl(&["lora", "rm", "../x@1"]);
-    assert!(!bad.status.success() && text(&bad).contains("name \"../x\""), "{}", text(&bad));
-    let src = fleet.log_dir.parent().unwrap().join("lora-src/style-a-1.safetensors");
-    let bad = fleet.ctl(&["lora", "push", src.to_str().unwrap(), "--name", "..", "--version", "1", "--base-model", "flux-dev"]);
-    assert!(!bad.status.success() && text(&bad).contains("name \"..\""), "{}", text(&bad));
+    assert!(
+        !bad.status.success() && text(&bad).contains("name \"../x\""),
+        "{}",
+        text(&bad)
+    );
+    let src = fleet
+        .log_dir
+        .parent()
+        .unwrap()
+        .join("lora-src/style-a-1.safetensors");
+    let bad = fleet.ctl(&[
+        "lora",
+        "push",
+        src.to_str().unwrap(),
+        "--name",
+        "..",
+        "--version",
+        "1",
+        "--base-model",
+        "flux-dev",
+    ]);
+    assert!(
+        !bad.status.success() && text(&bad).contains("name \"..\""),
+        "{}",
+        text(&bad)
+    );
 
     let _s = fleet.start_scheduler();
     let _w1 = fleet.start_worker("w-one", &[]);
@@ -118,21 +151,32 @@ async fn adapters_pushed_to_s3_run_their_jobs_on_the_worker_holding_their_stack_
     fleet.submit(&with_stack("foreign", 2, &["sdxl-only@1"])).await;
     for (id, why) in [
         ("missing", "loras: nope@1 is not in the LoRA registry"),
-        ("foreign", "loras: sdxl-only@1 was made for sdxl-base, not flux-dev"),
+        (
+            "foreign",
+            "loras: sdxl-only@1 was made for sdxl-base, not flux-dev",
+        ),
     ] {
         let h = fleet.wait_state(id, JobState::Failed, T).await;
         assert!(h["error"].contains(why), "{id}: {:?}", h["error"]);
         assert_eq!(h["rejected_by"], "scheduler");
     }
     let dead = fleet.dead_letters().await;
-    assert!(dead.iter().any(|(id, r, _)| id == "missing" && r.contains("is not in the LoRA registry")), "{dead:?}");
+    assert!(
+        dead.iter()
+            .any(|(id, r, _)| id == "missing" && r.contains("is not in the LoRA registry")),
+        "{dead:?}"
+    );
 
     // Warm-up: alternate the two stacks until each is held by a different worker.
     let stack_a = "style-a@1*0.8";
     let stack_b = "style-b@1*0.8";
     let mut n = 0;
     let (hot_a, hot_b) = loop {
-        assert!(n < 20, "the stacks never settled on different workers: {:?}", workers(&fleet).await);
+        assert!(
+            n < 20,
+            "the stacks never settled on different workers: {:?}",
+            workers(&fleet).await
+        );
         for (s, a) in [("a", "style-a@1"), ("b", "style-b@1")] {
             let id = format!("warm-{s}-{n}");
             fleet.submit(&with_stack(&id, 2, &[a])).await;
@@ -141,7 +185,11 @@ async fn adapters_pushed_to_s3_run_their_jobs_on_the_worker_holding_their_stack_
         n += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let ws = workers(&fleet).await;
-        let holder = |k: &str| ws.values().find(|w| w.lora_stacks == [k.to_string()]).map(|w| w.id.clone());
+        let holder = |k: &str| {
+            ws.values()
+                .find(|w| w.lora_stacks == [k.to_string()])
+                .map(|w| w.id.clone())
+        };
         if let (Some(a), Some(b)) = (holder(stack_a), holder(stack_b))
             && a != b
         {
@@ -161,7 +209,10 @@ async fn adapters_pushed_to_s3_run_their_jobs_on_the_worker_holding_their_stack_
     }
     for s in ['a', 'b'] {
         let home = on.get(&(s, true)).copied().unwrap_or(0);
-        assert!(home >= 7, "stack {s}: {home} of 8 jobs on its hot worker ({on:?})");
+        assert!(
+            home >= 7,
+            "stack {s}: {home} of 8 jobs on its hot worker ({on:?})"
+        );
     }
     // Each job's stack was applied: the timings name it.
     let h = fleet.wait_state("job-a-0", JobState::Succeeded, T).await;
@@ -180,8 +231,15 @@ async fn adapters_pushed_to_s3_run_their_jobs_on_the_worker_holding_their_stack_
     let w = ran_on(&fleet, "short-a").await;
     let waited = t.elapsed();
     assert_eq!(w, hot_b, "after the bound any worker of the class runs it");
-    assert!(waited >= Duration::from_millis(1400), "it waited for the hot worker first ({waited:?})");
-    assert_ne!(fleet.state("long-a").await, Some(JobState::Succeeded), "it did not wait for the long job");
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "it waited for the hot worker first ({waited:?})"
+    );
+    assert_ne!(
+        fleet.state("long-a").await,
+        Some(JobState::Succeeded),
+        "it did not wait for the long job"
+    );
     assert_eq!(ran_on(&fleet, "long-a").await, hot_a);
 
     // Hot adapters are advertised and shown.
@@ -194,9 +252,17 @@ async fn adapters_pushed_to_s3_run_their_jobs_on_the_worker_holding_their_stack_
     tokio::time::sleep(Duration::from_millis(300)).await;
     fleet.submit(&with_stack("removed", 2, &["style-b@1"])).await;
     let h = fleet.wait_state("removed", JobState::Failed, T).await;
-    assert!(h["error"].contains("style-b@1 is not in the LoRA registry"), "{:?}", h["error"]);
+    assert!(
+        h["error"].contains("style-b@1 is not in the LoRA registry"),
+        "{:?}",
+        h["error"]
+    );
     let missing = fleet.ctl(&["lora", "rm", "style-b@1"]);
-    assert!(!missing.status.success() && text(&missing).contains("is not in"), "{}", text(&missing));
+    assert!(
+        !missing.status.success() && text(&missing).contains("is not in"),
+        "{}",
+        text(&missing)
+    );
     eprintln!("lora e2e took {:?}", started.elapsed());
     fleet.teardown().await;
 }
@@ -206,14 +272,25 @@ async fn a_corrupt_adapter_fails_its_job_with_the_reason_and_the_worker_serves_o
     let fleet = Fleet::new("lora-corrupt").await;
     fleet.push_lora("good", "1", "flux-dev");
     fleet.push_lora("rotten", "1", "flux-dev");
-    let registry = fleet.env["DITFLEET_LORA_REGISTRY"].strip_prefix("file://").unwrap().to_string();
-    std::fs::write(format!("{registry}/loras/rotten/1/adapter.safetensors"), b"bit rot").unwrap();
+    let registry = fleet.env["DITFLEET_LORA_REGISTRY"]
+        .strip_prefix("file://")
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        format!("{registry}/loras/rotten/1/adapter.safetensors"),
+        b"bit rot",
+    )
+    .unwrap();
     let _s = fleet.start_scheduler();
     let _w = fleet.start_worker("w-rot", &[]);
     fleet.wait_workers(1, T).await;
     fleet.submit(&with_stack("rotten-1", 2, &["rotten@1"])).await;
     let h = fleet.wait_state("rotten-1", JobState::Failed, T).await;
-    assert!(h["error"].contains("does not match its manifest"), "{:?}", h["error"]);
+    assert!(
+        h["error"].contains("does not match its manifest"),
+        "{:?}",
+        h["error"]
+    );
     assert_eq!(h["attempts"], "1", "a permanent failure, not a retry loop");
     fleet.submit(&with_stack("good-1", 2, &["good@1"])).await;
     assert_eq!(ran_on(&fleet, "good-1").await, "w-rot");

@@ -197,9 +197,7 @@ pub fn build_version(
             faults,
             lora_apply_ms,
             ..
-        } => {
-            Ok(simulated(*step_ms, *lora_apply_ms, faults, model, version, slots))
-        }
+        } => Ok(simulated(*step_ms, *lora_apply_ms, faults, model, version, slots)),
         EngineChoice::Flux {
             low_memory,
             plan: Some(plan),

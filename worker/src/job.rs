@@ -538,7 +538,10 @@ async fn resolve_loras(
     let mut out: Vec<crate::lora::Resolved> = Vec::with_capacity(order.loras.len());
     for l in &order.loras {
         let keep: Vec<String> = out.iter().map(|r| r.sha256.clone()).collect();
-        let r = shared.lora.resolve(&l.name, &l.version, &order.model, &keep).await?;
+        let r = shared
+            .lora
+            .resolve(&l.name, &l.version, &order.model, &keep)
+            .await?;
         let result = match r.fetched {
             crate::lora::Fetched::Hit => "hit",
             crate::lora::Fetched::Miss => "miss",
@@ -658,7 +661,12 @@ async fn run_claimed(
     let ck_writer = write_checkpoints(shared, &order.job_id, &me, &plan, ck_rx);
 
     let request = request_of(order, &resolved);
-    let stack = ditfleet_common::lora::stack_key(request.loras.iter().map(|l| (l.name.as_str(), l.version.as_str(), l.scale)));
+    let stack = ditfleet_common::lora::stack_key(
+        request
+            .loras
+            .iter()
+            .map(|l| (l.name.as_str(), l.version.as_str(), l.scale)),
+    );
     // Advertised while the job runs: the stack the engine will hold afterwards.
     shared
         .busy_stacks

@@ -729,7 +729,9 @@ async fn heartbeat_loop(
             .iter()
             .map(|s| {
                 ditfleet_common::lora::stack_key(
-                    s.applied.iter().map(|l| (l.name.as_str(), l.version.as_str(), l.scale)),
+                    s.applied
+                        .iter()
+                        .map(|l| (l.name.as_str(), l.version.as_str(), l.scale)),
                 )
             })
             .chain(

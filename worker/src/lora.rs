@@ -61,7 +61,9 @@ pub struct LoraCache {
 }
 
 fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl LoraCache {
@@ -134,7 +136,11 @@ impl LoraCache {
                     registry.describe()
                 )));
             }
-            Err(e @ (RegistryError::BadManifest { .. } | RegistryError::BadIdent { .. } | RegistryError::UnsafeName(_))) => {
+            Err(
+                e @ (RegistryError::BadManifest { .. }
+                | RegistryError::BadIdent { .. }
+                | RegistryError::UnsafeName(_)),
+            ) => {
                 return Err(ResolveError::Permanent(format!("LoRA adapter {label}: {e}")));
             }
             Err(e) => return Err(ResolveError::Transient(format!("LoRA adapter {label}: {e}"))),
@@ -247,7 +253,9 @@ mod tests {
     }
 
     async fn push(reg: &Registry, root: &Path, name: &str, base: &str, pad: usize) -> Manifest {
-        let keys: Vec<String> = (0..(1 + pad)).map(|i| format!("{name}{i}.lora_A.weight")).collect();
+        let keys: Vec<String> = (0..(1 + pad))
+            .map(|i| format!("{name}{i}.lora_A.weight"))
+            .collect();
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         let f = root.join(format!("{name}.in"));
         std::fs::write(&f, ditfleet_common::lora::tiny_safetensors(&refs)).unwrap();
@@ -266,25 +274,48 @@ mod tests {
         let r = cache.resolve("a", "1", "flux-dev", &[]).await.unwrap();
         assert_eq!((r.fetched, r.sha256.as_str()), (Fetched::Miss, a.sha256.as_str()));
         assert_eq!(r.path, dir.join(format!("{}.safetensors", a.sha256)));
-        assert_eq!(cache.resolve("a", "1", "flux-dev", &[]).await.unwrap().fetched, Fetched::Hit);
-        assert_eq!(cache.resolve("b", "1", "flux-dev", &[]).await.unwrap().fetched, Fetched::Miss);
+        assert_eq!(
+            cache.resolve("a", "1", "flux-dev", &[]).await.unwrap().fetched,
+            Fetched::Hit
+        );
+        assert_eq!(
+            cache.resolve("b", "1", "flux-dev", &[]).await.unwrap().fetched,
+            Fetched::Miss
+        );
         cache.resolve("a", "1", "flux-dev", &[]).await.unwrap();
         // c pushes the cache over its bound: b (least recently used) goes.
         cache.resolve("c", "1", "flux-dev", &[]).await.unwrap();
         assert!(cache.bytes().await <= a.bytes + b.bytes + 10);
         assert!(!dir.join(format!("{}.safetensors", b.sha256)).exists());
         assert!(dir.join(format!("{}.safetensors", a.sha256)).exists());
-        assert_eq!(cache.resolve("b", "1", "flux-dev", &[a.sha256.clone()]).await.unwrap().fetched, Fetched::Miss);
-        assert!(dir.join(format!("{}.safetensors", a.sha256)).exists(), "kept: the job needs it");
+        assert_eq!(
+            cache
+                .resolve("b", "1", "flux-dev", &[a.sha256.clone()])
+                .await
+                .unwrap()
+                .fetched,
+            Fetched::Miss
+        );
+        assert!(
+            dir.join(format!("{}.safetensors", a.sha256)).exists(),
+            "kept: the job needs it"
+        );
         assert!(!dir.join(format!("{}.safetensors", c.sha256)).exists());
         // A restart adopts the files and checks them before their first use.
         drop(cache);
         std::fs::write(dir.join(format!("{}.safetensors", a.sha256)), b"tampered").unwrap();
         let cache = LoraCache::open(Some(reg.clone()), &dir, 1 << 20).unwrap();
         let r = cache.resolve("a", "1", "flux-dev", &[]).await.unwrap();
-        assert_eq!(r.fetched, Fetched::Miss, "a tampered cached file is downloaded again");
+        assert_eq!(
+            r.fetched,
+            Fetched::Miss,
+            "a tampered cached file is downloaded again"
+        );
         assert_eq!(sha256_file(&r.path).unwrap().0, a.sha256);
-        assert_eq!(cache.resolve("b", "1", "flux-dev", &[]).await.unwrap().fetched, Fetched::Hit);
+        assert_eq!(
+            cache.resolve("b", "1", "flux-dev", &[]).await.unwrap().fetched,
+            Fetched::Hit
+        );
         std::fs::remove_dir_all(&root).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -297,18 +328,39 @@ mod tests {
         let dir = tmp("cache2");
         let cache = LoraCache::open(Some(reg.clone()), &dir, 1 << 20).unwrap();
         let e = cache.resolve("nope", "1", "sdxl-base", &[]).await.unwrap_err();
-        assert!(matches!(&e, ResolveError::Permanent(r) if r.contains("nope@1 is not in the LoRA registry")), "{e:?}");
+        assert!(
+            matches!(&e, ResolveError::Permanent(r) if r.contains("nope@1 is not in the LoRA registry")),
+            "{e:?}"
+        );
         let e = cache.resolve("x", "1", "flux-dev", &[]).await.unwrap_err();
-        assert!(matches!(&e, ResolveError::Permanent(r) if r.contains("was made for sdxl-base, not flux-dev")), "{e:?}");
+        assert!(
+            matches!(&e, ResolveError::Permanent(r) if r.contains("was made for sdxl-base, not flux-dev")),
+            "{e:?}"
+        );
         std::fs::write(root.join("loras/x/1/adapter.safetensors"), b"bit rot").unwrap();
         let e = cache.resolve("x", "1", "sdxl-base", &[]).await.unwrap_err();
-        assert!(matches!(&e, ResolveError::Permanent(r) if r.contains("does not match its manifest")), "{e:?}");
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing corrupt is kept");
+        assert!(
+            matches!(&e, ResolveError::Permanent(r) if r.contains("does not match its manifest")),
+            "{e:?}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "nothing corrupt is kept"
+        );
         for bad in ["..", "a/b", ".x", "x\\y"] {
-            assert!(matches!(cache.resolve(bad, "1", "sdxl-base", &[]).await, Err(ResolveError::Permanent(_))), "{bad:?}");
+            assert!(
+                matches!(
+                    cache.resolve(bad, "1", "sdxl-base", &[]).await,
+                    Err(ResolveError::Permanent(_))
+                ),
+                "{bad:?}"
+            );
         }
         let none = LoraCache::open(None, &dir, 1).unwrap();
-        assert!(matches!(none.resolve("x", "1", "sdxl-base", &[]).await, Err(ResolveError::Permanent(r)) if r.contains("no LoRA registry")));
+        assert!(
+            matches!(none.resolve("x", "1", "sdxl-base", &[]).await, Err(ResolveError::Permanent(r)) if r.contains("no LoRA registry"))
+        );
         std::fs::remove_dir_all(&root).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }

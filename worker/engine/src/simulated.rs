@@ -112,10 +112,13 @@ fn safetensors_tensors(path: &std::path::Path) -> Result<usize, String> {
     let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let len = f.metadata().map_err(|e| e.to_string())?.len();
     let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|_| "not a safetensors file (too short)".to_string())?;
+    f.read_exact(&mut n)
+        .map_err(|_| "not a safetensors file (too short)".to_string())?;
     let n = u64::from_le_bytes(n);
     if n < 2 || n > (64 << 20) || n + 8 > len {
-        return Err(format!("not a safetensors file (header length {n} in {len} bytes)"));
+        return Err(format!(
+            "not a safetensors file (header length {n} in {len} bytes)"
+        ));
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| e.to_string())?;
@@ -172,9 +175,8 @@ impl SimulatedEngine {
                     "LoRA adapter {label} came without its file (the worker resolves adapters from the registry)"
                 ))
             })?;
-            let tensors = safetensors_tensors(path).map_err(|e| {
-                EngineError::Load(format!("LoRA adapter {label} ({}): {e}", path.display()))
-            })?;
+            let tensors = safetensors_tensors(path)
+                .map_err(|e| EngineError::Load(format!("LoRA adapter {label} ({}): {e}", path.display())))?;
             if tensors == 0 {
                 return Err(EngineError::Load(format!(
                     "LoRA adapter {label} ({}) holds no tensors",
@@ -334,7 +336,8 @@ impl Engine for SimulatedEngine {
     }
 
     fn lora_status(&self) -> crate::LoraStatus {
-        let mut cached: Vec<(u64, String)> = self.cache.iter().map(|c| (c.last_use, c.label.clone())).collect();
+        let mut cached: Vec<(u64, String)> =
+            self.cache.iter().map(|c| (c.last_use, c.label.clone())).collect();
         cached.sort_by(|a, b| b.0.cmp(&a.0));
         crate::LoraStatus {
             applied: self.applied.clone(),
@@ -544,18 +547,27 @@ mod tests {
         l.path = None;
         r.loras = vec![l.clone()];
         let err = e.generate(&r, &mut |_| Control::Continue).unwrap_err();
-        assert!(err.to_string().contains("came without its file") && !err.is_transient(), "{err}");
+        assert!(
+            err.to_string().contains("came without its file") && !err.is_transient(),
+            "{err}"
+        );
         l.path = Some(std::env::temp_dir().join("ditfleet-no-such-adapter.safetensors"));
         r.loras = vec![l.clone()];
         let err = e.generate(&r, &mut |_| Control::Continue).unwrap_err();
-        assert!(matches!(err, EngineError::Load(_)) && !err.is_transient(), "{err}");
+        assert!(
+            matches!(err, EngineError::Load(_)) && !err.is_transient(),
+            "{err}"
+        );
         let junk = std::env::temp_dir().join(format!("ditfleet-junk-{}.safetensors", std::process::id()));
         std::fs::write(&junk, b"definitely not safetensors").unwrap();
         l.path = Some(junk);
         r.loras = vec![l];
         let err = e.generate(&r, &mut |_| Control::Continue).unwrap_err();
         assert!(err.to_string().contains("not a safetensors file"), "{err}");
-        assert!(e.lora_status().applied.is_empty(), "a failed stack is never applied");
+        assert!(
+            e.lora_status().applied.is_empty(),
+            "a failed stack is never applied"
+        );
     }
 
     #[test]
@@ -578,7 +590,10 @@ mod tests {
         assert!(t.elapsed() >= Duration::from_millis(60));
         let st = e.lora_status();
         assert_eq!(st.applied.len(), 1);
-        assert_eq!((st.applied[0].name.as_str(), st.applied[0].path.as_ref()), ("a", None));
+        assert_eq!(
+            (st.applied[0].name.as_str(), st.applied[0].path.as_ref()),
+            ("a", None)
+        );
         assert_eq!((st.cache_hits, st.cache_misses), (0, 1));
         assert!(st.last_apply_ms >= 60.0);
         let t = Instant::now();
@@ -588,9 +603,16 @@ mod tests {
         assert_eq!((st.cache_hits, st.cache_misses, st.last_apply_ms), (1, 1, 0.0));
         e.generate(&b, &mut |_| Control::Continue).unwrap();
         let st = e.lora_status();
-        assert_eq!((st.cache_hits, st.cache_misses), (2, 2), "a from the cache, b read");
+        assert_eq!(
+            (st.cache_hits, st.cache_misses),
+            (2, 2),
+            "a from the cache, b read"
+        );
         assert_eq!(st.cached, ["a@1", "b@1"], "most recently used first");
-        assert_eq!(st.applied.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+        assert_eq!(
+            st.applied.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+            ["b", "a"]
+        );
         // Back to the base model is a switch too.
         e.generate(&request(1), &mut |_| Control::Continue).unwrap();
         assert!(e.lora_status().applied.is_empty());
@@ -693,10 +715,22 @@ mod tests {
             };
             let img = e.generate(&r, &mut |_| Control::Continue).unwrap();
             assert_eq!(
-                img.timings.loras.iter().map(|l| (l.name.clone(), l.version.clone(), l.scale)).collect::<Vec<_>>(),
-                stack.iter().map(|l| (l.name.clone(), l.version.clone(), l.scale)).collect::<Vec<_>>()
+                img.timings
+                    .loras
+                    .iter()
+                    .map(|l| (l.name.clone(), l.version.clone(), l.scale))
+                    .collect::<Vec<_>>(),
+                stack
+                    .iter()
+                    .map(|l| (l.name.clone(), l.version.clone(), l.scale))
+                    .collect::<Vec<_>>()
             );
-            assert!(img.timings.loras.iter().all(|l| l.path.is_none() && l.checksum.is_none()));
+            assert!(
+                img.timings
+                    .loras
+                    .iter()
+                    .all(|l| l.path.is_none() && l.checksum.is_none())
+            );
             assert_eq!(img.rgb, SimulatedEngine::render(&r), "deterministic");
             assert!(!images.contains(&img.rgb), "{stack:?} gives its own image");
             images.push(img.rgb);
