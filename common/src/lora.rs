@@ -158,7 +158,7 @@ pub fn safetensors_keys(reader: &mut impl Read, file_len: u64) -> Result<Vec<Str
         .read_exact(&mut len)
         .map_err(|_| "too short for a safetensors file".to_string())?;
     let n = u64::from_le_bytes(len);
-    if n < 2 || n > MAX_HEADER || n + 8 > file_len {
+    if !(2..=MAX_HEADER).contains(&n) || n + 8 > file_len {
         return Err(format!(
             "not a safetensors file (header length {n} for a {file_len}-byte file)"
         ));
@@ -689,7 +689,7 @@ pub fn tiny_safetensors(keys: &[&str]) -> Vec<u8> {
         );
     }
     let mut h = serde_json::to_vec(&header).expect("header serialises");
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -744,7 +744,13 @@ mod tests {
     #[test]
     fn ordinary_names_stay_one_segment_below_the_loras_folder() {
         let root = Path::new("/srv/models");
-        for (n, v) in [("pixel-art", "v1.2"), ("a..b", "x."), ("0style", "2024_01")] {
+        // Including the fleet's own key shapes: one segment each, never a separator.
+        for (n, v) in [
+            ("pixel-art", "v1.2"),
+            ("a..b", "x."),
+            ("0style", "2024_01"),
+            ("job.victim.done", "ditfleet.work.small"),
+        ] {
             let p = Registry::local_path(root, n, v, ADAPTER_FILE).unwrap();
             assert_eq!(p, root.join("loras").join(n).join(v).join(ADAPTER_FILE));
             let k = Registry::s3_key("fleet/results", n, v, MANIFEST_FILE).unwrap();

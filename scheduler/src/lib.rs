@@ -94,9 +94,11 @@ struct Ctx {
     /// The LoRA registry (`None`: jobs naming adapters are rejected).
     registry: Option<Registry>,
     /// Manifest lookups by `(name, version)`, each reused for `DITFLEET_LORA_MANIFEST_CACHE_MS`.
-    manifests:
-        std::sync::Mutex<std::collections::HashMap<(String, String), (std::time::Instant, Option<Manifest>)>>,
+    manifests: std::sync::Mutex<ManifestCache>,
 }
+
+/// Manifest lookups by `(name, version)` with when they were made.
+type ManifestCache = std::collections::HashMap<(String, String), (std::time::Instant, Option<Manifest>)>;
 
 /// The fleet's load as last seen (refreshed by [`refresh_loop`]).
 #[derive(Debug, Default)]

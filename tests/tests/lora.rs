@@ -282,7 +282,9 @@ async fn a_corrupt_adapter_fails_its_job_with_the_reason_and_the_worker_serves_o
     )
     .unwrap();
     let _s = fleet.start_scheduler();
-    let _w = fleet.start_worker("w-rot", &[]);
+    let port = ditfleet_tests::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _w = fleet.start_worker("w-rot", &[("DITFLEET_HTTP_ADDR", addr.as_str())]);
     fleet.wait_workers(1, T).await;
     fleet.submit(&with_stack("rotten-1", 2, &["rotten@1"])).await;
     let h = fleet.wait_state("rotten-1", JobState::Failed, T).await;
@@ -294,5 +296,35 @@ async fn a_corrupt_adapter_fails_its_job_with_the_reason_and_the_worker_serves_o
     assert_eq!(h["attempts"], "1", "a permanent failure, not a retry loop");
     fleet.submit(&with_stack("good-1", 2, &["good@1"])).await;
     assert_eq!(ran_on(&fleet, "good-1").await, "w-rot");
+    fleet.submit(&with_stack("good-2", 2, &["good@1"])).await;
+    ran_on(&fleet, "good-2").await;
+    // Metrics: the second job found the adapter downloaded and applied.
+    let (_, text) = ditfleet_tests::http_get(port, "/metrics").expect("metrics served");
+    let value = |series: &str| ditfleet_tests::metric_value(&text, series).unwrap_or(-1.0);
+    assert_eq!(
+        value(r#"ditfleet_lora_cache_total{cache="download",result="miss"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(r#"ditfleet_lora_cache_total{cache="download",result="hit"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(r#"ditfleet_lora_cache_total{cache="engine",result="miss"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(r#"ditfleet_lora_cache_total{cache="engine",result="hit"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value("ditfleet_lora_apply_seconds_count"),
+        1.0,
+        "one stack switch: {text}"
+    );
     fleet.teardown().await;
 }

@@ -290,7 +290,7 @@ mod tests {
         assert!(dir.join(format!("{}.safetensors", a.sha256)).exists());
         assert_eq!(
             cache
-                .resolve("b", "1", "flux-dev", &[a.sha256.clone()])
+                .resolve("b", "1", "flux-dev", std::slice::from_ref(&a.sha256))
                 .await
                 .unwrap()
                 .fetched,

@@ -115,7 +115,7 @@ fn safetensors_tensors(path: &std::path::Path) -> Result<usize, String> {
     f.read_exact(&mut n)
         .map_err(|_| "not a safetensors file (too short)".to_string())?;
     let n = u64::from_le_bytes(n);
-    if n < 2 || n > (64 << 20) || n + 8 > len {
+    if !(2..=(64 << 20)).contains(&n) || n + 8 > len {
         return Err(format!(
             "not a safetensors file (header length {n} in {len} bytes)"
         ));
@@ -338,7 +338,7 @@ impl Engine for SimulatedEngine {
     fn lora_status(&self) -> crate::LoraStatus {
         let mut cached: Vec<(u64, String)> =
             self.cache.iter().map(|c| (c.last_use, c.label.clone())).collect();
-        cached.sort_by(|a, b| b.0.cmp(&a.0));
+        cached.sort_by_key(|c| std::cmp::Reverse(c.0));
         crate::LoraStatus {
             applied: self.applied.clone(),
             cached: cached.into_iter().map(|(_, l)| l).collect(),
