@@ -189,6 +189,8 @@ pub struct Fleet {
     pub store: JobStore,
     pub events: EventLog,
     pub env: HashMap<String, String>,
+    /// Ids of the workers started, whose LoRA affinity queues teardown deletes.
+    worker_ids: Mutex<Vec<String>>,
     _watch: TestWatch,
 }
 
@@ -351,6 +353,7 @@ impl Fleet {
             store,
             events,
             env,
+            worker_ids: Mutex::new(Vec::new()),
             _watch: watch,
         }
     }
@@ -399,6 +402,7 @@ impl Fleet {
             .join(id)
             .display()
             .to_string();
+        self.worker_ids.lock().unwrap().push(id.to_string());
         let mut e = vec![
             ("DITFLEET_WORKER_ID", id),
             ("DITFLEET_LORA_CACHE_DIR", cache.as_str()),
@@ -694,7 +698,22 @@ impl Fleet {
                 }
             }
         }
+        // Each worker's LoRA affinity queue (one channel each, as above).
+        let ids = self.worker_ids.lock().unwrap().clone();
+        for id in ids {
+            if let Ok(ch) = self.conn.create_channel().await {
+                let _ = ch
+                    .queue_delete(
+                        self.topo.affinity_queue(&id).as_str().into(),
+                        QueueDeleteOptions::default(),
+                    )
+                    .await;
+                let _ = ch.close(200, "".into()).await;
+            }
+        }
         for x in [
+            self.topo.affinity_exchange(),
+            self.topo.return_exchange(),
             self.topo.submit_exchange(),
             self.topo.work_exchange(),
             self.topo.events_exchange(),
