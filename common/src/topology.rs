@@ -452,8 +452,8 @@ impl Topology {
     /// (with the order's own routing key, its fallback work key), bound to the affinity exchange
     /// by the worker header, and deleted after an hour unused. The wait bound is each message's
     /// `expiration` (set by the scheduler; RabbitMQ removes it when dead-lettering, so the order
-    /// does not expire again in the class queue). Quorum queues honour message TTL, and
-    /// at-least-once dead-lettering (set here), from RabbitMQ 3.10.
+    /// does not expire again in the class queue). Quorum queues honour message TTL from
+    /// RabbitMQ 3.10.
     pub async fn declare_affinity(&self, ch: &Channel, worker: &str, classes: &[&str]) -> lapin::Result<()> {
         let (durable, qdurable) = Self::durable();
         self.declare_affinity_exchange(ch).await?;
@@ -500,17 +500,9 @@ impl Topology {
             ShortString::from("x-expires"),
             AMQPValue::LongLongInt(AFFINITY_QUEUE_EXPIRES_MS),
         );
-        // An order whose wait is over must reach its class queue: at-least-once dead-lettering
-        // (RabbitMQ 3.10+; it needs `reject-publish` overflow) keeps it here until the class
-        // queue has it, where the default strategy could drop it on a broker failure.
-        args.insert(
-            ShortString::from("x-dead-letter-strategy"),
-            AMQPValue::LongString("at-least-once".into()),
-        );
-        args.insert(
-            ShortString::from("x-overflow"),
-            AMQPValue::LongString("reject-publish".into()),
-        );
+        // Dead-lettering stays at the default (at-most-once), as on every fleet queue: with
+        // `x-dead-letter-strategy=at-least-once` RabbitMQ 3.10.8 stopped accepting connections
+        // (twice, after test namespaces with such queues were torn down).
         ch.queue_declare(q.as_str().into(), qdurable, args).await?;
         let mut bind = FieldTable::default();
         bind.insert(ShortString::from("x-match"), AMQPValue::LongString("all".into()));

@@ -105,6 +105,17 @@ pub(crate) struct Shared {
     pub busy_stacks: std::sync::Mutex<HashMap<String, String>>,
     /// Asks the heartbeat for an early registration (the applied LoRA stacks changed).
     pub beat_now: tokio::sync::Notify,
+    /// Whether another live worker of one of this worker's classes had a free slot at the last
+    /// heartbeat (see [`affinity_expired`]).
+    pub others_idle: AtomicBool,
+}
+
+/// Whether a delivery is a LoRA affinity order whose wait for its hot worker is over: dead-lettered
+/// from an affinity queue on expiry (`x-first-death-*` headers) into the class queue it came from.
+fn affinity_expired(topo: &Topology, d: &Delivery) -> bool {
+    let prefix = topo.affinity_queue("");
+    amqp::header_str(&d.properties, "x-first-death-reason").as_deref() == Some("expired")
+        && amqp::header_str(&d.properties, "x-first-death-queue").is_some_and(|q| q.starts_with(&prefix))
 }
 
 impl Shared {
@@ -382,6 +393,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         lora: lora_cache,
         busy_stacks: std::sync::Mutex::new(HashMap::new()),
         beat_now: tokio::sync::Notify::new(),
+        others_idle: AtomicBool::new(false),
         cfg,
     });
     let gpus = Arc::new(std::sync::Mutex::new(gpus));
@@ -492,6 +504,21 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
             }
             next = consumers.streams.next() => match next {
                 Some(Ok(delivery)) => {
+                    // An affinity order that already waited its bound for a busy hot worker must
+                    // not wait again in this busy worker's buffer while another worker idles:
+                    // back to the class queue for that one.
+                    // Handed back at most twice (each return counts toward the delivery limit).
+                    if shared.slots.available_permits() == 0
+                        && shared.others_idle.load(Ordering::Relaxed)
+                        && amqp::delivery_count(&delivery.properties) < 2
+                        && affinity_expired(&topo, &delivery)
+                    {
+                        info!(job_id = ?delivery.properties.message_id(), "affinity order past its wait reached this busy worker while another idles: handing it back");
+                        tokio::spawn(async move {
+                            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                        });
+                        continue;
+                    }
                     seq += 1;
                     buffer.push(Buffered { rank: rank(&delivery), seq, delivery });
                 }
@@ -790,6 +817,21 @@ async fn heartbeat_loop(
             .await
         {
             warn!(error = %e, "heartbeat failed");
+        }
+        match shared.store.workers().await {
+            Ok(list) => {
+                let idle = list
+                    .iter()
+                    .filter_map(|(_, v)| serde_json::from_str::<WorkerInfo>(v).ok())
+                    .any(|w| {
+                        w.id != shared.cfg.worker_id
+                            && w.free_slots > 0
+                            && !matches!(w.state.as_str(), "draining" | "reconnecting")
+                            && w.classes.iter().any(|c| classes.contains(c))
+                    });
+                shared.others_idle.store(idle, Ordering::Relaxed);
+            }
+            Err(e) => debug!(error = %e, "reading the other workers failed"),
         }
         if let Err(e) = shared.store.add_known_versions(&h.held).await {
             warn!(error = %e, "recording held versions failed");
