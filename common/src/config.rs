@@ -179,6 +179,21 @@ pub const SCHEDULER_VARS: &[VarDoc] = &[
         default: "1",
         help: "1: a job whose class has a backlog goes to an idle bigger class; 0: always its cost class",
     },
+    VarDoc {
+        name: "DITFLEET_LORA_REGISTRY",
+        default: "unset (jobs naming LoRA adapters are rejected)",
+        help: "the LoRA registry: s3://bucket[/prefix] (the result store's bucket; AWS_* variables as for DITFLEET_RESULT_URL) or file:///dir (e.g. the model root); adapters are <prefix>/loras/<name>/<version>/ (docs/message-contract.md)",
+    },
+    VarDoc {
+        name: "DITFLEET_LORA_MANIFEST_CACHE_MS",
+        default: "5000",
+        help: "how long the scheduler reuses an adapter's manifest (or its absence) when admitting jobs",
+    },
+    VarDoc {
+        name: "DITFLEET_AFFINITY_WAIT_MS",
+        default: "3000",
+        help: "LoRA affinity: longest time a job waits in the queue of a worker that holds its adapter stack applied before any worker of its class may take it; 0 = no affinity",
+    },
 ];
 
 /// Variables the worker reads (besides [`COMMON_VARS`]).
@@ -382,6 +397,31 @@ pub const WORKER_VARS: &[VarDoc] = &[
         name: "DITFLEET_SIM_MODELS",
         default: "every known model (flux-dev,flux-schnell,sdxl-base)",
         help: "simulated engine: the models it serves (a worker consumes only its models' queues)",
+    },
+    VarDoc {
+        name: "DITFLEET_LORA_REGISTRY",
+        default: "file://<DITFLEET_MODEL_ROOT> when that is set",
+        help: "the LoRA registry the worker downloads adapters from (as the scheduler's)",
+    },
+    VarDoc {
+        name: "DITFLEET_LORA_CACHE_DIR",
+        default: "$XDG_CACHE_HOME/ditfleet/loras",
+        help: "where downloaded and verified adapters are kept (falls back to ~/.cache, then /tmp)",
+    },
+    VarDoc {
+        name: "DITFLEET_LORA_CACHE_BYTES",
+        default: "8589934592",
+        help: "bound of the adapter download cache in bytes; least recently used adapters are removed beyond it",
+    },
+    VarDoc {
+        name: "DITFLEET_AFFINITY_POLL_MS",
+        default: "100",
+        help: "how often a worker with a free slot takes a job from its LoRA affinity queue",
+    },
+    VarDoc {
+        name: "DITFLEET_SIM_LORA_APPLY_MS",
+        default: "0",
+        help: "simulated engine: milliseconds a switch of the applied LoRA stack takes",
     },
     VarDoc {
         name: "DITFLEET_SIM_FAULTS",
@@ -710,6 +750,34 @@ pub struct SchedulerConfig {
     pub spill: bool,
     /// `DITFLEET_SERVED_MODELS`: the models jobs may name (`None`: those workers ever held).
     pub served_models: Option<Vec<String>>,
+    /// `DITFLEET_LORA_REGISTRY` (`None`: jobs naming adapters are rejected).
+    pub lora_registry: Option<String>,
+    /// How long a manifest lookup is reused.
+    pub lora_manifest_cache: Duration,
+    /// LoRA affinity's bound on a job's wait for a hot worker; `None` = no affinity.
+    pub affinity_wait: Option<Duration>,
+}
+
+/// `DITFLEET_LORA_REGISTRY`, checked: `s3://bucket[/prefix]`, `file:///dir` or `/dir`.
+fn lora_registry(env: &Env<'_>) -> Result<Option<String>, ConfigError> {
+    match env.raw("DITFLEET_LORA_REGISTRY").filter(|v| !v.trim().is_empty()) {
+        None => Ok(None),
+        Some(v) => {
+            let ok = v
+                .strip_prefix("s3://")
+                .is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
+                || v.strip_prefix("file://").unwrap_or(&v).starts_with('/');
+            if ok {
+                Ok(Some(v))
+            } else {
+                Err(err(
+                    "DITFLEET_LORA_REGISTRY",
+                    &redact_url(&v),
+                    "must be s3://bucket[/prefix], file:///absolute/dir or /absolute/dir".into(),
+                ))
+            }
+        }
+    }
 }
 
 impl SchedulerConfig {
@@ -756,6 +824,14 @@ impl SchedulerConfig {
             },
             balance_interval: Duration::from_millis(env.positive("DITFLEET_BALANCE_INTERVAL_MS", 1000)?),
             spill: env.choice("DITFLEET_SPILL", "1", &["0", "1"])? == "1",
+            lora_registry: lora_registry(env)?,
+            lora_manifest_cache: Duration::from_millis(
+                env.parse("DITFLEET_LORA_MANIFEST_CACHE_MS", 5000u64)?,
+            ),
+            affinity_wait: match env.parse("DITFLEET_AFFINITY_WAIT_MS", 3000u64)? {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
             served_models: match env.raw("DITFLEET_SERVED_MODELS").filter(|v| !v.trim().is_empty()) {
                 None => None,
                 Some(raw) => {
@@ -808,6 +884,8 @@ pub enum EngineChoice {
         faults: SimFaults,
         /// `DITFLEET_SIM_MODELS`: the models it serves (default: every known model).
         models: Vec<String>,
+        /// `DITFLEET_SIM_LORA_APPLY_MS`: how long a switch of the applied LoRA stack takes.
+        lora_apply_ms: u64,
     },
 }
 
@@ -941,6 +1019,13 @@ pub struct WorkerConfig {
     /// Directory of model versions (`<root>/<version>`, Flux.1 or SDXL folders).
     pub model_root: Option<PathBuf>,
     pub swap_mode: SwapMode,
+    /// `DITFLEET_LORA_REGISTRY`, else `file://<model_root>`; `None`: jobs naming adapters fail.
+    pub lora_registry: Option<String>,
+    /// Where verified adapters are kept, and the bound in bytes.
+    pub lora_cache_dir: PathBuf,
+    pub lora_cache_bytes: u64,
+    /// How often a worker with a free slot polls its LoRA affinity queue.
+    pub affinity_poll: Duration,
 }
 
 impl WorkerConfig {
@@ -989,6 +1074,7 @@ impl WorkerConfig {
             "simulated" => EngineChoice::Simulated {
                 step_ms: env.parse("DITFLEET_SIM_STEP_MS", 20u64)?,
                 load_ms: env.parse("DITFLEET_SIM_LOAD_MS", 0u64)?,
+                lora_apply_ms: env.parse("DITFLEET_SIM_LORA_APPLY_MS", 0u64)?,
                 version: {
                     let v = env.string("DITFLEET_SIM_VERSION", "sim-1");
                     if !crate::job::valid_version(&v) {
@@ -1128,6 +1214,28 @@ impl WorkerConfig {
             retry_base: Duration::from_millis(env.positive("DITFLEET_RETRY_BASE_MS", 200)?),
             checkpoint_every,
             control_poll: Duration::from_millis(env.positive("DITFLEET_CONTROL_POLL_MS", 1000)?),
+            lora_registry: match lora_registry(env)? {
+                Some(r) => Some(r),
+                None => model_root
+                    .as_ref()
+                    .filter(|r| r.is_absolute())
+                    .map(|r| format!("file://{}", r.display())),
+            },
+            lora_cache_dir: match env
+                .raw("DITFLEET_LORA_CACHE_DIR")
+                .filter(|v| !v.trim().is_empty())
+            {
+                Some(v) => PathBuf::from(v),
+                None => env
+                    .raw("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| env.raw("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                    .unwrap_or_else(std::env::temp_dir)
+                    .join("ditfleet")
+                    .join("loras"),
+            },
+            lora_cache_bytes: env.positive("DITFLEET_LORA_CACHE_BYTES", 8 << 30)?,
+            affinity_poll: Duration::from_millis(env.positive("DITFLEET_AFFINITY_POLL_MS", 100)?),
             model_root,
             swap_mode,
             common: CommonConfig::from_env(env)?,

@@ -8,6 +8,7 @@ pub mod events;
 pub mod http;
 pub mod ident;
 pub mod job;
+pub mod lora;
 pub mod metrics;
 pub mod redact;
 pub mod service;

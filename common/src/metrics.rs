@@ -47,6 +47,21 @@ pub struct CostLabels {
     pub tenant: String,
 }
 
+/// A LoRA adapter cache lookup.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoraCacheLabels {
+    /// `download` (the worker's verified files) or `engine` (adapters the engine holds loaded).
+    pub cache: String,
+    /// `hit` or `miss`.
+    pub result: String,
+}
+
+/// Which LoRA cache.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoraCacheName {
+    pub cache: String,
+}
+
 /// A float counter (seconds).
 pub type SecondsCounter = Counter<f64, std::sync::atomic::AtomicU64>;
 
@@ -88,6 +103,14 @@ pub struct Metrics {
     /// `busy` (slots running jobs), `idle` (slots waiting). Their sum over all workers, divided by
     /// the succeeded jobs, is the cost per image including idle, start-up and failed work.
     pub worker_gpu_seconds: Family<StateLabel, SecondsCounter>,
+    /// LoRA adapter cache lookups (`ditfleet_lora_cache_total`).
+    pub lora_cache: Family<LoraCacheLabels, Counter>,
+    /// Bytes per LoRA cache (`ditfleet_lora_cache_bytes`).
+    pub lora_cache_bytes: Family<LoraCacheName, Gauge>,
+    /// Stack switch (apply) time (`ditfleet_lora_apply_seconds`).
+    pub lora_apply: Histogram,
+    /// Scheduler: jobs with adapters by route (`ditfleet_lora_routed_total{via}`).
+    pub lora_affinity: Family<StateLabel, Counter>,
 }
 
 impl Metrics {
@@ -105,6 +128,10 @@ impl Metrics {
             job_cost: Family::default(),
             gpu_seconds: Family::default(),
             worker_gpu_seconds: Family::default(),
+            lora_cache: Family::default(),
+            lora_cache_bytes: Family::default(),
+            lora_apply: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            lora_affinity: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("ditfleet");
         r.register(
@@ -157,6 +184,26 @@ impl Metrics {
             "job_gpu_seconds",
             "GPU-seconds of the jobs run here (devices of the plan x generation time)",
             m.gpu_seconds.clone(),
+        );
+        r.register(
+            "lora_cache",
+            "LoRA adapter lookups by cache (download: the worker's verified files; engine: adapters held loaded) and result (hit, miss)",
+            m.lora_cache.clone(),
+        );
+        r.register(
+            "lora_cache_bytes",
+            "Bytes held by each LoRA adapter cache",
+            m.lora_cache_bytes.clone(),
+        );
+        r.register(
+            "lora_apply_seconds",
+            "Seconds an engine took to switch its applied LoRA stack (jobs that found their stack hot add nothing)",
+            m.lora_apply.clone(),
+        );
+        r.register(
+            "lora_routed",
+            "Jobs with a LoRA stack routed by the scheduler, by where (affinity: a worker holding the stack; class: the class queue)",
+            m.lora_affinity.clone(),
         );
         r.register(
             "worker_gpu_seconds",

@@ -846,6 +846,17 @@ pub struct WorkerInfo {
     pub jobs_done: u64,
     pub started_ms: u64,
     pub heartbeat_ms: u64,
+    /// LoRA stacks its engines hold applied now ([`crate::lora::stack_key`], one per engine that
+    /// holds a non-empty stack): the scheduler's affinity prefers this worker for jobs of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lora_stacks: Vec<String>,
+    /// Adapters (`name@version`) held in its engines' caches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lora_cached: Vec<String>,
+    /// Whether it takes jobs from its LoRA affinity queue (`{ns}.work.affinity.<id>`); the
+    /// scheduler sends affinity jobs only to workers that do (older workers do not).
+    #[serde(default)]
+    pub affinity_queue: bool,
 }
 
 /// One GPU as NVML reports it.

@@ -5,6 +5,9 @@
 //! scheduler ──▶ {ns}.work (direct) ──▶ {ns}.work.<class>[.high|.low] (quorum, one per priority)
 //!                                   └─▶ {ns}.work.<class>.pin.<model>@<version> (pinned jobs)
 //!                                                                              ──▶ workers
+//! scheduler ──▶ {ns}.work.affinity (headers: ditfleet-worker) ──▶ {ns}.work.affinity.<worker>
+//!              (LoRA affinity; a message past its wait is dead-lettered to {ns}.work.return,
+//!               direct, bound to every class and per-model queue with its work key) ──▶ workers
 //! any service ──▶ {ns}.dlx (fanout) ──▶ {ns}.dead (quorum, the DLQ)
 //! workers/scheduler ──▶ {ns}.events (topic: job.<id>.progress|done|failed|cancelled, reply_to keys)
 //! ```
@@ -21,6 +24,13 @@ use crate::job::Priority;
 
 /// Routing key of submitted jobs on the submit exchange.
 pub const SUBMIT_KEY: &str = "job";
+/// Header naming the worker whose affinity queue a work order is for (see
+/// [`Topology::affinity_exchange`]). Not `x-…`: a headers exchange ignores such keys when
+/// matching, so every affinity queue would get a copy.
+pub const AFFINITY_HEADER: &str = "ditfleet-worker";
+/// How long an idle affinity queue (no consumer, no get) lives: a worker that went away for good
+/// leaves no queue behind. Far above any wait bound, so no order is ever in a queue that expires.
+pub const AFFINITY_QUEUE_EXPIRES_MS: i64 = 3_600_000;
 /// Broker-side delivery limit of a work message (the worker's attempt counter stops sooner).
 pub const WORK_DELIVERY_LIMIT: i64 = 20;
 /// Broker-side delivery limit of a submit message. The scheduler rejects poison input itself
@@ -157,6 +167,24 @@ impl Topology {
             q.extend(Priority::ALL.iter().map(|p| self.model_queue_for(class, m, *p)));
         }
         q
+    }
+    /// The headers exchange of LoRA affinity: a work order published here with the header
+    /// [`AFFINITY_HEADER`] = a worker id reaches that worker's affinity queue only; its routing
+    /// key is the work key of the queue it falls back to ([`Topology::model_key`]).
+    pub fn affinity_exchange(&self) -> String {
+        format!("{}.work.affinity", self.ns)
+    }
+    /// A worker's LoRA affinity queue, `{ns}.work.affinity.<worker>` (the worker id is checked as
+    /// a name where it is configured: `[A-Za-z0-9._-]`).
+    pub fn affinity_queue(&self, worker: &str) -> String {
+        format!("{}.work.affinity.{worker}", self.ns)
+    }
+    /// Where an affinity queue dead-letters an order whose wait is over (or that hit the delivery
+    /// limit there): a direct exchange bound to every class and per-model work queue with the
+    /// queue's own work key, so the order lands in the queue it would have gone to without
+    /// affinity. Declared (and bound) by workers, which are the only ones with affinity queues.
+    pub fn return_exchange(&self) -> String {
+        format!("{}.work.return", self.ns)
     }
     pub fn events_exchange(&self) -> String {
         format!("{}.events", self.ns)
@@ -404,6 +432,92 @@ impl Topology {
         )
         .await?;
         Ok(())
+    }
+
+    /// Declares the affinity exchange (scheduler and workers; idempotent).
+    pub async fn declare_affinity_exchange(&self, ch: &Channel) -> lapin::Result<()> {
+        let (durable, _) = Self::durable();
+        ch.exchange_declare(
+            self.affinity_exchange().as_str().into(),
+            ExchangeKind::Headers,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+    }
+
+    /// Declares what LoRA affinity needs on a worker's side: the affinity and return exchanges,
+    /// the return bindings of the work queues of `classes` (class and per-model queues, every
+    /// priority), and `worker`'s affinity queue: quorum, dead-lettering to the return exchange
+    /// (with the order's own routing key, its fallback work key), bound to the affinity exchange
+    /// by the worker header, and deleted after an hour unused. The wait bound is each message's
+    /// `expiration` (set by the scheduler; RabbitMQ removes it when dead-lettering, so the order
+    /// does not expire again in the class queue). Quorum queues honour message TTL from
+    /// RabbitMQ 3.10.
+    pub async fn declare_affinity(&self, ch: &Channel, worker: &str, classes: &[&str]) -> lapin::Result<()> {
+        let (durable, qdurable) = Self::durable();
+        self.declare_affinity_exchange(ch).await?;
+        ch.exchange_declare(
+            self.return_exchange().as_str().into(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+        for class in classes {
+            for p in Priority::ALL {
+                let mut pairs = vec![(self.work_queue_for(class, p), Self::work_key(class, p))];
+                for m in crate::job::KNOWN_MODELS {
+                    pairs.push((self.model_queue_for(class, m, p), Self::model_key(class, m, p)));
+                }
+                for (q, key) in pairs {
+                    ch.queue_bind(
+                        q.as_str().into(),
+                        self.return_exchange().as_str().into(),
+                        key.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                }
+            }
+        }
+        let q = self.affinity_queue(worker);
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            AMQPValue::LongString(self.return_exchange().into()),
+        );
+        args.insert(
+            ShortString::from("x-delivery-limit"),
+            AMQPValue::LongLongInt(WORK_DELIVERY_LIMIT),
+        );
+        args.insert(
+            ShortString::from("x-expires"),
+            AMQPValue::LongLongInt(AFFINITY_QUEUE_EXPIRES_MS),
+        );
+        // Dead-lettering stays at the default (at-most-once), as on every fleet queue: with
+        // `x-dead-letter-strategy=at-least-once` RabbitMQ 3.10.8 stopped accepting connections
+        // (twice, after test namespaces with such queues were torn down).
+        ch.queue_declare(q.as_str().into(), qdurable, args).await?;
+        let mut bind = FieldTable::default();
+        bind.insert(ShortString::from("x-match"), AMQPValue::LongString("all".into()));
+        bind.insert(
+            ShortString::from(AFFINITY_HEADER),
+            AMQPValue::LongString(worker.into()),
+        );
+        ch.queue_bind(
+            q.as_str().into(),
+            self.affinity_exchange().as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            bind,
+        )
+        .await
     }
 
     /// Declares a work queue bound to the work exchange with `key` (idempotent).

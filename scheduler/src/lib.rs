@@ -31,6 +31,7 @@ use ditfleet_common::job::{
     FieldError, JobError, JobEvent, JobSpec, KNOWN_MODELS, Limits, WORK_ORDER_CONTENT_TYPE, WorkOrder,
     deadline_ms, fnv1a,
 };
+use ditfleet_common::lora::{Manifest, Registry, stack_key};
 use ditfleet_common::metrics::Metrics;
 use ditfleet_common::state::{self, Created, JobState, JobStore, RateLimit, WorkerInfo};
 use ditfleet_common::telemetry;
@@ -60,6 +61,8 @@ pub enum SchedulerError {
     BrokerLost { secs: f64 },
     #[error("health/metrics endpoint: {0}")]
     Http(std::io::Error),
+    #[error("LoRA registry (DITFLEET_LORA_REGISTRY): {0}")]
+    Registry(String),
 }
 
 /// Failure handling one message; the message is requeued.
@@ -73,6 +76,8 @@ enum HandleError {
     Amqp(#[from] lapin::Error),
     #[error("job {0} is being routed by another delivery; retrying later")]
     RouteInProgress(String),
+    #[error("reading the LoRA registry: {0}")]
+    Registry(String),
 }
 
 struct Ctx {
@@ -86,7 +91,14 @@ struct Ctx {
     live: std::sync::Mutex<Live>,
     /// Pinned-version queues declared by this process.
     pins_declared: tokio::sync::Mutex<std::collections::HashSet<String>>,
+    /// The LoRA registry (`None`: jobs naming adapters are rejected).
+    registry: Option<Registry>,
+    /// Manifest lookups by `(name, version)`, each reused for `DITFLEET_LORA_MANIFEST_CACHE_MS`.
+    manifests: std::sync::Mutex<ManifestCache>,
 }
+
+/// Manifest lookups by `(name, version)` with when they were made.
+type ManifestCache = std::collections::HashMap<(String, String), (std::time::Instant, Option<Manifest>)>;
 
 /// The fleet's load as last seen (refreshed by [`refresh_loop`]).
 #[derive(Debug, Default)]
@@ -213,6 +225,11 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
     let store = JobStore::connect_cfg(&cfg.common).await?;
     let setup = conn.create_channel().await?;
     topo.declare(&setup, &cfg.classes.names()).await?;
+    topo.declare_affinity_exchange(&setup).await?;
+    let registry = match &cfg.lora_registry {
+        Some(url) => Some(Registry::open(url).map_err(|e| SchedulerError::Registry(e.to_string()))?),
+        None => None,
+    };
     let poller = tokio::spawn(poll_queues(
         conn.clone(),
         store.clone(),
@@ -251,7 +268,7 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
     let limits = Limits {
         max_prompt_chars: cfg.max_prompt_chars,
     };
-    info!(queue = %topo.submit_queue(), prefetch = cfg.prefetch, classes = ?cfg.classes.names(), spill = cfg.spill, tenant_limits = ?cfg.tenant_limits, "scheduler ready");
+    info!(queue = %topo.submit_queue(), prefetch = cfg.prefetch, classes = ?cfg.classes.names(), spill = cfg.spill, tenant_limits = ?cfg.tenant_limits, lora_registry = %registry.as_ref().map_or("none".to_string(), |r| r.describe()), affinity_wait_ms = cfg.affinity_wait.map_or(0, |d| d.as_millis() as u64), "scheduler ready");
     let events = EventBus::new(publisher.clone(), topo.clone(), "scheduler");
     let ctx = Arc::new(Ctx {
         metrics,
@@ -263,6 +280,8 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
         limits,
         live: std::sync::Mutex::new(Live::default()),
         pins_declared: tokio::sync::Mutex::new(Default::default()),
+        registry,
+        manifests: std::sync::Mutex::new(Default::default()),
     });
     let refresh_stop = CancellationToken::new();
     let refresher = tokio::spawn(refresh_loop(ctx.clone(), conn.clone(), refresh_stop.clone()));
@@ -709,9 +728,51 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
         }
         None => Topology::model_key(&class, &spec.model, spec.priority),
     };
-    ctx.publisher
-        .publish(&ctx.topo.work_exchange(), &key, &order.encode(), props, true)
-        .await?;
+    let body = order.encode();
+    let hot = match (&pin, ctx.cfg.affinity_wait) {
+        (None, Some(wait)) if !order.loras.is_empty() => hot_worker(ctx, &order, &class).map(|w| (w, wait)),
+        _ => None,
+    };
+    let mut via = "class";
+    if let Some((worker, wait)) = hot {
+        // The order waits in the hot worker's affinity queue at most `wait`, then the broker
+        // dead-letters it to the return exchange with this same routing key: the class queue.
+        let mut headers = props.headers().clone().unwrap_or_default();
+        headers.insert(
+            ditfleet_common::topology::AFFINITY_HEADER.into(),
+            lapin::types::AMQPValue::LongString(worker.as_str().into()),
+        );
+        let aprops = props
+            .clone()
+            .with_headers(headers)
+            .with_expiration(wait.as_millis().to_string().as_str().into());
+        match ctx
+            .publisher
+            .publish(&ctx.topo.affinity_exchange(), &key, &body, aprops, true)
+            .await
+        {
+            Ok(()) => via = "affinity",
+            // The worker's queue is gone (it never declared one, or it expired): as without affinity.
+            Err(amqp::PublishError::Unroutable { .. }) => {
+                debug!(job_id = %spec.job_id, worker = %worker, "no affinity queue for the hot worker; routing to the class queue");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if via == "affinity" {
+            info!(job_id = %spec.job_id, worker = %worker, wait_ms = wait.as_millis() as u64, "routed to the worker holding the job's LoRA stack");
+        }
+    }
+    if via == "class" {
+        ctx.publisher
+            .publish(&ctx.topo.work_exchange(), &key, &body, props, true)
+            .await?;
+    }
+    if !order.loras.is_empty() {
+        ctx.metrics
+            .lora_affinity
+            .get_or_create(&ditfleet_common::metrics::StateLabel { state: via.into() })
+            .inc();
+    }
     ctx.store
         .set_fields(&spec.job_id, &[("published", "1".into())])
         .await?;
@@ -722,7 +783,7 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
         &spec.model,
         now_ms().saturating_sub(submitted_ms) as f64 / 1e3,
     );
-    info!(job_id = %spec.job_id, class = %class, key = %key, cost, tenant = %spec.tenant, priority = spec.priority.as_str(), "routed");
+    info!(job_id = %spec.job_id, class = %class, key = %key, via, cost, tenant = %spec.tenant, priority = spec.priority.as_str(), "routed");
     Ok(())
 }
 
@@ -764,11 +825,89 @@ async fn admit(ctx: &Ctx, spec: &JobSpec, pin: Option<&str>) -> Result<Result<()
 }
 
 /// Why the fleet cannot run the job's LoRA stack, if it cannot: the one place a job's adapters
-/// are checked against the fleet's LoRA registry (each must be there, made for the job's model).
-/// The fleet has no registry yet, so every stack that passed validation is admitted; a worker
-/// whose engine cannot apply adapters fails the job with that reason.
-async fn unavailable_loras(_ctx: &Ctx, _spec: &JobSpec) -> Result<Option<String>, HandleError> {
-    Ok(None)
+/// are checked against the fleet's LoRA registry. Each must have a manifest there (a push that
+/// has not finished has none) made for the job's model. Every problem is named, e.g.
+/// `pixel-art@v9 is not in the LoRA registry (s3://bucket/prefix/loras)`. A registry that cannot
+/// be read is not the job's fault: the submit message is requeued.
+async fn unavailable_loras(ctx: &Ctx, spec: &JobSpec) -> Result<Option<String>, HandleError> {
+    let Some(registry) = &ctx.registry else {
+        return Ok(Some(
+            "this fleet has no LoRA registry (DITFLEET_LORA_REGISTRY is not set on the scheduler), so a job cannot name adapters".into(),
+        ));
+    };
+    let mut problems = Vec::new();
+    for l in &spec.loras {
+        match manifest(ctx, registry, &l.name, &l.version).await? {
+            None => problems.push(format!(
+                "{}@{} is not in the LoRA registry ({})",
+                l.name,
+                l.version,
+                registry.describe()
+            )),
+            Some(m) if m.base_model != spec.model => problems.push(format!(
+                "{}@{} was made for {}, not {}",
+                l.name, l.version, m.base_model, spec.model
+            )),
+            Some(_) => {}
+        }
+    }
+    Ok((!problems.is_empty()).then(|| problems.join("; ")))
+}
+
+/// The manifest of `name@version` (or its absence), from the cache while it is fresh.
+async fn manifest(
+    ctx: &Ctx,
+    registry: &Registry,
+    name: &str,
+    version: &str,
+) -> Result<Option<Manifest>, HandleError> {
+    let key = (name.to_string(), version.to_string());
+    let ttl = ctx.cfg.lora_manifest_cache;
+    {
+        let cache = ctx.manifests.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, m)) = cache.get(&key)
+            && at.elapsed() < ttl
+        {
+            return Ok(m.clone());
+        }
+    }
+    let m = registry
+        .manifest(name, version)
+        .await
+        .map_err(|e| HandleError::Registry(e.to_string()))?;
+    let mut cache = ctx.manifests.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() > 10_000 {
+        cache.retain(|_, (at, _)| at.elapsed() < ttl);
+    }
+    cache.insert(key, (std::time::Instant::now(), m.clone()));
+    Ok(m)
+}
+
+/// The live worker that holds the order's LoRA stack applied and takes affinity jobs of its
+/// class and model, if any (the one with the most free slots; ties by id). A busy one is still
+/// chosen: the order waits for it at most the affinity bound.
+fn hot_worker(ctx: &Ctx, order: &WorkOrder, class: &str) -> Option<String> {
+    let key = stack_key(
+        order
+            .loras
+            .iter()
+            .map(|l| (l.name.as_str(), l.version.as_str(), l.scale as f32)),
+    );
+    let live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
+    pick_hot(&live.workers, &key, class, &order.model)
+}
+
+fn pick_hot(workers: &[WorkerInfo], stack: &str, class: &str, model: &str) -> Option<String> {
+    workers
+        .iter()
+        .filter(|w| {
+            w.affinity_queue
+                && w.lora_stacks.iter().any(|s| s == stack)
+                && w.classes.iter().any(|c| c == class)
+                && w.models.iter().any(|m| m == model)
+        })
+        .max_by(|a, b| a.free_slots.cmp(&b.free_slots).then_with(|| b.id.cmp(&a.id)))
+        .map(|w| w.id.clone())
 }
 
 /// Why the fleet does not serve `model`, if it does not: not in `DITFLEET_SERVED_MODELS`, or
@@ -979,6 +1118,9 @@ mod tests {
             jobs_done: 0,
             started_ms: 0,
             heartbeat_ms: 0,
+            lora_stacks: vec![],
+            lora_cached: vec![],
+            affinity_queue: true,
         }
     }
 
@@ -994,6 +1136,52 @@ mod tests {
     }
 
     const CLASSES: [&str; 3] = ["small", "medium", "large"];
+
+    #[test]
+    fn affinity_picks_a_worker_holding_the_exact_stack_for_the_class_and_model() {
+        let mut a = worker("a", &["small"], 0);
+        a.lora_stacks = vec!["px@1*0.8".into()];
+        let mut b = worker("b", &["small"], 1);
+        b.lora_stacks = vec!["px@1*0.8".into(), "other@2*1".into()];
+        let mut old = worker("old", &["small"], 4);
+        old.lora_stacks = vec!["px@1*0.8".into()];
+        old.affinity_queue = false;
+        let ws = vec![a.clone(), b, old];
+        assert_eq!(
+            pick_hot(&ws, "px@1*0.8", "small", "flux-dev").as_deref(),
+            Some("b"),
+            "most free slots"
+        );
+        assert_eq!(
+            pick_hot(&ws, "other@2*1", "small", "flux-dev").as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            pick_hot(&ws, "px@1*1", "small", "flux-dev"),
+            None,
+            "another scale is another stack"
+        );
+        assert_eq!(
+            pick_hot(&ws, "px@1*0.8", "large", "flux-dev"),
+            None,
+            "not of the class"
+        );
+        assert_eq!(
+            pick_hot(&ws, "px@1*0.8", "small", "sdxl-base"),
+            None,
+            "not of the model"
+        );
+        assert_eq!(
+            pick_hot(&[a], "px@1*0.8", "small", "flux-dev").as_deref(),
+            Some("a"),
+            "a busy hot worker is still preferred: the wait is bounded"
+        );
+        assert_eq!(
+            stack_key([("px", "1", 0.8f64 as f32)]),
+            "px@1*0.8",
+            "the scheduler's f64 scale keys like the engine's f32"
+        );
+    }
 
     #[test]
     fn a_backlog_does_not_spill_to_a_class_whose_idle_worker_also_serves_the_jobs_own_class() {

@@ -189,6 +189,8 @@ pub struct Fleet {
     pub store: JobStore,
     pub events: EventLog,
     pub env: HashMap<String, String>,
+    /// Ids of the workers started, whose LoRA affinity queues teardown deletes.
+    worker_ids: Mutex<Vec<String>>,
     _watch: TestWatch,
 }
 
@@ -355,6 +357,11 @@ impl Fleet {
             ("DITFLEET_SHUTDOWN_GRACE_S", "20".into()),
             ("DITFLEET_LOG", "info".into()),
             ("DITFLEET_JOB_TTL_S", "3600".into()),
+            // The LoRA registry: a folder of this test's own (tests on S3 set their own).
+            (
+                "DITFLEET_LORA_REGISTRY",
+                format!("file://{}", root.join("lora-registry").display()),
+            ),
         ] {
             env.insert(k.to_string(), v);
         }
@@ -368,6 +375,7 @@ impl Fleet {
             store,
             events,
             env,
+            worker_ids: Mutex::new(Vec::new()),
             _watch: watch,
         }
     }
@@ -407,9 +415,54 @@ impl Fleet {
 
     /// Starts a worker with id `id` (simulated engine unless `extra` says otherwise).
     pub fn start_worker(&self, id: &str, extra: &[(&str, &str)]) -> Proc {
-        let mut e = vec![("DITFLEET_WORKER_ID", id)];
+        // Each worker has its own LoRA download cache, as on separate machines.
+        let cache = self
+            .log_dir
+            .parent()
+            .expect("the test's folder")
+            .join("lora-cache")
+            .join(id)
+            .display()
+            .to_string();
+        self.worker_ids.lock().unwrap().push(id.to_string());
+        let mut e = vec![
+            ("DITFLEET_WORKER_ID", id),
+            ("DITFLEET_LORA_CACHE_DIR", cache.as_str()),
+        ];
         e.extend_from_slice(extra);
         self.spawn("ditfleet-worker", id, &e, &[])
+    }
+
+    /// Pushes a small LoRA adapter (a PEFT-named safetensors file, its bytes depending on the
+    /// name) as `name@version` for `base_model` with `ditfleetctl lora push`; panics on failure.
+    pub fn push_lora(&self, name: &str, version: &str, base_model: &str) -> std::process::Output {
+        let dir = self.log_dir.parent().expect("the test's folder").join("lora-src");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(format!("{name}-{version}.safetensors"));
+        let keys = [
+            format!("{name}.blocks.0.attn.to_q.lora_A.weight"),
+            format!("{name}.blocks.0.attn.to_q.lora_B.weight"),
+        ];
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        std::fs::write(&file, ditfleet_common::lora::tiny_safetensors(&refs)).unwrap();
+        let out = self.ctl(&[
+            "lora",
+            "push",
+            file.to_str().unwrap(),
+            "--name",
+            name,
+            "--version",
+            version,
+            "--base-model",
+            base_model,
+        ]);
+        assert!(
+            out.status.success(),
+            "lora push {name}@{version}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
     }
 
     /// Runs `ditfleetctl` to completion with the fleet's environment.
@@ -667,7 +720,22 @@ impl Fleet {
                 }
             }
         }
+        // Each worker's LoRA affinity queue (one channel each, as above).
+        let ids = self.worker_ids.lock().unwrap().clone();
+        for id in ids {
+            if let Ok(ch) = self.conn.create_channel().await {
+                let _ = ch
+                    .queue_delete(
+                        self.topo.affinity_queue(&id).as_str().into(),
+                        QueueDeleteOptions::default(),
+                    )
+                    .await;
+                let _ = ch.close(200, "".into()).await;
+            }
+        }
         for x in [
+            self.topo.affinity_exchange(),
+            self.topo.return_exchange(),
             self.topo.submit_exchange(),
             self.topo.work_exchange(),
             self.topo.events_exchange(),

@@ -229,6 +229,8 @@ async fn every_invalid_job_is_recorded_failed_with_its_reason_and_dead_lettered(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sdxl_job_runs_with_its_sampler_and_lora_stack_and_its_timings_show_them() {
     let fleet = Fleet::new("sdxl-lora").await;
+    fleet.push_lora("pixel-art", "v1.2", "sdxl-base");
+    fleet.push_lora("detail", "2", "sdxl-base");
     let _s = fleet.start_scheduler();
     // The simulated engine serves every known model by default, sdxl-base included.
     let _w = fleet.start_worker("w-sdxl", &[]);
@@ -352,6 +354,7 @@ async fn the_model_engines_run_the_named_sampler_and_refuse_a_lora_stack_they_ca
     // yet, so a job naming adapters must fail with the reason rather than silently get the base
     // model's image; an SDXL job with a non-default sampler runs it.
     let fleet = Fleet::new("model-engines").await;
+    fleet.push_lora("pixel-art", "v1", "flux-dev");
     let _s = fleet.start_scheduler();
     let _w = fleet.start_worker(
         "w-tiny",

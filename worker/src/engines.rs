@@ -40,6 +40,7 @@ fn pick_device(devices: Option<&[String]>) -> Result<Device, EngineError> {
 
 fn simulated(
     step_ms: u64,
+    lora_apply_ms: u64,
     faults: &SimFaults,
     model: &str,
     version: &str,
@@ -57,6 +58,8 @@ fn simulated(
                     bad_weights: faults.bad_weights,
                     panic: faults.panic,
                 },
+                lora_apply_ms,
+                ..Default::default()
             })) as Box<dyn Engine>
         })
         .collect()
@@ -78,12 +81,13 @@ pub fn build(
             version,
             faults,
             models,
+            lora_apply_ms,
         } => {
             // Stands for reading and verifying weights (start-up probe tests).
             std::thread::sleep(std::time::Duration::from_millis(*load_ms));
             Ok(models
                 .iter()
-                .flat_map(|m| simulated(*step_ms, faults, m, version, slots))
+                .flat_map(|m| simulated(*step_ms, *lora_apply_ms, faults, m, version, slots))
                 .collect())
         }
         EngineChoice::Flux {
@@ -188,9 +192,12 @@ pub fn build_version(
     model_root: Option<&Path>,
 ) -> Result<Vec<Box<dyn Engine>>, EngineError> {
     match choice {
-        EngineChoice::Simulated { step_ms, faults, .. } => {
-            Ok(simulated(*step_ms, faults, model, version, slots))
-        }
+        EngineChoice::Simulated {
+            step_ms,
+            faults,
+            lora_apply_ms,
+            ..
+        } => Ok(simulated(*step_ms, *lora_apply_ms, faults, model, version, slots)),
         EngineChoice::Flux {
             low_memory,
             plan: Some(plan),

@@ -461,8 +461,9 @@ fn plan(order: &WorkOrder, model_version: &str, engine: &str) -> String {
     plan
 }
 
-/// The engine's request for a work order.
-fn request_of(order: &WorkOrder) -> GenerateRequest {
+/// The engine's request for a work order, each adapter with the verified file `resolved` gives
+/// it (in stack order; unresolved adapters keep no path, which engines refuse).
+fn request_of(order: &WorkOrder, resolved: &[crate::lora::Resolved]) -> GenerateRequest {
     GenerateRequest {
         model: order.model.clone(),
         prompt: order.prompt.clone(),
@@ -477,12 +478,13 @@ fn request_of(order: &WorkOrder) -> GenerateRequest {
         loras: order
             .loras
             .iter()
-            .map(|l| ditfleet_engine::request::LoraRef {
+            .enumerate()
+            .map(|(i, l)| ditfleet_engine::request::LoraRef {
                 name: l.name.clone(),
                 version: l.version.clone(),
                 scale: l.scale as f32,
-                path: None,
-                checksum: None,
+                path: resolved.get(i).map(|r| r.path.clone()),
+                checksum: resolved.get(i).map(|r| r.sha256.clone()),
             })
             .collect(),
         seed: order.seed,
@@ -523,6 +525,82 @@ struct Generated {
     degraded: Option<String>,
     /// (step, time since the denoising loop started, when the step ended), for the step spans.
     step_times: Vec<(u32, Duration, std::time::SystemTime)>,
+    /// The engine's LoRA status before and after the job.
+    lora: (ditfleet_engine::LoraStatus, ditfleet_engine::LoraStatus),
+}
+
+/// Makes the order's adapters ready (see [`crate::lora::LoraCache::resolve`]), counting the
+/// download cache's hits and misses.
+async fn resolve_loras(
+    shared: &Shared,
+    order: &WorkOrder,
+) -> Result<Vec<crate::lora::Resolved>, crate::lora::ResolveError> {
+    let mut out: Vec<crate::lora::Resolved> = Vec::with_capacity(order.loras.len());
+    for l in &order.loras {
+        let keep: Vec<String> = out.iter().map(|r| r.sha256.clone()).collect();
+        let r = shared
+            .lora
+            .resolve(&l.name, &l.version, &order.model, &keep)
+            .await?;
+        let result = match r.fetched {
+            crate::lora::Fetched::Hit => "hit",
+            crate::lora::Fetched::Miss => "miss",
+        };
+        shared
+            .metrics
+            .lora_cache
+            .get_or_create(&ditfleet_common::metrics::LoraCacheLabels {
+                cache: "download".into(),
+                result: result.into(),
+            })
+            .inc();
+        out.push(r);
+    }
+    if !order.loras.is_empty() {
+        let bytes = shared.lora.bytes().await as i64;
+        shared
+            .metrics
+            .lora_cache_bytes
+            .get_or_create(&ditfleet_common::metrics::LoraCacheName {
+                cache: "download".into(),
+            })
+            .set(bytes);
+    }
+    Ok(out)
+}
+
+/// Turns the engine's LoRA status change over one job into metrics, and asks for an early
+/// heartbeat when the applied stack changed (the scheduler's affinity sees it sooner).
+fn record_lora(shared: &Shared, before: &ditfleet_engine::LoraStatus, after: &ditfleet_engine::LoraStatus) {
+    use ditfleet_common::metrics::{LoraCacheLabels, LoraCacheName};
+    for (result, n) in [
+        ("hit", after.cache_hits.saturating_sub(before.cache_hits)),
+        ("miss", after.cache_misses.saturating_sub(before.cache_misses)),
+    ] {
+        if n > 0 {
+            shared
+                .metrics
+                .lora_cache
+                .get_or_create(&LoraCacheLabels {
+                    cache: "engine".into(),
+                    result: result.into(),
+                })
+                .inc_by(n);
+        }
+    }
+    if after.applied != before.applied {
+        shared.metrics.lora_apply.observe(after.last_apply_ms / 1e3);
+        shared.beat_now.notify_one();
+    }
+    if after.cache_capacity_bytes > 0 {
+        shared
+            .metrics
+            .lora_cache_bytes
+            .get_or_create(&LoraCacheName {
+                cache: "engine".into(),
+            })
+            .set(after.cache_bytes as i64);
+    }
 }
 
 async fn run_claimed(
@@ -536,6 +614,23 @@ async fn run_claimed(
     let me = shared.cfg.worker_id.clone();
     let cancel = Arc::new(AtomicBool::new(false));
     let watch = LeaseWatch::spawn(shared, &order.job_id, &me, cancel.clone());
+    // The job's adapters, downloaded and verified before an engine is taken.
+    let resolved = match resolve_loras(shared, order).await {
+        Ok(r) => r,
+        Err(crate::lora::ResolveError::Permanent(reason)) => {
+            watch.stop().await;
+            warn!(job_id = %order.job_id, reason = %reason, "LoRA adapters unavailable; failing the job");
+            return fail_permanently(shared, delivery, order, &reason, &me).await;
+        }
+        Err(crate::lora::ResolveError::Transient(reason)) => {
+            watch.stop().await;
+            warn!(job_id = %order.job_id, reason = %reason, "LoRA registry unreadable; handing the job back");
+            shared.metrics.job("requeued", &order.class, &order.model);
+            shared.metrics.retries.inc();
+            requeue(shared, &order.job_id, &reason).await?;
+            return Ok(Settle::Requeue);
+        }
+    };
     let taken = match shared
         .pool
         .take(&order.model, order.model_version.as_deref())
@@ -565,7 +660,19 @@ async fn run_claimed(
     let (ck_tx, ck_rx) = mpsc::unbounded_channel::<StepCheckpoint>();
     let ck_writer = write_checkpoints(shared, &order.job_id, &me, &plan, ck_rx);
 
-    let request = request_of(order);
+    let request = request_of(order, &resolved);
+    let stack = ditfleet_common::lora::stack_key(
+        request
+            .loras
+            .iter()
+            .map(|l| (l.name.as_str(), l.version.as_str(), l.scale)),
+    );
+    // Advertised while the job runs: the stack the engine will hold afterwards.
+    shared
+        .busy_stacks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(order.job_id.clone(), stack);
     let gen_started = Instant::now();
     let gen_started_wall = std::time::SystemTime::now();
     let gen_span = info_span!("generate", steps = order.steps, engine = %shared.pool.info.kind, model_version = %model_version);
@@ -593,6 +700,7 @@ async fn run_claimed(
         let resumed_from = resume.as_ref().map(|c| c.step);
         let mut resume = resume;
         let mut engine_retries = 0;
+        let lora_before = taken.engine.lora_status();
         let result = loop {
             let mut latest: Option<StepCheckpoint> = None;
             let out = taken.engine.generate_resumable(
@@ -632,6 +740,7 @@ async fn run_claimed(
         };
         drop(ck_tx);
         let degraded = taken.engine.degraded();
+        let lora_after = taken.engine.lora_status();
         (
             taken,
             Generated {
@@ -640,12 +749,18 @@ async fn run_claimed(
                 engine_retries,
                 degraded,
                 step_times,
+                lora: (lora_before, lora_after),
             },
         )
     })
     .instrument(gen_span);
     // Checkpoints are written while the engine runs; all are stored before the job settles.
     let (joined, ()) = tokio::join!(engine_task, ck_writer);
+    shared
+        .busy_stacks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&order.job_id);
     let (taken, generated) = match joined {
         Ok(v) => v,
         Err(e) => {
@@ -666,6 +781,7 @@ async fn run_claimed(
         }
     };
     shared.pool.give_back(taken);
+    record_lora(shared, &generated.lora.0, &generated.lora.1);
     if let Some(reason) = &generated.degraded {
         // The engine keeps serving on fewer GPUs: advertise it (the slot count is unchanged).
         if shared
@@ -1442,7 +1558,7 @@ mod tests {
     #[test]
     fn the_engines_request_carries_the_orders_sampler_and_lora_stack_in_order() {
         let o = order("sdxl-base", Some("euler_a"), &[("b", "2", -0.5), ("a", "1", 1.0)]);
-        let r = request_of(&o);
+        let r = request_of(&o, &[]);
         assert_eq!(r.scheduler.as_deref(), Some("euler_a"));
         assert_eq!(
             r.loras
@@ -1452,7 +1568,7 @@ mod tests {
             [("b", "2", -0.5), ("a", "1", 1.0)]
         );
         assert_eq!((r.steps, r.guidance), (30, 5.0));
-        let f = request_of(&order("flux-dev", None, &[]));
+        let f = request_of(&order("flux-dev", None, &[]), &[]);
         assert_eq!((f.scheduler.as_deref(), f.loras.len()), (Some("flow_euler"), 0));
     }
 }

@@ -21,6 +21,7 @@
 pub mod engines;
 pub mod gpus;
 mod job;
+pub mod lora;
 pub mod pool;
 pub mod results;
 
@@ -47,7 +48,7 @@ use lapin::{Channel, Consumer};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::pool::EnginePool;
 use crate::results::ResultStore;
@@ -98,6 +99,23 @@ pub(crate) struct Shared {
     /// Why the worker serves with reduced capacity (advertised as state `degraded`); see
     /// [`Shared::degrade`].
     pub degraded: std::sync::Mutex<Option<String>>,
+    /// Downloaded, verified LoRA adapters.
+    pub lora: lora::LoraCache,
+    /// The LoRA stack key of each running job (its engine holds that stack when the job ends).
+    pub busy_stacks: std::sync::Mutex<HashMap<String, String>>,
+    /// Asks the heartbeat for an early registration (the applied LoRA stacks changed).
+    pub beat_now: tokio::sync::Notify,
+    /// Whether another live worker of one of this worker's classes had a free slot at the last
+    /// heartbeat (see [`affinity_expired`]).
+    pub others_idle: AtomicBool,
+}
+
+/// Whether a delivery is a LoRA affinity order whose wait for its hot worker is over: dead-lettered
+/// from an affinity queue on expiry (`x-first-death-*` headers) into the class queue it came from.
+fn affinity_expired(topo: &Topology, d: &Delivery) -> bool {
+    let prefix = topo.affinity_queue("");
+    amqp::header_str(&d.properties, "x-first-death-reason").as_deref() == Some("expired")
+        && amqp::header_str(&d.properties, "x-first-death-queue").is_some_and(|q| q.starts_with(&prefix))
 }
 
 impl Shared {
@@ -285,6 +303,15 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         (None, None) => results::ResultUrls::Object,
     };
     let results: Box<dyn ResultStore> = results::open(cfg.result_url.as_deref(), &cfg.result_dir, urls)?;
+    let lora_registry = match &cfg.lora_registry {
+        Some(url) => Some(
+            ditfleet_common::lora::Registry::open(url)
+                .map_err(|e| std::io::Error::other(format!("LoRA registry {url}: {e}")))?,
+        ),
+        None => None,
+    };
+    let lora_cache = lora::LoraCache::open(lora_registry, &cfg.lora_cache_dir, cfg.lora_cache_bytes)
+        .map_err(|e| std::io::Error::other(format!("LoRA cache {}: {e}", cfg.lora_cache_dir.display())))?;
     let engine_cfg = cfg.engine.clone();
     let devices = cfg.devices.clone();
     let slots = cfg.slots;
@@ -338,6 +365,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     // Only the worker's part of the topology: a least-privileged worker user has no rights on
     // the submit exchange and queue (docs/operations.md, "RabbitMQ users").
     topo.declare_worker(&setup, &class_refs).await?;
+    // LoRA affinity: this worker's queue, and the return path to the class queues.
+    topo.declare_affinity(&setup, &cfg.worker_id, &class_refs).await?;
+    let affinity_queue = topo.affinity_queue(&cfg.worker_id);
     let publisher = Publisher::new(&conn).await?;
     let consume_ch = conn.create_channel().await?;
     consume_ch
@@ -360,6 +390,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         jobs_done: AtomicU64::new(0),
         running: std::sync::Mutex::new(Default::default()),
         degraded: std::sync::Mutex::new(None),
+        lora: lora_cache,
+        busy_stacks: std::sync::Mutex::new(HashMap::new()),
+        beat_now: tokio::sync::Notify::new(),
+        others_idle: AtomicBool::new(false),
         cfg,
     });
     let gpus = Arc::new(std::sync::Mutex::new(gpus));
@@ -409,6 +443,11 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
     let mut seq = 0u64;
     let mut tasks = JoinSet::new();
     let mut sync_tick = tokio::time::interval(shared.cfg.control_poll);
+    // Jobs waiting for this worker in its affinity queue are taken only when a slot is free (a
+    // get, not a consumer: nothing waits in this process's buffer, so the broker's bound on the
+    // wait holds and an order this worker cannot start soon goes to its class queue).
+    let mut affinity_tick = tokio::time::interval(shared.cfg.affinity_poll);
+    affinity_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Watchdog of the broker link: lapin's automatic recovery usually brings the connection,
     // channels and consumers back after an outage, but it can wedge (channels left
     // `Reconnecting` for good). Past the bound the worker exits non-zero instead of idling.
@@ -430,6 +469,31 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         tokio::select! {
             // A waiting task gave its slot back: start a buffered delivery on it.
             _ = shared.slot_freed.notified(), if !buffer.is_empty() => {}
+            _ = affinity_tick.tick(), if !watch.is_down() => {
+                // While a slot is free, take affinity jobs first: they wait for this worker.
+                while shared.slots.available_permits() > 0 {
+                    let got = consume_ch
+                        .basic_get(affinity_queue.as_str().into(), lapin::options::BasicGetOptions { no_ack: false })
+                        .await;
+                    match got {
+                        Ok(Some(m)) => {
+                            let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
+                                // Taken meanwhile: back to the queue (its expiry is kept).
+                                let _ = m.delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                                break;
+                            };
+                            let slot = job::Slot::new(shared.slots.clone(), shared.slot_freed.clone(), permit);
+                            let shared = shared.clone();
+                            tasks.spawn(async move { job::process(shared, m.delivery, slot).await });
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            debug!(error = %e, queue = %affinity_queue, "affinity queue get failed");
+                            break;
+                        }
+                    }
+                }
+            }
             _ = shutdown.cancelled() => break Ok(()),
             _ = drain_requested.cancelled() => {
                 info!(worker = %shared.cfg.worker_id, "drain requested by an operator");
@@ -440,6 +504,21 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
             }
             next = consumers.streams.next() => match next {
                 Some(Ok(delivery)) => {
+                    // An affinity order that already waited its bound for a busy hot worker must
+                    // not wait again in this busy worker's buffer while another worker idles:
+                    // back to the class queue for that one.
+                    // Handed back at most twice (each return counts toward the delivery limit).
+                    if shared.slots.available_permits() == 0
+                        && shared.others_idle.load(Ordering::Relaxed)
+                        && amqp::delivery_count(&delivery.properties) < 2
+                        && affinity_expired(&topo, &delivery)
+                    {
+                        info!(job_id = ?delivery.properties.message_id(), "affinity order past its wait reached this busy worker while another idles: handing it back");
+                        tokio::spawn(async move {
+                            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                        });
+                        continue;
+                    }
                     seq += 1;
                     buffer.push(Buffered { rank: rank(&delivery), seq, delivery });
                 }
@@ -630,6 +709,7 @@ async fn heartbeat_loop(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+            _ = shared.beat_now.notified() => {}
         }
         let g = gpus.clone();
         let gm = gpu_metrics.clone();
@@ -670,6 +750,32 @@ async fn heartbeat_loop(
         };
         shared.metrics.set_worker_state(state);
         let h = shared.pool.holdings();
+        // The LoRA stacks held applied: idle engines' and, for busy ones, their job's.
+        let statuses = shared.pool.idle_lora_statuses();
+        let mut lora_stacks: Vec<String> = statuses
+            .iter()
+            .map(|s| {
+                ditfleet_common::lora::stack_key(
+                    s.applied
+                        .iter()
+                        .map(|l| (l.name.as_str(), l.version.as_str(), l.scale)),
+                )
+            })
+            .chain(
+                shared
+                    .busy_stacks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .cloned(),
+            )
+            .filter(|k| !k.is_empty())
+            .collect();
+        lora_stacks.sort();
+        lora_stacks.dedup();
+        let mut lora_cached: Vec<String> = statuses.iter().flat_map(|s| s.cached.iter().cloned()).collect();
+        lora_cached.sort();
+        lora_cached.dedup();
         let info = WorkerInfo {
             id: shared.cfg.worker_id.clone(),
             host: ditfleet_common::config::hostname_fallback(),
@@ -700,6 +806,9 @@ async fn heartbeat_loop(
             jobs_done: shared.jobs_done.load(Ordering::Relaxed),
             started_ms,
             heartbeat_ms: now_ms(),
+            lora_stacks,
+            lora_cached,
+            affinity_queue: true,
         };
         let json = serde_json::to_string(&info).expect("worker info serialises");
         if let Err(e) = shared
@@ -708,6 +817,21 @@ async fn heartbeat_loop(
             .await
         {
             warn!(error = %e, "heartbeat failed");
+        }
+        match shared.store.workers().await {
+            Ok(list) => {
+                let idle = list
+                    .iter()
+                    .filter_map(|(_, v)| serde_json::from_str::<WorkerInfo>(v).ok())
+                    .any(|w| {
+                        w.id != shared.cfg.worker_id
+                            && w.free_slots > 0
+                            && !matches!(w.state.as_str(), "draining" | "reconnecting")
+                            && w.classes.iter().any(|c| classes.contains(c))
+                    });
+                shared.others_idle.store(idle, Ordering::Relaxed);
+            }
+            Err(e) => debug!(error = %e, "reading the other workers failed"),
         }
         if let Err(e) = shared.store.add_known_versions(&h.held).await {
             warn!(error = %e, "recording held versions failed");

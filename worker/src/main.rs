@@ -301,6 +301,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         "simulated" => EngineChoice::Simulated {
             step_ms: 20,
             load_ms: 0,
+            lora_apply_ms: 0,
             version: "sim-1".into(),
             faults: Default::default(),
             models: ditfleet_common::job::KNOWN_MODELS

@@ -123,6 +123,11 @@ impl EnginePool {
         }
     }
 
+    /// The LoRA status of every idle engine (busy ones are advertised by their running job).
+    pub fn idle_lora_statuses(&self) -> Vec<ditfleet_engine::LoraStatus> {
+        self.lock().idle.iter().map(|t| t.engine.lora_status()).collect()
+    }
+
     /// Whether a job pinned to `mv` can run here (held, or being loaded).
     pub fn serves(&self, mv: &str) -> bool {
         let st = self.lock();

@@ -86,6 +86,47 @@ enum Cmd {
     /// Model versions: load (hot swap) or unload.
     #[command(subcommand)]
     Model(ModelCmd),
+    /// LoRA adapters in the fleet's registry (DITFLEET_LORA_REGISTRY, or --registry).
+    #[command(subcommand)]
+    Lora(LoraCmd),
+}
+
+#[derive(Subcommand)]
+enum LoraCmd {
+    /// Push a LoRA adapter (a safetensors file, PEFT or kohya key names) as NAME@VERSION for a
+    /// base model: the file is checked and hashed (SHA-256), uploaded, and its manifest written
+    /// last, so jobs can name it only once the push is complete. Pushing a version again
+    /// replaces it.
+    Push {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// The model it was trained for (flux-dev, flux-schnell, sdxl-base).
+        #[arg(long)]
+        base_model: String,
+        /// Registry URL (s3://bucket[/prefix] or file:///dir); default DITFLEET_LORA_REGISTRY.
+        #[arg(long)]
+        registry: Option<String>,
+    },
+    /// List the adapters of the registry.
+    List {
+        /// Only adapters made for this model.
+        #[arg(long)]
+        base_model: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        registry: Option<String>,
+    },
+    /// Remove NAME@VERSION from the registry (jobs naming it are rejected from then on; workers
+    /// that downloaded it keep their copy until their cache drops it).
+    Rm {
+        adapter: String,
+        #[arg(long)]
+        registry: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -289,6 +330,128 @@ async fn dispatch(cmd: Cmd, cfg: CommonConfig) -> Result<i32> {
             model_version,
             workers,
         }) => model_unload(&model_version, &workers, &cfg).await,
+        Cmd::Lora(cmd) => lora(cmd).await,
+    }
+}
+
+/// The registry named by `--registry`, else `DITFLEET_LORA_REGISTRY`.
+fn open_registry(flag: Option<String>) -> Result<ditfleet_common::lora::Registry> {
+    let url = match flag.or_else(|| Env::process().raw("DITFLEET_LORA_REGISTRY")) {
+        Some(u) => u,
+        None => bail!(
+            "no LoRA registry: set DITFLEET_LORA_REGISTRY (s3://bucket[/prefix] or file:///dir) or pass --registry"
+        ),
+    };
+    ditfleet_common::lora::Registry::open(&url).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn lora(cmd: LoraCmd) -> Result<i32> {
+    match cmd {
+        LoraCmd::Push {
+            file,
+            name,
+            version,
+            base_model,
+            registry,
+        } => {
+            let reg = open_registry(registry)?;
+            let len = std::fs::metadata(&file)
+                .with_context(|| format!("reading {}", file.display()))?
+                .len();
+            let bar = if std::io::stderr().is_terminal() {
+                let b = ProgressBar::new(len);
+                b.set_style(
+                    ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                b.set_message(format!("pushing {name}@{version}"));
+                Some(b)
+            } else {
+                None
+            };
+            let b2 = bar.clone();
+            let m = reg
+                .push(&file, &name, &version, &base_model, &mut move |done, _| {
+                    if let Some(b) = &b2 {
+                        b.set_position(done);
+                    }
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("lora push {name}@{version}: {e}"))?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            out!(
+                "pushed {} for {} ({} format, {} bytes, sha256 {}) to {}",
+                m.label(),
+                m.base_model,
+                m.format,
+                m.bytes,
+                m.sha256,
+                reg.describe()
+            );
+            Ok(0)
+        }
+        LoraCmd::List {
+            base_model,
+            json,
+            registry,
+        } => {
+            let reg = open_registry(registry)?;
+            let list: Vec<_> = reg
+                .list()
+                .await
+                .map_err(|e| anyhow::anyhow!("lora list: {e}"))?
+                .into_iter()
+                .filter(|m| base_model.as_ref().is_none_or(|b| &m.base_model == b))
+                .collect();
+            if json {
+                out!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(0);
+            }
+            if list.is_empty() {
+                out!("no adapters in {}", reg.describe());
+                return Ok(0);
+            }
+            out!(
+                "{:<40} {:<12} {:<6} {:>12} {:<16} {:<20}",
+                "ADAPTER",
+                "BASE MODEL",
+                "FORMAT",
+                "BYTES",
+                "SHA256",
+                "CREATED"
+            );
+            for m in list {
+                out!(
+                    "{:<40} {:<12} {:<6} {:>12} {:<16} {:<20}",
+                    m.label(),
+                    m.base_model,
+                    m.format,
+                    m.bytes,
+                    m.sha256.get(..16).unwrap_or(&m.sha256),
+                    m.created
+                );
+            }
+            Ok(0)
+        }
+        LoraCmd::Rm { adapter, registry } => {
+            let (name, version) = adapter
+                .split_once('@')
+                .ok_or_else(|| anyhow::anyhow!("lora rm: {adapter:?} is not NAME@VERSION"))?;
+            let reg = open_registry(registry)?;
+            if reg
+                .remove(name, version)
+                .await
+                .map_err(|e| anyhow::anyhow!("lora rm {adapter}: {e}"))?
+            {
+                out!("removed {adapter} from {}", reg.describe());
+                Ok(0)
+            } else {
+                eprintln!("ditfleetctl: {adapter} is not in {}", reg.describe());
+                Ok(1)
+            }
+        }
     }
 }
 
@@ -846,6 +1009,12 @@ async fn workers(json: bool, cfg: &CommonConfig) -> Result<i32> {
         }
         if let Some(e) = &w.load_error {
             out!("  last model load failed: {e}");
+        }
+        if !w.lora_stacks.is_empty() {
+            out!("  lora applied: {}", w.lora_stacks.join(" | "));
+        }
+        if !w.lora_cached.is_empty() {
+            out!("  lora cached: {}", w.lora_cached.join(","));
         }
     }
     Ok(0)

@@ -10,6 +10,13 @@
 //! depends on the sampler and the LoRA stack (so different stacks give different images), and the
 //! timings report both. Faults can be
 //! injected ([`SimulatedFaults`]) to exercise the worker's retry and dead-letter paths.
+//!
+//! LoRA is modelled as the fleet sees it: every adapter of a request must come with the file the
+//! worker resolved (`LoraRef::path`), which is read (a missing or unreadable file, or one that is
+//! not safetensors, fails the request) and kept in a byte-bounded LRU cache keyed by name, version
+//! and checksum; a request whose stack differs from the one applied sleeps
+//! [`SimulatedConfig::lora_apply_ms`] (the merge), and [`Engine::lora_status`] reports the applied
+//! stack, the cache and its counters, as the real engines do.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -57,6 +64,10 @@ pub struct SimulatedConfig {
     /// Version label advertised for every model.
     pub version: String,
     pub faults: SimulatedFaults,
+    /// Milliseconds a switch of the applied LoRA stack takes (merging or unmerging adapters).
+    pub lora_apply_ms: u64,
+    /// Bound of the adapter cache in bytes (the adapters' file sizes).
+    pub lora_cache_bytes: u64,
 }
 
 impl Default for SimulatedConfig {
@@ -66,8 +77,20 @@ impl Default for SimulatedConfig {
             models: vec!["flux-dev".into(), "flux-schnell".into(), "sdxl-base".into()],
             version: "sim-1".into(),
             faults: SimulatedFaults::default(),
+            lora_apply_ms: 0,
+            lora_cache_bytes: 1 << 30,
         }
     }
+}
+
+/// An adapter held in the simulated engine's cache.
+#[derive(Debug, Clone)]
+struct CachedAdapter {
+    /// `name@version` and the checksum the worker verified (a re-pushed version is another entry).
+    label: String,
+    checksum: Option<String>,
+    bytes: u64,
+    last_use: u64,
 }
 
 /// See the module docs.
@@ -76,6 +99,32 @@ pub struct SimulatedEngine {
     config: SimulatedConfig,
     /// Tries seen per request (for injected faults).
     tries: HashMap<u64, u32>,
+    /// The LoRA stack merged now (paths dropped), and the adapter cache with its counters.
+    applied: Vec<crate::LoraRef>,
+    cache: Vec<CachedAdapter>,
+    use_clock: u64,
+    lora: crate::LoraStatus,
+}
+
+/// The tensor names in a safetensors file's header, or why it is not one.
+fn safetensors_tensors(path: &std::path::Path) -> Result<usize, String> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| "not a safetensors file (too short)".to_string())?;
+    let n = u64::from_le_bytes(n);
+    if !(2..=(64 << 20)).contains(&n) || n + 8 > len {
+        return Err(format!(
+            "not a safetensors file (header length {n} in {len} bytes)"
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| format!("not a safetensors file ({e})"))?;
+    Ok(map.keys().filter(|k| *k != "__metadata__").count())
 }
 
 const CHECKPOINT_MAGIC: &[u8; 8] = b"DFSIMCK1";
@@ -90,10 +139,97 @@ fn mix(mut z: u64) -> u64 {
 
 impl SimulatedEngine {
     pub fn new(config: SimulatedConfig) -> Self {
+        let lora = crate::LoraStatus {
+            cache_capacity_bytes: config.lora_cache_bytes,
+            ..Default::default()
+        };
         Self {
             config,
             tries: HashMap::new(),
+            applied: Vec::new(),
+            cache: Vec::new(),
+            use_clock: 0,
+            lora,
         }
+    }
+
+    /// Brings the request's LoRA stack in: each adapter from the cache or its file (which must be
+    /// a readable safetensors file), then, if the stack differs from the applied one, the switch
+    /// (`lora_apply_ms`). A failure leaves the applied stack as it was.
+    fn apply_loras(&mut self, request: &GenerateRequest) -> Result<(), EngineError> {
+        for l in &request.loras {
+            let label = format!("{}@{}", l.name, l.version);
+            self.use_clock += 1;
+            let now = self.use_clock;
+            if let Some(c) = self
+                .cache
+                .iter_mut()
+                .find(|c| c.label == label && c.checksum == l.checksum)
+            {
+                c.last_use = now;
+                self.lora.cache_hits += 1;
+                continue;
+            }
+            let path = l.path.as_ref().ok_or_else(|| {
+                EngineError::InvalidRequest(format!(
+                    "LoRA adapter {label} came without its file (the worker resolves adapters from the registry)"
+                ))
+            })?;
+            let tensors = safetensors_tensors(path)
+                .map_err(|e| EngineError::Load(format!("LoRA adapter {label} ({}): {e}", path.display())))?;
+            if tensors == 0 {
+                return Err(EngineError::Load(format!(
+                    "LoRA adapter {label} ({}) holds no tensors",
+                    path.display()
+                )));
+            }
+            let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            self.lora.cache_misses += 1;
+            self.cache.push(CachedAdapter {
+                label,
+                checksum: l.checksum.clone(),
+                bytes,
+                last_use: now,
+            });
+            // Least recently used first out; the adapters of this request stay.
+            let needed: Vec<(String, Option<String>)> = request
+                .loras
+                .iter()
+                .map(|l| (format!("{}@{}", l.name, l.version), l.checksum.clone()))
+                .collect();
+            while self.cache.iter().map(|c| c.bytes).sum::<u64>() > self.config.lora_cache_bytes {
+                let victim = self
+                    .cache
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| !needed.contains(&(c.label.clone(), c.checksum.clone())))
+                    .min_by_key(|(_, c)| c.last_use)
+                    .map(|(i, _)| i);
+                match victim {
+                    Some(i) => {
+                        self.cache.remove(i);
+                    }
+                    None => break,
+                }
+            }
+        }
+        let wanted: Vec<crate::LoraRef> = request
+            .loras
+            .iter()
+            .map(|l| crate::LoraRef {
+                path: None,
+                ..l.clone()
+            })
+            .collect();
+        if wanted != self.applied {
+            let t = Instant::now();
+            std::thread::sleep(Duration::from_millis(self.config.lora_apply_ms));
+            self.applied = wanted;
+            self.lora.last_apply_ms = t.elapsed().as_secs_f64() * 1e3;
+        } else {
+            self.lora.last_apply_ms = 0.0;
+        }
+        Ok(())
     }
 
     /// The sampler the request runs: the named one if the model has it, else an invalid request.
@@ -199,6 +335,18 @@ impl Engine for SimulatedEngine {
         }
     }
 
+    fn lora_status(&self) -> crate::LoraStatus {
+        let mut cached: Vec<(u64, String)> =
+            self.cache.iter().map(|c| (c.last_use, c.label.clone())).collect();
+        cached.sort_by_key(|c| std::cmp::Reverse(c.0));
+        crate::LoraStatus {
+            applied: self.applied.clone(),
+            cached: cached.into_iter().map(|(_, l)| l).collect(),
+            cache_bytes: self.cache.iter().map(|c| c.bytes).sum(),
+            ..self.lora.clone()
+        }
+    }
+
     fn generate(
         &mut self,
         request: &GenerateRequest,
@@ -260,6 +408,7 @@ impl Engine for SimulatedEngine {
                 message: format!("simulated fault: device error on try {tries}"),
             });
         }
+        self.apply_loras(request)?;
         let (first, mut state) = match resume {
             None => (1, Self::initial_state(request)),
             Some(c) => {
@@ -318,7 +467,16 @@ impl Engine for SimulatedEngine {
                 decode_ms: t.elapsed().as_secs_f64() * 1e3,
                 plan: Some(request.plan.clone().unwrap_or_else(|| "single".into())),
                 scheduler: Some(scheduler.to_string()),
-                loras: request.loras.clone(),
+                // As the job named them: no local path or checksum in the job's status.
+                loras: request
+                    .loras
+                    .iter()
+                    .map(|l| crate::LoraRef {
+                        path: None,
+                        checksum: None,
+                        ..l.clone()
+                    })
+                    .collect(),
                 ..Default::default()
             },
         })
@@ -346,14 +504,144 @@ mod tests {
         }
     }
 
+    /// A safetensors file of `n` one-element tensors named like a PEFT adapter's (`pad` extra
+    /// bytes of metadata make it bigger).
+    fn adapter_file(tag: &str, n: usize, pad: usize) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("ditfleet-sim-lora-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut header = serde_json::Map::new();
+        for i in 0..n {
+            header.insert(
+                format!("blocks.{i}.attn.to_q.lora_A.weight"),
+                serde_json::json!({"dtype": "F32", "shape": [1], "data_offsets": [i * 4, i * 4 + 4]}),
+            );
+        }
+        header.insert("__metadata__".into(), serde_json::json!({"pad": "x".repeat(pad)}));
+        let h = serde_json::to_vec(&header).unwrap();
+        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(h);
+        bytes.extend(vec![0u8; n * 4]);
+        let p = dir.join(format!("{tag}.safetensors"));
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
     fn lora(name: &str, version: &str, scale: f32) -> crate::request::LoraRef {
         crate::request::LoraRef {
             name: name.into(),
             version: version.into(),
             scale,
-            path: None,
-            checksum: None,
+            path: Some(adapter_file(&format!("{name}-{version}"), 2, 0)),
+            checksum: Some(format!("sum-{name}-{version}")),
         }
+    }
+
+    #[test]
+    fn adapters_must_come_as_readable_safetensors_files_and_failures_are_permanent() {
+        let mut e = SimulatedEngine::new(SimulatedConfig {
+            step_ms: 0,
+            ..Default::default()
+        });
+        let mut r = request(1);
+        let mut l = lora("a", "1", 1.0);
+        l.path = None;
+        r.loras = vec![l.clone()];
+        let err = e.generate(&r, &mut |_| Control::Continue).unwrap_err();
+        assert!(
+            err.to_string().contains("came without its file") && !err.is_transient(),
+            "{err}"
+        );
+        l.path = Some(std::env::temp_dir().join("ditfleet-no-such-adapter.safetensors"));
+        r.loras = vec![l.clone()];
+        let err = e.generate(&r, &mut |_| Control::Continue).unwrap_err();
+        assert!(
+            matches!(err, EngineError::Load(_)) && !err.is_transient(),
+            "{err}"
+        );
+        let junk = std::env::temp_dir().join(format!("ditfleet-junk-{}.safetensors", std::process::id()));
+        std::fs::write(&junk, b"definitely not safetensors").unwrap();
+        l.path = Some(junk);
+        r.loras = vec![l];
+        let err = e.generate(&r, &mut |_| Control::Continue).unwrap_err();
+        assert!(err.to_string().contains("not a safetensors file"), "{err}");
+        assert!(
+            e.lora_status().applied.is_empty(),
+            "a failed stack is never applied"
+        );
+    }
+
+    #[test]
+    fn a_stack_switch_pays_the_apply_time_a_hot_stack_does_not_and_the_status_reports_it() {
+        let mut e = SimulatedEngine::new(SimulatedConfig {
+            step_ms: 0,
+            lora_apply_ms: 60,
+            ..Default::default()
+        });
+        let a = GenerateRequest {
+            loras: vec![lora("a", "1", 0.5)],
+            ..request(1)
+        };
+        let b = GenerateRequest {
+            loras: vec![lora("b", "1", 1.0), lora("a", "1", 0.5)],
+            ..request(1)
+        };
+        let t = Instant::now();
+        e.generate(&a, &mut |_| Control::Continue).unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(60));
+        let st = e.lora_status();
+        assert_eq!(st.applied.len(), 1);
+        assert_eq!(
+            (st.applied[0].name.as_str(), st.applied[0].path.as_ref()),
+            ("a", None)
+        );
+        assert_eq!((st.cache_hits, st.cache_misses), (0, 1));
+        assert!(st.last_apply_ms >= 60.0);
+        let t = Instant::now();
+        e.generate(&a, &mut |_| Control::Continue).unwrap();
+        assert!(t.elapsed() < Duration::from_millis(60), "hot stack: no apply");
+        let st = e.lora_status();
+        assert_eq!((st.cache_hits, st.cache_misses, st.last_apply_ms), (1, 1, 0.0));
+        e.generate(&b, &mut |_| Control::Continue).unwrap();
+        let st = e.lora_status();
+        assert_eq!(
+            (st.cache_hits, st.cache_misses),
+            (2, 2),
+            "a from the cache, b read"
+        );
+        assert_eq!(st.cached, ["a@1", "b@1"], "most recently used first");
+        assert_eq!(
+            st.applied.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+            ["b", "a"]
+        );
+        // Back to the base model is a switch too.
+        e.generate(&request(1), &mut |_| Control::Continue).unwrap();
+        assert!(e.lora_status().applied.is_empty());
+        assert!(e.lora_status().last_apply_ms >= 60.0);
+    }
+
+    #[test]
+    fn the_adapter_cache_stays_within_its_bytes_least_recently_used_out_first() {
+        let size = std::fs::metadata(adapter_file("probe", 2, 1000)).unwrap().len();
+        let mut e = SimulatedEngine::new(SimulatedConfig {
+            step_ms: 0,
+            lora_cache_bytes: size * 2,
+            ..Default::default()
+        });
+        let big = |name: &str| crate::request::LoraRef {
+            path: Some(adapter_file(&format!("big-{name}"), 2, 1000)),
+            ..lora(name, "1", 1.0)
+        };
+        for n in ["x", "y", "x", "z"] {
+            let r = GenerateRequest {
+                loras: vec![big(n)],
+                ..request(2)
+            };
+            e.generate(&r, &mut |_| Control::Continue).unwrap();
+        }
+        let st = e.lora_status();
+        assert_eq!(st.cached, ["z@1", "x@1"], "y was least recently used");
+        assert!(st.cache_bytes <= st.cache_capacity_bytes);
+        assert_eq!((st.cache_hits, st.cache_misses), (1, 3));
     }
 
     #[test]
@@ -426,7 +714,23 @@ mod tests {
                 ..base.clone()
             };
             let img = e.generate(&r, &mut |_| Control::Continue).unwrap();
-            assert_eq!(img.timings.loras, stack);
+            assert_eq!(
+                img.timings
+                    .loras
+                    .iter()
+                    .map(|l| (l.name.clone(), l.version.clone(), l.scale))
+                    .collect::<Vec<_>>(),
+                stack
+                    .iter()
+                    .map(|l| (l.name.clone(), l.version.clone(), l.scale))
+                    .collect::<Vec<_>>()
+            );
+            assert!(
+                img.timings
+                    .loras
+                    .iter()
+                    .all(|l| l.path.is_none() && l.checksum.is_none())
+            );
             assert_eq!(img.rgb, SimulatedEngine::render(&r), "deterministic");
             assert!(!images.contains(&img.rgb), "{stack:?} gives its own image");
             images.push(img.rgb);
