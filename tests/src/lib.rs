@@ -285,7 +285,9 @@ async fn connect_healing(url: &str, name: &str) -> lapin::Connection {
     match amqp::connect(url, name).await {
         Ok(c) => return c,
         Err(e) if url == AMQP_URL && std::env::var("DITFLEET_TEST_HEAL_BROKER").as_deref() == Ok("1") => {
-            eprintln!("!!! shared RabbitMQ on 127.0.0.1:5672 failed ({e}); restarting it (scripts/heal-rabbitmq.sh)");
+            eprintln!(
+                "!!! shared RabbitMQ on 127.0.0.1:5672 failed ({e}); restarting it (scripts/heal-rabbitmq.sh)"
+            );
             let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/heal-rabbitmq.sh");
             let ok = tokio::process::Command::new("bash")
                 .arg(script)
@@ -436,15 +438,59 @@ impl Fleet {
     /// Pushes a small LoRA adapter (a PEFT-named safetensors file, its bytes depending on the
     /// name) as `name@version` for `base_model` with `ditfleetctl lora push`; panics on failure.
     pub fn push_lora(&self, name: &str, version: &str, base_model: &str) -> std::process::Output {
-        let dir = self.log_dir.parent().expect("the test's folder").join("lora-src");
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join(format!("{name}-{version}.safetensors"));
         let keys = [
             format!("{name}.blocks.0.attn.to_q.lora_A.weight"),
             format!("{name}.blocks.0.attn.to_q.lora_B.weight"),
         ];
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        std::fs::write(&file, ditfleet_common::lora::tiny_safetensors(&refs)).unwrap();
+        self.push_lora_bytes(
+            name,
+            version,
+            base_model,
+            &ditfleet_common::lora::tiny_safetensors(&refs),
+        )
+    }
+
+    /// [`Fleet::push_lora`] with the adapter's tensors given: `(key, shape, values)`, F32.
+    pub fn push_lora_tensors(
+        &self,
+        name: &str,
+        version: &str,
+        base_model: &str,
+        tensors: &[(&str, Vec<usize>, Vec<f32>)],
+    ) -> std::process::Output {
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (key, shape, values) in tensors {
+            assert_eq!(shape.iter().product::<usize>(), values.len(), "{key}");
+            let start = data.len();
+            data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            header.insert(
+                (*key).to_string(),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+            );
+        }
+        let mut h = serde_json::to_vec(&header).unwrap();
+        while h.len() % 8 != 0 {
+            h.push(b' ');
+        }
+        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(h);
+        bytes.extend(data);
+        self.push_lora_bytes(name, version, base_model, &bytes)
+    }
+
+    fn push_lora_bytes(
+        &self,
+        name: &str,
+        version: &str,
+        base_model: &str,
+        bytes: &[u8],
+    ) -> std::process::Output {
+        let dir = self.log_dir.parent().expect("the test's folder").join("lora-src");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(format!("{name}-{version}.safetensors"));
+        std::fs::write(&file, bytes).unwrap();
         let out = self.ctl(&[
             "lora",
             "push",

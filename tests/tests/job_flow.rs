@@ -1,5 +1,6 @@
 //! End-to-end job flow through real RabbitMQ, Redis, scheduler, workers and ditfleetctl.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use ditfleet_common::job::{JobEvent, LoraSpec};
@@ -349,12 +350,41 @@ async fn an_sdxl_job_runs_with_its_sampler_and_lora_stack_and_its_timings_show_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_model_engines_run_the_named_sampler_and_refuse_a_lora_stack_they_cannot_apply() {
-    // The tiny random-weight Flux and SDXL pipelines (no model directory). They apply no LoRA
-    // yet, so a job naming adapters must fail with the reason rather than silently get the base
-    // model's image; an SDXL job with a non-default sampler runs it.
+async fn the_model_engines_apply_a_pushed_lora_return_to_the_base_weights_and_refuse_one_that_matches_nothing()
+ {
+    // The tiny random-weight Flux and SDXL pipelines (no model directory). A PEFT adapter on the
+    // tiny Flux transformer's first attention is fetched from the registry, merged for its job
+    // (another image than the base model's) and taken out again (the same seed without adapters
+    // gives the base image byte for byte before and after); an adapter whose keys name nothing in
+    // the model fails its job with the keys listed, and the worker serves on.
     let fleet = Fleet::new("model-engines").await;
-    fleet.push_lora("pixel-art", "v1", "flux-dev");
+    let (r, d) = (2usize, 64usize); // rank, the tiny Flux transformer's width
+    let a: Vec<f32> = (0..r * d).map(|i| ((i as f32) * 0.37).sin() * 0.5).collect();
+    let b: Vec<f32> = (0..d * r).map(|i| ((i as f32) * 0.71).cos() * 0.5).collect();
+    let tensors = [
+        (
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+            vec![r, d],
+            a.clone(),
+        ),
+        (
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight",
+            vec![d, r],
+            b.clone(),
+        ),
+        (
+            "transformer.transformer_blocks.0.attn.to_v.lora_A.weight",
+            vec![r, d],
+            a,
+        ),
+        (
+            "transformer.transformer_blocks.0.attn.to_v.lora_B.weight",
+            vec![d, r],
+            b,
+        ),
+    ];
+    fleet.push_lora_tensors("pixel-art", "v1", "flux-dev", &tensors);
+    fleet.push_lora("bogus", "v1", "flux-dev");
     let _s = fleet.start_scheduler();
     let _w = fleet.start_worker(
         "w-tiny",
@@ -362,21 +392,58 @@ async fn the_model_engines_run_the_named_sampler_and_refuse_a_lora_stack_they_ca
     );
     let slow = Duration::from_secs(300);
     fleet.wait_workers(1, slow).await;
-    let mut styled = job("tiny-lora", 2);
-    styled.loras = vec![LoraSpec {
-        name: "pixel-art".into(),
+    let png = |h: &HashMap<String, String>| {
+        std::fs::read(h["result_url"].strip_prefix("file://").expect("file URL")).expect("result PNG")
+    };
+    let run = |id: &'static str, loras: Vec<LoraSpec>| {
+        let mut j = job(id, 2);
+        j.loras = loras;
+        j
+    };
+    let styled = || {
+        vec![LoraSpec {
+            name: "pixel-art".into(),
+            version: "v1".into(),
+            scale: Some(2.0),
+        }]
+    };
+    fleet.submit(&run("tiny-base-1", Vec::new())).await;
+    let base1 = png(&fleet.wait_state("tiny-base-1", JobState::Succeeded, slow).await);
+    fleet.submit(&run("tiny-lora", styled())).await;
+    let h = fleet.wait_state("tiny-lora", JobState::Succeeded, slow).await;
+    let with_lora = png(&h);
+    fleet.submit(&run("tiny-base-2", Vec::new())).await;
+    let base2 = png(&fleet.wait_state("tiny-base-2", JobState::Succeeded, slow).await);
+    assert_ne!(with_lora, base1, "the adapter changed the image");
+    assert_eq!(
+        base1, base2,
+        "after the adapter's job the base weights are back exactly"
+    );
+
+    let bogus = vec![LoraSpec {
+        name: "bogus".into(),
         version: "v1".into(),
         scale: Some(0.5),
     }];
-    fleet.submit(&styled).await;
-    let h = fleet.wait_state("tiny-lora", JobState::Failed, slow).await;
-    assert!(h["error"].contains("LoRA adapters it cannot apply"), "{h:?}");
+    fleet.submit(&run("tiny-bogus", bogus)).await;
+    let h = fleet.wait_state("tiny-bogus", JobState::Failed, slow).await;
+    assert!(h["error"].contains("match nothing"), "{h:?}");
+    assert!(
+        h["error"].contains("bogus.blocks.0.attn.to_q.lora_A.weight"),
+        "{h:?}"
+    );
     let dead = fleet.dead_letters().await;
     assert!(
         dead.iter()
-            .any(|(id, why, _)| id == "tiny-lora" && why.contains("LoRA adapters it cannot apply")),
+            .any(|(id, why, _)| id == "tiny-bogus" && why.contains("match nothing")),
         "{:?}",
         dead.iter().map(|(i, r, _)| (i, r)).collect::<Vec<_>>()
+    );
+    fleet.submit(&run("tiny-base-3", Vec::new())).await;
+    let base3 = png(&fleet.wait_state("tiny-base-3", JobState::Succeeded, slow).await);
+    assert_eq!(
+        base1, base3,
+        "a refused adapter leaves the base weights as they were"
     );
     let mut sdxl = job("tiny-sdxl", 2);
     sdxl.model = "sdxl-base".into();

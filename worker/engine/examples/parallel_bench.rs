@@ -308,14 +308,13 @@ fn main() -> Result<()> {
             Eng::Par(e) => {
                 let l = e.last_latents().first().context("no latents")?.shallow_clone();
                 let mut leaders = e.into_leaders();
-                let p = leaders.pop().context("leader not returned")?;
                 if plan.pipefusion > 1 {
-                    // The leader kept only stage 0's blocks: rebuild the same random weights.
-                    let dev = p.options().devices.transformer;
-                    drop(p);
-                    (l, Pipeline::random_dev(dev, Kind::BFloat16, a.seed)?)
+                    // A PipeFusion leader keeps only stage 0's blocks, so the engine does not hand
+                    // it back: rebuild the same random weights.
+                    drop(leaders);
+                    (l, Pipeline::random_dev(devices[0], Kind::BFloat16, a.seed)?)
                 } else {
-                    (l, p)
+                    (l, leaders.pop().context("leader not returned")?)
                 }
             }
         };
