@@ -409,7 +409,7 @@ pub const WORKER_VARS: &[VarDoc] = &[
         help: "where downloaded and verified adapters are kept (falls back to ~/.cache, then /tmp)",
     },
     VarDoc {
-        name: "DITFLEET_LORA_CACHE_BYTES",
+        name: "DITFLEET_LORA_DISK_CACHE_BYTES",
         default: "8589934592",
         help: "bound of the adapter download cache in bytes; least recently used adapters are removed beyond it",
     },
@@ -1234,7 +1234,7 @@ impl WorkerConfig {
                     .join("ditfleet")
                     .join("loras"),
             },
-            lora_cache_bytes: env.positive("DITFLEET_LORA_CACHE_BYTES", 8 << 30)?,
+            lora_cache_bytes: env.positive("DITFLEET_LORA_DISK_CACHE_BYTES", 8 << 30)?,
             affinity_poll: Duration::from_millis(env.positive("DITFLEET_AFFINITY_POLL_MS", 100)?),
             model_root,
             swap_mode,
