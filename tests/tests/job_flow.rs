@@ -384,7 +384,17 @@ async fn the_model_engines_apply_a_pushed_lora_return_to_the_base_weights_and_re
         ),
     ];
     fleet.push_lora_tensors("pixel-art", "v1", "flux-dev", &tensors);
-    fleet.push_lora("bogus", "v1", "flux-dev");
+    // A well-formed PEFT pair on a module the model does not have.
+    let (ba, bb) = (vec![0.1f32; r * d], vec![0.1f32; d * r]);
+    fleet.push_lora_tensors(
+        "bogus",
+        "v1",
+        "flux-dev",
+        &[
+            ("bogus.blocks.0.attn.to_q.lora_A.weight", vec![r, d], ba),
+            ("bogus.blocks.0.attn.to_q.lora_B.weight", vec![d, r], bb),
+        ],
+    );
     let _s = fleet.start_scheduler();
     let _w = fleet.start_worker(
         "w-tiny",
