@@ -112,6 +112,9 @@ pub(crate) struct Shared {
 
 /// Whether a delivery is a LoRA affinity order whose wait for its hot worker is over: dead-lettered
 /// from an affinity queue on expiry (`x-first-death-*` headers) into the class queue it came from.
+/// The longest the main loop waits for one `basic.get` on the affinity queue.
+const AFFINITY_GET_BOUND: Duration = Duration::from_secs(2);
+
 fn affinity_expired(topo: &Topology, d: &Delivery) -> bool {
     let prefix = topo.affinity_queue("");
     amqp::header_str(&d.properties, "x-first-death-reason").as_deref() == Some("expired")
@@ -470,16 +473,35 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
             // A waiting task gave its slot back: start a buffered delivery on it.
             _ = shared.slot_freed.notified(), if !buffer.is_empty() => {}
             _ = affinity_tick.tick(), if !watch.is_down() => {
-                // While a slot is free, take affinity jobs first: they wait for this worker.
-                while shared.slots.available_permits() > 0 {
-                    let got = consume_ch
-                        .basic_get(affinity_queue.as_str().into(), lapin::options::BasicGetOptions { no_ack: false })
-                        .await;
+                // While a slot is free, take affinity jobs first: they wait for this worker. Every
+                // call is bounded and made only while the link is up: a get issued as the broker
+                // goes away can stay pending through lapin's recovery, and awaited here it would
+                // stall this loop, its watchdog included (a worker that neither consumes nor exits).
+                while shared.slots.available_permits() > 0
+                    && amqp::link_up(&conn, &[&consume_ch])
+                {
+                    let got = tokio::time::timeout(
+                        AFFINITY_GET_BOUND,
+                        consume_ch.basic_get(
+                            affinity_queue.as_str().into(),
+                            lapin::options::BasicGetOptions { no_ack: false },
+                        ),
+                    )
+                    .await;
+                    let got = match got {
+                        Ok(got) => got,
+                        Err(_) => {
+                            warn!(queue = %affinity_queue, bound_ms = AFFINITY_GET_BOUND.as_millis() as u64, "affinity queue get unanswered; the link watchdog decides");
+                            break;
+                        }
+                    };
                     match got {
                         Ok(Some(m)) => {
                             let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
                                 // Taken meanwhile: back to the queue (its expiry is kept).
-                                let _ = m.delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                                tokio::spawn(async move {
+                                    let _ = m.delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                                });
                                 break;
                             };
                             let slot = job::Slot::new(shared.slots.clone(), shared.slot_freed.clone(), permit);
