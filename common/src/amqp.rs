@@ -81,9 +81,27 @@ pub async fn connect_with(
     }
 }
 
-/// Connects with the service's configured URL and TLS settings, with automatic recovery.
+/// Connects with the service's configured URL and TLS settings, with automatic recovery. A
+/// broker that cannot be reached or does not answer the handshake (restarting, or stalled for a
+/// while under load) is tried again with back-off for up to `broker_recovery_timeout`, the same
+/// bound a running service gives a lost link; what the broker refuses (credentials, vhost) fails
+/// at once.
 pub async fn connect_cfg(cfg: &crate::config::CommonConfig, name: &str) -> lapin::Result<Connection> {
-    connect_with(&cfg.amqp_url, name, cfg.amqp_ca_file.as_deref(), true).await
+    let deadline = std::time::Instant::now() + cfg.broker_recovery_timeout;
+    let mut pause = std::time::Duration::from_millis(500);
+    loop {
+        match connect_with(&cfg.amqp_url, name, cfg.amqp_ca_file.as_deref(), true).await {
+            Err(e)
+                if matches!(e.kind(), lapin::ErrorKind::IOError(_))
+                    && std::time::Instant::now() + pause < deadline =>
+            {
+                tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "RabbitMQ not reachable yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// [`connect_cfg`] without automatic recovery, for one-shot commands (ditfleetctl).
