@@ -150,7 +150,9 @@ struct GenerateArgs {
 fn main() {
     let cli = Cli::parse();
     // The engine's settings, parsed once from the environment and handed to the engine.
-    match ditfleet_engine::settings::EngineSettings::from_env().and_then(ditfleet_engine::settings::install) {
+    match ditfleet_engine::settings::EngineSettings::parse(&|k| std::env::var(k).ok())
+        .and_then(ditfleet_engine::settings::install)
+    {
         Ok(()) => {}
         Err(e) => {
             eprintln!("ditfleet-worker: {e}");

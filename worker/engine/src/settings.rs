@@ -92,11 +92,6 @@ impl EngineSettings {
         }
         Ok(s)
     }
-
-    /// [`EngineSettings::parse`] of the process environment (for binaries).
-    pub fn from_env() -> Result<Self, String> {
-        Self::parse(&|k| std::env::var(k).ok())
-    }
 }
 
 static SETTINGS: OnceLock<EngineSettings> = OnceLock::new();
