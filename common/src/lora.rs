@@ -678,14 +678,21 @@ fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), RegistryErr
     Ok(())
 }
 
-/// A minimal safetensors file with the given tensor names (each one f32 element), for tests and
-/// fixtures.
-pub fn tiny_safetensors(keys: &[&str]) -> Vec<u8> {
+/// A safetensors file of F32 tensors `(name, shape, values)`, for tests and fixtures.
+pub fn f32_safetensors(tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
     let mut header = serde_json::Map::new();
-    for (i, k) in keys.iter().enumerate() {
+    let mut data = Vec::new();
+    for (name, shape, values) in tensors {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            values.len(),
+            "{name}: shape and values disagree"
+        );
+        let start = data.len();
+        data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
         header.insert(
-            (*k).to_string(),
-            serde_json::json!({"dtype": "F32", "shape": [1], "data_offsets": [i * 4, i * 4 + 4]}),
+            (*name).to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
         );
     }
     let mut h = serde_json::to_vec(&header).expect("header serialises");
@@ -694,10 +701,19 @@ pub fn tiny_safetensors(keys: &[&str]) -> Vec<u8> {
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
     out.extend(h);
-    for i in 0..keys.len() {
-        out.extend((i as f32).to_le_bytes());
-    }
+    out.extend(data);
     out
+}
+
+/// A minimal safetensors file with the given tensor names (each one f32 element, tensor `i`
+/// holding `i`), for tests and fixtures.
+pub fn tiny_safetensors(keys: &[&str]) -> Vec<u8> {
+    let tensors: Vec<(&str, Vec<usize>, Vec<f32>)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (*k, vec![1], vec![i as f32]))
+        .collect();
+    f32_safetensors(&tensors)
 }
 
 #[cfg(test)]

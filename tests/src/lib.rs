@@ -459,25 +459,12 @@ impl Fleet {
         base_model: &str,
         tensors: &[(&str, Vec<usize>, Vec<f32>)],
     ) -> std::process::Output {
-        let mut header = serde_json::Map::new();
-        let mut data = Vec::new();
-        for (key, shape, values) in tensors {
-            assert_eq!(shape.iter().product::<usize>(), values.len(), "{key}");
-            let start = data.len();
-            data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-            header.insert(
-                (*key).to_string(),
-                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
-            );
-        }
-        let mut h = serde_json::to_vec(&header).unwrap();
-        while !h.len().is_multiple_of(8) {
-            h.push(b' ');
-        }
-        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
-        bytes.extend(h);
-        bytes.extend(data);
-        self.push_lora_bytes(name, version, base_model, &bytes)
+        self.push_lora_bytes(
+            name,
+            version,
+            base_model,
+            &ditfleet_common::lora::f32_safetensors(tensors),
+        )
     }
 
     fn push_lora_bytes(
