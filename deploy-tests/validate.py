@@ -15,7 +15,9 @@ Run through scripts/validate-deploy.sh (which prepares the virtualenv). Checks:
   /startupz, /readyz, /healthz with the start-up window from startupSeconds; the driver-version
   node affinity of GPU pools; NVIDIA_VISIBLE_DEVICES=void on containers without GPUs; a model
   cache claim the chart creates has a writable access mode and a writer, workers mount it
-  read-only).
+  read-only; with lora.enabled the scheduler and every worker name the registry, an s3:// one
+  with the result store's S3 settings and Secret credentials, a file:// one on a mounted volume,
+  and the adapter cache on an emptyDir larger than its bound).
 * k8s/: k8s/base is exactly what deploy-tests/render_k8s_base.py produces from the
   chart; `kubectl kustomize` of k8s/base and k8s/overlays/dev is validated the same way.
 * the model cache: the populate Job's and the verify-model init container's commands as
@@ -255,6 +257,76 @@ def model_cache_pod(dname: str, pod: dict, merged: dict, problems: list[str]) ->
             problems.append(f"{dname}: fetch-model's claim is attached read-only")
 
 
+def quantity_bytes(q: object) -> int:
+    """A Kubernetes memory/storage quantity (`10737418240`, `8Gi`, `500M`) in bytes."""
+    m = re.fullmatch(r"([0-9]+)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?", str(q))
+    if not m:
+        raise Failure(f"quantity {q!r} not understood")
+    mult = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}[m.group(2)]
+    return int(m.group(1)) * mult
+
+
+def lora_pods(deployments: dict, merged: dict, problems: list[str]) -> None:
+    """With lora.enabled the scheduler and every worker name the one registry (workers would fall
+    back to file://<model root> without it, the scheduler would reject every job naming adapters);
+    an s3:// registry reaches the scheduler with the result store's S3 settings and credentials
+    from the Secret; a file:// registry lies on a volume mounted in each pod; a worker's adapter
+    downloads go to an emptyDir of their own whose size limit exceeds the cache's bound."""
+    lora = merged.get("lora") or {}
+    if not lora.get("enabled"):
+        return
+    registry = lora["registry"]
+    results = merged["results"]
+    for dname, dep in deployments.items():
+        component = dep["metadata"]["labels"].get("app.kubernetes.io/component")
+        if component not in ("scheduler", "worker"):
+            continue
+        pod = dep["spec"]["template"]["spec"]
+        main = pod["containers"][0]
+        env = env_of(main)
+
+        def value(var: str) -> str | None:
+            return env.get(var, {}).get("value")
+
+        if value("DITFLEET_LORA_REGISTRY") != registry:
+            problems.append(f"{dname}: DITFLEET_LORA_REGISTRY is {value('DITFLEET_LORA_REGISTRY')!r}, not lora.registry {registry!r}")
+        vols = {v["name"]: v for v in pod.get("volumes", [])}
+        mounts = {m["mountPath"].rstrip("/"): m["name"] for m in main.get("volumeMounts", [])}
+        if registry.startswith("s3://"):
+            for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                if "secretKeyRef" not in env.get(var, {}).get("valueFrom", {}):
+                    problems.append(f"{dname}: s3:// LoRA registry but {var} does not come from a Secret")
+            if value("AWS_REGION") != results["region"]:
+                problems.append(f"{dname}: AWS_REGION {value('AWS_REGION')!r} is not results.region")
+            if value("AWS_ENDPOINT_URL") != (results["endpointUrl"] or None):
+                problems.append(f"{dname}: AWS_ENDPOINT_URL {value('AWS_ENDPOINT_URL')!r} is not results.endpointUrl")
+            if (results["endpointUrl"] or "").startswith("http://") and value("AWS_ALLOW_HTTP") != "true":
+                problems.append(f"{dname}: plain-HTTP S3 endpoint without AWS_ALLOW_HTTP=true")
+        else:
+            folder = registry.removeprefix("file://").rstrip("/")
+            holder = next((m for m in mounts if folder == m or folder.startswith(m + "/")), None)
+            if holder is None or mounts[holder] not in vols:
+                problems.append(f"{dname}: the LoRA registry {folder} is on no mounted volume")
+        if component == "scheduler":
+            if value("DITFLEET_LORA_MANIFEST_CACHE_MS") != str(int(lora["manifestCacheMs"])) or \
+                    value("DITFLEET_AFFINITY_WAIT_MS") != str(int(lora["affinityWaitMs"])):
+                problems.append(f"{dname}: DITFLEET_LORA_MANIFEST_CACHE_MS / DITFLEET_AFFINITY_WAIT_MS differ from lora.*")
+            continue
+        cache = lora["diskCache"]
+        if value("DITFLEET_LORA_DISK_CACHE_BYTES") != str(int(cache["bytes"])) or \
+                value("DITFLEET_LORA_CACHE_BYTES") != str(int(lora["hostCacheBytes"])) or \
+                value("DITFLEET_AFFINITY_POLL_MS") != str(int(lora["affinityPollMs"])):
+            problems.append(f"{dname}: DITFLEET_LORA_DISK_CACHE_BYTES / DITFLEET_LORA_CACHE_BYTES / DITFLEET_AFFINITY_POLL_MS differ from lora.*")
+        cache_dir = (value("DITFLEET_LORA_CACHE_DIR") or "").rstrip("/")
+        vol = vols.get(mounts.get(cache_dir, ""), {})
+        if "emptyDir" not in vol:
+            problems.append(f"{dname}: DITFLEET_LORA_CACHE_DIR {cache_dir!r} is not the mount of an emptyDir of its own")
+        elif quantity_bytes(vol["emptyDir"].get("sizeLimit", "0")) <= int(cache["bytes"]):
+            problems.append(f"{dname}: the adapter cache's emptyDir sizeLimit {vol['emptyDir'].get('sizeLimit')} leaves no room above "
+                            f"DITFLEET_LORA_DISK_CACHE_BYTES {cache['bytes']} (over it the kubelet evicts the pod)")
+
+
 def model_cache_fill(by_kind: dict, merged: dict, problems: list[str]) -> None:
     """A claim the chart creates starts empty: something must be able to fill it (a writable access
     mode, and a populate Job or fetch-model init containers that write it)."""
@@ -429,6 +501,7 @@ def invariants(objects: list[tuple[str, dict]], values: dict, report: Report, la
                 problems.append(f"{dname}: nothing makes the plan-cache hostPath writable for the worker's user")
 
     model_cache_fill(by_kind, merged, problems)
+    lora_pods(deployments, merged, problems)
 
     # Selectors of PDBs, Services, ScaledObjects, ServiceMonitors must hit something.
     pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in [*deployments.values(), *jobs.values()]]
@@ -477,7 +550,9 @@ def invariants(objects: list[tuple[str, dict]], values: dict, report: Report, la
         ports = {p["port"] for rule in np_["spec"].get("egress", []) for p in rule.get("ports", [])}
         component = np_["metadata"]["labels"].get("app.kubernetes.io/component")
         urls = [merged["config"]["otlpEndpoint"]] if component in ("scheduler", "worker") else []
-        if component == "worker":
+        lora = merged.get("lora") or {}
+        if component == "worker" or (component == "scheduler" and lora.get("enabled")
+                                     and lora["registry"].startswith("s3://")):
             urls.append(merged["results"]["endpointUrl"])
         # Where fetch-model downloads from (the populate Job, or workers with fetch-model inits).
         fetchers = {j["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")

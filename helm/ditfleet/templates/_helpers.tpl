@@ -230,3 +230,101 @@ GPU: NVIDIA_VISIBLE_DEVICES=void keeps the NVIDIA runtime from giving it every G
 - --parallel
 - {{ $mc.populate.parallel | int | quote }}
 {{- end -}}
+
+{{/* S3 client settings (AWS_*) of the result store: results.endpointUrl (AWS_ALLOW_HTTP=true for a
+plain-HTTP one), results.region and the secrets.s3 credentials. The workers get them for results
+and an s3:// LoRA registry, the scheduler for an s3:// LoRA registry. */}}
+{{- define "ditfleet.s3Env" -}}
+{{- with .Values.results.endpointUrl }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- if hasPrefix "http://" . }}
+- name: AWS_ALLOW_HTTP
+  value: "true"
+{{- end }}
+{{- end }}
+- name: AWS_REGION
+  value: {{ .Values.results.region | quote }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ditfleet.secretName" (dict "root" . "ref" .Values.secrets.s3) }}
+      key: {{ .Values.secrets.s3.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ditfleet.secretName" (dict "root" . "ref" .Values.secrets.s3) }}
+      key: {{ .Values.secrets.s3.secretAccessKeyKey }}
+{{- end -}}
+
+{{/* The LoRA registry (DITFLEET_LORA_REGISTRY) when lora.enabled, else "". */}}
+{{- define "ditfleet.loraRegistry" -}}
+{{- if .Values.lora.enabled -}}
+{{- required "lora.enabled needs lora.registry: s3://bucket[/prefix], file:///dir or /dir" .Values.lora.registry -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The folder of a file:///dir or /dir LoRA registry (no trailing slash); "" for s3:// or off. */}}
+{{- define "ditfleet.loraDir" -}}
+{{- $r := include "ditfleet.loraRegistry" . -}}
+{{- if and $r (not (hasPrefix "s3://" $r)) -}}
+{{- trimPrefix "file://" $r | trimSuffix "/" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when .path is one of the directories .mounts (a list of paths) or lies below one;
+with "both" also when one of them lies below .path (two mounts that would nest). */}}
+{{- define "ditfleet.under" -}}
+{{- $p := trimSuffix "/" .path -}}
+{{- $both := .both -}}
+{{- range .mounts -}}
+{{- $m := trimSuffix "/" . -}}
+{{- if or (eq $p $m) (hasPrefix (printf "%s/" $m) $p) (and $both (hasPrefix (printf "%s/" $p) $m)) }}true{{ end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The model cache claim a pod outside the flux pools mounts to read a file:// LoRA registry in
+it: modelCache.pvc.existingClaim, else the claim the chart creates (only with a flux pool). */}}
+{{- define "ditfleet.loraModelClaim" -}}
+{{- $mc := .Values.modelCache -}}
+{{- $flux := false -}}
+{{- range .Values.workerPools -}}
+{{- $pool := include "ditfleet.pool" (dict "root" $ "pool" .) | fromYaml -}}
+{{- if eq $pool.engine "flux" }}{{ $flux = true }}{{ end -}}
+{{- end -}}
+{{- if $mc.pvc.existingClaim -}}
+{{- $mc.pvc.existingClaim -}}
+{{- else if and $mc.pvc.create $flux -}}
+{{- printf "%s-model-cache" (include "ditfleet.fullname" .) -}}
+{{- else -}}
+{{- fail (printf "lora.registry %s lies in the model cache, but no claim holds it (the chart creates the model cache claim only for flux pools): set modelCache.pvc.existingClaim, or use an s3:// registry" .Values.lora.registry) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* LoRA settings of one component (dict "root" $ "component" "scheduler"|"worker"); nothing when
+lora is off. Worker: the download cache is the lora-cache volume at lora.diskCache.mountPath. */}}
+{{- define "ditfleet.loraEnv" -}}
+{{- $c := .component -}}
+{{- with .root -}}
+{{- $l := .Values.lora -}}
+{{- with include "ditfleet.loraRegistry" . }}
+- name: DITFLEET_LORA_REGISTRY
+  value: {{ . | quote }}
+{{- if eq $c "scheduler" }}
+- name: DITFLEET_LORA_MANIFEST_CACHE_MS
+  value: {{ $l.manifestCacheMs | int64 | quote }}
+- name: DITFLEET_AFFINITY_WAIT_MS
+  value: {{ $l.affinityWaitMs | int64 | quote }}
+{{- else }}
+- name: DITFLEET_LORA_CACHE_DIR
+  value: {{ $l.diskCache.mountPath | quote }}
+- name: DITFLEET_LORA_DISK_CACHE_BYTES
+  value: {{ $l.diskCache.bytes | int64 | quote }}
+- name: DITFLEET_LORA_CACHE_BYTES
+  value: {{ $l.hostCacheBytes | int64 | quote }}
+- name: DITFLEET_AFFINITY_POLL_MS
+  value: {{ $l.affinityPollMs | int64 | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+{{- end -}}
