@@ -316,8 +316,9 @@ def lora_pods(deployments: dict, merged: dict, problems: list[str]) -> None:
         cache = lora["diskCache"]
         if value("DITFLEET_LORA_DISK_CACHE_BYTES") != str(int(cache["bytes"])) or \
                 value("DITFLEET_LORA_CACHE_BYTES") != str(int(lora["hostCacheBytes"])) or \
+                value("DITFLEET_LORA_DEVICE_CACHE_BYTES") != str(int(lora["deviceCacheBytes"])) or \
                 value("DITFLEET_AFFINITY_POLL_MS") != str(int(lora["affinityPollMs"])):
-            problems.append(f"{dname}: DITFLEET_LORA_DISK_CACHE_BYTES / DITFLEET_LORA_CACHE_BYTES / DITFLEET_AFFINITY_POLL_MS differ from lora.*")
+            problems.append(f"{dname}: DITFLEET_LORA_DISK_CACHE_BYTES / DITFLEET_LORA_CACHE_BYTES / DITFLEET_LORA_DEVICE_CACHE_BYTES / DITFLEET_AFFINITY_POLL_MS differ from lora.*")
         cache_dir = (value("DITFLEET_LORA_CACHE_DIR") or "").rstrip("/")
         vol = vols.get(mounts.get(cache_dir, ""), {})
         if "emptyDir" not in vol:

@@ -322,6 +322,8 @@ lora is off. Worker: the download cache is the lora-cache volume at lora.diskCac
   value: {{ $l.diskCache.bytes | int64 | quote }}
 - name: DITFLEET_LORA_CACHE_BYTES
   value: {{ $l.hostCacheBytes | int64 | quote }}
+- name: DITFLEET_LORA_DEVICE_CACHE_BYTES
+  value: {{ $l.deviceCacheBytes | int64 | quote }}
 - name: DITFLEET_AFFINITY_POLL_MS
   value: {{ $l.affinityPollMs | int64 | quote }}
 {{- end }}

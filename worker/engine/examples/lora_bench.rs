@@ -7,7 +7,8 @@
 //! * `cold`: read the files (page cache warm: they were just written) into an empty host cache,
 //!   then merge; `cold_read_ms` is the reading alone;
 //! * `warm_host`: adapters in the host cache (page-locked on CUDA unless `--no-pin`), merge;
-//! * `warm_device`: adapters also kept on the GPU (`ApplyOptions::device_cache_bytes`), merge;
+//! * `warm_device`: adapters also kept on the GPU (`ApplyOptions::device_cache_bytes`), merge
+//!   (`warm_device_fp32_ms`: the same with the `Fp32` merge kernel instead of the default);
 //! * `hot`: the same stack again (nothing to do);
 //! * `switch`: from another stack of the same size to this one (the weights both touch are
 //!   re-merged from the saved originals, no restore in between);
@@ -23,7 +24,9 @@
 //! stack merged, and after restoring, and whether the restored model's output is bit-identical to
 //! the base one's. On CUDA it also captures a step as a CUDA graph on the base weights, merges the
 //! largest stack and replays it: the replay must give the eager merged output (the merge writes
-//! in place, so captured pointers stay valid).
+//! in place, so captured pointers stay valid). `merge_kernels` compares the default kernel's merged
+//! weights with the `Fp32` kernel's on the first blocks' weights (elements that differ, and the
+//! largest difference over the magnitude of the element and its base value).
 //!
 //! ```text
 //! cargo run --release -p ditfleet-engine --example lora_bench                  # CUDA, full size
@@ -47,7 +50,7 @@ use ditfleet_engine::flux::sampling::{self, SchedulerConfig};
 use ditfleet_engine::flux::transformer::{Flux, Rope};
 use ditfleet_engine::lora::flux::FluxLora;
 use ditfleet_engine::lora::{
-    Adapter, AdapterKey, Applier, ApplyOptions, Family, Format, LoraCache, LoraHub, LoraSlot,
+    Adapter, AdapterKey, Applier, ApplyOptions, Family, Format, LoraCache, LoraHub, LoraSlot, MergeKernel,
 };
 use ditfleet_engine::parallel::graphs::{GraphCache, StepKey};
 use serde_json::json;
@@ -85,7 +88,7 @@ fn parse() -> Result<Args> {
         dir: std::env::temp_dir().join(format!("ditfleet-lora-bench-{}", std::process::id())),
         keep: false,
         pin: cuda,
-        device_cache_gb: 8.0,
+        device_cache_gb: 4.0,
         seed: 0,
     };
     let list = |v: &str| -> Result<Vec<i64>> { v.split(',').map(|x| Ok(x.trim().parse()?)).collect() };
@@ -299,6 +302,57 @@ fn engine_path(
     }))
 }
 
+/// The default merge kernel's weights against the `Fp32` kernel's, on the first blocks' weights
+/// (on the CPU the default is `Fp32`, so `Split` is forced there).
+fn compare_kernels(
+    family: &Arc<FluxLora>,
+    weights: &dyn Fn() -> ditfleet_engine::lora::Weights,
+    stack: &[(Arc<Adapter>, f64)],
+) -> Result<serde_json::Value> {
+    let names: Vec<String> = weights()
+        .names()
+        .filter(|n| n.contains("double_blocks.0.") || n.contains("single_blocks.0."))
+        .filter(|n| n.ends_with(".weight"))
+        .map(String::from)
+        .collect();
+    let run = |kernel: MergeKernel| -> Result<Vec<Tensor>> {
+        let mut a = Applier::new(
+            family.clone(),
+            weights(),
+            ApplyOptions {
+                kernel,
+                ..ApplyOptions::default()
+            },
+        );
+        a.apply(stack)?;
+        let got = names
+            .iter()
+            .map(|n| Ok(a.weights().get(n).context("weight")?.copy()))
+            .collect::<Result<Vec<_>>>()?;
+        a.release()?;
+        Ok(got)
+    };
+    let cuda = weights().names().next().and_then(|n| weights().get(n).map(|t| t.device().is_cuda()));
+    let fp32 = run(MergeKernel::Fp32)?;
+    let other = if cuda == Some(true) { MergeKernel::Auto } else { MergeKernel::Split };
+    let split = run(other)?;
+    // Both appliers released: the weights are the base ones again.
+    let (mut elements, mut differ, mut worst) = (0i64, 0i64, 0f64);
+    for ((a, b), name) in fp32.iter().zip(&split).zip(&names) {
+        elements += a.numel() as i64;
+        differ += i64::try_from(a.f_ne_tensor(b)?.f_sum(Kind::Int64)?)?;
+        let w0 = weights().get(name).context("weight")?.f_to_kind(Kind::Float)?;
+        let (af, bf) = (a.f_to_kind(Kind::Float)?, b.f_to_kind(Kind::Float)?);
+        let scale = af.f_abs()?.f_maximum(&bf.f_abs()?)?.f_maximum(&w0.f_abs()?)?.f_clamp_min(1e-30)?;
+        worst = worst.max(f64::try_from(af.f_sub(&bf)?.f_abs()?.f_div(&scale)?.f_max()?)?);
+    }
+    Ok(json!({
+        "compared": format!("{other:?} vs Fp32"), "weights": names.len(), "elements": elements,
+        "differing": differ, "differing_fraction": differ as f64 / elements.max(1) as f64,
+        "max_diff_over_magnitude": worst,
+    }))
+}
+
 fn main() -> Result<()> {
     let args = parse()?;
     let _guard = tch::no_grad_guard();
@@ -342,20 +396,17 @@ fn main() -> Result<()> {
         for &n in &args.stacks {
             let options = ApplyOptions::default();
             let mut applier = Applier::new(family.clone(), weights(), options.clone());
-            let mut device_applier = Applier::new(
-                family.clone(),
-                weights(),
-                ApplyOptions {
-                    device_cache_bytes: (args.device_cache_gb * 1e9) as usize,
-                    ..options
-                },
-            );
+            let device_options = ApplyOptions {
+                device_cache_bytes: (args.device_cache_gb * 1e9) as usize,
+                ..options
+            };
             let (mut cold, mut cold_read, mut warm, mut warm_dev, mut hot, mut switch, mut restore) =
                 (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+            let mut warm_dev_fp32 = vec![];
             let mut touched = 0;
             let mut saved_bytes = 0;
             for _ in 0..args.repeats {
-                // cold: an empty cache reads the files.
+                // cold: an empty cache reads the files (and the originals are saved).
                 let cache = LoraCache::new(usize::MAX).pinned(args.pin);
                 let s = Instant::now();
                 let load = |range: std::ops::Range<usize>| -> Result<Vec<(Arc<Adapter>, f64)>> {
@@ -376,19 +427,34 @@ fn main() -> Result<()> {
                 // switch: from stack B (adapters n..2n) to this one.
                 applier.apply(&load(n..2 * n)?)?;
                 switch.push(applier.apply(&stack)?.ms);
-                applier.restore()?;
+                // One set of saved originals on the GPU at a time.
+                applier.release()?;
                 if dev.is_cuda() && args.device_cache_gb > 0.0 {
-                    device_applier.apply(&stack)?; // fills the device cache
-                    device_applier.restore()?;
-                    warm_dev.push(device_applier.apply(&stack)?.ms);
-                    device_applier.restore()?;
+                    for (kernel, times) in [
+                        (MergeKernel::Auto, &mut warm_dev),
+                        (MergeKernel::Fp32, &mut warm_dev_fp32),
+                    ] {
+                        let mut a = Applier::new(
+                            family.clone(),
+                            weights(),
+                            ApplyOptions {
+                                kernel,
+                                ..device_options.clone()
+                            },
+                        );
+                        a.apply(&stack)?; // fills the device cache, saves the originals
+                        a.restore()?;
+                        times.push(a.apply(&stack)?.ms);
+                        a.release()?;
+                    }
                 }
             }
             let warm_dev_ms = (!warm_dev.is_empty()).then(|| median(warm_dev));
+            let warm_dev_fp32_ms = (!warm_dev_fp32.is_empty()).then(|| median(warm_dev_fp32));
             cases.push(json!({
                 "rank": r, "adapters": n, "touched_weights": touched, "saved_original_bytes": saved_bytes,
                 "cold_ms": median(cold), "cold_read_ms": median(cold_read), "warm_host_ms": median(warm),
-                "warm_device_ms": warm_dev_ms, "hot_ms": median(hot), "switch_ms": median(switch),
+                "warm_device_ms": warm_dev_ms, "warm_device_fp32_ms": warm_dev_fp32_ms, "hot_ms": median(hot), "switch_ms": median(switch),
                 "restore_ms": median(restore),
             }));
             eprintln!("{}", cases.last().map(|c| c.to_string()).unwrap_or_default());
@@ -410,6 +476,7 @@ fn main() -> Result<()> {
 
     // Step time with the largest stack merged, then after restoring.
     let (r, n, stack) = largest.context("no stack")?;
+    let merge_kernels = compare_kernels(&family, &weights, &stack)?;
     let mut applier = Applier::new(family.clone(), weights(), ApplyOptions::default());
     applier.apply(&stack)?;
     let lora_inputs = step_inputs(&pipe.transformer, &args, kind)?;
@@ -457,6 +524,7 @@ fn main() -> Result<()> {
             "restored_output_bit_identical": restored_out.f_equal(&base_out)?,
         },
         "cuda_graph": graph,
+        "merge_kernels": merge_kernels,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     if args.check {
@@ -465,6 +533,13 @@ fn main() -> Result<()> {
         }
         if rel_l2(&lora_out, &base_out)? == 0.0 {
             bail!("check: the merged stack did not change the output");
+        }
+        // Different fp32 summation orders: an element may round the other way (a bf16 step of its
+        // operands' magnitude, 2^-8), rarely.
+        if merge_kernels["max_diff_over_magnitude"].as_f64().unwrap_or(1.0) > 2f64.powi(-7)
+            || merge_kernels["differing_fraction"].as_f64().unwrap_or(1.0) > 0.01
+        {
+            bail!("check: the merge kernels disagree beyond rounding: {merge_kernels}");
         }
         eprintln!("check: ok");
     }

@@ -22,6 +22,10 @@ pub enum CudaGraphs {
 /// [`EngineSettings::lora_cache_bytes`]'s default: 4 GiB, a dozen rank-64 Flux adapters in bf16.
 pub const DEFAULT_LORA_CACHE_BYTES: usize = 4 << 30;
 
+/// [`EngineSettings::lora_device_cache_bytes`]'s default: 2 GiB, about three rank-64 Flux
+/// adapters prepared for merging.
+pub const DEFAULT_LORA_DEVICE_CACHE_BYTES: usize = 2 << 30;
+
 /// What an operator may set for the engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineSettings {
@@ -39,6 +43,10 @@ pub struct EngineSettings {
     /// adapters in (least recently used out first); 0 keeps none (every stack switch reads its
     /// files again).
     pub lora_cache_bytes: usize,
+    /// `DITFLEET_LORA_DEVICE_CACHE_BYTES` (default 2 GiB): GPU memory each rank keeps adapters in,
+    /// prepared for merging (least recently used out first), so switching to a stack of recent
+    /// adapters copies nothing from the host; 0 keeps none. Unused on the CPU.
+    pub lora_device_cache_bytes: usize,
 }
 
 impl Default for EngineSettings {
@@ -48,6 +56,7 @@ impl Default for EngineSettings {
             cuda_graphs: CudaGraphs::NoRing,
             cuda_graphs_max: 2,
             lora_cache_bytes: DEFAULT_LORA_CACHE_BYTES,
+            lora_device_cache_bytes: DEFAULT_LORA_DEVICE_CACHE_BYTES,
         }
     }
 }
@@ -88,6 +97,11 @@ impl EngineSettings {
         if let Some(v) = var("DITFLEET_LORA_CACHE_BYTES") {
             s.lora_cache_bytes = v.trim().parse().map_err(|_| {
                 format!("DITFLEET_LORA_CACHE_BYTES={v:?}: must be a whole number of bytes (0 = keep none)")
+            })?;
+        }
+        if let Some(v) = var("DITFLEET_LORA_DEVICE_CACHE_BYTES") {
+            s.lora_device_cache_bytes = v.trim().parse().map_err(|_| {
+                format!("DITFLEET_LORA_DEVICE_CACHE_BYTES={v:?}: must be a whole number of bytes (0 = keep none)")
             })?;
         }
         Ok(s)
@@ -192,6 +206,7 @@ mod tests {
             "DITFLEET_CUDA_GRAPHS" => Some("all".to_string()),
             "DITFLEET_CUDA_GRAPHS_MAX" => Some("4".to_string()),
             "DITFLEET_LORA_CACHE_BYTES" => Some("1048576".to_string()),
+            "DITFLEET_LORA_DEVICE_CACHE_BYTES" => Some("0".to_string()),
             _ => None,
         };
         let s = EngineSettings::parse(&set).unwrap();
@@ -199,6 +214,7 @@ mod tests {
         assert_eq!(s.cuda_graphs, CudaGraphs::All);
         assert_eq!(s.cuda_graphs_max, 4);
         assert_eq!(s.lora_cache_bytes, 1 << 20);
+        assert_eq!(s.lora_device_cache_bytes, 0);
         for (k, v) in [
             ("DITFLEET_STEP_TIMEOUT_S", "-1"),
             ("DITFLEET_STEP_TIMEOUT_S", "soon"),
@@ -206,6 +222,7 @@ mod tests {
             ("DITFLEET_CUDA_GRAPHS_MAX", "0"),
             ("DITFLEET_LORA_CACHE_BYTES", "4G"),
             ("DITFLEET_LORA_CACHE_BYTES", "-1"),
+            ("DITFLEET_LORA_DEVICE_CACHE_BYTES", "2GiB"),
         ] {
             let one = |q: &str| (q == k).then(|| v.to_string());
             let e = EngineSettings::parse(&one).unwrap_err();

@@ -15,7 +15,7 @@ use ditfleet_engine::flux::clip::{self, ClipTextModel};
 use ditfleet_engine::flux::parallel::pipefusion::stage_parts;
 use ditfleet_engine::flux::transformer::{self, Flux};
 use ditfleet_engine::lora::flux::{FluxLora, weights};
-use ditfleet_engine::lora::{Adapter, AdapterKey, Applier, ApplyOptions, LoraError, Weights};
+use ditfleet_engine::lora::{Adapter, AdapterKey, Applier, ApplyOptions, LoraError, MergeKernel, Weights, split_bf16};
 use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-4;
@@ -517,4 +517,70 @@ fn the_device_copy_cache_gives_the_weights_of_fresh_copies() {
         b.apply(&stack(case)).unwrap();
         assert_bit_identical(&cached.snapshot(), &fresh.snapshot());
     }
+}
+
+/// The three bf16 parts of an fp32 tensor add up to it exactly, for magnitudes from 2^-100 to
+/// 2^120, both signs (below about 2^-110 the last part would fall under bf16's subnormal quantum:
+/// far below anything that moves a weight's rounding).
+#[test]
+fn split_bf16_parts_sum_exactly_to_the_fp32_value() {
+    tch::manual_seed(7);
+    let mantissa = Tensor::rand([4096], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let exponent = (Tensor::rand([4096], (Kind::Float, Device::Cpu)) * 220.0 - 100.0).round();
+    let x = (mantissa * exponent.exp2()).to_kind(Kind::Float);
+    let x = x.where_self(&x.abs().ge(2f64.powi(-100)), &Tensor::from(1.0f32));
+    let [hi, mid, lo] = split_bf16(&x).unwrap();
+    assert_eq!(hi.kind(), Kind::BFloat16);
+    let sum = hi.to_kind(Kind::Double) + mid.to_kind(Kind::Double) + lo.to_kind(Kind::Double);
+    assert!(sum.equal(&x.to_kind(Kind::Double)), "a split lost bits");
+    // Not trivially: the lower parts carry bits for most values.
+    assert!(i64::try_from(mid.ne(0.0).sum(Kind::Int64)).unwrap() > 3000);
+}
+
+/// The `Split` merge kernel (one bf16 GEMM per row range on exact bf16 splits, in place) gives
+/// the `Fp32` kernel's bf16 weights up to the rounding of a differently ordered fp32 sum (an
+/// element may differ by a bf16 rounding step of its operands' magnitude; fewer than 1% do), for
+/// every stack of the goldens in turn (switching between them), and restores the base
+/// bit-exactly.
+#[test]
+fn the_split_merge_kernel_matches_the_fp32_kernel_to_rounding_and_restores_exactly() {
+    let (split, fp) = (Models::load(Kind::BFloat16), Models::load(Kind::BFloat16));
+    let before = split.snapshot();
+    let options = |kernel| ApplyOptions {
+        kernel,
+        device_cache_bytes: 1 << 30,
+        ..ApplyOptions::default()
+    };
+    let mut a = Applier::new(split.family(), weights(&split.flux, Some(&split.clip)), options(MergeKernel::Split));
+    let mut b = Applier::new(fp.family(), weights(&fp.flux, Some(&fp.clip)), options(MergeKernel::Fp32));
+    let (mut elements, mut differ) = (0i64, 0i64);
+    for case in ["one", "kohya", "two", "one", "kohya"] {
+        let ra = a.apply(&stack(case)).unwrap();
+        let rb = b.apply(&stack(case)).unwrap();
+        assert_eq!(ra.touched, rb.touched);
+        for name in a.weights().names() {
+            let (x, y) = (a.weights().get(name).unwrap(), b.weights().get(name).unwrap());
+            if x.kind() != Kind::BFloat16 {
+                continue;
+            }
+            let w0 = before[name].view_dtype(Kind::BFloat16).reshape(x.size()).to_kind(Kind::Float);
+            let (xf, yf) = (x.to_kind(Kind::Float), y.to_kind(Kind::Float));
+            let scale = xf.abs().maximum(&yf.abs()).maximum(&w0.abs());
+            let excess = ((&xf - &yf).abs() - scale * 2f64.powi(-7)).max();
+            assert!(
+                f64::try_from(excess).unwrap() <= 0.0,
+                "{case}: {name} differs by more than a rounding step"
+            );
+            elements += x.numel() as i64;
+            differ += i64::try_from(x.ne_tensor(y).sum(Kind::Int64)).unwrap();
+        }
+    }
+    assert!(differ * 100 < elements, "{differ} of {elements} elements differ");
+    assert!(elements > 0, "the comparison saw no element");
+    a.restore().unwrap();
+    assert_bit_identical(&before, &split.snapshot());
+    // Restored weights equal the kept originals: the next stack merges without a copy.
+    a.apply(&stack("two")).unwrap();
+    a.release().unwrap();
+    assert_bit_identical(&before, &split.snapshot());
 }

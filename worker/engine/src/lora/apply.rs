@@ -7,6 +7,14 @@
 //! fp32, the terms that land on the same rows concatenated along the rank into one GEMM), from the
 //! saved original `W₀` (so switching stacks never compounds rounding), and checked for NaN/Inf. Any failure puts every
 //! weight back to `W₀` before the error returns.
+//!
+//! Two kernels compute that formula ([`MergeKernel`]). `Fp32` materialises `ΔW` in fp32 and adds
+//! it; `Split` (bf16 weights on CUDA) writes each row range with ONE bf16 GEMM in place, `W₀` as
+//! its `C`: `c · B` (fp32) is split into three bf16 parts whose sum is exactly `c · B`, `A` into as
+//! many bf16 parts as its dtype needs (one for bf16), and the parts are concatenated along the
+//! rank, so the tensor cores multiply exactly, accumulate in fp32, add `W₀` and round once — one
+//! pass over the weight instead of five. Originals stay saved after a restore (the weights equal
+//! them then), so the next stack pays no copy.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -58,6 +66,8 @@ pub struct ApplyOptions {
     /// Bytes of adapter tensors (widened to fp32) kept on the weights' device between stacks, so
     /// that re-applying a recent adapter copies nothing from the host. 0 = none.
     pub device_cache_bytes: usize,
+    /// How bf16 weights are merged.
+    pub kernel: MergeKernel,
 }
 
 impl Default for ApplyOptions {
@@ -65,8 +75,23 @@ impl Default for ApplyOptions {
         Self {
             originals_device_bytes: usize::MAX,
             device_cache_bytes: 0,
+            kernel: MergeKernel::Auto,
         }
     }
+}
+
+/// How a merge computes `cast(W₀ + Σ c · B @ A)` (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MergeKernel {
+    /// `Split` for contiguous bf16 weights on CUDA (where the bf16 GEMM accumulates in fp32 and
+    /// rounds once), `Fp32` everywhere else.
+    #[default]
+    Auto,
+    /// `ΔW` from an fp32 GEMM, then one add in fp32 rounded into the weight.
+    Fp32,
+    /// One bf16 GEMM per row range, in place, on exact bf16 splits of the fp32 operands (contiguous
+    /// bf16 weights; others take `Fp32`). Forced on the CPU only by tests.
+    Split,
 }
 
 /// What an apply (or restore) did on this rank.
@@ -100,7 +125,8 @@ struct Term {
 struct Saved {
     var: Tensor,
     original: Tensor,
-    on_device: bool,
+    /// The variable holds a merge (else it equals `original`).
+    merged: bool,
 }
 
 /// Adapter tensors widened to fp32 on one device, per module.
@@ -109,6 +135,55 @@ struct DeviceCopies {
     pairs: HashMap<usize, (Tensor, Tensor)>,
     bytes: usize,
     used: u64,
+}
+
+/// One adapter prepared for `Split` merges on one device: its `B`s (times `alpha / rank`) in fp32
+/// back to back, one buffer per distinct `alpha / rank` so a job's scale is one multiply per
+/// buffer, and its `A`s as exact bf16 parts.
+struct SplitCopies {
+    /// `(alpha / rank, B_m for every module of that coefficient, flattened back to back)`.
+    flats: Vec<(f64, Tensor)>,
+    modules: HashMap<usize, SplitModule>,
+    bytes: usize,
+    used: u64,
+}
+
+struct SplitModule {
+    /// Index into `flats` and element offset of this module's `B` (out, rank) there.
+    flat: usize,
+    offset: i64,
+    out: i64,
+    rank: i64,
+    /// `A` as `parts` bf16 matrices stacked along the rank: (parts · rank, in · kernel).
+    a: Tensor,
+    parts: i64,
+}
+
+/// `x` (fp32) as three bf16 tensors whose fp32 sum is exactly `x`: each part rounds what the
+/// previous ones left, and fp32's 24 significant bits fit in three times bf16's 8 (bf16 has fp32's
+/// exponent range, so no part over- or underflows where `x` does not).
+pub fn split_bf16(x: &Tensor) -> Result<[Tensor; 3], tch::TchError> {
+    let hi = x.f_to_kind(Kind::BFloat16)?;
+    let r1 = x.f_sub(&hi)?; // exact: the rounding error of `hi`, in fp32
+    let mid = r1.f_to_kind(Kind::BFloat16)?;
+    let lo = r1.f_sub(&mid)?.f_to_kind(Kind::BFloat16)?;
+    Ok([hi, mid, lo])
+}
+
+/// Bf16 parts of `A` whose sum is exactly `A`: one for bf16, two for fp16 (11 significant bits),
+/// three for fp32; stacked along the rank (dim 0).
+fn a_parts(a: &Tensor) -> Result<(Tensor, i64), tch::TchError> {
+    match a.kind() {
+        Kind::BFloat16 => Ok((a.shallow_clone(), 1)),
+        k => {
+            let [hi, mid, lo] = split_bf16(&a.f_to_kind(Kind::Float)?)?;
+            if k == Kind::Half {
+                Ok((Tensor::f_cat(&[hi, mid], 0)?, 2))
+            } else {
+                Ok((Tensor::f_cat(&[hi, mid, lo], 0)?, 3))
+            }
+        }
+    }
 }
 
 /// Applies stacks to one rank's weights and restores them. Bound to those weights: a model
@@ -121,6 +196,7 @@ pub struct Applier {
     saved: BTreeMap<String, Saved>,
     device_bytes: usize,
     device_cache: HashMap<(AdapterKey, Device), DeviceCopies>,
+    split_cache: HashMap<(AdapterKey, Device), SplitCopies>,
     tick: u64,
 }
 
@@ -146,6 +222,7 @@ impl Applier {
             saved: BTreeMap::new(),
             device_bytes: 0,
             device_cache: HashMap::new(),
+            split_cache: HashMap::new(),
             tick: 0,
         }
     }
@@ -216,20 +293,24 @@ impl Applier {
         self.saved.values().map(|s| bytes_of(&s.original)).sum()
     }
 
-    /// Copies every saved original back; the first failure is returned after all were tried.
+    /// Copies every merged weight's original back (the originals stay saved: the next stack
+    /// needs no copy); the first failure is returned after all were tried.
     fn restore_all(&mut self) -> Result<usize, LoraError> {
         let mut first = None;
         let mut last = None;
-        let n = self.saved.len();
-        for (_, mut s) in std::mem::take(&mut self.saved) {
+        let mut n = 0;
+        for s in self.saved.values_mut().filter(|s| s.merged) {
             match s.var.f_copy_(&s.original) {
-                Ok(()) => last = Some(s.var),
+                Ok(()) => {
+                    s.merged = false;
+                    n += 1;
+                    last = Some(s.var.shallow_clone());
+                }
                 Err(e) => {
                     first.get_or_insert(e);
                 }
             }
         }
-        self.device_bytes = 0;
         self.applied.clear();
         if let Some(e) = first {
             return Err(e.into());
@@ -238,6 +319,16 @@ impl Applier {
             sync(&v)?;
         }
         Ok(n)
+    }
+
+    /// Restores the base weights and frees the saved originals and device copies.
+    pub fn release(&mut self) -> Result<ApplyReport, LoraError> {
+        let report = self.restore()?;
+        self.saved.clear();
+        self.device_bytes = 0;
+        self.device_cache.clear();
+        self.split_cache.clear();
+        Ok(report)
     }
 
     /// Validates the whole stack against the whole model and groups its terms by weight.
@@ -360,6 +451,16 @@ impl Applier {
         Ok((a, b))
     }
 
+    /// Whether `var` takes the `Split` kernel (given that its row ranges are disjoint).
+    fn splits(&self, var: &Tensor) -> bool {
+        let eligible = var.kind() == Kind::BFloat16 && var.is_contiguous();
+        match self.options.kernel {
+            MergeKernel::Auto => eligible && var.device().is_cuda(),
+            MergeKernel::Split => eligible,
+            MergeKernel::Fp32 => false,
+        }
+    }
+
     /// Merges a validated plan: restores the weights only the previous stack touched, then
     /// rewrites each planned weight this rank holds.
     fn merge(
@@ -368,31 +469,65 @@ impl Applier {
         plan: &BTreeMap<String, Vec<Term>>,
     ) -> Result<ApplyReport, LoraError> {
         let mut report = ApplyReport::default();
-        let stale: Vec<String> = self
-            .saved
-            .keys()
-            .filter(|k| !plan.contains_key(*k))
-            .cloned()
-            .collect();
-        for name in stale {
-            if let Some(mut s) = self.saved.remove(&name) {
+        for (name, s) in self.saved.iter_mut() {
+            if s.merged && !plan.contains_key(name) {
                 s.var.f_copy_(&s.original)?;
-                if s.on_device {
-                    self.device_bytes -= bytes_of(&s.original);
-                }
+                s.merged = false;
                 report.restored += 1;
             }
+        }
+        // The `Split` operands: each adapter's modules this rank merges that way, prepared on
+        // their device, then `c · B` split once per adapter and coefficient.
+        let mut split_weights = BTreeMap::new();
+        let mut needed: HashMap<(usize, Device), Vec<usize>> = HashMap::new();
+        for (name, terms) in plan {
+            let Some(var) = self.weights.get(name) else { continue };
+            let disjoint = {
+                let mut ranges: Vec<(i64, i64)> = terms.iter().map(|t| (t.dst, t.len)).collect();
+                ranges.sort_unstable();
+                ranges.dedup();
+                ranges.windows(2).all(|p| p[0].0 + p[0].1 <= p[1].0)
+            };
+            if disjoint && self.splits(var) {
+                for t in terms {
+                    needed.entry((t.entry, var.device())).or_default().push(t.module);
+                }
+                split_weights.insert(name.clone(), ());
+            }
+        }
+        let mut scaled: HashMap<(usize, Device), Vec<[Tensor; 3]>> = HashMap::new();
+        for ((entry, device), mut modules) in needed {
+            modules.sort_unstable();
+            modules.dedup();
+            let (adapter, scale) = &stack[entry];
+            self.prepare_split(adapter, device, &modules)?;
+            let prepared = &self.split_cache[&(adapter.key.clone(), device)];
+            let mut parts = Vec::with_capacity(prepared.flats.len());
+            for (coef, flat) in &prepared.flats {
+                parts.push(split_bf16(&flat.f_mul_scalar(scale * coef)?)?);
+            }
+            scaled.insert((entry, device), parts);
         }
         let mut finite = Vec::with_capacity(plan.len());
         let mut last = None;
         for (name, terms) in plan {
-            let Some(var) = self.weights.get(name).map(|t| t.shallow_clone()) else {
+            let Some(mut var) = self.weights.get(name).map(|t| t.shallow_clone()) else {
                 report.elsewhere += 1;
                 continue;
             };
             self.save(name, &var)?;
-            let original = self.saved[name].original.shallow_clone();
-            self.merge_weight(&var, &original, terms, stack)?;
+            let saved = self.saved.get_mut(name).expect("saved above");
+            let (original, was_merged) = (saved.original.shallow_clone(), saved.merged);
+            // Marked before the first write, so a failure half-way restores this weight too.
+            saved.merged = true;
+            if split_weights.contains_key(name) {
+                if was_merged {
+                    var.f_copy_(&original)?;
+                }
+                self.merge_split(&var, terms, stack, &scaled)?;
+            } else {
+                self.merge_weight(&var, &original, terms, stack)?;
+            }
             finite.push(var.f_isfinite()?.f_all()?);
             last = Some(var);
             report.touched += 1;
@@ -415,6 +550,121 @@ impl Applier {
             sync(&v)?;
         }
         Ok(report)
+    }
+
+    /// Makes sure `adapter`'s `modules` are prepared for `Split` merges on `device` (kept there
+    /// within the device cache budget, least recently used adapters evicted first).
+    fn prepare_split(&mut self, adapter: &Adapter, device: Device, modules: &[usize]) -> Result<(), LoraError> {
+        self.tick += 1;
+        // Entries kept over budget served one merge only.
+        self.split_cache.retain(|_, c| c.bytes > 0);
+        let key = (adapter.key.clone(), device);
+        if let Some(c) = self.split_cache.get_mut(&key)
+            && modules.iter().all(|m| c.modules.contains_key(m))
+        {
+            c.used = self.tick;
+            return Ok(());
+        }
+        let mut flats: Vec<(f64, Vec<Tensor>, i64)> = Vec::new();
+        let mut prepared = HashMap::with_capacity(modules.len());
+        for &i in modules {
+            let m = &adapter.modules[i];
+            let (a, b) = adapter.pair(i);
+            let coef = m.scale();
+            let g = match flats.iter().position(|(c, _, _)| c.to_bits() == coef.to_bits()) {
+                Some(g) => g,
+                None => {
+                    flats.push((coef, Vec::new(), 0));
+                    flats.len() - 1
+                }
+            };
+            let b = b.f_to_device(device)?.f_to_kind(Kind::Float)?.f_reshape([-1])?; // (out · rank)
+            let offset = flats[g].2;
+            flats[g].2 += b.numel() as i64;
+            flats[g].1.push(b);
+            let (a, parts) = a_parts(&a.f_to_device(device)?.f_reshape([m.rank, -1])?)?; // (parts · rank, in · kernel)
+            prepared.insert(
+                i,
+                SplitModule {
+                    flat: g,
+                    offset,
+                    out: m.out(),
+                    rank: m.rank,
+                    a,
+                    parts,
+                },
+            );
+        }
+        let flats: Vec<(f64, Tensor)> = flats
+            .into_iter()
+            .map(|(c, v, _)| Ok((c, Tensor::f_cat(&v, 0)?)))
+            .collect::<Result<_, tch::TchError>>()?;
+        let bytes = flats.iter().map(|(_, t)| bytes_of(t)).sum::<usize>()
+            + prepared.values().map(|m| bytes_of(&m.a)).sum::<usize>();
+        self.split_cache.remove(&key);
+        let budget = self.options.device_cache_bytes;
+        let mut total: usize = self.split_cache.values().map(|c| c.bytes).sum::<usize>()
+            + self.device_cache.values().map(|c| c.bytes).sum::<usize>();
+        while total + bytes > budget {
+            let oldest = self.split_cache.iter().min_by_key(|(_, c)| c.used).map(|(k, _)| k.clone());
+            match oldest.and_then(|k| self.split_cache.remove(&k)) {
+                Some(c) => total -= c.bytes,
+                None => break,
+            }
+        }
+        // Over budget (or no device cache): used for this merge only, dropped at the next.
+        self.split_cache.insert(
+            key,
+            SplitCopies {
+                flats,
+                modules: prepared,
+                bytes: if total + bytes <= budget { bytes } else { 0 },
+                used: if total + bytes <= budget { self.tick } else { 0 },
+            },
+        );
+        Ok(())
+    }
+
+    /// Writes `W₀ + Σ c · B @ A` into `var`, which holds `W₀`: per row range one bf16 GEMM with
+    /// `var`'s rows as its `C`, on the exact bf16 parts of every term (see the module docs).
+    fn merge_split(
+        &self,
+        var: &Tensor,
+        terms: &[Term],
+        stack: &[(Arc<Adapter>, f64)],
+        scaled: &HashMap<(usize, Device), Vec<[Tensor; 3]>>,
+    ) -> Result<(), LoraError> {
+        let device = var.device();
+        let rows = var.size()[0];
+        let w2d = var.f_view([rows, -1])?; // (out, in · kernel)
+        let mut groups: BTreeMap<(i64, i64), Vec<&Term>> = BTreeMap::new();
+        for t in terms {
+            groups.entry((t.dst, t.len)).or_default().push(t);
+        }
+        for ((dst, len), group) in groups {
+            let mut ups = Vec::new();
+            let mut downs = Vec::new();
+            for t in group {
+                let prepared = &self.split_cache[&(stack[t.entry].0.key.clone(), device)];
+                let m = &prepared.modules[&t.module];
+                let parts = &scaled[&(t.entry, device)][m.flat];
+                for q in 0..m.parts {
+                    let a = m.a.f_narrow(0, q * m.rank, m.rank)?; // (rank, in · kernel)
+                    for p in parts {
+                        ups.push(
+                            p.f_narrow(0, m.offset, m.out * m.rank)?
+                                .f_view([m.out, m.rank])?
+                                .f_narrow(0, t.src, len)?,
+                        ); // (len, rank)
+                        downs.push(a.shallow_clone());
+                    }
+                }
+            }
+            let b = Tensor::f_cat(&ups, 1)?; // (len, Σ parts · rank)
+            let a = Tensor::f_cat(&downs, 0)?; // (Σ parts · rank, in · kernel)
+            let _ = w2d.f_narrow(0, dst, len)?.f_addmm_(&b, &a)?;
+        }
+        Ok(())
     }
 
     /// Writes `W₀ + Σ c · B @ A` into `var` from its original `W₀`: fp32 weights accumulate in
@@ -493,8 +743,8 @@ impl Applier {
         Ok(())
     }
 
-    /// Keeps the original of `name` (once per stack switch sequence): on its device while the
-    /// budget allows, else in host memory.
+    /// Keeps the original of `name` (once: it stays saved until [`Applier::release`]): on its
+    /// device while the budget allows, else in host memory.
     fn save(&mut self, name: &str, var: &Tensor) -> Result<(), LoraError> {
         if self.saved.contains_key(name) {
             return Ok(());
@@ -515,7 +765,7 @@ impl Applier {
             Saved {
                 var: var.shallow_clone(),
                 original,
-                on_device,
+                merged: false,
             },
         );
         Ok(())

@@ -127,6 +127,7 @@ struct Reported {
 pub struct LoraHub {
     cache: LoraCache,
     reported: Mutex<Reported>,
+    apply_options: ApplyOptions,
     /// Bumped by [`LoraHub::invalidate`]: every slot puts its base weights back before its next
     /// job.
     epoch: AtomicU64,
@@ -136,9 +137,15 @@ impl LoraHub {
     /// A hub whose cache holds at most `max_bytes` of adapters; `pin`: page-locked host copies
     /// (adapters merged on a GPU).
     pub fn new(max_bytes: usize, pin: bool) -> Arc<Self> {
+        Self::with_options(max_bytes, pin, ApplyOptions::default())
+    }
+
+    /// [`LoraHub::new`] whose slots merge with `options`.
+    pub fn with_options(max_bytes: usize, pin: bool, options: ApplyOptions) -> Arc<Self> {
         Arc::new(Self {
             cache: LoraCache::new(max_bytes).pinned(pin),
             reported: Mutex::default(),
+            apply_options: options,
             epoch: AtomicU64::new(0),
         })
     }
@@ -146,7 +153,21 @@ impl LoraHub {
     /// A hub sized by the engine settings ([`crate::settings::EngineSettings::lora_cache_bytes`])
     /// for weights on `device`.
     pub fn from_settings(device: Device) -> Arc<Self> {
-        Self::new(crate::settings::get().lora_cache_bytes, device.is_cuda())
+        let settings = crate::settings::get();
+        let options = ApplyOptions {
+            device_cache_bytes: if device.is_cuda() {
+                settings.lora_device_cache_bytes
+            } else {
+                0
+            },
+            ..ApplyOptions::default()
+        };
+        Self::with_options(settings.lora_cache_bytes, device.is_cuda(), options)
+    }
+
+    /// How the slots of this hub merge (each rank's applier gets a copy).
+    pub fn apply_options(&self) -> &ApplyOptions {
+        &self.apply_options
     }
 
     pub fn cache(&self) -> &LoraCache {
@@ -256,7 +277,6 @@ impl LoraHub {
 pub struct LoraSlot {
     hub: Arc<LoraHub>,
     family: Arc<dyn Family>,
-    options: ApplyOptions,
     /// Built on the first stack, bound to the weights of that moment; `None`: base weights.
     applier: Option<Applier>,
     /// Whether this slot's applies are what the engine reports (the group leader's).
@@ -285,7 +305,6 @@ impl LoraSlot {
             epoch: hub.epoch(),
             hub,
             family,
-            options: ApplyOptions::default(),
             applier: None,
             reports: true,
             counts: true,
@@ -385,7 +404,7 @@ impl LoraSlot {
             Ok(s) => s,
             Err(e) => return Err(self.failed(e)),
         };
-        let (family, options) = (self.family.clone(), self.options.clone());
+        let (family, options) = (self.family.clone(), self.hub.apply_options().clone());
         let applier = self
             .applier
             .get_or_insert_with(|| Applier::new(family, weights(), options));
