@@ -57,7 +57,7 @@ if want sdxl_plans; then
   stage sdxl_plans 150 .gpu/sdxl_plans --size 1024 --steps 6 --plans 'cfg=2;patch=2;cfg=2,patch=2;patch=4'
 fi
 if want lora; then
-  stage lora_ours 200 .gpu/lora_bench --ranks 16,64 --stacks 1,3 --keep-files --dir /tmp/lb
+  stage lora_ours 330 .gpu/lora_bench --ranks 16,64 --stacks 1,3 --keep-files --dir /tmp/lb
   stage lora_diffusers 200 python3 tests/fixtures/lora_bench_compare.py /tmp/lb --device cuda --stacks 1,3
 fi
 for f in "$OUT"/logs/*.json; do echo "--- $(basename "$f")"; cut -c1-1500 "$f"; done

@@ -19,7 +19,7 @@
 //! `Pipeline::generate` runs it) for the largest stack of the largest rank: `engine.cold_ms` (a
 //! fresh host cache reads the files), `engine.hot_ms` (the same stack again: no cache lookup, no
 //! merge), `engine.restore_ms` (a job without adapters), `engine.warm_ms` (the stack again, from
-//! the host cache). Then the denoising step time (1024², 512 text tokens, bf16,
+//! the device cache an engine keeps by default, `DITFLEET_LORA_DEVICE_CACHE_BYTES`). Then the denoising step time (1024², 512 text tokens, bf16,
 //! rows of the modulation table as the pipeline runs it) with the base weights, with the largest
 //! stack merged, and after restoring, and whether the restored model's output is bit-identical to
 //! the base one's. On CUDA it also captures a step as a CUDA graph on the base weights, merges the
@@ -264,7 +264,20 @@ fn engine_path(
     r: i64,
     args: &Args,
 ) -> Result<serde_json::Value> {
-    let hub = LoraHub::new(usize::MAX, args.pin);
+    // As an engine's hub on this device (the settings' default device cache).
+    let device_cache_bytes = if args.device.is_cuda() {
+        ditfleet_engine::settings::get().lora_device_cache_bytes
+    } else {
+        0
+    };
+    let hub = LoraHub::with_options(
+        usize::MAX,
+        args.pin,
+        ApplyOptions {
+            device_cache_bytes,
+            ..ApplyOptions::default()
+        },
+    );
     let family: Arc<dyn Family> = family.clone();
     let mut slot = LoraSlot::new(hub.clone(), family);
     let refs: Vec<LoraRef> = paths

@@ -137,11 +137,11 @@ struct DeviceCopies {
     used: u64,
 }
 
-/// One adapter prepared for `Split` merges on one device: its `B`s (times `alpha / rank`) in fp32
-/// back to back, one buffer per distinct `alpha / rank` so a job's scale is one multiply per
-/// buffer, and its `A`s as exact bf16 parts.
+/// One adapter prepared for `Split` merges on one device: its `B`s back to back (stored dtype),
+/// one buffer per distinct `alpha / rank` so a job's scale is one multiply per buffer, and its `A`s
+/// as exact bf16 parts.
 struct SplitCopies {
-    /// `(alpha / rank, B_m for every module of that coefficient, flattened back to back)`.
+    /// `(alpha / rank, B_m of every module with that coefficient, flattened back to back)`.
     flats: Vec<(f64, Tensor)>,
     modules: HashMap<usize, SplitModule>,
     bytes: usize,
@@ -504,7 +504,7 @@ impl Applier {
             let prepared = &self.split_cache[&(adapter.key.clone(), device)];
             let mut parts = Vec::with_capacity(prepared.flats.len());
             for (coef, flat) in &prepared.flats {
-                parts.push(split_bf16(&flat.f_mul_scalar(scale * coef)?)?);
+                parts.push(split_bf16(&flat.f_to_kind(Kind::Float)?.f_mul_scalar(scale * coef)?)?);
             }
             scaled.insert((entry, device), parts);
         }
@@ -567,6 +567,11 @@ impl Applier {
         }
         let mut flats: Vec<(f64, Vec<Tensor>, i64)> = Vec::new();
         let mut prepared = HashMap::with_capacity(modules.len());
+        let kinds: Vec<Kind> = modules.iter().map(|&i| adapter.pair(i).1.kind()).collect();
+        let flat_kind = match kinds.first() {
+            Some(&k) if kinds.iter().all(|&x| x == k) => k,
+            _ => Kind::Float,
+        };
         for &i in modules {
             let m = &adapter.modules[i];
             let (a, b) = adapter.pair(i);
@@ -578,7 +583,9 @@ impl Applier {
                     flats.len() - 1
                 }
             };
-            let b = b.f_to_device(device)?.f_to_kind(Kind::Float)?.f_reshape([-1])?; // (out · rank)
+            // Kept in the stored dtype (widened exactly when scaled): half the device bytes of
+            // fp32 for bf16 adapters.
+            let b = b.f_to_device(device)?.f_to_kind(flat_kind)?.f_reshape([-1])?; // (out · rank)
             let offset = flats[g].2;
             flats[g].2 += b.numel() as i64;
             flats[g].1.push(b);
