@@ -8,13 +8,13 @@
 //! saved original `W₀` (so switching stacks never compounds rounding), and checked for NaN/Inf. Any failure puts every
 //! weight back to `W₀` before the error returns.
 //!
-//! Two kernels compute that formula ([`MergeKernel`]). `Fp32` materialises `ΔW` in fp32 and adds
-//! it; `Split` (bf16 weights on CUDA) writes each row range with ONE bf16 GEMM in place, `W₀` as
-//! its `C`: `c · B` (fp32) is split into three bf16 parts whose sum is exactly `c · B`, `A` into as
-//! many bf16 parts as its dtype needs (one for bf16), and the parts are concatenated along the
-//! rank, so the tensor cores multiply exactly, accumulate in fp32, add `W₀` and round once — one
-//! pass over the weight instead of five. Originals stay saved after a restore (the weights equal
-//! them then), so the next stack pays no copy.
+//! Two kernels compute that formula ([`MergeKernel`]). `Fp32` materialises `ΔW` with an fp32 GEMM
+//! and adds it; `Split` (bf16 weights on CUDA) runs the GEMM on the tensor cores: `c · B` (fp32) is
+//! split into three bf16 parts whose sum is exactly `c · B`, `A` into as many bf16 parts as its
+//! dtype needs (one for bf16), and the parts are concatenated along the rank, so a bf16 GEMM with
+//! fp32 output forms the exact products and sums them in fp32; one add rounds `W₀ + ΔW` into the
+//! weight. Originals stay saved after a restore (the weights equal them then), so the next stack
+//! pays no copy.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -68,6 +68,8 @@ pub struct ApplyOptions {
     pub device_cache_bytes: usize,
     /// How bf16 weights are merged.
     pub kernel: MergeKernel,
+    /// `Split`'s block of product rows in bytes (0: a whole row range at once).
+    pub split_block_bytes: usize,
 }
 
 impl Default for ApplyOptions {
@@ -76,6 +78,7 @@ impl Default for ApplyOptions {
             originals_device_bytes: usize::MAX,
             device_cache_bytes: 0,
             kernel: MergeKernel::Auto,
+            split_block_bytes: 0,
         }
     }
 }
@@ -83,16 +86,21 @@ impl Default for ApplyOptions {
 /// How a merge computes `cast(W₀ + Σ c · B @ A)` (see the module docs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum MergeKernel {
-    /// `Split` for contiguous bf16 weights on CUDA (where the bf16 GEMM accumulates in fp32 and
-    /// rounds once), `Fp32` everywhere else.
+    /// `Split` for contiguous bf16 weights on CUDA (tensor cores), `Fp32` everywhere else.
     #[default]
     Auto,
     /// `ΔW` from an fp32 GEMM, then one add in fp32 rounded into the weight.
     Fp32,
-    /// One bf16 GEMM per row range, in place, on exact bf16 splits of the fp32 operands (contiguous
-    /// bf16 weights; others take `Fp32`). Forced on the CPU only by tests.
+    /// Bf16 GEMMs with fp32 output on exact bf16 splits of the fp32 operands, one block of rows at
+    /// a time, each block added to the weight's rows in fp32 and rounded once (contiguous bf16
+    /// weights; others take `Fp32`). Forced on the CPU only by tests.
     Split,
 }
+
+/// A block of `Split`'s fp32 product small enough to stay in an H100's L2 cache between the GEMM
+/// that writes it and the add that reads it (`ApplyOptions::split_block_bytes`; not the default
+/// until a GPU measurement says it is faster: docs/benchmarks.md).
+pub const SPLIT_BLOCK_BYTES: usize = 16 << 20;
 
 /// What an apply (or restore) did on this rank.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -495,12 +503,15 @@ impl Applier {
                 split_weights.insert(name.clone(), ());
             }
         }
+        // Entries kept over budget served one merge only.
+        self.split_cache.retain(|_, c| c.bytes > 0);
+        let keep: Vec<AdapterKey> = stack.iter().map(|(a, _)| a.key.clone()).collect();
         let mut scaled: HashMap<(usize, Device), Vec<[Tensor; 3]>> = HashMap::new();
         for ((entry, device), mut modules) in needed {
             modules.sort_unstable();
             modules.dedup();
             let (adapter, scale) = &stack[entry];
-            self.prepare_split(adapter, device, &modules)?;
+            self.prepare_split(adapter, device, &modules, &keep)?;
             let prepared = &self.split_cache[&(adapter.key.clone(), device)];
             let mut parts = Vec::with_capacity(prepared.flats.len());
             for (coef, flat) in &prepared.flats {
@@ -554,10 +565,15 @@ impl Applier {
 
     /// Makes sure `adapter`'s `modules` are prepared for `Split` merges on `device` (kept there
     /// within the device cache budget, least recently used adapters evicted first).
-    fn prepare_split(&mut self, adapter: &Adapter, device: Device, modules: &[usize]) -> Result<(), LoraError> {
+    /// Entries of the adapters in `keep` (the stack being merged) are never evicted here.
+    fn prepare_split(
+        &mut self,
+        adapter: &Adapter,
+        device: Device,
+        modules: &[usize],
+        keep: &[AdapterKey],
+    ) -> Result<(), LoraError> {
         self.tick += 1;
-        // Entries kept over budget served one merge only.
-        self.split_cache.retain(|_, c| c.bytes > 0);
         let key = (adapter.key.clone(), device);
         if let Some(c) = self.split_cache.get_mut(&key)
             && modules.iter().all(|m| c.modules.contains_key(m))
@@ -613,7 +629,12 @@ impl Applier {
         let mut total: usize = self.split_cache.values().map(|c| c.bytes).sum::<usize>()
             + self.device_cache.values().map(|c| c.bytes).sum::<usize>();
         while total + bytes > budget {
-            let oldest = self.split_cache.iter().min_by_key(|(_, c)| c.used).map(|(k, _)| k.clone());
+            let oldest = self
+                .split_cache
+                .iter()
+                .filter(|(k, _)| !keep.contains(&k.0))
+                .min_by_key(|(_, c)| c.used)
+                .map(|(k, _)| k.clone());
             match oldest.and_then(|k| self.split_cache.remove(&k)) {
                 Some(c) => total -= c.bytes,
                 None => break,
@@ -632,8 +653,9 @@ impl Applier {
         Ok(())
     }
 
-    /// Writes `W₀ + Σ c · B @ A` into `var`, which holds `W₀`: per row range one bf16 GEMM with
-    /// `var`'s rows as its `C`, on the exact bf16 parts of every term (see the module docs).
+    /// Writes `W₀ + Σ c · B @ A` into `var`, which holds `W₀`: per row range, bf16 GEMMs with fp32
+    /// output on the exact bf16 parts of every term, block by block, each added to its rows (see
+    /// the module docs).
     fn merge_split(
         &self,
         var: &Tensor,
@@ -669,7 +691,27 @@ impl Applier {
             }
             let b = Tensor::f_cat(&ups, 1)?; // (len, Σ parts · rank)
             let a = Tensor::f_cat(&downs, 0)?; // (Σ parts · rank, in · kernel)
-            let _ = w2d.f_narrow(0, dst, len)?.f_addmm_(&b, &a)?;
+            let cols = a.size()[1];
+            let block = match self.options.split_block_bytes {
+                0 => len,
+                bytes => (bytes as i64 / (4 * cols)).clamp(1, len),
+            };
+            let mut r0 = 0;
+            while r0 < len {
+                let n = block.min(len - r0);
+                // The product in fp32 (exact bf16 products, fp32 accumulation), then one fp32 add
+                // rounded into the rows. Not `addmm_` with the rows as C: measured on an H100, cuBLAS
+                // then rounded the product to bf16 before adding (12.7% of elements off).
+                let bn = b.f_narrow(0, r0, n)?;
+                let d = if device.is_cuda() {
+                    bn.f_mm_dtype(&a, Kind::Float)? // (n, in · kernel)
+                } else {
+                    // No bf16→fp32 GEMM on the CPU: the same sums from exactly widened operands.
+                    bn.f_to_kind(Kind::Float)?.f_mm(&a.f_to_kind(Kind::Float)?)?
+                };
+                let _ = w2d.f_narrow(0, dst + r0, n)?.f_add_(&d)?;
+                r0 += n;
+            }
         }
         Ok(())
     }

@@ -62,7 +62,7 @@ pub mod sdxl;
 pub mod slot;
 
 pub use adapter::{Adapter, Format, Module};
-pub use apply::{Applier, ApplyOptions, ApplyReport, MergeKernel, Weights, split_bf16};
+pub use apply::{Applier, ApplyOptions, ApplyReport, MergeKernel, SPLIT_BLOCK_BYTES, Weights, split_bf16};
 pub use cache::{CacheStats, LoraCache};
 pub use slot::{LoraHub, LoraSlot, stack_id};
 
