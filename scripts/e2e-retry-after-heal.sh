@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Re-runs, once each, the end-to-end tests that failed in a run during which the shared test
+# RabbitMQ wedged and was restarted (scripts/heal-rabbitmq.sh printed "killing it" in the log).
+#
+#   scripts/e2e-retry-after-heal.sh target/test-logs/e2e.log
+#
+# Why: the Debian RabbitMQ 3.10 node of the CI machines sometimes stops answering the AMQP
+# handshake in the middle of a test (seen after a scheduler closed its connection in
+# fleet_hardening, late in a full run: the broker logged nothing for 60 s, new connections got no
+# handshake). The next test's harness restarts the node, but the test that was running is lost to
+# the broker, not to our code. Without a restart in the log nothing is re-run: a failure then
+# stands. Each re-run is printed, with its output in target/test-logs/e2e-retry.log; exit 0 only if
+# every re-run passes.
+set -uo pipefail
+log=${1:?usage: $0 E2E_LOG}
+cd "$(dirname "$0")/.."
+if ! grep -q "does not answer the AMQP handshake: killing it" "$log"; then
+  echo "e2e-retry: the broker was not restarted during the run; failures stand" >&2
+  exit 1
+fi
+# (binary, test) of every failure: the "---- NAME stdout ----" blocks, under the binary whose
+# "Running tests/BIN.rs" line came last.
+mapfile -t failed < <(awk '
+  /^== failures/ { exit }
+  $1 == "Running" { bin = "" }
+  $1 == "Running" && $2 ~ /^tests\/.*\.rs$/ { bin = $2; sub(/^tests\//, "", bin); sub(/\.rs$/, "", bin) }
+  /^---- .* stdout ----$/ && bin != "" { print bin " " $2 }
+' "$log" | sort -u)
+if [ ${#failed[@]} -eq 0 ]; then
+  echo "e2e-retry: no failed test found in $log; failures stand" >&2
+  exit 1
+fi
+out=target/test-logs/e2e-retry.log
+: > "$out"
+rc=0
+for entry in "${failed[@]}"; do
+  bin=${entry%% *} name=${entry#* }
+  echo "e2e-retry: the broker was restarted during the run; re-running $bin::$name once" >&2
+  bash scripts/heal-rabbitmq.sh
+  one=$(mktemp)
+  DITFLEET_TEST_HEAL_BROKER=1 ${CARGO:-cargo} test -p ditfleet-tests --test "$bin" -- --exact "$name" --test-threads=1 \
+    > "$one" 2>&1
+  code=$?
+  cat "$one" >> "$out"
+  # Passed only if exactly that one test ran and passed.
+  if [ $code -eq 0 ] && grep -q "^test result: ok. 1 passed" "$one"; then
+    echo "e2e-retry: $bin::$name passed on the re-run" >&2
+  else
+    echo "e2e-retry: $bin::$name FAILED again (target/test-logs/e2e-retry.log)" >&2
+    rc=1
+  fi
+  rm -f "$one"
+done
+exit $rc
