@@ -12,7 +12,7 @@
 //!   every rank validates a stack the same way, whatever part of the model it holds).
 //! * **application** ([`apply`]): for a stack `[(adapter, scale), …]` every touched weight `W`
 //!   becomes `cast(W_fp32 + Σ scale_i · alpha_m / rank_m · B_m @ A_m)`, computed in fp32 and
-//!   rounded once, written into `W`'s own storage (`copy_` under no-grad: CUDA graphs captured on
+//!   rounded once, written into `W`'s own storage (in place under no-grad: CUDA graphs captured on
 //!   those pointers stay valid). The original of each touched weight is kept (in its own dtype, on
 //!   its device up to a byte budget, else in host memory) and copied back on restore, so the base
 //!   weights are bit-identical afterwards (merging and then subtracting in bf16 would not be).
@@ -25,11 +25,13 @@
 //!
 //! * **merged** (this module): per step, nothing: the GEMMs are the base model's, and the fused
 //!   kernels, CUDA graphs and parallel plans are unchanged. Per stack switch: one GEMM `(out × R)
-//!   @ (R × in)` per touched weight, 2·P·R flops in fp32 (R = 192, three rank-64 adapters:
-//!   4.6e12, ~75 ms at an H100/H200's ~60 TFLOP/s of non-tensor-core fp32; R = 16: ~6 ms), plus
-//!   ~18 bytes of memory traffic per bf16 weight (save the original 4, write ΔW 4, add and round
-//!   8, NaN check 2: ~215 GB, ~45 ms at an H200's 4.8 TB/s). Restore is one copy (4 bytes per
-//!   weight, ~10 ms). A job whose stack is already applied pays nothing.
+//!   @ (R × in)` per touched weight: 2·P·R flops, which `MergeKernel::Split` runs on the tensor
+//!   cores at 3·R (exact bf16 splits; R = 192, three rank-64 adapters: 13.8e12, ~20 ms at an H100's
+//!   ~700 TFLOP/s of bf16) where fp32 on CUDA cores would take ~75 ms; plus ~14 bytes of memory
+//!   traffic per bf16 weight (write the fp32 ΔW 4, add and round 8, NaN check 2: ~165 GB, ~50 ms
+//!   at an H100's 3.35 TB/s; the original is saved once, 4 bytes, and kept). Restore is one copy
+//!   (4 bytes per weight). A job whose stack is already applied pays nothing.
+//!   Measured: docs/benchmarks.md, "LoRA on Flux.1-dev".
 //! * **run-time low-rank**: per step, per touched layer, two skinny GEMMs `x @ Aᵀ` then `@ Bᵀ`:
 //!   2·T·R·(in + out) flops for T tokens (a few % of the layer's own 2·T·in·out at R = 64 on
 //!   3072-wide layers), but each re-reads the layer's input activation (T × in bf16: 28 MB at
