@@ -700,8 +700,8 @@ impl Applier {
             while r0 < len {
                 let n = block.min(len - r0);
                 // The product in fp32 (exact bf16 products, fp32 accumulation), then one fp32 add
-                // rounded into the rows. Not `addmm_` with the rows as C: measured on an H100, cuBLAS
-                // then rounded the product to bf16 before adding (12.7% of elements off).
+                // rounded into the rows. Not `addmm_` with the rows as C: cuBLAS rounded the product
+                // to bf16 before adding it (docs/benchmarks.md, "The merge kernels").
                 let bn = b.f_narrow(0, r0, n)?;
                 let d = if device.is_cuda() {
                     bn.f_mm_dtype(&a, Kind::Float)? // (n, in · kernel)
