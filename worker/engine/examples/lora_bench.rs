@@ -347,7 +347,10 @@ fn compare_kernels(
         a.release()?;
         Ok(got)
     };
-    let cuda = weights().names().next().and_then(|n| weights().get(n).map(|t| t.device().is_cuda()));
+    let cuda = weights()
+        .names()
+        .next()
+        .and_then(|n| weights().get(n).map(|t| t.device().is_cuda()));
     let kernels: &[MergeKernel] = if cuda == Some(true) {
         &[MergeKernel::Fp32, MergeKernel::Auto]
     } else {
@@ -388,7 +391,11 @@ fn compare_kernels(
             differ += i64::try_from(a.f_ne_tensor(b)?.f_sum(Kind::Int64)?)?;
             let (af, bf) = (a.f_to_kind(Kind::Float)?, b.f_to_kind(Kind::Float)?);
             let w0 = w0.f_to_kind(Kind::Float)?;
-            let scale = af.f_abs()?.f_maximum(&bf.f_abs()?)?.f_maximum(&w0.f_abs()?)?.f_clamp_min(1e-30)?;
+            let scale = af
+                .f_abs()?
+                .f_maximum(&bf.f_abs()?)?
+                .f_maximum(&w0.f_abs()?)?
+                .f_clamp_min(1e-30)?;
             worst = worst.max(f64::try_from(af.f_sub(&bf)?.f_abs()?.f_div(&scale)?.f_max()?)?);
         }
         out.push(json!({
@@ -591,7 +598,12 @@ fn main() -> Result<()> {
         // Different fp32 summation orders: an element may round the other way (a bf16 step of its
         // operands' magnitude, 2^-8), rarely.
         // bf16 weights only (the tiny pipeline is fp32: its kernels are checked by the tests).
-        for m in merge_kernels.as_array().into_iter().flatten().filter(|m| m["dtype"] == "Some(BFloat16)") {
+        for m in merge_kernels
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["dtype"] == "Some(BFloat16)")
+        {
             if m["max_diff_over_magnitude"].as_f64().unwrap_or(1.0) > 2f64.powi(-7)
                 || m["differing_fraction"].as_f64().unwrap_or(1.0) > 0.01
             {

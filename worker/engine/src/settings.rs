@@ -101,7 +101,9 @@ impl EngineSettings {
         }
         if let Some(v) = var("DITFLEET_LORA_DEVICE_CACHE_BYTES") {
             s.lora_device_cache_bytes = v.trim().parse().map_err(|_| {
-                format!("DITFLEET_LORA_DEVICE_CACHE_BYTES={v:?}: must be a whole number of bytes (0 = keep none)")
+                format!(
+                    "DITFLEET_LORA_DEVICE_CACHE_BYTES={v:?}: must be a whole number of bytes (0 = keep none)"
+                )
             })?;
         }
         Ok(s)

@@ -15,7 +15,9 @@ use ditfleet_engine::flux::clip::{self, ClipTextModel};
 use ditfleet_engine::flux::parallel::pipefusion::stage_parts;
 use ditfleet_engine::flux::transformer::{self, Flux};
 use ditfleet_engine::lora::flux::{FluxLora, weights};
-use ditfleet_engine::lora::{Adapter, AdapterKey, Applier, ApplyOptions, LoraError, MergeKernel, Weights, split_bf16};
+use ditfleet_engine::lora::{
+    Adapter, AdapterKey, Applier, ApplyOptions, LoraError, MergeKernel, Weights, split_bf16,
+};
 use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-4;
@@ -559,11 +561,23 @@ fn split_matches_fp32(budget: usize) {
     let options = |kernel| ApplyOptions {
         kernel,
         device_cache_bytes: budget,
-        split_block_bytes: if budget == 0 { 1024 } else { ApplyOptions::default().split_block_bytes },
+        split_block_bytes: if budget == 0 {
+            1024
+        } else {
+            ApplyOptions::default().split_block_bytes
+        },
         ..ApplyOptions::default()
     };
-    let mut a = Applier::new(split.family(), weights(&split.flux, Some(&split.clip)), options(MergeKernel::Split));
-    let mut b = Applier::new(fp.family(), weights(&fp.flux, Some(&fp.clip)), options(MergeKernel::Fp32));
+    let mut a = Applier::new(
+        split.family(),
+        weights(&split.flux, Some(&split.clip)),
+        options(MergeKernel::Split),
+    );
+    let mut b = Applier::new(
+        fp.family(),
+        weights(&fp.flux, Some(&fp.clip)),
+        options(MergeKernel::Fp32),
+    );
     let (mut elements, mut differ) = (0i64, 0i64);
     for case in ["one", "kohya", "two", "one", "kohya"] {
         let ra = a.apply(&stack(case)).unwrap();
@@ -574,7 +588,10 @@ fn split_matches_fp32(budget: usize) {
             if x.kind() != Kind::BFloat16 {
                 continue;
             }
-            let w0 = before[name].view_dtype(Kind::BFloat16).reshape(x.size()).to_kind(Kind::Float);
+            let w0 = before[name]
+                .view_dtype(Kind::BFloat16)
+                .reshape(x.size())
+                .to_kind(Kind::Float);
             let (xf, yf) = (x.to_kind(Kind::Float), y.to_kind(Kind::Float));
             let scale = xf.abs().maximum(&yf.abs()).maximum(&w0.abs());
             let excess = ((&xf - &yf).abs() - scale * 2f64.powi(-7)).max();

@@ -489,7 +489,9 @@ impl Applier {
         let mut split_weights = BTreeMap::new();
         let mut needed: HashMap<(usize, Device), Vec<usize>> = HashMap::new();
         for (name, terms) in plan {
-            let Some(var) = self.weights.get(name) else { continue };
+            let Some(var) = self.weights.get(name) else {
+                continue;
+            };
             let disjoint = {
                 let mut ranges: Vec<(i64, i64)> = terms.iter().map(|t| (t.dst, t.len)).collect();
                 ranges.sort_unstable();
@@ -515,7 +517,9 @@ impl Applier {
             let prepared = &self.split_cache[&(adapter.key.clone(), device)];
             let mut parts = Vec::with_capacity(prepared.flats.len());
             for (coef, flat) in &prepared.flats {
-                parts.push(split_bf16(&flat.f_to_kind(Kind::Float)?.f_mul_scalar(scale * coef)?)?);
+                parts.push(split_bf16(
+                    &flat.f_to_kind(Kind::Float)?.f_mul_scalar(scale * coef)?,
+                )?);
             }
             scaled.insert((entry, device), parts);
         }
