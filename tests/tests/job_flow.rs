@@ -273,16 +273,23 @@ async fn an_sdxl_job_runs_with_its_sampler_and_lora_stack_and_its_timings_show_t
         std::fs::read(h["result_url"].strip_prefix("file://").unwrap()).unwrap()
     };
     assert_ne!(png(&p), png(&h), "the sampler and stack change the image");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let done = fleet
-        .events
-        .for_job("sdxl-styled")
-        .into_iter()
-        .find_map(|e| match e {
-            JobEvent::Done { timings, .. } => Some(timings),
-            _ => None,
-        })
-        .expect("a done event");
+    // The done event reaches the test's listener shortly after the job's record.
+    let waited = std::time::Instant::now();
+    let done = loop {
+        let done = fleet
+            .events
+            .for_job("sdxl-styled")
+            .into_iter()
+            .find_map(|e| match e {
+                JobEvent::Done { timings, .. } => Some(timings),
+                _ => None,
+            });
+        match done {
+            Some(t) => break t,
+            None if waited.elapsed() < T => tokio::time::sleep(Duration::from_millis(50)).await,
+            None => panic!("no done event for sdxl-styled within {T:?}"),
+        }
+    };
     assert_eq!(done["scheduler"], "dpmpp_2m_karras");
     assert_eq!(done["loras"], timings["loras"]);
     // The same through ditfleetctl's flags, which it validates before publishing.

@@ -108,13 +108,23 @@ pub(crate) struct Shared {
     /// Whether another live worker of one of this worker's classes had a free slot at the last
     /// heartbeat (see [`affinity_expired`]).
     pub others_idle: AtomicBool,
+    /// Until when (unix ms) the main loop polls the affinity queue: the heartbeat moves it to
+    /// [`AFFINITY_LINGER`] ahead while it advertises a LoRA stack, the only time the scheduler
+    /// routes orders to this worker's affinity queue.
+    pub affinity_until_ms: AtomicU64,
 }
 
-/// Whether a delivery is a LoRA affinity order whose wait for its hot worker is over: dead-lettered
-/// from an affinity queue on expiry (`x-first-death-*` headers) into the class queue it came from.
 /// The longest the main loop waits for one `basic.get` on the affinity queue.
 const AFFINITY_GET_BOUND: Duration = Duration::from_secs(2);
 
+/// How long the affinity queue is still polled after the worker last advertised a LoRA stack:
+/// orders routed just before the scheduler saw the change are taken, and any left expire into
+/// their class queue at their wait bound. A worker that holds no stack polls nothing (on a quorum
+/// queue every `basic.get` is a Raft command: an idle worker would cost the broker ten a second).
+const AFFINITY_LINGER: Duration = Duration::from_secs(30);
+
+/// Whether a delivery is a LoRA affinity order whose wait for its hot worker is over: dead-lettered
+/// from an affinity queue on expiry (`x-first-death-*` headers) into the class queue it came from.
 fn affinity_expired(topo: &Topology, d: &Delivery) -> bool {
     let prefix = topo.affinity_queue("");
     amqp::header_str(&d.properties, "x-first-death-reason").as_deref() == Some("expired")
@@ -397,6 +407,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
         busy_stacks: std::sync::Mutex::new(HashMap::new()),
         beat_now: tokio::sync::Notify::new(),
         others_idle: AtomicBool::new(false),
+        affinity_until_ms: AtomicU64::new(0),
         cfg,
     });
     let gpus = Arc::new(std::sync::Mutex::new(gpus));
@@ -478,6 +489,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
                 // goes away can stay pending through lapin's recovery, and awaited here it would
                 // stall this loop, its watchdog included (a worker that neither consumes nor exits).
                 while shared.slots.available_permits() > 0
+                    && amqp::now_ms() < shared.affinity_until_ms.load(Ordering::Relaxed)
                     && amqp::link_up(&conn, &[&consume_ch])
                 {
                     let got = tokio::time::timeout(
@@ -795,6 +807,11 @@ async fn heartbeat_loop(
             .collect();
         lora_stacks.sort();
         lora_stacks.dedup();
+        if !lora_stacks.is_empty() {
+            shared
+                .affinity_until_ms
+                .store(now_ms() + AFFINITY_LINGER.as_millis() as u64, Ordering::Relaxed);
+        }
         let mut lora_cached: Vec<String> = statuses.iter().flat_map(|s| s.cached.iter().cloned()).collect();
         lora_cached.sort();
         lora_cached.dedup();

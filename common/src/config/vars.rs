@@ -392,7 +392,7 @@ pub const WORKER_VARS: &[VarDoc] = &[
     VarDoc {
         name: "DITFLEET_AFFINITY_POLL_MS",
         default: "100",
-        help: "how often a worker with a free slot takes a job from its LoRA affinity queue",
+        help: "how often a worker with a free slot takes a job from its LoRA affinity queue (only while it advertises a LoRA stack, and 30 s after)",
     },
     VarDoc {
         name: "DITFLEET_SIM_LORA_APPLY_MS",
