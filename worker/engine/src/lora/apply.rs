@@ -16,7 +16,7 @@
 //! weight. Originals stay saved after a restore (the weights equal them then), so the next stack
 //! pays no copy.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -127,6 +127,21 @@ struct Term {
     src: i64,
     dst: i64,
     len: i64,
+}
+
+/// A weight's terms grouped by the rows they write, `(dst, len)`, sorted by start.
+fn row_groups(terms: &[Term]) -> BTreeMap<(i64, i64), Vec<&Term>> {
+    let mut groups: BTreeMap<(i64, i64), Vec<&Term>> = BTreeMap::new();
+    for t in terms {
+        groups.entry((t.dst, t.len)).or_default().push(t);
+    }
+    groups
+}
+
+/// Whether row ranges `(dst, len)`, sorted by start, do not overlap.
+fn disjoint<'a>(ranges: impl Iterator<Item = &'a (i64, i64)>) -> bool {
+    let ranges: Vec<&(i64, i64)> = ranges.collect();
+    ranges.windows(2).all(|p| p[0].0 + p[0].1 <= p[1].0)
 }
 
 /// A saved original: the handle on the model's variable and its base value.
@@ -412,12 +427,49 @@ impl Applier {
         Ok(plan)
     }
 
-    /// `(A, B)` of a module as fp32 on `device`, from the device cache when enabled.
+    /// Evicts the least recently used adapter copies on devices (either form: fp32 pairs or
+    /// `Split` operands) until `bytes` more fit the device cache budget, never those of the
+    /// adapters in `keep` (the stack being merged); whether they fit.
+    fn make_room(&mut self, bytes: usize, keep: &[AdapterKey]) -> bool {
+        let budget = self.options.device_cache_bytes;
+        let mut total = self.device_cache.values().map(|c| c.bytes).sum::<usize>()
+            + self.split_cache.values().map(|c| c.bytes).sum::<usize>();
+        while total + bytes > budget {
+            let evictable = |(k, used, size): (&(AdapterKey, Device), u64, usize)| {
+                (size > 0 && !keep.contains(&k.0)).then(|| (used, k.clone()))
+            };
+            let pairs = self
+                .device_cache
+                .iter()
+                .filter_map(|(k, c)| evictable((k, c.used, c.bytes)))
+                .min_by_key(|(used, _)| *used);
+            let splits = self
+                .split_cache
+                .iter()
+                .filter_map(|(k, c)| evictable((k, c.used, c.bytes)))
+                .min_by_key(|(used, _)| *used);
+            let freed = match (pairs, splits) {
+                (Some(p), Some(q)) if q.0 < p.0 => self.split_cache.remove(&q.1).map(|c| c.bytes),
+                (Some(p), _) => self.device_cache.remove(&p.1).map(|c| c.bytes),
+                (None, Some(q)) => self.split_cache.remove(&q.1).map(|c| c.bytes),
+                (None, None) => None,
+            };
+            match freed {
+                Some(b) => total -= b,
+                None => break,
+            }
+        }
+        total + bytes <= budget
+    }
+
+    /// `(A, B)` of a module as fp32 on `device`, from the device cache when enabled (`keep`: the
+    /// adapters of the stack being merged, never evicted for it).
     fn pair_on(
         &mut self,
         adapter: &Adapter,
         module: usize,
         device: Device,
+        keep: &[AdapterKey],
     ) -> Result<(Tensor, Tensor), LoraError> {
         let widen =
             |t: &Tensor| -> Result<Tensor, LoraError> { Ok(t.f_to_device(device)?.f_to_kind(Kind::Float)?) };
@@ -436,21 +488,7 @@ impl Applier {
         let (a, b) = adapter.pair(module);
         let (a, b) = (widen(&a)?, widen(&b)?);
         let size = bytes_of(&a) + bytes_of(&b);
-        let total: usize = self.device_cache.values().map(|c| c.bytes).sum();
-        let mut total = total;
-        while total + size > self.options.device_cache_bytes {
-            let oldest = self
-                .device_cache
-                .iter()
-                .filter(|(k, _)| **k != key)
-                .min_by_key(|(_, c)| c.used)
-                .map(|(k, _)| k.clone());
-            match oldest.and_then(|k| self.device_cache.remove(&k)) {
-                Some(c) => total -= c.bytes,
-                None => break,
-            }
-        }
-        if total + size <= self.options.device_cache_bytes {
+        if self.make_room(size, keep) {
             let c = self.device_cache.entry(key).or_default();
             c.used = self.tick;
             c.bytes += size;
@@ -486,23 +524,17 @@ impl Applier {
         }
         // The `Split` operands: each adapter's modules this rank merges that way, prepared on
         // their device, then `c · B` split once per adapter and coefficient.
-        let mut split_weights = BTreeMap::new();
+        let mut split_weights = BTreeSet::new();
         let mut needed: HashMap<(usize, Device), Vec<usize>> = HashMap::new();
         for (name, terms) in plan {
             let Some(var) = self.weights.get(name) else {
                 continue;
             };
-            let disjoint = {
-                let mut ranges: Vec<(i64, i64)> = terms.iter().map(|t| (t.dst, t.len)).collect();
-                ranges.sort_unstable();
-                ranges.dedup();
-                ranges.windows(2).all(|p| p[0].0 + p[0].1 <= p[1].0)
-            };
-            if disjoint && self.splits(var) {
+            if self.splits(var) && disjoint(row_groups(terms).keys()) {
                 for t in terms {
                     needed.entry((t.entry, var.device())).or_default().push(t.module);
                 }
-                split_weights.insert(name.clone(), ());
+                split_weights.insert(name);
             }
         }
         // Entries kept over budget served one merge only.
@@ -535,13 +567,13 @@ impl Applier {
             let (original, was_merged) = (saved.original.shallow_clone(), saved.merged);
             // Marked before the first write, so a failure half-way restores this weight too.
             saved.merged = true;
-            if split_weights.contains_key(name) {
+            if split_weights.contains(name) {
                 if was_merged {
                     var.f_copy_(&original)?;
                 }
                 self.merge_split(&var, terms, stack, &scaled)?;
             } else {
-                self.merge_weight(&var, &original, terms, stack)?;
+                self.merge_weight(&var, &original, terms, stack, &keep)?;
             }
             finite.push(var.f_isfinite()?.f_all()?);
             last = Some(var);
@@ -587,14 +619,13 @@ impl Applier {
         }
         let mut flats: Vec<(f64, Vec<Tensor>, i64)> = Vec::new();
         let mut prepared = HashMap::with_capacity(modules.len());
-        let kinds: Vec<Kind> = modules.iter().map(|&i| adapter.pair(i).1.kind()).collect();
-        let flat_kind = match kinds.first() {
-            Some(&k) if kinds.iter().all(|&x| x == k) => k,
+        let pairs: Vec<(Tensor, Tensor)> = modules.iter().map(|&i| adapter.pair(i)).collect();
+        let flat_kind = match pairs.first() {
+            Some((_, b)) if pairs.iter().all(|(_, x)| x.kind() == b.kind()) => b.kind(),
             _ => Kind::Float,
         };
-        for &i in modules {
+        for (&i, (a, b)) in modules.iter().zip(pairs) {
             let m = &adapter.modules[i];
-            let (a, b) = adapter.pair(i);
             let coef = m.scale();
             let g = match flats.iter().position(|(c, _, _)| c.to_bits() == coef.to_bits()) {
                 Some(g) => g,
@@ -629,29 +660,15 @@ impl Applier {
         let bytes = flats.iter().map(|(_, t)| bytes_of(t)).sum::<usize>()
             + prepared.values().map(|m| bytes_of(&m.a)).sum::<usize>();
         self.split_cache.remove(&key);
-        let budget = self.options.device_cache_bytes;
-        let mut total: usize = self.split_cache.values().map(|c| c.bytes).sum::<usize>()
-            + self.device_cache.values().map(|c| c.bytes).sum::<usize>();
-        while total + bytes > budget {
-            let oldest = self
-                .split_cache
-                .iter()
-                .filter(|(k, _)| !keep.contains(&k.0))
-                .min_by_key(|(_, c)| c.used)
-                .map(|(k, _)| k.clone());
-            match oldest.and_then(|k| self.split_cache.remove(&k)) {
-                Some(c) => total -= c.bytes,
-                None => break,
-            }
-        }
         // Over budget (or no device cache): used for this merge only, dropped at the next.
+        let fits = self.make_room(bytes, keep);
         self.split_cache.insert(
             key,
             SplitCopies {
                 flats,
                 modules: prepared,
-                bytes: if total + bytes <= budget { bytes } else { 0 },
-                used: if total + bytes <= budget { self.tick } else { 0 },
+                bytes: if fits { bytes } else { 0 },
+                used: if fits { self.tick } else { 0 },
             },
         );
         Ok(())
@@ -670,11 +687,7 @@ impl Applier {
         let device = var.device();
         let rows = var.size()[0];
         let w2d = var.f_view([rows, -1])?; // (out, in · kernel)
-        let mut groups: BTreeMap<(i64, i64), Vec<&Term>> = BTreeMap::new();
-        for t in terms {
-            groups.entry((t.dst, t.len)).or_default().push(t);
-        }
-        for ((dst, len), group) in groups {
+        for ((dst, len), group) in row_groups(terms) {
             let mut ups = Vec::new();
             let mut downs = Vec::new();
             for t in group {
@@ -730,19 +743,18 @@ impl Applier {
         original: &Tensor,
         terms: &[Term],
         stack: &[(Arc<Adapter>, f64)],
+        keep: &[AdapterKey],
     ) -> Result<(), LoraError> {
         let device = var.device();
         let rows = var.size()[0];
-        let mut groups: BTreeMap<(i64, i64), Vec<&Term>> = BTreeMap::new();
-        for t in terms {
-            groups.entry((t.dst, t.len)).or_default().push(t);
-        }
+        let groups = row_groups(terms);
+        let rows_disjoint = disjoint(groups.keys());
         let mut gemms = Vec::with_capacity(groups.len());
         for ((dst, len), group) in groups {
             let mut ups = Vec::with_capacity(group.len());
             let mut downs = Vec::with_capacity(group.len());
             for t in group {
-                let (a, b) = self.pair_on(&stack[t.entry].0, t.module, device)?;
+                let (a, b) = self.pair_on(&stack[t.entry].0, t.module, device, keep)?;
                 let r = a.size()[0];
                 ups.push(
                     b.f_reshape([-1, r])?
@@ -771,10 +783,9 @@ impl Applier {
         }
         // Row ranges are sorted by start: disjoint ones each write their rows of ΔW (the rows no
         // term covers are zeroed); overlapping ones accumulate into a zeroed ΔW.
-        let disjoint = gemms.windows(2).all(|p| p[0].0 + p[0].1 <= p[1].0);
         let mut delta = Tensor::f_empty(var.size(), (Kind::Float, device))?;
         let d2d = delta.f_view([rows, -1])?; // (out, in · kernel)
-        if disjoint {
+        if rows_disjoint {
             let mut next = 0;
             for (dst, len, b, a) in &gemms {
                 if *dst > next {
