@@ -489,7 +489,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
                 // goes away can stay pending through lapin's recovery, and awaited here it would
                 // stall this loop, its watchdog included (a worker that neither consumes nor exits).
                 while shared.slots.available_permits() > 0
-                    && amqp::now_ms() < shared.affinity_until_ms.load(Ordering::Relaxed)
+                    && now_ms() < shared.affinity_until_ms.load(Ordering::Relaxed)
                     && amqp::link_up(&conn, &[&consume_ch])
                 {
                     let got = tokio::time::timeout(

@@ -266,20 +266,8 @@ fn engine_path(
     r: i64,
     args: &Args,
 ) -> Result<serde_json::Value> {
-    // As an engine's hub on this device (the settings' default device cache).
-    let device_cache_bytes = if args.device.is_cuda() {
-        ditfleet_engine::settings::get().lora_device_cache_bytes
-    } else {
-        0
-    };
-    let hub = LoraHub::with_options(
-        usize::MAX,
-        args.pin,
-        ApplyOptions {
-            device_cache_bytes,
-            ..ApplyOptions::default()
-        },
-    );
+    // Merging as an engine's hub on this device does (the settings' default device cache).
+    let hub = LoraHub::with_options(usize::MAX, args.pin, LoraHub::settings_options(args.device));
     let family: Arc<dyn Family> = family.clone();
     let mut slot = LoraSlot::new(hub.clone(), family);
     let refs: Vec<LoraRef> = paths

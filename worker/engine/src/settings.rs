@@ -94,17 +94,16 @@ impl EngineSettings {
                 format!("DITFLEET_CUDA_GRAPHS_MAX={v:?}: must be a whole number of at least 1")
             })?;
         }
-        if let Some(v) = var("DITFLEET_LORA_CACHE_BYTES") {
-            s.lora_cache_bytes = v.trim().parse().map_err(|_| {
-                format!("DITFLEET_LORA_CACHE_BYTES={v:?}: must be a whole number of bytes (0 = keep none)")
-            })?;
-        }
-        if let Some(v) = var("DITFLEET_LORA_DEVICE_CACHE_BYTES") {
-            s.lora_device_cache_bytes = v.trim().parse().map_err(|_| {
-                format!(
-                    "DITFLEET_LORA_DEVICE_CACHE_BYTES={v:?}: must be a whole number of bytes (0 = keep none)"
-                )
-            })?;
+        for (name, field) in [
+            ("DITFLEET_LORA_CACHE_BYTES", &mut s.lora_cache_bytes),
+            ("DITFLEET_LORA_DEVICE_CACHE_BYTES", &mut s.lora_device_cache_bytes),
+        ] {
+            if let Some(v) = var(name) {
+                *field = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{name}={v:?}: must be a whole number of bytes (0 = keep none)"))?;
+            }
         }
         Ok(s)
     }

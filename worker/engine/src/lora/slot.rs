@@ -153,16 +153,24 @@ impl LoraHub {
     /// A hub sized by the engine settings ([`crate::settings::EngineSettings::lora_cache_bytes`])
     /// for weights on `device`.
     pub fn from_settings(device: Device) -> Arc<Self> {
-        let settings = crate::settings::get();
-        let options = ApplyOptions {
+        Self::with_options(
+            crate::settings::get().lora_cache_bytes,
+            device.is_cuda(),
+            Self::settings_options(device),
+        )
+    }
+
+    /// How an engine's slots merge on `device`: the engine settings' device cache on a GPU, none
+    /// on the CPU.
+    pub fn settings_options(device: Device) -> ApplyOptions {
+        ApplyOptions {
             device_cache_bytes: if device.is_cuda() {
-                settings.lora_device_cache_bytes
+                crate::settings::get().lora_device_cache_bytes
             } else {
                 0
             },
             ..ApplyOptions::default()
-        };
-        Self::with_options(settings.lora_cache_bytes, device.is_cuda(), options)
+        }
     }
 
     /// How the slots of this hub merge (each rank's applier gets a copy).
