@@ -9,7 +9,8 @@
 #   sdxl_plans         SDXL's plans (cfg=2, patch=2, cfg=2 x patch=2, patch=4) the same way;
 #   lora               lora_bench (ranks 16/64, stacks 1/3: cold, warm, hot, switch, restore, step
 #                      time merged vs base) and, on the same adapter files, diffusers'
-#                      load_lora_weights + fuse_lora / unfuse_lora (tests/fixtures/lora_bench_compare.py).
+#                      load_lora_weights + fuse_lora / unfuse_lora (tests/fixtures/lora_bench_compare.py);
+#                      logs/lora_profile.json: the kernels of one warm merge of the largest stack.
 # Carry [".gpu", ".whl"]. STAGES picks stages (default: all, in the order above). BUDGET_S (540).
 #   OUT=$OUT bash bench/engine_1gpu/run.sh
 set -u
@@ -57,7 +58,10 @@ if want sdxl_plans; then
   stage sdxl_plans 150 .gpu/sdxl_plans --size 1024 --steps 6 --plans 'cfg=2;patch=2;cfg=2,patch=2;patch=4'
 fi
 if want lora; then
-  stage lora_ours 330 .gpu/lora_bench --ranks 16,64 --stacks 1,3 --keep-files --dir /tmp/lb
+  stage lora_ours 330 .gpu/lora_bench --ranks 16,64 --stacks 1,3 --keep-files --dir /tmp/lb \
+    --profile /tmp/lora_trace.json
+  [[ -e /tmp/lora_trace.json ]] && python3 bench/flux_1gpu/profile_summary.py /tmp/lora_trace.json --steps 1 \
+    > "$OUT/logs/lora_profile.json" 2>&1
   stage lora_diffusers 200 python3 tests/fixtures/lora_bench_compare.py /tmp/lb --device cuda --stacks 1,3
 fi
 for f in "$OUT"/logs/*.json; do echo "--- $(basename "$f")"; cut -c1-1500 "$f"; done

@@ -6,14 +6,15 @@
 #   2. ours_*: sdxl_bench, one process per fast-path variant (VARIANTS, then EXTRA_VARIANTS after the
 #      peers): encode, 30-step loop, decode, peaks, MFU;
 #   3. diffusers_eager, then diffusers compiled (DIFFUSERS_COMPILE modes, each with its compile time);
-#   4. optionally 2048² (SIZE_2048=1), a kineto profile of the eager fast path (PROFILE=1);
+#   4. optionally 2048² (SIZE_2048=1), a kineto profile of the eager fast path and of diffusers'
+#      reduce-overhead compile (PROFILE=1);
 #   5. summarize.py: $OUT/summary.md (printed last) and $OUT/results.json (every stage's JSON merged);
 #      $OUT/all.tgz holds each stage's JSON and log, $OUT/env.txt the machine (4 files come back).
 # Carry [".gpu", ".whl"] (bench/sdxl_1gpu/prepare.sh builds them). Runs from the repository root:
 #   OUT=$OUT BUDGET_S=540 bash bench/sdxl_1gpu/run.sh
 # Env: BUDGET_S (default 540), SIZE (1024), STEPS (30), VARIANTS, EXTRA_VARIANTS, DIFFUSERS_COMPILE
 # ("max-autotune-no-cudagraphs reduce-overhead"; "" skips), COMPILE_T (seconds per compiled stage, 300),
-# RECIPE=1 (diffusers' inductor recipe for the compiled runs), SIZE_2048=1, PROFILE=1, SKIP_CHECK=1,
+# RECIPE=1 (diffusers' inductor recipe for the compiled runs), SIZE_2048=1, PROFILE=1, SKIP_CHECK=1, SKIP_EAGER=1,
 # BIN (default .gpu/sdxl_bench), DRY_RUN=1 (on a CPU machine: the tiny models on the CPU, 4 steps).
 set -u
 OUT=${OUT:-/tmp/sdxl_out}
@@ -94,12 +95,15 @@ peer() { # peer NAME TIMEOUT ARGS...: the diffusers baseline
 
 [[ -z "${SKIP_CHECK:-}" ]] && stage check 150 "$BIN" --check --size "$SIZE" --json-out "$W/check.json" "${OURS_ARGS[@]}"
 for v in ${VARIANTS:-reference graphs cl cl,graphs cl,fused all all,attn=cudnn}; do ours "$v"; done
-peer diffusers_eager 150 --size "$SIZE" --steps "$STEPS"
+[[ -z "${SKIP_EAGER:-}" ]] && peer diffusers_eager 150 --size "$SIZE" --steps "$STEPS"
 recipe=(); [[ -n "${RECIPE:-}" ]] && recipe=(--recipe)
 for m in ${DIFFUSERS_COMPILE-max-autotune-no-cudagraphs reduce-overhead}; do
+  prof=(); [[ -n "${PROFILE:-}" && $m == reduce-overhead ]] && prof=(--profile /tmp/diffusers_trace.json)
   MIN_T=120 peer "diffusers_compile_${m//-/_}" "${COMPILE_T:-300}" --size "$SIZE" --steps "$STEPS" \
-    --compile "$m" --channels-last "${recipe[@]}"
+    --compile "$m" --channels-last "${recipe[@]}" "${prof[@]}"
 done
+[[ -e /tmp/diffusers_trace.json ]] && python3 bench/flux_1gpu/profile_summary.py /tmp/diffusers_trace.json \
+  --steps 2 --json-out "$W/profile_diffusers.json" > "$W/logs/profile_diffusers_summary.txt" 2>&1
 for v in ${EXTRA_VARIANTS:-all,attn=flash all,-fused all,-qkv}; do ours "$v"; done
 if [[ -n "${SIZE_2048:-}" ]]; then
   ours all 2048 "${STEPS_2048:-10}"

@@ -143,6 +143,8 @@ def main():
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default="")
+    p.add_argument("--profile", default="",
+                   help="after the timings, a kineto trace (Chrome JSON) of 2 more denoising steps to this path")
     a = p.parse_args()
 
     import diffusers
@@ -292,6 +294,16 @@ def main():
         reset_peak(dev)
         _, warm_ms = timed(dev, lambda: vae.decode(z, return_dict=False)[0])
         dec = [timed(dev, lambda: vae.decode(z, return_dict=False)[0])[1] for _ in range(a.decode_repeats)]
+        if a.profile:
+            # The compiled UNet as timed (CUDA-graph replays included: CUPTI records the kernels
+            # a graph launches), for a per-kernel comparison with sdxl_bench --profile.
+            from torch.profiler import ProfilerActivity, profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts) as prof:
+                loop(2)
+                sync(dev)
+            prof.export_chrome_trace(a.profile)
+            out["profile"] = a.profile
         out.update(vae_decode_warmup_ms=warm_ms, vae_decode_ms=dec, vae_decode_ms_median=statistics.median(dec),
                    peak_decode_bytes=peak(dev))
     if cuda:

@@ -216,6 +216,11 @@ def main():
     if prof:
         print(f"## Kernel time per step (eager `all,-graphs`, kineto)\n\n{json.dumps(prof.get('buckets_ms_per_step'))}, "
               f"total {prof.get('kernel_ms_per_step')} ms in {prof.get('kernel_launches_per_step')} launches\n")
+    prof = merged.get("profile_diffusers")
+    if prof:
+        print(f"## Kernel time per step (diffusers compiled `reduce-overhead`, kineto)\n\n"
+              f"{json.dumps(prof.get('buckets_ms_per_step'))}, total {prof.get('kernel_ms_per_step')} ms in "
+              f"{prof.get('kernel_launches_per_step')} launches\n")
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump(merged, f, indent=1)

@@ -336,6 +336,7 @@ struct Kernels {
   CUfunction qkv_norm_rope = nullptr;
   CUfunction gate_residual_ln = nullptr;
   CUfunction lse_merge = nullptr;
+  CUfunction lora_add = nullptr;
 };
 
 // Makes `device`'s primary context (libtorch's) current on this thread.
@@ -379,6 +380,7 @@ const Kernels &kernels(int device) {
   cu_check(d.get_function(&k.gate_residual_ln, module, "dtf_gate_residual_ln"),
            "dtf_gate_residual_ln");
   cu_check(d.get_function(&k.lse_merge, module, "dtf_lse_merge"), "dtf_lse_merge");
+  cu_check(d.get_function(&k.lora_add, module, "dtf_lora_add"), "dtf_lora_add");
   return cache.emplace(device, k).first->second;
 }
 
@@ -516,6 +518,35 @@ char *dtf_gate_residual_ln(const at::Tensor *x, const at::Tensor *gate, const at
     float e = static_cast<float>(eps);
     void *args[] = {&px, &xs, &py, &ys, &pg, &psc, &psh, &ms, &rpb, &pxo, &pho, &os, &width, &e};
     launch(device, kernels(device).gate_residual_ln, static_cast<unsigned>(b * s), 1, 256, args);
+  });
+}
+
+// See dtf_lora_add in flux_kernels.cu.inc. w bf16 and d fp32, contiguous, of one numel, both
+// 16-byte aligned; nonfinite an int32 tensor of one element. All on one CUDA device.
+char *dtf_lora_add(const at::Tensor *w, const at::Tensor *d, const at::Tensor *nonfinite) {
+  return guarded([&] {
+    require(w->is_cuda() && w->scalar_type() == at::kBFloat16 && w->is_contiguous(),
+            "w must be a contiguous CUDA bf16 tensor");
+    const int device = w->get_device();
+    require(d->is_cuda() && d->get_device() == device && d->scalar_type() == at::kFloat &&
+                d->is_contiguous() && d->numel() == w->numel(),
+            "d must be a contiguous fp32 tensor of w's size on w's device");
+    require(nonfinite->is_cuda() && nonfinite->get_device() == device &&
+                nonfinite->scalar_type() == at::kInt && nonfinite->numel() == 1,
+            "nonfinite must be one int32 on w's device");
+    require(reinterpret_cast<uintptr_t>(w->data_ptr()) % 16 == 0 &&
+                reinterpret_cast<uintptr_t>(d->data_ptr()) % 16 == 0,
+            "w and d must be 16-byte aligned");
+    long long n = w->numel();
+    if (n == 0) {
+      return;
+    }
+    void *pw = w->data_ptr(), *pd = d->data_ptr(), *pf = nonfinite->data_ptr();
+    void *args[] = {&pw, &pd, &n, &pf};
+    const unsigned block = 256;
+    const long long want = ((n >> 3) + block - 1) / block;
+    const unsigned grid = static_cast<unsigned>(std::max<long long>(1, std::min<long long>(want, 132 * 16)));
+    launch(device, kernels(device).lora_add, grid, 1, block, args);
   });
 }
 
@@ -683,6 +714,7 @@ char *dtf_memory_peak(int, int, int64_t *peak) {
 }
 char *dtf_kernels_compile_check(const char *) { return no_cuda(); }
 char *dtf_kernels_load(int) { return no_cuda(); }
+char *dtf_lora_add(const at::Tensor *, const at::Tensor *, const at::Tensor *) { return no_cuda(); }
 char *dtf_attention(const at::Tensor *, const at::Tensor *, const at::Tensor *, int,
                     at::Tensor **out) {
   *out = nullptr;
@@ -697,6 +729,12 @@ char *dtf_group_norm(const at::Tensor *, const at::Tensor *, const at::Tensor *,
 }
 char *dtf_geglu(const at::Tensor *, at::Tensor **out) {
   *out = nullptr;
+  return no_cuda();
+}
+char *dtf_add_layer_norm(const at::Tensor *, const at::Tensor *, const at::Tensor *, const at::Tensor *,
+                         double, at::Tensor **x_out, at::Tensor **h_out) {
+  *x_out = nullptr;
+  *h_out = nullptr;
   return no_cuda();
 }
 char *dtf_qkv_norm_rope(const at::Tensor *, const at::Tensor *, const at::Tensor *,

@@ -73,6 +73,7 @@ struct Args {
     pin: bool,
     device_cache_gb: f64,
     seed: u64,
+    profile: Option<PathBuf>,
 }
 
 fn parse() -> Result<Args> {
@@ -92,6 +93,7 @@ fn parse() -> Result<Args> {
         pin: cuda,
         device_cache_gb: 4.0,
         seed: 0,
+        profile: None,
     };
     let list = |v: &str| -> Result<Vec<i64>> { v.split(',').map(|x| Ok(x.trim().parse()?)).collect() };
     let mut it = std::env::args().skip(1);
@@ -136,6 +138,7 @@ fn parse() -> Result<Args> {
             "--no-pin" => a.pin = false,
             "--device-cache-gb" => a.device_cache_gb = val()?.parse()?,
             "--seed" => a.seed = val()?.parse()?,
+            "--profile" => a.profile = Some(PathBuf::from(val()?)),
             other => bail!("unknown flag {other} (see the file's docs)"),
         }
     }
@@ -318,12 +321,13 @@ fn compare_kernels(
         .filter(|n| n.ends_with(".weight"))
         .map(String::from)
         .collect();
-    let run = |kernel: MergeKernel| -> Result<Vec<Tensor>> {
+    let run = |(kernel, fused_add): (MergeKernel, bool)| -> Result<Vec<Tensor>> {
         let mut a = Applier::new(
             family.clone(),
             weights(),
             ApplyOptions {
                 kernel,
+                fused_add,
                 ..ApplyOptions::default()
             },
         );
@@ -339,10 +343,15 @@ fn compare_kernels(
         .names()
         .next()
         .and_then(|n| weights().get(n).map(|t| t.device().is_cuda()));
-    let kernels: &[MergeKernel] = if cuda == Some(true) {
-        &[MergeKernel::Fp32, MergeKernel::Auto]
+    // On CUDA `Auto` is `Split`, with the fused add and with ATen's (the same bits expected).
+    let kernels: &[(MergeKernel, bool)] = if cuda == Some(true) {
+        &[
+            (MergeKernel::Fp32, true),
+            (MergeKernel::Auto, true),
+            (MergeKernel::Auto, false),
+        ]
     } else {
-        &[MergeKernel::Fp32, MergeKernel::Split]
+        &[(MergeKernel::Fp32, true), (MergeKernel::Split, true)]
     };
     let results = kernels.iter().map(|&k| run(k)).collect::<Result<Vec<_>>>()?;
     // Every applier released: the weights are the base ones again. The reference: the same
@@ -372,7 +381,7 @@ fn compare_kernels(
         })
         .collect::<Result<Vec<_>>>()?;
     let mut out = Vec::new();
-    for (kernel, got) in kernels.iter().zip(&results) {
+    for ((kernel, fused_add), got) in kernels.iter().zip(&results) {
         let (mut elements, mut differ, mut worst) = (0i64, 0i64, 0f64);
         for ((a, b), w0) in got.iter().zip(&ideal).zip(&base) {
             elements += a.numel() as i64;
@@ -387,12 +396,19 @@ fn compare_kernels(
             worst = worst.max(f64::try_from(af.f_sub(&bf)?.f_abs()?.f_div(&scale)?.f_max()?)?);
         }
         out.push(json!({
-            "kernel": format!("{kernel:?}"), "against": "fp64 merge rounded once",
+            "kernel": format!("{kernel:?}"), "fused_add": fused_add, "against": "fp64 merge rounded once",
             "dtype": format!("{:?}", ideal.first().map(|t| t.kind())),
             "weights": names.len(), "elements": elements,
             "differing": differ, "differing_fraction": differ as f64 / elements.max(1) as f64,
             "max_diff_over_magnitude": worst,
         }));
+    }
+    if let [_, fused, aten] = &results[..] {
+        let mut differ = 0i64;
+        for (a, b) in fused.iter().zip(aten) {
+            differ += i64::try_from(a.f_ne_tensor(b)?.f_sum(Kind::Int64)?)?;
+        }
+        out.push(json!({"fused_add_vs_aten_add_differing": differ}));
     }
     Ok(serde_json::Value::Array(out))
 }
@@ -448,6 +464,7 @@ fn main() -> Result<()> {
                 (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
             let mut warm_dev_fp32 = vec![];
             let mut warm_dev_blocked = vec![];
+            let mut warm_dev_aten_add = vec![];
             let mut touched = 0;
             let mut saved_bytes = 0;
             for _ in 0..args.repeats {
@@ -475,10 +492,11 @@ fn main() -> Result<()> {
                 // One set of saved originals on the GPU at a time.
                 applier.release()?;
                 if dev.is_cuda() && args.device_cache_gb > 0.0 {
-                    for (kernel, block, times) in [
-                        (MergeKernel::Auto, 0, &mut warm_dev),
-                        (MergeKernel::Auto, SPLIT_BLOCK_BYTES, &mut warm_dev_blocked),
-                        (MergeKernel::Fp32, 0, &mut warm_dev_fp32),
+                    for (kernel, block, fused_add, times) in [
+                        (MergeKernel::Auto, 0, true, &mut warm_dev),
+                        (MergeKernel::Auto, SPLIT_BLOCK_BYTES, true, &mut warm_dev_blocked),
+                        (MergeKernel::Auto, 0, false, &mut warm_dev_aten_add),
+                        (MergeKernel::Fp32, 0, true, &mut warm_dev_fp32),
                     ] {
                         let mut a = Applier::new(
                             family.clone(),
@@ -486,6 +504,7 @@ fn main() -> Result<()> {
                             ApplyOptions {
                                 kernel,
                                 split_block_bytes: block,
+                                fused_add,
                                 ..device_options.clone()
                             },
                         );
@@ -499,11 +518,13 @@ fn main() -> Result<()> {
             let warm_dev_ms = (!warm_dev.is_empty()).then(|| median(warm_dev));
             let warm_dev_fp32_ms = (!warm_dev_fp32.is_empty()).then(|| median(warm_dev_fp32));
             let warm_dev_blocked_ms = (!warm_dev_blocked.is_empty()).then(|| median(warm_dev_blocked));
+            let warm_dev_aten_add_ms = (!warm_dev_aten_add.is_empty()).then(|| median(warm_dev_aten_add));
             cases.push(json!({
                 "rank": r, "adapters": n, "touched_weights": touched, "saved_original_bytes": saved_bytes,
                 "cold_ms": median(cold), "cold_read_ms": median(cold_read), "warm_host_ms": median(warm),
                 "warm_device_ms": warm_dev_ms, "warm_device_fp32_ms": warm_dev_fp32_ms,
-                "warm_device_blocked_ms": warm_dev_blocked_ms, "hot_ms": median(hot), "switch_ms": median(switch),
+                "warm_device_blocked_ms": warm_dev_blocked_ms, "warm_device_aten_add_ms": warm_dev_aten_add_ms,
+                "hot_ms": median(hot), "switch_ms": median(switch),
                 "restore_ms": median(restore),
             }));
             eprintln!("{}", cases.last().map(|c| c.to_string()).unwrap_or_default());
@@ -526,6 +547,30 @@ fn main() -> Result<()> {
     // Step time with the largest stack merged, then after restoring.
     let (r, n, stack) = largest.context("no stack")?;
     let merge_kernels = compare_kernels(&family, &weights, &stack)?;
+    // A kineto trace of one warm merge of that stack (the default options, adapters on the
+    // device), for profile_summary.py.
+    let profile = match &args.profile {
+        Some(path) => {
+            let mut a = Applier::new(
+                family.clone(),
+                weights(),
+                ApplyOptions {
+                    device_cache_bytes: (args.device_cache_gb * 1e9) as usize,
+                    ..ApplyOptions::default()
+                },
+            );
+            a.apply(&stack)?;
+            a.restore()?;
+            sync(dev);
+            ditfleet_engine::aten::profiler_start()?;
+            let ms = a.apply(&stack)?.ms;
+            sync(dev);
+            ditfleet_engine::aten::profiler_stop(path)?;
+            a.release()?;
+            Some(json!({"trace": path, "warm_device_ms": ms}))
+        }
+        None => None,
+    };
     let mut applier = Applier::new(family.clone(), weights(), ApplyOptions::default());
     applier.apply(&stack)?;
     let lora_inputs = step_inputs(&pipe.transformer, &args, kind)?;
@@ -574,6 +619,7 @@ fn main() -> Result<()> {
         },
         "cuda_graph": graph,
         "merge_kernels": merge_kernels,
+        "profile": profile,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     if args.check {

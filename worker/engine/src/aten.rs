@@ -63,6 +63,7 @@ unsafe extern "C" {
         h_out: *const c_void,
         eps: f64,
     ) -> *mut c_char;
+    fn dtf_lora_add(w: *const c_void, d: *const c_void, nonfinite: *const c_void) -> *mut c_char;
     fn dtf_lse_merge(
         acc: *const c_void,
         acc_lse: *const c_void,
@@ -90,6 +91,15 @@ unsafe extern "C" {
         out: *mut *mut c_void,
     ) -> *mut c_char;
     fn dtf_geglu(h: *const c_void, out: *mut *mut c_void) -> *mut c_char;
+    fn dtf_add_layer_norm(
+        x: *const c_void,
+        y: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
+        eps: f64,
+        x_out: *mut *mut c_void,
+        h_out: *mut *mut c_void,
+    ) -> *mut c_char;
     fn dtf_profiler_start() -> *mut c_char;
     fn dtf_profiler_stop(path: *const c_char) -> *mut c_char;
 }
@@ -320,6 +330,34 @@ pub fn gate_residual_ln(
     })
 }
 
+/// The LoRA merge's add in place (`dtf_lora_add`): `w = bf16(float(w) + d)` over contiguous bf16
+/// `w` and fp32 `d` of one size (both 16-byte aligned: [`lora_add_fits`]), rounded as ATen's
+/// `add_` rounds; any non-finite result stores 1 into `nonfinite` (one int32), on the current
+/// stream of their CUDA device.
+pub fn lora_add(w: &Tensor, d: &Tensor, nonfinite: &Tensor) -> Result<(), TchError> {
+    // SAFETY: as in `qkv_norm_rope`.
+    check("LoRA merge add", unsafe {
+        dtf_lora_add(w.as_ptr().cast(), d.as_ptr().cast(), nonfinite.as_ptr().cast())
+    })
+}
+
+/// Whether [`lora_add`] takes `w` and `d`: contiguous bf16 and fp32 of one size on one CUDA
+/// device whose fused kernels are loaded, both 16-byte aligned.
+pub fn lora_add_fits(w: &Tensor, d: &Tensor) -> bool {
+    let tch::Device::Cuda(i) = w.device() else {
+        return false;
+    };
+    w.kind() == tch::Kind::BFloat16
+        && d.kind() == tch::Kind::Float
+        && d.device() == w.device()
+        && w.is_contiguous()
+        && d.is_contiguous()
+        && w.numel() == d.numel()
+        && (w.data_ptr() as usize) % 16 == 0
+        && (d.data_ptr() as usize) % 16 == 0
+        && fused_kernels_available(i)
+}
+
 /// Ring attention's log-sum-exp merge in one pass (`dtf_lse_merge`): the partial attention `acc`
 /// `(b, h, L, 128)` (fp32 or bf16) with its log-sum-exp `acc_lse` `(b, h, L)` (fp32) absorbs the
 /// partial attention `o` (bf16, same shape) with its `lse`; the result goes to `out` (fp32 or bf16,
@@ -482,6 +520,34 @@ pub fn geglu(h: &Tensor) -> Result<Tensor, TchError> {
     check("fused geglu", unsafe { dtf_geglu(h.as_ptr().cast(), &mut out) })?;
     // SAFETY: see above.
     Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// A residual add and the LayerNorm of its result in one pass (`dtf_add_layer_norm`): returns
+/// `(x + y, LayerNorm(x + y) * weight + bias)` over the last dim, `x`/`y` contiguous bf16 of one
+/// shape on CUDA (width a multiple of 8, at most 8192), `weight`/`bias` bf16; the sum rounded to
+/// bf16 as ATen's add rounds it, the statistics in fp32 over the rounded sum.
+pub fn add_layer_norm(
+    x: &Tensor,
+    y: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor), TchError> {
+    let (mut xo, mut h): (*mut c_void, *mut c_void) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: as in `group_norm`; both outputs are handed over together, only on success.
+    check("fused add + layer norm", unsafe {
+        dtf_add_layer_norm(
+            x.as_ptr().cast(),
+            y.as_ptr().cast(),
+            weight.as_ptr().cast(),
+            bias.as_ptr().cast(),
+            eps,
+            &mut xo,
+            &mut h,
+        )
+    })?;
+    // SAFETY: see above.
+    Ok(unsafe { (Tensor::from_ptr(xo.cast()), Tensor::from_ptr(h.cast())) })
 }
 
 /// Starts libtorch's kineto profiler (CPU ops and CUDA kernels, as `torch.profiler` records

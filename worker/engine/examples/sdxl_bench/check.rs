@@ -112,6 +112,32 @@ pub fn kernels(dev: Device, tiny: bool) -> Result<Value> {
             "ms": ms_median(dev, 10, || Ok(aten::geglu(&hh)?))?}) } else { json!("not CUDA") },
         "aten_ms": ms_median(dev, 10, || { let p = hh.f_chunk(2, -1)?; Ok(p[0].f_mul(&p[1].f_gelu("none")?)?) })?,
     });
+    // The residual add + LayerNorm kernel at the 64x64 level's token stream: the sum must be
+    // ATen's bf16 sum bit for bit, the norm near fp32's.
+    let (rows, n) = if tiny { (96, 64) } else { (8192, 640) };
+    let (x, y) = (
+        Tensor::f_randn([2, rows / 2, n], (kind, dev))?,
+        Tensor::f_randn([2, rows / 2, n], (kind, dev))?,
+    );
+    let (w, b) = (
+        Tensor::f_randn([n], (kind, dev))?
+            .f_mul_scalar(0.5)?
+            .f_add_scalar(1.0)?,
+        Tensor::f_randn([n], (kind, dev))?.f_mul_scalar(0.1)?,
+    );
+    let sum16 = x.f_add(&y)?;
+    let f = |t: &Tensor| t.f_to_kind(Kind::Float);
+    let want = f(&sum16)?.f_layer_norm([n], Some(&f(&w)?), Some(&f(&b)?), 1e-5, false)?;
+    let ref16 = sum16.f_layer_norm([n], Some(&w), Some(&b), 1e-5, false)?;
+    let add_ln = json!({
+        "aten_bf16_rel_l2": rel_l2(&ref16, &want)?,
+        "fused": if dev.is_cuda() {
+            let (xo, h) = aten::add_layer_norm(&x, &y, &w, &b, 1e-5)?;
+            json!({"sum_bit_identical": xo.f_equal(&sum16)?, "rel_l2": rel_l2(&h, &want)?,
+                "ms": ms_median(dev, 10, || Ok(aten::add_layer_norm(&x, &y, &w, &b, 1e-5)?.1))?})
+        } else { json!("not CUDA") },
+        "aten_ms": ms_median(dev, 10, || Ok(x.f_add(&y)?.f_layer_norm([n], Some(&w), Some(&b), 1e-5, false)?))?,
+    });
     // (name, batch, heads, queries, keys): the UNet's self- and cross-attention at 1024².
     let shapes: &[(&str, i64, i64, i64, i64)] = if tiny {
         &[("self", 2, 2, 96, 96), ("cross", 2, 2, 96, 77)]
@@ -151,7 +177,7 @@ pub fn kernels(dev: Device, tiny: bool) -> Result<Value> {
         }
         attn.insert(name.into(), Value::Object(row));
     }
-    Ok(json!({"group_norm": cases, "geglu": geglu, "attention": attn}))
+    Ok(json!({"group_norm": cases, "geglu": geglu, "add_layer_norm": add_ln, "attention": attn}))
 }
 
 /// Every UNet formulation against the fp32 UNet on the same weights, a graph replay against the
@@ -202,6 +228,7 @@ pub fn models(args: &Args) -> Result<Value> {
         "fused",
         "qkv",
         "cl,fused,qkv",
+        "cl,fused,addln,qkv",
         "cl,fused,qkv,attn=cudnn",
         "cl,fused,qkv,attn=flash",
         "cl,fused,qkv,attn=efficient",
@@ -213,7 +240,7 @@ pub fn models(args: &Args) -> Result<Value> {
             .and_then(|o| Ok(json!(rel_l2(&o, &want)?)));
         unet.insert(spec.into(), r.unwrap_or_else(|e| json!({"error": e.to_string()})));
     }
-    u16.set_perf(Perf::parse("cl,fused,qkv").map_err(anyhow::Error::msg)?)?;
+    u16.set_perf(Perf::parse("cl,fused,addln,qkv").map_err(anyhow::Error::msg)?)?;
     let eager = u16.forward(&sample, &t, &ctx, &text, &ids)?;
     let graphs = StepGraphs::default();
     let fwd = |x: &[Tensor]| u16.forward(&x[0], &x[1], &x[2], &x[3], &x[4]);

@@ -70,6 +70,10 @@ pub struct ApplyOptions {
     pub kernel: MergeKernel,
     /// `Split`'s block of product rows in bytes (0: a whole row range at once).
     pub split_block_bytes: usize,
+    /// `Split`'s add through the engine's fused kernel on CUDA ([`crate::aten::lora_add`]: one
+    /// vectorised pass that also flags non-finite results) rather than ATen's mixed-dtype `add_`
+    /// and a separate `isfinite` pass; the same bits either way.
+    pub fused_add: bool,
 }
 
 impl Default for ApplyOptions {
@@ -79,6 +83,7 @@ impl Default for ApplyOptions {
             device_cache_bytes: 0,
             kernel: MergeKernel::Auto,
             split_block_bytes: 0,
+            fused_add: true,
         }
     }
 }
@@ -555,7 +560,10 @@ impl Applier {
             }
             scaled.insert((entry, device), parts);
         }
-        let mut finite = Vec::with_capacity(plan.len());
+        // Per weight: its isfinite test, or None where the fused add flagged non-finite results
+        // into its device's `flags` entry instead.
+        let mut finite: Vec<(&str, Option<Tensor>)> = Vec::with_capacity(plan.len());
+        let mut flags: HashMap<Device, Tensor> = HashMap::new();
         let mut last = None;
         for (name, terms) in plan {
             let Some(mut var) = self.weights.get(name).map(|t| t.shallow_clone()) else {
@@ -571,20 +579,42 @@ impl Applier {
                 if was_merged {
                     var.f_copy_(&original)?;
                 }
-                self.merge_split(&var, terms, stack, &scaled)?;
+                let flagged = self.merge_split(&var, terms, stack, &scaled, &mut flags)?;
+                finite.push((
+                    name,
+                    (!flagged)
+                        .then(|| var.f_isfinite().and_then(|t| t.f_all()))
+                        .transpose()?,
+                ));
             } else {
                 self.merge_weight(&var, &original, terms, stack, &keep)?;
+                finite.push((name, Some(var.f_isfinite()?.f_all()?)));
             }
-            finite.push(var.f_isfinite()?.f_all()?);
             last = Some(var);
             report.touched += 1;
         }
-        if !finite.is_empty() && !bool::try_from(Tensor::f_stack(&finite, 0)?.f_all()?)? {
-            let held: Vec<&String> = plan.keys().filter(|k| self.weights.get(k).is_some()).collect();
+        let mut oks: Vec<Tensor> = finite
+            .iter()
+            .filter_map(|(_, ok)| ok.as_ref().map(|t| t.shallow_clone()))
+            .collect();
+        oks.extend(flags.values().map(|f| f.f_eq(0)).collect::<Result<Vec<_>, _>>()?);
+        if !oks.is_empty() && !bool::try_from(Tensor::f_stack(&oks, 0)?.f_all()?)? {
+            // Which weights: the fused add flagged its device, not the weight (a failing merge
+            // is rare: the isfinite pass runs here only).
             let mut bad = Vec::new();
-            for (name, ok) in held.iter().zip(&finite) {
-                if !bool::try_from(ok)? {
-                    bad.push(name.as_str());
+            for (name, ok) in &finite {
+                let ok = match ok {
+                    Some(ok) => bool::try_from(ok)?,
+                    None => bool::try_from(
+                        self.weights
+                            .get(name)
+                            .expect("merged above")
+                            .f_isfinite()?
+                            .f_all()?,
+                    )?,
+                };
+                if !ok {
+                    bad.push(*name);
                 }
             }
             let names: Vec<String> = stack.iter().map(|(a, s)| format!("{} x {s}", a.key)).collect();
@@ -677,14 +707,19 @@ impl Applier {
     /// Writes `W₀ + Σ c · B @ A` into `var`, which holds `W₀`: per row range, bf16 GEMMs with fp32
     /// output on the exact bf16 parts of every term, block by block, each added to its rows (see
     /// the module docs).
+    ///
+    /// Returns whether every add went through the fused kernel, which flagged any non-finite
+    /// result into `flags[device]` (else the caller tests the weight).
     fn merge_split(
         &self,
         var: &Tensor,
         terms: &[Term],
         stack: &[(Arc<Adapter>, f64)],
         scaled: &HashMap<(usize, Device), Vec<[Tensor; 3]>>,
-    ) -> Result<(), LoraError> {
+        flags: &mut HashMap<Device, Tensor>,
+    ) -> Result<bool, LoraError> {
         let device = var.device();
+        let mut flagged = true;
         let rows = var.size()[0];
         let w2d = var.f_view([rows, -1])?; // (out, in · kernel)
         for ((dst, len), group) in row_groups(terms) {
@@ -726,11 +761,23 @@ impl Applier {
                     // No bf16→fp32 GEMM on the CPU: the same sums from exactly widened operands.
                     bn.f_to_kind(Kind::Float)?.f_mm(&a.f_to_kind(Kind::Float)?)?
                 };
-                let _ = w2d.f_narrow(0, dst + r0, n)?.f_add_(&d)?;
+                let mut rows = w2d.f_narrow(0, dst + r0, n)?;
+                if self.options.fused_add && crate::aten::lora_add_fits(&rows, &d) {
+                    let flag = match flags.entry(device) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(Tensor::f_zeros([1], (Kind::Int, device))?)
+                        }
+                    };
+                    crate::aten::lora_add(&rows, &d, flag)?;
+                } else {
+                    let _ = rows.f_add_(&d)?;
+                    flagged = false;
+                }
                 r0 += n;
             }
         }
-        Ok(())
+        Ok(flagged)
     }
 
     /// Writes `W₀ + Σ c · B @ A` into `var` from its original `W₀`: fp32 weights accumulate in

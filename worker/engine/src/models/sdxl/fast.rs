@@ -12,6 +12,9 @@
 //!   kernels of `csrc/sdxl_kernels.cu.inc` ([`crate::aten::group_norm`], [`crate::aten::geglu`]):
 //!   ATen's GroupNorm makes NHWC input contiguous first (a transpose in, NCHW out), and the
 //!   unfused forms write every intermediate;
+//! * `addln`: a transformer block's residual add and the LayerNorm that reads its sum as one
+//!   kernel ([`crate::aten::add_layer_norm`]; the feed-forward's add joins the next block's
+//!   `norm1`), one pass over the token stream fewer per add;
 //! * `qkv`: the attention projections that read one input as one matmul (self-attention's q, k,
 //!   v; cross-attention's k, v), their weights stacked once in place
 //!   ([`super::unet_blocks::Attention::fuse_projections`]);
@@ -36,6 +39,7 @@ pub struct Perf {
     pub cuda_graphs: bool,
     pub channels_last: bool,
     pub fused: bool,
+    pub addln: bool,
     pub qkv: bool,
     pub attention: AttnKernel,
 }
@@ -46,6 +50,7 @@ impl Perf {
         cuda_graphs: false,
         channels_last: false,
         fused: false,
+        addln: false,
         qkv: false,
         attention: AttnKernel::Sdpa,
     };
@@ -55,6 +60,7 @@ impl Perf {
         cuda_graphs: true,
         channels_last: true,
         fused: true,
+        addln: true,
         qkv: true,
         attention: AttnKernel::Sdpa,
     };
@@ -71,7 +77,7 @@ impl Perf {
     }
 
     /// Comma-separated switches applied left to right: `all`, `reference` (or `none`), `graphs`,
-    /// `cl`, `fused`, `qkv`, each negated with a leading `-`, and
+    /// `cl`, `fused`, `addln`, `qkv`, each negated with a leading `-`, and
     /// `attn=sdpa|cudnn|flash|efficient`;
     /// e.g. `all,-graphs` or `cl,graphs,attn=cudnn`.
     pub fn parse(spec: &str) -> Result<Perf, String> {
@@ -93,10 +99,11 @@ impl Perf {
                 "graphs" => p.cuda_graphs = on,
                 "cl" | "channels_last" => p.channels_last = on,
                 "fused" => p.fused = on,
+                "addln" => p.addln = on,
                 "qkv" => p.qkv = on,
                 _ => {
                     return Err(format!(
-                        "{word:?}: expected all, reference, [-]graphs, [-]cl, [-]fused, [-]qkv or attn=KERNEL"
+                        "{word:?}: expected all, reference, [-]graphs, [-]cl, [-]fused, [-]addln, [-]qkv or attn=KERNEL"
                     ));
                 }
             }
@@ -104,12 +111,13 @@ impl Perf {
         Ok(p)
     }
 
-    /// The canonical spelling, e.g. `graphs,cl,fused,qkv,attn=cudnn` (`reference` when all are off).
+    /// The canonical spelling, e.g. `graphs,cl,fused,addln,qkv,attn=cudnn` (`reference` when all are off).
     pub fn name(&self) -> String {
         let mut parts: Vec<String> = [
             (self.cuda_graphs, "graphs"),
             (self.channels_last, "cl"),
             (self.fused, "fused"),
+            (self.addln, "addln"),
             (self.qkv, "qkv"),
         ]
         .into_iter()
@@ -305,7 +313,7 @@ mod tests {
         let p = Perf::parse("all,-graphs,attn=cudnn").unwrap();
         assert!(!p.cuda_graphs && p.channels_last && p.fused);
         assert_eq!(p.attention, AttnKernel::Cudnn);
-        assert_eq!(p.name(), "cl,fused,qkv,attn=cudnn");
+        assert_eq!(p.name(), "cl,fused,addln,qkv,attn=cudnn");
         assert_eq!(Perf::parse(&p.name()).unwrap(), p);
         assert_eq!(Perf::REFERENCE.name(), "reference");
         assert_eq!(Perf::parse("graphs,cl").unwrap().name(), "graphs,cl");

@@ -484,6 +484,7 @@ impl Unet {
             spatial,
             attention: self.perf.attention,
             fused: self.perf.fused,
+            addln: self.perf.addln,
             stacked: self.perf.qkv,
         };
         let sample = sample.f_to_kind(kind)?;

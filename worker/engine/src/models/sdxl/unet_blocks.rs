@@ -27,6 +27,8 @@ pub struct Cond<'a> {
     pub spatial: &'a dyn SpatialOps,
     pub attention: AttnKernel,
     pub fused: bool,
+    /// A residual add and the next LayerNorm as one kernel ([`super::fast::Perf::addln`]).
+    pub addln: bool,
     /// Attention projections of one input as one matmul (where they were stacked).
     pub stacked: bool,
 }
@@ -41,6 +43,7 @@ impl<'a> Cond<'a> {
             spatial,
             attention: AttnKernel::Sdpa,
             fused: false,
+            addln: false,
             stacked: false,
         }
     }
@@ -268,16 +271,55 @@ impl BasicTransformerBlock {
 
     /// `x` `(b, n, dim)` image tokens.
     pub fn forward(&self, x: &Tensor, c: &Cond<'_>) -> Res<Tensor> {
-        let mut x = self
-            .attn1
-            .forward_self(&self.norm1.forward(x)?, c.spatial, c.stacked)?
-            .f_add_(x)?;
-        x = self
-            .attn2
-            .forward_cross(&self.norm2.forward(&x)?, c.context, c.attention, c.stacked)?
-            .f_add_(&x)?;
-        self.ff.forward(&self.norm3.forward(&x)?, c.fused)?.f_add_(&x)
+        let (x, f) = self.forward_open(x, &self.norm1.forward(x)?, c)?;
+        add_to(f, &x)
     }
+
+    /// The block from `x` and its `norm1(x)` `h1` up to the feed-forward's output: returns the
+    /// residual stream and that output, the block's result being their sum (left to the caller,
+    /// so that the next block can add it in its `norm1`'s kernel: [`add_norm`]).
+    pub fn forward_open(&self, x: &Tensor, h1: &Tensor, c: &Cond<'_>) -> Res<(Tensor, Tensor)> {
+        let a = self.attn1.forward_self(h1, c.spatial, c.stacked)?;
+        let (x, h2) = add_norm(&self.norm2, x, a, c)?;
+        let a = self.attn2.forward_cross(&h2, c.context, c.attention, c.stacked)?;
+        let (x, h3) = add_norm(&self.norm3, &x, a, c)?;
+        Ok((x, self.ff.forward(&h3, c.fused)?))
+    }
+}
+
+/// `y + x` in `y`'s storage: the residual add of the reference forward.
+fn add_to(mut y: Tensor, x: &Tensor) -> Res<Tensor> {
+    y.f_add_(x)
+}
+
+/// `(x + y, norm(x + y))`: the fused kernel where [`Cond::addln`] applies (bf16 on CUDA,
+/// contiguous aligned token rows, an affine LayerNorm), else the add and the LayerNorm as the
+/// reference forward runs them. The same sum either way; the norm's statistics in fp32 both ways.
+pub fn add_norm(norm: &LayerNorm, x: &Tensor, y: Tensor, c: &Cond<'_>) -> Res<(Tensor, Tensor)> {
+    if let (Some(w), Some(b)) = (&norm.weight, &norm.bias) {
+        let n = x.size().last().copied().unwrap_or(0);
+        let aligned = |t: &Tensor| (t.data_ptr() as usize) % 16 == 0;
+        if fused_kernels_apply(c.addln, x)
+            && y.kind() == x.kind()
+            && w.kind() == x.kind()
+            && b.kind() == x.kind()
+            && x.size() == y.size()
+            && x.is_contiguous()
+            && y.is_contiguous()
+            && n > 0
+            && n % 8 == 0
+            && n <= 8192
+            && aligned(x)
+            && aligned(&y)
+            && aligned(w)
+            && aligned(b)
+        {
+            return Ok(crate::aten::add_layer_norm(x, &y, w, b, norm.eps)?);
+        }
+    }
+    let x = add_to(y, x)?;
+    let h = norm.forward(&x)?;
+    Ok((x, h))
 }
 
 /// diffusers `Transformer2DModel` on continuous input with `use_linear_projection`: GroupNorm
@@ -313,8 +355,20 @@ impl Transformer2DModel {
             .f_permute([0, 2, 3, 1])?
             .f_reshape([b, h * w, ch])?; // (b, hw, c), row-major pixels
         let mut t = self.proj_in.forward(&t)?;
+        // Each block's feed-forward output is added where the next block's norm1 reads it.
+        let mut open: Option<(Tensor, Tensor)> = None;
         for block in &self.transformer_blocks {
-            t = block.forward(&t, c)?;
+            let (x, h1) = match open.take() {
+                None => {
+                    let h1 = block.norm1.forward(&t)?;
+                    (t.shallow_clone(), h1)
+                }
+                Some((x, f)) => add_norm(&block.norm1, &x, f, c)?,
+            };
+            open = Some(block.forward_open(&x, &h1, c)?);
+        }
+        if let Some((x, f)) = open {
+            t = add_to(f, &x)?;
         }
         let out = self
             .proj_out
