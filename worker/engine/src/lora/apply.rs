@@ -228,6 +228,17 @@ pub struct Applier {
     tick: u64,
 }
 
+/// `t` on `device` without waiting for a host-to-device copy: from page-locked memory (the host
+/// cache pins its adapters on CUDA) the copy is queued on the current stream, in order with the
+/// merge kernels that read it, so the host runs ahead instead of stalling on each of hundreds of
+/// small copies (from pageable memory ATen copies synchronously either way).
+fn to_device(t: &Tensor, device: Device) -> Result<Tensor, tch::TchError> {
+    if t.device() == device {
+        return Ok(t.shallow_clone());
+    }
+    t.f_to_device_(device, t.kind(), true, false)
+}
+
 fn bytes_of(t: &Tensor) -> usize {
     t.numel() * t.kind().elt_size_in_bytes()
 }
@@ -477,7 +488,7 @@ impl Applier {
         keep: &[AdapterKey],
     ) -> Result<(Tensor, Tensor), LoraError> {
         let widen =
-            |t: &Tensor| -> Result<Tensor, LoraError> { Ok(t.f_to_device(device)?.f_to_kind(Kind::Float)?) };
+            |t: &Tensor| -> Result<Tensor, LoraError> { Ok(to_device(t, device)?.f_to_kind(Kind::Float)?) };
         if self.options.device_cache_bytes == 0 {
             let (a, b) = adapter.pair(module);
             return Ok((widen(&a)?, widen(&b)?));
@@ -666,11 +677,11 @@ impl Applier {
             };
             // Kept in the stored dtype (widened exactly when scaled): half the device bytes of
             // fp32 for bf16 adapters.
-            let b = b.f_to_device(device)?.f_to_kind(flat_kind)?.f_reshape([-1])?; // (out · rank)
+            let b = to_device(&b, device)?.f_to_kind(flat_kind)?.f_reshape([-1])?; // (out · rank)
             let offset = flats[g].2;
             flats[g].2 += b.numel() as i64;
             flats[g].1.push(b);
-            let (a, parts) = a_parts(&a.f_to_device(device)?.f_reshape([m.rank, -1])?)?; // (parts · rank, in · kernel)
+            let (a, parts) = a_parts(&to_device(&a, device)?.f_reshape([m.rank, -1])?)?; // (parts · rank, in · kernel)
             prepared.insert(
                 i,
                 SplitModule {
@@ -850,7 +861,7 @@ impl Applier {
                 let _ = d2d.f_narrow(0, *dst, *len)?.f_addmm_(b, a)?;
             }
         }
-        let _ = original.f_to_device(device)?.f_add_out(&w, &delta)?;
+        let _ = to_device(original, device)?.f_add_out(&w, &delta)?;
         Ok(())
     }
 
