@@ -22,14 +22,16 @@ demo: build
 	@bash scripts/demo.sh
 
 # Real-width goldens (Flux, SDXL) are generated (~1.5 min, cached under target/goldens) and compared; the small
-# committed goldens run in the plain `cargo test` pass.
+# committed goldens run in the plain `cargo test` pass. The SDXL UNet's bf16 golden is made on this machine
+# (CPU bf16 kernels round differently across instruction sets).
 goldens: setup
 	@dir=$$(bash tests/fixtures/flux_goldens.sh big) && \
 	  DITFLEET_GOLDENS=$$dir $(CARGO) test --workspace --test flux_goldens -- --ignored --test-threads 1
 	@dir=$$(bash tests/fixtures/sdxl_goldens.sh big) && \
 	  DITFLEET_SDXL_GOLDENS=$$dir $(CARGO) test -p ditfleet-engine --test sdxl_goldens -- --ignored --test-threads 1
-	@dir=$$(bash tests/fixtures/sdxl_unet_goldens.sh big) && \
-	  DITFLEET_SDXL_UNET_GOLDENS=$$dir $(CARGO) test -p ditfleet-engine --test sdxl_unet_goldens -- --ignored --test-threads 1
+	@dir=$$(bash tests/fixtures/sdxl_unet_goldens.sh big) && local=$$(bash tests/fixtures/sdxl_unet_goldens.sh local) && \
+	  DITFLEET_SDXL_UNET_GOLDENS=$$dir DITFLEET_SDXL_UNET_LOCAL_GOLDENS=$$local \
+	  $(CARGO) test -p ditfleet-engine --test sdxl_unet_goldens -- --ignored --test-threads 1
 
 validate-deploy:
 	@bash scripts/validate-deploy.sh

@@ -6,8 +6,14 @@
 //!   `$DITFLEET_SDXL_UNET_GOLDENS` (~1.8 GB, not committed); they are `#[ignore]`d: run them with
 //!   `DITFLEET_SDXL_UNET_GOLDENS=$(tests/fixtures/sdxl_unet_goldens.sh big) cargo test -p
 //!   ditfleet-engine --release --test sdxl_unet_goldens -- --ignored`.
+//! * `local_small_*` compares the bf16 forward with diffusers' bf16 forward computed on THIS
+//!   machine (`$DITFLEET_SDXL_UNET_LOCAL_GOLDENS`, `tests/fixtures/sdxl_unet_goldens.sh local`;
+//!   `make goldens` sets it): CPU bf16 convolutions and matmuls round differently on different
+//!   instruction sets (the committed bf16 output, made on another CPU, is 1.1e-2 from diffusers'
+//!   own bf16 output on an AVX2-only AMD EPYC), so a bit-level bf16 golden only holds on the CPU
+//!   that made it. The committed one serves a machine-independent bound instead.
 //!
-//! All comparisons are fp32 on CPU; the bar is relative L2 error <= 1e-4.
+//! The fp32 comparisons' bar is relative L2 error <= 1e-4.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -151,11 +157,11 @@ fn small_unet_on_a_latent_size_not_divisible_by_four_matches_diffusers() {
     check("out (odd latent size)", &out, &io["out_odd"]);
 }
 
-#[test]
-fn small_unet_in_bf16_matches_diffusers_in_bf16() {
+/// The bf16 forward on `dir`'s model and inputs: (its distance from diffusers' bf16 output there,
+/// the distance of that output from diffusers' fp32 output, our distance from fp32).
+fn bf16_distances(dir: &Path) -> (f64, f64, f64) {
     let _g = tch::no_grad_guard();
-    let dir = small_dir();
-    let model = load(&dir, false, Kind::BFloat16);
+    let model = load(dir, false, Kind::BFloat16);
     let io = read(&dir.join("unet_io.safetensors"));
     let want = read(&dir.join("unet_io_bf16.safetensors"));
     let bf = |k: &str| io[k].to_kind(Kind::BFloat16);
@@ -171,7 +177,39 @@ fn small_unet_in_bf16_matches_diffusers_in_bf16() {
     assert_eq!(out.kind(), Kind::BFloat16);
     let e = rel_l2(&out, &want["out"]);
     let e_fp32 = rel_l2(&want["out"], &io["out"]);
-    eprintln!("unet bf16: relative L2 error {e:.3e} (diffusers bf16 vs fp32: {e_fp32:.3e})");
+    let ours_fp32 = rel_l2(&out, &io["out"]);
+    eprintln!(
+        "unet bf16: relative L2 error {e:.3e} against diffusers bf16 (diffusers bf16 vs fp32: \
+         {e_fp32:.3e}; ours vs fp32: {ours_fp32:.3e})"
+    );
+    (e, e_fp32, ours_fp32)
+}
+
+/// Machine-independent: our bf16 forward is about as near diffusers' fp32 output as diffusers'
+/// bf16 forward is (on whichever CPU made the committed goldens). A formulation that loses
+/// precision wholesale (an fp32 softmax or norm statistic left in bf16) lands well past it.
+#[test]
+fn small_unet_in_bf16_is_as_near_fp32_as_diffusers_in_bf16() {
+    let (_, e_fp32, ours_fp32) = bf16_distances(&small_dir());
+    assert!(
+        ours_fp32 <= 1.5 * e_fp32,
+        "bf16 unet is {ours_fp32:.3e} from fp32 (bar: 1.5 x diffusers bf16's {e_fp32:.3e})"
+    );
+}
+
+/// On the CPU that made the goldens: diffusers' bf16 forward and ours run the same ops in the
+/// same order, so they land far nearer each other than bf16 rounding puts either from fp32.
+#[test]
+#[ignore = "needs DITFLEET_SDXL_UNET_LOCAL_GOLDENS (diffusers' bf16 forward on this machine)"]
+fn local_small_unet_in_bf16_matches_diffusers_in_bf16_on_this_cpu() {
+    let dir = match std::env::var_os("DITFLEET_SDXL_UNET_LOCAL_GOLDENS") {
+        Some(d) => PathBuf::from(d),
+        None => panic!(
+            "DITFLEET_SDXL_UNET_LOCAL_GOLDENS is not set: generate them with \
+             `tests/fixtures/sdxl_unet_goldens.sh local` and set it to the directory it prints"
+        ),
+    };
+    let (e, e_fp32, _) = bf16_distances(&dir);
     // The bar is half the distance bf16 rounding alone puts between diffusers' bf16 and fp32
     // outputs: the same ops in the same order land far below it, a formulation that rounds
     // differently (tanh-approximated GELU, a missed upcast) does not.
