@@ -203,6 +203,11 @@ def main():
         if g and isinstance(g.get("fused"), dict):
             print(f"\nfused GEGLU: rel L2 {g['fused']['rel_l2']:.2e} (ATen bf16 {g['aten_bf16_rel_l2']:.2e}), "
                   f"{g['fused']['ms']:.3f} ms vs ATen {g['aten_ms']:.3f} ms")
+        al = k.get("add_layer_norm")
+        if al and isinstance(al.get("fused"), dict):
+            print(f"\nfused residual add + LayerNorm: sum bit-identical to ATen's {al['fused']['sum_bit_identical']}, "
+                  f"norm rel L2 {al['fused']['rel_l2']:.2e} (ATen bf16 {al['aten_bf16_rel_l2']:.2e}), "
+                  f"{al['fused']['ms']:.3f} ms vs ATen {al['aten_ms']:.3f} ms")
         at = k.get("attention")
         if at:
             print("\n| attention shape | " + " | ".join(["sdpa", "cudnn", "flash", "efficient"]) + " |")

@@ -91,6 +91,7 @@ unsafe extern "C" {
         out: *mut *mut c_void,
     ) -> *mut c_char;
     fn dtf_geglu(h: *const c_void, out: *mut *mut c_void) -> *mut c_char;
+    fn dtf_bias_add(out: *const c_void, bias: *const c_void, residual: *const c_void) -> *mut c_char;
     fn dtf_add_layer_norm(
         x: *const c_void,
         y: *const c_void,
@@ -520,6 +521,18 @@ pub fn geglu(h: &Tensor) -> Result<Tensor, TchError> {
     check("fused geglu", unsafe { dtf_geglu(h.as_ptr().cast(), &mut out) })?;
     // SAFETY: see above.
     Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// A convolution's bias (and optionally its residual) added in place into its output in one pass
+/// (`dtf_bias_add`): `out = bf16(out + bias[c])`, then `out = bf16(out + residual)`, the roundings
+/// of ATen's separate adds. `out` `(b, c, h, w)` bf16 channels-last on CUDA (`c % 8 == 0`),
+/// `residual` of its shape and layout.
+pub fn bias_add(out: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<(), TchError> {
+    let res = residual.map_or(std::ptr::null(), |r| r.as_ptr().cast());
+    // SAFETY: as in `qkv_norm_rope`.
+    check("fused conv bias add", unsafe {
+        dtf_bias_add(out.as_ptr().cast(), bias.as_ptr().cast(), res)
+    })
 }
 
 /// A residual add and the LayerNorm of its result in one pass (`dtf_add_layer_norm`): returns

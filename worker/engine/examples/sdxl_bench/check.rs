@@ -229,6 +229,7 @@ pub fn models(args: &Args) -> Result<Value> {
         "qkv",
         "cl,fused,qkv",
         "cl,fused,addln,qkv",
+        "cl,fused,addln,cbias,qkv",
         "cl,fused,qkv,attn=cudnn",
         "cl,fused,qkv,attn=flash",
         "cl,fused,qkv,attn=efficient",
@@ -240,7 +241,12 @@ pub fn models(args: &Args) -> Result<Value> {
             .and_then(|o| Ok(json!(rel_l2(&o, &want)?)));
         unet.insert(spec.into(), r.unwrap_or_else(|e| json!({"error": e.to_string()})));
     }
+    // The fused bias (+ residual) add claims ATen's bits: with and without it, the same output.
     u16.set_perf(Perf::parse("cl,fused,addln,qkv").map_err(anyhow::Error::msg)?)?;
+    let without = u16.forward(&sample, &t, &ctx, &text, &ids)?;
+    u16.set_perf(Perf::parse("cl,fused,addln,cbias,qkv").map_err(anyhow::Error::msg)?)?;
+    let cbias_bit_identical = u16.forward(&sample, &t, &ctx, &text, &ids)?.equal(&without);
+    unet.insert("cbias_bit_identical".into(), json!(cbias_bit_identical));
     let eager = u16.forward(&sample, &t, &ctx, &text, &ids)?;
     let graphs = StepGraphs::default();
     let fwd = |x: &[Tensor]| u16.forward(&x[0], &x[1], &x[2], &x[3], &x[4]);
@@ -268,7 +274,7 @@ pub fn models(args: &Args) -> Result<Value> {
     drop(d32);
     let vae = Vae { decoder: d16 };
     let mut vae_rows = serde_json::Map::new();
-    for spec in ["reference", "cl", "fused", "cl,fused"] {
+    for spec in ["reference", "cl", "fused", "cl,fused", "cl,fused,cbias"] {
         let perf = Perf::parse(spec).map_err(anyhow::Error::msg)?;
         set_conv_layout(&vae.decoder.vs, perf.channels_last)?;
         let r = vae

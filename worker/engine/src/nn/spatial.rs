@@ -23,6 +23,14 @@ pub trait SpatialOps {
     /// `(b, cin, h, w) -> (b, cout, h / stride, w / stride)` (rounded up).
     fn conv(&self, conv: &Conv2d, x: &Tensor) -> Res<Tensor>;
 
+    /// `conv(x) + residual` (a resnet's output), as one operation where an implementation fuses
+    /// the residual into the convolution's bias add; the default is the convolution, then the
+    /// add in place.
+    fn conv_add(&self, conv: &Conv2d, x: &Tensor, residual: &Tensor) -> Res<Tensor> {
+        let mut h = self.conv(conv, x)?;
+        h.f_add_(residual)
+    }
+
     /// GroupNorm of `(b, c, h, w)` with the statistics of the whole image.
     fn group_norm(&self, norm: &GroupNorm, x: &Tensor) -> Res<Tensor>;
 

@@ -15,6 +15,9 @@
 //! * `addln`: a transformer block's residual add and the LayerNorm that reads its sum as one
 //!   kernel ([`crate::aten::add_layer_norm`]; the feed-forward's add joins the next block's
 //!   `norm1`), one pass over the token stream fewer per add;
+//! * `cbias`: a convolution's bias (and a resnet's residual) added into its channels-last output
+//!   by one vectorised kernel ([`crate::aten::bias_add`]) instead of ATen's broadcast add after
+//!   cuDNN (and a second add for the residual); the same bits;
 //! * `qkv`: the attention projections that read one input as one matmul (self-attention's q, k,
 //!   v; cross-attention's k, v), their weights stacked once in place
 //!   ([`super::unet_blocks::Attention::fuse_projections`]);
@@ -40,6 +43,7 @@ pub struct Perf {
     pub channels_last: bool,
     pub fused: bool,
     pub addln: bool,
+    pub cbias: bool,
     pub qkv: bool,
     pub attention: AttnKernel,
 }
@@ -51,6 +55,7 @@ impl Perf {
         channels_last: false,
         fused: false,
         addln: false,
+        cbias: false,
         qkv: false,
         attention: AttnKernel::Sdpa,
     };
@@ -61,6 +66,7 @@ impl Perf {
         channels_last: true,
         fused: true,
         addln: true,
+        cbias: true,
         qkv: true,
         attention: AttnKernel::Sdpa,
     };
@@ -77,7 +83,7 @@ impl Perf {
     }
 
     /// Comma-separated switches applied left to right: `all`, `reference` (or `none`), `graphs`,
-    /// `cl`, `fused`, `addln`, `qkv`, each negated with a leading `-`, and
+    /// `cl`, `fused`, `addln`, `cbias`, `qkv`, each negated with a leading `-`, and
     /// `attn=sdpa|cudnn|flash|efficient`;
     /// e.g. `all,-graphs` or `cl,graphs,attn=cudnn`.
     pub fn parse(spec: &str) -> Result<Perf, String> {
@@ -100,10 +106,11 @@ impl Perf {
                 "cl" | "channels_last" => p.channels_last = on,
                 "fused" => p.fused = on,
                 "addln" => p.addln = on,
+                "cbias" => p.cbias = on,
                 "qkv" => p.qkv = on,
                 _ => {
                     return Err(format!(
-                        "{word:?}: expected all, reference, [-]graphs, [-]cl, [-]fused, [-]addln, [-]qkv or attn=KERNEL"
+                        "{word:?}: expected all, reference, [-]graphs, [-]cl, [-]fused, [-]addln, [-]cbias, [-]qkv or attn=KERNEL"
                     ));
                 }
             }
@@ -111,13 +118,14 @@ impl Perf {
         Ok(p)
     }
 
-    /// The canonical spelling, e.g. `graphs,cl,fused,addln,qkv,attn=cudnn` (`reference` when all are off).
+    /// The canonical spelling, e.g. `graphs,cl,fused,addln,cbias,qkv,attn=cudnn` (`reference` when all are off).
     pub fn name(&self) -> String {
         let mut parts: Vec<String> = [
             (self.cuda_graphs, "graphs"),
             (self.channels_last, "cl"),
             (self.fused, "fused"),
             (self.addln, "addln"),
+            (self.cbias, "cbias"),
             (self.qkv, "qkv"),
         ]
         .into_iter()
@@ -175,6 +183,7 @@ pub fn set_conv_layout(vs: &nn::VarStore, channels_last: bool) -> Result<(), Eng
 #[derive(Debug, Clone, Copy)]
 pub struct LocalOps {
     pub fused: bool,
+    pub cbias: bool,
     pub attention: AttnKernel,
 }
 
@@ -182,8 +191,46 @@ impl LocalOps {
     pub fn new(perf: &Perf) -> Self {
         Self {
             fused: perf.fused,
+            cbias: perf.cbias,
             attention: perf.attention,
         }
+    }
+
+    /// Whether `conv(x)`'s bias (and a residual) go through [`crate::aten::bias_add`]: a
+    /// channels-last bf16 output on CUDA with a multiple of 8 channels, aligned operands.
+    fn bias_fuses(&self, conv: &Conv2d, x: &Tensor) -> bool {
+        let out_ch = conv.weight.size()[0];
+        fused_kernels_apply(self.cbias, x)
+            && is_channels_last(x)
+            && conv.weight.kind() == Kind::BFloat16
+            && conv.bias.kind() == Kind::BFloat16
+            && out_ch % 8 == 0
+            && conv.bias.is_contiguous()
+            && (conv.bias.data_ptr() as usize) % 16 == 0
+    }
+
+    /// The convolution without its bias, then `bias_add` (with `residual`) on the output; None
+    /// where the output is not as the kernel needs it (the caller computes it the ATen way).
+    fn conv_fused(&self, conv: &Conv2d, x: &Tensor, residual: Option<&Tensor>) -> Res<Option<Tensor>> {
+        if !self.bias_fuses(conv, x) {
+            return Ok(None);
+        }
+        let s = [conv.stride, conv.stride];
+        let p = [conv.padding, conv.padding];
+        let h = x.f_conv2d(&conv.weight, None::<&Tensor>, s, p, [1, 1], 1)?;
+        let fits = |t: &Tensor| is_channels_last(t) && (t.data_ptr() as usize) % 16 == 0;
+        if !fits(&h) || residual.is_some_and(|r| r.size() != h.size() || r.stride() != h.stride() || !fits(r))
+        {
+            // Add the bias the ATen way and let the caller add the residual.
+            let mut h = h;
+            let _ = h.f_add_(&conv.bias.f_view([1, -1, 1, 1])?)?;
+            return Ok(match residual {
+                Some(r) => Some(h.f_add_(r)?),
+                None => Some(h),
+            });
+        }
+        crate::aten::bias_add(&h, &conv.bias, residual)?;
+        Ok(Some(h))
     }
 
     /// Whether the fused GroupNorm computes `norm` of `x`: a dense NCHW or NHWC bf16 image of at
@@ -210,7 +257,20 @@ pub fn fused_kernels_apply(fused: bool, x: &Tensor) -> bool {
 
 impl SpatialOps for LocalOps {
     fn conv(&self, conv: &Conv2d, x: &Tensor) -> Res<Tensor> {
-        conv.forward(x)
+        match self.conv_fused(conv, x, None)? {
+            Some(h) => Ok(h),
+            None => conv.forward(x),
+        }
+    }
+
+    fn conv_add(&self, conv: &Conv2d, x: &Tensor, residual: &Tensor) -> Res<Tensor> {
+        match self.conv_fused(conv, x, Some(residual))? {
+            Some(h) => Ok(h),
+            None => {
+                let mut h = conv.forward(x)?;
+                h.f_add_(residual)
+            }
+        }
     }
 
     fn group_norm(&self, norm: &GroupNorm, x: &Tensor) -> Res<Tensor> {
@@ -313,7 +373,7 @@ mod tests {
         let p = Perf::parse("all,-graphs,attn=cudnn").unwrap();
         assert!(!p.cuda_graphs && p.channels_last && p.fused);
         assert_eq!(p.attention, AttnKernel::Cudnn);
-        assert_eq!(p.name(), "cl,fused,addln,qkv,attn=cudnn");
+        assert_eq!(p.name(), "cl,fused,addln,cbias,qkv,attn=cudnn");
         assert_eq!(Perf::parse(&p.name()).unwrap(), p);
         assert_eq!(Perf::REFERENCE.name(), "reference");
         assert_eq!(Perf::parse("graphs,cl").unwrap().name(), "graphs,cl");

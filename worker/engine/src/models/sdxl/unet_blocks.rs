@@ -85,12 +85,11 @@ impl ResnetBlock2D {
         let t = self.time_emb_proj.forward(c.temb_act)?; // (b, cout)
         let h = s.conv(&self.conv1, &h)?; // (b, cout, h, w)
         let h = s.group_norm_silu(&self.norm2, h, Some(&t))?;
-        let mut h = s.conv(&self.conv2, &h)?;
         match &self.conv_shortcut {
             // Pixel-local, but through the seam like every convolution: a row-split forward
             // may hold an empty band, which a plain 1x1 convolution refuses.
-            Some(conv) => h.f_add_(&s.conv(conv, x)?),
-            None => h.f_add_(x),
+            Some(conv) => s.conv_add(&self.conv2, &h, &s.conv(conv, x)?),
+            None => s.conv_add(&self.conv2, &h, x),
         }
     }
 }

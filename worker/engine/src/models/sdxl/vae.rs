@@ -123,6 +123,7 @@ impl Vae {
         };
         let ops = LocalOps {
             fused: perf.fused,
+            cbias: perf.cbias,
             attention: AttnKernel::Sdpa,
         };
         self.decoder.decode_with(&z, &ops)?.f_contiguous()
