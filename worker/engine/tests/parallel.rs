@@ -346,15 +346,22 @@ fn assert_split_decode_exact(cfg: &vae::Config, latent_hw: (i64, i64), splits: &
     let want = tch::no_grad(|| dec.decode(&z).unwrap());
     let std = f64::try_from(want.std(true)).unwrap();
     assert!(std > 1e-3, "the reference image is not flat (std {std})");
+    // 1e-5 relative to the image's peak: each band's convolutions run the algorithms oneDNN picks
+    // for its shape on this CPU, so the fp32 sums are reassociated (1.1e-5 absolute on an AVX2-only
+    // AMD EPYC against a peak above 1); a halo or statistics error is orders larger.
+    let peak = f64::try_from(want.abs().max()).unwrap().max(1.0);
     for rows in splits {
         let got = decode_split(&dec, &z, rows);
         assert_eq!(got.size(), want.size(), "{rows:?}");
         let d = max_diff(&got, &want);
         eprintln!(
-            "vae {:?} x{} latent {latent_hw:?} bands {rows:?}: max abs diff {d:.2e} (image std {std:.3})",
+            "vae {:?} x{} latent {latent_hw:?} bands {rows:?}: max abs diff {d:.2e} (image std {std:.3}, peak {peak:.3})",
             cfg.block_out_channels, cfg.layers_per_block
         );
-        assert!(d <= 1e-5, "bands {rows:?}: max abs diff {d:e} > 1e-5");
+        assert!(
+            d <= 1e-5 * peak,
+            "bands {rows:?}: max abs diff {d:e} > 1e-5 x peak {peak:.3}"
+        );
     }
 }
 

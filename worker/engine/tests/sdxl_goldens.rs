@@ -282,9 +282,9 @@ fn small_vae_decode_from_single_file_matches_diffusers() {
     vae_case(&small_dir(), true);
 }
 
-#[test]
-fn small_vae_decode_in_bf16_matches_diffusers_in_bf16() {
-    let dir = small_dir();
+/// The bf16 decode on `dir`'s VAE and latents: (its distance from diffusers' bf16 decode there, that
+/// decode's distance from diffusers' fp32 decode, ours from fp32).
+fn vae_bf16_distances(dir: &Path) -> (f64, f64, f64) {
     let vae = Vae::load(
         &dir.join("pipeline"),
         &Weights::Diffusers,
@@ -297,13 +297,45 @@ fn small_vae_decode_in_bf16_matches_diffusers_in_bf16() {
     let want = read(&dir.join("vae_io_bf16.safetensors"));
     let got = vae.decode(&io["latents"]).unwrap();
     assert_eq!(got.kind(), Kind::BFloat16);
+    let e = rel_l2(&got, &want["sample"]);
+    let reference = rel_l2(&want["sample"], &io["sample"]);
+    let ours = rel_l2(&got, &io["sample"]);
+    eprintln!(
+        "vae bf16: relative L2 error {e:.3e} (diffusers bf16 vs fp32: {reference:.3e}; ours vs fp32: {ours:.3e})"
+    );
+    assert!(reference > 1e-3, "bf16 and fp32 references should differ");
+    (e, reference, ours)
+}
+
+/// Machine-independent: our bf16 decode is about as near diffusers' fp32 decode as diffusers' bf16
+/// decode is (CPU bf16 kernels round differently across instruction sets, so a bf16 golden from
+/// another CPU is only a bound: the committed one, from an AVX-512 machine, is 1.5e-3 from the
+/// decode on an AVX2-only AMD EPYC).
+#[test]
+fn small_vae_decode_in_bf16_is_as_near_fp32_as_diffusers_in_bf16() {
+    let (_, reference, ours) = vae_bf16_distances(&small_dir());
+    assert!(
+        ours <= 1.5 * reference,
+        "bf16 vae decode is {ours:.3e} from fp32 (bar: 1.5 x diffusers bf16's {reference:.3e})"
+    );
+}
+
+/// On the CPU that made the goldens (`$DITFLEET_SDXL_LOCAL_GOLDENS`,
+/// `tests/fixtures/sdxl_goldens.sh local`, set by `make goldens`): diffusers' bf16 decode and ours
+/// run the same ops, far nearer each other than bf16 puts either from fp32.
+#[test]
+#[ignore = "needs DITFLEET_SDXL_LOCAL_GOLDENS (diffusers' bf16 decode on this machine)"]
+fn local_small_vae_decode_in_bf16_matches_diffusers_in_bf16_on_this_cpu() {
+    let dir = match std::env::var_os("DITFLEET_SDXL_LOCAL_GOLDENS") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            panic!("DITFLEET_SDXL_LOCAL_GOLDENS is not set: `tests/fixtures/sdxl_goldens.sh local` prints it")
+        }
+    };
     // bf16 keeps 8 mantissa bits, so 1e-4 is out of reach; the bar is a tenth of the distance
     // between diffusers' bf16 and fp32 decodes, which a decode computed in fp32 (or with a
     // different cast order) would not meet.
-    let e = rel_l2(&got, &want["sample"]);
-    let reference = rel_l2(&want["sample"], &io["sample"]);
-    eprintln!("vae bf16: relative L2 error {e:.3e} (diffusers bf16 vs fp32: {reference:.3e})");
-    assert!(reference > 1e-3, "bf16 and fp32 references should differ");
+    let (e, reference, _) = vae_bf16_distances(&dir);
     assert!(e <= reference / 10.0, "bf16 vae decode relative L2 error {e:.3e}");
 }
 

@@ -173,13 +173,13 @@ fn init_noise_sigma(sigmas: &[f32], spacing: TimestepSpacing) -> f32 {
     let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     match spacing {
         TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
-        TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
+        TimestepSpacing::Leading => super::torch_sqrt_sq_plus_one(max),
     }
 }
 
 /// `sample / sqrt(sigma^2 + 1)`.
 fn scale_input(sample: &Tensor, sigma: f32) -> Result<Tensor, EngineError> {
-    Ok(sample.f_div(&scalar((sigma * sigma + 1.0).sqrt()))?)
+    Ok(sample.f_div(&scalar(super::torch_sqrt_sq_plus_one(sigma)))?)
 }
 
 /// The denoised estimate from the model output (`sample` already float32).
@@ -426,7 +426,8 @@ mod tests {
         assert_eq!(*s.sigmas().last().unwrap(), 0.0);
         // leading spacing: sqrt(sigma_max^2 + 1)
         let m = s.sigmas()[0];
-        assert_eq!(s.init_noise_sigma(), (m * m + 1.0).sqrt());
+        assert_eq!(s.init_noise_sigma(), crate::schedulers::torch_sqrt_sq_plus_one(m));
+        assert!((s.init_noise_sigma() - (m * m + 1.0).sqrt()).abs() <= 2.0 * f32::EPSILON * m);
     }
 
     #[test]

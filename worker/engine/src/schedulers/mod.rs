@@ -192,6 +192,19 @@ pub(crate) fn scalar(x: f32) -> Tensor {
     Tensor::from(x)
 }
 
+/// `(x ** 2 + 1) ** 0.5` of a 0-d float32 tensor, as diffusers computes the Euler schedulers'
+/// `init_noise_sigma` and input scale: torch's `pow(0.5)` is not a correctly rounded square root
+/// on every CPU (an AVX2-only build is a bit off `sqrt` where an AVX-512 one is not), so the
+/// engine takes torch's result rather than `f32::sqrt`'s.
+pub(crate) fn torch_sqrt_sq_plus_one(x: f32) -> f32 {
+    scalar(x)
+        .f_pow_tensor_scalar(2)
+        .and_then(|t| t.f_add_scalar(1))
+        .and_then(|t| t.f_pow_tensor_scalar(0.5))
+        .and_then(|t| t.f_double_value(&[]))
+        .map_or_else(|_| (x * x + 1.0).sqrt(), |v| v as f32)
+}
+
 /// `torch.log` of a 0-d float32 tensor, as diffusers computes the DPM-Solver lambdas.
 pub(crate) fn torch_log(x: f32) -> Result<f32, EngineError> {
     Ok(scalar(x).f_log()?.f_double_value(&[])? as f32)
