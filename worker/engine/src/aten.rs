@@ -354,8 +354,8 @@ pub fn lora_add_fits(w: &Tensor, d: &Tensor) -> bool {
         && w.is_contiguous()
         && d.is_contiguous()
         && w.numel() == d.numel()
-        && (w.data_ptr() as usize) % 16 == 0
-        && (d.data_ptr() as usize) % 16 == 0
+        && (w.data_ptr() as usize).is_multiple_of(16)
+        && (d.data_ptr() as usize).is_multiple_of(16)
         && fused_kernels_available(i)
 }
 
