@@ -337,6 +337,7 @@ struct Kernels {
   CUfunction gate_residual_ln = nullptr;
   CUfunction lse_merge = nullptr;
   CUfunction lora_add = nullptr;
+  CUfunction quant_rows_e4m3 = nullptr;
 };
 
 // Makes `device`'s primary context (libtorch's) current on this thread.
@@ -381,6 +382,7 @@ const Kernels &kernels(int device) {
            "dtf_gate_residual_ln");
   cu_check(d.get_function(&k.lse_merge, module, "dtf_lse_merge"), "dtf_lse_merge");
   cu_check(d.get_function(&k.lora_add, module, "dtf_lora_add"), "dtf_lora_add");
+  cu_check(d.get_function(&k.quant_rows_e4m3, module, "dtf_quant_rows_e4m3"), "dtf_quant_rows_e4m3");
   return cache.emplace(device, k).first->second;
 }
 
@@ -550,6 +552,39 @@ char *dtf_lora_add(const at::Tensor *w, const at::Tensor *d, const at::Tensor *n
   });
 }
 
+// See dtf_quant_rows_e4m3 in flux_kernels.cu.inc. x (rows, n) bf16 with a contiguous last dim and
+// 16-byte aligned rows, n % 8 == 0; q (rows, n) float8_e4m3fn contiguous; scale (rows) fp32
+// contiguous. All on one CUDA device.
+char *dtf_quant_rows_e4m3(const at::Tensor *x, const at::Tensor *q, const at::Tensor *scale) {
+  return guarded([&] {
+    const at::Tensor &t = *x;
+    require(t.is_cuda() && t.scalar_type() == at::kBFloat16 && t.dim() == 2 && t.stride(1) == 1,
+            "x must be a CUDA bf16 (rows, n) tensor with a contiguous last dim");
+    const int device = t.get_device();
+    const int64_t rows = t.size(0), n = t.size(1);
+    require(n % 8 == 0 && t.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+            "x's rows must be 16-byte aligned with n % 8 == 0");
+    require(q->is_cuda() && q->get_device() == device && q->scalar_type() == at::kFloat8_e4m3fn &&
+                q->is_contiguous() && q->sizes() == t.sizes() &&
+                reinterpret_cast<uintptr_t>(q->data_ptr()) % 8 == 0,
+            "q must be a contiguous float8_e4m3fn tensor of x's shape on x's device");
+    require(scale->is_cuda() && scale->get_device() == device && scale->scalar_type() == at::kFloat &&
+                scale->is_contiguous() && scale->numel() == rows,
+            "scale must be a contiguous fp32 (rows) tensor on x's device");
+    require(rows < (int64_t(1) << 31), "at most 2^31 rows");
+    if (rows == 0 || n == 0) {
+      return;
+    }
+    const void *px = t.data_ptr();
+    void *pq = q->data_ptr(), *ps = scale->data_ptr();
+    long long xs = t.stride(0);
+    int nn = static_cast<int>(n);
+    void *args[] = {&px, &xs, &pq, &ps, &nn};
+    const unsigned block = static_cast<unsigned>(std::min<int64_t>(256, (n / 8 + 31) / 32 * 32));
+    launch(device, kernels(device).quant_rows_e4m3, static_cast<unsigned>(rows), 1, block, args);
+  });
+}
+
 // See dtf_lse_merge in flux_kernels.cu.inc. acc (b, h, L, 128) fp32 and o (same sizes) bf16, last
 // dims contiguous, other strides multiples of 4; acc_lse / lse (b, h, L) fp32. acc and acc_lse are
 // updated in place. All on one device.
@@ -715,6 +750,7 @@ char *dtf_memory_peak(int, int, int64_t *peak) {
 char *dtf_kernels_compile_check(const char *) { return no_cuda(); }
 char *dtf_kernels_load(int) { return no_cuda(); }
 char *dtf_lora_add(const at::Tensor *, const at::Tensor *, const at::Tensor *) { return no_cuda(); }
+char *dtf_quant_rows_e4m3(const at::Tensor *, const at::Tensor *, const at::Tensor *) { return no_cuda(); }
 char *dtf_attention(const at::Tensor *, const at::Tensor *, const at::Tensor *, int,
                     at::Tensor **out) {
   *out = nullptr;

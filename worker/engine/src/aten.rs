@@ -64,6 +64,7 @@ unsafe extern "C" {
         eps: f64,
     ) -> *mut c_char;
     fn dtf_lora_add(w: *const c_void, d: *const c_void, nonfinite: *const c_void) -> *mut c_char;
+    fn dtf_quant_rows_e4m3(x: *const c_void, q: *const c_void, scale: *const c_void) -> *mut c_char;
     fn dtf_lse_merge(
         acc: *const c_void,
         acc_lse: *const c_void,
@@ -339,6 +340,17 @@ pub fn lora_add(w: &Tensor, d: &Tensor, nonfinite: &Tensor) -> Result<(), TchErr
     // SAFETY: as in `qkv_norm_rope`.
     check("LoRA merge add", unsafe {
         dtf_lora_add(w.as_ptr().cast(), d.as_ptr().cast(), nonfinite.as_ptr().cast())
+    })
+}
+
+/// Per-row FP8 quantisation in one pass (`dtf_quant_rows_e4m3`): for `x` `(rows, n)` bf16 on CUDA
+/// (contiguous last dim, 16-byte aligned rows, `n % 8 == 0`) writes `scale[r] = max|x[r]| / 448`
+/// (fp32, 1 for an all-zero row) and `q = e4m3fn(x / scale)` (round to nearest even, saturating)
+/// into `q` `(rows, n)` float8_e4m3fn and `scale` `(rows)`, on the current stream.
+pub fn quant_rows_e4m3(x: &Tensor, q: &Tensor, scale: &Tensor) -> Result<(), TchError> {
+    // SAFETY: as in `qkv_norm_rope`.
+    check("fp8 row quantisation", unsafe {
+        dtf_quant_rows_e4m3(x.as_ptr().cast(), q.as_ptr().cast(), scale.as_ptr().cast())
     })
 }
 

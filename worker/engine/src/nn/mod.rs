@@ -4,6 +4,7 @@
 //! a model's token attention and image-space operations can be split over GPUs.
 
 pub mod attention;
+pub mod fp8;
 pub mod spatial;
 pub mod tokenizer;
 pub mod weights;

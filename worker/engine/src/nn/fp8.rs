@@ -1,0 +1,207 @@
+//! FP8 (e4m3fn) linear layers for Hopper's FP8 tensor cores (issue 20; not yet wired into a
+//! model): the weight is quantised once with one scale per output channel, the activation per row
+//! (token) at run time, and one scaled GEMM (`_scaled_mm`, cuBLASLt) multiplies them with fp32
+//! accumulation and bf16 output: `y[r, o] = sx[r] * sw[o] * Σ q(x)[r, k] q(w)[o, k] + b[o]`.
+//!
+//! The activation's FP8 copy and its scales come from one kernel pass
+//! ([`crate::aten::quant_rows_e4m3`]): separate eager ops (amax, divide, cast) cost more than the
+//! FP8 GEMM saves (docs/benchmarks-flux-1gpu.md). On the CPU, where there is no FP8 GEMM, the same
+//! arithmetic is emulated: the quantised operands dequantised exactly to fp32 and multiplied in fp32.
+//!
+//! Scales: `s = max|row| / 448` (448 = the largest finite e4m3fn value), `1` for an all-zero row;
+//! values are multiplied by `1 / s` in fp32, clamped to ±448 and rounded to nearest even, exactly
+//! as the kernel does (the CPU reference and the kernel agree bit for bit).
+
+use tch::{Device, Kind, Tensor};
+
+use super::Res;
+
+/// The largest finite e4m3fn value.
+pub const E4M3_MAX: f64 = 448.0;
+
+/// Per-row FP8 quantisation of `x` `(rows, n)`: `(q (rows, n) e4m3fn, scale (rows, 1) fp32)` with
+/// `x[r] ≈ q[r] * scale[r]`. Through the fused kernel on CUDA where it applies, else the reference
+/// ops ([`quantize_rows_reference`]).
+pub fn quantize_rows(x: &Tensor) -> Res<(Tensor, Tensor)> {
+    if kernel_applies(x) {
+        let (rows, n) = x.size2()?;
+        let q = Tensor::f_empty([rows, n], (Kind::Float8e4m3fn, x.device()))?;
+        let scale = Tensor::f_empty([rows, 1], (Kind::Float, x.device()))?;
+        crate::aten::quant_rows_e4m3(x, &q, &scale)?;
+        return Ok((q, scale));
+    }
+    quantize_rows_reference(x)
+}
+
+/// Whether [`crate::aten::quant_rows_e4m3`] takes `x`: bf16 `(rows, n)` on a CUDA device with the
+/// fused kernels, contiguous last dim, `n % 8 == 0`, 16-byte aligned rows.
+fn kernel_applies(x: &Tensor) -> bool {
+    let Device::Cuda(i) = x.device() else {
+        return false;
+    };
+    let (size, stride) = (x.size(), x.stride());
+    x.kind() == Kind::BFloat16
+        && size.len() == 2
+        && stride[1] == 1
+        && size[1] % 8 == 0
+        && stride[0] % 8 == 0
+        && (x.data_ptr() as usize).is_multiple_of(16)
+        && crate::aten::fused_kernels_available(i)
+}
+
+/// [`quantize_rows`] with ATen ops (any device, any float dtype): the kernel's arithmetic.
+pub fn quantize_rows_reference(x: &Tensor) -> Res<(Tensor, Tensor)> {
+    let xf = x.f_to_kind(Kind::Float)?;
+    let amax = xf.f_abs()?.f_amax([1], true)?; // (rows, 1)
+    let scale = amax
+        .f_div_scalar(E4M3_MAX)?
+        .f_masked_fill(&amax.f_eq(0.0)?, 1.0)?;
+    let q = xf
+        .f_mul(&scale.f_reciprocal()?)?
+        .f_clamp(-E4M3_MAX, E4M3_MAX)?
+        .f_to_kind(Kind::Float8e4m3fn)?;
+    Ok((q, scale))
+}
+
+/// `q * scale` in fp32 (exact: an e4m3 value times an fp32 scale fits fp32's 24-bit mantissa).
+pub fn dequantize(q: &Tensor, scale: &Tensor) -> Res<Tensor> {
+    q.f_to_kind(Kind::Float)?.f_mul(scale)
+}
+
+/// A linear layer with an FP8 weight: `weight` `(out, in)` e4m3fn, `scale` `(1, out)` fp32 per
+/// output channel, `bias` `(out)` in the activations' dtype.
+#[derive(Debug)]
+pub struct Fp8Linear {
+    pub weight: Tensor,
+    pub scale: Tensor,
+    pub bias: Option<Tensor>,
+    /// cuBLASLt's fast FP8 accumulation (no periodic promotion of partial sums to fp32).
+    pub fast_accum: bool,
+}
+
+impl Fp8Linear {
+    /// Quantises `weight` `(out, in)` (any float dtype) per output channel; `bias` is kept as is.
+    pub fn quantize(weight: &Tensor, bias: Option<&Tensor>) -> Res<Self> {
+        let (q, scale) = quantize_rows_reference(weight)?; // (out, in), (out, 1)
+        Ok(Self {
+            weight: q,
+            scale: scale.f_reshape([1, -1])?,
+            bias: bias.map(|b| b.shallow_clone()),
+            fast_accum: false,
+        })
+    }
+
+    /// The weight dequantised to fp32 `(out, in)`.
+    pub fn dequantized_weight(&self) -> Res<Tensor> {
+        dequantize(&self.weight, &self.scale.f_reshape([-1, 1])?)
+    }
+
+    /// `x` `(..., in)` -> `(..., out)` in `x`'s dtype: the activation quantised per row, then the
+    /// scaled FP8 GEMM on CUDA (bf16 out), its fp32 emulation elsewhere.
+    pub fn forward(&self, x: &Tensor) -> Res<Tensor> {
+        let size = x.size();
+        let (lead, in_dim) = size.split_at(size.len() - 1);
+        let x2 = x.f_reshape([-1, in_dim[0]])?;
+        let (q, sx) = quantize_rows(&x2)?;
+        let y = if x.device().is_cuda() {
+            q.f_internal_scaled_mm(
+                &self.weight.f_tr()?,
+                &sx,
+                &self.scale,
+                self.bias.as_ref(),
+                None::<&Tensor>,
+                x.kind(),
+                self.fast_accum,
+            )?
+        } else {
+            let y = dequantize(&q, &sx)?.f_mm(&self.dequantized_weight()?.f_tr()?)?;
+            let y = match &self.bias {
+                Some(b) => y.f_add(&b.f_to_kind(Kind::Float)?)?,
+                None => y,
+            };
+            y.f_to_kind(x.kind())?
+        };
+        let mut shape = lead.to_vec();
+        shape.push(self.weight.size()[0]);
+        y.f_reshape(shape.as_slice())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32s(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap()
+    }
+
+    #[test]
+    fn rows_are_scaled_to_448_and_rounded_to_the_nearest_e4m3_value() {
+        // Row 0: max |x| = 896, so scale 2 and x / 2 = [448, 0.5, -1.5, 13.5]: all e4m3 values
+        // except 13.5 (between 13 and 14, steps of 1 in [8, 16): a tie, to the even mantissa, 14).
+        // Row 1: all zeros: scale 1, q 0. Row 2: one tiny value, scaled up to 448.
+        let x = Tensor::from_slice(&[896f32, 1.0, -3.0, 27.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1e-3, 0.0])
+            .reshape([3, 4]);
+        let (q, s) = quantize_rows_reference(&x).unwrap();
+        assert_eq!(q.kind(), Kind::Float8e4m3fn);
+        assert_eq!(s.size(), [3, 1]);
+        let s = f32s(&s);
+        assert_eq!(s[0], 2.0);
+        assert_eq!(s[1], 1.0);
+        assert_eq!(s[2], 1e-3f32 / 448.0);
+        let q = f32s(&q);
+        assert_eq!(&q[0..4], &[448.0, 0.5, -1.5, 14.0]);
+        assert_eq!(&q[4..8], &[0.0; 4]);
+        assert_eq!(q[10], -448.0);
+    }
+
+    #[test]
+    fn dequantised_values_are_within_half_an_e4m3_step_of_the_input() {
+        tch::manual_seed(1);
+        let x = Tensor::randn([16, 64], (Kind::Float, Device::Cpu))
+            .f_mul_scalar(3.0)
+            .unwrap();
+        let (q, s) = quantize_rows_reference(&x).unwrap();
+        let back = dequantize(&q, &s).unwrap();
+        // e4m3 keeps 3 mantissa bits: a normal value is off by at most 2^-4 of itself; values
+        // below the smallest normal (2^-6 * scale) by at most half the subnormal step, 2^-10 * scale.
+        let err = (&back - &x).abs();
+        let bound = x
+            .abs()
+            .f_mul_scalar(1.0 / 16.0)
+            .unwrap()
+            .maximum(&s.f_mul_scalar(2f64.powi(-10)).unwrap());
+        assert!(bool::try_from(err.le_tensor(&(bound + 1e-12)).all()).unwrap());
+        // And the row maxima survive exactly (448 is an e4m3 value).
+        let amax_back = back.abs().amax([1], false);
+        let amax = x.abs().amax([1], false);
+        let rel =
+            f64::try_from((amax_back - &amax).abs().max()).unwrap() / f64::try_from(amax.max()).unwrap();
+        assert!(rel < 1e-6, "{rel}");
+    }
+
+    #[test]
+    fn the_cpu_fp8_linear_is_the_exact_product_of_its_quantised_operands() {
+        tch::manual_seed(2);
+        let w = Tensor::randn([24, 32], (Kind::Float, Device::Cpu))
+            .f_mul_scalar(0.2)
+            .unwrap();
+        let b = Tensor::randn([24], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([2, 5, 32], (Kind::Float, Device::Cpu));
+        let lin = Fp8Linear::quantize(&w, Some(&b)).unwrap();
+        let y = lin.forward(&x).unwrap();
+        assert_eq!(y.size(), [2, 5, 24]);
+        // The same product from the dequantised operands in fp64.
+        let (q, s) = quantize_rows_reference(&x.reshape([10, 32])).unwrap();
+        let xd = dequantize(&q, &s).unwrap().to_kind(Kind::Double);
+        let wd = lin.dequantized_weight().unwrap().to_kind(Kind::Double);
+        let want = xd.mm(&wd.tr()) + b.to_kind(Kind::Double);
+        let got = y.reshape([10, 24]).to_kind(Kind::Double);
+        let rel = f64::try_from((&got - &want).norm() / want.norm()).unwrap();
+        assert!(rel < 1e-6, "{rel}");
+        // And near the full-precision layer: a few percent at most for random data.
+        let exact = x.matmul(&w.tr()) + &b;
+        let rel = f64::try_from((&y - &exact).norm() / exact.norm()).unwrap();
+        assert!(rel < 0.05, "{rel}");
+    }
+}
