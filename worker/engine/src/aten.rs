@@ -354,6 +354,11 @@ pub fn quant_rows_e4m3(x: &Tensor, q: &Tensor, scale: &Tensor) -> Result<(), Tch
     })
 }
 
+/// Whether `t`'s data starts on a 16-byte boundary (what the fused kernels' 16-byte loads need).
+pub fn aligned16(t: &Tensor) -> bool {
+    (t.data_ptr() as usize).is_multiple_of(16)
+}
+
 /// Whether [`lora_add`] takes `w` and `d`: contiguous bf16 and fp32 of one size on one CUDA
 /// device whose fused kernels are loaded, both 16-byte aligned.
 pub fn lora_add_fits(w: &Tensor, d: &Tensor) -> bool {
@@ -366,8 +371,8 @@ pub fn lora_add_fits(w: &Tensor, d: &Tensor) -> bool {
         && w.is_contiguous()
         && d.is_contiguous()
         && w.numel() == d.numel()
-        && (w.data_ptr() as usize).is_multiple_of(16)
-        && (d.data_ptr() as usize).is_multiple_of(16)
+        && aligned16(w)
+        && aligned16(d)
         && fused_kernels_available(i)
 }
 

@@ -45,7 +45,7 @@ fn kernel_applies(x: &Tensor) -> bool {
         && stride[1] == 1
         && size[1] % 8 == 0
         && stride[0] % 8 == 0
-        && (x.data_ptr() as usize).is_multiple_of(16)
+        && crate::aten::aligned16(x)
         && crate::aten::fused_kernels_available(i)
 }
 

@@ -645,7 +645,7 @@ fn wide_elements(x: &Tensor) -> Option<i64> {
         && *last == 1
         && d % wide == 0
         && outer.iter().all(|s| s % wide == 0)
-        && (x.data_ptr() as usize).is_multiple_of(16))
+        && crate::aten::aligned16(x))
     .then_some(wide)
 }
 

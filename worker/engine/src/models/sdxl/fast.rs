@@ -206,7 +206,7 @@ impl LocalOps {
             && conv.bias.kind() == Kind::BFloat16
             && out_ch % 8 == 0
             && conv.bias.is_contiguous()
-            && (conv.bias.data_ptr() as usize).is_multiple_of(16)
+            && crate::aten::aligned16(&conv.bias)
     }
 
     /// The convolution without its bias, then `bias_add` (with `residual`) on the output; None
@@ -218,7 +218,7 @@ impl LocalOps {
         let s = [conv.stride, conv.stride];
         let p = [conv.padding, conv.padding];
         let h = x.f_conv2d(&conv.weight, None::<&Tensor>, s, p, [1, 1], 1)?;
-        let fits = |t: &Tensor| is_channels_last(t) && (t.data_ptr() as usize).is_multiple_of(16);
+        let fits = |t: &Tensor| is_channels_last(t) && crate::aten::aligned16(t);
         if !fits(&h) || residual.is_some_and(|r| r.size() != h.size() || r.stride() != h.stride() || !fits(r))
         {
             // Add the bias the ATen way and let the caller add the residual.

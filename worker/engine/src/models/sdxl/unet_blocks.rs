@@ -297,7 +297,6 @@ fn add_to(mut y: Tensor, x: &Tensor) -> Res<Tensor> {
 pub fn add_norm(norm: &LayerNorm, x: &Tensor, y: Tensor, c: &Cond<'_>) -> Res<(Tensor, Tensor)> {
     if let (Some(w), Some(b)) = (&norm.weight, &norm.bias) {
         let n = x.size().last().copied().unwrap_or(0);
-        let aligned = |t: &Tensor| (t.data_ptr() as usize).is_multiple_of(16);
         if fused_kernels_apply(c.addln, x)
             && y.kind() == x.kind()
             && w.kind() == x.kind()
@@ -308,10 +307,10 @@ pub fn add_norm(norm: &LayerNorm, x: &Tensor, y: Tensor, c: &Cond<'_>) -> Res<(T
             && n > 0
             && n % 8 == 0
             && n <= 8192
-            && aligned(x)
-            && aligned(&y)
-            && aligned(w)
-            && aligned(b)
+            && crate::aten::aligned16(x)
+            && crate::aten::aligned16(&y)
+            && crate::aten::aligned16(w)
+            && crate::aten::aligned16(b)
         {
             return crate::aten::add_layer_norm(x, &y, w, b, norm.eps);
         }
