@@ -338,6 +338,7 @@ struct Kernels {
   CUfunction lse_merge = nullptr;
   CUfunction lora_add = nullptr;
   CUfunction quant_rows_e4m3 = nullptr;
+  CUfunction gelu_quant_e4m3 = nullptr;
 };
 
 // Makes `device`'s primary context (libtorch's) current on this thread.
@@ -383,6 +384,7 @@ const Kernels &kernels(int device) {
   cu_check(d.get_function(&k.lse_merge, module, "dtf_lse_merge"), "dtf_lse_merge");
   cu_check(d.get_function(&k.lora_add, module, "dtf_lora_add"), "dtf_lora_add");
   cu_check(d.get_function(&k.quant_rows_e4m3, module, "dtf_quant_rows_e4m3"), "dtf_quant_rows_e4m3");
+  cu_check(d.get_function(&k.gelu_quant_e4m3, module, "dtf_gelu_quant_e4m3"), "dtf_gelu_quant_e4m3");
   return cache.emplace(device, k).first->second;
 }
 
@@ -482,44 +484,118 @@ char *dtf_qkv_norm_rope(const at::Tensor *qkv, const at::Tensor *q_scale, const 
 
 // See dtf_gate_residual_ln in flux_kernels.cu.inc. x (b, s, n) contiguous; y (b, s, n) with
 // contiguous rows (stride(0) == s * stride(1) unless b == 1); gate/scale/shift (b, 1, n) with one
-// batch stride, last dim contiguous; x_out/h_out (b, s, n) contiguous. All bf16 on one device.
+// batch stride, last dim contiguous; x_out (b, s, n) contiguous. The modulated LayerNorm goes to
+// h_out (b, s, n) contiguous bf16, or (q_out non-null) as FP8 to q_out (b, s, n) float8_e4m3fn
+// contiguous with per-row scales in q_scale (b * s) fp32. All on one device.
+static void gate_residual_ln_impl(const at::Tensor *x, const at::Tensor *gate, const at::Tensor *y,
+                           const at::Tensor *scale, const at::Tensor *shift, const at::Tensor *x_out,
+                           const at::Tensor *h_out, const at::Tensor *q_out, const at::Tensor *q_scale,
+                           double eps) {
+  require(x->is_cuda() && x->dim() == 3 && x->is_contiguous() && x->scalar_type() == at::kBFloat16,
+          "x must be a contiguous CUDA bf16 (b, s, n) tensor");
+  const int device = x->get_device();
+  const int64_t b = x->size(0), s = x->size(1), n = x->size(2);
+  require(n % 4 == 0 && n <= 4096, "row width must be a multiple of 4, at most 4096");
+  require(y->is_cuda() && y->get_device() == device && y->scalar_type() == at::kBFloat16 &&
+              y->sizes() == x->sizes() && y->stride(2) == 1 && y->stride(1) % 4 == 0 &&
+              (b == 1 || y->stride(0) == s * y->stride(1)) && aligned8(*y),
+          "y must be bf16 (b, s, n) with contiguous, aligned rows on x's device");
+  for (const at::Tensor *m : {gate, scale, shift}) {
+    require(m->is_cuda() && m->get_device() == device && m->scalar_type() == at::kBFloat16 &&
+                m->dim() == 3 && m->size(0) == b && m->size(1) == 1 && m->size(2) == n &&
+                m->stride(2) == 1 && m->stride(0) == gate->stride(0) &&
+                m->stride(0) % 4 == 0 && aligned8(*m),
+            "gate/scale/shift must be bf16 (b, 1, n) chunks of one modulation tensor");
+  }
+  std::vector<const at::Tensor *> outs = {x_out};
+  if (q_out == nullptr) {
+    outs.push_back(h_out);
+  } else {
+    require(q_out->is_cuda() && q_out->get_device() == device &&
+                q_out->scalar_type() == at::kFloat8_e4m3fn && q_out->is_contiguous() &&
+                q_out->sizes() == x->sizes() && reinterpret_cast<uintptr_t>(q_out->data_ptr()) % 4 == 0,
+            "q_out must be a contiguous float8_e4m3fn tensor of x's shape on x's device");
+    require(q_scale->is_cuda() && q_scale->get_device() == device &&
+                q_scale->scalar_type() == at::kFloat && q_scale->is_contiguous() &&
+                q_scale->numel() == b * s,
+            "q_scale must be a contiguous fp32 tensor of b * s values on x's device");
+  }
+  for (const at::Tensor *o : outs) {
+    require(o->is_cuda() && o->get_device() == device && o->scalar_type() == at::kBFloat16 &&
+                o->is_contiguous() && o->sizes() == x->sizes() && aligned8(*o),
+            "outputs must be contiguous bf16 tensors of x's shape");
+  }
+  require(aligned8(*x), "x must be 8-byte aligned");
+  if (b * s == 0) {
+    return;
+  }
+  const void *px = x->data_ptr(), *py = y->data_ptr(), *pg = gate->data_ptr(),
+             *psc = scale->data_ptr(), *psh = shift->data_ptr();
+  void *pxo = x_out->data_ptr();
+  void *pho = q_out == nullptr ? h_out->data_ptr() : nullptr;
+  void *pq = q_out == nullptr ? nullptr : q_out->data_ptr();
+  void *pqs = q_out == nullptr ? nullptr : q_scale->data_ptr();
+  long long xs = n, ys = y->stride(1), ms = gate->stride(0), os = n;
+  int rpb = static_cast<int>(s), width = static_cast<int>(n);
+  float e = static_cast<float>(eps);
+  void *args[] = {&px, &xs, &py, &ys, &pg, &psc, &psh, &ms, &rpb, &pxo, &pho, &os, &width, &e, &pq, &pqs};
+  launch(device, kernels(device).gate_residual_ln, static_cast<unsigned>(b * s), 1, 256, args);
+}
+
 char *dtf_gate_residual_ln(const at::Tensor *x, const at::Tensor *gate, const at::Tensor *y,
                            const at::Tensor *scale, const at::Tensor *shift, const at::Tensor *x_out,
                            const at::Tensor *h_out, double eps) {
+  return guarded([&] { gate_residual_ln_impl(x, gate, y, scale, shift, x_out, h_out, nullptr, nullptr, eps); });
+}
+
+char *dtf_gate_residual_ln_fp8(const at::Tensor *x, const at::Tensor *gate, const at::Tensor *y,
+                               const at::Tensor *scale, const at::Tensor *shift, const at::Tensor *x_out,
+                               const at::Tensor *q_out, const at::Tensor *q_scale, double eps) {
   return guarded([&] {
-    require(x->is_cuda() && x->dim() == 3 && x->is_contiguous() && x->scalar_type() == at::kBFloat16,
-            "x must be a contiguous CUDA bf16 (b, s, n) tensor");
-    const int device = x->get_device();
-    const int64_t b = x->size(0), s = x->size(1), n = x->size(2);
-    require(n % 4 == 0 && n <= 4096, "row width must be a multiple of 4, at most 4096");
-    require(y->is_cuda() && y->get_device() == device && y->scalar_type() == at::kBFloat16 &&
-                y->sizes() == x->sizes() && y->stride(2) == 1 && y->stride(1) % 4 == 0 &&
-                (b == 1 || y->stride(0) == s * y->stride(1)) && aligned8(*y),
-            "y must be bf16 (b, s, n) with contiguous, aligned rows on x's device");
-    for (const at::Tensor *m : {gate, scale, shift}) {
-      require(m->is_cuda() && m->get_device() == device && m->scalar_type() == at::kBFloat16 &&
-                  m->dim() == 3 && m->size(0) == b && m->size(1) == 1 && m->size(2) == n &&
-                  m->stride(2) == 1 && m->stride(0) == gate->stride(0) &&
-                  m->stride(0) % 4 == 0 && aligned8(*m),
-              "gate/scale/shift must be bf16 (b, 1, n) chunks of one modulation tensor");
+    require(q_out != nullptr && q_scale != nullptr, "q_out and q_scale are required");
+    gate_residual_ln_impl(x, gate, y, scale, shift, x_out, nullptr, q_out, q_scale, eps);
+  });
+}
+
+// See dtf_gelu_quant_e4m3 in flux_kernels.cu.inc. a (rows, na) bf16 or null (na = 0), m (rows, nm)
+// bf16, both with a contiguous last dim and 16-byte aligned rows (na, nm multiples of 8); q
+// (rows, na + nm) float8_e4m3fn contiguous; scale (rows) fp32 contiguous. All on one CUDA device.
+char *dtf_gelu_quant_e4m3(const at::Tensor *a, const at::Tensor *m, const at::Tensor *q,
+                          const at::Tensor *scale) {
+  return guarded([&] {
+    auto rows_ok = [](const at::Tensor &t) {
+      return t.is_cuda() && t.scalar_type() == at::kBFloat16 && t.dim() == 2 && t.stride(1) == 1 &&
+             t.size(1) % 8 == 0 && t.stride(0) % 8 == 0 &&
+             reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+    };
+    require(rows_ok(*m), "m must be a CUDA bf16 (rows, n) tensor with 16-byte aligned rows, n % 8 == 0");
+    const int device = m->get_device();
+    const int64_t rows = m->size(0), nm = m->size(1);
+    int64_t na = 0;
+    if (a != nullptr) {
+      require(rows_ok(*a) && a->get_device() == device && a->size(0) == rows,
+              "a must be a bf16 (rows, n) tensor like m on m's device");
+      na = a->size(1);
     }
-    for (const at::Tensor *o : {x_out, h_out}) {
-      require(o->is_cuda() && o->get_device() == device && o->scalar_type() == at::kBFloat16 &&
-                  o->is_contiguous() && o->sizes() == x->sizes() && aligned8(*o),
-              "outputs must be contiguous bf16 tensors of x's shape");
-    }
-    require(aligned8(*x), "x must be 8-byte aligned");
-    if (b * s == 0) {
+    require(q->is_cuda() && q->get_device() == device && q->scalar_type() == at::kFloat8_e4m3fn &&
+                q->is_contiguous() && q->dim() == 2 && q->size(0) == rows && q->size(1) == na + nm &&
+                reinterpret_cast<uintptr_t>(q->data_ptr()) % 8 == 0,
+            "q must be a contiguous float8_e4m3fn (rows, na + nm) tensor on m's device");
+    require(scale->is_cuda() && scale->get_device() == device && scale->scalar_type() == at::kFloat &&
+                scale->is_contiguous() && scale->numel() == rows,
+            "scale must be a contiguous fp32 (rows) tensor on m's device");
+    require(rows < (int64_t(1) << 31) && na + nm < (int64_t(1) << 30), "too large");
+    if (rows == 0 || na + nm == 0) {
       return;
     }
-    const void *px = x->data_ptr(), *py = y->data_ptr(), *pg = gate->data_ptr(),
-               *psc = scale->data_ptr(), *psh = shift->data_ptr();
-    void *pxo = x_out->data_ptr(), *pho = h_out->data_ptr();
-    long long xs = n, ys = y->stride(1), ms = gate->stride(0), os = n;
-    int rpb = static_cast<int>(s), width = static_cast<int>(n);
-    float e = static_cast<float>(eps);
-    void *args[] = {&px, &xs, &py, &ys, &pg, &psc, &psh, &ms, &rpb, &pxo, &pho, &os, &width, &e};
-    launch(device, kernels(device).gate_residual_ln, static_cast<unsigned>(b * s), 1, 256, args);
+    const void *pa = a == nullptr ? m->data_ptr() : a->data_ptr();
+    const void *pm = m->data_ptr();
+    void *pq = q->data_ptr(), *ps = scale->data_ptr();
+    long long as = a == nullptr ? 0 : a->stride(0), ms = m->stride(0);
+    int ina = static_cast<int>(na), inm = static_cast<int>(nm);
+    void *args[] = {&pa, &as, &ina, &pm, &ms, &inm, &pq, &ps};
+    const unsigned block = static_cast<unsigned>(std::min<int64_t>(512, ((na + nm) / 8 + 31) / 32 * 32));
+    launch(device, kernels(device).gelu_quant_e4m3, static_cast<unsigned>(rows), 1, block, args);
   });
 }
 
@@ -751,6 +827,14 @@ char *dtf_kernels_compile_check(const char *) { return no_cuda(); }
 char *dtf_kernels_load(int) { return no_cuda(); }
 char *dtf_lora_add(const at::Tensor *, const at::Tensor *, const at::Tensor *) { return no_cuda(); }
 char *dtf_quant_rows_e4m3(const at::Tensor *, const at::Tensor *, const at::Tensor *) { return no_cuda(); }
+char *dtf_gelu_quant_e4m3(const at::Tensor *, const at::Tensor *, const at::Tensor *, const at::Tensor *) {
+  return no_cuda();
+}
+char *dtf_gate_residual_ln_fp8(const at::Tensor *, const at::Tensor *, const at::Tensor *,
+                               const at::Tensor *, const at::Tensor *, const at::Tensor *,
+                               const at::Tensor *, const at::Tensor *, double) {
+  return no_cuda();
+}
 char *dtf_attention(const at::Tensor *, const at::Tensor *, const at::Tensor *, int,
                     at::Tensor **out) {
   *out = nullptr;

@@ -13,6 +13,7 @@
 //! cargo run --release -p ditfleet-engine --example flux_bench                 # CUDA, full size
 //! cargo run --release -p ditfleet-engine --example flux_bench -- --tiny       # CPU smoke test
 //!   [--steps N] [--warmup N] [--size PX] [--txt-tokens N] [--device cpu|cuda:N] [--fp32|--bf16]
+//!   [--fp8] (the blocks quantised to FP8 after the build: `Flux::quantize_fp8`)
 //!   [--weights flux1-dev.safetensors] [--dump-latent out.safetensors] [--seed N]
 //!   [--depth N] [--single-depth N]
 //! ```
@@ -69,6 +70,7 @@ struct Args {
     graphs: bool,
     sim_plan: Option<Plan>,
     per_step_mod: bool,
+    fp8: bool,
 }
 
 fn parse() -> Result<Args> {
@@ -90,6 +92,7 @@ fn parse() -> Result<Args> {
         graphs: false,
         sim_plan: None,
         per_step_mod: false,
+        fp8: false,
     };
     let mut bf16 = false;
     let mut it = std::env::args().skip(1);
@@ -111,6 +114,7 @@ fn parse() -> Result<Args> {
             "--check-fused" => a.check_fused = true,
             "--graphs" => a.graphs = true,
             "--per-step-modulation" => a.per_step_mod = true,
+            "--fp8" => a.fp8 = true,
             "--sim-plan" => {
                 let p: Plan = val()?.parse().map_err(anyhow::Error::msg)?;
                 if p.pipefusion > 1 || p.cfg > 1 || p.dp > 1 {
@@ -350,16 +354,47 @@ fn main() -> Result<()> {
     }
     let mut mem = MemProbe::new(dev);
     let t_build = Instant::now();
-    let model = match &args.weights {
+    let mut model = match &args.weights {
         Some(w) => Flux::load(&cfg, w, dev, args.kind)?,
         None => {
             tch::manual_seed(args.seed as i64);
             Flux::new(&cfg, dev, args.kind)?
         }
     };
+    let params: i64 = model.vs.variables().values().map(|t| t.numel() as i64).sum();
+    if args.fp8 {
+        model.quantize_fp8()?;
+        ditfleet_engine::aten::empty_cache()?;
+    }
+    let model = model;
     sync(dev);
     let build_s = t_build.elapsed().as_secs_f64();
-    let params: i64 = model.vs.variables().values().map(|t| t.numel() as i64).sum();
+    // Bytes of the weights as held (FP8 blocks: 1 byte a value plus their scales).
+    let weight_bytes: i64 = model
+        .vs
+        .variables()
+        .values()
+        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as i64)
+        .sum::<i64>()
+        + model
+            .double_blocks
+            .iter()
+            .flat_map(|b| {
+                [
+                    &b.img_attn.qkv,
+                    &b.img_attn.proj,
+                    &b.img_mlp.fc0,
+                    &b.img_mlp.fc2,
+                    &b.txt_attn.qkv,
+                    &b.txt_attn.proj,
+                    &b.txt_mlp.fc0,
+                    &b.txt_mlp.fc2,
+                ]
+            })
+            .chain(model.single_blocks.iter().flat_map(|b| [&b.linear1, &b.linear2]))
+            .filter_map(|l| l.fp8.as_ref())
+            .map(|f| (f.weight.numel() + 4 * f.scale.numel()) as i64)
+            .sum::<i64>();
     mem.sample();
 
     // Inputs: seeded noise as the pipeline draws it, random text states.
@@ -527,6 +562,8 @@ fn main() -> Result<()> {
         "device": format!("{dev:?}"),
         "dtype": format!("{:?}", args.kind),
         "params": params,
+        "precision": if args.fp8 { "fp8" } else { "bf16" },
+        "weight_gib": weight_bytes as f64 / (1u64 << 30) as f64,
         "image_px": args.size,
         "img_tokens": img_seq,
         "txt_tokens": args.txt_tokens,

@@ -65,6 +65,23 @@ unsafe extern "C" {
     ) -> *mut c_char;
     fn dtf_lora_add(w: *const c_void, d: *const c_void, nonfinite: *const c_void) -> *mut c_char;
     fn dtf_quant_rows_e4m3(x: *const c_void, q: *const c_void, scale: *const c_void) -> *mut c_char;
+    fn dtf_gelu_quant_e4m3(
+        a: *const c_void,
+        m: *const c_void,
+        q: *const c_void,
+        scale: *const c_void,
+    ) -> *mut c_char;
+    fn dtf_gate_residual_ln_fp8(
+        x: *const c_void,
+        gate: *const c_void,
+        y: *const c_void,
+        scale: *const c_void,
+        shift: *const c_void,
+        x_out: *const c_void,
+        q_out: *const c_void,
+        q_scale: *const c_void,
+        eps: f64,
+    ) -> *mut c_char;
     fn dtf_lse_merge(
         acc: *const c_void,
         acc_lse: *const c_void,
@@ -351,6 +368,49 @@ pub fn quant_rows_e4m3(x: &Tensor, q: &Tensor, scale: &Tensor) -> Result<(), Tch
     // SAFETY: as in `qkv_norm_rope`.
     check("fp8 row quantisation", unsafe {
         dtf_quant_rows_e4m3(x.as_ptr().cast(), q.as_ptr().cast(), scale.as_ptr().cast())
+    })
+}
+
+/// [`gate_residual_ln`] with the modulated LayerNorm written as FP8 (`dtf_gate_residual_ln_fp8`):
+/// `q_out` `(b, s, n)` float8_e4m3fn and its per-row scales `q_scale` `(b * s)` fp32, scaled as
+/// [`quant_rows_e4m3`] scales the bf16 `h` it replaces.
+#[allow(clippy::too_many_arguments)]
+pub fn gate_residual_ln_fp8(
+    x: &Tensor,
+    gate: &Tensor,
+    y: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    x_out: &Tensor,
+    q_out: &Tensor,
+    q_scale: &Tensor,
+    eps: f64,
+) -> Result<(), TchError> {
+    // SAFETY: as in `qkv_norm_rope`.
+    check("fused gated residual + layer norm (fp8 out)", unsafe {
+        dtf_gate_residual_ln_fp8(
+            x.as_ptr().cast(),
+            gate.as_ptr().cast(),
+            y.as_ptr().cast(),
+            scale.as_ptr().cast(),
+            shift.as_ptr().cast(),
+            x_out.as_ptr().cast(),
+            q_out.as_ptr().cast(),
+            q_scale.as_ptr().cast(),
+            eps,
+        )
+    })
+}
+
+/// The FP8 input of a GEMM after a GELU in one pass (`dtf_gelu_quant_e4m3`): rows
+/// `[a | GELU_tanh(m)]` (`a` optional; each GELU value rounded to bf16) quantised per row into `q`
+/// `(rows, na + nm)` float8_e4m3fn and `scale` `(rows)` fp32. `a` / `m`: bf16 `(rows, n)` with
+/// 16-byte aligned rows and `n % 8 == 0`, on the current stream of their CUDA device.
+pub fn gelu_quant_e4m3(a: Option<&Tensor>, m: &Tensor, q: &Tensor, scale: &Tensor) -> Result<(), TchError> {
+    let pa: *const c_void = a.map_or(std::ptr::null(), |a| a.as_ptr().cast());
+    // SAFETY: as in `qkv_norm_rope`; a null `a` is the kernel's documented "no prefix".
+    check("fp8 GELU quantisation", unsafe {
+        dtf_gelu_quant_e4m3(pa, m.as_ptr().cast(), q.as_ptr().cast(), scale.as_ptr().cast())
     })
 }
 

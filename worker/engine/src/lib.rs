@@ -19,6 +19,7 @@ pub mod models;
 pub use models::flux;
 pub mod nn;
 pub mod parallel;
+pub mod precision;
 pub mod request;
 pub mod schedulers;
 pub mod settings;
@@ -27,6 +28,7 @@ pub mod simulated;
 pub use checkpoint::StepCheckpoint;
 pub use error::EngineError;
 pub use image::GeneratedImage;
+pub use precision::Precision;
 pub use request::{Control, GenerateRequest, LoraRef, StageTimings, StepEvent};
 
 /// What an engine tells the fleet about itself (advertised in the worker's registration).
@@ -42,6 +44,10 @@ pub struct EngineInfo {
     pub devices: Vec<String>,
     /// How many GPUs/ranks one image is split across.
     pub parallel_degree: u32,
+    /// The transformer's numeric format ([`Precision`]); engines advertised before the field
+    /// existed read as bf16.
+    #[serde(default)]
+    pub precision: Precision,
     /// Human-readable note shown by `ditfleetctl workers` (e.g. "tiny random-weight Flux config").
     pub note: String,
 }

@@ -331,6 +331,7 @@ impl Engine for SimulatedEngine {
                 .collect(),
             devices: vec!["cpu".into()],
             parallel_degree: 1,
+            precision: crate::Precision::Bf16,
             note: format!("SIMULATED engine ({} ms/step, no model)", self.config.step_ms),
         }
     }

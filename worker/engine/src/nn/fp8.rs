@@ -1,5 +1,4 @@
-//! FP8 (e4m3fn) linear layers for Hopper's FP8 tensor cores (issue 20; not yet wired into a
-//! model): the weight is quantised once with one scale per output channel, the activation per row
+//! FP8 (e4m3fn) linear layers for Hopper's FP8 tensor cores: the weight is quantised once with one scale per output channel, the activation per row
 //! (token) at run time, and one scaled GEMM (`_scaled_mm`, cuBLASLt) multiplies them with fp32
 //! accumulation and bf16 output: `y[r, o] = sx[r] * sw[o] * Σ q(x)[r, k] q(w)[o, k] + b[o]`.
 //!
@@ -23,7 +22,7 @@ pub const E4M3_MAX: f64 = 448.0;
 /// `x[r] ≈ q[r] * scale[r]`. Through the fused kernel on CUDA where it applies, else the reference
 /// ops ([`quantize_rows_reference`]).
 pub fn quantize_rows(x: &Tensor) -> Res<(Tensor, Tensor)> {
-    if kernel_applies(x) {
+    if rows_kernel_fits(x) {
         let (rows, n) = x.size2()?;
         let q = Tensor::f_empty([rows, n], (Kind::Float8e4m3fn, x.device()))?;
         let scale = Tensor::f_empty([rows, 1], (Kind::Float, x.device()))?;
@@ -33,9 +32,9 @@ pub fn quantize_rows(x: &Tensor) -> Res<(Tensor, Tensor)> {
     quantize_rows_reference(x)
 }
 
-/// Whether [`crate::aten::quant_rows_e4m3`] takes `x`: bf16 `(rows, n)` on a CUDA device with the
-/// fused kernels, contiguous last dim, `n % 8 == 0`, 16-byte aligned rows.
-fn kernel_applies(x: &Tensor) -> bool {
+/// Whether the row-quantising kernels take `x`: bf16 `(rows, n)` on a CUDA device with the fused
+/// kernels, contiguous last dim, `n % 8 == 0`, 16-byte aligned rows.
+fn rows_kernel_fits(x: &Tensor) -> bool {
     let Device::Cuda(i) = x.device() else {
         return false;
     };
@@ -68,6 +67,115 @@ pub fn dequantize(q: &Tensor, scale: &Tensor) -> Res<Tensor> {
     q.f_to_kind(Kind::Float)?.f_mul(scale)
 }
 
+/// An activation in FP8 with one scale per row (token), as a GEMM after it reads it: `q`
+/// `(..., n)` e4m3fn and `scale` `(..., 1)` fp32 with the same leading dims, `x ≈ q * scale`.
+#[derive(Debug)]
+pub struct Fp8Act {
+    pub q: Tensor,
+    pub scale: Tensor,
+}
+
+impl Fp8Act {
+    /// Rows `start..start + len` of dim `dim` (a leading dim: per-row scales narrow with them).
+    pub fn narrow(&self, dim: i64, start: i64, len: i64) -> Res<Fp8Act> {
+        Ok(Fp8Act {
+            q: self.q.f_narrow(dim, start, len)?,
+            scale: self.scale.f_narrow(dim, start, len)?,
+        })
+    }
+
+    /// The values in fp32.
+    pub fn dequantize(&self) -> Res<Tensor> {
+        dequantize(&self.q, &self.scale)
+    }
+}
+
+/// A linear layer's input: dense activations, or their FP8 copy made by the kernel that produced
+/// them ([`Fp8Act`]), so an FP8 GEMM after it needs no quantisation pass.
+#[derive(Debug)]
+pub enum Act {
+    Dense(Tensor),
+    Fp8(Fp8Act),
+}
+
+impl Act {
+    pub fn size(&self) -> Vec<i64> {
+        match self {
+            Act::Dense(t) => t.size(),
+            Act::Fp8(a) => a.q.size(),
+        }
+    }
+
+    /// See [`Fp8Act::narrow`].
+    pub fn narrow(&self, dim: i64, start: i64, len: i64) -> Res<Act> {
+        Ok(match self {
+            Act::Dense(t) => Act::Dense(t.f_narrow(dim, start, len)?),
+            Act::Fp8(a) => Act::Fp8(a.narrow(dim, start, len)?),
+        })
+    }
+
+    /// The activation as a dense tensor of `kind` (an FP8 one dequantised).
+    pub fn dense(&self, kind: Kind) -> Res<Tensor> {
+        match self {
+            Act::Dense(t) => Ok(t.shallow_clone()),
+            Act::Fp8(a) => a.dequantize()?.f_to_kind(kind),
+        }
+    }
+}
+
+/// Per-row FP8 quantisation of `x` `(..., n)` (any leading dims) as an [`Fp8Act`].
+pub fn quantize_act(x: &Tensor) -> Res<Fp8Act> {
+    let size = x.size();
+    let n = size[size.len() - 1];
+    let (q, scale) = quantize_rows(&x.f_reshape([-1, n])?)?;
+    let mut ssize = size.clone();
+    *ssize.last_mut().expect("dims") = 1;
+    Ok(Fp8Act {
+        q: q.f_reshape(size.as_slice())?,
+        scale: scale.f_reshape(ssize.as_slice())?,
+    })
+}
+
+/// The FP8 input of a GEMM that follows a tanh GELU: rows `[a | GELU(m)]` (`a` optional, e.g. a
+/// Flux single block's attention output beside its MLP activation, which `linear2` reads as one
+/// row), each GELU value rounded to `m`'s dtype, quantised per row. `a` `(..., na)`, `m` `(..., nm)`
+/// with equal leading dims. One kernel pass on CUDA bf16 ([`crate::aten::gelu_quant_e4m3`]),
+/// the same arithmetic in reference ops elsewhere.
+pub fn gelu_quantize(a: Option<&Tensor>, m: &Tensor) -> Res<Fp8Act> {
+    let msize = m.size();
+    let nm = msize[msize.len() - 1];
+    let na = a.map_or(0, |a| a.size()[a.dim() - 1]);
+    let m2 = m.f_reshape([-1, nm])?;
+    let a2 = a.map(|a| a.f_reshape([-1, na])).transpose()?;
+    let mut qsize = msize.clone();
+    *qsize.last_mut().expect("dims") = na + nm;
+    let mut ssize = msize.clone();
+    *ssize.last_mut().expect("dims") = 1;
+    let rows = m2.size()[0];
+    let fits = |t: &Tensor| rows_kernel_fits(t) && t.size()[0] == rows;
+    let (q, scale) = if fits(&m2) && a2.as_ref().is_none_or(fits) {
+        let q = Tensor::f_empty([rows, na + nm], (Kind::Float8e4m3fn, m.device()))?;
+        let scale = Tensor::f_empty([rows, 1], (Kind::Float, m.device()))?;
+        crate::aten::gelu_quant_e4m3(a2.as_ref(), &m2, &q, &scale)?;
+        (q, scale)
+    } else {
+        let g = m2
+            .f_to_kind(Kind::Float)?
+            .f_gelu("tanh")?
+            .f_to_kind(m.kind())?
+            .f_to_kind(Kind::Float)?;
+        let row = match &a2 {
+            Some(a) => Tensor::f_cat(&[a.f_to_kind(Kind::Float)?, g], 1)?,
+            None => g,
+        };
+        quantize_rows_reference(&row)?
+    };
+    Ok(Fp8Act {
+        q: q.f_reshape(qsize.as_slice())?,
+        scale: scale.f_reshape(ssize.as_slice())?,
+    })
+}
+
 /// A linear layer with an FP8 weight: `weight` `(out, in)` e4m3fn, `scale` `(1, out)` fp32 per
 /// output channel, `bias` `(out)` in the activations' dtype.
 #[derive(Debug)]
@@ -91,6 +199,38 @@ impl Fp8Linear {
         })
     }
 
+    /// A layer from an already quantised weight `(out, in)` e4m3fn and its scales: per output
+    /// channel (`(out)`, `(out, 1)` or `(1, out)`) or one per-tensor value (broadcast).
+    pub fn from_quantized(weight: Tensor, scale: &Tensor, bias: Option<&Tensor>) -> Res<Self> {
+        let out = weight.size()[0];
+        let scale = scale.f_to_kind(Kind::Float)?;
+        let scale = match scale.numel() as i64 {
+            1 => scale
+                .f_reshape([1, 1])?
+                .f_expand([1, out], false)?
+                .f_contiguous()?,
+            n if n == out => scale.f_reshape([1, out])?.f_contiguous()?,
+            n => {
+                return Err(tch::TchError::Shape(format!(
+                    "fp8 weight {:?}: {n} scales, want {out} (per output channel) or 1",
+                    weight.size()
+                )));
+            }
+        };
+        if weight.kind() != Kind::Float8e4m3fn {
+            return Err(tch::TchError::Kind(format!(
+                "fp8 weight is {:?}, not Float8e4m3fn",
+                weight.kind()
+            )));
+        }
+        Ok(Self {
+            weight,
+            scale,
+            bias: bias.map(|b| b.shallow_clone()),
+            fast_accum: false,
+        })
+    }
+
     /// The weight dequantised to fp32 `(out, in)`.
     pub fn dequantized_weight(&self) -> Res<Tensor> {
         dequantize(&self.weight, &self.scale.f_reshape([-1, 1])?)
@@ -99,31 +239,71 @@ impl Fp8Linear {
     /// `x` `(..., in)` -> `(..., out)` in `x`'s dtype: the activation quantised per row, then the
     /// scaled FP8 GEMM on CUDA (bf16 out), its fp32 emulation elsewhere.
     pub fn forward(&self, x: &Tensor) -> Res<Tensor> {
-        let size = x.size();
+        self.forward_q(&quantize_act(x)?, x.kind())
+    }
+
+    /// The layer on an already quantised activation `(..., in)`, output `(..., out)` in `kind`
+    /// (bf16 on CUDA, where `_scaled_mm` writes it).
+    pub fn forward_q(&self, x: &Fp8Act, kind: Kind) -> Res<Tensor> {
+        let size = x.q.size();
         let (lead, in_dim) = size.split_at(size.len() - 1);
-        let x2 = x.f_reshape([-1, in_dim[0]])?;
-        let (q, sx) = quantize_rows(&x2)?;
-        let y = if x.device().is_cuda() {
-            q.f_internal_scaled_mm(
-                &self.weight.f_tr()?,
-                &sx,
-                &self.scale,
-                self.bias.as_ref(),
-                None::<&Tensor>,
-                x.kind(),
-                self.fast_accum,
-            )?
+        let q = x.q.f_reshape([-1, in_dim[0]])?;
+        let sx = x.scale.f_reshape([-1, 1])?;
+        let y = if q.device().is_cuda() {
+            let q = if q.is_contiguous() { q } else { q.f_contiguous()? };
+            let sx = if sx.is_contiguous() {
+                sx
+            } else {
+                sx.f_contiguous()?
+            };
+            self.scaled_mm(&q, &sx, kind)?
         } else {
             let y = dequantize(&q, &sx)?.f_mm(&self.dequantized_weight()?.f_tr()?)?;
             let y = match &self.bias {
                 Some(b) => y.f_add(&b.f_to_kind(Kind::Float)?)?,
                 None => y,
             };
-            y.f_to_kind(x.kind())?
+            y.f_to_kind(kind)?
         };
         let mut shape = lead.to_vec();
         shape.push(self.weight.size()[0]);
         y.f_reshape(shape.as_slice())
+    }
+
+    /// `_scaled_mm` with the bias in its epilogue where this torch build takes a bias with
+    /// row-wise scales, else the GEMM then a bias add (tried once per process).
+    fn scaled_mm(&self, q: &Tensor, sx: &Tensor, kind: Kind) -> Res<Tensor> {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        // 0: not tried, 1: the epilogue takes the bias, 2: it does not.
+        static BIAS_EPILOGUE: AtomicU8 = AtomicU8::new(0);
+        let wt = self.weight.f_tr()?; // (in, out), column-major as cuBLASLt wants it
+        let bias = self.bias.as_ref().map(|b| {
+            if b.kind() == kind {
+                Ok(b.shallow_clone())
+            } else {
+                b.f_to_kind(kind)
+            }
+        });
+        let bias = bias.transpose()?;
+        let mm = |b: Option<&Tensor>| {
+            q.f_internal_scaled_mm(&wt, sx, &self.scale, b, None::<&Tensor>, kind, self.fast_accum)
+        };
+        match (&bias, BIAS_EPILOGUE.load(Ordering::Relaxed)) {
+            (None, _) => mm(None),
+            (Some(b), 0) => match mm(Some(b)) {
+                Ok(y) => {
+                    BIAS_EPILOGUE.store(1, Ordering::Relaxed);
+                    Ok(y)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "scaled GEMM takes no bias with row-wise scales here: adding it after");
+                    BIAS_EPILOGUE.store(2, Ordering::Relaxed);
+                    mm(None)?.f_add_(b)
+                }
+            },
+            (Some(b), 1) => mm(Some(b)),
+            (Some(b), _) => mm(None)?.f_add_(b),
+        }
     }
 }
 

@@ -51,11 +51,13 @@ fn uniform(fan_in: i64) -> nn::Init {
     })
 }
 
-/// `y = x W^T + b`; weight `(out, in)`.
+/// `y = x W^T + b`; weight `(out, in)`. With [`Linear::fp8`] the layer computes in FP8
+/// ([`fp8::Fp8Linear`]) and `weight` is its e4m3fn weight (the bf16 one is gone).
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub fp8: Option<fp8::Fp8Linear>,
 }
 
 impl Linear {
@@ -66,11 +68,40 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            fp8: None,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Res<Tensor> {
-        x.f_linear(&self.weight, self.bias.as_ref())
+        match &self.fp8 {
+            Some(f) => f.forward(x),
+            None => x.f_linear(&self.weight, self.bias.as_ref()),
+        }
+    }
+
+    /// The layer on `x` as its producer handed it over (an FP8 activation goes straight to the
+    /// FP8 GEMM; `kind` is the output dtype then).
+    pub fn forward_act(&self, x: &fp8::Act, kind: Kind) -> Res<Tensor> {
+        match (x, &self.fp8) {
+            (fp8::Act::Dense(t), _) => self.forward(t),
+            (fp8::Act::Fp8(a), Some(f)) => f.forward_q(a, kind),
+            (fp8::Act::Fp8(_), None) => self.forward(&x.dense(kind)?),
+        }
+    }
+
+    pub fn is_fp8(&self) -> bool {
+        self.fp8.is_some()
+    }
+
+    /// Makes this an FP8 layer: `f`'s weight replaces the bf16 one (whose memory goes with the
+    /// last handle to it: the caller drops the variable store's).
+    pub fn set_fp8(&mut self, f: fp8::Fp8Linear) {
+        self.weight = f.weight.shallow_clone();
+        self.bias = f.bias.as_ref().map(|b| b.shallow_clone());
+        self.fp8 = Some(f);
     }
 }
 

@@ -48,6 +48,7 @@ fn parse_kind(dtype: &str) -> Option<Kind> {
         "I8" => Kind::Int8,
         "U8" => Kind::Uint8,
         "BOOL" => Kind::Bool,
+        "F8_E4M3" => Kind::Float8e4m3fn,
         _ => return None,
     })
 }
@@ -446,6 +447,63 @@ pub fn load_strict(
             }
         }
     }
+    Ok(())
+}
+
+/// safetensors' name for `kind`.
+fn dtype_name(kind: Kind) -> Option<&'static str> {
+    Some(match kind {
+        Kind::Float => "F32",
+        Kind::Half => "F16",
+        Kind::BFloat16 => "BF16",
+        Kind::Double => "F64",
+        Kind::Int64 => "I64",
+        Kind::Int => "I32",
+        Kind::Int16 => "I16",
+        Kind::Int8 => "I8",
+        Kind::Uint8 => "U8",
+        Kind::Bool => "BOOL",
+        Kind::Float8e4m3fn => "F8_E4M3",
+        _ => return None,
+    })
+}
+
+/// Writes `named` as one safetensors file (any device; FP8 included, which libtorch's writer
+/// lacks), tensor by tensor, through a temporary file renamed into place.
+pub fn write_safetensors(named: &BTreeMap<String, Tensor>, path: &Path) -> Result<(), EngineError> {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for (name, t) in named {
+        let dtype = dtype_name(t.kind())
+            .ok_or_else(|| load_err(format!("{name}: cannot write dtype {:?}", t.kind())))?;
+        let bytes = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": t.size(), "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut head = serde_json::to_vec(&serde_json::Value::Object(header))
+        .map_err(|e| load_err(format!("safetensors header: {e}")))?;
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let tmp = path.with_extension("safetensors.partial");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    f.write_all(&(head.len() as u64).to_le_bytes())?;
+    f.write_all(&head)?;
+    for t in named.values() {
+        let host = t
+            .f_to_device(tch::Device::Cpu)?
+            .f_contiguous()?
+            .f_view_dtype(Kind::Uint8)?
+            .f_reshape([-1])?;
+        let data = Vec::<u8>::try_from(&host)?;
+        f.write_all(&data)?;
+    }
+    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 

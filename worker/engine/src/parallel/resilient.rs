@@ -101,6 +101,7 @@ impl<L: ParallelLeader> ResilientParallel<L> {
                 model_versions: Vec::new(),
                 devices: Vec::new(),
                 parallel_degree: 0,
+                precision: crate::Precision::Bf16,
                 note: String::new(),
             },
         };

@@ -8,6 +8,7 @@ use super::embed::{Modulation, Rope, precomputed};
 use super::joint::{Ctx, Overlap, Rows, around, overlap_chunks};
 use super::layers::{LayerNorm, Linear, Res, RmsNorm};
 use super::transformer::{Config, Opts};
+use crate::nn::fp8::{self, Act};
 
 /// `(1 + scale) * LN(x) + shift` (`norm` has no affine parameters). With [`Opts::modulation`]:
 /// for batch 1 the LayerNorm's own affine does the modulation (one pass), else one `addcmul`.
@@ -64,20 +65,24 @@ impl Hidden {
         }
     }
 
-    /// The stream and its modulated LayerNorm `(1 + scale) * LN(x) + shift`.
+    /// The stream and its modulated LayerNorm `(1 + scale) * LN(x) + shift`, as FP8 where `fp8`
+    /// (the layer reading it computes in FP8) and the fused kernel writes it so.
     pub(crate) fn modulate(
         self,
         norm: &LayerNorm,
         shift: &Tensor,
         scale: &Tensor,
         opts: Opts,
-    ) -> Res<(Tensor, Tensor)> {
+        fp8: bool,
+    ) -> Res<(Tensor, Act)> {
         match self {
             Hidden::Ready(x) => {
                 let h = modulate(norm, &x, shift, scale)?;
-                Ok((x, h))
+                Ok((x, Act::Dense(h)))
             }
-            Hidden::Deferred { x, gate, y } => gated_add_modulate(norm, &x, &gate, &y, shift, scale, opts),
+            Hidden::Deferred { x, gate, y } => {
+                gated_add_modulate(norm, &x, &gate, &y, shift, scale, opts, fp8)
+            }
         }
     }
 }
@@ -188,7 +193,8 @@ fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor, fused: bool) -> Res<T
 }
 
 /// `x' = x + gate * y` and `LN(x') * (1 + scale) + shift`: one kernel with [`Opts::ln`] on CUDA
-/// bf16, else [`gated_add`] and [`modulate`].
+/// bf16 (which, with `fp8`, writes the LayerNorm's output as FP8 with per-row scales and not in
+/// bf16), else [`gated_add`] and [`modulate`].
 #[allow(clippy::too_many_arguments)]
 fn gated_add_modulate(
     norm: &LayerNorm,
@@ -198,16 +204,24 @@ fn gated_add_modulate(
     shift: &Tensor,
     scale: &Tensor,
     opts: Opts,
-) -> Res<(Tensor, Tensor)> {
+    fp8: bool,
+) -> Res<(Tensor, Act)> {
     if opts.ln && x.dim() == 3 && x.is_contiguous() && norm.weight.is_none() && fused_kernels(x) {
         let x_out = x.f_empty_like()?;
+        if fp8 {
+            let (b, s, _) = x.size3()?;
+            let q = Tensor::f_empty(x.size().as_slice(), (Kind::Float8e4m3fn, x.device()))?;
+            let qs = Tensor::f_empty([b, s, 1], (Kind::Float, x.device()))?;
+            crate::aten::gate_residual_ln_fp8(x, gate, y, scale, shift, &x_out, &q, &qs, norm.eps)?;
+            return Ok((x_out, Act::Fp8(fp8::Fp8Act { q, scale: qs })));
+        }
         let h_out = x.f_empty_like()?;
         crate::aten::gate_residual_ln(x, gate, y, scale, shift, &x_out, &h_out, norm.eps)?;
-        return Ok((x_out, h_out));
+        return Ok((x_out, Act::Dense(h_out)));
     }
     let x = gated_add(x, gate, y)?;
     let h = modulate(norm, &x, shift, scale)?;
-    Ok((x, h))
+    Ok((x, Act::Dense(h)))
 }
 
 /// RoPE + attention; returns `(b, seq, heads * dim)`.
@@ -232,10 +246,23 @@ impl Mlp {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, opts: Opts) -> Res<Tensor> {
+    /// On `x` as its producer handed it over; `kind` is the output dtype. FP8 layers: `fc0`'s
+    /// bf16 output goes through the GELU into `fc2`'s FP8 input in one pass
+    /// ([`fp8::gelu_quantize`]).
+    pub(crate) fn forward_act(&self, x: &Act, opts: Opts, kind: Kind) -> Res<Tensor> {
+        if self.fc0.is_fp8() {
+            let pre = self.fc0.forward_act(x, kind)?; // (b, seq, mlp)
+            return if self.fc2.is_fp8() {
+                self.fc2
+                    .forward_act(&Act::Fp8(fp8::gelu_quantize(None, &pre)?), kind)
+            } else {
+                self.fc2.forward(&pre.f_gelu("tanh")?)
+            };
+        }
+        let x = x.dense(kind)?;
         let h = match &self.fc0.bias {
-            Some(b) => linear_gelu(x, &self.fc0.weight, b, opts.gelu)?,
-            None => self.fc0.forward(x)?.f_gelu("tanh")?,
+            Some(b) => linear_gelu(&x, &self.fc0.weight, b, opts.gelu)?,
+            None => self.fc0.forward(&x)?.f_gelu("tanh")?,
         };
         self.fc2.forward(&h)
     }
@@ -298,14 +325,15 @@ impl DoubleBlock {
         };
         let im = self.img_mod.forward(&iv)?; // 6 x (b, 1, h)
         let tm = self.txt_mod.forward(&tv)?;
-        let (img, img_in) = img.modulate(&self.norm, &im[0], &im[1], ctx.opts)?;
-        let (txt, txt_in) = txt.modulate(&self.norm, &tm[0], &tm[1], ctx.opts)?;
+        let (img, img_in) = img.modulate(&self.norm, &im[0], &im[1], ctx.opts, self.img_attn.qkv.is_fp8())?;
+        let (txt, txt_in) = txt.modulate(&self.norm, &tm[0], &tm[1], ctx.opts, self.txt_attn.qkv.is_fp8())?;
         let (img, txt) = (&img, &txt);
         if let Some(out) = self.forward_in_pieces(img, txt, &img_in, &txt_in, (&im, &tm), ctx)? {
             return Ok(out);
         }
-        let img_qkv = self.img_attn.qkv.forward(&img_in)?; // (b, img, 3h)
-        let txt_qkv = self.txt_attn.qkv.forward(&txt_in)?; // (b, txt, 3h)
+        let kind = img.kind();
+        let img_qkv = self.img_attn.qkv.forward_act(&img_in, kind)?; // (b, img, 3h)
+        let txt_qkv = self.txt_attn.qkv.forward_act(&txt_in, kind)?; // (b, txt, 3h)
         let (b, img_len, _) = img_qkv.size3()?;
         let txt_len = txt.size()[1];
         let rows = txt_len + img_len;
@@ -341,22 +369,23 @@ impl DoubleBlock {
         &self,
         img: &Tensor,
         txt: &Tensor,
-        img_in: &Tensor,
-        txt_in: &Tensor,
+        img_in: &Act,
+        txt_in: &Act,
         (im, tm): (&[Tensor], &[Tensor]),
         ctx: Ctx<'_>,
     ) -> Res<Option<(Hidden, Hidden)>> {
-        let (b, img_len, h) = img_in.size3()?;
-        let txt_len = txt_in.size()[1];
+        let (b, img_len, h) = img.size3()?;
+        let txt_len = txt.size()[1];
         let rows = txt_len + img_len;
+        let kind = img.kind();
         if !(ctx.opts.a2a
-            && ctx.fused_rows(img_in, rows)
+            && ctx.fused_rows(img, rows)
             && h == self.heads * 128
             && ctx.attn.head_groups(self.heads, b) > 1)
         {
             return Ok(None);
         }
-        let (q, k, v) = ctx.joint_buffers(img_in, b, rows, self.heads)?; // (g, b, rows, heads / g, d)
+        let (q, k, v) = ctx.joint_buffers(img, b, rows, self.heads)?; // (g, b, rows, heads / g, d)
         let Some(mut s) = ctx.attn.session(&q, &k, &v, ctx.opts.overlap)? else {
             return Ok(None);
         };
@@ -367,11 +396,11 @@ impl DoubleBlock {
             let qkv = self
                 .img_attn
                 .qkv
-                .forward(&img_in.f_narrow(1, start - txt_len, len)?)?; // (b, len, 3h)
+                .forward_act(&img_in.narrow(1, start - txt_len, len)?, kind)?; // (b, len, 3h)
             fused_qkv(&qkv, &self.img_attn.norm, ctx.pe, (&q, &k, &v), start)?;
             s.send(piece)?;
         }
-        let txt_qkv = self.txt_attn.qkv.forward(txt_in)?; // (b, txt, 3h)
+        let txt_qkv = self.txt_attn.qkv.forward_act(txt_in, kind)?; // (b, txt, 3h)
         fused_qkv(&txt_qkv, &self.txt_attn.norm, ctx.pe, (&q, &k, &v), 0)?;
         s.send(Rows::Txt)?;
         s.attend()?;
@@ -404,8 +433,9 @@ impl DoubleBlock {
             &m[3],
             &m[4],
             opts,
+            mlp.fc0.is_fp8(),
         )?;
-        let y = mlp.forward(&x_mod, opts)?;
+        let y = mlp.forward_act(&x_mod, opts, x.kind())?;
         Hidden::close(x, &m[5], y, opts)
     }
 }
@@ -449,16 +479,26 @@ impl SingleBlock {
     /// ([`Hidden`]); returns its own the same way.
     pub fn forward_chained(&self, x: Hidden, vec: &Tensor, ctx: Ctx<'_>) -> Res<Hidden> {
         let m = self.modulation.forward(vec)?; // 3 x (b, 1, h)
-        let (x, x_mod) = x.modulate(&self.pre_norm, &m[0], &m[1], ctx.opts)?;
-        if ctx.opts.split && cuda_bf16(&x) {
-            let out = self.halves_out(&x, &x_mod, ctx)?;
+        let fp8 = self.linear1.is_fp8();
+        let (x, x_mod) = x.modulate(&self.pre_norm, &m[0], &m[1], ctx.opts, fp8)?;
+        let kind = x.kind();
+        if ctx.opts.split && cuda_bf16(&x) && !fp8 {
+            let out = self.halves_out(&x, &x_mod.dense(kind)?, ctx)?;
             return Hidden::close(x, &m[2], out, ctx.opts);
         }
         let x = &x;
-        let fused = self.linear1.forward(&x_mod)?; // (b, seq, 3h + mlp)
+        let fused = self.linear1.forward_act(&x_mod, kind)?; // (b, seq, 3h + mlp)
         let mlp = fused.f_narrow(-1, 3 * self.hidden, self.mlp_hidden)?;
         let o = self.attend_qkv(&fused, ctx)?; // (b, seq, heads, d)
         let (b, s, heads, d) = o.size4()?;
+        if self.linear2.is_fp8() {
+            // linear2's FP8 input [attention | GELU(mlp)] in one pass, one scale per token.
+            let o = o.f_reshape([b, s, heads * d])?;
+            let o = if o.stride()[2] == 1 { o } else { o.f_contiguous()? };
+            let q = fp8::gelu_quantize(Some(&o), &mlp)?;
+            let out = self.linear2.forward_act(&Act::Fp8(q), kind)?;
+            return Hidden::close(x.shallow_clone(), &m[2], out, ctx.opts);
+        }
         let hidden = if ctx.opts.cat {
             // linear2's input (b, seq, h + mlp), written in place: attention output, GELU(mlp).
             let buf = Tensor::f_empty([b, s, self.hidden + self.mlp_hidden], (x.kind(), x.device()))?;

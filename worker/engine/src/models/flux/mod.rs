@@ -5,6 +5,7 @@
 pub mod blocks;
 pub mod clip;
 pub mod embed;
+pub mod fp8;
 pub mod joint;
 pub mod layers;
 pub mod parallel;

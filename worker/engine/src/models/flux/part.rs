@@ -133,6 +133,9 @@ impl Flux {
     /// A copy of `part` of this model on `device` (this model must hold every variable of
     /// `part`, e.g. be the whole model).
     pub fn copy_part(&self, part: &Part, device: Device) -> Result<Self, EngineError> {
+        if self.is_fp8() {
+            return self.copy_part_fp8(part, device);
+        }
         let _guard = tch::no_grad_guard();
         let mut flux = {
             // Zero-initialised before the copy: faster, and leaves the global RNG untouched.

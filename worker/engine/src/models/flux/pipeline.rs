@@ -49,6 +49,9 @@ pub struct PipelineOptions {
     /// Low-memory mode: the text encoders are not kept resident but loaded for each request and
     /// freed right after encoding.
     pub free_text_encoders: bool,
+    /// The transformer blocks' numeric format; a pre-quantised checkpoint
+    /// (`transformer/ditfleet-fp8.safetensors`) is FP8 whatever this says.
+    pub precision: crate::Precision,
 }
 
 impl PipelineOptions {
@@ -58,6 +61,7 @@ impl PipelineOptions {
             kind,
             text_encoder_kind: kind,
             free_text_encoders: false,
+            precision: crate::Precision::Bf16,
         }
     }
 }
@@ -123,7 +127,25 @@ impl Pipeline {
         let t5_tokenizer = PromptTokenizer::t5_from_dir(&dir.join("tokenizer_2"), t5_len)?;
         let d = options.devices;
         let _guard = tch::no_grad_guard();
-        let transformer = Flux::load(&tcfg, &dir.join("transformer"), d.transformer, options.kind)?;
+        let fp8_file = dir.join("transformer").join(super::fp8::FP8_CHECKPOINT);
+        let transformer = if fp8_file.is_file() {
+            let t = Flux::load(&tcfg, &fp8_file, d.transformer, options.kind)?;
+            if options.precision != crate::Precision::Fp8 {
+                tracing::info!(path = %fp8_file.display(), "the transformer checkpoint is pre-quantised: loading it as fp8");
+            }
+            t
+        } else {
+            let mut t = Flux::load(&tcfg, &dir.join("transformer"), d.transformer, options.kind)?;
+            if options.precision == crate::Precision::Fp8 {
+                t.quantize_fp8()?;
+            }
+            t
+        };
+        let precision = if transformer.is_fp8() {
+            crate::Precision::Fp8
+        } else {
+            crate::Precision::Bf16
+        };
         let vae = Decoder::load(&vae_cfg, &dir.join("vae"), d.vae, options.kind)?;
         let encoders = if options.free_text_encoders {
             // Load once now so a broken checkpoint fails at load time, then drop.
@@ -147,14 +169,16 @@ impl Pipeline {
             model_versions: vec![format!("{model}@{version}")],
             devices: Self::device_list(&d),
             parallel_degree: 1,
+            precision,
             note: format!(
-                "Flux.1 {} from {} ({:?})",
+                "Flux.1 {} from {} ({:?}, {precision})",
                 &model[5..],
                 dir.display(),
                 options.kind
             ),
         };
         let lora = Self::lora_slot(&transformer, &encoders, d.transformer);
+        let options = PipelineOptions { precision, ..options };
         Ok(Self {
             model: model.into(),
             transformer,
@@ -195,6 +219,12 @@ impl Pipeline {
     /// Merges the request's LoRA stack into the weights (free when it is the one applied; on
     /// any failure the base weights are back and the job fails with the reason).
     pub fn apply_loras(&mut self, request: &GenerateRequest) -> Result<(), EngineError> {
+        if !request.loras.is_empty() && self.transformer.is_fp8() {
+            return Err(EngineError::InvalidRequest(format!(
+                "LoRA adapters cannot be merged into an fp8 model version ({}): run the job on a bf16 version of the model",
+                self.info.model_versions.join(", ")
+            )));
+        }
         let clip = match &self.encoders {
             TextEncoders::Resident { clip, .. } => Some(clip),
             TextEncoders::OnDemand { .. } => None,
@@ -237,6 +267,36 @@ impl Pipeline {
         Self::tiny_random_with(&transformer::Config::tiny(), 64, seed)
     }
 
+    /// [`Pipeline::tiny_random`] at `precision` (FP8: the same random weights quantised, the FP8
+    /// arithmetic emulated in fp32 on the CPU); its version is `tiny-random-<seed>-fp8`.
+    pub fn tiny_random_precision(seed: u64, precision: crate::Precision) -> Result<Self, EngineError> {
+        let mut p = Self::tiny_random(seed)?;
+        if precision == crate::Precision::Fp8 {
+            p.quantize_fp8()?;
+            p.info.model_versions = vec![format!("flux-dev@tiny-random-{seed}-fp8")];
+        }
+        Ok(p)
+    }
+
+    /// Makes the transformer's blocks FP8 ([`Flux::quantize_fp8`]); refused while a LoRA stack is
+    /// merged into the weights.
+    pub fn quantize_fp8(&mut self) -> Result<(), EngineError> {
+        if !self.lora.applied().is_empty() {
+            return Err(EngineError::Load(
+                "cannot quantise to fp8 while a LoRA stack is merged".into(),
+            ));
+        }
+        self.transformer.quantize_fp8()?;
+        self.options.precision = crate::Precision::Fp8;
+        self.info.precision = crate::Precision::Fp8;
+        Ok(())
+    }
+
+    /// The transformer's numeric format.
+    pub fn precision(&self) -> crate::Precision {
+        self.info.precision
+    }
+
     /// [`Pipeline::tiny_random`] with another transformer config (e.g. more heads, to test
     /// parallel plans) and `t5_len` text tokens.
     pub fn tiny_random_with(
@@ -274,6 +334,7 @@ impl Pipeline {
             model_versions: vec![format!("flux-dev@tiny-random-{seed}")],
             devices: vec!["cpu".into()],
             parallel_degree: 1,
+            precision: crate::Precision::Bf16,
             note: "tiny random-weight Flux config, not a trained model (images are noise)".into(),
         };
         let encoders = TextEncoders::Resident { clip, t5 };
@@ -312,6 +373,7 @@ impl Pipeline {
             model_versions: vec![format!("flux-dev@random-{seed}")],
             devices: vec![device_name(device)],
             parallel_degree: 1,
+            precision: crate::Precision::Bf16,
             note: "Flux.1-dev shapes with random weights (benchmarks only; images are noise)".into(),
         };
         let encoders = TextEncoders::Resident { clip, t5 };

@@ -311,11 +311,20 @@ impl Flux {
 
     /// Builds the model and strictly loads a checkpoint in either layout: a diffusers
     /// `transformer/` folder (single or sharded) or an original single file.
+    /// A single file that holds FP8 block weights is a pre-quantised checkpoint
+    /// ([`super::fp8`]): the model comes back with FP8 blocks.
     pub fn load(config: &Config, path: &Path, device: Device, kind: Kind) -> Result<Self, EngineError> {
-        let model = {
+        let mut model = {
             let _zero = super::layers::NoRandomInit::new();
             Self::new(config, device, kind)?
         };
+        if path.is_file() {
+            let ck = Checkpoint::open_file(path)?;
+            if Self::is_fp8_checkpoint(&ck) {
+                model.load_fp8_checkpoint(&ck)?;
+                return Ok(model);
+            }
+        }
         model.load_weights(path)?;
         Ok(model)
     }

@@ -135,6 +135,7 @@ impl SdxlPipeline {
             model_versions: vec![format!("{MODEL}@{version}")],
             devices: device_list(&d),
             parallel_degree: 1,
+            precision: crate::Precision::Bf16,
             note: format!(
                 "SDXL from {} ({layout}; UNet {:?}, VAE decodes in {:?}; fast paths {})",
                 dir.display(),
@@ -213,6 +214,7 @@ impl SdxlPipeline {
             model_versions: vec![format!("{MODEL}@tiny-random-{seed}")],
             devices: vec!["cpu".into()],
             parallel_degree: 1,
+            precision: crate::Precision::Bf16,
             note: "tiny random-weight SDXL config, not a trained model (images are noise)".into(),
         };
         let lora = lora_slot(&unet, &text, device);
@@ -262,6 +264,7 @@ impl SdxlPipeline {
             model_versions: vec![format!("{MODEL}@random-{seed}")],
             devices: device_list(&d),
             parallel_degree: 1,
+            precision: crate::Precision::Bf16,
             note: format!(
                 "SDXL base shapes with random weights, not a trained model (fast paths {})",
                 perf.name()
