@@ -53,6 +53,81 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(f64::try_from(a.f_sub(&b)?.f_norm()?)? / f64::try_from(b.f_norm()?)?)
 }
 
+/// The kernels that write FP8 as they produce an activation, against the reference ops: the gated
+/// residual + modulated LayerNorm (`gate_residual_ln_fp8` against the bf16 kernel then the
+/// reference quantisation: bit for bit) and the GELU + quantisation of MLP-out / linear2 inputs
+/// (`gelu_quantize` against ATen's GELU, a bf16 rounding and the reference quantisation: the
+/// share of differing FP8 bytes, from GELU's last-ulp differences), with their times.
+fn fused_kernel_checks(dev: Device, reps: usize) -> Result<serde_json::Value> {
+    let (rows, h, m) = (4608i64, 3072i64, 12288i64);
+    let bf = |shape: &[i64], scale: f64| -> Result<Tensor> {
+        Ok(Tensor::f_randn(shape, (Kind::Float, dev))?
+            .f_mul_scalar(scale)?
+            .f_to_kind(Kind::BFloat16)?)
+    };
+    let x = bf(&[1, rows, h], 1.0)?;
+    let y = bf(&[1, rows, h], 1.0)?;
+    let md = bf(&[1, 1, 3 * h], 0.5)?;
+    let (gate, scale, shift) = (
+        md.f_narrow(2, 0, h)?,
+        md.f_narrow(2, h, h)?,
+        md.f_narrow(2, 2 * h, h)?,
+    );
+    let (xo, ho) = (x.f_empty_like()?, x.f_empty_like()?);
+    ditfleet_engine::aten::gate_residual_ln(&x, &gate, &y, &scale, &shift, &xo, &ho, 1e-6)?;
+    let (qr, sr) = quantize_rows_reference(&ho.f_reshape([rows, h])?)?;
+    let xo8 = x.f_empty_like()?;
+    let q8 = Tensor::f_empty([1, rows, h], (Kind::Float8e4m3fn, dev))?;
+    let s8 = Tensor::f_empty([1, rows, 1], (Kind::Float, dev))?;
+    ditfleet_engine::aten::gate_residual_ln_fp8(&x, &gate, &y, &scale, &shift, &xo8, &q8, &s8, 1e-6)?;
+    let ln_same = q8
+        .f_reshape([rows, h])?
+        .f_view_dtype(Kind::Uint8)?
+        .f_equal(&qr.f_view_dtype(Kind::Uint8)?)?
+        && s8.f_reshape([rows, 1])?.f_equal(&sr)?
+        && xo8.f_equal(&xo)?;
+    let ln_ms = ms(dev, reps, || {
+        ditfleet_engine::aten::gate_residual_ln(&x, &gate, &y, &scale, &shift, &xo, &ho, 1e-6)?;
+        Ok(ho.shallow_clone())
+    })?;
+    let ln8_ms = ms(dev, reps, || {
+        ditfleet_engine::aten::gate_residual_ln_fp8(&x, &gate, &y, &scale, &shift, &xo8, &q8, &s8, 1e-6)?;
+        Ok(q8.shallow_clone())
+    })?;
+    let a = bf(&[1, rows, h], 1.0)?;
+    let pre = bf(&[1, rows, m], 2.0)?;
+    let got = ditfleet_engine::nn::fp8::gelu_quantize(Some(&a), &pre)?;
+    let g = pre
+        .f_to_kind(Kind::Float)?
+        .f_gelu("tanh")?
+        .f_to_kind(Kind::BFloat16)?
+        .f_to_kind(Kind::Float)?;
+    let row = Tensor::f_cat(&[a.f_to_kind(Kind::Float)?, g], 2)?.f_reshape([rows, h + m])?;
+    let (qg, sg) = quantize_rows_reference(&row)?;
+    let differ = got
+        .q
+        .f_reshape([rows, h + m])?
+        .f_view_dtype(Kind::Uint8)?
+        .f_ne_tensor(&qg.f_view_dtype(Kind::Uint8)?)?
+        .f_to_kind(Kind::Double)?
+        .f_mean(None::<Kind>)?;
+    let gelu_rel = rel_l2(
+        &got.dequantize()?.f_reshape([rows, h + m])?,
+        &dequantize(&qg, &sg)?,
+    )?;
+    let gelu_ms = ms(dev, reps, || {
+        Ok(ditfleet_engine::nn::fp8::gelu_quantize(Some(&a), &pre)?.q)
+    })?;
+    let gelu_bf16_ms = ms(dev, reps, || Ok(pre.f_gelu("tanh")?))?;
+    Ok(json!({
+        "gate_residual_ln_fp8_equals_reference": ln_same,
+        "gate_residual_ln_ms": {"bf16_out": ln_ms, "fp8_out": ln8_ms},
+        "gelu_quant_bytes_differing": f64::try_from(differ)?,
+        "gelu_quant_rel_l2_vs_reference": gelu_rel,
+        "gelu_quant_ms": {"attn_plus_gelu_15360": gelu_ms, "aten_gelu_bf16_12288": gelu_bf16_ms},
+    }))
+}
+
 fn main() -> Result<()> {
     let check = std::env::args().any(|a| a == "--check");
     let cuda = tch::Cuda::is_available() && !check;
@@ -194,6 +269,7 @@ fn main() -> Result<()> {
         let flop = 2.0 * (m as f64).powi(3);
         report["matmul_8192_tflops"] = json!({"bf16": flop / bf / 1e9, "fp8_fast_accum": flop / f8 / 1e9});
         report["quant_kernel_equals_reference_everywhere"] = json!(exact_quant);
+        report["fused_kernels"] = fused_kernel_checks(dev, reps)?;
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
     if check {

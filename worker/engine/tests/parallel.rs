@@ -955,3 +955,46 @@ fn pipefusion_writes_step_checkpoints_and_resumes_from_them() {
         "resumed PipeFusion image differs by {resumed}/255 (staleness {stale}/255)"
     );
 }
+
+#[test]
+fn fp8_layers_keep_every_exact_plan_at_the_fp8_single_rank() {
+    // Per-token activation scales and per-channel weight scales do not depend on how the tokens
+    // are split, and PipeFusion's stages copy the FP8 layers as they are. What can differ is
+    // fp32 rounding noise (Ring's merged partial attention) that moves a value across an e4m3
+    // rounding boundary: 1 part in 16 of one operand. So each plan must be either within 1e-5
+    // of the FP8 single rank or at most a tenth of FP8's own distance from full precision away
+    // (CPU: the FP8 arithmetic emulated in fp32).
+    let mut p = pf_pipeline(12);
+    let req = request(false);
+    let full = single(&p, &req);
+    p.quantize_fp8().unwrap();
+    assert!(p.transformer.is_fp8());
+    let reference = single(&p, &req);
+    let rel = |a: &Tensor, b: &Tensor| f64::try_from((a - b).norm() / b.norm()).unwrap();
+    let fp8_err = rel(&reference, &full);
+    assert!(
+        fp8_err > 1e-6,
+        "the FP8 pipeline computes what the full-precision one does"
+    );
+    for s in [
+        "ulysses=2",
+        "ulysses=4",
+        "ring=2",
+        "ulysses=2,ring=2",
+        "pipefusion=2,warmup=4",
+    ] {
+        let plan: Plan = s.parse().unwrap();
+        let got = parallel(&p, &req, plan);
+        let (d, r) = (max_diff(&got, &reference), rel(&got, &reference));
+        eprintln!("fp8 plan {s:<22}: max abs diff {d:.2e}, rel L2 {r:.2e} (fp8 vs full {fp8_err:.2e})");
+        assert!(
+            d <= 1e-5 || r <= fp8_err / 10.0,
+            "fp8 plan {s}: max abs diff {d:e}, rel L2 {r:e} against fp8's own {fp8_err:e}"
+        );
+    }
+    let mut cfg_req = request(true);
+    cfg_req.steps = 2;
+    let reference = single(&p, &cfg_req);
+    let got = parallel(&p, &cfg_req, "cfg=2".parse().unwrap());
+    assert!(max_diff(&got, &reference) <= 1e-5, "fp8 cfg=2");
+}

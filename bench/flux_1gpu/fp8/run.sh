@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One device call (nvidia-h100-x1 / nvidia-h200): Flux.1-dev in FP8 on one GPU (issue 20).
+#   kernels     fp8_bench: bf16 vs FP8 linears at Flux's six projection shapes (time, error on
+#               Gaussian and outlier activations), the quantising kernels against the reference
+#               ops, the 8192³ bf16 / FP8 GEMM rates;
+#   ours        flux_bench 1024², 28 steps, random weights: bf16, then the same weights in FP8
+#               (A B B A when REPEAT=1); PROFILE=1 adds a kineto profile of 2 FP8 steps;
+#   ours2048    the same at 2048² (8 steps: STEPS_2048);
+#   numerics    fp8_numerics: one forward and the 28-step loop, FP8 and bf16 against fp32 and
+#               each other, decoded-image PSNR; again with outlier channels injected;
+#   peers       bench/flux_1gpu/fp8/peers.sh: diffusers + torchao float8 + compile, xDiT compiled.
+# Carry [".gpu", ".whl"] (.gpu: flux_bench, fp8_bench, fp8_numerics (gzipped), bench/ = ../shared/bench).
+# STAGES picks stages (default: all). BUDGET_S (570).
+#   OUT=$OUT bash bench/flux_1gpu/fp8/run.sh
+set -u
+OUT=${OUT:-/tmp/fp8_out}
+mkdir -p "$OUT/logs"
+BUDGET_S=${BUDGET_S:-570}
+TORCH=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null \
+  || echo /opt/torch/.venv/lib/python3.12/site-packages/torch)
+export LD_LIBRARY_PATH=$TORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+for b in flux_bench fp8_bench fp8_numerics; do
+  [[ -e .gpu/$b.gz && ! -e .gpu/$b ]] && gunzip -k .gpu/$b.gz && chmod +x .gpu/$b
+done
+{ date -u; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+left() { echo $(( BUDGET_S - SECONDS )); }
+stage() { # stage NAME TIMEOUT CMD... : stdout -> logs/NAME.json, stderr -> logs/NAME.err
+  local name=$1 t=$2; shift 2
+  local l; l=$(left); (( t > l )) && t=$l
+  if (( t < 20 )); then echo "== $name: skipped, ${l}s left"; return; fi
+  echo "== $name (timeout ${t}s, t=${SECONDS}s)"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/logs/mem_$name.txt" 2>/dev/null &
+  local smi=$!
+  timeout -k 5 "$t" "$@" > "$OUT/logs/$name.json" 2> "$OUT/logs/$name.err"
+  local rc=$?
+  kill $smi 2>/dev/null; wait $smi 2>/dev/null
+  echo "== $name rc=$rc at t=${SECONDS}s"
+  (( rc != 0 )) && tail -4 "$OUT/logs/$name.err"
+  return 0
+}
+want() { [[ -z "${STAGES:-}" || " $STAGES " == *" $1 "* ]]; }
+show() { python3 - "$@" <<'PY'
+import json, sys
+for p in sys.argv[1:]:
+    try:
+        d = json.loads(open(p).read())
+    except Exception as e:
+        print(p, "unreadable:", e); continue
+    keep = {k: d.get(k) for k in ("precision", "image_px", "median_step_ms", "mean_step_ms", "loop_s",
+            "loop_ms_per_step", "peak_device_memory_bytes_nvml", "weight_gib", "build_s") if k in d}
+    print(p.split("/")[-1], json.dumps(keep or d)[:1500])
+PY
+}
+if want kernels; then
+  stage kernels 150 .gpu/fp8_bench
+  show "$OUT/logs/kernels.json"
+fi
+if want ours; then
+  stage ours_bf16 120 .gpu/flux_bench --bf16
+  stage ours_fp8 120 .gpu/flux_bench --bf16 --fp8
+  if [[ -n "${REPEAT:-}" ]]; then
+    stage ours_fp8_2 120 .gpu/flux_bench --bf16 --fp8
+    stage ours_bf16_2 120 .gpu/flux_bench --bf16
+  fi
+  if [[ -n "${PROFILE:-}" ]]; then
+    stage ours_fp8_profile 150 .gpu/flux_bench --bf16 --fp8 --steps 4 --profile /tmp/trace_fp8.json
+    [[ -e /tmp/trace_fp8.json ]] && python3 bench/flux_1gpu/profile_summary.py /tmp/trace_fp8.json \
+      --json-out "$OUT/logs/profile_fp8.json" > "$OUT/logs/profile_fp8.txt" 2>&1
+  fi
+  show "$OUT"/logs/ours_*.json
+fi
+if want ours2048; then
+  stage ours2048_bf16 150 .gpu/flux_bench --bf16 --size 2048 --steps "${STEPS_2048:-8}"
+  stage ours2048_fp8 150 .gpu/flux_bench --bf16 --fp8 --size 2048 --steps "${STEPS_2048:-8}"
+  show "$OUT"/logs/ours2048_*.json
+fi
+if want numerics; then
+  stage numerics 200 .gpu/fp8_numerics --loop-fp32
+  stage numerics_outliers 150 .gpu/fp8_numerics --outliers
+  show "$OUT"/logs/numerics*.json
+fi
+if want peers; then
+  OUT=$OUT BUDGET_S=$(left) bash bench/flux_1gpu/fp8/peers.sh
+fi
+echo "done at t=${SECONDS}s"

@@ -1,0 +1,173 @@
+//! Flux with FP8 block projections (issue 20) on the CPU, where the FP8 arithmetic is emulated
+//! exactly (the quantised operands dequantised to fp32): which layers are FP8, how far the
+//! generation moves from the full-precision one, pre-quantised checkpoints written and read back,
+//! and the jobs an FP8 version refuses. The GPU kernels' agreement with this arithmetic is checked
+//! by `fp8_bench` on the device (docs/benchmarks-flux-1gpu.md).
+
+use std::collections::BTreeMap;
+
+use ditfleet_engine::flux::Pipeline;
+use ditfleet_engine::flux::fp8::FP8_CHECKPOINT;
+use ditfleet_engine::flux::transformer::Flux;
+use ditfleet_engine::flux::weights::{Checkpoint, write_safetensors};
+use ditfleet_engine::{Control, EngineError, GenerateRequest, LoraRef, Precision};
+use tch::{Device, Kind, Tensor};
+
+fn request() -> GenerateRequest {
+    GenerateRequest {
+        model: "flux-dev".into(),
+        prompt: "a lighthouse at dusk".into(),
+        negative_prompt: None,
+        width: 64,
+        height: 64,
+        steps: 4,
+        guidance: 3.5,
+        true_cfg_scale: 1.0,
+        plan: None,
+        seed: 7,
+        scheduler: None,
+        loras: Vec::new(),
+    }
+}
+
+fn latents(p: &Pipeline, req: &GenerateRequest) -> Tensor {
+    let (txt, pooled) = p.encode_prompt(&req.prompt).unwrap();
+    p.denoise(&txt, &pooled, None, req, &mut |_| Control::Continue)
+        .unwrap()
+        .0
+}
+
+fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    f64::try_from((a - b).norm() / b.norm()).unwrap()
+}
+
+/// One transformer forward on fixed random inputs.
+fn forward(m: &Flux) -> Tensor {
+    let _g = tch::no_grad_guard();
+    let c = &m.config;
+    let draw = |shape: &[i64], seed: i64| {
+        let _lock = ditfleet_engine::flux::rng_lock();
+        tch::manual_seed(seed);
+        Tensor::randn(shape, (Kind::Float, Device::Cpu))
+    };
+    let img = draw(&[1, 6, c.in_channels], 1);
+    let txt = draw(&[1, 5, c.context_in_dim], 2);
+    let y = draw(&[1, c.vec_in_dim], 3);
+    let ids = Flux::position_ids(5, 4, 6, Device::Cpu).unwrap();
+    let t = Tensor::from_slice(&[0.7f32]);
+    let guidance = Tensor::from_slice(&[3.5f32]);
+    m.forward(&img, &ids, &txt, &t, &y, Some(&guidance)).unwrap()
+}
+
+#[test]
+fn an_fp8_version_quantises_every_block_projection_and_keeps_the_rest_in_full_precision() {
+    let p = Pipeline::tiny_random_precision(5, Precision::Fp8).unwrap();
+    let t = &p.transformer;
+    assert!(t.is_fp8());
+    assert_eq!(p.precision(), Precision::Fp8);
+    assert_eq!(ditfleet_engine::Engine::info(&p).precision, Precision::Fp8);
+    assert_eq!(
+        ditfleet_engine::Engine::info(&p).model_versions,
+        ["flux-dev@tiny-random-5-fp8"]
+    );
+    for b in &t.double_blocks {
+        for l in [&b.img_attn.qkv, &b.img_attn.proj, &b.img_mlp.fc0, &b.img_mlp.fc2] {
+            assert_eq!(l.weight.kind(), Kind::Float8e4m3fn);
+            let f = l.fp8.as_ref().unwrap();
+            assert_eq!(f.scale.size(), [1, l.weight.size()[0]]);
+        }
+        for l in [&b.txt_attn.qkv, &b.txt_attn.proj, &b.txt_mlp.fc0, &b.txt_mlp.fc2] {
+            assert!(l.is_fp8());
+        }
+        assert!(!b.img_mod.lin.is_fp8() && b.img_mod.lin.weight.kind() == Kind::Float);
+    }
+    for b in &t.single_blocks {
+        assert!(b.linear1.is_fp8() && b.linear2.is_fp8());
+        assert!(!b.modulation.lin.is_fp8());
+    }
+    assert!(!t.img_in.as_ref().unwrap().is_fp8());
+    assert!(!t.final_layer.as_ref().unwrap().linear.is_fp8());
+    // The bf16/fp32 copies of the quantised weights have left the variable store.
+    let vars = t.vs.variables();
+    assert!(!vars.contains_key("double_blocks.0.img_attn.qkv.weight"));
+    assert!(!vars.contains_key("single_blocks.0.linear1.weight"));
+    assert!(vars.contains_key("double_blocks.0.img_attn.qkv.bias"));
+    assert!(vars.contains_key("double_blocks.0.img_mod.lin.weight"));
+}
+
+#[test]
+fn an_fp8_generation_stays_near_the_full_precision_one_without_being_it() {
+    let req = request();
+    let full = latents(&Pipeline::tiny_random(5).unwrap(), &req);
+    let fp8 = latents(&Pipeline::tiny_random_precision(5, Precision::Fp8).unwrap(), &req);
+    let d = rel_l2(&fp8, &full);
+    // e4m3 keeps 3 mantissa bits: each operand is within 1/16 of itself; over a few layers and
+    // steps the latent moves by a few 1e-3 on this model.
+    assert!(d > 1e-5 && d < 0.05, "fp8 vs fp32 latent rel L2 {d}");
+}
+
+#[test]
+fn a_saved_fp8_checkpoint_loads_back_to_the_same_outputs_and_a_broken_one_names_its_gaps() {
+    let dir = std::env::temp_dir().join(format!("ditfleet-fp8-ck-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(FP8_CHECKPOINT);
+    let p = Pipeline::tiny_random_precision(5, Precision::Fp8).unwrap();
+    let t = &p.transformer;
+    t.save_fp8(&path).unwrap();
+    let ck = Checkpoint::open_file(&path).unwrap();
+    assert!(Flux::is_fp8_checkpoint(&ck));
+    assert_eq!(
+        ck.tensors["double_blocks.0.img_attn.qkv.weight"].kind,
+        Kind::Float8e4m3fn
+    );
+    assert_eq!(
+        ck.tensors["double_blocks.0.img_attn.qkv.weight_scale"].shape,
+        [t.double_blocks[0].img_attn.qkv.weight.size()[0]]
+    );
+    let back = Flux::load(&t.config, &path, Device::Cpu, Kind::Float).unwrap();
+    assert!(back.is_fp8());
+    assert!(
+        forward(&back).equal(&forward(t)),
+        "reloaded fp8 model computes differently"
+    );
+
+    // Without one layer's scales: the load fails and says which layer and what is missing.
+    let mut named: BTreeMap<String, Tensor> = ck
+        .tensors
+        .keys()
+        .map(|k| (k.clone(), ck.read(k).unwrap()))
+        .collect();
+    named.remove("single_blocks.1.linear2.weight_scale");
+    let broken = dir.join("broken.safetensors");
+    write_safetensors(&named, &broken).unwrap();
+    let err = Flux::load(&t.config, &broken, Device::Cpu, Kind::Float)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("single_blocks.1.linear2") && err.contains("no weight_scale"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_lora_job_on_an_fp8_version_is_refused_with_the_reason() {
+    let mut p = Pipeline::tiny_random_precision(5, Precision::Fp8).unwrap();
+    let mut req = request();
+    req.loras = vec![LoraRef {
+        name: "style".into(),
+        version: "v1".into(),
+        scale: 1.0,
+        path: None,
+        checksum: None,
+    }];
+    match p.apply_loras(&req) {
+        Err(EngineError::InvalidRequest(m)) => {
+            assert!(m.contains("fp8") && m.contains("bf16 version"), "{m}")
+        }
+        other => panic!("expected InvalidRequest, got {other:?}"),
+    }
+    // Without adapters the same pipeline generates.
+    req.loras.clear();
+    p.apply_loras(&req).unwrap();
+}
