@@ -445,6 +445,12 @@ def invariants(objects: list[tuple[str, dict]], values: dict, report: Report, la
         inits = [c["name"] for c in pod.get("initContainers", [])]
         if flux and "FLUX_MODEL_DIR" not in env:
             problems.append(f"{dname}: flux pool without FLUX_MODEL_DIR")
+        # Flux pools say their precision (bf16 by default); the simulated engine has none.
+        precision = env.get("DITFLEET_PRECISION", {}).get("value")
+        if flux and precision != pool.get("precision", "bf16"):
+            problems.append(f"{dname}: DITFLEET_PRECISION {precision!r} != pool precision {pool.get('precision', 'bf16')!r}")
+        if not flux and precision is not None:
+            problems.append(f"{dname}: DITFLEET_PRECISION set on a {pool['engine']} pool")
         # Multi-GPU flux pools pick their parallel plan (autotuned by default) and keep the
         # measured table on a mounted volume; single-GPU pools run one device and get neither.
         multi = flux and gpus > 1

@@ -827,6 +827,11 @@ pub struct WorkerInfo {
     pub models: Vec<String>,
     /// Every model version held (`flux-dev@v2`).
     pub model_versions: Vec<String>,
+    /// The numeric precision each held version computes in (`flux-dev@v2` → `fp8`), as its
+    /// engine reports it: `bf16` or `fp8`. Empty from workers older than the field (their
+    /// versions are bf16).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub model_precisions: std::collections::BTreeMap<String, String>,
     /// The version serving unpinned jobs, per model (`flux-dev@v2`).
     #[serde(default)]
     pub default_versions: Vec<String>,

@@ -1108,6 +1108,7 @@ mod tests {
             engine_note: String::new(),
             models: vec!["flux-dev".into()],
             model_versions: vec!["flux-dev@sim-1".into()],
+            model_precisions: Default::default(),
             default_versions: vec![],
             loading: vec![],
             load_error: None,

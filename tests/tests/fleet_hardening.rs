@@ -446,6 +446,10 @@ async fn every_event_has_a_message_id_worker_dlq_entries_hold_the_submitted_json
     let h = fleet.wait_state("ids-ok", JobState::Succeeded, T).await;
     let timings: serde_json::Value = serde_json::from_str(&h["timings"]).unwrap();
     assert_eq!(timings["plan"], "single", "{timings}");
+    assert_eq!(
+        timings["precision"], "bf16",
+        "the precision the job ran at: {timings}"
+    );
     let mut ids = HashMap::new();
     while ids.len() < 5 {
         let d = tokio::time::timeout(T, sub.next())

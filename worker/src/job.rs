@@ -653,6 +653,8 @@ async fn run_claimed(
         }
     };
     let model_version = taken.model_version();
+    // The numeric format this version's engine computes in, recorded with the job's timings.
+    let precision = taken.engine.info().precision;
     let plan = plan(order, &model_version, &shared.pool.info.kind);
     let resume = load_checkpoint(shared, &order.job_id, checkpoint, &plan).await;
 
@@ -844,6 +846,7 @@ async fn run_claimed(
                 attempts,
                 started_ms,
                 model_version,
+                precision,
                 generate_ms,
                 devices,
                 gpu_seconds,
@@ -1017,10 +1020,25 @@ struct Finished {
     attempts: u32,
     started_ms: u64,
     model_version: String,
+    /// The precision of the engine the job ran on (`bf16`, `fp8`).
+    precision: ditfleet_engine::Precision,
     generate_ms: u64,
     devices: u32,
     gpu_seconds: f64,
     resumed_from: Option<u32>,
+}
+
+/// The job's stage timings as recorded (the job's `timings` field and the done event's), with
+/// the precision the job ran at (`"precision": "fp8"`) unless the engine reported one itself.
+pub(crate) fn timings_with_precision(
+    timings: &ditfleet_engine::StageTimings,
+    precision: ditfleet_engine::Precision,
+) -> serde_json::Value {
+    let mut json = serde_json::to_value(timings).expect("timings serialise");
+    if let Some(o) = json.as_object_mut() {
+        o.entry("precision").or_insert_with(|| precision.as_str().into());
+    }
+    json
 }
 
 /// Stores the image, records the success (owner-checked: a job settled elsewhere meanwhile keeps
@@ -1037,6 +1055,7 @@ async fn record_success(
         attempts,
         started_ms,
         model_version,
+        precision,
         generate_ms,
         devices,
         gpu_seconds,
@@ -1074,7 +1093,7 @@ async fn record_success(
     let finished_ms = now_ms();
     let queue_wait_ms = started_ms.saturating_sub(order.submitted_ms);
     let end_to_end_ms = finished_ms.saturating_sub(order.submitted_ms);
-    let timings_json = serde_json::to_value(&timings).expect("timings serialise");
+    let timings_json = timings_with_precision(&timings, precision);
     let fields = [
         ("result_url", url.clone()),
         ("finished_ms", finished_ms.to_string()),
@@ -1524,6 +1543,21 @@ mod tests {
             .collect();
         spec.validate(&Default::default()).unwrap();
         WorkOrder::from_spec(&spec, "small", 1, 2)
+    }
+
+    #[test]
+    fn recorded_timings_carry_the_precision_the_job_ran_at() {
+        use ditfleet_engine::{Precision, StageTimings};
+        let t = StageTimings {
+            denoise_ms: 12.0,
+            plan: Some("single".into()),
+            ..Default::default()
+        };
+        let fp8 = timings_with_precision(&t, Precision::Fp8);
+        assert_eq!(fp8["precision"], "fp8");
+        assert_eq!(fp8["denoise_ms"], 12.0);
+        assert_eq!(fp8["plan"], "single");
+        assert_eq!(timings_with_precision(&t, Precision::Bf16)["precision"], "bf16");
     }
 
     #[test]

@@ -368,7 +368,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
             })
             .set(1);
     }
-    info!(engine = %pool.info.kind, note = %pool.info.note, models = ?holdings.held, devices = ?pool.info.devices, "engine ready");
+    info!(engine = %pool.info.kind, note = %pool.info.note, models = ?holdings.held, precisions = ?holdings.precisions, devices = ?pool.info.devices, "engine ready");
 
     let topo = Topology::new(&cfg.common.namespace);
     let conn = amqp::connect_cfg(&cfg.common, &format!("ditfleet-worker {}", cfg.worker_id)).await?;
@@ -835,6 +835,7 @@ async fn heartbeat_loop(
                 m
             },
             model_versions: h.held.clone(),
+            model_precisions: h.precisions,
             default_versions: h.defaults,
             loading: h.loading,
             load_error: h.load_error,
@@ -889,5 +890,25 @@ mod tests {
         assert_eq!(d["flux-schnell"], ["s1"]);
         assert!(desired_models(r#"["sdxl@1"]"#).is_err());
         assert!(desired_models("nope").is_err());
+    }
+
+    #[test]
+    fn desired_versions_that_are_not_plain_names_are_refused_before_any_folder_is_read() {
+        // An fp8 build is one more version name.
+        let d = desired_models(r#"["flux-dev@v2-fp8","flux-dev@tiny-random-7-fp8"]"#).unwrap();
+        assert_eq!(d["flux-dev"], ["v2-fp8", "tiny-random-7-fp8"]);
+        for hostile in [
+            "..",
+            "../v2",
+            "v2/../..",
+            "a/b",
+            ".hidden",
+            "ditfleet:job:victim",
+            "job.victim.done@x",
+            "",
+        ] {
+            let list = serde_json::to_string(&[format!("flux-dev@{hostile}")]).unwrap();
+            assert!(desired_models(&list).is_err(), "{hostile:?} accepted");
+        }
     }
 }

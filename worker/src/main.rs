@@ -145,6 +145,10 @@ struct GenerateArgs {
     /// (also `DITFLEET_LOW_MEMORY=1`).
     #[arg(long, env = "DITFLEET_LOW_MEMORY", value_parser = clap::builder::BoolishValueParser::new())]
     low_memory: bool,
+    /// Numeric format of the Flux transformer: bf16 or fp8 (also `DITFLEET_PRECISION`; the model
+    /// folder's ditfleet.json overrides it; SDXL is bf16 only).
+    #[arg(long, env = "DITFLEET_PRECISION", default_value = "bf16", value_parser = ["bf16", "fp8"])]
+    precision: String,
 }
 
 fn main() {
@@ -322,6 +326,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             plan: a.plan.clone(),
             autotune: ditfleet_common::config::Autotune::from_env(&ditfleet_common::config::Env::process())?,
             fault_gpu: None,
+            precision: a.precision.clone(),
         },
         other => anyhow::bail!("unknown engine {other:?} (flux or simulated)"),
     };
@@ -341,8 +346,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
         .with_context(|| format!("the engine does not serve model {model:?}"))?;
     let info = engine.info();
     eprintln!(
-        "engine {} ready in {:.2} s: {}",
+        "engine {} ({}) ready in {:.2} s: {}",
         info.kind,
+        info.precision,
         t.elapsed().as_secs_f64(),
         info.note
     );

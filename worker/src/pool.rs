@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use ditfleet_common::config::SwapMode;
-use ditfleet_engine::{Engine, EngineError, EngineInfo};
+use ditfleet_engine::{Engine, EngineError, EngineInfo, Precision};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
@@ -45,6 +45,8 @@ struct State {
     idle: Vec<Taken>,
     in_use: HashMap<String, usize>,
     held: BTreeSet<String>,
+    /// The precision each held version's engines report.
+    precisions: BTreeMap<String, Precision>,
     default: BTreeMap<String, String>,
     loading: BTreeSet<String>,
     load_error: Option<String>,
@@ -54,6 +56,8 @@ struct State {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Holdings {
     pub held: Vec<String>,
+    /// Each held version's precision (`flux-dev@v2` → `fp8`).
+    pub precisions: BTreeMap<String, String>,
     pub defaults: Vec<String>,
     pub loading: Vec<String>,
     pub load_error: Option<String>,
@@ -82,6 +86,7 @@ impl EnginePool {
             model_versions: vec![],
             devices: vec![],
             parallel_degree: 1,
+            precision: ditfleet_engine::Precision::Bf16,
             note: String::new(),
         });
         let mut st = State::default();
@@ -90,6 +95,7 @@ impl EnginePool {
             let mv = i.model_versions.first().cloned().unwrap_or_default();
             let (model, version) = split(&mv);
             st.held.insert(mv.clone());
+            st.precisions.insert(mv.clone(), i.precision);
             st.default
                 .entry(model.to_string())
                 .or_insert_with(|| version.to_string());
@@ -117,6 +123,11 @@ impl EnginePool {
         let st = self.lock();
         Holdings {
             held: st.held.iter().cloned().collect(),
+            precisions: st
+                .held
+                .iter()
+                .filter_map(|mv| Some((mv.clone(), st.precisions.get(mv)?.to_string())))
+                .collect(),
             defaults: st.default.iter().map(|(m, v)| format!("{m}@{v}")).collect(),
             loading: st.loading.iter().cloned().collect(),
             load_error: st.load_error.clone(),
@@ -245,6 +256,7 @@ impl EnginePool {
         let dropped: Vec<Taken> = {
             let mut st = self.lock();
             st.held.remove(mv);
+            st.precisions.remove(mv);
             let (gone, keep): (Vec<Taken>, Vec<Taken>) = std::mem::take(&mut st.idle)
                 .into_iter()
                 .partition(|t| t.model == model && t.version == version);
@@ -266,6 +278,7 @@ impl EnginePool {
             .await
             .map_err(|e| format!("loader panicked: {e}"))?
             .map_err(|e| e.to_string())?;
+        let precision = built.first().map(|e| e.info().precision);
         let mut st = self.lock();
         for engine in built {
             st.idle.push(Taken {
@@ -275,7 +288,10 @@ impl EnginePool {
             });
         }
         st.held.insert(mv.to_string());
-        info!(model_version = %mv, load_s = t.elapsed().as_secs_f64(), "loaded");
+        if let Some(p) = precision {
+            st.precisions.insert(mv.to_string(), p);
+        }
+        info!(model_version = %mv, precision = ?precision, load_s = t.elapsed().as_secs_f64(), "loaded");
         Ok(())
     }
 
@@ -363,5 +379,78 @@ impl EnginePool {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ditfleet_common::config::{Autotune, EngineChoice};
+
+    #[tokio::test]
+    async fn a_hot_swap_to_an_fp8_version_advertises_its_precision_and_drops_the_old_ones() {
+        let choice = EngineChoice::Flux {
+            model_dir: None,
+            low_memory: false,
+            plan: None,
+            autotune: Autotune {
+                cache: std::env::temp_dir().join("ditfleet-pool-test-plans.json"),
+                sizes: vec![(256, 256)],
+            },
+            fault_gpu: None,
+            precision: "bf16".into(),
+        };
+        let engines = crate::engines::build(&choice, 1, None).unwrap();
+        let builder: Builder =
+            Arc::new(move |m: &str, v: &str| crate::engines::build_version(&choice, m, v, 1, None, None));
+        let pool = EnginePool::new(engines, builder, SwapMode::Alongside);
+        let precisions = |pool: &EnginePool| {
+            pool.holdings()
+                .precisions
+                .into_iter()
+                .map(|(mv, p)| format!("{mv}={p}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            precisions(&pool),
+            ["flux-dev@tiny-random-0=bf16", "sdxl-base@tiny-random-0=bf16"]
+        );
+        let desired: BTreeMap<String, Vec<String>> = [(
+            "flux-dev".to_string(),
+            vec!["tiny-random-7-fp8".to_string(), "tiny-random-7".to_string()],
+        )]
+        .into();
+        pool.reconcile(&desired).await;
+        let h = pool.holdings();
+        assert_eq!(h.load_error, None);
+        assert!(
+            h.defaults.contains(&"flux-dev@tiny-random-7-fp8".to_string()),
+            "{h:?}"
+        );
+        assert_eq!(
+            precisions(&pool),
+            [
+                "flux-dev@tiny-random-7=bf16",
+                "flux-dev@tiny-random-7-fp8=fp8",
+                "sdxl-base@tiny-random-0=bf16"
+            ]
+        );
+        // A version that cannot be fp8 fails to load and changes nothing.
+        let desired: BTreeMap<String, Vec<String>> =
+            [("sdxl-base".to_string(), vec!["tiny-random-1-fp8".to_string()])].into();
+        pool.reconcile(&desired).await;
+        let h = pool.holdings();
+        assert!(
+            h.load_error
+                .as_deref()
+                .is_some_and(|e| e.contains("not available for SDXL")),
+            "{h:?}"
+        );
+        assert_eq!(h.precisions.len(), 3);
+        // The fp8 job's engine is the one a job on the new default takes.
+        let t = pool.take("flux-dev", None).await.unwrap();
+        assert_eq!(t.model_version(), "flux-dev@tiny-random-7-fp8");
+        assert_eq!(t.engine.info().precision, Precision::Fp8);
+        pool.give_back(t);
     }
 }

@@ -4,7 +4,8 @@
 #               Gaussian and outlier activations), the quantising kernels against the reference
 #               ops, the 8192³ bf16 / FP8 GEMM rates;
 #   ours        flux_bench 1024², 28 steps, random weights: bf16, then the same weights in FP8
-#               (A B B A when REPEAT=1); PROFILE=1 adds a kineto profile of 2 FP8 steps;
+#               (A B B A when REPEAT=1); PROFILE=1 adds a kineto profile of 4 FP8 steps; AB=1 adds
+#               FP8 without the fast accumulation and FP8 with separate quantisation passes;
 #   ours2048    the same at 2048² (8 steps: STEPS_2048);
 #   numerics    fp8_numerics: one forward and the 28-step loop, FP8 and bf16 against fp32 and
 #               each other, decoded-image PSNR; again with outlier channels injected;
@@ -62,6 +63,10 @@ fi
 if want ours; then
   stage ours_bf16 120 .gpu/flux_bench --bf16
   stage ours_fp8 120 .gpu/flux_bench --bf16 --fp8
+  if [[ -n "${AB:-}" ]]; then  # what the fast accumulation and the fused quantisation each buy
+    DITFLEET_FP8_ACCUM=exact stage ours_fp8_exact_accum 120 .gpu/flux_bench --bf16 --fp8
+    DITFLEET_FP8_FUSED=off stage ours_fp8_unfused 120 .gpu/flux_bench --bf16 --fp8
+  fi
   if [[ -n "${REPEAT:-}" ]]; then
     stage ours_fp8_2 120 .gpu/flux_bench --bf16 --fp8
     stage ours_bf16_2 120 .gpu/flux_bench --bf16

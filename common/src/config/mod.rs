@@ -16,6 +16,10 @@ use crate::cost::ClassTable;
 mod vars;
 pub use vars::{COMMON_VARS, SCHEDULER_VARS, VarDoc, WORKER_VARS, help_text};
 
+/// The values of `DITFLEET_PRECISION` (and of `precision` in a version folder's
+/// `ditfleet.json`): the transformer's numeric format.
+pub const PRECISIONS: &[&str] = &["bf16", "fp8"];
+
 /// Exit code for a bad configuration (sysexits `EX_USAGE`).
 pub const EXIT_BAD_CONFIG: i32 = 64;
 
@@ -461,6 +465,11 @@ pub enum EngineChoice {
         /// Fault injection for isolation tests and drills (`DITFLEET_FAULT_GPU=<slot>:<step>[:hang]`):
         /// the device in that slot of `DITFLEET_DEVICES` fails at that step until quarantined.
         fault_gpu: Option<(usize, u32, bool)>,
+        /// `DITFLEET_PRECISION`: `bf16` or `fp8` (checked here, parsed by the worker as the
+        /// engine's `Precision`): the numeric format of the transformer of `model_dir`, and the
+        /// default of every version under the model root (a version folder's `ditfleet.json`
+        /// may say otherwise).
+        precision: String,
     },
     /// The simulated engine (fleet load and chaos tests).
     Simulated {
@@ -731,6 +740,7 @@ impl WorkerConfig {
                         )
                     })?),
                 },
+                precision: env.choice("DITFLEET_PRECISION", "bf16", PRECISIONS)?,
             },
         };
         let devices = env.raw("DITFLEET_DEVICES").filter(|v| v != "auto").map(|v| {

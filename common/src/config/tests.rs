@@ -102,6 +102,31 @@ fn low_memory_is_parsed() {
 }
 
 #[test]
+fn precision_is_bf16_by_default_fp8_when_asked_and_anything_else_names_the_variable() {
+    let precision = |pairs: &[(&str, &str)]| match WorkerConfig::from_env(&env(pairs)).unwrap().engine {
+        EngineChoice::Flux { precision, .. } => precision,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(precision(&[]), "bf16");
+    assert_eq!(precision(&[("DITFLEET_PRECISION", "bf16")]), "bf16");
+    assert_eq!(precision(&[("DITFLEET_PRECISION", "fp8")]), "fp8");
+    assert_eq!(
+        precision(&[("DITFLEET_PRECISION", "")]),
+        "bf16",
+        "empty counts as unset"
+    );
+    for bad in ["fp16", "FP8", "int8", "e4m3"] {
+        let e = WorkerConfig::from_env(&env(&[("DITFLEET_PRECISION", bad)])).unwrap_err();
+        assert_eq!(e.var, "DITFLEET_PRECISION", "{bad:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains("DITFLEET_PRECISION") && text.contains("bf16, fp8"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
 fn defaults_load_without_any_variable() {
     let c = WorkerConfig::from_env(&env(&[])).unwrap();
     assert_eq!(c.slots, 1);
@@ -116,7 +141,8 @@ fn defaults_load_without_any_variable() {
                 cache: std::env::temp_dir().join("ditfleet").join("plans.json"),
                 sizes: vec![(1024, 1024), (2048, 2048)],
             },
-            fault_gpu: None
+            fault_gpu: None,
+            precision: "bf16".into(),
         }
     );
     let s = SchedulerConfig::from_env(&env(&[])).unwrap();

@@ -220,6 +220,11 @@ pub const WORKER_VARS: &[VarDoc] = &[
         help: "1: Flux text encoders are loaded per request and freed after encoding (less device memory, slower encode)",
     },
     VarDoc {
+        name: "DITFLEET_PRECISION",
+        default: "bf16",
+        help: "numeric format of the Flux transformer: bf16 or fp8 (e4m3 linear layers; fast on Hopper/Ada GPUs, emulated slowly on the CPU; SDXL is bf16 only); applies to DITFLEET_MODEL_DIR and is the default of the versions under DITFLEET_MODEL_ROOT, whose folder's ditfleet.json may set {\"precision\": \"fp8\"}; tiny-random-<seed>-fp8 is the tiny config in fp8",
+    },
+    VarDoc {
         name: "DITFLEET_PLAN",
         default: "single",
         help: "Flux: how one image is split over DITFLEET_DEVICES, e.g. ulysses=4, ring=2,ulysses=2, cfg=2,ulysses=2, dp=2,ulysses=2, or auto: measure every plan on first start and run each job with the fastest for its size (docs/parallel.md)",

@@ -943,6 +943,24 @@ async fn status(job_id: &str, json: bool, cfg: &CommonConfig) -> Result<i32> {
     Ok(0)
 }
 
+/// The `MODEL VERSIONS` cell of `workers`: each held version, `*` marking a model's default and
+/// its precision in parentheses (`*flux-dev@v2(fp8)`; none from workers that predate the field),
+/// then the versions being loaded.
+fn version_list(w: &WorkerInfo) -> String {
+    w.model_versions
+        .iter()
+        .map(|mv| {
+            let default = if w.default_versions.contains(mv) { "*" } else { "" };
+            match w.model_precisions.get(mv) {
+                Some(p) => format!("{default}{mv}({p})"),
+                None => format!("{default}{mv}"),
+            }
+        })
+        .chain(w.loading.iter().map(|mv| format!("{mv}(loading)")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 async fn workers(json: bool, cfg: &CommonConfig) -> Result<i32> {
     let s = store(cfg).await?;
     let list = s.workers().await?;
@@ -964,7 +982,7 @@ async fn workers(json: bool, cfg: &CommonConfig) -> Result<i32> {
         "STATE",
         "CLASSES",
         "FREE",
-        "MODEL VERSIONS (*default)",
+        "MODEL VERSIONS (*dflt)(precision)",
         "GPUS",
         "DEGREE",
         "HEARTBEAT"
@@ -976,19 +994,7 @@ async fn workers(json: bool, cfg: &CommonConfig) -> Result<i32> {
         } else {
             format!("{}x {}", w.gpus.len(), w.gpus[0].name.replace("NVIDIA ", ""))
         };
-        let versions = w
-            .model_versions
-            .iter()
-            .map(|mv| {
-                if w.default_versions.contains(mv) {
-                    format!("*{mv}")
-                } else {
-                    mv.clone()
-                }
-            })
-            .chain(w.loading.iter().map(|mv| format!("{mv}(loading)")))
-            .collect::<Vec<_>>()
-            .join(",");
+        let versions = version_list(&w);
         out!(
             "{:<24} {:<9} {:<22} {:>2}/{:<2} {:<34} {:<18} {:>6} {:>7}ms",
             w.id,
@@ -1142,6 +1148,36 @@ fn rabbitmq_permissions(vhost: &str, prefix: &str, tenants: &[String], cfg: &Com
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workers_shows_each_held_versions_precision_and_older_workers_without_one() {
+        // A registration as a worker writes it: two versions of one checkpoint, bf16 and fp8.
+        let json = r#"{"id":"w-1","host":"h","pid":1,"state":"ready","classes":["large"],
+            "slots":1,"free_slots":1,"engine":"flux","engine_note":"","models":["flux-dev"],
+            "model_versions":["flux-dev@v2","flux-dev@v2-fp8"],
+            "model_precisions":{"flux-dev@v2":"bf16","flux-dev@v2-fp8":"fp8"},
+            "default_versions":["flux-dev@v2-fp8"],"loading":["flux-dev@v3"],
+            "devices":["cuda:0"],"gpus":[],"parallel_degree":1,"jobs_done":0,"started_ms":0,
+            "heartbeat_ms":0}"#;
+        let w: WorkerInfo = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            version_list(&w),
+            "flux-dev@v2(bf16),*flux-dev@v2-fp8(fp8),flux-dev@v3(loading)"
+        );
+        // A worker from before the field: no precision shown, nothing fails.
+        let old = json.replace(
+            r#""model_precisions":{"flux-dev@v2":"bf16","flux-dev@v2-fp8":"fp8"},"#,
+            "",
+        );
+        let w: WorkerInfo = serde_json::from_str(&old).unwrap();
+        assert!(w.model_precisions.is_empty());
+        assert_eq!(
+            version_list(&w),
+            "flux-dev@v2,*flux-dev@v2-fp8,flux-dev@v3(loading)"
+        );
+        // And a registration without precisions is written without the field.
+        assert!(!serde_json::to_string(&w).unwrap().contains("model_precisions"));
+    }
 
     #[test]
     fn lora_flags_parse_name_version_and_an_optional_scale() {

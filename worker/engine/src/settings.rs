@@ -153,6 +153,11 @@ pub struct BenchSwitches {
     pub nccl_collective_a2a: bool,
     /// `DITFLEET_ATTN_LSE=flash|efficient`: the first attention-with-LSE kernel tried.
     pub attn_lse: Option<String>,
+    /// `DITFLEET_FP8_ACCUM=exact`: FP8 GEMMs without cuBLASLt's fast accumulation.
+    pub fp8_exact_accum: bool,
+    /// `DITFLEET_FP8_FUSED=off`: FP8 activations quantised by a pass of their own before each
+    /// GEMM instead of by the kernel that produces them.
+    pub fp8_unfused: bool,
 }
 
 impl BenchSwitches {
@@ -174,6 +179,8 @@ impl BenchSwitches {
             nccl_legacy_stream: var("DITFLEET_NCCL_STREAM").is_some_and(|v| v == "legacy"),
             nccl_collective_a2a: var("DITFLEET_NCCL_A2A").is_some_and(|v| v == "collective"),
             attn_lse: var("DITFLEET_ATTN_LSE"),
+            fp8_exact_accum: var("DITFLEET_FP8_ACCUM").is_some_and(|v| v == "exact"),
+            fp8_unfused: var("DITFLEET_FP8_FUSED").is_some_and(|v| v == "off"),
         }
     }
 }

@@ -176,6 +176,19 @@ pub fn gelu_quantize(a: Option<&Tensor>, m: &Tensor) -> Res<Fp8Act> {
     })
 }
 
+/// cuBLASLt's fast FP8 accumulation unless the benchmark switch `DITFLEET_FP8_ACCUM=exact`
+/// turns it off: its error at Flux's shapes is within the quantisation's own (fp8_bench), as
+/// torchao's float8 inference also assumes.
+fn default_fast_accum() -> bool {
+    !crate::settings::bench().fp8_exact_accum
+}
+
+/// Whether FP8 activations come out of the kernels that produce them (else a quantisation pass
+/// of their own before each GEMM: the benchmark switch `DITFLEET_FP8_FUSED=off`).
+pub fn fused_producers() -> bool {
+    !crate::settings::bench().fp8_unfused
+}
+
 /// A linear layer with an FP8 weight: `weight` `(out, in)` e4m3fn, `scale` `(1, out)` fp32 per
 /// output channel, `bias` `(out)` in the activations' dtype.
 #[derive(Debug)]
@@ -195,7 +208,7 @@ impl Fp8Linear {
             weight: q,
             scale: scale.f_reshape([1, -1])?,
             bias: bias.map(|b| b.shallow_clone()),
-            fast_accum: false,
+            fast_accum: default_fast_accum(),
         })
     }
 
@@ -227,7 +240,7 @@ impl Fp8Linear {
             weight,
             scale,
             bias: bias.map(|b| b.shallow_clone()),
-            fast_accum: false,
+            fast_accum: default_fast_accum(),
         })
     }
 

@@ -208,7 +208,7 @@ fn gated_add_modulate(
 ) -> Res<(Tensor, Act)> {
     if opts.ln && x.dim() == 3 && x.is_contiguous() && norm.weight.is_none() && fused_kernels(x) {
         let x_out = x.f_empty_like()?;
-        if fp8 {
+        if fp8 && fp8::fused_producers() {
             let (b, s, _) = x.size3()?;
             let q = Tensor::f_empty(x.size().as_slice(), (Kind::Float8e4m3fn, x.device()))?;
             let qs = Tensor::f_empty([b, s, 1], (Kind::Float, x.device()))?;
@@ -252,7 +252,7 @@ impl Mlp {
     pub(crate) fn forward_act(&self, x: &Act, opts: Opts, kind: Kind) -> Res<Tensor> {
         if self.fc0.is_fp8() {
             let pre = self.fc0.forward_act(x, kind)?; // (b, seq, mlp)
-            return if self.fc2.is_fp8() {
+            return if self.fc2.is_fp8() && fp8::fused_producers() {
                 self.fc2
                     .forward_act(&Act::Fp8(fp8::gelu_quantize(None, &pre)?), kind)
             } else {
@@ -491,7 +491,7 @@ impl SingleBlock {
         let mlp = fused.f_narrow(-1, 3 * self.hidden, self.mlp_hidden)?;
         let o = self.attend_qkv(&fused, ctx)?; // (b, seq, heads, d)
         let (b, s, heads, d) = o.size4()?;
-        if self.linear2.is_fp8() {
+        if self.linear2.is_fp8() && fp8::fused_producers() {
             // linear2's FP8 input [attention | GELU(mlp)] in one pass, one scale per token.
             let o = o.f_reshape([b, s, heads * d])?;
             let o = if o.stride()[2] == 1 { o } else { o.f_contiguous()? };

@@ -66,8 +66,10 @@ impl PipelineOptions {
     }
 }
 
-/// The text encoders, resident or loaded on demand.
+/// The text encoders, resident or loaded on demand. One per pipeline, never moved on a hot path:
+/// the resident variant's size does not matter.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 enum TextEncoders {
     Resident {
         clip: ClipTextModel,
