@@ -171,3 +171,42 @@ fn a_lora_job_on_an_fp8_version_is_refused_with_the_reason() {
     req.loras.clear();
     p.apply_loras(&req).unwrap();
 }
+
+#[test]
+fn an_fp8_version_written_from_a_bf16_one_loads_as_fp8_and_generates_what_quantising_at_load_does() {
+    use ditfleet_engine::flux::PipelineOptions;
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/goldens/small/pipeline");
+    let dst = std::env::temp_dir().join(format!("ditfleet-fp8-version-{}", std::process::id()));
+    std::fs::remove_dir_all(&dst).ok();
+    let report = ditfleet_engine::flux::fp8::write_fp8_version(&src, &dst, Device::Cpu).unwrap();
+    assert!(report.files > 5 && report.transformer_bytes > 0, "{report:?}");
+    assert!(dst.join("transformer").join(FP8_CHECKPOINT).is_file());
+    assert!(dst.join("vae").is_dir() && dst.join("ditfleet.json").is_file());
+    // Writing over an existing version is refused.
+    let again = ditfleet_engine::flux::fp8::write_fp8_version(&src, &dst, Device::Cpu);
+    assert!(again.unwrap_err().to_string().contains("exists"));
+
+    let opts = PipelineOptions::new(Device::Cpu, Kind::Float);
+    // Asked for bf16: the pre-quantised transformer still loads as fp8.
+    let pre = Pipeline::load(&dst, opts.clone()).unwrap();
+    assert_eq!(pre.precision(), Precision::Fp8);
+    let at_load = Pipeline::load(
+        &src,
+        PipelineOptions {
+            precision: Precision::Fp8,
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(at_load.precision(), Precision::Fp8);
+    let bf16 = Pipeline::load(&src, opts).unwrap();
+    assert_eq!(bf16.precision(), Precision::Bf16);
+    let req = request();
+    let a = latents(&pre, &req);
+    assert!(
+        a.equal(&latents(&at_load, &req)),
+        "pre-quantised and quantised-at-load differ"
+    );
+    assert!(!a.equal(&latents(&bf16, &req)));
+    std::fs::remove_dir_all(&dst).ok();
+}

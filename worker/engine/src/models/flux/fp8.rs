@@ -205,3 +205,83 @@ fn remove_var(vs: &std::sync::Arc<std::sync::Mutex<tch::nn::Variables>>, name: &
         v.trainable_variables.retain(|x| x.tensor.data_ptr() != ptr);
     }
 }
+
+/// What [`write_fp8_version`] wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fp8VersionReport {
+    /// Bytes of the transformer checkpoint written (FP8 blocks, the rest as loaded).
+    pub transformer_bytes: u64,
+    /// Files taken over from the source version (hard links where the filesystem allows).
+    pub files: usize,
+}
+
+/// Writes a pre-quantised FP8 model version `dst` from the Flux model version `src` (a diffusers
+/// folder): every file of `src` but the transformer's weights (hard-linked where possible, else
+/// copied), `transformer/ditfleet-fp8.safetensors` (the blocks quantised on `device`) and
+/// `ditfleet.json` saying `{"precision": "fp8"}`. Built in `<dst>.partial` and renamed into place,
+/// so a crash leaves no half version; `dst` must not exist.
+pub fn write_fp8_version(src: &Path, dst: &Path, device: Device) -> Result<Fp8VersionReport, EngineError> {
+    if dst.exists() {
+        return Err(EngineError::Load(format!(
+            "{} exists: pick a new version folder",
+            dst.display()
+        )));
+    }
+    let tcfg = super::transformer::Config::from_diffusers_json(&src.join("transformer/config.json"))?;
+    let partial = dst.with_extension("partial");
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial)?;
+    }
+    let mut files = 0;
+    let skip = |rel: &Path| {
+        let s = rel.to_string_lossy();
+        s.starts_with("transformer/")
+            && (s.ends_with(".safetensors") || s.ends_with(".safetensors.index.json"))
+    };
+    copy_tree(src, src, &partial, &skip, &mut files)?;
+    let kind = if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
+    tracing::info!(src = %src.display(), device = ?device, "loading the transformer to quantise");
+    let mut model = Flux::load(&tcfg, &src.join("transformer"), device, kind)?;
+    model.quantize_fp8()?;
+    let out = partial.join("transformer").join(FP8_CHECKPOINT);
+    std::fs::create_dir_all(out.parent().expect("has a parent"))?;
+    tracing::info!(path = %out.display(), "writing the FP8 transformer");
+    model.save_fp8(&out)?;
+    let transformer_bytes = std::fs::metadata(&out)?.len();
+    std::fs::write(partial.join("ditfleet.json"), b"{\"precision\": \"fp8\"}\n")?;
+    std::fs::rename(&partial, dst)?;
+    Ok(Fp8VersionReport {
+        transformer_bytes,
+        files,
+    })
+}
+
+/// Hard-links (else copies) the files under `dir` into `to`, keeping their paths relative to
+/// `root`, except those `skip` names; symlinks are followed as files.
+fn copy_tree(
+    root: &Path,
+    dir: &Path,
+    to: &Path,
+    skip: &dyn Fn(&Path) -> bool,
+    files: &mut usize,
+) -> Result<(), EngineError> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let rel = path.strip_prefix(root).expect("under root");
+        if path.is_dir() {
+            copy_tree(root, &path, to, skip, files)?;
+        } else if !skip(rel) && rel.file_name().is_some_and(|n| n != "ditfleet.json") {
+            let target = to.join(rel);
+            std::fs::create_dir_all(target.parent().expect("has a parent"))?;
+            if std::fs::hard_link(&path, &target).is_err() {
+                std::fs::copy(&path, &target)?;
+            }
+            *files += 1;
+        }
+    }
+    Ok(())
+}
