@@ -594,7 +594,11 @@ char *dtf_gelu_quant_e4m3(const at::Tensor *a, const at::Tensor *m, const at::Te
     long long as = a == nullptr ? 0 : a->stride(0), ms = m->stride(0);
     int ina = static_cast<int>(na), inm = static_cast<int>(nm);
     void *args[] = {&pa, &as, &ina, &pm, &ms, &inm, &pq, &ps};
-    const unsigned block = static_cast<unsigned>(std::min<int64_t>(512, ((na + nm) / 8 + 31) / 32 * 32));
+    // Enough threads that a row fits 4 chunks of 8 per thread (held in registers) up to 32768
+    // values; at least 128.
+    const int64_t chunks = (na + nm + 7) / 8;
+    const unsigned block = static_cast<unsigned>(
+        std::max<int64_t>(128, std::min<int64_t>(1024, ((chunks + 3) / 4 + 31) / 32 * 32)));
     launch(device, kernels(device).gelu_quant_e4m3, static_cast<unsigned>(rows), 1, block, args);
   });
 }

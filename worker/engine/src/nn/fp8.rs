@@ -52,8 +52,10 @@ fn rows_kernel_fits(x: &Tensor) -> bool {
 pub fn quantize_rows_reference(x: &Tensor) -> Res<(Tensor, Tensor)> {
     let xf = x.f_to_kind(Kind::Float)?;
     let amax = xf.f_abs()?.f_amax([1], true)?; // (rows, 1)
+    // A true division (a tensor divisor): ATen's CUDA division by a scalar multiplies by its
+    // reciprocal, which can differ from `amax / 448` in the last bit.
     let scale = amax
-        .f_div_scalar(E4M3_MAX)?
+        .f_div(&amax.f_full_like(E4M3_MAX)?)?
         .f_masked_fill(&amax.f_eq(0.0)?, 1.0)?;
     let q = xf
         .f_mul(&scale.f_reciprocal()?)?
