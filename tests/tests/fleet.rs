@@ -687,3 +687,61 @@ async fn a_backlog_stays_in_its_class_when_the_only_idle_bigger_slot_is_its_own_
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fp8_version_is_loaded_shown_with_its_precision_and_recorded_on_each_job_it_runs() {
+    let fleet = Fleet::new("fp8-version").await;
+    let _s = fleet.start_scheduler();
+    let _w = fleet.start_worker(
+        "w-fp8",
+        &[
+            ("DITFLEET_ENGINE", "flux"),
+            ("DITFLEET_DEVICES", "cpu"),
+            ("DITFLEET_CONTROL_POLL_MS", "200"),
+        ],
+    );
+    let slow = Duration::from_secs(300);
+    fleet.wait_workers(1, slow).await;
+    // The tiny Flux config in bf16 first: its job records bf16.
+    let mut j = job("fp8v-bf16", 2);
+    j.scheduler = Some("flow_euler".into());
+    fleet.submit(&j).await;
+    let h = fleet.wait_state("fp8v-bf16", JobState::Succeeded, slow).await;
+    let timings: serde_json::Value = serde_json::from_str(&h["timings"]).unwrap();
+    assert_eq!(timings["precision"], "bf16", "{timings}");
+
+    let (code, out, err) = ctl(
+        &fleet,
+        &[
+            "model",
+            "load",
+            "flux-dev@tiny-random-7-fp8",
+            "--workers",
+            "w-fp8",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let ws = workers(&fleet).await;
+    let w = ws.iter().find(|w| w.id == "w-fp8").unwrap();
+    assert_eq!(
+        w.model_precisions
+            .get("flux-dev@tiny-random-7-fp8")
+            .map(String::as_str),
+        Some("fp8"),
+        "{w:?}"
+    );
+    let (_, table, _) = ctl(&fleet, &["workers"]).await;
+    assert!(table.contains("flux-dev@tiny-random-7-fp8(fp8)"), "{table}");
+
+    // A job pinned to the fp8 version runs there and says so.
+    let mut j = job("fp8v-fp8", 2);
+    j.scheduler = Some("flow_euler".into());
+    j.model_version = Some("tiny-random-7-fp8".into());
+    fleet.submit(&j).await;
+    let h = fleet.wait_state("fp8v-fp8", JobState::Succeeded, slow).await;
+    let timings: serde_json::Value = serde_json::from_str(&h["timings"]).unwrap();
+    assert_eq!(timings["precision"], "fp8", "{timings}");
+    assert_eq!(h["worker"], "w-fp8");
+    fleet.teardown().await;
+}
