@@ -998,3 +998,26 @@ fn fp8_layers_keep_every_exact_plan_at_the_fp8_single_rank() {
     let got = parallel(&p, &cfg_req, "cfg=2".parse().unwrap());
     assert!(max_diff(&got, &reference) <= 1e-5, "fp8 cfg=2");
 }
+
+#[test]
+fn a_parallel_fp8_engine_reports_fp8_and_refuses_a_lora_job_with_the_reason() {
+    let mut p = pipeline(12);
+    p.quantize_fp8().unwrap();
+    let mut e = threads_engine(vec![p], 2, "ulysses=2".parse().unwrap());
+    assert_eq!(e.info().precision, ditfleet_engine::Precision::Fp8);
+    let mut req = request(false);
+    req.loras = vec![ditfleet_engine::LoraRef {
+        name: "style".into(),
+        version: "v1".into(),
+        scale: 1.0,
+        path: None,
+        checksum: None,
+    }];
+    match e.generate(&req, &mut |_| Control::Continue) {
+        Err(EngineError::InvalidRequest(m)) => assert!(m.contains("fp8"), "{m}"),
+        Err(other) => panic!("expected InvalidRequest, got {other:?}"),
+        Ok(_) => panic!("a LoRA job ran on an fp8 engine"),
+    }
+    req.loras.clear();
+    e.generate(&req, &mut |_| Control::Continue).unwrap();
+}

@@ -197,6 +197,19 @@ impl Flux {
     }
 }
 
+/// LoRA adapters are merged into bf16 weights; an FP8 model has none to merge into (requantising
+/// each merge would change the base model's numbers job by job): a job with adapters on an FP8
+/// model is refused with the way out.
+pub fn refuse_loras(loras: &[crate::LoraRef], flux: &Flux) -> Result<(), EngineError> {
+    if loras.is_empty() || !flux.is_fp8() {
+        return Ok(());
+    }
+    Err(EngineError::InvalidRequest(
+        "LoRA adapters cannot be merged into an fp8 model version: run the job on a bf16 version of the model"
+            .into(),
+    ))
+}
+
 /// Drops variable `name` from a variable store (its memory goes with the last handle).
 fn remove_var(vs: &std::sync::Arc<std::sync::Mutex<tch::nn::Variables>>, name: &str) {
     let mut v = vs.lock().unwrap_or_else(|p| p.into_inner());

@@ -221,12 +221,7 @@ impl Pipeline {
     /// Merges the request's LoRA stack into the weights (free when it is the one applied; on
     /// any failure the base weights are back and the job fails with the reason).
     pub fn apply_loras(&mut self, request: &GenerateRequest) -> Result<(), EngineError> {
-        if !request.loras.is_empty() && self.transformer.is_fp8() {
-            return Err(EngineError::InvalidRequest(format!(
-                "LoRA adapters cannot be merged into an fp8 model version ({}): run the job on a bf16 version of the model",
-                self.info.model_versions.join(", ")
-            )));
-        }
+        super::fp8::refuse_loras(&request.loras, &self.transformer)?;
         let clip = match &self.encoders {
             TextEncoders::Resident { clip, .. } => Some(clip),
             TextEncoders::OnDemand { .. } => None,

@@ -167,6 +167,11 @@ impl RankWork for FluxRank {
 
     fn run(&self, job: &RankJob<'_>) -> Result<RankOutput, EngineError> {
         {
+            let flux = match &self.model {
+                RankModel::Leader(p) => &p.transformer,
+                RankModel::Follower { flux, .. } => flux,
+            };
+            crate::flux::fp8::refuse_loras(&job.request.loras, flux)?;
             let mut slot = self.lora.lock().unwrap_or_else(|p| p.into_inner());
             slot.prepare(&job.request.loras, || match &self.model {
                 RankModel::Leader(p) => weights(&p.transformer, p.resident_clip()),
