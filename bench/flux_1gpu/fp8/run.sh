@@ -9,6 +9,8 @@
 #   ours2048    the same at 2048² (8 steps: STEPS_2048);
 #   numerics    fp8_numerics: one forward and the 28-step loop, FP8 and bf16 against fp32 and
 #               each other, decoded-image PSNR; again with outlier channels injected;
+#   threads     parallel_bench --fp8: Flux's plans as threads on this one GPU against FP8 single
+#               (not yet run: .gpu/parallel_bench must be carried too);
 #   peers       bench/flux_1gpu/fp8/peers.sh: diffusers + torchao float8 + compile, xDiT compiled.
 # Carry [".gpu", ".whl"] (.gpu: flux_bench, fp8_bench, fp8_numerics (gzipped), bench/ = ../shared/bench).
 # STAGES picks stages (default: all). BUDGET_S (570).
@@ -21,7 +23,7 @@ TORCH=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>
   || echo /opt/torch/.venv/lib/python3.12/site-packages/torch)
 export LD_LIBRARY_PATH=$TORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-for b in flux_bench fp8_bench fp8_numerics; do
+for b in flux_bench fp8_bench fp8_numerics parallel_bench; do
   [[ -e .gpu/$b.gz && ! -e .gpu/$b ]] && gunzip -k .gpu/$b.gz && chmod +x .gpu/$b
 done
 { date -u; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv
@@ -82,6 +84,10 @@ if want ours2048; then
   stage ours2048_bf16 150 .gpu/flux_bench --bf16 --size 2048 --steps "${STEPS_2048:-8}"
   stage ours2048_fp8 150 .gpu/flux_bench --bf16 --fp8 --size 2048 --steps "${STEPS_2048:-8}"
   show "$OUT"/logs/ours2048_*.json
+fi
+if want threads; then  # FP8 plans as threads on this one GPU against FP8 single (exactness only)
+  stage fp8_threads 240 .gpu/parallel_bench --fp8 --backend threads --devices 0,0 --size 1024 --steps 4 \
+    --runs 1 --warmup-steps 1 --plans 'single;ulysses=2;ring=2;pipefusion=2'
 fi
 if want numerics; then
   stage numerics 200 .gpu/fp8_numerics --loop-fp32

@@ -12,7 +12,7 @@
 //! ```text
 //! parallel_bench --size 1024 --steps 28 --plans 'single;ulysses=2;ring=2' --devices 0,1
 //! parallel_bench --size 1024 --steps 28 --plans all --devices 0,1,2,3   (single + every valid plan)
-//!   [--runs 2] [--warmup-steps 2] [--true-cfg] [--seed 0] [--backend nccl|threads]
+//!   [--runs 2] [--warmup-steps 2] [--true-cfg] [--seed 0] [--backend nccl|threads] [--fp8]
 //! ```
 //!
 //! `--backend threads --devices 0,0,0,0` runs every rank as a thread on ONE GPU with the
@@ -32,6 +32,8 @@ use ditfleet_engine::{Control, Engine, GenerateRequest, GeneratedImage};
 use tch::{Device, Kind, Tensor};
 
 struct Args {
+    /// `--fp8`: every pipeline's transformer blocks quantised to FP8 (`Pipeline::quantize_fp8`).
+    fp8: bool,
     size: u32,
     steps: u32,
     runs: usize,
@@ -50,6 +52,15 @@ struct Args {
     fault: Option<(usize, u32, bool)>,
 }
 
+/// The random-weight Flux.1-dev pipeline in bf16, its blocks quantised to FP8 with `fp8`.
+fn random_dev(d: Device, seed: u64, fp8: bool) -> Result<Pipeline, ditfleet_engine::EngineError> {
+    let mut p = Pipeline::random_dev(d, Kind::BFloat16, seed)?;
+    if fp8 {
+        p.quantize_fp8()?;
+    }
+    Ok(p)
+}
+
 fn parse() -> Result<Args> {
     let mut a = Args {
         size: 1024,
@@ -63,6 +74,7 @@ fn parse() -> Result<Args> {
         backend: "nccl".into(),
         diag: false,
         fault: None,
+        fp8: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -74,6 +86,7 @@ fn parse() -> Result<Args> {
             "--warmup-steps" => a.warmup_steps = val()?.parse()?,
             "--seed" => a.seed = val()?.parse()?,
             "--true-cfg" => a.true_cfg = true,
+            "--fp8" => a.fp8 = true,
             "--backend" => {
                 a.backend = val()?;
                 if a.backend != "nccl" && a.backend != "threads" {
@@ -245,11 +258,7 @@ fn main() -> Result<()> {
         return drill(&a, f);
     }
     let t = Instant::now();
-    let mut leader = Some(Pipeline::random_dev(
-        Device::Cuda(a.devices[0] as usize),
-        Kind::BFloat16,
-        a.seed,
-    )?);
+    let mut leader = Some(random_dev(Device::Cuda(a.devices[0] as usize), a.seed, a.fp8)?);
     eprintln!(
         "random Flux.1-dev pipeline built in {:.1} s",
         t.elapsed().as_secs_f64()
@@ -312,7 +321,7 @@ fn main() -> Result<()> {
                     // A PipeFusion leader keeps only stage 0's blocks, so the engine does not hand
                     // it back: rebuild the same random weights.
                     drop(leaders);
-                    (l, Pipeline::random_dev(devices[0], Kind::BFloat16, a.seed)?)
+                    (l, random_dev(devices[0], a.seed, a.fp8)?)
                 } else {
                     (l, leaders.pop().context("leader not returned")?)
                 }
@@ -374,11 +383,7 @@ fn diag(a: &Args) -> Result<()> {
     // 1. Independent one-device pipelines, one thread per device, at the same time.
     let mut pipes = Vec::new();
     for &d in &a.devices {
-        pipes.push(Pipeline::random_dev(
-            Device::Cuda(d as usize),
-            Kind::BFloat16,
-            a.seed,
-        )?);
+        pipes.push(random_dev(Device::Cuda(d as usize), a.seed, a.fp8)?);
     }
     for concurrent in [false, true] {
         let barrier = Arc::new(std::sync::Barrier::new(if concurrent { pipes.len() } else { 1 }));
@@ -474,13 +479,13 @@ fn diag(a: &Args) -> Result<()> {
 /// See [`Args::fault`].
 fn drill(a: &Args, (slot, step, hang): (usize, u32, bool)) -> Result<()> {
     use ditfleet_engine::parallel::{InjectedFault, ResilientParallel};
-    let seed = a.seed;
+    let (seed, fp8) = (a.seed, a.fp8);
     let devices: Vec<Device> = a.devices.iter().map(|d| Device::Cuda(*d as usize)).collect();
     let plan = *a.plans.first().context("--plans")?;
     let mut e = ResilientParallel::new(
         devices,
         plan,
-        Box::new(move |d| Pipeline::random_dev(d, Kind::BFloat16, seed)),
+        Box::new(move |d| random_dev(d, seed, fp8)),
         Box::new(
             |devs: &[Device]| -> Box<dyn ditfleet_engine::parallel::CommFactory + Send> {
                 Box::new(NcclFactory::from_devices(devs).expect("--devices are CUDA ordinals"))
