@@ -2,10 +2,10 @@
 //! loading and writing a pre-quantised checkpoint, and copying parts for parallel plans.
 //!
 //! The FP8 layers are every projection of the transformer blocks: a double block's `qkv`,
-//! `proj` and MLP per stream, a single block's `linear1` and `linear2` (97% of the step's FLOPs at
-//! 1024²). The embedders, the modulation (once per job, from the modulation table), the final
-//! layer and the norms stay in the weights' dtype: they cost little time and carry the inputs'
-//! and outputs' full range.
+//! `proj` and MLP per stream, a single block's `linear1` and `linear2` (80% of the step's FLOPs
+//! at 1024²; the rest is attention). The embedders, the modulation (once per job, from the
+//! modulation table), the final layer and the norms stay in the weights' dtype: they cost little
+//! time and carry the inputs' and outputs' full range.
 //!
 //! A pre-quantised checkpoint is one safetensors file in the original (BFL) layout: the FP8
 //! layers' `<name>.weight` as `F8_E4M3` `(out, in)` with `<name>.weight_scale` `F32` `(out)`
