@@ -285,22 +285,62 @@ async fn connect_healing(url: &str, name: &str) -> lapin::Connection {
     match amqp::connect(url, name).await {
         Ok(c) => return c,
         Err(e) if url == AMQP_URL && std::env::var("DITFLEET_TEST_HEAL_BROKER").as_deref() == Ok("1") => {
-            eprintln!(
-                "!!! shared RabbitMQ on 127.0.0.1:5672 failed ({e}); restarting it (scripts/heal-rabbitmq.sh)"
-            );
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/heal-rabbitmq.sh");
-            let ok = tokio::process::Command::new("bash")
-                .arg(script)
-                .status()
-                .await
-                .is_ok_and(|s| s.success());
-            assert!(ok, "scripts/heal-rabbitmq.sh could not bring RabbitMQ back");
+            heal_shared_broker(&format!("failed ({e})")).await
         }
         Err(e) => panic!("RabbitMQ at {url} (make test starts it): {e}"),
     }
     amqp::connect(url, name)
         .await
         .expect("RabbitMQ at 127.0.0.1:5672 after scripts/heal-rabbitmq.sh")
+}
+
+/// How long a test's own channel, topology declaration and publisher may take on a broker that
+/// accepted its connection (seconds on a healthy node).
+const BROKER_SETUP_BOUND: Duration = Duration::from_secs(30);
+
+/// Connects ([`connect_healing`]), opens the test's channel, declares the namespace's topology and
+/// opens its publisher, all within [`BROKER_SETUP_BOUND`]. A wedged RabbitMQ 3.10 node can accept
+/// the connection and then answer nothing: on the shared broker with `DITFLEET_TEST_HEAL_BROKER=1`
+/// that is healed and set up once more, loudly, instead of leaving the test waiting forever.
+async fn broker_setup_healing(
+    url: &str,
+    ns: &str,
+    topo: &Topology,
+) -> (lapin::Connection, lapin::Channel, Publisher) {
+    let setup = || async {
+        let conn = connect_healing(url, &format!("test {ns}")).await;
+        let ch = conn.create_channel().await?;
+        topo.declare(&ch, &CLASSES).await?;
+        let publisher = Publisher::new(&conn).await?;
+        Ok::<_, lapin::Error>((conn, ch, publisher))
+    };
+    match tokio::time::timeout(BROKER_SETUP_BOUND, setup()).await {
+        Ok(Ok(v)) => return v,
+        Ok(Err(e)) if url != AMQP_URL => panic!("broker setup at {url}: {e}"),
+        Err(_) if url != AMQP_URL => panic!("broker setup at {url}: no answer within {BROKER_SETUP_BOUND:?}"),
+        Ok(Err(e)) => heal_shared_broker(&format!("setup failed: {e}")).await,
+        Err(_) => heal_shared_broker(&format!("setup unanswered within {BROKER_SETUP_BOUND:?}")).await,
+    }
+    tokio::time::timeout(BROKER_SETUP_BOUND, setup())
+        .await
+        .expect("broker setup after scripts/heal-rabbitmq.sh: no answer")
+        .expect("broker setup after scripts/heal-rabbitmq.sh")
+}
+
+/// Restarts the shared broker with scripts/heal-rabbitmq.sh where `make test` allows it
+/// (`DITFLEET_TEST_HEAL_BROKER=1`); fails the test otherwise.
+async fn heal_shared_broker(why: &str) {
+    if std::env::var("DITFLEET_TEST_HEAL_BROKER").as_deref() != Ok("1") {
+        panic!("shared RabbitMQ on 127.0.0.1:5672: {why}");
+    }
+    eprintln!("!!! shared RabbitMQ on 127.0.0.1:5672: {why}; restarting it (scripts/heal-rabbitmq.sh)");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/heal-rabbitmq.sh");
+    let ok = tokio::process::Command::new("bash")
+        .arg(script)
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    assert!(ok, "scripts/heal-rabbitmq.sh could not bring RabbitMQ back");
 }
 
 impl Fleet {
@@ -329,10 +369,7 @@ impl Fleet {
         std::fs::create_dir_all(&result_dir).unwrap();
         std::fs::create_dir_all(&log_dir).unwrap();
         let topo = Topology::new(&ns);
-        let conn = connect_healing(amqp_url, &format!("test {ns}")).await;
-        let ch = conn.create_channel().await.unwrap();
-        topo.declare(&ch, &CLASSES).await.unwrap();
-        let publisher = Publisher::new(&conn).await.unwrap();
+        let (conn, ch, publisher) = broker_setup_healing(amqp_url, &ns, &topo).await;
         let store = JobStore::connect(redis_url, &ns, Duration::from_secs(3600))
             .await
             .expect("Redis at 127.0.0.1:6379");
