@@ -370,31 +370,7 @@ fn main() -> Result<()> {
     sync(dev);
     let build_s = t_build.elapsed().as_secs_f64();
     // Bytes of the weights as held (FP8 blocks: 1 byte a value plus their scales).
-    let weight_bytes: i64 = model
-        .vs
-        .variables()
-        .values()
-        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as i64)
-        .sum::<i64>()
-        + model
-            .double_blocks
-            .iter()
-            .flat_map(|b| {
-                [
-                    &b.img_attn.qkv,
-                    &b.img_attn.proj,
-                    &b.img_mlp.fc0,
-                    &b.img_mlp.fc2,
-                    &b.txt_attn.qkv,
-                    &b.txt_attn.proj,
-                    &b.txt_mlp.fc0,
-                    &b.txt_mlp.fc2,
-                ]
-            })
-            .chain(model.single_blocks.iter().flat_map(|b| [&b.linear1, &b.linear2]))
-            .filter_map(|l| l.fp8.as_ref())
-            .map(|f| (f.weight.numel() + 4 * f.scale.numel()) as i64)
-            .sum::<i64>();
+    let weight_bytes = model.weight_bytes() as i64;
     mem.sample();
 
     // Inputs: seeded noise as the pipeline draws it, random text states.

@@ -81,37 +81,31 @@ fn psnr(a: &Tensor, b: &Tensor) -> Result<f64> {
 fn inject_outliers(m: &Flux) -> Result<()> {
     let _g = tch::no_grad_guard();
     let h = m.config.hidden_size;
-    let cols = |w: &Tensor| -> Result<()> {
-        let k = w.size()[1];
-        let mask = Tensor::f_arange(k, (Kind::Int64, w.device()))?
+    // 1 on every 128th of `n` channels (8 of every 1024), 0 elsewhere.
+    let outlier_mask = |n: i64, like: &Tensor| -> Result<Tensor> {
+        Ok(Tensor::f_arange(n, (Kind::Int64, like.device()))?
             .f_remainder(128)?
             .f_eq(0)?
-            .f_to_kind(w.kind())?;
-        // (1 + 15 mask): 16x on the outlier columns.
-        let f = mask.f_mul_scalar(15.0)?.f_add_scalar(1.0)?;
-        let mut w = w.shallow_clone();
-        let _ = w.f_mul_(&f)?;
-        Ok(())
+            .f_to_kind(like.kind())?)
     };
+    for (_, l) in m.block_linears() {
+        // (1 + 15 mask): 16x on the outlier input columns.
+        let f = outlier_mask(l.weight.size()[1], &l.weight)?
+            .f_mul_scalar(15.0)?
+            .f_add_scalar(1.0)?;
+        let _ = l.weight.shallow_clone().f_mul_(&f)?;
+    }
+    // +16 on the outlier channels of the modulations' scale chunks: (shift, scale, gate) x 2 in a
+    // double block (chunks 1 and 4), once in a single block (chunk 1).
     let scale_rows = |b: &Tensor, chunks: &[i64]| -> Result<()> {
         for &c in chunks {
-            let mut part = b.f_narrow(0, c * h, h)?;
-            let mask = Tensor::f_arange(h, (Kind::Int64, b.device()))?
-                .f_remainder(128)?
-                .f_eq(0)?
-                .f_to_kind(b.kind())?;
-            let _ = part.f_add_(&mask.f_mul_scalar(16.0)?)?;
+            let _ = b
+                .f_narrow(0, c * h, h)?
+                .f_add_(&outlier_mask(h, b)?.f_mul_scalar(16.0)?)?;
         }
         Ok(())
     };
     for b in &m.double_blocks {
-        for l in [&b.img_attn.qkv, &b.img_attn.proj, &b.img_mlp.fc0, &b.img_mlp.fc2] {
-            cols(&l.weight)?;
-        }
-        for l in [&b.txt_attn.qkv, &b.txt_attn.proj, &b.txt_mlp.fc0, &b.txt_mlp.fc2] {
-            cols(&l.weight)?;
-        }
-        // (shift, scale, gate) x 2: the scales are chunks 1 and 4.
         for md in [&b.img_mod, &b.txt_mod] {
             if let Some(bias) = &md.lin.bias {
                 scale_rows(bias, &[1, 4])?;
@@ -119,8 +113,6 @@ fn inject_outliers(m: &Flux) -> Result<()> {
         }
     }
     for b in &m.single_blocks {
-        cols(&b.linear1.weight)?;
-        cols(&b.linear2.weight)?;
         if let Some(bias) = &b.modulation.lin.bias {
             scale_rows(bias, &[1])?;
         }

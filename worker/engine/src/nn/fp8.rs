@@ -101,13 +101,6 @@ pub enum Act {
 }
 
 impl Act {
-    pub fn size(&self) -> Vec<i64> {
-        match self {
-            Act::Dense(t) => t.size(),
-            Act::Fp8(a) => a.q.size(),
-        }
-    }
-
     /// See [`Fp8Act::narrow`].
     pub fn narrow(&self, dim: i64, start: i64, len: i64) -> Res<Act> {
         Ok(match self {

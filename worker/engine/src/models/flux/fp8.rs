@@ -28,8 +28,9 @@ use crate::nn::fp8::Fp8Linear;
 pub const FP8_CHECKPOINT: &str = "ditfleet-fp8.safetensors";
 
 impl Flux {
-    /// The FP8-eligible layers with their variable names (`double_blocks.3.img_attn.qkv`).
-    fn block_linears(&self) -> Vec<(String, &Linear)> {
+    /// The FP8-eligible layers (the block projections) with their variable names
+    /// (`double_blocks.3.img_attn.qkv`).
+    pub fn block_linears(&self) -> Vec<(String, &Linear)> {
         let mut v = Vec::new();
         for (b, i) in self.double_blocks.iter().zip(self.part.double.clone()) {
             for (s, attn, mlp) in [("img", &b.img_attn, &b.img_mlp), ("txt", &b.txt_attn, &b.txt_mlp)] {
@@ -67,6 +68,24 @@ impl Flux {
             v.push((format!("single_blocks.{i}.linear2"), &mut b.linear2));
         }
         v
+    }
+
+    /// Bytes of the weights as held: the variable store's plus the FP8 layers' (1 byte a value and
+    /// their fp32 scales).
+    pub fn weight_bytes(&self) -> usize {
+        let vars: usize = self
+            .vs
+            .variables()
+            .values()
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum();
+        let fp8: usize = self
+            .block_linears()
+            .iter()
+            .filter_map(|(_, l)| l.fp8.as_ref())
+            .map(|f| f.weight.numel() + 4 * f.scale.numel())
+            .sum();
+        vars + fp8
     }
 
     /// Whether the blocks compute in FP8.
