@@ -54,7 +54,7 @@ test: build
 	  if [ $$b -ne 0 ] && CARGO="$(CARGO)" bash scripts/e2e-retry-after-heal.sh target/test-logs/e2e.log; then b=0; fi; \
 	  if [ $$(( a | b | c )) -ne 0 ]; then \
 	    echo "== failures (target/test-logs/*.log) =="; \
-	    grep -h -E -A14 '^---- .* stdout ----$$|^test .* FAILED$$' target/test-logs/*.log | cut -c1-400 | head -240; \
+	    grep -h -E -A14 '^---- .* stdout ----$$|^test .* FAILED$$|e2e-watchdog: ' target/test-logs/*.log | cut -c1-400 | head -240; \
 	  fi; \
 	  exit $$(( a | b | c ))
 	$(MAKE) --no-print-directory goldens

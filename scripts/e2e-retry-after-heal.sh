@@ -9,8 +9,9 @@
 # fleet_hardening, late in a full run: the broker logged nothing for 60 s, new connections got no
 # handshake). The next test's harness restarts the node, but the test that was running is lost to
 # the broker, not to our code. Without a restart in the log nothing is re-run: a failure then
-# stands. Each re-run is printed, with its output in target/test-logs/e2e-retry.log; exit 0 only if
-# every re-run passes.
+# stands. A test that hung until the harness's watchdog ended its binary is re-run with the tests
+# of that binary the exit skipped. Each re-run is printed, with its output in
+# target/test-logs/e2e-retry.log; exit 0 only if every re-run passes.
 set -uo pipefail
 log=${1:?usage: $0 E2E_LOG}
 cd "$(dirname "$0")/.."
@@ -26,10 +27,30 @@ mapfile -t failed < <(awk '
   $1 == "Running" && $2 ~ /^tests\/.*\.rs$/ { bin = $2; sub(/^tests\//, "", bin); sub(/\.rs$/, "", bin) }
   /^---- .* stdout ----$/ && bin != "" { print bin " " $2 }
 ' "$log" | sort -u)
-if [ ${#failed[@]} -eq 0 ]; then
-  echo "e2e-retry: no failed test found in $log; failures stand" >&2
-  exit 1
-fi
+# A test that hung past the harness's limit (tests/src/lib.rs, TEST_LIMIT) ends its whole binary
+# with "e2e-watchdog: NAME (namespace …) still ran …": that test and every test of the binary that
+# had not passed (or been ignored) by then are re-run.
+mapfile -t hung < <(awk '
+  /^== failures/ { exit }
+  $1 == "Running" { bin = "" }
+  $1 == "Running" && $2 ~ /^tests\/.*\.rs$/ { bin = $2; sub(/^tests\//, "", bin); sub(/\.rs$/, "", bin) }
+  /e2e-watchdog: / && bin != "" { print bin }
+' "$log" | sort -u)
+for bin in "${hung[@]}"; do
+  # Tests that passed in that binary's part of the log.
+  passed=$(awk -v want="tests/$bin.rs" '
+    $1 == "Running" { on = ($2 == want) }
+    on && /^test .* \.\.\. ok$/ { print $2 }
+  ' "$log")
+  ignored=$(${CARGO:-cargo} test -q -p ditfleet-tests --test "$bin" -- --list --ignored 2>/dev/null | sed -n 's/: test$//p')
+  while read -r name; do
+    [ -n "$name" ] || continue
+    grep -qxF "$name" <<<"$passed" && continue
+    grep -qxF "$name" <<<"$ignored" && continue
+    failed+=("$bin $name")
+  done < <(${CARGO:-cargo} test -q -p ditfleet-tests --test "$bin" -- --list 2>/dev/null | sed -n 's/: test$//p')
+done
+mapfile -t failed < <(printf '%s\n' "${failed[@]}" | sed '/^$/d' | sort -u)
 out=target/test-logs/e2e-retry.log
 : > "$out"
 rc=0

@@ -197,9 +197,42 @@ pub struct Fleet {
 /// The longest one end-to-end test may run. The suite runs its tests one at a time under CI's
 /// overall limit; a test hung past this kills its own processes and its test binary, so the
 /// other test binaries still run and report.
+/// `DITFLEET_TEST_LIMIT_S` sets another (to see the watchdog act).
 pub const TEST_LIMIT: Duration = Duration::from_secs(20 * 60);
 
-static DEADLINES: Mutex<Vec<(u64, String, Instant)>> = Mutex::new(Vec::new());
+fn test_limit() -> Duration {
+    std::env::var("DITFLEET_TEST_LIMIT_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(TEST_LIMIT, Duration::from_secs)
+}
+
+/// How long one of the harness's own broker calls (a publish with its confirm, draining a queue,
+/// the teardown's deletes) may wait on the broker. A healthy node answers in milliseconds; a
+/// wedged RabbitMQ 3.10 node (scripts/heal-rabbitmq.sh) never does, and an unbounded wait would
+/// hold the test until [`TEST_LIMIT`] kills its whole binary.
+pub const BROKER_CALL_BOUND: Duration = Duration::from_secs(60);
+
+/// Awaits one harness broker call within [`BROKER_CALL_BOUND`]; past it the test fails, naming
+/// the call, like any other failure (so `make test`'s re-run after a broker heal can retry it).
+async fn within_bound<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(BROKER_CALL_BOUND, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("the broker did not answer {what} within {BROKER_CALL_BOUND:?}"),
+    }
+}
+
+/// Writes `line` to the process's stderr past libtest's output capture (which `eprintln!` in a
+/// test, and in threads a test spawned, goes to), so the log shows it whatever the test's fate.
+fn uncaptured(line: &str) {
+    use std::io::Write;
+    let mut e = std::io::stderr().lock();
+    let _ = writeln!(e, "{line}");
+    let _ = e.flush();
+}
+
+/// (id, libtest name of the test, namespace, deadline) of every live [`Fleet`].
+static DEADLINES: Mutex<Vec<(u64, String, String, Instant)>> = Mutex::new(Vec::new());
 
 /// Registers a [`Fleet`]'s deadline with the process's watchdog thread while it lives.
 struct TestWatch(u64);
@@ -216,13 +249,17 @@ impl TestWatch {
                         .lock()
                         .unwrap()
                         .iter()
-                        .find(|(_, _, d)| Instant::now() > *d)
-                        .map(|(_, ns, _)| ns.clone());
-                    if let Some(ns) = overdue {
-                        eprintln!(
-                            "test of namespace {ns} still ran after {} s: killing its processes and this test binary",
-                            TEST_LIMIT.as_secs()
-                        );
+                        .find(|(_, _, _, d)| Instant::now() > *d)
+                        .map(|(_, test, ns, _)| (test.clone(), ns.clone()));
+                    if let Some((test, ns)) = overdue {
+                        // scripts/e2e-retry-after-heal.sh reads this line (the test's name is
+                        // the second field) to re-run the test and the ones this exit skips.
+                        // Written to fd 2 itself: this thread inherited the first test's output
+                        // capture, whose buffer dies with the process.
+                        uncaptured(&format!(
+                            "e2e-watchdog: {test} (namespace {ns}) still ran after {} s: killing its processes and this test binary",
+                            test_limit().as_secs()
+                        ));
                         kill_children();
                         std::process::exit(101);
                     }
@@ -230,10 +267,17 @@ impl TestWatch {
             });
         });
         let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // libtest runs each test on a thread named after it; a Fleet made elsewhere (a spawned
+        // task) is named by its namespace alone.
+        let test = std::thread::current()
+            .name()
+            .filter(|n| *n != "main")
+            .unwrap_or("?")
+            .to_string();
         DEADLINES
             .lock()
             .unwrap()
-            .push((id, ns.to_string(), Instant::now() + TEST_LIMIT));
+            .push((id, test, ns.to_string(), Instant::now() + test_limit()));
         TestWatch(id)
     }
 }
@@ -241,7 +285,7 @@ impl TestWatch {
 impl Drop for TestWatch {
     fn drop(&mut self) {
         if let Ok(mut d) = DEADLINES.lock() {
-            d.retain(|(id, _, _)| *id != self.0);
+            d.retain(|(id, _, _, _)| *id != self.0);
         }
     }
 }
@@ -596,25 +640,30 @@ impl Fleet {
         steps: u32,
         gap: Duration,
     ) -> tokio::task::JoinHandle<lapin::Connection> {
-        let conn = ditfleet_common::amqp::connect(&self.env["DITFLEET_AMQP_URL"], name)
-            .await
-            .unwrap();
-        let publisher = ditfleet_common::amqp::Publisher::new(&conn).await.unwrap();
+        let url = self.env["DITFLEET_AMQP_URL"].clone();
+        let (conn, publisher) = within_bound("the paced submitter's connection", async {
+            let conn = ditfleet_common::amqp::connect(&url, name).await.unwrap();
+            let publisher = ditfleet_common::amqp::Publisher::new(&conn).await.unwrap();
+            (conn, publisher)
+        })
+        .await;
         let topo = self.topo.clone();
         tokio::spawn(async move {
             for id in ids {
                 let body = serde_json::to_vec(&job(&id, steps)).unwrap();
-                publisher
-                    .publish(
+                within_bound(
+                    "a paced submit's publish and confirm",
+                    publisher.publish(
                         &topo.submit_exchange(),
                         ditfleet_common::topology::SUBMIT_KEY,
                         &body,
                         ditfleet_common::amqp::persistent("application/json")
                             .with_message_id(id.as_str().into()),
                         true,
-                    )
-                    .await
-                    .unwrap();
+                    ),
+                )
+                .await
+                .unwrap();
                 tokio::time::sleep(gap).await;
             }
             conn
@@ -641,10 +690,13 @@ impl Fleet {
     /// Publishes a raw body to the submit exchange (with publisher confirm).
     pub async fn submit_raw(&self, body: &[u8], message_id: &str) {
         let props = persistent("application/json").with_message_id(message_id.into());
-        self.publisher
-            .publish(&self.topo.submit_exchange(), SUBMIT_KEY, body, props, true)
-            .await
-            .expect("submit publish");
+        within_bound(
+            "a submit's publish and confirm",
+            self.publisher
+                .publish(&self.topo.submit_exchange(), SUBMIT_KEY, body, props, true),
+        )
+        .await
+        .expect("submit publish");
     }
 
     pub async fn submit(&self, spec: &JobSpec) {
@@ -679,6 +731,10 @@ impl Fleet {
 
     /// Drains the DLQ: (job id header, reason header, body).
     pub async fn dead_letters(&self) -> Vec<(String, String, Vec<u8>)> {
+        within_bound("draining the dead-letter queue", self.dead_letters_unbounded()).await
+    }
+
+    async fn dead_letters_unbounded(&self) -> Vec<(String, String, Vec<u8>)> {
         let ch = self.conn.create_channel().await.unwrap();
         let mut out = Vec::new();
         while let Some(m) = ch
@@ -720,6 +776,14 @@ impl Fleet {
     /// Records every terminal event (`done`, `failed`, `cancelled`) in a durable quorum queue that
     /// outlives broker restarts; read it with [`Fleet::terminal_events`].
     pub async fn record_terminal_events_durably(&self) {
+        within_bound(
+            "declaring the terminal-event queue",
+            self.record_terminal_events_durably_unbounded(),
+        )
+        .await
+    }
+
+    async fn record_terminal_events_durably_unbounded(&self) {
         let ch = self.conn.create_channel().await.unwrap();
         let q = format!("{}.test-terminal", self.ns);
         Self::declare_quorum_queue(&ch, &q).await;
@@ -739,6 +803,10 @@ impl Fleet {
     /// Drains the durable terminal-event queue: (routing key, event).
     /// Drains the terminal events: (AMQP `message_id`, event).
     pub async fn terminal_events(&self) -> Vec<(String, JobEvent)> {
+        within_bound("draining the terminal events", self.terminal_events_unbounded()).await
+    }
+
+    async fn terminal_events_unbounded(&self) -> Vec<(String, JobEvent)> {
         let ch = self.conn.create_channel().await.unwrap();
         let q = format!("{}.test-terminal", self.ns);
         let mut out = Vec::new();
@@ -762,9 +830,25 @@ impl Fleet {
         out
     }
 
-    /// Deletes the namespace's queues and exchanges (Redis keys expire with their TTL).
+    /// Deletes the namespace's queues and exchanges (Redis keys expire with their TTL). The test
+    /// has passed by now: a broker that stops answering here leaves the namespace's queues
+    /// behind (loudly) rather than failing it; the next test's setup heals the broker.
     pub async fn teardown(self) {
-        let ch = self.conn.create_channel().await.unwrap();
+        let ns = self.ns.clone();
+        if tokio::time::timeout(BROKER_CALL_BOUND, self.teardown_unbounded())
+            .await
+            .is_err()
+        {
+            uncaptured(&format!(
+                "!!! teardown of namespace {ns}: the broker did not answer within {BROKER_CALL_BOUND:?}; its queues are left"
+            ));
+        }
+    }
+
+    async fn teardown_unbounded(self) {
+        let Ok(ch) = self.conn.create_channel().await else {
+            return;
+        };
         let mut queues = vec![
             self.topo.submit_queue(),
             self.topo.dead_queue(),
