@@ -46,6 +46,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
+mod precision;
+
 /// Scheduler failures that stop the service.
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
@@ -567,9 +569,32 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
         Ok(spec) => spec,
         Err(e) => return reject(ctx, delivery, &e).await,
     };
-    let pin = spec.model_version.as_ref().map(|v| format!("{}@{v}", spec.model));
+    let mut pin = spec.model_version.as_ref().map(|v| format!("{}@{v}", spec.model));
     if let Err(e) = admit(ctx, &spec, pin.as_deref()).await? {
         return reject(ctx, delivery, &e).await;
+    }
+    // Adapters are merged only into bf16 versions: keep the job off fp8 ones (precision.rs).
+    let mut lora_pin = None;
+    if !spec.loras.is_empty() {
+        let chosen = {
+            let live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
+            precision::lora_version(&live.workers, &spec.model, pin.as_deref())
+        };
+        match chosen {
+            Ok(None) => {}
+            Ok(Some(mv)) => {
+                info!(job_id = %spec.job_id, model_version = %mv, "a live worker runs unpinned jobs of the model in fp8: pinning the adapter job to a bf16 version");
+                lora_pin = Some(mv.clone());
+                pin = Some(mv);
+            }
+            Err(reason) => {
+                let e = JobError::Invalid(vec![FieldError {
+                    field: Some("loras"),
+                    reason,
+                }]);
+                return reject(ctx, delivery, &e).await;
+            }
+        }
     }
     let steps = spec.steps.unwrap_or_else(|| JobSpec::default_steps(&spec.model));
     let names = ctx.cfg.classes.names();
@@ -610,6 +635,8 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
         ("tenant", spec.tenant.clone()),
         ("model", spec.model.clone()),
         ("model_version", spec.model_version.clone().unwrap_or_default()),
+        // The bf16 version an unpinned adapter job was pinned to (precision.rs), else empty.
+        ("routed_version", lora_pin.clone().unwrap_or_default()),
         ("class", class.clone()),
         ("natural_class", names[natural].to_string()),
         ("cost", cost.to_string()),
@@ -705,7 +732,10 @@ async fn route(ctx: &Ctx, delivery: &Delivery) -> Result<(), HandleError> {
         info!(job_id = %spec.job_id, state = ?prev, "job left the queue before routing (cancelled); not publishing");
         return Ok(());
     }
-    let order = WorkOrder::from_spec(&spec, &class, cost, submitted_ms);
+    let mut order = WorkOrder::from_spec(&spec, &class, cost, submitted_ms);
+    if let Some(mv) = &lora_pin {
+        order.model_version = mv.split_once('@').map(|(_, v)| v.to_string());
+    }
     // For the oldest-waiting-job age per class; a worker removes it when the order reaches it.
     ctx.store.mark_queued(&class, &spec.job_id, now_ms()).await?;
     // The trace context continues in the worker; x-routed-ms starts its queue-wait span.

@@ -745,3 +745,157 @@ async fn an_fp8_version_is_loaded_shown_with_its_precision_and_recorded_on_each_
     assert_eq!(h["worker"], "w-fp8");
     fleet.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_jobs_are_kept_off_fp8_versions_pinned_to_a_held_bf16_one_or_rejected_with_the_reason() {
+    // A worker of the tiny real Flux runs fp8 by default and holds the bf16 version beside it:
+    // an unpinned adapter job is pinned to the bf16 one (and its adapter changes the image), a
+    // plain job runs on the fp8 default, an adapter job pinned to the fp8 version is rejected by
+    // the scheduler with the bf16 versions held, and once no bf16 version is held an adapter job
+    // is rejected naming the fix. Rejections land in the status and the dead-letter queue.
+    use ditfleet_common::job::LoraSpec;
+    let mut fleet = Fleet::new("fp8-lora").await;
+    fleet
+        .env
+        .insert("DITFLEET_BALANCE_INTERVAL_MS".into(), "200".into());
+    let (r, d) = (2usize, 64usize); // rank, the tiny Flux transformer's width
+    let a: Vec<f32> = (0..r * d).map(|i| ((i as f32) * 0.37).sin() * 0.5).collect();
+    let b: Vec<f32> = (0..d * r).map(|i| ((i as f32) * 0.71).cos() * 0.5).collect();
+    fleet.push_lora_tensors(
+        "pixel-art",
+        "v1",
+        "flux-dev",
+        &[
+            (
+                "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+                vec![r, d],
+                a,
+            ),
+            (
+                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight",
+                vec![d, r],
+                b,
+            ),
+        ],
+    );
+    let _s = fleet.start_scheduler();
+    let _w = fleet.start_worker(
+        "w-mix",
+        &[
+            ("DITFLEET_ENGINE", "flux"),
+            ("DITFLEET_DEVICES", "cpu"),
+            ("DITFLEET_CONTROL_POLL_MS", "200"),
+        ],
+    );
+    let slow = Duration::from_secs(300);
+    fleet.wait_workers(1, slow).await;
+    let (code, out, err) = ctl(
+        &fleet,
+        &[
+            "model",
+            "load",
+            "flux-dev@tiny-random-7-fp8",
+            "--workers",
+            "w-mix",
+            "--keep-old",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let ws = workers(&fleet).await;
+    let w = ws.iter().find(|w| w.id == "w-mix").unwrap();
+    assert!(
+        w.default_versions.iter().any(|v| v == "flux-dev@tiny-random-7-fp8"),
+        "{w:?}"
+    );
+    assert!(
+        w.model_versions.iter().any(|v| v == "flux-dev@tiny-random-0"),
+        "{w:?}"
+    );
+    // The scheduler's view of the workers refreshes every 200 ms; heartbeats come every second.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let styled = |id: &str| {
+        let mut j = job(id, 2);
+        j.scheduler = Some("flow_euler".into());
+        j.loras = vec![LoraSpec {
+            name: "pixel-art".into(),
+            version: "v1".into(),
+            scale: Some(2.0),
+        }];
+        j
+    };
+    let png = |h: &HashMap<String, String>| {
+        std::fs::read(h["result_url"].strip_prefix("file://").expect("file URL")).expect("result PNG")
+    };
+
+    fleet.submit(&styled("fl-unpinned")).await;
+    let h = fleet.wait_state("fl-unpinned", JobState::Succeeded, slow).await;
+    assert_eq!(h["routed_version"], "flux-dev@tiny-random-0", "{h:?}");
+    assert_eq!(h["model_version_used"], "flux-dev@tiny-random-0", "{h:?}");
+    assert_eq!(h["model_version"], "", "the job's own field stays as sent: {h:?}");
+    let timings: serde_json::Value = serde_json::from_str(&h["timings"]).unwrap();
+    assert_eq!(timings["precision"], "bf16", "{timings}");
+    let styled_png = png(&h);
+    // The same job without the adapter, pinned to the same bf16 version: another image.
+    let mut base = styled("fl-base");
+    base.loras.clear();
+    base.model_version = Some("tiny-random-0".into());
+    fleet.submit(&base).await;
+    let h = fleet.wait_state("fl-base", JobState::Succeeded, slow).await;
+    assert_ne!(png(&h), styled_png, "the adapter was applied");
+
+    let mut plain = job("fl-plain", 2);
+    plain.scheduler = Some("flow_euler".into());
+    fleet.submit(&plain).await;
+    let h = fleet.wait_state("fl-plain", JobState::Succeeded, slow).await;
+    assert_eq!(h["model_version_used"], "flux-dev@tiny-random-7-fp8", "{h:?}");
+    assert_eq!(h["routed_version"], "", "{h:?}");
+
+    let mut pinned = styled("fl-pinned-fp8");
+    pinned.model_version = Some("tiny-random-7-fp8".into());
+    fleet.submit(&pinned).await;
+    let h = fleet.wait_state("fl-pinned-fp8", JobState::Failed, T).await;
+    assert!(
+        h["error"].contains("flux-dev@tiny-random-7-fp8 computes in fp8")
+            && h["error"].contains("bf16 versions held now: flux-dev@tiny-random-0"),
+        "{h:?}"
+    );
+    assert!(
+        !h.contains_key("worker"),
+        "rejected before any worker saw it: {h:?}"
+    );
+
+    let (code, out, err) = ctl(
+        &fleet,
+        &["model", "unload", "flux-dev@tiny-random-0", "--workers", "w-mix"],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let start = Instant::now();
+    while workers(&fleet)
+        .await
+        .iter()
+        .any(|w| w.model_versions.iter().any(|v| v == "flux-dev@tiny-random-0"))
+    {
+        assert!(start.elapsed() < T, "flux-dev@tiny-random-0 still held");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.submit(&styled("fl-fp8-only")).await;
+    let h = fleet.wait_state("fl-fp8-only", JobState::Failed, T).await;
+    assert!(
+        h["error"].contains("every live worker serving flux-dev holds it in fp8 only")
+            && h["error"].contains("flux-dev@tiny-random-7-fp8 (fp8) on w-mix")
+            && h["error"].contains("--keep-old"),
+        "{h:?}"
+    );
+    let dead = fleet.dead_letters().await;
+    for id in ["fl-pinned-fp8", "fl-fp8-only"] {
+        assert!(
+            dead.iter().any(|(i, why, _)| i == id && why.contains("fp8")),
+            "{id} in the DLQ with its reason: {:?}",
+            dead.iter().map(|(i, r, _)| (i, r)).collect::<Vec<_>>()
+        );
+    }
+    fleet.teardown().await;
+}
