@@ -805,7 +805,9 @@ async fn adapter_jobs_are_kept_off_fp8_versions_pinned_to_a_held_bf16_one_or_rej
     let ws = workers(&fleet).await;
     let w = ws.iter().find(|w| w.id == "w-mix").unwrap();
     assert!(
-        w.default_versions.iter().any(|v| v == "flux-dev@tiny-random-7-fp8"),
+        w.default_versions
+            .iter()
+            .any(|v| v == "flux-dev@tiny-random-7-fp8"),
         "{w:?}"
     );
     assert!(

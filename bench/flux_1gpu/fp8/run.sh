@@ -9,6 +9,8 @@
 #   ours2048    the same at 2048² (8 steps: STEPS_2048);
 #   numerics    fp8_numerics: one forward and the 28-step loop, FP8 and bf16 against fp32 and
 #               each other, decoded-image PSNR; again with outlier channels injected;
+#   load        the build's peak GPU memory: quantising at load (which also writes a pre-quantised
+#               checkpoint) against loading that checkpoint (deferred linear weights);
 #   threads     parallel_bench --fp8: Flux's plans as threads on this one GPU against FP8 single
 #               (not yet run: .gpu/parallel_bench must be carried too);
 #   peers       bench/flux_1gpu/fp8/peers.sh: diffusers + torchao float8 + compile, xDiT compiled.
@@ -84,6 +86,24 @@ if want ours2048; then
   stage ours2048_bf16 150 .gpu/flux_bench --bf16 --size 2048 --steps "${STEPS_2048:-8}"
   stage ours2048_fp8 150 .gpu/flux_bench --bf16 --fp8 --size 2048 --steps "${STEPS_2048:-8}"
   show "$OUT"/logs/ours2048_*.json
+fi
+if want load; then  # the load's peak: quantising at load against a pre-quantised checkpoint
+  mkdir -p /tmp/fp8ck
+  stage load_quantise 200 .gpu/flux_bench --bf16 --fp8 --steps 2 --warmup 1 \
+    --save-fp8 /tmp/fp8ck/ditfleet-fp8.safetensors
+  stage load_prequantised 200 .gpu/flux_bench --bf16 --weights /tmp/fp8ck/ditfleet-fp8.safetensors \
+    --steps 2 --warmup 1
+  rm -rf /tmp/fp8ck
+  python3 - "$OUT"/logs/load_*.json <<'PY'
+import json, sys
+for p in sys.argv[1:]:
+    try:
+        d = json.load(open(p))
+        print(p.split("/")[-1], "build peak GiB", round(d["build_peak_allocated_bytes"] / 2**30, 2),
+              "weights GiB", round(d["weight_gib"], 2), "build s", round(d["build_s"], 1))
+    except Exception as e:
+        print(p, "unreadable:", e)
+PY
 fi
 if want threads; then  # FP8 plans as threads on this one GPU against FP8 single (exactness only)
   stage fp8_threads 240 .gpu/parallel_bench --fp8 --backend threads --devices 0,0 --size 1024 --steps 4 \

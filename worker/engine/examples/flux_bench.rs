@@ -14,6 +14,8 @@
 //! cargo run --release -p ditfleet-engine --example flux_bench -- --tiny       # CPU smoke test
 //!   [--steps N] [--warmup N] [--size PX] [--txt-tokens N] [--device cpu|cuda:N] [--fp32|--bf16]
 //!   [--fp8] (the blocks quantised to FP8 after the build: `Flux::quantize_fp8`)
+//!   [--save-fp8 ditfleet-fp8.safetensors] (with --fp8: writes the pre-quantised checkpoint,
+//!   which `--weights` then loads; the JSON's `build_peak_allocated_bytes` is the build's peak)
 //!   [--weights flux1-dev.safetensors] [--dump-latent out.safetensors] [--seed N]
 //!   [--depth N] [--single-depth N]
 //! ```
@@ -71,6 +73,7 @@ struct Args {
     sim_plan: Option<Plan>,
     per_step_mod: bool,
     fp8: bool,
+    save_fp8: Option<std::path::PathBuf>,
 }
 
 fn parse() -> Result<Args> {
@@ -93,6 +96,7 @@ fn parse() -> Result<Args> {
         sim_plan: None,
         per_step_mod: false,
         fp8: false,
+        save_fp8: None,
     };
     let mut bf16 = false;
     let mut it = std::env::args().skip(1);
@@ -115,6 +119,7 @@ fn parse() -> Result<Args> {
             "--graphs" => a.graphs = true,
             "--per-step-modulation" => a.per_step_mod = true,
             "--fp8" => a.fp8 = true,
+            "--save-fp8" => a.save_fp8 = Some(val()?.into()),
             "--sim-plan" => {
                 let p: Plan = val()?.parse().map_err(anyhow::Error::msg)?;
                 if p.pipefusion > 1 || p.cfg > 1 || p.dp > 1 {
@@ -353,6 +358,9 @@ fn main() -> Result<()> {
         cfg.depth_single_blocks = d;
     }
     let mut mem = MemProbe::new(dev);
+    if let Device::Cuda(i) = dev {
+        ditfleet_engine::aten::memory_peak(i, true)?;
+    }
     let t_build = Instant::now();
     let mut model = match &args.weights {
         Some(w) => Flux::load(&cfg, w, dev, args.kind)?,
@@ -369,6 +377,17 @@ fn main() -> Result<()> {
     let model = model;
     sync(dev);
     let build_s = t_build.elapsed().as_secs_f64();
+    // The most libtorch held while the model was built, loaded or quantised.
+    let build_peak = match dev {
+        Device::Cuda(i) => Some(ditfleet_engine::aten::memory_peak(i, false)?),
+        _ => None,
+    };
+    if let Some(path) = &args.save_fp8 {
+        if !model.is_fp8() {
+            bail!("--save-fp8 needs --fp8 (or FP8 --weights)");
+        }
+        model.save_fp8(path)?;
+    }
     // Bytes of the weights as held (FP8 blocks: 1 byte a value plus their scales).
     let weight_bytes = model.weight_bytes() as i64;
     mem.sample();
@@ -538,7 +557,7 @@ fn main() -> Result<()> {
         "device": format!("{dev:?}"),
         "dtype": format!("{:?}", args.kind),
         "params": params,
-        "precision": if args.fp8 { "fp8" } else { "bf16" },
+        "precision": if model.is_fp8() { "fp8" } else { "bf16" },
         "weight_gib": weight_bytes as f64 / (1u64 << 30) as f64,
         "image_px": args.size,
         "img_tokens": img_seq,
@@ -546,6 +565,7 @@ fn main() -> Result<()> {
         "steps": args.steps,
         "warmup_steps": args.warmup.min(args.steps),
         "build_s": build_s,
+        "build_peak_allocated_bytes": build_peak,
         "per_step_ms": per_step,
         "mean_step_ms": mean,
         "median_step_ms": median,

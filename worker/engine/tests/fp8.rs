@@ -10,6 +10,7 @@ use ditfleet_engine::flux::Pipeline;
 use ditfleet_engine::flux::fp8::FP8_CHECKPOINT;
 use ditfleet_engine::flux::transformer::Flux;
 use ditfleet_engine::flux::weights::{Checkpoint, write_safetensors};
+use ditfleet_engine::nn::{DeferLinearWeights, NoRandomInit, is_deferred, materialize_deferred};
 use ditfleet_engine::{Control, EngineError, GenerateRequest, LoraRef, Precision};
 use tch::{Device, Kind, Tensor};
 
@@ -126,6 +127,10 @@ fn a_saved_fp8_checkpoint_loads_back_to_the_same_outputs_and_a_broken_one_names_
     );
     let back = Flux::load(&t.config, &path, Device::Cpu, Kind::Float).unwrap();
     assert!(back.is_fp8());
+    // Built with deferred linear weights, loaded with every one filled: it holds what the
+    // quantised-at-load model holds.
+    assert!(back.vs.variables().values().all(|v| !is_deferred(v)));
+    assert_eq!(back.weight_bytes(), t.weight_bytes());
     assert!(
         forward(&back).equal(&forward(t)),
         "reloaded fp8 model computes differently"
@@ -209,4 +214,62 @@ fn an_fp8_version_written_from_a_bf16_one_loads_as_fp8_and_generates_what_quanti
     );
     assert!(!a.equal(&latents(&bf16, &req)));
     std::fs::remove_dir_all(&dst).ok();
+}
+
+#[test]
+fn a_pre_quantised_load_builds_linear_weights_without_memory_until_each_is_replaced_or_filled() {
+    // So loading an FP8 version never holds its bf16 block projections: the model is built with
+    // deferred linear weights (one zero expanded, strides 0), the FP8 layers replace theirs, and
+    // only the linear weights that stay in full precision get memory, before their values.
+    let config = Pipeline::tiny_random(5).unwrap().transformer.config.clone();
+    let held = |m: &Flux| -> usize {
+        m.vs.variables()
+            .values()
+            .map(|t| {
+                let n = if is_deferred(t) { 1 } else { t.numel() };
+                n * t.kind().elt_size_in_bytes()
+            })
+            .sum()
+    };
+    let full = {
+        let _z = NoRandomInit::new();
+        Flux::new(&config, Device::Cpu, Kind::Float).unwrap()
+    };
+    let deferred = {
+        let _z = NoRandomInit::new();
+        let _d = DeferLinearWeights::new();
+        Flux::new(&config, Device::Cpu, Kind::Float).unwrap()
+    };
+    for (name, l) in deferred.block_linears() {
+        assert!(is_deferred(&l.weight), "{name} holds memory");
+        assert_eq!(
+            l.weight.size(),
+            full.vs.variables()[&format!("{name}.weight")].size()
+        );
+    }
+    let (a, b) = (held(&deferred), held(&full));
+    assert!(a * 5 < b, "deferred build holds {a} of {b} bytes");
+    // Outside the guard layers are built as usual.
+    assert!(full.vs.variables().values().all(|v| !is_deferred(v)));
+
+    let linears = deferred
+        .vs
+        .variables()
+        .values()
+        .filter(|v| is_deferred(v))
+        .count();
+    assert_eq!(materialize_deferred(&deferred.vs).unwrap(), linears);
+    assert_eq!(held(&deferred), b);
+    assert_eq!(materialize_deferred(&deferred.vs).unwrap(), 0, "idempotent");
+    // The layer's own handle sees the memory the store's entry got: writing through one shows in
+    // the other.
+    let qkv = &deferred.double_blocks[0].img_attn.qkv.weight;
+    assert!(!qkv.stride().contains(&0));
+    {
+        let _g = tch::no_grad_guard();
+        let _ = deferred.vs.variables()["double_blocks.0.img_attn.qkv.weight"]
+            .shallow_clone()
+            .fill_(1.0);
+    }
+    assert_eq!(f64::try_from(qkv.sum(Kind::Double)).unwrap(), qkv.numel() as f64);
 }

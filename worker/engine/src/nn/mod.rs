@@ -15,6 +15,48 @@ pub type Res<T> = Result<T, TchError>;
 
 thread_local! {
     static NO_RANDOM_INIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static DEFER_LINEAR_WEIGHTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While alive, [`Linear`] layers built on this thread get a weight that holds no memory: one
+/// zero expanded to `(out, in)` (strides 0). For a load that replaces most weights with other
+/// tensors (a pre-quantised checkpoint's FP8 block projections): the model is never built at its
+/// full bf16 size. [`materialize_deferred`] then gives every weight still deferred its own zeros
+/// before the rest of the checkpoint is copied in.
+pub struct DeferLinearWeights(bool);
+
+impl DeferLinearWeights {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        Self(DEFER_LINEAR_WEIGHTS.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for DeferLinearWeights {
+    fn drop(&mut self) {
+        DEFER_LINEAR_WEIGHTS.with(|c| c.set(self.0));
+    }
+}
+
+/// Whether `t` is a weight built under [`DeferLinearWeights`] and not materialised yet.
+pub fn is_deferred(t: &Tensor) -> bool {
+    t.numel() > 1 && t.stride().contains(&0)
+}
+
+/// Gives every deferred variable of `vs` ([`DeferLinearWeights`]) zeros of its own, in place:
+/// every handle to it (the layer's field, the store's entry) sees the new memory. Returns how
+/// many it materialised.
+pub fn materialize_deferred(vs: &nn::VarStore) -> Res<usize> {
+    let mut n = 0;
+    for (_, t) in vs.variables() {
+        if is_deferred(&t) {
+            let mut t = t.shallow_clone();
+            let zeros = Tensor::f_zeros(t.size(), (t.kind(), t.device()))?;
+            t.f_set_data(&zeros)?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// While alive, models built on this thread get zero-initialised weights instead of random ones
@@ -62,7 +104,12 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(p: nn::Path<'_>, in_dim: i64, out_dim: i64, bias: bool) -> Res<Self> {
-        let weight = p.f_var("weight", &[out_dim, in_dim], uniform(in_dim))?;
+        let weight = if DEFER_LINEAR_WEIGHTS.with(|c| c.get()) {
+            let one = Tensor::f_zeros([1, 1], (p.kind(), p.device()))?;
+            p.add("weight", one.f_expand([out_dim, in_dim], false)?, true)
+        } else {
+            p.f_var("weight", &[out_dim, in_dim], uniform(in_dim))?
+        };
         let bias = if bias {
             Some(p.f_var("bias", &[out_dim], uniform(in_dim))?)
         } else {

@@ -27,47 +27,42 @@ use crate::nn::fp8::Fp8Linear;
 /// The file name of a pre-quantised transformer inside a model version's `transformer/` folder.
 pub const FP8_CHECKPOINT: &str = "ditfleet-fp8.safetensors";
 
+/// The block projections of a [`Flux`] with their variable names, in one list for both borrows:
+/// `block_linears!(flux, iter)` gives `&Linear`s, `block_linears!(flux, iter_mut, mut)` gives
+/// `&mut Linear`s.
+macro_rules! block_linears {
+    ($flux:expr, $iter:ident $(, $m:tt)?) => {{
+        let flux = $flux;
+        let (double, single) = (flux.part.double.clone(), flux.part.single.clone());
+        let mut v = Vec::new();
+        for (b, i) in flux.double_blocks.$iter().zip(double) {
+            let p = format!("double_blocks.{i}");
+            v.push((format!("{p}.img_attn.qkv"), &$($m)? b.img_attn.qkv));
+            v.push((format!("{p}.img_attn.proj"), &$($m)? b.img_attn.proj));
+            v.push((format!("{p}.img_mlp.0"), &$($m)? b.img_mlp.fc0));
+            v.push((format!("{p}.img_mlp.2"), &$($m)? b.img_mlp.fc2));
+            v.push((format!("{p}.txt_attn.qkv"), &$($m)? b.txt_attn.qkv));
+            v.push((format!("{p}.txt_attn.proj"), &$($m)? b.txt_attn.proj));
+            v.push((format!("{p}.txt_mlp.0"), &$($m)? b.txt_mlp.fc0));
+            v.push((format!("{p}.txt_mlp.2"), &$($m)? b.txt_mlp.fc2));
+        }
+        for (b, i) in flux.single_blocks.$iter().zip(single) {
+            v.push((format!("single_blocks.{i}.linear1"), &$($m)? b.linear1));
+            v.push((format!("single_blocks.{i}.linear2"), &$($m)? b.linear2));
+        }
+        v
+    }};
+}
+
 impl Flux {
     /// The FP8-eligible layers (the block projections) with their variable names
     /// (`double_blocks.3.img_attn.qkv`).
     pub fn block_linears(&self) -> Vec<(String, &Linear)> {
-        let mut v = Vec::new();
-        for (b, i) in self.double_blocks.iter().zip(self.part.double.clone()) {
-            for (s, attn, mlp) in [("img", &b.img_attn, &b.img_mlp), ("txt", &b.txt_attn, &b.txt_mlp)] {
-                let p = format!("double_blocks.{i}.{s}");
-                v.push((format!("{p}_attn.qkv"), &attn.qkv));
-                v.push((format!("{p}_attn.proj"), &attn.proj));
-                v.push((format!("{p}_mlp.0"), &mlp.fc0));
-                v.push((format!("{p}_mlp.2"), &mlp.fc2));
-            }
-        }
-        for (b, i) in self.single_blocks.iter().zip(self.part.single.clone()) {
-            v.push((format!("single_blocks.{i}.linear1"), &b.linear1));
-            v.push((format!("single_blocks.{i}.linear2"), &b.linear2));
-        }
-        v
+        block_linears!(self, iter)
     }
 
     fn block_linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut v = Vec::new();
-        let double = self.part.double.clone();
-        for (b, i) in self.double_blocks.iter_mut().zip(double) {
-            let p = format!("double_blocks.{i}");
-            v.push((format!("{p}.img_attn.qkv"), &mut b.img_attn.qkv));
-            v.push((format!("{p}.img_attn.proj"), &mut b.img_attn.proj));
-            v.push((format!("{p}.img_mlp.0"), &mut b.img_mlp.fc0));
-            v.push((format!("{p}.img_mlp.2"), &mut b.img_mlp.fc2));
-            v.push((format!("{p}.txt_attn.qkv"), &mut b.txt_attn.qkv));
-            v.push((format!("{p}.txt_attn.proj"), &mut b.txt_attn.proj));
-            v.push((format!("{p}.txt_mlp.0"), &mut b.txt_mlp.fc0));
-            v.push((format!("{p}.txt_mlp.2"), &mut b.txt_mlp.fc2));
-        }
-        let single = self.part.single.clone();
-        for (b, i) in self.single_blocks.iter_mut().zip(single) {
-            v.push((format!("single_blocks.{i}.linear1"), &mut b.linear1));
-            v.push((format!("single_blocks.{i}.linear2"), &mut b.linear2));
-        }
-        v
+        block_linears!(self, iter_mut, mut)
     }
 
     /// Bytes of the weights as held: the variable store's plus the FP8 layers' (1 byte a value and
@@ -156,6 +151,9 @@ impl Flux {
                 missing.join(", ")
             )));
         }
+        // The linear weights that stay bf16 (embedders, modulation, final layer), if the model
+        // was built with deferred weights, get their memory now, just before their values.
+        crate::nn::materialize_deferred(&self.vs)?;
         load_strict(
             &self.vs,
             ck,
@@ -192,8 +190,10 @@ impl Flux {
     /// [`Flux::copy_part`] for an FP8 model: the part's FP8 layers copied from this model's.
     pub(crate) fn copy_part_fp8(&self, part: &Part, device: Device) -> Result<Self, EngineError> {
         let _guard = tch::no_grad_guard();
+        // Deferred weights: the part is never built at its bf16 size (see [`Flux::load`]).
         let mut flux = {
             let _zero = super::layers::NoRandomInit::new();
+            let _defer = crate::nn::DeferLinearWeights::new();
             Self::new_part(&self.config, device, self.kind(), part)?
         };
         let src: HashMap<String, &Linear> = self.block_linears().into_iter().collect();
@@ -211,6 +211,7 @@ impl Flux {
             lin.set_fp8(f);
             remove_var(&vs, &format!("{name}.weight"));
         }
+        crate::nn::materialize_deferred(&flux.vs)?;
         flux.vs.copy(&self.vs)?;
         Ok(flux)
     }

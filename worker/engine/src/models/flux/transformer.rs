@@ -313,18 +313,25 @@ impl Flux {
     /// `transformer/` folder (single or sharded) or an original single file.
     /// A single file that holds FP8 block weights is a pre-quantised checkpoint
     /// ([`super::fp8`]): the model comes back with FP8 blocks.
+    /// A pre-quantised one is built with deferred linear weights
+    /// ([`crate::nn::DeferLinearWeights`]), so its load never holds the bf16 block projections.
     pub fn load(config: &Config, path: &Path, device: Device, kind: Kind) -> Result<Self, EngineError> {
-        let mut model = {
-            let _zero = super::layers::NoRandomInit::new();
-            Self::new(config, device, kind)?
-        };
         if path.is_file() {
             let ck = Checkpoint::open_file(path)?;
             if Self::is_fp8_checkpoint(&ck) {
+                let mut model = {
+                    let _zero = super::layers::NoRandomInit::new();
+                    let _defer = crate::nn::DeferLinearWeights::new();
+                    Self::new(config, device, kind)?
+                };
                 model.load_fp8_checkpoint(&ck)?;
                 return Ok(model);
             }
         }
+        let model = {
+            let _zero = super::layers::NoRandomInit::new();
+            Self::new(config, device, kind)?
+        };
         model.load_weights(path)?;
         Ok(model)
     }
