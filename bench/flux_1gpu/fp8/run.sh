@@ -8,7 +8,8 @@
 #               FP8 without the fast accumulation and FP8 with separate quantisation passes;
 #   ours2048    the same at 2048² (8 steps: STEPS_2048);
 #   numerics    fp8_numerics: one forward and the 28-step loop, FP8 and bf16 against fp32 and
-#               each other, decoded-image PSNR; again with outlier channels injected;
+#               each other, decoded-image PSNR; again with outlier channels injected; ALSO=1 adds
+#               the layers kept bf16 quantised too, group by group (--also all);
 #   load        the build's peak GPU memory: quantising at load (which also writes a pre-quantised
 #               checkpoint) against loading that checkpoint (deferred linear weights);
 #   threads     parallel_bench --fp8: Flux's plans as threads on this one GPU against FP8 single
@@ -112,6 +113,8 @@ fi
 if want numerics; then
   stage numerics 200 .gpu/fp8_numerics --loop-fp32
   stage numerics_outliers 150 .gpu/fp8_numerics --outliers
+  # What quantising the layers kept in bf16 would add (modulation, final layer, embedders).
+  [[ -n "${ALSO:-}" ]] && stage numerics_also 200 .gpu/fp8_numerics --also all
   show "$OUT"/logs/numerics*.json
 fi
 if want peers; then

@@ -21,6 +21,7 @@
 use std::time::Instant;
 
 use anyhow::{Result, bail};
+use ditfleet_engine::aten::LnOut;
 use ditfleet_engine::nn::fp8::{Fp8Linear, dequantize, quantize_rows, quantize_rows_reference};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
@@ -54,7 +55,7 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
 }
 
 /// The kernels that write FP8 as they produce an activation, against the reference ops: the gated
-/// residual + modulated LayerNorm (`gate_residual_ln_fp8` against the bf16 kernel then the
+/// residual + modulated LayerNorm (`gate_residual_ln` with FP8 out against the bf16 kernel then the
 /// reference quantisation: bit for bit) and the GELU + quantisation of MLP-out / linear2 inputs
 /// (`gelu_quantize` against ATen's GELU, a bf16 rounding and the reference quantisation: the
 /// share of differing FP8 bytes, from GELU's last-ulp differences), with their times.
@@ -74,12 +75,21 @@ fn fused_kernel_checks(dev: Device, reps: usize) -> Result<serde_json::Value> {
         md.f_narrow(2, 2 * h, h)?,
     );
     let (xo, ho) = (x.f_empty_like()?, x.f_empty_like()?);
-    ditfleet_engine::aten::gate_residual_ln(&x, &gate, &y, &scale, &shift, &xo, &ho, 1e-6)?;
+    ditfleet_engine::aten::gate_residual_ln(&x, &gate, &y, &scale, &shift, &xo, LnOut::Bf16(&ho), 1e-6)?;
     let (qr, sr) = quantize_rows_reference(&ho.f_reshape([rows, h])?)?;
     let xo8 = x.f_empty_like()?;
     let q8 = Tensor::f_empty([1, rows, h], (Kind::Float8e4m3fn, dev))?;
     let s8 = Tensor::f_empty([1, rows, 1], (Kind::Float, dev))?;
-    ditfleet_engine::aten::gate_residual_ln_fp8(&x, &gate, &y, &scale, &shift, &xo8, &q8, &s8, 1e-6)?;
+    ditfleet_engine::aten::gate_residual_ln(
+        &x,
+        &gate,
+        &y,
+        &scale,
+        &shift,
+        &xo8,
+        LnOut::Fp8 { q: &q8, scale: &s8 },
+        1e-6,
+    )?;
     let ln_same = q8
         .f_reshape([rows, h])?
         .f_view_dtype(Kind::Uint8)?
@@ -87,11 +97,20 @@ fn fused_kernel_checks(dev: Device, reps: usize) -> Result<serde_json::Value> {
         && s8.f_reshape([rows, 1])?.f_equal(&sr)?
         && xo8.f_equal(&xo)?;
     let ln_ms = ms(dev, reps, || {
-        ditfleet_engine::aten::gate_residual_ln(&x, &gate, &y, &scale, &shift, &xo, &ho, 1e-6)?;
+        ditfleet_engine::aten::gate_residual_ln(&x, &gate, &y, &scale, &shift, &xo, LnOut::Bf16(&ho), 1e-6)?;
         Ok(ho.shallow_clone())
     })?;
     let ln8_ms = ms(dev, reps, || {
-        ditfleet_engine::aten::gate_residual_ln_fp8(&x, &gate, &y, &scale, &shift, &xo8, &q8, &s8, 1e-6)?;
+        ditfleet_engine::aten::gate_residual_ln(
+            &x,
+            &gate,
+            &y,
+            &scale,
+            &shift,
+            &xo8,
+            LnOut::Fp8 { q: &q8, scale: &s8 },
+            1e-6,
+        )?;
         Ok(q8.shallow_clone())
     })?;
     let a = bf(&[1, rows, h], 1.0)?;

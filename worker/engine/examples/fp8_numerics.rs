@@ -10,9 +10,20 @@
 //! of every block projection are scaled by 16 (weight outliers) and the modulations' scale rows
 //! get +16 on 8 of every 1024 channels (activation outliers after the modulated LayerNorms).
 //!
+//! `--also modulation,final,embedders` (or `--also all`): after the blocks' FP8 run, those layer
+//! groups are quantised too, cumulatively in that order, each stage measured against bf16 like
+//! the blocks: what keeping them bf16 saves in error, and what it costs in bytes. `modulation`:
+//! every block's modulation and the final layer's adaLN projection (the modulation table's
+//! layers); `final`: the final projection to patches; `embedders`: `img_in`, `txt_in`,
+//! `vector_in`, `guidance_in` and `time_in`'s second layer (its first stays: `Flux::kind` reads
+//! its dtype).
+//!
 //! ```text
 //! fp8_numerics [--size 1024] [--steps 28] [--seed 0] [--outliers] [--loop-fp32] [--json-out F]
+//!   [--also modulation,final,embedders|all]
 //! fp8_numerics --tiny          # CPU smoke run (tiny config, the FP8 arithmetic emulated)
+//! fp8_numerics --cpu-dev --depth 1 --single-depth 2 --size 256 --also all
+//!                              # CPU: Flux.1-dev's widths, fewer blocks, fp32 as the "bf16" run
 //! ```
 //! Needs about 72 GB of GPU memory at full size (the bf16 model and its fp32 copy at once).
 
@@ -20,6 +31,8 @@ use anyhow::{Context, Result, bail};
 use ditfleet_engine::flux::sampling::{self, SchedulerConfig};
 use ditfleet_engine::flux::transformer::{Config, Flux};
 use ditfleet_engine::flux::vae;
+use ditfleet_engine::nn::Linear;
+use ditfleet_engine::nn::fp8::Fp8Linear;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
@@ -31,7 +44,14 @@ struct Args {
     outliers: bool,
     loop_fp32: bool,
     json_out: Option<String>,
+    also: Vec<String>,
+    cpu_dev: bool,
+    depth: Option<i64>,
+    single_depth: Option<i64>,
 }
+
+/// The layer groups `--also` can quantise, in the order they are added.
+const GROUPS: [&str; 3] = ["modulation", "final", "embedders"];
 
 fn parse() -> Result<Args> {
     let mut a = Args {
@@ -42,6 +62,10 @@ fn parse() -> Result<Args> {
         outliers: false,
         loop_fp32: false,
         json_out: None,
+        also: Vec::new(),
+        cpu_dev: false,
+        depth: None,
+        single_depth: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -54,6 +78,29 @@ fn parse() -> Result<Args> {
             "--outliers" => a.outliers = true,
             "--loop-fp32" => a.loop_fp32 = true,
             "--json-out" => a.json_out = Some(val()?),
+            "--cpu-dev" => a.cpu_dev = true,
+            "--depth" => a.depth = Some(val()?.parse()?),
+            "--single-depth" => a.single_depth = Some(val()?.parse()?),
+            "--also" => {
+                let v = val()?;
+                let want: Vec<&str> = if v == "all" {
+                    GROUPS.to_vec()
+                } else {
+                    v.split(',').collect()
+                };
+                if let Some(bad) = want.iter().find(|g| !GROUPS.contains(g)) {
+                    bail!(
+                        "--also: unknown group {bad:?} (groups: {}, or all)",
+                        GROUPS.join(", ")
+                    );
+                }
+                // Always cumulative in GROUPS order.
+                a.also = GROUPS
+                    .iter()
+                    .filter(|g| want.contains(g))
+                    .map(|g| g.to_string())
+                    .collect();
+            }
             other => bail!("unknown argument {other}"),
         }
     }
@@ -120,6 +167,48 @@ fn inject_outliers(m: &Flux) -> Result<()> {
     Ok(())
 }
 
+/// The `--also` group `group`'s layers of `m` (see the module docs).
+fn group_linears<'a>(m: &'a mut Flux, group: &str) -> Vec<&'a mut Linear> {
+    let mut v: Vec<&mut Linear> = Vec::new();
+    match group {
+        "modulation" => {
+            for b in &mut m.double_blocks {
+                v.push(&mut b.img_mod.lin);
+                v.push(&mut b.txt_mod.lin);
+            }
+            for b in &mut m.single_blocks {
+                v.push(&mut b.modulation.lin);
+            }
+            v.extend(m.final_layer.as_mut().map(|f| &mut f.ada_ln_modulation));
+        }
+        "final" => v.extend(m.final_layer.as_mut().map(|f| &mut f.linear)),
+        "embedders" => {
+            v.extend(m.img_in.as_mut());
+            v.extend(m.txt_in.as_mut());
+            v.push(&mut m.vector_in.in_layer);
+            v.push(&mut m.vector_in.out_layer);
+            if let Some(g) = m.guidance_in.as_mut() {
+                v.push(&mut g.in_layer);
+                v.push(&mut g.out_layer);
+            }
+            v.push(&mut m.time_in.out_layer);
+        }
+        _ => unreachable!("checked in parse"),
+    }
+    v
+}
+
+/// Quantises `group`'s layers of `m` to FP8; returns how many weights (values) moved.
+fn quantize_group(m: &mut Flux, group: &str) -> Result<i64> {
+    let mut n = 0;
+    for l in group_linears(m, group) {
+        n += l.weight.numel() as i64;
+        let f = Fp8Linear::quantize(&l.weight, l.bias.as_ref())?;
+        l.set_fp8(f);
+    }
+    Ok(n)
+}
+
 struct Inputs {
     x0: Tensor,
     txt: Tensor,
@@ -167,11 +256,19 @@ fn run(m: &Flux, inp: &Inputs, kind: Kind, loop_too: bool) -> Result<(Tensor, Op
 fn main() -> Result<()> {
     let a = parse()?;
     let _g = tch::no_grad_guard();
-    let (dev, cfg, size, txt_len) = if a.tiny || !tch::Cuda::is_available() {
+    let (dev, mut cfg, size, txt_len) = if a.cpu_dev {
+        (Device::Cpu, Config::dev(), a.size, 512)
+    } else if a.tiny || !tch::Cuda::is_available() {
         (Device::Cpu, Config::tiny(), a.size.min(64), 16)
     } else {
         (Device::Cuda(0), Config::dev(), a.size, 512)
     };
+    if let Some(d) = a.depth {
+        cfg.depth = d;
+    }
+    if let Some(d) = a.single_depth {
+        cfg.depth_single_blocks = d;
+    }
     // The fp32 reference runs true fp32 matmuls: libtorch leaves TF32 off for cuBLAS by default.
     let (lh, lw) = sampling::latent_size(size as u32, size as u32, 8);
     let noise = sampling::noise(a.seed, cfg.in_channels / 4, lh, lw, Kind::Float, Device::Cpu)?;
@@ -212,12 +309,19 @@ fn main() -> Result<()> {
     m.quantize_fp8()?;
     ditfleet_engine::aten::empty_cache()?;
     let (v8, lat8) = run(&m, &inp, low, true)?;
+    // --also: (group, values moved to FP8, step 0's velocity, final latent), cumulative.
+    let mut extra = Vec::new();
+    for g in &a.also {
+        let n = quantize_group(&mut m, g)?;
+        let (v, lat) = run(&m, &inp, low, true)?;
+        extra.push((g.clone(), n, v, lat.expect("loop")));
+    }
     drop(m);
     ditfleet_engine::aten::empty_cache()?;
     let (lat16, lat8) = (lat16.expect("loop"), lat8.expect("loop"));
 
     // Images through one random-weight VAE decoder (seeded), bf16 on the GPU.
-    let vcfg = if dev.is_cuda() {
+    let vcfg = if dev.is_cuda() || a.cpu_dev {
         vae::Config::dev()
     } else {
         vae::Config::tiny()
@@ -231,7 +335,8 @@ fn main() -> Result<()> {
     let (img16, img8) = (image(&lat16)?, image(&lat8)?);
     let mut report = json!({
         "device": format!("{dev:?}"),
-        "model": if dev.is_cuda() { "flux-dev shapes, random weights" } else { "flux tiny, random weights" },
+        "model": if cfg.hidden_size == Config::dev().hidden_size { "flux-dev shapes, random weights" } else { "flux tiny, random weights" },
+        "double_blocks": cfg.depth, "single_blocks": cfg.depth_single_blocks,
         "size": size, "steps": a.steps, "seed": a.seed, "outliers": a.outliers,
         "forward_rel_l2": {
             "bf16_vs_fp32": rel_l2(&v16, &v32)?,
@@ -241,6 +346,22 @@ fn main() -> Result<()> {
         "final_latent_rel_l2": {"fp8_vs_bf16": rel_l2(&lat8, &lat16)?},
         "image_psnr_db": {"fp8_vs_bf16": psnr(&img8, &img16)?},
     });
+    if !extra.is_empty() {
+        let mut stages = Vec::new();
+        let mut added = Vec::new();
+        for (g, n, v, lat) in &extra {
+            added.push(g.as_str());
+            stages.push(json!({
+                "fp8_also": added.join("+"),
+                "values_moved_to_fp8": n,
+                "bytes_saved_vs_bf16": n, // 2 bytes a value become 1 (+ per-channel scales)
+                "forward_rel_l2": {"vs_bf16": rel_l2(v, &v16)?, "vs_fp32": rel_l2(v, &v32)?},
+                "final_latent_rel_l2_vs_bf16": rel_l2(lat, &lat16)?,
+                "image_psnr_db_vs_bf16": psnr(&image(lat)?, &img16)?,
+            }));
+        }
+        report["also"] = json!(stages);
+    }
     if let Some(l32) = lat32 {
         report["final_latent_rel_l2"]["bf16_vs_fp32"] = json!(rel_l2(&lat16, &l32)?);
         report["final_latent_rel_l2"]["fp8_vs_fp32"] = json!(rel_l2(&lat8, &l32)?);

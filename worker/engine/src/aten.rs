@@ -320,9 +320,19 @@ pub fn qkv_norm_rope(
     })
 }
 
-/// The fused gated residual + modulated LayerNorm (`dtf_gate_residual_ln`): `x_out = x + gate *
-/// y` and `h_out = LN(x_out) * (1 + scale) + shift`, bf16 `(b, s, n)` with `(b, 1, n)`
-/// modulation chunks, on the current stream of their CUDA device.
+/// Where [`gate_residual_ln`] writes the modulated LayerNorm `h`.
+pub enum LnOut<'a> {
+    /// bf16 `(b, s, n)`.
+    Bf16(&'a Tensor),
+    /// FP8 `q` `(b, s, n)` float8_e4m3fn with its per-row scales `scale` `(b * s)` fp32, scaled
+    /// as [`quant_rows_e4m3`] scales the bf16 `h` it replaces.
+    Fp8 { q: &'a Tensor, scale: &'a Tensor },
+}
+
+/// The fused gated residual + modulated LayerNorm (`dtf_gate_residual_ln`, or
+/// `dtf_gate_residual_ln_fp8` for [`LnOut::Fp8`]): `x_out = x + gate * y` and
+/// `h = LN(x_out) * (1 + scale) + shift` into `h`, bf16 `(b, s, n)` with `(b, 1, n)` modulation
+/// chunks, on the current stream of their CUDA device.
 #[allow(clippy::too_many_arguments)]
 pub fn gate_residual_ln(
     x: &Tensor,
@@ -331,22 +341,38 @@ pub fn gate_residual_ln(
     scale: &Tensor,
     shift: &Tensor,
     x_out: &Tensor,
-    h_out: &Tensor,
+    h: LnOut<'_>,
     eps: f64,
 ) -> Result<(), TchError> {
+    let ins = [x, gate, y, scale, shift, x_out].map(|t| t.as_ptr().cast::<c_void>());
     // SAFETY: as in `qkv_norm_rope`.
-    check("fused gated residual + layer norm", unsafe {
-        dtf_gate_residual_ln(
-            x.as_ptr().cast(),
-            gate.as_ptr().cast(),
-            y.as_ptr().cast(),
-            scale.as_ptr().cast(),
-            shift.as_ptr().cast(),
-            x_out.as_ptr().cast(),
-            h_out.as_ptr().cast(),
-            eps,
-        )
-    })
+    match h {
+        LnOut::Bf16(h_out) => check("fused gated residual + layer norm", unsafe {
+            dtf_gate_residual_ln(
+                ins[0],
+                ins[1],
+                ins[2],
+                ins[3],
+                ins[4],
+                ins[5],
+                h_out.as_ptr().cast(),
+                eps,
+            )
+        }),
+        LnOut::Fp8 { q, scale: qs } => check("fused gated residual + layer norm (fp8 out)", unsafe {
+            dtf_gate_residual_ln_fp8(
+                ins[0],
+                ins[1],
+                ins[2],
+                ins[3],
+                ins[4],
+                ins[5],
+                q.as_ptr().cast(),
+                qs.as_ptr().cast(),
+                eps,
+            )
+        }),
+    }
 }
 
 /// The LoRA merge's add in place (`dtf_lora_add`): `w = bf16(float(w) + d)` over contiguous bf16
@@ -368,37 +394,6 @@ pub fn quant_rows_e4m3(x: &Tensor, q: &Tensor, scale: &Tensor) -> Result<(), Tch
     // SAFETY: as in `qkv_norm_rope`.
     check("fp8 row quantisation", unsafe {
         dtf_quant_rows_e4m3(x.as_ptr().cast(), q.as_ptr().cast(), scale.as_ptr().cast())
-    })
-}
-
-/// [`gate_residual_ln`] with the modulated LayerNorm written as FP8 (`dtf_gate_residual_ln_fp8`):
-/// `q_out` `(b, s, n)` float8_e4m3fn and its per-row scales `q_scale` `(b * s)` fp32, scaled as
-/// [`quant_rows_e4m3`] scales the bf16 `h` it replaces.
-#[allow(clippy::too_many_arguments)]
-pub fn gate_residual_ln_fp8(
-    x: &Tensor,
-    gate: &Tensor,
-    y: &Tensor,
-    scale: &Tensor,
-    shift: &Tensor,
-    x_out: &Tensor,
-    q_out: &Tensor,
-    q_scale: &Tensor,
-    eps: f64,
-) -> Result<(), TchError> {
-    // SAFETY: as in `qkv_norm_rope`.
-    check("fused gated residual + layer norm (fp8 out)", unsafe {
-        dtf_gate_residual_ln_fp8(
-            x.as_ptr().cast(),
-            gate.as_ptr().cast(),
-            y.as_ptr().cast(),
-            scale.as_ptr().cast(),
-            shift.as_ptr().cast(),
-            x_out.as_ptr().cast(),
-            q_out.as_ptr().cast(),
-            q_scale.as_ptr().cast(),
-            eps,
-        )
     })
 }
 

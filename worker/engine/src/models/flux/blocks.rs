@@ -212,11 +212,29 @@ fn gated_add_modulate(
             let (b, s, _) = x.size3()?;
             let q = Tensor::f_empty(x.size().as_slice(), (Kind::Float8e4m3fn, x.device()))?;
             let qs = Tensor::f_empty([b, s, 1], (Kind::Float, x.device()))?;
-            crate::aten::gate_residual_ln_fp8(x, gate, y, scale, shift, &x_out, &q, &qs, norm.eps)?;
+            crate::aten::gate_residual_ln(
+                x,
+                gate,
+                y,
+                scale,
+                shift,
+                &x_out,
+                crate::aten::LnOut::Fp8 { q: &q, scale: &qs },
+                norm.eps,
+            )?;
             return Ok((x_out, Act::Fp8(fp8::Fp8Act { q, scale: qs })));
         }
         let h_out = x.f_empty_like()?;
-        crate::aten::gate_residual_ln(x, gate, y, scale, shift, &x_out, &h_out, norm.eps)?;
+        crate::aten::gate_residual_ln(
+            x,
+            gate,
+            y,
+            scale,
+            shift,
+            &x_out,
+            crate::aten::LnOut::Bf16(&h_out),
+            norm.eps,
+        )?;
         return Ok((x_out, Act::Dense(h_out)));
     }
     let x = gated_add(x, gate, y)?;
