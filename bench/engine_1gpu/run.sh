@@ -30,19 +30,7 @@ fi
   python3 -c "import diffusers, peft; print('diffusers', diffusers.__version__, 'peft', peft.__version__)" 2>&1 | tail -1
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-left() { echo $(( BUDGET_S - SECONDS )); }
-stage() { # stage NAME TIMEOUT CMD... : stdout -> NAME.json (JSON lines), stderr -> logs/NAME.err
-  local name=$1 t=$2; shift 2
-  local l; l=$(left); (( t > l )) && t=$l
-  if (( t < 20 )); then echo "== $name: skipped, ${l}s left"; return; fi
-  echo "== $name (timeout ${t}s, t=${SECONDS}s)"
-  timeout -k 5 "$t" "$@" > "$OUT/logs/$name.json" 2> "$OUT/logs/$name.err"
-  local rc=$?
-  echo "== $name rc=$rc at t=${SECONDS}s"
-  (( rc != 0 )) && tail -4 "$OUT/logs/$name.err"
-  return 0
-}
-want() { [[ -z "${STAGES:-}" || " $STAGES " == *" $1 "* ]]; }
+. "$(dirname "$0")/../lib.sh"
 PB=(--plans single --devices 0 --size 1024 --steps 28 --runs 2)
 if want flux_before_after; then
   stage pipeline_before_1 120 .gpu/before/parallel_bench "${PB[@]}"

@@ -22,21 +22,10 @@ BIN=$G/flux_bench
 } > "$OUT/logs/env.txt" 2>&1
 cat "$OUT/logs/env.txt"
 
-left() { echo $(( BUDGET_S - SECONDS )); }
-stage() {  # stage NAME TIMEOUT CMD... (stdout -> logs/NAME.out, stderr -> logs/NAME.err, GPU memory sampled)
-  local name=$1 t=$2; shift 2
-  local l; l=$(left); (( t > l )) && t=$l
-  if (( t < 20 )); then echo "== $name: skipped, ${l}s left"; return; fi
-  echo "== $name (timeout ${t}s, t=${SECONDS}s)"
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/logs/mem_$name.txt" 2>/dev/null &
-  local smi=$!
-  timeout -k 5 "$t" "$@" > "$OUT/logs/$name.out" 2> "$OUT/logs/$name.err"
-  local rc=$?
-  kill $smi 2>/dev/null; wait $smi 2>/dev/null
-  echo "== $name rc=$rc at t=${SECONDS}s"
-  (( rc != 0 )) && tail -5 "$OUT/logs/$name.err"
-}
-
+# bench/lib.sh: run from the repository root as bench/flux_1gpu/run_all.sh or, as earlier calls
+# did, from a copy in .gpu/flux_1gpu/.
+STAGE_EXT=out STAGE_MEM_MS=250 STAGE_TAIL=5
+. "$(dirname "$0")/../lib.sh" 2>/dev/null || . bench/lib.sh
 stage ceiling 60 python3 -c "
 import torch, json
 a=torch.randn(8192,8192,device='cuda',dtype=torch.bfloat16); b=torch.randn(8192,8192,device='cuda',dtype=torch.bfloat16)

@@ -26,17 +26,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 } > "$OUT/logs/env_peers.txt" 2>&1
 cat "$OUT/logs/env_peers.txt"
 
-left() { echo $(( BUDGET_S - SECONDS )); }
-stage() {  # stage NAME TIMEOUT CMD... (stdout -> logs/NAME.out, stderr -> logs/NAME.err)
-  local name=$1 t=$2; shift 2
-  local l; l=$(left); (( t > l )) && t=$l
-  if (( t < ${MIN_T:-60} )); then echo "== $name: skipped, ${l}s left"; return 0; fi
-  echo "== $name (timeout ${t}s, t=${SECONDS}s)"
-  timeout -k 10 "$t" "$@" > "$OUT/logs/$name.out" 2> "$OUT/logs/$name.err"
-  local rc=$?
-  echo "== $name rc=$rc at t=${SECONDS}s"
-  (( rc != 0 )) && tail -5 "$OUT/logs/$name.err"
-  grep -E "^(RESULT|compile|compile warm-up|warm-up|run |loop run)" "$OUT/logs/$name.out" | cut -c1-600
+STAGE_EXT=out STAGE_TAIL=5 STAGE_MIN_S=${MIN_T:-60} STAGE_KILL_S=10
+. "$(dirname "$0")/../../lib.sh"
+# A stage, then the result lines of its stdout.
+pstage() {
+  stage "$@"
+  grep -E "^(RESULT|compile|compile warm-up|warm-up|run |loop run)" "$OUT/logs/$1.out" 2>/dev/null | cut -c1-600
   return 0
 }
 
@@ -44,14 +39,14 @@ TAO=(python3 bench/flux_1gpu/fp8/torchao_baseline.py --common-dir .gpu/bench --s
 DEF="fp8_1024 xdit_u1c"; [[ -n "${TAO_2048:-}" ]] && DEF="$DEF fp8_2048"
 for s in ${STAGES:-$DEF}; do
   case $s in
-    fp8_1024) stage torchao_fp8_1024 240 "${TAO[@]}" --size 1024 ${TAO_ARGS:-} \
+    fp8_1024) pstage torchao_fp8_1024 240 "${TAO[@]}" --size 1024 ${TAO_ARGS:-} \
         --json-out "$OUT/logs/torchao_fp8_1024.json" --dump-out "$OUT/logs/torchao_fp8_1024_step0.pt" ;;
-    fp8_2048) stage torchao_fp8_2048 150 "${TAO[@]}" --size 2048 --repeats 1 ${TAO_ARGS:-} \
+    fp8_2048) pstage torchao_fp8_2048 150 "${TAO[@]}" --size 2048 --repeats 1 ${TAO_ARGS:-} \
         --json-out "$OUT/logs/torchao_fp8_2048.json" --dump-out "$OUT/logs/torchao_fp8_2048_step0.pt" ;;
-    bf16_1024) stage torchao_bf16_1024 240 "${TAO[@]}" --size 1024 --no-quant ${TAO_ARGS:-} \
+    bf16_1024) pstage torchao_bf16_1024 240 "${TAO[@]}" --size 1024 --no-quant ${TAO_ARGS:-} \
         --json-out "$OUT/logs/torchao_bf16_1024.json" --dump-out "$OUT/logs/torchao_bf16_1024_step0.pt" ;;
     # as run_flux_baselines.sh's x1c: whole-transformer torch.compile, mode reduce-overhead (xfuser's runner)
-    xdit_u1c) MIN_T=${CMIN_S:-150} stage xdit_u1_compile ${CSTAGE_S:-270} python3 -m torch.distributed.run \
+    xdit_u1c) STAGE_MIN_S=${CMIN_S:-150} pstage xdit_u1_compile ${CSTAGE_S:-270} python3 -m torch.distributed.run \
         --standalone --nproc_per_node=1 .gpu/bench/flux_xdit_baseline.py --compile \
         --json-out "$OUT/logs/xdit_u1_compile.json" ${XDIT_ARGS:-} ;;
     *) echo "unknown stage $s" ;;

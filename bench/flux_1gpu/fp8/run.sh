@@ -16,7 +16,7 @@
 #               (not yet run: .gpu/parallel_bench must be carried too);
 #   peers       bench/flux_1gpu/fp8/peers.sh: diffusers + torchao float8 + compile, xDiT compiled.
 # Carry [".gpu", ".whl"] (.gpu: flux_bench, fp8_bench, fp8_numerics (gzipped), bench/ = ../shared/bench).
-# STAGES picks stages (default: all). BUDGET_S (570).
+# STAGES picks stages (default: all); PEER_STAGES is peers.sh's STAGES. BUDGET_S (570).
 #   OUT=$OUT bash bench/flux_1gpu/fp8/run.sh
 set -u
 OUT=${OUT:-/tmp/fp8_out}
@@ -33,22 +33,8 @@ done
   python3 -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-left() { echo $(( BUDGET_S - SECONDS )); }
-stage() { # stage NAME TIMEOUT CMD... : stdout -> logs/NAME.json, stderr -> logs/NAME.err
-  local name=$1 t=$2; shift 2
-  local l; l=$(left); (( t > l )) && t=$l
-  if (( t < 20 )); then echo "== $name: skipped, ${l}s left"; return; fi
-  echo "== $name (timeout ${t}s, t=${SECONDS}s)"
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/logs/mem_$name.txt" 2>/dev/null &
-  local smi=$!
-  timeout -k 5 "$t" "$@" > "$OUT/logs/$name.json" 2> "$OUT/logs/$name.err"
-  local rc=$?
-  kill $smi 2>/dev/null; wait $smi 2>/dev/null
-  echo "== $name rc=$rc at t=${SECONDS}s"
-  (( rc != 0 )) && tail -4 "$OUT/logs/$name.err"
-  return 0
-}
-want() { [[ -z "${STAGES:-}" || " $STAGES " == *" $1 "* ]]; }
+STAGE_MEM_MS=500
+. "$(dirname "$0")/../../lib.sh"
 show() { python3 - "$@" <<'PY'
 import json, sys
 for p in sys.argv[1:]:
@@ -118,6 +104,7 @@ if want numerics; then
   show "$OUT"/logs/numerics*.json
 fi
 if want peers; then
-  OUT=$OUT BUDGET_S=$(left) bash bench/flux_1gpu/fp8/peers.sh
+  # peers.sh reads STAGES as its own list: this script's STAGES names run.sh's stages.
+  STAGES=${PEER_STAGES:-} OUT=$OUT BUDGET_S=$(left) bash bench/flux_1gpu/fp8/peers.sh
 fi
 echo "done at t=${SECONDS}s"
