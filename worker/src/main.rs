@@ -208,8 +208,49 @@ fn quantize_fp8(a: QuantizeFp8Args) -> Result<()> {
             None => anyhow::bail!("--device {d:?}: must be cpu or cuda:N"),
         },
     };
+    use ditfleet_engine::flux::fp8::Fp8VersionStage;
     let started = std::time::Instant::now();
-    let r = ditfleet_engine::flux::fp8::write_fp8_version(&a.from, &a.to, device)?;
+    // One bar: a spinner while the transformer loads and while it is written, the layer count
+    // while it is quantised; plain lines where stderr is not a terminal.
+    let tty = std::io::stderr().is_terminal();
+    let bar = ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let spin = ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("template");
+    let layers = ProgressStyle::with_template("quantising [{bar:30}] {pos}/{len} layers {elapsed} eta {eta}")
+        .expect("template")
+        .progress_chars("=> ");
+    let r = ditfleet_engine::flux::fp8::write_fp8_version(&a.from, &a.to, device, &mut |stage| match stage {
+        Fp8VersionStage::Loading { bytes } => {
+            bar.set_style(spin.clone());
+            let msg = format!(
+                "loading the transformer ({:.1} GiB)",
+                bytes as f64 / (1u64 << 30) as f64
+            );
+            if !tty {
+                eprintln!("{msg}");
+            }
+            bar.set_message(msg);
+        }
+        Fp8VersionStage::Quantising { done, total } => {
+            if done == 1 {
+                bar.set_style(layers.clone());
+                bar.set_length(total as u64);
+            }
+            bar.set_position(done as u64);
+            if !tty && (done == total || done % 50 == 0) {
+                eprintln!("quantised {done}/{total} layers");
+            }
+        }
+        Fp8VersionStage::Writing => {
+            bar.set_style(spin.clone());
+            if !tty {
+                eprintln!("writing the FP8 transformer");
+            }
+            bar.set_message("writing the FP8 transformer");
+        }
+    });
+    bar.finish_and_clear();
+    let r = r?;
     tracing::info!(
         to = %a.to.display(),
         transformer_gib = r.transformer_bytes as f64 / (1u64 << 30) as f64,

@@ -183,12 +183,32 @@ fn an_fp8_version_written_from_a_bf16_one_loads_as_fp8_and_generates_what_quanti
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/goldens/small/pipeline");
     let dst = std::env::temp_dir().join(format!("ditfleet-fp8-version-{}", std::process::id()));
     std::fs::remove_dir_all(&dst).ok();
-    let report = ditfleet_engine::flux::fp8::write_fp8_version(&src, &dst, Device::Cpu).unwrap();
+    let mut stages = Vec::new();
+    let report =
+        ditfleet_engine::flux::fp8::write_fp8_version(&src, &dst, Device::Cpu, &mut |s| stages.push(s))
+            .unwrap();
     assert!(report.files > 5 && report.transformer_bytes > 0, "{report:?}");
+    // Progress: the load (with its bytes), every layer quantised in turn, then the write.
+    use ditfleet_engine::flux::fp8::Fp8VersionStage as S;
+    assert!(
+        matches!(stages.first(), Some(S::Loading { bytes }) if *bytes > 0),
+        "{stages:?}"
+    );
+    assert_eq!(stages.last(), Some(&S::Writing), "{stages:?}");
+    let quantised: Vec<(usize, usize)> = stages
+        .iter()
+        .filter_map(|s| match s {
+            S::Quantising { done, total } => Some((*done, *total)),
+            _ => None,
+        })
+        .collect();
+    let total = quantised.len();
+    assert!(total > 0);
+    assert_eq!(quantised, (1..=total).map(|d| (d, total)).collect::<Vec<_>>());
     assert!(dst.join("transformer").join(FP8_CHECKPOINT).is_file());
     assert!(dst.join("vae").is_dir() && dst.join("ditfleet.json").is_file());
     // Writing over an existing version is refused.
-    let again = ditfleet_engine::flux::fp8::write_fp8_version(&src, &dst, Device::Cpu);
+    let again = ditfleet_engine::flux::fp8::write_fp8_version(&src, &dst, Device::Cpu, &mut |_| {});
     assert!(again.unwrap_err().to_string().contains("exists"));
 
     let opts = PipelineOptions::new(Device::Cpu, Kind::Float);

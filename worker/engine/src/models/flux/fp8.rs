@@ -91,15 +91,22 @@ impl Flux {
     /// Quantises every block projection to FP8 ([`Fp8Linear::quantize`]) in place; the bf16
     /// weights leave the variable store (and memory) layer by layer. Idempotent.
     pub fn quantize_fp8(&mut self) -> Result<(), EngineError> {
+        self.quantize_fp8_with(&mut |_, _| {})
+    }
+
+    /// [`Flux::quantize_fp8`], calling `progress(layers done, layers)` after each layer.
+    pub fn quantize_fp8_with(&mut self, progress: &mut dyn FnMut(usize, usize)) -> Result<(), EngineError> {
         let _guard = tch::no_grad_guard();
         let vs = self.vs.variables_.clone();
-        for (name, lin) in self.block_linears_mut() {
-            if lin.is_fp8() {
-                continue;
+        let layers = self.block_linears_mut();
+        let total = layers.len();
+        for (i, (name, lin)) in layers.into_iter().enumerate() {
+            if !lin.is_fp8() {
+                let f = Fp8Linear::quantize(&lin.weight, lin.bias.as_ref())?;
+                lin.set_fp8(f);
+                remove_var(&vs, &format!("{name}.weight"));
             }
-            let f = Fp8Linear::quantize(&lin.weight, lin.bias.as_ref())?;
-            lin.set_fp8(f);
-            remove_var(&vs, &format!("{name}.weight"));
+            progress(i + 1, total);
         }
         Ok(())
     }
@@ -239,6 +246,17 @@ fn remove_var(vs: &std::sync::Arc<std::sync::Mutex<tch::nn::Variables>>, name: &
     }
 }
 
+/// Where [`write_fp8_version`] is, for a progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8VersionStage {
+    /// The other files are linked; the transformer is being read (`bytes` of weights).
+    Loading { bytes: u64 },
+    /// Block projections quantised so far.
+    Quantising { done: usize, total: usize },
+    /// The FP8 transformer is being written.
+    Writing,
+}
+
 /// What [`write_fp8_version`] wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fp8VersionReport {
@@ -252,8 +270,15 @@ pub struct Fp8VersionReport {
 /// folder): every file of `src` but the transformer's weights (hard-linked where possible, else
 /// copied), `transformer/ditfleet-fp8.safetensors` (the blocks quantised on `device`) and
 /// `ditfleet.json` saying `{"precision": "fp8"}`. Built in `<dst>.partial` and renamed into place,
-/// so a crash leaves no half version; `dst` must not exist.
-pub fn write_fp8_version(src: &Path, dst: &Path, device: Device) -> Result<Fp8VersionReport, EngineError> {
+/// so a crash leaves no half version; `dst` must not exist. The transformer is loaded in the
+/// dtype its checkpoint stores (bf16 for Flux.1), on the CPU as on a GPU, so the weights kept in
+/// full precision are written as they were read. `progress` hears each stage.
+pub fn write_fp8_version(
+    src: &Path,
+    dst: &Path,
+    device: Device,
+    progress: &mut dyn FnMut(Fp8VersionStage),
+) -> Result<Fp8VersionReport, EngineError> {
     if dst.exists() {
         return Err(EngineError::Load(format!(
             "{} exists: pick a new version folder",
@@ -272,17 +297,22 @@ pub fn write_fp8_version(src: &Path, dst: &Path, device: Device) -> Result<Fp8Ve
             && (s.ends_with(".safetensors") || s.ends_with(".safetensors.index.json"))
     };
     copy_tree(src, src, &partial, &skip, &mut files)?;
-    let kind = if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
-    };
-    tracing::info!(src = %src.display(), device = ?device, "loading the transformer to quantise");
+    let ck = Checkpoint::open_dir(&src.join("transformer"), "diffusion_pytorch_model")?;
+    let kind = stored_kind(&ck);
+    let bytes = ck
+        .tensors
+        .values()
+        .map(|t| t.shape.iter().product::<i64>().max(0) as u64 * t.kind.elt_size_in_bytes() as u64)
+        .sum();
+    drop(ck);
+    tracing::info!(src = %src.display(), device = ?device, kind = ?kind, bytes, "loading the transformer to quantise");
+    progress(Fp8VersionStage::Loading { bytes });
     let mut model = Flux::load(&tcfg, &src.join("transformer"), device, kind)?;
-    model.quantize_fp8()?;
+    model.quantize_fp8_with(&mut |done, total| progress(Fp8VersionStage::Quantising { done, total }))?;
     let out = partial.join("transformer").join(FP8_CHECKPOINT);
     std::fs::create_dir_all(out.parent().expect("has a parent"))?;
     tracing::info!(path = %out.display(), "writing the FP8 transformer");
+    progress(Fp8VersionStage::Writing);
     model.save_fp8(&out)?;
     let transformer_bytes = std::fs::metadata(&out)?.len();
     std::fs::write(partial.join("ditfleet.json"), b"{\"precision\": \"fp8\"}\n")?;
@@ -291,6 +321,21 @@ pub fn write_fp8_version(src: &Path, dst: &Path, device: Device) -> Result<Fp8Ve
         transformer_bytes,
         files,
     })
+}
+
+/// The float dtype most of `ck`'s values are stored in (bf16 for Flux.1's checkpoints).
+fn stored_kind(ck: &Checkpoint) -> Kind {
+    let mut by_kind: BTreeMap<String, (i64, Kind)> = BTreeMap::new();
+    for t in ck.tensors.values() {
+        if matches!(t.kind, Kind::BFloat16 | Kind::Half | Kind::Float) {
+            by_kind.entry(format!("{:?}", t.kind)).or_insert((0, t.kind)).0 +=
+                t.shape.iter().product::<i64>();
+        }
+    }
+    by_kind
+        .into_values()
+        .max_by_key(|(n, _)| *n)
+        .map_or(Kind::BFloat16, |(_, k)| k)
 }
 
 /// Hard-links (else copies) the files under `dir` into `to`, keeping their paths relative to
