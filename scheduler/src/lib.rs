@@ -1125,7 +1125,8 @@ async fn announce_rejected_copy(
 mod tests {
     use super::*;
 
-    fn worker(id: &str, classes: &[&str], free_slots: u16) -> WorkerInfo {
+    /// A live simulated worker of `flux-dev@sim-1` (also the fixture of `precision`'s tests).
+    pub(crate) fn worker(id: &str, classes: &[&str], free_slots: u16) -> WorkerInfo {
         WorkerInfo {
             id: id.into(),
             host: "h".into(),

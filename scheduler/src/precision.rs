@@ -103,36 +103,17 @@ pub fn lora_version(
 mod tests {
     use super::*;
 
+    /// A worker holding `versions` (`(model@version, precision)`), `default` its unpinned one.
     fn worker(id: &str, versions: &[(&str, &str)], default: &str) -> WorkerInfo {
         WorkerInfo {
-            id: id.into(),
-            host: "h".into(),
-            pid: 1,
-            state: "ready".into(),
-            classes: vec!["small".into()],
-            slots: 1,
-            free_slots: 1,
             engine: "flux".into(),
-            engine_note: String::new(),
-            models: vec!["flux-dev".into()],
             model_versions: versions.iter().map(|(v, _)| v.to_string()).collect(),
             model_precisions: versions
                 .iter()
                 .map(|(v, p)| (v.to_string(), p.to_string()))
                 .collect(),
             default_versions: vec![default.into()],
-            loading: vec![],
-            load_error: None,
-            degraded_reason: None,
-            devices: vec![],
-            gpus: vec![],
-            parallel_degree: 1,
-            jobs_done: 0,
-            started_ms: 0,
-            heartbeat_ms: 0,
-            lora_stacks: vec![],
-            lora_cached: vec![],
-            affinity_queue: false,
+            ..crate::tests::worker(id, &["small"], 1)
         }
     }
 

@@ -688,20 +688,41 @@ async fn a_backlog_stays_in_its_class_when_the_only_idle_bigger_slot_is_its_own_
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_fp8_version_is_loaded_shown_with_its_precision_and_recorded_on_each_job_it_runs() {
-    let fleet = Fleet::new("fp8-version").await;
-    let _s = fleet.start_scheduler();
-    let _w = fleet.start_worker(
-        "w-fp8",
+/// A worker of the tiny random-weight Flux config on the CPU (holding `flux-dev@tiny-random-0`
+/// at start, bf16), registered.
+async fn start_tiny_flux_worker(fleet: &Fleet, id: &str) -> ditfleet_tests::Proc {
+    let w = fleet.start_worker(
+        id,
         &[
             ("DITFLEET_ENGINE", "flux"),
             ("DITFLEET_DEVICES", "cpu"),
             ("DITFLEET_CONTROL_POLL_MS", "200"),
         ],
     );
+    fleet.wait_workers(1, Duration::from_secs(300)).await;
+    w
+}
+
+/// `ditfleetctl model load <model_version> --workers <id> <extra…>`, which must succeed; the
+/// worker's record after it.
+async fn load_on(fleet: &Fleet, model_version: &str, id: &str, extra: &[&str]) -> WorkerInfo {
+    let mut args = vec!["model", "load", model_version, "--workers", id];
+    args.extend_from_slice(extra);
+    let (code, out, err) = ctl(fleet, &args).await;
+    assert_eq!(code, 0, "{out}{err}");
+    workers(fleet)
+        .await
+        .into_iter()
+        .find(|w| w.id == id)
+        .expect("the worker is live")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fp8_version_is_loaded_shown_with_its_precision_and_recorded_on_each_job_it_runs() {
+    let fleet = Fleet::new("fp8-version").await;
+    let _s = fleet.start_scheduler();
+    let _w = start_tiny_flux_worker(&fleet, "w-fp8").await;
     let slow = Duration::from_secs(300);
-    fleet.wait_workers(1, slow).await;
     // The tiny Flux config in bf16 first: its job records bf16.
     let mut j = job("fp8v-bf16", 2);
     j.scheduler = Some("flow_euler".into());
@@ -710,20 +731,7 @@ async fn an_fp8_version_is_loaded_shown_with_its_precision_and_recorded_on_each_
     let timings: serde_json::Value = serde_json::from_str(&h["timings"]).unwrap();
     assert_eq!(timings["precision"], "bf16", "{timings}");
 
-    let (code, out, err) = ctl(
-        &fleet,
-        &[
-            "model",
-            "load",
-            "flux-dev@tiny-random-7-fp8",
-            "--workers",
-            "w-fp8",
-        ],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}{err}");
-    let ws = workers(&fleet).await;
-    let w = ws.iter().find(|w| w.id == "w-fp8").unwrap();
+    let w = load_on(&fleet, "flux-dev@tiny-random-7-fp8", "w-fp8", &[]).await;
     assert_eq!(
         w.model_precisions
             .get("flux-dev@tiny-random-7-fp8")
@@ -779,31 +787,9 @@ async fn adapter_jobs_are_kept_off_fp8_versions_pinned_to_a_held_bf16_one_or_rej
         ],
     );
     let _s = fleet.start_scheduler();
-    let _w = fleet.start_worker(
-        "w-mix",
-        &[
-            ("DITFLEET_ENGINE", "flux"),
-            ("DITFLEET_DEVICES", "cpu"),
-            ("DITFLEET_CONTROL_POLL_MS", "200"),
-        ],
-    );
+    let _w = start_tiny_flux_worker(&fleet, "w-mix").await;
     let slow = Duration::from_secs(300);
-    fleet.wait_workers(1, slow).await;
-    let (code, out, err) = ctl(
-        &fleet,
-        &[
-            "model",
-            "load",
-            "flux-dev@tiny-random-7-fp8",
-            "--workers",
-            "w-mix",
-            "--keep-old",
-        ],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}{err}");
-    let ws = workers(&fleet).await;
-    let w = ws.iter().find(|w| w.id == "w-mix").unwrap();
+    let w = load_on(&fleet, "flux-dev@tiny-random-7-fp8", "w-mix", &["--keep-old"]).await;
     assert!(
         w.default_versions
             .iter()

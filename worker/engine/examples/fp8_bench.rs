@@ -75,21 +75,20 @@ fn fused_kernel_checks(dev: Device, reps: usize) -> Result<serde_json::Value> {
         md.f_narrow(2, 2 * h, h)?,
     );
     let (xo, ho) = (x.f_empty_like()?, x.f_empty_like()?);
-    ditfleet_engine::aten::gate_residual_ln(&x, &gate, &y, &scale, &shift, &xo, LnOut::Bf16(&ho), 1e-6)?;
-    let (qr, sr) = quantize_rows_reference(&ho.f_reshape([rows, h])?)?;
     let xo8 = x.f_empty_like()?;
     let q8 = Tensor::f_empty([1, rows, h], (Kind::Float8e4m3fn, dev))?;
     let s8 = Tensor::f_empty([1, rows, 1], (Kind::Float, dev))?;
-    ditfleet_engine::aten::gate_residual_ln(
-        &x,
-        &gate,
-        &y,
-        &scale,
-        &shift,
-        &xo8,
-        LnOut::Fp8 { q: &q8, scale: &s8 },
-        1e-6,
-    )?;
+    let ln = |fp8: bool| {
+        let (x_out, out) = if fp8 {
+            (&xo8, LnOut::Fp8 { q: &q8, scale: &s8 })
+        } else {
+            (&xo, LnOut::Bf16(&ho))
+        };
+        ditfleet_engine::aten::gate_residual_ln(&x, &gate, &y, &scale, &shift, x_out, out, 1e-6)
+    };
+    ln(false)?;
+    let (qr, sr) = quantize_rows_reference(&ho.f_reshape([rows, h])?)?;
+    ln(true)?;
     let ln_same = q8
         .f_reshape([rows, h])?
         .f_view_dtype(Kind::Uint8)?
@@ -97,20 +96,11 @@ fn fused_kernel_checks(dev: Device, reps: usize) -> Result<serde_json::Value> {
         && s8.f_reshape([rows, 1])?.f_equal(&sr)?
         && xo8.f_equal(&xo)?;
     let ln_ms = ms(dev, reps, || {
-        ditfleet_engine::aten::gate_residual_ln(&x, &gate, &y, &scale, &shift, &xo, LnOut::Bf16(&ho), 1e-6)?;
+        ln(false)?;
         Ok(ho.shallow_clone())
     })?;
     let ln8_ms = ms(dev, reps, || {
-        ditfleet_engine::aten::gate_residual_ln(
-            &x,
-            &gate,
-            &y,
-            &scale,
-            &shift,
-            &xo8,
-            LnOut::Fp8 { q: &q8, scale: &s8 },
-            1e-6,
-        )?;
+        ln(true)?;
         Ok(q8.shallow_clone())
     })?;
     let a = bf(&[1, rows, h], 1.0)?;

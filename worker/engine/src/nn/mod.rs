@@ -23,18 +23,37 @@ thread_local! {
 /// tensors (a pre-quantised checkpoint's FP8 block projections): the model is never built at its
 /// full bf16 size. [`materialize_deferred`] then gives every weight still deferred its own zeros
 /// before the rest of the checkpoint is copied in.
-pub struct DeferLinearWeights(bool);
+pub struct DeferLinearWeights {
+    _flag: FlagGuard,
+}
 
 impl DeferLinearWeights {
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
-        Self(DEFER_LINEAR_WEIGHTS.with(|c| c.replace(true)))
+        Self {
+            _flag: FlagGuard::set(&DEFER_LINEAR_WEIGHTS),
+        }
     }
 }
 
-impl Drop for DeferLinearWeights {
+/// Sets a thread-local flag while alive; restores what it was on drop (guards nest).
+struct FlagGuard {
+    flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
+    was: bool,
+}
+
+impl FlagGuard {
+    fn set(flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>) -> Self {
+        Self {
+            flag,
+            was: flag.with(|c| c.replace(true)),
+        }
+    }
+}
+
+impl Drop for FlagGuard {
     fn drop(&mut self) {
-        DEFER_LINEAR_WEIGHTS.with(|c| c.set(self.0));
+        self.flag.with(|c| c.set(self.was));
     }
 }
 
@@ -62,18 +81,16 @@ pub fn materialize_deferred(vs: &nn::VarStore) -> Res<usize> {
 /// While alive, models built on this thread get zero-initialised weights instead of random ones
 /// (used before a strict load overwrites every variable: faster, and it leaves libtorch's global
 /// RNG untouched, which seeded noise in other threads relies on).
-pub struct NoRandomInit(bool);
+pub struct NoRandomInit {
+    _flag: FlagGuard,
+}
 
 impl NoRandomInit {
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
-        Self(NO_RANDOM_INIT.with(|c| c.replace(true)))
-    }
-}
-
-impl Drop for NoRandomInit {
-    fn drop(&mut self) {
-        NO_RANDOM_INIT.with(|c| c.set(self.0));
+        Self {
+            _flag: FlagGuard::set(&NO_RANDOM_INIT),
+        }
     }
 }
 
