@@ -5,7 +5,8 @@
 //! `proj` and MLP per stream, a single block's `linear1` and `linear2` (80% of the step's FLOPs
 //! at 1024²; the rest is attention). The embedders, the modulation (once per job, from the
 //! modulation table), the final layer and the norms stay in the weights' dtype: they cost little
-//! time and carry the inputs' and outputs' full range.
+//! time, and in FP8 each multiplies the blocks' error (measured: docs/benchmarks-flux-1gpu.md,
+//! "What is FP8 and what is not").
 //!
 //! A pre-quantised checkpoint is one safetensors file in the original (BFL) layout: the FP8
 //! layers' `<name>.weight` as `F8_E4M3` `(out, in)` with `<name>.weight_scale` `F32` `(out)`
