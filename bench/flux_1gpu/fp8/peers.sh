@@ -39,7 +39,7 @@ TAO=(python3 bench/flux_1gpu/fp8/torchao_baseline.py --common-dir .gpu/bench --s
 DEF="fp8_1024 xdit_u1c"; [[ -n "${TAO_2048:-}" ]] && DEF="$DEF fp8_2048"
 for s in ${STAGES:-$DEF}; do
   case $s in
-    fp8_1024) pstage torchao_fp8_1024 240 "${TAO[@]}" --size 1024 ${TAO_ARGS:-} \
+    fp8_1024) pstage torchao_fp8_1024 ${TAO_S:-240} "${TAO[@]}" --size 1024 ${TAO_ARGS:-} \
         --json-out "$OUT/logs/torchao_fp8_1024.json" --dump-out "$OUT/logs/torchao_fp8_1024_step0.pt" ;;
     fp8_2048) pstage torchao_fp8_2048 150 "${TAO[@]}" --size 2048 --repeats 1 ${TAO_ARGS:-} \
         --json-out "$OUT/logs/torchao_fp8_2048.json" --dump-out "$OUT/logs/torchao_fp8_2048_step0.pt" ;;
