@@ -4,7 +4,9 @@
 # `make test` sets). Seen on the Debian RabbitMQ 3.10 node of the CI machines: after a burst of
 # test topologies (hundreds of quorum queues declared and deleted) under a load of 10+ on 2 cores,
 # the node stayed up (`rabbitmq-diagnostics ping` succeeded) but accepted TCP connections without
-# ever reading them, and `rabbitmqctl stop_app` hung. Nothing of the node's state is worth keeping
+# ever reading them, and `rabbitmqctl stop_app` hung. One trigger caught in its log (2026-12-06): a
+# client killed while its channel was declaring quorum queues; the node killed that channel 70 s
+# later (`shutdown_error`, `reason: killed`) and was silent from then on. Nothing of the node's state is worth keeping
 # between tests (each test builds its own namespace), so the node is killed, its database wiped and
 # started again. Prints what it did; exit 0 once the handshake is answered.
 #   scripts/heal-rabbitmq.sh            heal if wedged (no-op when healthy)
