@@ -191,6 +191,8 @@ pub struct Fleet {
     pub env: HashMap<String, String>,
     /// Ids of the workers started, whose LoRA affinity queues teardown deletes.
     worker_ids: Mutex<Vec<String>>,
+    /// Pids of the services this fleet started: teardown stops them before deleting queues.
+    spawned: Mutex<Vec<i32>>,
     _watch: TestWatch,
 }
 
@@ -287,6 +289,31 @@ impl Drop for TestWatch {
         if let Ok(mut d) = DEADLINES.lock() {
             d.retain(|(id, _, _, _)| *id != self.0);
         }
+    }
+}
+
+/// The state letter of process `pid` if it is a child of this process (`Z`: exited, not yet
+/// reaped), else `None`.
+fn child_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid …`; comm may hold spaces, so read after its closing paren.
+    let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    (rest.next()? == std::process::id().to_string()).then_some(state)
+}
+
+/// SIGKILLs those of `pids` that are live children of this process and waits (up to `bound`)
+/// until each has exited: their sockets are closed once they are zombies. The zombies are reaped
+/// by their [`Proc`]s' drops.
+async fn kill_and_wait(pids: &[i32], bound: Duration) {
+    let live = |p: &i32| child_state(*p).is_some_and(|s| s != 'Z');
+    let live_pids: Vec<i32> = pids.iter().copied().filter(live).collect();
+    for &p in &live_pids {
+        send_signal(p, libc::SIGKILL);
+    }
+    let start = Instant::now();
+    while live_pids.iter().any(live) && start.elapsed() < bound {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -459,6 +486,7 @@ impl Fleet {
             events,
             env,
             worker_ids: Mutex::new(Vec::new()),
+            spawned: Mutex::new(Vec::new()),
             _watch: watch,
         }
     }
@@ -480,6 +508,7 @@ impl Fleet {
             .stdout(out.try_clone().unwrap())
             .stderr(out);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {binary}: {e}"));
+        self.spawned.lock().unwrap().push(child.id() as i32);
         Proc {
             name: name.to_string(),
             child,
@@ -846,6 +875,12 @@ impl Fleet {
     }
 
     async fn teardown_unbounded(self) {
+        // The fleet's services go first (their Procs' drops would kill them only after this), so
+        // no consumer is live when its queues are deleted: as in production, where queues
+        // outlive their consumers. Fewer odd sequences for the RabbitMQ 3.10 test node, which
+        // wedges now and then (docs/operations.md).
+        let pids = self.spawned.lock().unwrap().clone();
+        kill_and_wait(&pids, Duration::from_secs(5)).await;
         let Ok(ch) = self.conn.create_channel().await else {
             return;
         };
