@@ -369,21 +369,24 @@ async fn connect_healing(url: &str, name: &str) -> lapin::Connection {
 /// accepted its connection (seconds on a healthy node).
 const BROKER_SETUP_BOUND: Duration = Duration::from_secs(30);
 
-/// Connects ([`connect_healing`]), opens the test's channel, declares the namespace's topology and
-/// opens its publisher, all within [`BROKER_SETUP_BOUND`]. A wedged RabbitMQ 3.10 node can accept
-/// the connection and then answer nothing: on the shared broker with `DITFLEET_TEST_HEAL_BROKER=1`
-/// that is healed and set up once more, loudly, instead of leaving the test waiting forever.
+/// Connects ([`connect_healing`]), opens the test's channel, declares the namespace's topology,
+/// subscribes to its events and opens its publisher, all within [`BROKER_SETUP_BOUND`] (a node
+/// was seen to wedge right after the declarations, with the subscription then unbounded). A
+/// wedged RabbitMQ 3.10 node can accept the connection and then answer nothing: on the shared
+/// broker with `DITFLEET_TEST_HEAL_BROKER=1` that is healed and set up once more, loudly, instead
+/// of leaving the test waiting forever.
 async fn broker_setup_healing(
     url: &str,
     ns: &str,
     topo: &Topology,
-) -> (lapin::Connection, lapin::Channel, Publisher) {
+) -> (lapin::Connection, lapin::Consumer, Publisher) {
     let setup = || async {
         let conn = connect_healing(url, &format!("test {ns}")).await;
         let ch = conn.create_channel().await?;
         topo.declare(&ch, &CLASSES).await?;
+        let events = topo.subscribe_events(&ch, "#").await?;
         let publisher = Publisher::new(&conn).await?;
-        Ok::<_, lapin::Error>((conn, ch, publisher))
+        Ok::<_, lapin::Error>((conn, events, publisher))
     };
     match tokio::time::timeout(BROKER_SETUP_BOUND, setup()).await {
         Ok(Ok(v)) => return v,
@@ -440,12 +443,14 @@ impl Fleet {
         std::fs::create_dir_all(&result_dir).unwrap();
         std::fs::create_dir_all(&log_dir).unwrap();
         let topo = Topology::new(&ns);
-        let (conn, ch, publisher) = broker_setup_healing(amqp_url, &ns, &topo).await;
-        let store = JobStore::connect(redis_url, &ns, Duration::from_secs(3600))
-            .await
-            .expect("Redis at 127.0.0.1:6379");
+        let (conn, mut consumer, publisher) = broker_setup_healing(amqp_url, &ns, &topo).await;
+        let store = within_bound(
+            "(Redis) connecting the job store",
+            JobStore::connect(redis_url, &ns, Duration::from_secs(3600)),
+        )
+        .await
+        .expect("Redis at 127.0.0.1:6379");
         let events = EventLog::default();
-        let mut consumer = topo.subscribe_events(&ch, "#").await.unwrap();
         let sink = events.clone();
         tokio::spawn(async move {
             while let Some(Ok(d)) = consumer.next().await {
