@@ -7,9 +7,9 @@
 # ever reading them, and `rabbitmqctl stop_app` hung. One trigger caught in its log (2026-12-06): a
 # client killed just after its channel declared a namespace's quorum queues; the node killed that
 # channel 70 s later (`shutdown_error`, `reason: killed`) and was silent from then on. Another wedge
-# that day followed a drained worker's clean close, with nothing in the log. Nothing of the node's state is worth keeping
-# between tests (each test builds its own namespace), so the node is killed, its database wiped and
-# started again. Prints what it did; exit 0 once the handshake is answered.
+# that day followed a drained worker's clean close, with nothing in the log. Nothing of the node's
+# state is worth keeping between tests (each test builds its own namespace), so the node is killed,
+# its database wiped and started again. Prints what it did; exit 0 once the handshake is answered.
 #   scripts/heal-rabbitmq.sh            heal if wedged (no-op when healthy)
 set -uo pipefail
 SUDO=""

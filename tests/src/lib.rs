@@ -215,12 +215,13 @@ fn test_limit() -> Duration {
 /// hold the test until [`TEST_LIMIT`] kills its whole binary.
 pub const BROKER_CALL_BOUND: Duration = Duration::from_secs(60);
 
-/// Awaits one harness broker call within [`BROKER_CALL_BOUND`]; past it the test fails, naming
-/// the call, like any other failure (so `make test`'s re-run after a broker heal can retry it).
+/// Awaits one harness call to the broker (or Redis) within [`BROKER_CALL_BOUND`]; past it the
+/// test fails, naming the call, like any other failure (so `make test`'s re-run after a broker
+/// heal can retry it).
 async fn within_bound<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
     match tokio::time::timeout(BROKER_CALL_BOUND, fut).await {
         Ok(v) => v,
-        Err(_) => panic!("the broker did not answer {what} within {BROKER_CALL_BOUND:?}"),
+        Err(_) => panic!("no answer to {what} within {BROKER_CALL_BOUND:?}"),
     }
 }
 
@@ -319,7 +320,6 @@ async fn kill_and_wait(pids: &[i32], bound: Duration) {
 
 /// SIGKILLs every direct child of this process (services, ditfleetctl runs, private brokers).
 fn kill_children() {
-    let me = std::process::id().to_string();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return;
     };
@@ -327,14 +327,7 @@ fn kill_children() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // `pid (comm) state ppid …`; comm may hold spaces, so read after its closing paren.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
-        if ppid == Some(me.as_str()) {
+        if child_state(pid).is_some() {
             send_signal(pid, libc::SIGKILL);
         }
     }
@@ -445,7 +438,7 @@ impl Fleet {
         let topo = Topology::new(&ns);
         let (conn, mut consumer, publisher) = broker_setup_healing(amqp_url, &ns, &topo).await;
         let store = within_bound(
-            "(Redis) connecting the job store",
+            "connecting the job store to Redis",
             JobStore::connect(redis_url, &ns, Duration::from_secs(3600)),
         )
         .await
