@@ -81,6 +81,20 @@ if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(0 if m.v
   log "installing nvidia-cuda-crt==$want_crt into .venv (CUDA headers for the engine's shim)"
   .venv/bin/pip install -q --disable-pip-version-check "nvidia-cuda-crt==$want_crt"
 fi
+# The FP8 attention (worker/engine/csrc/cudnn_fp8_attention.cpp) builds cuDNN graphs with the
+# header-only cudnn-frontend; only its headers are used (--no-deps: the wheel's Python extras pull
+# CUTLASS DSL and more, which the engine does not need). Its cuDNN is the torch wheel's.
+want_fe=1.32.0
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('nvidia-cudnn-frontend') == '$want_fe' else 1)" 2>/dev/null; then
+  log "installing nvidia-cudnn-frontend==$want_fe headers into .venv (cuDNN graph API for the FP8 attention)"
+  .venv/bin/pip install -q --no-deps --disable-pip-version-check "nvidia-cudnn-frontend==$want_fe"
+fi
+# cuda_fp16.h, which the frontend includes, includes <nv/target> from CCCL (18 MB of headers).
+want_cccl=13.0.85
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('nvidia-cuda-cccl') == '$want_cccl' else 1)" 2>/dev/null; then
+  log "installing nvidia-cuda-cccl==$want_cccl headers into .venv (for the cudnn-frontend)"
+  .venv/bin/pip install -q --no-deps --disable-pip-version-check "nvidia-cuda-cccl==$want_cccl"
+fi
 # --- test helpers: S3-compatible server (moto) and openssl ------------------------------------
 want_moto=5.2.1
 if ! .test-venv/bin/python -c "import moto, sys; sys.exit(0 if moto.__version__ == '$want_moto' else 1)" 2>/dev/null \

@@ -57,6 +57,7 @@ fn build_shim() {
             .collect()
     };
     let cuda = lib.join("libc10_cuda.so").exists();
+    let mut cuda_include: Option<std::path::PathBuf> = None;
     if cuda {
         let Some(dir) = candidates.iter().find(|d| missing(d).is_empty()) else {
             let looked: Vec<String> = candidates
@@ -75,14 +76,78 @@ fn build_shim() {
             );
         };
         build.include(dir).define("DTF_WITH_CUDA", None);
+        cuda_include = Some(dir.clone());
     }
     build.compile("ditfleet_aten_shim");
+    build_fp8_attention(&root, &include, cuda.then_some(cuda_include).flatten());
     if cuda {
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
     }
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+}
+
+/// Compiles `csrc/cudnn_fp8_attention.cpp` (cuDNN's FP8 attention through the cudnn-frontend
+/// graph API). The frontend is header-only and loads cuDNN at run time (libtorch_cuda has it
+/// loaded), so only its headers and cuDNN's are needed here: from the `nvidia-cudnn-frontend` and
+/// `nvidia-cudnn-cu13` wheels in the torch venv (scripts/setup.sh installs both), or
+/// `$CUDNN_FRONTEND_INCLUDE`. Without them the op is compiled as a stub that says why, and the
+/// FP8 precision runs its attention in bf16.
+fn build_fp8_attention(
+    root: &std::path::Path,
+    torch_include: &std::path::Path,
+    cuda: Option<std::path::PathBuf>,
+) {
+    println!("cargo:rerun-if-changed=csrc/cudnn_fp8_attention.cpp");
+    println!("cargo:rerun-if-env-changed=CUDNN_FRONTEND_INCLUDE");
+    let site = root.parent().map(|p| p.to_path_buf());
+    let frontend = std::env::var("CUDNN_FRONTEND_INCLUDE")
+        .ok()
+        .map(std::path::PathBuf::from)
+        .or_else(|| site.as_ref().map(|s| s.join("include")))
+        .filter(|d| d.join("cudnn_frontend.h").exists());
+    let cudnn = site
+        .as_ref()
+        .map(|s| s.join("nvidia/cudnn/include"))
+        .filter(|d| d.join("cudnn.h").exists());
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(torch_include)
+        .include(torch_include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("csrc/cudnn_fp8_attention.cpp");
+    match (cuda, frontend, cudnn) {
+        (Some(cuda), Some(frontend), Some(cudnn)) => {
+            build
+                .include(cuda)
+                .include(frontend)
+                .include(cudnn)
+                .define("DTF_WITH_CUDA", None)
+                .define("DTF_WITH_CUDNN_FE", None)
+                .define("NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING", None)
+                .define("CUDNN_FRONTEND_SKIP_JSON_LIB", None);
+        }
+        (Some(_), frontend, cudnn) => {
+            println!(
+                "cargo:warning=ditfleet-engine: FP8 attention not built: {}{}(pip install \
+                 nvidia-cudnn-frontend into the torch venv, or set CUDNN_FRONTEND_INCLUDE)",
+                if frontend.is_none() {
+                    "no cudnn_frontend.h "
+                } else {
+                    ""
+                },
+                if cudnn.is_none() { "no cudnn.h " } else { "" },
+            );
+        }
+        (None, _, _) => {}
+    }
+    build.compile("ditfleet_fp8_attention");
 }
 
 fn main() {

@@ -58,6 +58,9 @@ if want ours; then
     DITFLEET_FP8_ACCUM=exact stage ours_fp8_exact_accum 120 .gpu/flux_bench --bf16 --fp8
     DITFLEET_FP8_FUSED=off stage ours_fp8_unfused 120 .gpu/flux_bench --bf16 --fp8
   fi
+  if [[ -n "${ATTN_AB:-}" ]]; then  # what the FP8 attention buys: the same FP8 step, bf16 attention
+    DITFLEET_FP8_ATTN=off stage ours_fp8_bf16_attention 120 .gpu/flux_bench --bf16 --fp8
+  fi
   if [[ -n "${REPEAT:-}" ]]; then
     stage ours_fp8_2 120 .gpu/flux_bench --bf16 --fp8
     stage ours_bf16_2 120 .gpu/flux_bench --bf16
@@ -100,6 +103,7 @@ if want numerics; then
   stage numerics 200 .gpu/fp8_numerics --loop-fp32
   stage numerics_outliers 150 .gpu/fp8_numerics --outliers
   # What quantising the layers kept in bf16 would add (modulation, final layer, embedders).
+  [[ -n "${ATTN_AB:-}" ]] && DITFLEET_FP8_ATTN=off stage numerics_bf16_attention 200 .gpu/fp8_numerics --loop-fp32
   [[ -n "${ALSO:-}" ]] && stage numerics_also 200 .gpu/fp8_numerics --also all
   show "$OUT"/logs/numerics*.json
 fi

@@ -339,6 +339,8 @@ struct Kernels {
   CUfunction lora_add = nullptr;
   CUfunction quant_rows_e4m3 = nullptr;
   CUfunction gelu_quant_e4m3 = nullptr;
+  CUfunction attn_amax = nullptr;
+  CUfunction qkv_norm_rope_e4m3 = nullptr;
 };
 
 // Makes `device`'s primary context (libtorch's) current on this thread.
@@ -385,6 +387,9 @@ const Kernels &kernels(int device) {
   cu_check(d.get_function(&k.lora_add, module, "dtf_lora_add"), "dtf_lora_add");
   cu_check(d.get_function(&k.quant_rows_e4m3, module, "dtf_quant_rows_e4m3"), "dtf_quant_rows_e4m3");
   cu_check(d.get_function(&k.gelu_quant_e4m3, module, "dtf_gelu_quant_e4m3"), "dtf_gelu_quant_e4m3");
+  cu_check(d.get_function(&k.attn_amax, module, "dtf_attn_amax"), "dtf_attn_amax");
+  cu_check(d.get_function(&k.qkv_norm_rope_e4m3, module, "dtf_qkv_norm_rope_e4m3"),
+           "dtf_qkv_norm_rope_e4m3");
   return cache.emplace(device, k).first->second;
 }
 
@@ -560,9 +565,9 @@ char *dtf_gate_residual_ln_fp8(const at::Tensor *x, const at::Tensor *gate, cons
 // See dtf_gelu_quant_e4m3 in flux_kernels.cu.inc. a (rows, na) bf16 or null (na = 0), m (rows, nm)
 // bf16, both with a contiguous last dim and 16-byte aligned rows (na, nm multiples of 8); q
 // (rows, na + nm) float8_e4m3fn contiguous; scale (rows) fp32 contiguous. All on one CUDA device.
-char *dtf_gelu_quant_e4m3(const at::Tensor *a, const at::Tensor *m, const at::Tensor *q,
-                          const at::Tensor *scale) {
-  return guarded([&] {
+static void gelu_quant_impl(const at::Tensor *a, const at::Tensor *a8, const at::Tensor *a8_descale,
+                            const at::Tensor *m, const at::Tensor *q, const at::Tensor *scale) {
+  {
     auto rows_ok = [](const at::Tensor &t) {
       return t.is_cuda() && t.scalar_type() == at::kBFloat16 && t.dim() == 2 && t.stride(1) == 1 &&
              t.size(1) % 8 == 0 && t.stride(0) % 8 == 0 &&
@@ -576,6 +581,16 @@ char *dtf_gelu_quant_e4m3(const at::Tensor *a, const at::Tensor *m, const at::Te
       require(rows_ok(*a) && a->get_device() == device && a->size(0) == rows,
               "a must be a bf16 (rows, n) tensor like m on m's device");
       na = a->size(1);
+    }
+    if (a8 != nullptr) {
+      require(a8->is_cuda() && a8->get_device() == device && a8->scalar_type() == at::kFloat8_e4m3fn &&
+                  a8->dim() == 2 && a8->stride(1) == 1 && a8->size(0) == rows && a8->size(1) % 8 == 0 &&
+                  a8->stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(a8->data_ptr()) % 8 == 0,
+              "a8 must be a float8_e4m3fn (rows, n) tensor with 8-byte aligned rows, n % 8 == 0, on m's device");
+      require(a8_descale != nullptr && a8_descale->is_cuda() && a8_descale->get_device() == device &&
+                  a8_descale->scalar_type() == at::kFloat && a8_descale->numel() >= 1,
+              "a8's descale must be an fp32 CUDA tensor on m's device");
+      na = a8->size(1);
     }
     require(q->is_cuda() && q->get_device() == device && q->scalar_type() == at::kFloat8_e4m3fn &&
                 q->is_contiguous() && q->dim() == 2 && q->size(0) == rows && q->size(1) == na + nm &&
@@ -591,15 +606,120 @@ char *dtf_gelu_quant_e4m3(const at::Tensor *a, const at::Tensor *m, const at::Te
     const void *pa = a == nullptr ? m->data_ptr() : a->data_ptr();
     const void *pm = m->data_ptr();
     void *pq = q->data_ptr(), *ps = scale->data_ptr();
-    long long as = a == nullptr ? 0 : a->stride(0), ms = m->stride(0);
+    const void *pa8 = a8 == nullptr ? nullptr : a8->data_ptr();
+    const void *pa8s = a8 == nullptr ? nullptr : a8_descale->data_ptr();
+    long long as = a8 != nullptr ? a8->stride(0) : (a == nullptr ? 0 : a->stride(0)), ms = m->stride(0);
     int ina = static_cast<int>(na), inm = static_cast<int>(nm);
-    void *args[] = {&pa, &as, &ina, &pm, &ms, &inm, &pq, &ps};
+    void *args[] = {&pa, &as, &ina, &pm, &ms, &inm, &pq, &ps, &pa8, &pa8s};
     // Enough threads that a row fits 4 chunks of 8 per thread (held in registers) up to 32768
     // values; at least 128.
     const int64_t chunks = (na + nm + 7) / 8;
     const unsigned block = static_cast<unsigned>(
         std::max<int64_t>(128, std::min<int64_t>(1024, ((chunks + 3) / 4 + 31) / 32 * 32)));
     launch(device, kernels(device).gelu_quant_e4m3, static_cast<unsigned>(rows), 1, block, args);
+  }
+}
+
+char *dtf_gelu_quant_e4m3(const at::Tensor *a, const at::Tensor *m, const at::Tensor *q,
+                          const at::Tensor *scale) {
+  return guarded([&] { gelu_quant_impl(a, nullptr, nullptr, m, q, scale); });
+}
+
+// dtf_gelu_quant_e4m3 with the a part in FP8: a8 (rows, na) float8_e4m3fn (8-byte aligned rows,
+// na % 8 == 0) whose values are a8 * a8_descale[0] (fp32, on the device).
+char *dtf_gelu_quant_e4m3_a8(const at::Tensor *a8, const at::Tensor *a8_descale, const at::Tensor *m,
+                             const at::Tensor *q, const at::Tensor *scale) {
+  return guarded([&] { gelu_quant_impl(nullptr, a8, a8_descale, m, q, scale); });
+}
+
+// See dtf_attn_amax in flux_kernels.cu.inc. qkv (b, t, >= 3*H*128) bf16 (last dim contiguous,
+// 8-byte aligned rows), q_scale/k_scale (128) bf16, slots fp32 (>= 48) contiguous, zeroed before
+// the first stream of an attention. All on one CUDA device.
+char *dtf_attn_amax(const at::Tensor *qkv, const at::Tensor *q_scale, const at::Tensor *k_scale,
+                    int64_t heads, const at::Tensor *slots) {
+  return guarded([&] {
+    const at::Tensor &x = *qkv;
+    require(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1 &&
+                aligned8(x) && x.stride(1) % 4 == 0 && x.stride(0) % 4 == 0,
+            "qkv must be a CUDA bf16 (b, t, w) tensor with contiguous, 8-byte aligned rows");
+    const int device = x.get_device();
+    require(heads > 0 && x.size(2) >= 3 * heads * 128, "qkv is narrower than 3 * heads * 128");
+    for (const at::Tensor *sc : {q_scale, k_scale}) {
+      require(sc->is_cuda() && sc->get_device() == device && sc->scalar_type() == at::kBFloat16 &&
+                  sc->is_contiguous() && sc->numel() == 128 && aligned8(*sc),
+              "norm scales must be contiguous bf16 (128) tensors on qkv's device");
+    }
+    require(slots->is_cuda() && slots->get_device() == device && slots->scalar_type() == at::kFloat &&
+                slots->is_contiguous() && slots->numel() >= 48,
+            "slots must be a contiguous fp32 (>= 48) tensor on qkv's device");
+    const int64_t b = x.size(0), t = x.size(1);
+    require(t < (int64_t(1) << 31) && b < 65536, "too large");
+    if (b == 0 || t == 0) {
+      return;
+    }
+    const void *px = x.data_ptr(), *pqs = q_scale->data_ptr(), *pks = k_scale->data_ptr();
+    void *psl = slots->data_ptr();
+    long long rs = x.stride(1), bs = x.stride(0);
+    int h = static_cast<int>(heads);
+    void *args[] = {&px, &rs, &bs, &h, &pqs, &pks, &psl};
+    launch(device, kernels(device).attn_amax, static_cast<unsigned>(t), static_cast<unsigned>(b), 128, args);
+  });
+}
+
+// See dtf_qkv_norm_rope_e4m3 in flux_kernels.cu.inc: dtf_qkv_norm_rope's inputs, outputs
+// (b, rows, H, 128) float8_e4m3fn contiguous, and the slots dtf_attn_amax filled.
+char *dtf_qkv_norm_rope_e4m3(const at::Tensor *qkv, const at::Tensor *q_scale, const at::Tensor *k_scale,
+                             const at::Tensor *rope, const at::Tensor *q_out, const at::Tensor *k_out,
+                             const at::Tensor *v_out, int64_t row_offset, double eps,
+                             const at::Tensor *slots) {
+  return guarded([&] {
+    const at::Tensor &x = *qkv;
+    require(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1 &&
+                aligned8(x) && x.stride(1) % 4 == 0 && x.stride(0) % 4 == 0,
+            "qkv must be a CUDA bf16 (b, t, w) tensor with contiguous, 8-byte aligned rows");
+    const int device = x.get_device();
+    const int64_t b = x.size(0), t = x.size(1);
+    const at::Tensor &qo = *q_out;
+    require(qo.dim() == 4 && qo.size(3) == 128 && qo.size(0) == b,
+            "outputs must be (b, rows, heads, 128) with qkv's batch size");
+    const int64_t heads = qo.size(2), rows = qo.size(1);
+    require(x.size(2) >= 3 * heads * 128, "qkv is narrower than 3 * heads * 128");
+    require(row_offset >= 0 && row_offset + t <= rows, "rows out of range");
+    for (const at::Tensor *o : {q_out, k_out, v_out}) {
+      require(o->is_cuda() && o->get_device() == device && o->scalar_type() == at::kFloat8_e4m3fn &&
+                  o->is_contiguous() && o->sizes() == qo.sizes() &&
+                  reinterpret_cast<uintptr_t>(o->data_ptr()) % 4 == 0,
+              "outputs must be contiguous float8_e4m3fn tensors of one shape on qkv's device");
+    }
+    for (const at::Tensor *sc : {q_scale, k_scale}) {
+      require(sc->is_cuda() && sc->get_device() == device && sc->scalar_type() == at::kBFloat16 &&
+                  sc->is_contiguous() && sc->numel() == 128 && aligned8(*sc),
+              "norm scales must be contiguous bf16 (128) tensors on qkv's device");
+    }
+    const at::Tensor &r = *rope;
+    require(r.is_cuda() && r.get_device() == device && r.is_contiguous() &&
+                (r.scalar_type() == at::kComplexFloat || r.scalar_type() == at::kFloat) &&
+                r.numel() * (r.scalar_type() == at::kComplexFloat ? 2 : 1) == rows * 128,
+            "rope must be contiguous (rows, 64) complex64 or (rows, 64, 2) fp32 on qkv's device");
+    require(slots->is_cuda() && slots->get_device() == device && slots->scalar_type() == at::kFloat &&
+                slots->is_contiguous() && slots->numel() >= 48,
+            "slots must be a contiguous fp32 (>= 48) tensor on qkv's device");
+    if (b == 0 || t == 0) {
+      return;
+    }
+    const void *px = x.data_ptr(), *pqs = q_scale->data_ptr(), *pks = k_scale->data_ptr(),
+               *pr = r.data_ptr();
+    void *pq = q_out->data_ptr(), *pk = k_out->data_ptr(), *pv = v_out->data_ptr(),
+         *psl = slots->data_ptr();
+    long long row_stride = x.stride(1), batch_stride = x.stride(0), out_batch_stride = rows * heads * 128;
+    int tokens = static_cast<int>(t), h = static_cast<int>(heads), off = static_cast<int>(row_offset);
+    float e = static_cast<float>(eps);
+    void *args[] = {&px, &row_stride, &batch_stride, &pqs, &pks,    &pr, &pq,  &pk,
+                    &pv, &out_batch_stride, &tokens,  &h,   &off, &e,  &psl};
+    const int64_t warps = t * heads;
+    const unsigned block = 256;
+    launch(device, kernels(device).qkv_norm_rope_e4m3,
+           static_cast<unsigned>((warps * 32 + block - 1) / block), static_cast<unsigned>(b), block, args);
   });
 }
 
@@ -832,6 +952,18 @@ char *dtf_kernels_load(int) { return no_cuda(); }
 char *dtf_lora_add(const at::Tensor *, const at::Tensor *, const at::Tensor *) { return no_cuda(); }
 char *dtf_quant_rows_e4m3(const at::Tensor *, const at::Tensor *, const at::Tensor *) { return no_cuda(); }
 char *dtf_gelu_quant_e4m3(const at::Tensor *, const at::Tensor *, const at::Tensor *, const at::Tensor *) {
+  return no_cuda();
+}
+char *dtf_gelu_quant_e4m3_a8(const at::Tensor *, const at::Tensor *, const at::Tensor *, const at::Tensor *,
+                             const at::Tensor *) {
+  return no_cuda();
+}
+char *dtf_attn_amax(const at::Tensor *, const at::Tensor *, const at::Tensor *, int64_t, const at::Tensor *) {
+  return no_cuda();
+}
+char *dtf_qkv_norm_rope_e4m3(const at::Tensor *, const at::Tensor *, const at::Tensor *, const at::Tensor *,
+                             const at::Tensor *, const at::Tensor *, const at::Tensor *, int64_t, double,
+                             const at::Tensor *) {
   return no_cuda();
 }
 char *dtf_gate_residual_ln_fp8(const at::Tensor *, const at::Tensor *, const at::Tensor *,

@@ -558,6 +558,9 @@ fn main() -> Result<()> {
         "dtype": format!("{:?}", args.kind),
         "params": params,
         "precision": if model.is_fp8() { "fp8" } else { "bf16" },
+        // Whether the FP8 precision's attention ran in FP8 (cuDNN): after the run, so a device
+        // that refused it reads false.
+        "fp8_attention": model.is_fp8() && ditfleet_engine::nn::fp8_attention::usable(dev),
         "weight_gib": weight_bytes as f64 / (1u64 << 30) as f64,
         "image_px": args.size,
         "img_tokens": img_seq,

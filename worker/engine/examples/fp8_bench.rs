@@ -137,6 +137,135 @@ fn fused_kernel_checks(dev: Device, reps: usize) -> Result<serde_json::Value> {
     }))
 }
 
+/// The FP8 attention ([`ditfleet_engine::nn::fp8_attention`]) at Flux.1-dev's attention shape for
+/// `rows` joint tokens (24 heads of 128), from one single-block projection (random bf16 with
+/// N(0, 1) values, norm weights 1 + N(0, 0.1), random RoPE angles): its output against fp32
+/// attention of the same normed, rotated bf16 q/k/v, beside the bf16 path's distance (the fused
+/// bf16 kernel then cuDNN's bf16 SDPA), and against the fp32 emulation of its arithmetic
+/// (`fp8_attention::reference`); with times of the whole FP8 path (ranges, FP8 q/k/v, cuDNN),
+/// cuDNN's FP8 SDPA alone and bf16 SDPA alone. `v_outliers` scales 2 of every 128 v channels by
+/// 20. Also the GELU + quantise kernel with the FP8 attention output as its prefix against the
+/// reference ops.
+fn fp8_attention_checks(dev: Device, reps: usize, rows: i64, v_outliers: bool) -> Result<serde_json::Value> {
+    use ditfleet_engine::nn::fp8_attention::{JointFp8, reference};
+    let (heads, d) = (24i64, 128i64);
+    let h = heads * d;
+    let f = (Kind::Float, dev);
+    let qkv = Tensor::f_randn([1, rows, 3 * h], f)?;
+    if v_outliers {
+        let ch = Tensor::f_arange(h, (Kind::Int64, dev))?
+            .f_remainder(64)?
+            .f_eq(0)?;
+        let v = qkv.f_narrow(2, 2 * h, h)?;
+        let scaled = v.f_where_self(&ch.f_logical_not()?, &v.f_mul_scalar(20.0)?)?;
+        let mut v = v;
+        v.f_copy_(&scaled)?;
+    }
+    let qkv = qkv.f_to_kind(Kind::BFloat16)?;
+    let qw = (Tensor::f_randn([d], f)? * 0.1 + 1.0).f_to_kind(Kind::BFloat16)?;
+    let kw = (Tensor::f_randn([d], f)? * 0.1 + 1.0).f_to_kind(Kind::BFloat16)?;
+    let theta = Tensor::f_rand([rows, d / 2], f)? * 6.283;
+    let rope = Tensor::f_stack(&[theta.f_cos()?, theta.f_sin()?], -1)?.f_contiguous()?; // (rows, 64, 2)
+    let eps = 1e-6;
+    // bf16 path: fused kernel into (b, rows, heads, d) bf16, cuDNN SDPA.
+    let all = Tensor::f_empty([3, 1, rows, heads, d], (Kind::BFloat16, dev))?;
+    let (q, k, v) = (all.f_get(0)?, all.f_get(1)?, all.f_get(2)?);
+    let bf16_path = || -> Result<Tensor> {
+        ditfleet_engine::aten::qkv_norm_rope(&qkv, &qw, &kw, &rope, &q, &k, &v, 0, eps)?;
+        Ok(ditfleet_engine::nn::sdpa(
+            &q.f_transpose(1, 2)?,
+            &k.f_transpose(1, 2)?,
+            &v.f_transpose(1, 2)?,
+            None,
+            false,
+            None,
+        )?
+        .f_transpose(1, 2)?)
+    };
+    let bf = bf16_path()?; // (1, rows, heads, d)
+    let exact = Tensor::f_scaled_dot_product_attention(
+        &q.f_transpose(1, 2)?.f_to_kind(Kind::Float)?,
+        &k.f_transpose(1, 2)?.f_to_kind(Kind::Float)?,
+        &v.f_transpose(1, 2)?.f_to_kind(Kind::Float)?,
+        None::<Tensor>,
+        0.0,
+        false,
+        None,
+        false,
+    )?
+    .f_transpose(1, 2)?;
+    let amax =
+        |t: &Tensor| -> Result<f64> { Ok(f64::try_from(t.f_abs()?.f_max()?.f_to_kind(Kind::Double)?)?) };
+    // The emulation materialises the (heads, rows, rows) scores a few times: 4608 rows only.
+    let emulated = if rows <= 8192 {
+        Some(reference(&q, &k, &v, amax(&qw)?, amax(&kw)?)?)
+    } else {
+        None
+    };
+    let fp8_path = || -> Result<(Tensor, Tensor)> {
+        let j = JointFp8::new(dev, 1, rows, heads)?;
+        j.ranges(&qkv, &qw, &kw)?;
+        j.write(&qkv, &qw, &kw, &rope, 0, eps)?;
+        let Some(o) = j.attend()? else {
+            bail!("cuDNN refused the FP8 attention on this device (see the log)");
+        };
+        Ok((o.o, o.descale))
+    };
+    let (o8, descale) = fp8_path()?;
+    let got = o8
+        .f_to_kind(Kind::Float)?
+        .f_mul(&descale)?
+        .f_reshape([1, rows, heads, d])?;
+    // The GELU + quantise kernel with the FP8 output as its prefix, against reference ops.
+    let mlp = (Tensor::f_randn([1, rows, 4 * h], f)? * 2.0).f_to_kind(Kind::BFloat16)?;
+    let k8 = ditfleet_engine::nn::fp8::gelu_quantize_a8(&o8, &descale, &mlp)?;
+    let g = mlp
+        .f_to_kind(Kind::Float)?
+        .f_gelu("tanh")?
+        .f_to_kind(Kind::BFloat16)?
+        .f_to_kind(Kind::Float)?
+        .f_reshape([rows, 4 * h])?;
+    let a = o8.f_to_kind(Kind::Float)?.f_mul(&descale)?.f_reshape([rows, h])?;
+    let (qg, sg) = quantize_rows_reference(&Tensor::f_cat(&[a, g], 1)?)?;
+    let gelu_a8_differ =
+        k8.q.f_reshape([rows, 5 * h])?
+            .f_view_dtype(Kind::Uint8)?
+            .f_ne_tensor(&qg.f_view_dtype(Kind::Uint8)?)?
+            .f_to_kind(Kind::Double)?
+            .f_mean(None::<Kind>)?;
+    let gelu_a8_rel = rel_l2(
+        &k8.dequantize()?.f_reshape([rows, 5 * h])?,
+        &dequantize(&qg, &sg)?,
+    )?;
+    // Times.
+    let j = JointFp8::new(dev, 1, rows, heads)?;
+    j.ranges(&qkv, &qw, &kw)?;
+    j.write(&qkv, &qw, &kw, &rope, 0, eps)?;
+    let sdpa8_ms = ms(dev, reps, || {
+        Ok(j.attend()?.map(|o| o.o).unwrap_or_else(|| qkv.shallow_clone()))
+    })?;
+    let fp8_ms = ms(dev, reps, || Ok(fp8_path()?.0))?;
+    let bf16_ms = ms(dev, reps, bf16_path)?;
+    let (qt, kt, vt) = (q.f_transpose(1, 2)?, k.f_transpose(1, 2)?, v.f_transpose(1, 2)?);
+    let sdpa_ms = ms(dev, reps, || {
+        Ok(ditfleet_engine::nn::sdpa(&qt, &kt, &vt, None, false, None)?)
+    })?;
+    let flop = 4.0 * (rows as f64).powi(2) * h as f64;
+    Ok(json!({
+        "rows": rows, "heads": heads, "v_outliers": v_outliers,
+        "rel_l2_vs_fp32": {"fp8": rel_l2(&got, &exact)?, "bf16": rel_l2(&bf, &exact)?},
+        "fp8_rel_l2_vs_bf16": rel_l2(&got, &bf)?,
+        "fp8_rel_l2_vs_emulation": emulated.as_ref().map(|(e, _)| rel_l2(&got, e)).transpose()?,
+        "emulation_rel_l2_vs_fp32": emulated.as_ref().map(|(e, _)| rel_l2(e, &exact)).transpose()?,
+        "emulation_saturated": emulated.as_ref().map(|(_, s)| *s),
+        "descale_o": f64::try_from(descale.f_to_kind(Kind::Double)?.f_sum(Kind::Double)?)?,
+        "gelu_quant_a8_bytes_differing": f64::try_from(gelu_a8_differ)?,
+        "gelu_quant_a8_rel_l2_vs_reference": gelu_a8_rel,
+        "ms": {"fp8_whole": fp8_ms, "fp8_sdpa": sdpa8_ms, "bf16_whole": bf16_ms, "bf16_sdpa": sdpa_ms},
+        "tflops": {"fp8_sdpa": flop / sdpa8_ms / 1e9, "bf16_sdpa": flop / sdpa_ms / 1e9},
+    }))
+}
+
 fn main() -> Result<()> {
     let check = std::env::args().any(|a| a == "--check");
     let cuda = tch::Cuda::is_available() && !check;
@@ -279,6 +408,14 @@ fn main() -> Result<()> {
         report["matmul_8192_tflops"] = json!({"bf16": flop / bf / 1e9, "fp8_fast_accum": flop / f8 / 1e9});
         report["quant_kernel_equals_reference_everywhere"] = json!(exact_quant);
         report["fused_kernels"] = fused_kernel_checks(dev, reps)?;
+        let mut attn = Vec::new();
+        for (rows, outliers) in [(4608, false), (4608, true), (16896, false)] {
+            let r = fp8_attention_checks(dev, reps, rows, outliers)
+                .unwrap_or_else(|e| json!({"rows": rows, "v_outliers": outliers, "error": format!("{e:#}")}));
+            eprintln!("{r}");
+            attn.push(r);
+        }
+        report["fp8_attention"] = json!(attn);
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
     if check {

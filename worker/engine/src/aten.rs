@@ -119,6 +119,41 @@ unsafe extern "C" {
         x_out: *mut *mut c_void,
         h_out: *mut *mut c_void,
     ) -> *mut c_char;
+    fn dtf_gelu_quant_e4m3_a8(
+        a8: *const c_void,
+        a8_descale: *const c_void,
+        m: *const c_void,
+        q: *const c_void,
+        scale: *const c_void,
+    ) -> *mut c_char;
+    fn dtf_attn_amax(
+        qkv: *const c_void,
+        q_scale: *const c_void,
+        k_scale: *const c_void,
+        heads: i64,
+        slots: *const c_void,
+    ) -> *mut c_char;
+    fn dtf_qkv_norm_rope_e4m3(
+        qkv: *const c_void,
+        q_scale: *const c_void,
+        k_scale: *const c_void,
+        rope: *const c_void,
+        q_out: *const c_void,
+        k_out: *const c_void,
+        v_out: *const c_void,
+        row_offset: i64,
+        eps: f64,
+        slots: *const c_void,
+    ) -> *mut c_char;
+    fn dtf_fp8_attention_built() -> c_int;
+    fn dtf_sdpa_fp8(
+        q: *const c_void,
+        k: *const c_void,
+        v: *const c_void,
+        o: *const c_void,
+        slots: *const c_void,
+        attn_scale: f64,
+    ) -> *mut c_char;
     fn dtf_profiler_start() -> *mut c_char;
     fn dtf_profiler_stop(path: *const c_char) -> *mut c_char;
 }
@@ -406,6 +441,111 @@ pub fn gelu_quant_e4m3(a: Option<&Tensor>, m: &Tensor, q: &Tensor, scale: &Tenso
     // SAFETY: as in `qkv_norm_rope`; a null `a` is the kernel's documented "no prefix".
     check("fp8 GELU quantisation", unsafe {
         dtf_gelu_quant_e4m3(pa, m.as_ptr().cast(), q.as_ptr().cast(), scale.as_ptr().cast())
+    })
+}
+
+/// [`gelu_quant_e4m3`] with the prefix in FP8: `a8` `(rows, na)` float8_e4m3fn (8-byte aligned
+/// rows, `na % 8 == 0`) standing for `a8 * a8_descale[0]` (the FP8 attention's output and its
+/// per-tensor descale, fp32 on the device).
+pub fn gelu_quant_e4m3_a8(
+    a8: &Tensor,
+    a8_descale: &Tensor,
+    m: &Tensor,
+    q: &Tensor,
+    scale: &Tensor,
+) -> Result<(), TchError> {
+    // SAFETY: as in `qkv_norm_rope`.
+    check("fp8 GELU quantisation", unsafe {
+        dtf_gelu_quant_e4m3_a8(
+            a8.as_ptr().cast(),
+            a8_descale.as_ptr().cast(),
+            m.as_ptr().cast(),
+            q.as_ptr().cast(),
+            scale.as_ptr().cast(),
+        )
+    })
+}
+
+/// The FP8 attention's ranges of one stream (`dtf_attn_amax`): max|v| over the v columns of `qkv`
+/// `(b, t, >= 3 * heads * 128)` bf16 and max|w| of the q/k RMSNorm weights (`(128)` bf16),
+/// accumulated into `slots` (fp32 `(48)`, zeroed before an attention's first stream).
+pub fn attn_amax(
+    qkv: &Tensor,
+    q_scale: &Tensor,
+    k_scale: &Tensor,
+    heads: i64,
+    slots: &Tensor,
+) -> Result<(), TchError> {
+    // SAFETY: as in `qkv_norm_rope`; the shim checks the slots tensor's kind, size and device.
+    check("fp8 attention ranges", unsafe {
+        dtf_attn_amax(
+            qkv.as_ptr().cast(),
+            q_scale.as_ptr().cast(),
+            k_scale.as_ptr().cast(),
+            heads,
+            slots.as_ptr().cast(),
+        )
+    })
+}
+
+/// [`qkv_norm_rope`] with FP8 outputs (`dtf_qkv_norm_rope_e4m3`): q, k, v `(b, rows, heads, 128)`
+/// float8_e4m3fn, each scaled by its per-tensor descale from the ranges [`attn_amax`] gathered in
+/// `slots` (which it also writes: cuDNN's descales and the output's scale).
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_norm_rope_e4m3(
+    qkv: &Tensor,
+    q_scale: &Tensor,
+    k_scale: &Tensor,
+    rope: &Tensor,
+    (q_out, k_out, v_out): (&Tensor, &Tensor, &Tensor),
+    row_offset: i64,
+    eps: f64,
+    slots: &Tensor,
+) -> Result<(), TchError> {
+    // SAFETY: as in `qkv_norm_rope`.
+    check("fused qkv norm + rope (fp8)", unsafe {
+        dtf_qkv_norm_rope_e4m3(
+            qkv.as_ptr().cast(),
+            q_scale.as_ptr().cast(),
+            k_scale.as_ptr().cast(),
+            rope.as_ptr().cast(),
+            q_out.as_ptr().cast(),
+            k_out.as_ptr().cast(),
+            v_out.as_ptr().cast(),
+            row_offset,
+            eps,
+            slots.as_ptr().cast(),
+        )
+    })
+}
+
+/// Whether this build has cuDNN's FP8 attention (the cudnn-frontend headers were found).
+pub fn fp8_attention_built() -> bool {
+    // SAFETY: a plain call without arguments.
+    unsafe { dtf_fp8_attention_built() != 0 }
+}
+
+/// cuDNN's FP8 attention (`csrc/cudnn_fp8_attention.cpp`): `o = softmax(attn_scale q k^T) v` over
+/// float8_e4m3fn `(b, s, heads, 128)` operands with per-tensor descales in `slots` (see
+/// [`qkv_norm_rope_e4m3`]); `o` is written scaled by the slots' output scale.
+pub fn sdpa_fp8(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    slots: &Tensor,
+    attn_scale: f64,
+) -> Result<(), TchError> {
+    // SAFETY: as in `qkv_norm_rope`; the shim checks kinds, shapes, strides and alignment.
+    check("cuDNN fp8 attention", unsafe {
+        dtf_sdpa_fp8(
+            q.as_ptr().cast(),
+            k.as_ptr().cast(),
+            v.as_ptr().cast(),
+            o.as_ptr().cast(),
+            slots.as_ptr().cast(),
+            attn_scale,
+        )
     })
 }
 

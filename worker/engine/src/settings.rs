@@ -158,6 +158,8 @@ pub struct BenchSwitches {
     /// `DITFLEET_FP8_FUSED=off`: FP8 activations quantised by a pass of their own before each
     /// GEMM instead of by the kernel that produces them.
     pub fp8_unfused: bool,
+    /// `DITFLEET_FP8_ATTN=off`: the FP8 precision's attention in bf16 instead of cuDNN's FP8.
+    pub fp8_attention_off: bool,
 }
 
 impl BenchSwitches {
@@ -181,6 +183,7 @@ impl BenchSwitches {
             attn_lse: var("DITFLEET_ATTN_LSE"),
             fp8_exact_accum: var("DITFLEET_FP8_ACCUM").is_some_and(|v| v == "exact"),
             fp8_unfused: var("DITFLEET_FP8_FUSED").is_some_and(|v| v == "off"),
+            fp8_attention_off: var("DITFLEET_FP8_ATTN").is_some_and(|v| v == "off"),
         }
     }
 }

@@ -16,6 +16,12 @@ pub trait JointAttention {
     /// Returns `(b, heads, seq_local, d)`: each local query attended over the WHOLE sequence.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor>;
 
+    /// Whether this op is one attention over tokens all held here ([`LocalAttention`]): the
+    /// model may then run it through another kernel (the FP8 precision's FP8 attention).
+    fn local(&self) -> bool {
+        false
+    }
+
     /// The number of head groups `g` in which this op takes q/k/v from the fused attention-input
     /// kernel for a batch of `batch`: `(g, b, rows, heads / g, d)`, group `j` holding heads `j *
     /// heads / g..` (Ulysses: exactly what peer `j` is sent, so the all-to-all reads the kernel's
@@ -138,5 +144,9 @@ pub struct LocalAttention;
 impl JointAttention for LocalAttention {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
         sdpa(q, k, v, None, false, None)
+    }
+
+    fn local(&self) -> bool {
+        true
     }
 }

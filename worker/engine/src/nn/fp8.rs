@@ -171,6 +171,48 @@ pub fn gelu_quantize(a: Option<&Tensor>, m: &Tensor) -> Res<Fp8Act> {
     })
 }
 
+/// [`gelu_quantize`] with the prefix in FP8: `a8` `(..., na)` e4m3fn standing for `a8 * descale`
+/// (one fp32 on the device: the FP8 attention's output), on CUDA through the one kernel pass,
+/// elsewhere with the same arithmetic in reference ops.
+pub fn gelu_quantize_a8(a8: &Tensor, descale: &Tensor, m: &Tensor) -> Res<Fp8Act> {
+    let msize = m.size();
+    let nm = msize[msize.len() - 1];
+    let na = a8.size()[a8.dim() - 1];
+    let m2 = m.f_reshape([-1, nm])?;
+    let a2 = a8.f_reshape([-1, na])?;
+    let rows = m2.size()[0];
+    let mut qsize = msize.clone();
+    *qsize.last_mut().expect("dims") = na + nm;
+    let mut ssize = msize.clone();
+    *ssize.last_mut().expect("dims") = 1;
+    let a_fits = a2.device().is_cuda()
+        && a2.size()[0] == rows
+        && a2.stride()[1] == 1
+        && na % 8 == 0
+        && a2.stride()[0] % 8 == 0
+        && (a2.data_ptr() as usize).is_multiple_of(8);
+    let (q, scale) = if rows_kernel_fits(&m2) && m2.size()[0] == rows && a_fits {
+        let q = Tensor::f_empty([rows, na + nm], (Kind::Float8e4m3fn, m.device()))?;
+        let scale = Tensor::f_empty([rows, 1], (Kind::Float, m.device()))?;
+        crate::aten::gelu_quant_e4m3_a8(&a2, descale, &m2, &q, &scale)?;
+        (q, scale)
+    } else {
+        let a = a2
+            .f_to_kind(Kind::Float)?
+            .f_mul(&descale.f_to_kind(Kind::Float)?)?;
+        let g = m2
+            .f_to_kind(Kind::Float)?
+            .f_gelu("tanh")?
+            .f_to_kind(m.kind())?
+            .f_to_kind(Kind::Float)?;
+        quantize_rows_reference(&Tensor::f_cat(&[a, g], 1)?)?
+    };
+    Ok(Fp8Act {
+        q: q.f_reshape(qsize.as_slice())?,
+        scale: scale.f_reshape(ssize.as_slice())?,
+    })
+}
+
 /// cuBLASLt's fast FP8 accumulation unless the benchmark switch `DITFLEET_FP8_ACCUM=exact`
 /// turns it off: its error at Flux's shapes is within the quantisation's own (fp8_bench), as
 /// torchao's float8 inference also assumes.

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod fp8;
+pub mod fp8_attention;
 pub mod spatial;
 pub mod tokenizer;
 pub mod weights;

@@ -680,6 +680,12 @@ impl JointAttention for UspAttention<'_> {
         Ok(self.attend_inner(q, k, v)?)
     }
 
+    /// One rank in both groups (one GPU, or CFG-parallel ranks that each hold every token): the
+    /// attention exchanges nothing.
+    fn local(&self) -> bool {
+        self.ulysses.size() == 1 && self.ring.size() == 1
+    }
+
     fn head_groups(&self, heads: i64, batch: i64) -> i64 {
         if self.takes_groups(heads, batch) {
             self.ulysses.size() as i64

@@ -9,6 +9,7 @@ use super::joint::{Ctx, Overlap, Rows, around, overlap_chunks};
 use super::layers::{LayerNorm, Linear, Res, RmsNorm};
 use super::transformer::{Config, Opts};
 use crate::nn::fp8::{self, Act};
+use crate::nn::fp8_attention::{Fp8AttnOut, JointFp8};
 
 /// `(1 + scale) * LN(x) + shift` (`norm` has no affine parameters). With [`Opts::modulation`]:
 /// for batch 1 the LayerNorm's own affine does the modulation (one pass), else one `addcmul`.
@@ -177,6 +178,36 @@ pub(crate) fn fused_qkv(
         row_offset,
         norm.query_norm.eps,
     )
+}
+
+/// The joint attention in FP8 ([`JointFp8`]) over `streams` `(qkv, norm, first row)`: every
+/// stream's ranges, then its FP8 q/k/v, then cuDNN's FP8 attention. `None` where cuDNN refused it
+/// on this device (the caller attends in bf16).
+fn fp8_joint_attention(
+    streams: &[(&Tensor, &QkNorm, i64)],
+    b: i64,
+    rows: i64,
+    heads: i64,
+    pe: &Rope,
+) -> Res<Option<Fp8AttnOut>> {
+    let Some((first, _, _)) = streams.first() else {
+        return Ok(None);
+    };
+    let j = JointFp8::new(first.device(), b, rows, heads)?;
+    for (qkv, norm, _) in streams {
+        j.ranges(qkv, &norm.query_norm.scale, &norm.key_norm.scale)?;
+    }
+    for (qkv, norm, row) in streams {
+        j.write(
+            qkv,
+            &norm.query_norm.scale,
+            &norm.key_norm.scale,
+            &pe.freqs,
+            *row,
+            norm.query_norm.eps,
+        )?;
+    }
+    j.attend()
 }
 
 /// `GELU_tanh(x W^T + b)`; on CUDA in bf16 as one cuBLASLt matmul with the GELU in its epilogue.
@@ -355,7 +386,22 @@ impl DoubleBlock {
         let (b, img_len, _) = img_qkv.size3()?;
         let txt_len = txt.size()[1];
         let rows = txt_len + img_len;
-        let attn = if ctx.fused_qkv(&img_qkv, self.heads, rows) && ctx.fused_qkv(&txt_qkv, self.heads, rows) {
+        let fused = ctx.fused_qkv(&img_qkv, self.heads, rows) && ctx.fused_qkv(&txt_qkv, self.heads, rows);
+        if fused && self.img_attn.qkv.is_fp8() && ctx.fp8_attention(&img_qkv, rows) {
+            let streams = [
+                (&txt_qkv, &self.txt_attn.norm, 0),
+                (&img_qkv, &self.img_attn.norm, txt_len),
+            ];
+            if let Some(o) = fp8_joint_attention(&streams, b, rows, self.heads, ctx.pe)? {
+                let o = o.act()?; // (b, txt+img, h) e4m3fn, one scale
+                let txt_attn = Act::Fp8(o.narrow(1, 0, txt_len)?);
+                let img_attn = Act::Fp8(o.narrow(1, txt_len, img_len)?);
+                let img = self.stream_out(img, &im, &self.img_attn, &self.img_mlp, &img_attn, ctx.opts)?;
+                let txt = self.stream_out(txt, &tm, &self.txt_attn, &self.txt_mlp, &txt_attn, ctx.opts)?;
+                return Ok((img, txt));
+            }
+        }
+        let attn = if fused {
             let (q, k, v) = ctx.joint_buffers(&img_qkv, b, rows, self.heads)?; // (b, txt+img, heads, d)
             fused_qkv(&txt_qkv, &self.txt_attn.norm, ctx.pe, (&q, &k, &v), 0)?;
             fused_qkv(&img_qkv, &self.img_attn.norm, ctx.pe, (&q, &k, &v), txt_len)?;
@@ -368,8 +414,8 @@ impl DoubleBlock {
             let v = Tensor::f_cat(&[tv, iv], 2)?;
             attention(&q, &k, &v, ctx)? // (b, txt+img, h)
         };
-        let txt_attn = attn.f_narrow(1, 0, txt_len)?;
-        let img_attn = attn.f_narrow(1, txt_len, img_len)?;
+        let txt_attn = Act::Dense(attn.f_narrow(1, 0, txt_len)?);
+        let img_attn = Act::Dense(attn.f_narrow(1, txt_len, img_len)?);
 
         let img = self.stream_out(img, &im, &self.img_attn, &self.img_mlp, &img_attn, ctx.opts)?;
         let txt = self.stream_out(txt, &tm, &self.txt_attn, &self.txt_mlp, &txt_attn, ctx.opts)?;
@@ -425,9 +471,9 @@ impl DoubleBlock {
         let all_img = Rows::Img { part: 0, of: 1 };
         s.give_back(Rows::Txt)?;
         s.give_back(all_img)?;
-        let txt_attn = s.take(Rows::Txt)?.f_reshape([b, txt_len, h])?;
+        let txt_attn = Act::Dense(s.take(Rows::Txt)?.f_reshape([b, txt_len, h])?);
         let txt = self.stream_out(txt, tm, &self.txt_attn, &self.txt_mlp, &txt_attn, ctx.opts)?;
-        let img_attn = s.take(all_img)?.f_reshape([b, img_len, h])?;
+        let img_attn = Act::Dense(s.take(all_img)?.f_reshape([b, img_len, h])?);
         let img = self.stream_out(img, im, &self.img_attn, &self.img_mlp, &img_attn, ctx.opts)?;
         Ok(Some((img, txt)))
     }
@@ -440,14 +486,14 @@ impl DoubleBlock {
         m: &[Tensor],
         attn: &SelfAttention,
         mlp: &Mlp,
-        attn_out: &Tensor,
+        attn_out: &Act,
         opts: Opts,
     ) -> Res<Hidden> {
         let (x, x_mod) = gated_add_modulate(
             &self.norm,
             x,
             &m[2],
-            &attn.proj.forward(attn_out)?,
+            &attn.proj.forward_act(attn_out, x.kind())?,
             &m[3],
             &m[4],
             opts,
@@ -507,6 +553,20 @@ impl SingleBlock {
         let x = &x;
         let fused = self.linear1.forward_act(&x_mod, kind)?; // (b, seq, 3h + mlp)
         let mlp = fused.f_narrow(-1, 3 * self.hidden, self.mlp_hidden)?;
+        let (b, s, _) = fused.size3()?;
+        if fp8
+            && self.linear2.is_fp8()
+            && fp8::fused_producers()
+            && ctx.fused_qkv(&fused, self.heads, s)
+            && ctx.fp8_attention(&fused, s)
+        {
+            if let Some(o) = fp8_joint_attention(&[(&fused, &self.norm, 0)], b, s, self.heads, ctx.pe)? {
+                // linear2's FP8 input [attention | GELU(mlp)] from the FP8 attention output.
+                let q = fp8::gelu_quantize_a8(&o.o, &o.descale, &mlp)?;
+                let out = self.linear2.forward_act(&Act::Fp8(q), kind)?;
+                return Hidden::close(x.shallow_clone(), &m[2], out, ctx.opts);
+            }
+        }
         let o = self.attend_qkv(&fused, ctx)?; // (b, seq, heads, d)
         let (b, s, heads, d) = o.size4()?;
         if self.linear2.is_fp8() && fp8::fused_producers() {

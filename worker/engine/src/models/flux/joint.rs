@@ -39,6 +39,13 @@ impl<'a> Ctx<'a> {
         self.fused_rows(qkv, rows) && qkv.size().last().is_some_and(|w| *w >= 3 * heads * 128)
     }
 
+    /// Whether the FP8 precision's attention over `rows` tokens like `like` runs in FP8: the fused
+    /// kernels apply, the attention is one local op (the sequence-parallel strategies attend in
+    /// bf16), and the device has not refused cuDNN's FP8 attention.
+    pub(crate) fn fp8_attention(&self, like: &Tensor, rows: i64) -> bool {
+        self.fused_rows(like, rows) && self.attn.local() && crate::nn::fp8_attention::usable(like.device())
+    }
+
     /// Whether the fused qkv kernel can write joint buffers of `rows` tokens for tensors like
     /// `like` (bf16 on CUDA with the kernels loaded, RoPE table over `rows` tokens).
     pub(crate) fn fused_rows(&self, like: &Tensor, rows: i64) -> bool {
