@@ -61,6 +61,9 @@ if want ours; then
   if [[ -n "${ATTN_AB:-}" ]]; then  # what the FP8 attention buys: the same FP8 step, bf16 attention
     DITFLEET_FP8_ATTN=off stage ours_fp8_bf16_attention 120 .gpu/flux_bench --bf16 --fp8
   fi
+  if [[ -n "${GELU_AB:-}" ]]; then  # what the GELU's sigmoid form buys: tanhf as ATen instead
+    DITFLEET_GELU=exact stage ours_fp8_exact_gelu 120 .gpu/flux_bench --bf16 --fp8
+  fi
   if [[ -n "${REPEAT:-}" ]]; then
     stage ours_fp8_2 120 .gpu/flux_bench --bf16 --fp8
     stage ours_bf16_2 120 .gpu/flux_bench --bf16
@@ -96,7 +99,9 @@ for p in sys.argv[1:]:
 PY
 fi
 if want threads; then  # FP8 plans as threads on this one GPU against FP8 single (exactness only)
-  stage fp8_threads 240 .gpu/parallel_bench --fp8 --backend threads --devices 0,0 --size 1024 --steps 4 \
+  # The sequence-parallel plans attend in bf16 (cuDNN's FP8 attention is for one local attention),
+  # so the exactness check against FP8 single runs single's attention in bf16 too.
+  DITFLEET_FP8_ATTN=off stage fp8_threads 240 .gpu/parallel_bench --fp8 --backend threads --devices 0,0 --size 1024 --steps 4 \
     --runs 1 --warmup-steps 1 --plans 'single;ulysses=2;ring=2;pipefusion=2'
 fi
 if want numerics; then

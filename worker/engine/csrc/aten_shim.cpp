@@ -137,6 +137,9 @@ char *dtf_empty_cache(void) {
 char *dtf_memory_peak(int device, int reset, int64_t *peak) {
   return guarded([&] {
     const auto d = static_cast<c10::DeviceIndex>(device);
+    // The caching allocator sets up its per-device state on the first CUDA allocation; asked
+    // before it, it answers "Invalid device argument". One empty allocation makes it ready.
+    (void)at::empty({0}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA, d));
     const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(d);
     *peak = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
     if (reset != 0) {
@@ -566,7 +569,7 @@ char *dtf_gate_residual_ln_fp8(const at::Tensor *x, const at::Tensor *gate, cons
 // bf16, both with a contiguous last dim and 16-byte aligned rows (na, nm multiples of 8); q
 // (rows, na + nm) float8_e4m3fn contiguous; scale (rows) fp32 contiguous. All on one CUDA device.
 static void gelu_quant_impl(const at::Tensor *a, const at::Tensor *a8, const at::Tensor *a8_descale,
-                            const at::Tensor *m, const at::Tensor *q, const at::Tensor *scale) {
+                            const at::Tensor *m, const at::Tensor *q, const at::Tensor *scale, int exact) {
   {
     auto rows_ok = [](const at::Tensor &t) {
       return t.is_cuda() && t.scalar_type() == at::kBFloat16 && t.dim() == 2 && t.stride(1) == 1 &&
@@ -610,7 +613,8 @@ static void gelu_quant_impl(const at::Tensor *a, const at::Tensor *a8, const at:
     const void *pa8s = a8 == nullptr ? nullptr : a8_descale->data_ptr();
     long long as = a8 != nullptr ? a8->stride(0) : (a == nullptr ? 0 : a->stride(0)), ms = m->stride(0);
     int ina = static_cast<int>(na), inm = static_cast<int>(nm);
-    void *args[] = {&pa, &as, &ina, &pm, &ms, &inm, &pq, &ps, &pa8, &pa8s};
+    int ex = exact != 0 ? 1 : 0;
+    void *args[] = {&pa, &as, &ina, &pm, &ms, &inm, &pq, &ps, &pa8, &pa8s, &ex};
     // Enough threads that a row fits 4 chunks of 8 per thread (held in registers) up to 32768
     // values; at least 128.
     const int64_t chunks = (na + nm + 7) / 8;
@@ -620,16 +624,18 @@ static void gelu_quant_impl(const at::Tensor *a, const at::Tensor *a8, const at:
   }
 }
 
+// `exact`: the GELU's tanh through tanhf as ATen computes it; else its sigmoid form with the
+// hardware exp (see gelu_sigmoid in flux_kernels.cu.inc).
 char *dtf_gelu_quant_e4m3(const at::Tensor *a, const at::Tensor *m, const at::Tensor *q,
-                          const at::Tensor *scale) {
-  return guarded([&] { gelu_quant_impl(a, nullptr, nullptr, m, q, scale); });
+                          const at::Tensor *scale, int exact) {
+  return guarded([&] { gelu_quant_impl(a, nullptr, nullptr, m, q, scale, exact); });
 }
 
 // dtf_gelu_quant_e4m3 with the a part in FP8: a8 (rows, na) float8_e4m3fn (8-byte aligned rows,
 // na % 8 == 0) whose values are a8 * a8_descale[0] (fp32, on the device).
 char *dtf_gelu_quant_e4m3_a8(const at::Tensor *a8, const at::Tensor *a8_descale, const at::Tensor *m,
-                             const at::Tensor *q, const at::Tensor *scale) {
-  return guarded([&] { gelu_quant_impl(nullptr, a8, a8_descale, m, q, scale); });
+                             const at::Tensor *q, const at::Tensor *scale, int exact) {
+  return guarded([&] { gelu_quant_impl(nullptr, a8, a8_descale, m, q, scale, exact); });
 }
 
 // See dtf_attn_amax in flux_kernels.cu.inc. qkv (b, t, >= 3*H*128) bf16 (last dim contiguous,
@@ -951,11 +957,12 @@ char *dtf_kernels_compile_check(const char *) { return no_cuda(); }
 char *dtf_kernels_load(int) { return no_cuda(); }
 char *dtf_lora_add(const at::Tensor *, const at::Tensor *, const at::Tensor *) { return no_cuda(); }
 char *dtf_quant_rows_e4m3(const at::Tensor *, const at::Tensor *, const at::Tensor *) { return no_cuda(); }
-char *dtf_gelu_quant_e4m3(const at::Tensor *, const at::Tensor *, const at::Tensor *, const at::Tensor *) {
+char *dtf_gelu_quant_e4m3(const at::Tensor *, const at::Tensor *, const at::Tensor *, const at::Tensor *,
+                          int) {
   return no_cuda();
 }
 char *dtf_gelu_quant_e4m3_a8(const at::Tensor *, const at::Tensor *, const at::Tensor *, const at::Tensor *,
-                             const at::Tensor *) {
+                             const at::Tensor *, int) {
   return no_cuda();
 }
 char *dtf_attn_amax(const at::Tensor *, const at::Tensor *, const at::Tensor *, int64_t, const at::Tensor *) {

@@ -561,6 +561,7 @@ fn main() -> Result<()> {
         // Whether the FP8 precision's attention ran in FP8 (cuDNN): after the run, so a device
         // that refused it reads false.
         "fp8_attention": model.is_fp8() && ditfleet_engine::nn::fp8_attention::usable(dev),
+        "fp8_attention_calls": ditfleet_engine::nn::fp8_attention::calls(),
         "weight_gib": weight_bytes as f64 / (1u64 << 30) as f64,
         "image_px": args.size,
         "img_tokens": img_seq,

@@ -127,13 +127,30 @@ fn fused_kernel_checks(dev: Device, reps: usize) -> Result<serde_json::Value> {
     let gelu_ms = ms(dev, reps, || {
         Ok(ditfleet_engine::nn::fp8::gelu_quantize(Some(&a), &pre)?.q)
     })?;
+    // The kernel with the tanh as ATen computes it (tanhf), against the same reference.
+    let (a2, m2) = (a.f_reshape([rows, h])?, pre.f_reshape([rows, m])?);
+    let qe = Tensor::f_empty([rows, h + m], (Kind::Float8e4m3fn, dev))?;
+    let se = Tensor::f_empty([rows, 1], (Kind::Float, dev))?;
+    let exact_run = || -> Result<Tensor> {
+        ditfleet_engine::aten::gelu_quant_e4m3(Some(&a2), &m2, &qe, &se, true)?;
+        Ok(qe.shallow_clone())
+    };
+    let _ = exact_run()?;
+    let differ_exact = qe
+        .f_view_dtype(Kind::Uint8)?
+        .f_ne_tensor(&qg.f_view_dtype(Kind::Uint8)?)?
+        .f_to_kind(Kind::Double)?
+        .f_mean(None::<Kind>)?;
+    let gelu_exact_ms = ms(dev, reps, exact_run)?;
     let gelu_bf16_ms = ms(dev, reps, || Ok(pre.f_gelu("tanh")?))?;
     Ok(json!({
         "gate_residual_ln_fp8_equals_reference": ln_same,
         "gate_residual_ln_ms": {"bf16_out": ln_ms, "fp8_out": ln8_ms},
         "gelu_quant_bytes_differing": f64::try_from(differ)?,
+        "gelu_quant_exact_tanh_bytes_differing": f64::try_from(differ_exact)?,
         "gelu_quant_rel_l2_vs_reference": gelu_rel,
-        "gelu_quant_ms": {"attn_plus_gelu_15360": gelu_ms, "aten_gelu_bf16_12288": gelu_bf16_ms},
+        "gelu_quant_ms": {"attn_plus_gelu_15360": gelu_ms, "exact_tanh_attn_plus_gelu_15360": gelu_exact_ms,
+                          "aten_gelu_bf16_12288": gelu_bf16_ms},
     }))
 }
 

@@ -339,6 +339,7 @@ fn main() -> Result<()> {
         "double_blocks": cfg.depth, "single_blocks": cfg.depth_single_blocks,
         "size": size, "steps": a.steps, "seed": a.seed, "outliers": a.outliers,
         "fp8_attention": ditfleet_engine::nn::fp8_attention::usable(dev),
+        "fp8_attention_calls": ditfleet_engine::nn::fp8_attention::calls(),
         "forward_rel_l2": {
             "bf16_vs_fp32": rel_l2(&v16, &v32)?,
             "fp8_vs_fp32": rel_l2(&v8, &v32)?,

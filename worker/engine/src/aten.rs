@@ -70,6 +70,7 @@ unsafe extern "C" {
         m: *const c_void,
         q: *const c_void,
         scale: *const c_void,
+        exact: c_int,
     ) -> *mut c_char;
     fn dtf_gate_residual_ln_fp8(
         x: *const c_void,
@@ -125,6 +126,7 @@ unsafe extern "C" {
         m: *const c_void,
         q: *const c_void,
         scale: *const c_void,
+        exact: c_int,
     ) -> *mut c_char;
     fn dtf_attn_amax(
         qkv: *const c_void,
@@ -435,12 +437,26 @@ pub fn quant_rows_e4m3(x: &Tensor, q: &Tensor, scale: &Tensor) -> Result<(), Tch
 /// The FP8 input of a GEMM after a GELU in one pass (`dtf_gelu_quant_e4m3`): rows
 /// `[a | GELU_tanh(m)]` (`a` optional; each GELU value rounded to bf16) quantised per row into `q`
 /// `(rows, na + nm)` float8_e4m3fn and `scale` `(rows)` fp32. `a` / `m`: bf16 `(rows, n)` with
-/// 16-byte aligned rows and `n % 8 == 0`, on the current stream of their CUDA device.
-pub fn gelu_quant_e4m3(a: Option<&Tensor>, m: &Tensor, q: &Tensor, scale: &Tensor) -> Result<(), TchError> {
+/// 16-byte aligned rows and `n % 8 == 0`, on the current stream of their CUDA device. `exact`:
+/// the GELU's tanh as ATen computes it (`tanhf`); else its sigmoid form with the hardware exp,
+/// a few fp32 ulp away (the bf16 values it rounds to differ in a few per million).
+pub fn gelu_quant_e4m3(
+    a: Option<&Tensor>,
+    m: &Tensor,
+    q: &Tensor,
+    scale: &Tensor,
+    exact: bool,
+) -> Result<(), TchError> {
     let pa: *const c_void = a.map_or(std::ptr::null(), |a| a.as_ptr().cast());
     // SAFETY: as in `qkv_norm_rope`; a null `a` is the kernel's documented "no prefix".
     check("fp8 GELU quantisation", unsafe {
-        dtf_gelu_quant_e4m3(pa, m.as_ptr().cast(), q.as_ptr().cast(), scale.as_ptr().cast())
+        dtf_gelu_quant_e4m3(
+            pa,
+            m.as_ptr().cast(),
+            q.as_ptr().cast(),
+            scale.as_ptr().cast(),
+            c_int::from(exact),
+        )
     })
 }
 
@@ -453,6 +469,7 @@ pub fn gelu_quant_e4m3_a8(
     m: &Tensor,
     q: &Tensor,
     scale: &Tensor,
+    exact: bool,
 ) -> Result<(), TchError> {
     // SAFETY: as in `qkv_norm_rope`.
     check("fp8 GELU quantisation", unsafe {
@@ -462,6 +479,7 @@ pub fn gelu_quant_e4m3_a8(
             m.as_ptr().cast(),
             q.as_ptr().cast(),
             scale.as_ptr().cast(),
+            c_int::from(exact),
         )
     })
 }

@@ -160,6 +160,8 @@ pub struct BenchSwitches {
     pub fp8_unfused: bool,
     /// `DITFLEET_FP8_ATTN=off`: the FP8 precision's attention in bf16 instead of cuDNN's FP8.
     pub fp8_attention_off: bool,
+    /// `DITFLEET_GELU=exact`: the FP8 GELU + quantise kernel's tanh through `tanhf`, as ATen.
+    pub gelu_exact: bool,
 }
 
 impl BenchSwitches {
@@ -184,6 +186,7 @@ impl BenchSwitches {
             fp8_exact_accum: var("DITFLEET_FP8_ACCUM").is_some_and(|v| v == "exact"),
             fp8_unfused: var("DITFLEET_FP8_FUSED").is_some_and(|v| v == "off"),
             fp8_attention_off: var("DITFLEET_FP8_ATTN").is_some_and(|v| v == "off"),
+            gelu_exact: var("DITFLEET_GELU").is_some_and(|v| v == "exact"),
         }
     }
 }

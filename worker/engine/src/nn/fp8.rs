@@ -151,7 +151,7 @@ pub fn gelu_quantize(a: Option<&Tensor>, m: &Tensor) -> Res<Fp8Act> {
     let (q, scale) = if fits(&m2) && a2.as_ref().is_none_or(fits) {
         let q = Tensor::f_empty([rows, na + nm], (Kind::Float8e4m3fn, m.device()))?;
         let scale = Tensor::f_empty([rows, 1], (Kind::Float, m.device()))?;
-        crate::aten::gelu_quant_e4m3(a2.as_ref(), &m2, &q, &scale)?;
+        crate::aten::gelu_quant_e4m3(a2.as_ref(), &m2, &q, &scale, gelu_exact())?;
         (q, scale)
     } else {
         let g = m2
@@ -194,7 +194,7 @@ pub fn gelu_quantize_a8(a8: &Tensor, descale: &Tensor, m: &Tensor) -> Res<Fp8Act
     let (q, scale) = if rows_kernel_fits(&m2) && m2.size()[0] == rows && a_fits {
         let q = Tensor::f_empty([rows, na + nm], (Kind::Float8e4m3fn, m.device()))?;
         let scale = Tensor::f_empty([rows, 1], (Kind::Float, m.device()))?;
-        crate::aten::gelu_quant_e4m3_a8(&a2, descale, &m2, &q, &scale)?;
+        crate::aten::gelu_quant_e4m3_a8(&a2, descale, &m2, &q, &scale, gelu_exact())?;
         (q, scale)
     } else {
         let a = a2
@@ -218,6 +218,12 @@ pub fn gelu_quantize_a8(a8: &Tensor, descale: &Tensor, m: &Tensor) -> Res<Fp8Act
 /// torchao's float8 inference also assumes.
 fn default_fast_accum() -> bool {
     !crate::settings::bench().fp8_exact_accum
+}
+
+/// Whether the GELU + quantise kernel computes the GELU's tanh as ATen does (`tanhf`: the
+/// benchmark switch `DITFLEET_GELU=exact`) instead of its faster sigmoid form.
+pub fn gelu_exact() -> bool {
+    crate::settings::bench().gelu_exact
 }
 
 /// Whether FP8 activations come out of the kernels that produce them (else a quantisation pass
