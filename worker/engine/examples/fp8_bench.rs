@@ -181,7 +181,7 @@ fn fp8_attention_checks(dev: Device, reps: usize, rows: i64, v_outliers: bool) -
     let qkv = qkv.f_to_kind(Kind::BFloat16)?;
     let qw = (Tensor::f_randn([d], f)? * 0.1 + 1.0).f_to_kind(Kind::BFloat16)?;
     let kw = (Tensor::f_randn([d], f)? * 0.1 + 1.0).f_to_kind(Kind::BFloat16)?;
-    let theta = Tensor::f_rand([rows, d / 2], f)? * 6.283;
+    let theta = Tensor::f_rand([rows, d / 2], f)? * std::f64::consts::TAU;
     let rope = Tensor::f_stack(&[theta.f_cos()?, theta.f_sin()?], -1)?.f_contiguous()?; // (rows, 64, 2)
     let eps = 1e-6;
     // bf16 path: fused kernel into (b, rows, heads, d) bf16, cuDNN SDPA.

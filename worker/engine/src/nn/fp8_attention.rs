@@ -246,7 +246,7 @@ mod tests {
         let y = x * (var + 1e-6).rsqrt() * w;
         let (b, s, h, d) = y.size4().unwrap();
         let pairs = y.reshape([b, s, h, d / 2, 2]);
-        let theta = Tensor::rand([1, s, 1, d / 2], (Kind::Float, Device::Cpu)) * 6.283;
+        let theta = Tensor::rand([1, s, 1, d / 2], (Kind::Float, Device::Cpu)) * std::f64::consts::TAU;
         let (c, sn) = (theta.cos(), theta.sin());
         let (a, bb) = (pairs.select(-1, 0), pairs.select(-1, 1));
         Tensor::stack(&[&a * &c - &bb * &sn, &bb * &c + &a * &sn], -1).reshape([b, s, h, d])

@@ -559,13 +559,12 @@ impl SingleBlock {
             && fp8::fused_producers()
             && ctx.fused_qkv(&fused, self.heads, s)
             && ctx.fp8_attention(&fused, s)
+            && let Some(o) = fp8_joint_attention(&[(&fused, &self.norm, 0)], b, s, self.heads, ctx.pe)?
         {
-            if let Some(o) = fp8_joint_attention(&[(&fused, &self.norm, 0)], b, s, self.heads, ctx.pe)? {
-                // linear2's FP8 input [attention | GELU(mlp)] from the FP8 attention output.
-                let q = fp8::gelu_quantize_a8(&o.o, &o.descale, &mlp)?;
-                let out = self.linear2.forward_act(&Act::Fp8(q), kind)?;
-                return Hidden::close(x.shallow_clone(), &m[2], out, ctx.opts);
-            }
+            // linear2's FP8 input [attention | GELU(mlp)] from the FP8 attention output.
+            let q = fp8::gelu_quantize_a8(&o.o, &o.descale, &mlp)?;
+            let out = self.linear2.forward_act(&Act::Fp8(q), kind)?;
+            return Hidden::close(x.shallow_clone(), &m[2], out, ctx.opts);
         }
         let o = self.attend_qkv(&fused, ctx)?; // (b, seq, heads, d)
         let (b, s, heads, d) = o.size4()?;
