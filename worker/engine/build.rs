@@ -18,6 +18,7 @@ const CUDA_HEADERS: &[&str] = &[
 /// build error: the engine would build, link CUDA, and silently lose its CUDA graphs and kernels.
 fn build_shim() {
     println!("cargo:rerun-if-changed=csrc/aten_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/dtf_guarded.h");
     println!("cargo:rerun-if-changed=csrc/flux_kernels.cu.inc");
     println!("cargo:rerun-if-changed=csrc/sdxl_kernels.cu.inc");
     println!("cargo:rerun-if-changed=csrc/sdxl_ops.cpp.inc");

@@ -10,6 +10,8 @@
 // representation tch's C API uses for its tensors (torch-sys: `typedef torch::Tensor *tensor`).
 
 #include <ATen/ATen.h>
+
+#include "dtf_guarded.h"
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -32,24 +34,8 @@
 
 namespace {
 
-char *dup_error(const std::string &msg) {
-  char *out = static_cast<char *>(std::malloc(msg.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, msg.c_str(), msg.size() + 1);
-  }
-  return out;
-}
-
-template <typename F> char *guarded(F &&f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception &e) {
-    return dup_error(e.what());
-  } catch (...) {
-    return dup_error("unknown C++ exception");
-  }
-}
+using dtf::dup_error;
+using dtf::guarded;
 
 // Log-sum-exp as (b, h, lq) fp32 whatever layout the kernel returned it in (cuDNN: (b, h, lq, 1);
 // memory-efficient: sequence padded to a multiple of 32).
@@ -406,6 +392,38 @@ bool aligned8(const at::Tensor &t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 8 == 0;
 }
 
+// The q/k RMSNorm weights the attention-input kernels read: contiguous bf16 (128) on `device`.
+void check_norm_scales(const at::Tensor &q_scale, const at::Tensor &k_scale, int device) {
+  for (const at::Tensor *sc : {&q_scale, &k_scale}) {
+    require(sc->is_cuda() && sc->get_device() == device && sc->scalar_type() == at::kBFloat16 &&
+                sc->is_contiguous() && sc->numel() == 128 && aligned8(*sc),
+            "norm scales must be contiguous bf16 (128) tensors on qkv's device");
+  }
+}
+
+// A RoPE table over `rows` tokens: contiguous (rows, 64) complex64 or (rows, 64, 2) fp32.
+void check_rope(const at::Tensor &r, int device, int64_t rows) {
+  require(r.is_cuda() && r.get_device() == device && r.is_contiguous() &&
+              (r.scalar_type() == at::kComplexFloat || r.scalar_type() == at::kFloat) &&
+              r.numel() * (r.scalar_type() == at::kComplexFloat ? 2 : 1) == rows * 128,
+          "rope must be contiguous (rows, 64) complex64 or (rows, 64, 2) fp32 on qkv's device");
+}
+
+// A stream's fused projection as the FP8 attention's kernels read it: CUDA bf16 (b, t, w) with
+// contiguous, 8-byte aligned rows.
+void check_qkv_rows(const at::Tensor &x) {
+  require(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1 &&
+              aligned8(x) && x.stride(1) % 4 == 0 && x.stride(0) % 4 == 0,
+          "qkv must be a CUDA bf16 (b, t, w) tensor with contiguous, 8-byte aligned rows");
+}
+
+// The FP8 attention's scale buffer (DTF_SLOT_* in flux_kernels.cu.inc): contiguous fp32 (>= 48).
+void check_slots(const at::Tensor &slots, int device) {
+  require(slots.is_cuda() && slots.get_device() == device && slots.scalar_type() == at::kFloat &&
+              slots.is_contiguous() && slots.numel() >= 48,
+          "slots must be a contiguous fp32 (>= 48) tensor on qkv's device");
+}
+
 void launch(int device, CUfunction f, unsigned gx, unsigned gy, unsigned block, void **args,
             unsigned shared_bytes = 0) {
   use_device_context(device);
@@ -458,16 +476,9 @@ char *dtf_qkv_norm_rope(const at::Tensor *qkv, const at::Tensor *q_scale, const 
                   o->is_contiguous() && o->sizes() == qo.sizes() && aligned8(*o),
               "outputs must be contiguous bf16 tensors of one shape on qkv's device");
     }
-    for (const at::Tensor *sc : {q_scale, k_scale}) {
-      require(sc->is_cuda() && sc->get_device() == device && sc->scalar_type() == at::kBFloat16 &&
-                  sc->is_contiguous() && sc->numel() == 128 && aligned8(*sc),
-              "norm scales must be contiguous bf16 (128) tensors on qkv's device");
-    }
+    check_norm_scales(*q_scale, *k_scale, device);
     const at::Tensor &r = *rope;
-    require(r.is_cuda() && r.get_device() == device && r.is_contiguous() &&
-                (r.scalar_type() == at::kComplexFloat || r.scalar_type() == at::kFloat) &&
-                r.numel() * (r.scalar_type() == at::kComplexFloat ? 2 : 1) == rows * 128,
-            "rope must be contiguous (rows, 64) complex64 or (rows, 64, 2) fp32 on qkv's device");
+    check_rope(r, device, rows);
     require(aligned8(x) && x.stride(1) % 4 == 0 && x.stride(0) % 4 == 0,
             "qkv rows must be 8-byte aligned");
     if (b == 0 || t == 0) {
@@ -645,19 +656,11 @@ char *dtf_attn_amax(const at::Tensor *qkv, const at::Tensor *q_scale, const at::
                     int64_t heads, const at::Tensor *slots) {
   return guarded([&] {
     const at::Tensor &x = *qkv;
-    require(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1 &&
-                aligned8(x) && x.stride(1) % 4 == 0 && x.stride(0) % 4 == 0,
-            "qkv must be a CUDA bf16 (b, t, w) tensor with contiguous, 8-byte aligned rows");
+    check_qkv_rows(x);
     const int device = x.get_device();
     require(heads > 0 && x.size(2) >= 3 * heads * 128, "qkv is narrower than 3 * heads * 128");
-    for (const at::Tensor *sc : {q_scale, k_scale}) {
-      require(sc->is_cuda() && sc->get_device() == device && sc->scalar_type() == at::kBFloat16 &&
-                  sc->is_contiguous() && sc->numel() == 128 && aligned8(*sc),
-              "norm scales must be contiguous bf16 (128) tensors on qkv's device");
-    }
-    require(slots->is_cuda() && slots->get_device() == device && slots->scalar_type() == at::kFloat &&
-                slots->is_contiguous() && slots->numel() >= 48,
-            "slots must be a contiguous fp32 (>= 48) tensor on qkv's device");
+    check_norm_scales(*q_scale, *k_scale, device);
+    check_slots(*slots, device);
     const int64_t b = x.size(0), t = x.size(1);
     require(t < (int64_t(1) << 31) && b < 65536, "too large");
     if (b == 0 || t == 0) {
@@ -680,9 +683,7 @@ char *dtf_qkv_norm_rope_e4m3(const at::Tensor *qkv, const at::Tensor *q_scale, c
                              const at::Tensor *slots) {
   return guarded([&] {
     const at::Tensor &x = *qkv;
-    require(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1 &&
-                aligned8(x) && x.stride(1) % 4 == 0 && x.stride(0) % 4 == 0,
-            "qkv must be a CUDA bf16 (b, t, w) tensor with contiguous, 8-byte aligned rows");
+    check_qkv_rows(x);
     const int device = x.get_device();
     const int64_t b = x.size(0), t = x.size(1);
     const at::Tensor &qo = *q_out;
@@ -697,19 +698,10 @@ char *dtf_qkv_norm_rope_e4m3(const at::Tensor *qkv, const at::Tensor *q_scale, c
                   reinterpret_cast<uintptr_t>(o->data_ptr()) % 4 == 0,
               "outputs must be contiguous float8_e4m3fn tensors of one shape on qkv's device");
     }
-    for (const at::Tensor *sc : {q_scale, k_scale}) {
-      require(sc->is_cuda() && sc->get_device() == device && sc->scalar_type() == at::kBFloat16 &&
-                  sc->is_contiguous() && sc->numel() == 128 && aligned8(*sc),
-              "norm scales must be contiguous bf16 (128) tensors on qkv's device");
-    }
+    check_norm_scales(*q_scale, *k_scale, device);
     const at::Tensor &r = *rope;
-    require(r.is_cuda() && r.get_device() == device && r.is_contiguous() &&
-                (r.scalar_type() == at::kComplexFloat || r.scalar_type() == at::kFloat) &&
-                r.numel() * (r.scalar_type() == at::kComplexFloat ? 2 : 1) == rows * 128,
-            "rope must be contiguous (rows, 64) complex64 or (rows, 64, 2) fp32 on qkv's device");
-    require(slots->is_cuda() && slots->get_device() == device && slots->scalar_type() == at::kFloat &&
-                slots->is_contiguous() && slots->numel() >= 48,
-            "slots must be a contiguous fp32 (>= 48) tensor on qkv's device");
+    check_rope(r, device, rows);
+    check_slots(*slots, device);
     if (b == 0 || t == 0) {
       return;
     }

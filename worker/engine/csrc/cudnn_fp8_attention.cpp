@@ -9,6 +9,8 @@
 
 #include <ATen/ATen.h>
 
+#include "dtf_guarded.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -32,28 +34,6 @@ void *cudnn_dlhandle = nullptr;
 } // namespace cudnn_frontend
 #endif
 
-namespace {
-
-char *fp8_attn_error(const std::string &msg) {
-  char *out = static_cast<char *>(std::malloc(msg.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, msg.c_str(), msg.size() + 1);
-  }
-  return out;
-}
-
-template <typename F> char *fp8_attn_guarded(F &&f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception &e) {
-    return fp8_attn_error(e.what());
-  } catch (...) {
-    return fp8_attn_error("unknown C++ exception");
-  }
-}
-
-} // namespace
 
 // Slots (fp32 elements) of the scale buffer the FP8 attention kernels and cuDNN share, each 16
 // bytes from the next (cuDNN's scalar tensors are read as separate, aligned 1-element tensors).
@@ -216,7 +196,7 @@ int dtf_fp8_attention_built(void) { return 1; }
 // (outside any CUDA graph capture: the caller warms up first) and reused.
 char *dtf_sdpa_fp8(const at::Tensor *q, const at::Tensor *k, const at::Tensor *v, const at::Tensor *o,
                    const at::Tensor *slots, double attn_scale) {
-  return fp8_attn_guarded([&] {
+  return dtf::guarded([&] {
     const int device = q->get_device();
     check_operand(*q, "q", device);
     check_operand(*k, "k", device);
@@ -305,7 +285,7 @@ int dtf_fp8_attention_built(void) { return 0; }
 
 char *dtf_sdpa_fp8(const at::Tensor *, const at::Tensor *, const at::Tensor *, const at::Tensor *,
                    const at::Tensor *, double) {
-  return fp8_attn_error(
+  return dtf::dup_error(
       "this build of the engine has no FP8 attention (built without CUDA or without the "
       "cudnn-frontend headers: scripts/setup.sh installs nvidia-cudnn-frontend)");
 }

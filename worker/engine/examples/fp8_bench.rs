@@ -21,7 +21,7 @@
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use ditfleet_engine::aten::LnOut;
+use ditfleet_engine::aten::{GeluPrefix, LnOut};
 use ditfleet_engine::nn::fp8::{Fp8Linear, dequantize, quantize_rows, quantize_rows_reference};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
@@ -132,7 +132,7 @@ fn fused_kernel_checks(dev: Device, reps: usize) -> Result<serde_json::Value> {
     let qe = Tensor::f_empty([rows, h + m], (Kind::Float8e4m3fn, dev))?;
     let se = Tensor::f_empty([rows, 1], (Kind::Float, dev))?;
     let exact_run = || -> Result<Tensor> {
-        ditfleet_engine::aten::gelu_quant_e4m3(Some(&a2), &m2, &qe, &se, true)?;
+        ditfleet_engine::aten::gelu_quant_e4m3(GeluPrefix::Bf16(&a2), &m2, &qe, &se, true)?;
         Ok(qe.shallow_clone())
     };
     let _ = exact_run()?;

@@ -434,53 +434,43 @@ pub fn quant_rows_e4m3(x: &Tensor, q: &Tensor, scale: &Tensor) -> Result<(), Tch
     })
 }
 
+/// What precedes the GELU values in each row [`gelu_quant_e4m3`] quantises.
+pub enum GeluPrefix<'a> {
+    /// Nothing: the row is the GELU alone (a plain MLP-out).
+    None,
+    /// bf16 `(rows, na)` with 16-byte aligned rows, `na % 8 == 0` (a single block's attention
+    /// output beside its MLP activation).
+    Bf16(&'a Tensor),
+    /// float8_e4m3fn `(rows, na)` (8-byte aligned rows, `na % 8 == 0`) standing for
+    /// `q * descale[0]` (the FP8 attention's output and its per-tensor descale, fp32 on the
+    /// device), taken as the exact product.
+    Fp8 { q: &'a Tensor, descale: &'a Tensor },
+}
+
 /// The FP8 input of a GEMM after a GELU in one pass (`dtf_gelu_quant_e4m3`): rows
-/// `[a | GELU_tanh(m)]` (`a` optional; each GELU value rounded to bf16) quantised per row into `q`
-/// `(rows, na + nm)` float8_e4m3fn and `scale` `(rows)` fp32. `a` / `m`: bf16 `(rows, n)` with
-/// 16-byte aligned rows and `n % 8 == 0`, on the current stream of their CUDA device. `exact`:
+/// `[prefix | GELU_tanh(m)]` (each GELU value rounded to bf16) quantised per row into `q`
+/// `(rows, na + nm)` float8_e4m3fn and `scale` `(rows)` fp32. `m`: bf16 `(rows, nm)` with
+/// 16-byte aligned rows and `nm % 8 == 0`, on the current stream of its CUDA device. `exact`:
 /// the GELU's tanh as ATen computes it (`tanhf`); else its sigmoid form with the hardware exp,
 /// a few fp32 ulp away (the bf16 values it rounds to differ in a few per million).
 pub fn gelu_quant_e4m3(
-    a: Option<&Tensor>,
+    prefix: GeluPrefix<'_>,
     m: &Tensor,
     q: &Tensor,
     scale: &Tensor,
     exact: bool,
 ) -> Result<(), TchError> {
-    let pa: *const c_void = a.map_or(std::ptr::null(), |a| a.as_ptr().cast());
-    // SAFETY: as in `qkv_norm_rope`; a null `a` is the kernel's documented "no prefix".
+    let (m, q, scale) = (m.as_ptr().cast(), q.as_ptr().cast(), scale.as_ptr().cast());
+    let exact = c_int::from(exact);
+    // SAFETY: as in `qkv_norm_rope`; a null prefix is the kernel's documented "no prefix".
     check("fp8 GELU quantisation", unsafe {
-        dtf_gelu_quant_e4m3(
-            pa,
-            m.as_ptr().cast(),
-            q.as_ptr().cast(),
-            scale.as_ptr().cast(),
-            c_int::from(exact),
-        )
-    })
-}
-
-/// [`gelu_quant_e4m3`] with the prefix in FP8: `a8` `(rows, na)` float8_e4m3fn (8-byte aligned
-/// rows, `na % 8 == 0`) standing for `a8 * a8_descale[0]` (the FP8 attention's output and its
-/// per-tensor descale, fp32 on the device).
-pub fn gelu_quant_e4m3_a8(
-    a8: &Tensor,
-    a8_descale: &Tensor,
-    m: &Tensor,
-    q: &Tensor,
-    scale: &Tensor,
-    exact: bool,
-) -> Result<(), TchError> {
-    // SAFETY: as in `qkv_norm_rope`.
-    check("fp8 GELU quantisation", unsafe {
-        dtf_gelu_quant_e4m3_a8(
-            a8.as_ptr().cast(),
-            a8_descale.as_ptr().cast(),
-            m.as_ptr().cast(),
-            q.as_ptr().cast(),
-            scale.as_ptr().cast(),
-            c_int::from(exact),
-        )
+        match prefix {
+            GeluPrefix::None => dtf_gelu_quant_e4m3(std::ptr::null(), m, q, scale, exact),
+            GeluPrefix::Bf16(a) => dtf_gelu_quant_e4m3(a.as_ptr().cast(), m, q, scale, exact),
+            GeluPrefix::Fp8 { q: a8, descale } => {
+                dtf_gelu_quant_e4m3_a8(a8.as_ptr().cast(), descale.as_ptr().cast(), m, q, scale, exact)
+            }
+        }
     })
 }
 

@@ -151,7 +151,11 @@ pub fn gelu_quantize(a: Option<&Tensor>, m: &Tensor) -> Res<Fp8Act> {
     let (q, scale) = if fits(&m2) && a2.as_ref().is_none_or(fits) {
         let q = Tensor::f_empty([rows, na + nm], (Kind::Float8e4m3fn, m.device()))?;
         let scale = Tensor::f_empty([rows, 1], (Kind::Float, m.device()))?;
-        crate::aten::gelu_quant_e4m3(a2.as_ref(), &m2, &q, &scale, gelu_exact())?;
+        let prefix = match &a2 {
+            Some(a) => crate::aten::GeluPrefix::Bf16(a),
+            None => crate::aten::GeluPrefix::None,
+        };
+        crate::aten::gelu_quant_e4m3(prefix, &m2, &q, &scale, gelu_exact())?;
         (q, scale)
     } else {
         let g = m2
@@ -194,7 +198,8 @@ pub fn gelu_quantize_a8(a8: &Tensor, descale: &Tensor, m: &Tensor) -> Res<Fp8Act
     let (q, scale) = if rows_kernel_fits(&m2) && m2.size()[0] == rows && a_fits {
         let q = Tensor::f_empty([rows, na + nm], (Kind::Float8e4m3fn, m.device()))?;
         let scale = Tensor::f_empty([rows, 1], (Kind::Float, m.device()))?;
-        crate::aten::gelu_quant_e4m3_a8(&a2, descale, &m2, &q, &scale, gelu_exact())?;
+        let prefix = crate::aten::GeluPrefix::Fp8 { q: &a2, descale };
+        crate::aten::gelu_quant_e4m3(prefix, &m2, &q, &scale, gelu_exact())?;
         (q, scale)
     } else {
         let a = a2
