@@ -816,6 +816,10 @@ def dockerfile_checks(report: Report) -> None:
         report.fail("Dockerfile.worker: CUDA headers", "the builder does not install nvidia-cuda-crt; the engine build refuses a CUDA libtorch without crt/ headers")
     else:
         report.ok("Dockerfile.worker: the builder installs the CUDA headers the engine build requires")
+    if not any("nvidia-cudnn-frontend" in st["run"] for st in worker[:-1]):
+        report.fail("Dockerfile.worker: cuDNN frontend headers", "the builder does not install nvidia-cudnn-frontend; the engine would build without the fp8 precision's FP8 attention")
+    else:
+        report.ok("Dockerfile.worker: the builder installs the cuDNN frontend headers the FP8 attention is built with")
 
 
 # ------------------------------------------------------------------- negatives
