@@ -6,6 +6,9 @@
 #   ours        flux_bench 1024², 28 steps, random weights: bf16, then the same weights in FP8
 #               (A B B A when REPEAT=1); PROFILE=1 adds a kineto profile of 4 FP8 steps; AB=1 adds
 #               FP8 without the fast accumulation and FP8 with separate quantisation passes;
+#               ATTN_AB / GELU_AB / TUNE_AB=1: FP8 attention off / tanhf GELU / cuDNN's first plan
+#               instead of the fastest timed one; GRAPHS=1: FP8 with the step as a CUDA graph;
+#               BASE=1: FP8 with .gpu/flux_bench_base (an earlier build, its commit in the README);
 #   ours2048    the same at 2048² (8 steps: STEPS_2048);
 #   numerics    fp8_numerics: one forward and the 28-step loop, FP8 and bf16 against fp32 and
 #               each other, decoded-image PSNR; again with outlier channels injected; ALSO=1 adds
@@ -26,7 +29,7 @@ TORCH=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>
   || echo /opt/torch/.venv/lib/python3.12/site-packages/torch)
 export LD_LIBRARY_PATH=$TORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-for b in flux_bench fp8_bench fp8_numerics parallel_bench; do
+for b in flux_bench flux_bench_base fp8_bench fp8_numerics parallel_bench; do
   [[ -e .gpu/$b.gz && ! -e .gpu/$b ]] && gunzip -k .gpu/$b.gz && chmod +x .gpu/$b
 done
 { date -u; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv
@@ -63,6 +66,15 @@ if want ours; then
   fi
   if [[ -n "${GELU_AB:-}" ]]; then  # what the GELU's sigmoid form buys: tanhf as ATen instead
     DITFLEET_GELU=exact stage ours_fp8_exact_gelu 120 .gpu/flux_bench --bf16 --fp8
+  fi
+  if [[ -n "${TUNE_AB:-}" ]]; then  # what timing cuDNN's FP8 attention plans buys
+    DITFLEET_FP8_ATTN_TUNE=off stage ours_fp8_untuned 120 .gpu/flux_bench --bf16 --fp8
+  fi
+  if [[ -n "${GRAPHS:-}" ]]; then  # the FP8 step as one replayed CUDA graph
+    stage ours_fp8_graphs 120 .gpu/flux_bench --bf16 --fp8 --graphs
+  fi
+  if [[ -n "${BASE:-}" ]]; then  # the earlier build, same call
+    stage ours_fp8_base 120 .gpu/flux_bench_base --bf16 --fp8
   fi
   if [[ -n "${REPEAT:-}" ]]; then
     stage ours_fp8_2 120 .gpu/flux_bench --bf16 --fp8

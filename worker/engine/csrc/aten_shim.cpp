@@ -324,6 +324,7 @@ std::string compile_kernels(const std::string &arch) { return compile_source(kKe
 struct Kernels {
   CUfunction qkv_norm_rope = nullptr;
   CUfunction gate_residual_ln = nullptr;
+  CUfunction gate_residual_ln_v8 = nullptr;
   CUfunction lse_merge = nullptr;
   CUfunction lora_add = nullptr;
   CUfunction quant_rows_e4m3 = nullptr;
@@ -372,6 +373,8 @@ const Kernels &kernels(int device) {
   cu_check(d.get_function(&k.qkv_norm_rope, module, "dtf_qkv_norm_rope"), "dtf_qkv_norm_rope");
   cu_check(d.get_function(&k.gate_residual_ln, module, "dtf_gate_residual_ln"),
            "dtf_gate_residual_ln");
+  cu_check(d.get_function(&k.gate_residual_ln_v8, module, "dtf_gate_residual_ln_v8"),
+           "dtf_gate_residual_ln_v8");
   cu_check(d.get_function(&k.lse_merge, module, "dtf_lse_merge"), "dtf_lse_merge");
   cu_check(d.get_function(&k.lora_add, module, "dtf_lora_add"), "dtf_lora_add");
   cu_check(d.get_function(&k.quant_rows_e4m3, module, "dtf_quant_rows_e4m3"), "dtf_quant_rows_e4m3");
@@ -514,7 +517,7 @@ static void gate_residual_ln_impl(const at::Tensor *x, const at::Tensor *gate, c
           "x must be a contiguous CUDA bf16 (b, s, n) tensor");
   const int device = x->get_device();
   const int64_t b = x->size(0), s = x->size(1), n = x->size(2);
-  require(n % 4 == 0 && n <= 4096, "row width must be a multiple of 4, at most 4096");
+  require(n % 4 == 0 && n <= 16384, "row width must be a multiple of 4, at most 16384");
   require(y->is_cuda() && y->get_device() == device && y->scalar_type() == at::kBFloat16 &&
               y->sizes() == x->sizes() && y->stride(2) == 1 && y->stride(1) % 4 == 0 &&
               (b == 1 || y->stride(0) == s * y->stride(1)) && aligned8(*y),
@@ -558,7 +561,18 @@ static void gate_residual_ln_impl(const at::Tensor *x, const at::Tensor *gate, c
   int rpb = static_cast<int>(s), width = static_cast<int>(n);
   float e = static_cast<float>(eps);
   void *args[] = {&px, &xs, &py, &ys, &pg, &psc, &psh, &ms, &rpb, &pxo, &pho, &os, &width, &e, &pq, &pqs};
-  launch(device, kernels(device).gate_residual_ln, static_cast<unsigned>(b * s), 1, 256, args);
+  // 16-byte loads where every row and vector allows them (Flux: always), else 8-byte ones; the
+  // block is as small as holds a row in LN_CHUNKS (4) chunks per thread, so more rows are in
+  // flight per SM.
+  auto a16 = [](const void *p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const bool v8 = n % 8 == 0 && ys % 8 == 0 && ms % 8 == 0 && a16(px) && a16(py) && a16(pg) &&
+                  a16(psc) && a16(psh) && a16(pxo) && (pho == nullptr || a16(pho)) &&
+                  (pq == nullptr || reinterpret_cast<uintptr_t>(pq) % 8 == 0);
+  const int64_t vec = v8 ? 8 : 4, chunks = n / vec;
+  const unsigned block =
+      static_cast<unsigned>(std::max<int64_t>(32, ((chunks + 3) / 4 + 31) / 32 * 32));
+  launch(device, v8 ? kernels(device).gate_residual_ln_v8 : kernels(device).gate_residual_ln,
+         static_cast<unsigned>(b * s), 1, block, args);
 }
 
 char *dtf_gate_residual_ln(const at::Tensor *x, const at::Tensor *gate, const at::Tensor *y,
@@ -626,11 +640,11 @@ static void gelu_quant_impl(const at::Tensor *a, const at::Tensor *a8, const at:
     int ina = static_cast<int>(na), inm = static_cast<int>(nm);
     int ex = exact != 0 ? 1 : 0;
     void *args[] = {&pa, &as, &ina, &pm, &ms, &inm, &pq, &ps, &pa8, &pa8s, &ex};
-    // Enough threads that a row fits 4 chunks of 8 per thread (held in registers) up to 32768
-    // values; at least 128.
+    // Enough threads that a row fits GQ_CHUNKS (8) chunks of 8 per thread (held in registers) up
+    // to 65536 values, and no more: fewer threads per row leave room for more rows per SM.
     const int64_t chunks = (na + nm + 7) / 8;
     const unsigned block = static_cast<unsigned>(
-        std::max<int64_t>(128, std::min<int64_t>(1024, ((chunks + 3) / 4 + 31) / 32 * 32)));
+        std::max<int64_t>(64, std::min<int64_t>(1024, ((chunks + 7) / 8 + 31) / 32 * 32)));
     launch(device, kernels(device).gelu_quant_e4m3, static_cast<unsigned>(rows), 1, block, args);
   }
 }

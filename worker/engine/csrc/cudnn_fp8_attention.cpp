@@ -86,6 +86,10 @@ struct Plan {
   std::shared_ptr<fe::graph::Graph> graph;
   TensorAttr q, k, v, o, descale_q, descale_k, descale_v, descale_s, scale_s, scale_o, amax_s, amax_o;
   int64_t workspace = 0;
+  // The execution plan in use (heuristics' first until tuned), and whether the candidates were
+  // timed yet (built with every candidate: `tune`).
+  int64_t index = 0;
+  bool all_built = false, tuned = false;
 };
 
 struct Device {
@@ -109,7 +113,7 @@ std::vector<int64_t> bhsd_strides(const at::Tensor &t) {
 }
 
 std::shared_ptr<Plan> build_plan(cudnnHandle_t handle, const at::Tensor &q, const at::Tensor &k,
-                                 const at::Tensor &v, const at::Tensor &o, float attn_scale) {
+                                 const at::Tensor &v, const at::Tensor &o, float attn_scale, bool all) {
   const int64_t b = q.size(0), sq = q.size(1), h = q.size(2), d = q.size(3), skv = k.size(1);
   auto p = std::make_shared<Plan>();
   p->graph = std::make_shared<fe::graph::Graph>();
@@ -161,9 +165,84 @@ std::shared_ptr<Plan> build_plan(cudnnHandle_t handle, const at::Tensor &q, cons
   fe_check(g.build_operation_graph(handle), "build_operation_graph");
   fe_check(g.create_execution_plans({fe::HeurMode_t::A}), "create_execution_plans");
   fe_check(g.check_support(handle), "check_support");
-  fe_check(g.build_plans(handle), "build_plans");
+  // With `all`, every candidate heuristics lists (those that fail to build are skipped), for
+  // `tune_plan` to time; else the first one that builds.
+  fe_check(g.build_plans(all ? fe::BuildPlanPolicy_t::ALL : fe::BuildPlanPolicy_t::HEURISTICS_CHOICE),
+           "build_plans");
+  p->all_built = all;
   fe_check(g.get_workspace_size(p->workspace), "get_workspace_size");
   return p;
+}
+
+// What the last tuning found, for the benchmarks' reports (dtf_sdpa_fp8_report).
+std::string &tune_report() {
+  static std::string r;
+  return r;
+}
+
+// Times every built candidate plan on the real operands (one warm-up, then the best of 5) and
+// keeps the fastest: cuDNN's heuristics rank its FP8 attention kernels by a model, not by this
+// GPU's clock. Runs on `stream` outside graph capture; the operands are the call's own, so the
+// timed runs only write the output the real run overwrites.
+void tune_plan(Plan &p, cudnnHandle_t handle, cudaStream_t stream,
+               std::unordered_map<TensorAttr, void *> &pack, const at::Tensor &like) {
+  auto &g = *p.graph;
+  const int64_t count = g.get_execution_plan_count();
+  std::string report = "plans " + std::to_string(count) + ":";
+  cudaEvent_t start = nullptr, stop = nullptr;
+  if (fe::detail::cuda_event_create(&start) != cudaSuccess ||
+      fe::detail::cuda_event_create(&stop) != cudaSuccess) {
+    throw std::runtime_error("cuDNN FP8 attention: cudaEventCreate failed");
+  }
+  struct Events {
+    cudaEvent_t a, b;
+    ~Events() {
+      fe::detail::cuda_event_destroy(a);
+      fe::detail::cuda_event_destroy(b);
+    }
+  } events{start, stop};
+  float best_ms = -1.f;
+  int64_t best = p.index;
+  for (int64_t i = 0; i < count; ++i) {
+    int64_t ws_size = 0;
+    if (!g.get_workspace_size_plan_at_index(i, ws_size).is_good()) {
+      continue;  // not built
+    }
+    at::Tensor ws;
+    if (ws_size > 0) {
+      ws = at::empty({ws_size}, like.options().dtype(at::kByte));
+    }
+    void *wsp = ws_size > 0 ? ws.data_ptr() : nullptr;
+    if (!g.execute_plan_at_index(handle, pack, wsp, i).is_good()) {
+      continue;
+    }
+    float ms = -1.f;
+    for (int rep = 0; rep < 5; ++rep) {
+      float t = 0.f;
+      if (fe::detail::cuda_event_record(start, stream) != cudaSuccess ||
+          !g.execute_plan_at_index(handle, pack, wsp, i).is_good() ||
+          fe::detail::cuda_event_record(stop, stream) != cudaSuccess ||
+          fe::detail::cuda_event_synchronize(stop) != cudaSuccess ||
+          fe::detail::cuda_event_elapsed_time(&t, start, stop) != cudaSuccess) {
+        ms = -1.f;
+        break;
+      }
+      ms = ms < 0.f ? t : std::min(ms, t);
+    }
+    std::string name;
+    (void)g.get_plan_name_at_index(i, name);
+    report += " [" + std::to_string(i) + "] " + name + " " + (ms < 0.f ? "failed" : std::to_string(ms) + " ms");
+    if (ms >= 0.f && (best_ms < 0.f || ms < best_ms)) {
+      best_ms = ms;
+      best = i;
+    }
+  }
+  if (best_ms >= 0.f) {
+    p.index = best;
+    fe_check(g.get_workspace_size_plan_at_index(best, p.workspace), "get_workspace_size_plan_at_index");
+  }
+  p.tuned = true;
+  tune_report() = report + "; chose " + std::to_string(p.index);
 }
 
 void check_operand(const at::Tensor &t, const char *name, int device) {
@@ -195,7 +274,7 @@ int dtf_fp8_attention_built(void) { return 1; }
 // scale_o. Runs on the device's current stream; the plan for a shape is built on first use
 // (outside any CUDA graph capture: the caller warms up first) and reused.
 char *dtf_sdpa_fp8(const at::Tensor *q, const at::Tensor *k, const at::Tensor *v, const at::Tensor *o,
-                   const at::Tensor *slots, double attn_scale) {
+                   const at::Tensor *slots, double attn_scale, int tune) {
   return dtf::guarded([&] {
     const int device = q->get_device();
     check_operand(*q, "q", device);
@@ -241,20 +320,15 @@ char *dtf_sdpa_fp8(const at::Tensor *q, const at::Tensor *k, const at::Tensor *v
         key.push_back(t->stride(i));
       }
     }
+    key.push_back(tune != 0 ? 1 : 0);
     auto &slot = dev.plans[key];
     if (!slot) {
-      slot = build_plan(dev.handle, *q, *k, *v, *o, scale);
+      slot = build_plan(dev.handle, *q, *k, *v, *o, scale, tune != 0);
     }
-    const Plan &p = *slot;
+    Plan &p = *slot;
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
     if (fe::detail::set_stream(dev.handle, stream) != CUDNN_STATUS_SUCCESS) {
       throw std::runtime_error("cuDNN FP8 attention: cudnnSetStream failed");
-    }
-    at::Tensor workspace;
-    void *ws = nullptr;
-    if (p.workspace > 0) {
-      workspace = at::empty({p.workspace}, q->options().dtype(at::kByte));
-      ws = workspace.data_ptr();
     }
     float *s = slots->data_ptr<float>();
     std::unordered_map<TensorAttr, void *> pack = {
@@ -271,8 +345,30 @@ char *dtf_sdpa_fp8(const at::Tensor *q, const at::Tensor *k, const at::Tensor *v
         {p.amax_s, s + DTF_SLOT_AMAX_S},
         {p.amax_o, s + DTF_SLOT_AMAX_O},
     };
-    fe_check(p.graph->execute(dev.handle, pack, ws), "execute");
+    if (p.all_built && !p.tuned) {
+      // Not while a CUDA graph is being captured (timing needs synchronisation): the first
+      // eager call of the shape tunes (the engine warms up eagerly before it captures).
+      cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+      if (fe::detail::cuda_stream_is_capturing(stream, &capturing) == cudaSuccess &&
+          capturing == cudaStreamCaptureStatusNone) {
+        tune_plan(p, dev.handle, stream, pack, *q);
+      }
+    }
+    at::Tensor workspace;
+    void *ws = nullptr;
+    if (p.workspace > 0) {
+      workspace = at::empty({p.workspace}, q->options().dtype(at::kByte));
+      ws = workspace.data_ptr();
+    }
+    fe_check(p.graph->execute_plan_at_index(dev.handle, pack, ws, p.index), "execute");
   });
+}
+
+// What the last tuning of a shape's plans timed and chose (empty before any), malloc'ed (free
+// with dtf_free_error).
+char *dtf_sdpa_fp8_report(void) {
+  std::lock_guard<std::mutex> lock(state_mutex());
+  return dtf::dup_error(tune_report().c_str());
 }
 
 } // extern "C"
@@ -283,8 +379,10 @@ extern "C" {
 
 int dtf_fp8_attention_built(void) { return 0; }
 
+char *dtf_sdpa_fp8_report(void) { return dtf::dup_error(""); }
+
 char *dtf_sdpa_fp8(const at::Tensor *, const at::Tensor *, const at::Tensor *, const at::Tensor *,
-                   const at::Tensor *, double) {
+                   const at::Tensor *, double, int) {
   return dtf::dup_error(
       "this build of the engine has no FP8 attention (built without CUDA or without the "
       "cudnn-frontend headers: scripts/setup.sh installs nvidia-cudnn-frontend)");

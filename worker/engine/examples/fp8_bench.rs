@@ -87,6 +87,28 @@ fn fused_kernel_checks(dev: Device, reps: usize) -> Result<serde_json::Value> {
         ditfleet_engine::aten::gate_residual_ln(&x, &gate, &y, &scale, &shift, x_out, out, 1e-6)
     };
     ln(false)?;
+    // The bf16 output against the reference ops in fp32: x' = x + gate * y rounded to bf16, then
+    // LayerNorm(x') * (1 + scale) + shift.
+    let f = |t: &Tensor| t.f_to_kind(Kind::Float);
+    let x_ref = f(&x)?.f_add(&f(&gate)?.f_mul(&f(&y)?)?)?.f_to_kind(Kind::BFloat16)?;
+    let x_out_mismatch = f64::try_from(
+        xo.f_ne_tensor(&x_ref)?
+            .f_to_kind(Kind::Double)?
+            .f_mean(None::<Kind>)?,
+    )?;
+    let h_ref = f(&x_ref)?
+        .f_layer_norm(&[h], None::<&Tensor>, None::<&Tensor>, 1e-6, false)?
+        .f_mul(&f(&scale)?.f_add_scalar(1.0)?)?
+        .f_add(&f(&shift)?)?;
+    let ln_rel = rel_l2(&f(&ho)?, &h_ref)?;
+    // The 8-byte-load variant (x 8- but not 16-byte aligned) against the same reference.
+    let mut x_odd = Tensor::f_empty([rows * h + 4], (Kind::BFloat16, dev))?
+        .f_narrow(0, 4, rows * h)?
+        .f_view([1, rows, h])?;
+    x_odd.f_copy_(&x)?;
+    let (xo_odd, ho_odd) = (x.f_empty_like()?, x.f_empty_like()?);
+    ditfleet_engine::aten::gate_residual_ln(&x_odd, &gate, &y, &scale, &shift, &xo_odd, LnOut::Bf16(&ho_odd), 1e-6)?;
+    let ln_rel_v4 = rel_l2(&f(&ho_odd)?, &h_ref)?;
     let (qr, sr) = quantize_rows_reference(&ho.f_reshape([rows, h])?)?;
     ln(true)?;
     let ln_same = q8
@@ -145,6 +167,9 @@ fn fused_kernel_checks(dev: Device, reps: usize) -> Result<serde_json::Value> {
     let gelu_bf16_ms = ms(dev, reps, || Ok(pre.f_gelu("tanh")?))?;
     Ok(json!({
         "gate_residual_ln_fp8_equals_reference": ln_same,
+        "gate_residual_ln_bf16_rel_l2_vs_fp32_reference": ln_rel,
+        "gate_residual_ln_8byte_loads_bf16_rel_l2_vs_fp32_reference": ln_rel_v4,
+        "gate_residual_ln_x_out_fraction_differing": x_out_mismatch,
         "gate_residual_ln_ms": {"bf16_out": ln_ms, "fp8_out": ln8_ms},
         "gelu_quant_bytes_differing": f64::try_from(differ)?,
         "gelu_quant_exact_tanh_bytes_differing": f64::try_from(differ_exact)?,
@@ -280,6 +305,7 @@ fn fp8_attention_checks(dev: Device, reps: usize, rows: i64, v_outliers: bool) -
         "gelu_quant_a8_rel_l2_vs_reference": gelu_a8_rel,
         "ms": {"fp8_whole": fp8_ms, "fp8_sdpa": sdpa8_ms, "bf16_whole": bf16_ms, "bf16_sdpa": sdpa_ms},
         "tflops": {"fp8_sdpa": flop / sdpa8_ms / 1e9, "bf16_sdpa": flop / sdpa_ms / 1e9},
+        "fp8_plans": ditfleet_engine::aten::sdpa_fp8_report(),
     }))
 }
 

@@ -155,7 +155,9 @@ unsafe extern "C" {
         o: *const c_void,
         slots: *const c_void,
         attn_scale: f64,
+        tune: c_int,
     ) -> *mut c_char;
+    fn dtf_sdpa_fp8_report() -> *mut c_char;
     fn dtf_profiler_start() -> *mut c_char;
     fn dtf_profiler_stop(path: *const c_char) -> *mut c_char;
 }
@@ -535,7 +537,9 @@ pub fn fp8_attention_built() -> bool {
 
 /// cuDNN's FP8 attention (`csrc/cudnn_fp8_attention.cpp`): `o = softmax(attn_scale q k^T) v` over
 /// float8_e4m3fn `(b, s, heads, 128)` operands with per-tensor descales in `slots` (see
-/// [`qkv_norm_rope_e4m3`]); `o` is written scaled by the slots' output scale.
+/// [`qkv_norm_rope_e4m3`]); `o` is written scaled by the slots' output scale. With `tune`, the
+/// first call of a shape outside graph capture times every execution plan cuDNN offers for it
+/// and keeps the fastest ([`sdpa_fp8_report`] says what it found); else heuristics' first.
 pub fn sdpa_fp8(
     q: &Tensor,
     k: &Tensor,
@@ -543,6 +547,7 @@ pub fn sdpa_fp8(
     o: &Tensor,
     slots: &Tensor,
     attn_scale: f64,
+    tune: bool,
 ) -> Result<(), TchError> {
     // SAFETY: as in `qkv_norm_rope`; the shim checks kinds, shapes, strides and alignment.
     check("cuDNN fp8 attention", unsafe {
@@ -553,8 +558,23 @@ pub fn sdpa_fp8(
             o.as_ptr().cast(),
             slots.as_ptr().cast(),
             attn_scale,
+            c_int::from(tune),
         )
     })
+}
+
+/// What the FP8 attention's last plan tuning timed and chose (empty before any).
+pub fn sdpa_fp8_report() -> String {
+    // SAFETY: a plain call; it returns a malloc'ed C string (NULL only when out of memory).
+    let s = unsafe { dtf_sdpa_fp8_report() };
+    if s.is_null() {
+        return String::new();
+    }
+    // SAFETY: a NUL-terminated string the shim malloc'ed; freed once here.
+    let out = unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned();
+    // SAFETY: as above.
+    unsafe { dtf_free_error(s) };
+    out
 }
 
 /// Whether `t`'s data starts on a 16-byte boundary (what the fused kernels' 16-byte loads need).

@@ -162,6 +162,9 @@ pub struct BenchSwitches {
     pub fp8_attention_off: bool,
     /// `DITFLEET_GELU=exact`: the FP8 GELU + quantise kernel's tanh through `tanhf`, as ATen.
     pub gelu_exact: bool,
+    /// `DITFLEET_FP8_ATTN_TUNE=off`: cuDNN's FP8 attention runs heuristics' first plan instead
+    /// of the fastest one timed on the first call of a shape.
+    pub fp8_attention_untuned: bool,
 }
 
 impl BenchSwitches {
@@ -187,6 +190,7 @@ impl BenchSwitches {
             fp8_unfused: var("DITFLEET_FP8_FUSED").is_some_and(|v| v == "off"),
             fp8_attention_off: var("DITFLEET_FP8_ATTN").is_some_and(|v| v == "off"),
             gelu_exact: var("DITFLEET_GELU").is_some_and(|v| v == "exact"),
+            fp8_attention_untuned: var("DITFLEET_FP8_ATTN_TUNE").is_some_and(|v| v == "off"),
         }
     }
 }

@@ -159,7 +159,8 @@ impl JointFp8 {
         };
         let o = Tensor::f_empty([b, rows, heads, d], (Kind::Float8e4m3fn, device))?;
         let scale = 1.0 / (d as f64).sqrt();
-        match crate::aten::sdpa_fp8(&self.q, &self.k, &self.v, &o, &self.slots, scale) {
+        let tune = !crate::settings::bench().fp8_attention_untuned;
+        match crate::aten::sdpa_fp8(&self.q, &self.k, &self.v, &o, &self.slots, scale, tune) {
             Ok(()) => {
                 CALLS.fetch_add(1, Ordering::Relaxed);
                 if !tried(ordinal) {
