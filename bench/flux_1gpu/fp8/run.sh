@@ -84,6 +84,11 @@ if want ours; then
     stage ours_fp8_profile 150 .gpu/flux_bench --bf16 --fp8 --steps 4 --profile /tmp/trace_fp8.json
     [[ -e /tmp/trace_fp8.json ]] && python3 bench/flux_1gpu/profile_summary.py /tmp/trace_fp8.json \
       --json-out "$OUT/logs/profile_fp8.json" > "$OUT/logs/profile_fp8.txt" 2>&1
+    if [[ -n "${BASE:-}" ]]; then
+      stage ours_fp8_base_profile 150 .gpu/flux_bench_base --bf16 --fp8 --steps 4 --profile /tmp/trace_fp8_base.json
+      [[ -e /tmp/trace_fp8_base.json ]] && python3 bench/flux_1gpu/profile_summary.py /tmp/trace_fp8_base.json \
+        --json-out "$OUT/logs/profile_fp8_base.json" > "$OUT/logs/profile_fp8_base.txt" 2>&1
+    fi
   fi
   show "$OUT"/logs/ours_*.json
 fi
@@ -117,15 +122,20 @@ if want threads; then  # FP8 plans as threads on this one GPU against FP8 single
     --runs 1 --warmup-steps 1 --plans 'single;ulysses=2;ring=2;pipefusion=2'
 fi
 if want numerics; then
-  stage numerics 200 .gpu/fp8_numerics --loop-fp32
+  # NUMERICS_OUTLIERS_ONLY=1 skips the random-weight runs (outliers, their A/B and --also only).
+  [[ -z "${NUMERICS_OUTLIERS_ONLY:-}" ]] && stage numerics 200 .gpu/fp8_numerics --loop-fp32
   stage numerics_outliers 150 .gpu/fp8_numerics --outliers
+  # ATTN_AB: the same with the FP8 attention off (bf16 attention), same weights, same call.
+  [[ -n "${ATTN_AB:-}" ]] && DITFLEET_FP8_ATTN=off stage numerics_outliers_bf16_attention 150 .gpu/fp8_numerics --outliers
   # What quantising the layers kept in bf16 would add (modulation, final layer, embedders).
-  [[ -n "${ATTN_AB:-}" ]] && DITFLEET_FP8_ATTN=off stage numerics_bf16_attention 200 .gpu/fp8_numerics --loop-fp32
   [[ -n "${ALSO:-}" ]] && stage numerics_also 200 .gpu/fp8_numerics --also all
+  [[ -n "${ATTN_AB:-}" && -z "${NUMERICS_OUTLIERS_ONLY:-}" ]] && DITFLEET_FP8_ATTN=off stage numerics_bf16_attention 200 .gpu/fp8_numerics --loop-fp32
   show "$OUT"/logs/numerics*.json
 fi
 if want peers; then
   # peers.sh reads STAGES as its own list: this script's STAGES names run.sh's stages.
   STAGES=${PEER_STAGES:-} OUT=$OUT BUDGET_S=$(left) bash bench/flux_1gpu/fp8/peers.sh
 fi
+# Everything in one file: the device tool returns only so many files.
+tar -C "$OUT" -czf "$OUT/logs.tgz" logs env.txt && rm -rf "$OUT/logs"
 echo "done at t=${SECONDS}s"

@@ -640,11 +640,11 @@ static void gelu_quant_impl(const at::Tensor *a, const at::Tensor *a8, const at:
     int ina = static_cast<int>(na), inm = static_cast<int>(nm);
     int ex = exact != 0 ? 1 : 0;
     void *args[] = {&pa, &as, &ina, &pm, &ms, &inm, &pq, &ps, &pa8, &pa8s, &ex};
-    // Enough threads that a row fits GQ_CHUNKS (8) chunks of 8 per thread (held in registers) up
-    // to 65536 values, and no more: fewer threads per row leave room for more rows per SM.
+    // Enough threads that a row fits 4 chunks of 8 per thread (held in registers) up to 32768
+    // values; at least 128.
     const int64_t chunks = (na + nm + 7) / 8;
     const unsigned block = static_cast<unsigned>(
-        std::max<int64_t>(64, std::min<int64_t>(1024, ((chunks + 7) / 8 + 31) / 32 * 32)));
+        std::max<int64_t>(128, std::min<int64_t>(1024, ((chunks + 3) / 4 + 31) / 32 * 32)));
     launch(device, kernels(device).gelu_quant_e4m3, static_cast<unsigned>(rows), 1, block, args);
   }
 }

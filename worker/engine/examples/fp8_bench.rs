@@ -97,7 +97,7 @@ fn fused_kernel_checks(dev: Device, reps: usize) -> Result<serde_json::Value> {
             .f_mean(None::<Kind>)?,
     )?;
     let h_ref = f(&x_ref)?
-        .f_layer_norm(&[h], None::<&Tensor>, None::<&Tensor>, 1e-6, false)?
+        .f_layer_norm([h], None::<&Tensor>, None::<&Tensor>, 1e-6, false)?
         .f_mul(&f(&scale)?.f_add_scalar(1.0)?)?
         .f_add(&f(&shift)?)?;
     let ln_rel = rel_l2(&f(&ho)?, &h_ref)?;
