@@ -11,6 +11,7 @@
 //! values are multiplied by `1 / s` in fp32, clamped to ±448 and rounded to nearest even, exactly
 //! as the kernel does (the CPU reference and the kernel agree bit for bit).
 
+use crate::aten::GeluPrefix;
 use tch::{Device, Kind, Tensor};
 
 use super::Res;
@@ -137,80 +138,79 @@ pub fn quantize_act(x: &Tensor) -> Res<Fp8Act> {
 /// with equal leading dims. One kernel pass on CUDA bf16 ([`crate::aten::gelu_quant_e4m3`]),
 /// the same arithmetic in reference ops elsewhere.
 pub fn gelu_quantize(a: Option<&Tensor>, m: &Tensor) -> Res<Fp8Act> {
-    let msize = m.size();
-    let nm = msize[msize.len() - 1];
-    let na = a.map_or(0, |a| a.size()[a.dim() - 1]);
-    let m2 = m.f_reshape([-1, nm])?;
-    let a2 = a.map(|a| a.f_reshape([-1, na])).transpose()?;
-    let mut qsize = msize.clone();
-    *qsize.last_mut().expect("dims") = na + nm;
-    let mut ssize = msize.clone();
-    *ssize.last_mut().expect("dims") = 1;
-    let rows = m2.size()[0];
-    let fits = |t: &Tensor| rows_kernel_fits(t) && t.size()[0] == rows;
-    let (q, scale) = if fits(&m2) && a2.as_ref().is_none_or(fits) {
-        let q = Tensor::f_empty([rows, na + nm], (Kind::Float8e4m3fn, m.device()))?;
-        let scale = Tensor::f_empty([rows, 1], (Kind::Float, m.device()))?;
-        let prefix = match &a2 {
-            Some(a) => crate::aten::GeluPrefix::Bf16(a),
-            None => crate::aten::GeluPrefix::None,
-        };
-        crate::aten::gelu_quant_e4m3(prefix, &m2, &q, &scale, gelu_exact())?;
-        (q, scale)
-    } else {
-        let g = m2
-            .f_to_kind(Kind::Float)?
-            .f_gelu("tanh")?
-            .f_to_kind(m.kind())?
-            .f_to_kind(Kind::Float)?;
-        let row = match &a2 {
-            Some(a) => Tensor::f_cat(&[a.f_to_kind(Kind::Float)?, g], 1)?,
-            None => g,
-        };
-        quantize_rows_reference(&row)?
-    };
-    Ok(Fp8Act {
-        q: q.f_reshape(qsize.as_slice())?,
-        scale: scale.f_reshape(ssize.as_slice())?,
-    })
+    gelu_quantize_after(a.map_or(GeluPrefix::None, GeluPrefix::Bf16), m)
 }
 
 /// [`gelu_quantize`] with the prefix in FP8: `a8` `(..., na)` e4m3fn standing for `a8 * descale`
-/// (one fp32 on the device: the FP8 attention's output), on CUDA through the one kernel pass,
-/// elsewhere with the same arithmetic in reference ops.
+/// (one fp32 on the device: the FP8 attention's output).
 pub fn gelu_quantize_a8(a8: &Tensor, descale: &Tensor, m: &Tensor) -> Res<Fp8Act> {
+    gelu_quantize_after(GeluPrefix::Fp8 { q: a8, descale }, m)
+}
+
+/// [`gelu_quantize`] for any prefix (`(..., na)` tensors in the prefix, `m` `(..., nm)`): the
+/// kernel where the rows and the prefix fit it, else the reference ops.
+fn gelu_quantize_after(prefix: GeluPrefix<'_>, m: &Tensor) -> Res<Fp8Act> {
     let msize = m.size();
     let nm = msize[msize.len() - 1];
-    let na = a8.size()[a8.dim() - 1];
     let m2 = m.f_reshape([-1, nm])?;
-    let a2 = a8.f_reshape([-1, na])?;
     let rows = m2.size()[0];
+    let flat = |t: &Tensor| -> Res<(Tensor, i64)> {
+        let na = t.size()[t.dim() - 1];
+        Ok((t.f_reshape([-1, na])?, na))
+    };
+    // The prefix as (rows, na), and whether the kernel takes it (bf16: its 16-byte rows; FP8:
+    // 8-byte aligned rows on CUDA).
+    let (a2, na, a_fits) = match prefix {
+        GeluPrefix::None => (None, 0, true),
+        GeluPrefix::Bf16(a) => {
+            let (a2, na) = flat(a)?;
+            let fits = rows_kernel_fits(&a2) && a2.size()[0] == rows;
+            (Some(a2), na, fits)
+        }
+        GeluPrefix::Fp8 { q, .. } => {
+            let (a2, na) = flat(q)?;
+            let fits = a2.device().is_cuda()
+                && a2.size()[0] == rows
+                && a2.stride()[1] == 1
+                && na % 8 == 0
+                && a2.stride()[0] % 8 == 0
+                && (a2.data_ptr() as usize).is_multiple_of(8);
+            (Some(a2), na, fits)
+        }
+    };
     let mut qsize = msize.clone();
     *qsize.last_mut().expect("dims") = na + nm;
     let mut ssize = msize.clone();
     *ssize.last_mut().expect("dims") = 1;
-    let a_fits = a2.device().is_cuda()
-        && a2.size()[0] == rows
-        && a2.stride()[1] == 1
-        && na % 8 == 0
-        && a2.stride()[0] % 8 == 0
-        && (a2.data_ptr() as usize).is_multiple_of(8);
-    let (q, scale) = if rows_kernel_fits(&m2) && m2.size()[0] == rows && a_fits {
+    let (q, scale) = if rows_kernel_fits(&m2) && a_fits {
         let q = Tensor::f_empty([rows, na + nm], (Kind::Float8e4m3fn, m.device()))?;
         let scale = Tensor::f_empty([rows, 1], (Kind::Float, m.device()))?;
-        let prefix = crate::aten::GeluPrefix::Fp8 { q: &a2, descale };
-        crate::aten::gelu_quant_e4m3(prefix, &m2, &q, &scale, gelu_exact())?;
+        let kernel_prefix = match (&prefix, &a2) {
+            (GeluPrefix::Bf16(_), Some(a)) => GeluPrefix::Bf16(a),
+            (GeluPrefix::Fp8 { descale, .. }, Some(a)) => GeluPrefix::Fp8 { q: a, descale },
+            _ => GeluPrefix::None,
+        };
+        crate::aten::gelu_quant_e4m3(kernel_prefix, &m2, &q, &scale, gelu_exact())?;
         (q, scale)
     } else {
-        let a = a2
-            .f_to_kind(Kind::Float)?
-            .f_mul(&descale.f_to_kind(Kind::Float)?)?;
         let g = m2
             .f_to_kind(Kind::Float)?
             .f_gelu("tanh")?
             .f_to_kind(m.kind())?
             .f_to_kind(Kind::Float)?;
-        quantize_rows_reference(&Tensor::f_cat(&[a, g], 1)?)?
+        let a = match (&prefix, &a2) {
+            (GeluPrefix::Fp8 { descale, .. }, Some(a)) => Some(
+                a.f_to_kind(Kind::Float)?
+                    .f_mul(&descale.f_to_kind(Kind::Float)?)?,
+            ),
+            (_, Some(a)) => Some(a.f_to_kind(Kind::Float)?),
+            _ => None,
+        };
+        let row = match a {
+            Some(a) => Tensor::f_cat(&[a, g], 1)?,
+            None => g,
+        };
+        quantize_rows_reference(&row)?
     };
     Ok(Fp8Act {
         q: q.f_reshape(qsize.as_slice())?,
