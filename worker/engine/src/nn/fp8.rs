@@ -377,6 +377,43 @@ mod tests {
     }
 
     #[test]
+    fn gelu_rows_with_an_fp8_prefix_quantise_the_dequantised_prefix_beside_the_rounded_gelu() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(7);
+        // (b, tokens, n): an FP8 prefix of 16 with its descale, a bf16 MLP half of 24.
+        let a8 = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu))
+            .g_mul_scalar(100.0)
+            .to_kind(Kind::Float8e4m3fn);
+        let descale = Tensor::from_slice(&[0.03125f32]);
+        let m = Tensor::randn([2, 3, 24], (Kind::Float, Device::Cpu))
+            .g_mul_scalar(3.0)
+            .to_kind(Kind::BFloat16);
+        let got = gelu_quantize_a8(&a8, &descale, &m).unwrap();
+        assert_eq!(got.q.size(), [2, 3, 40]);
+        assert_eq!(got.scale.size(), [2, 3, 1]);
+        // The same row built by hand: the prefix's exact value, GELU(m) rounded to bf16.
+        let a = a8.to_kind(Kind::Float).g_mul_scalar(0.03125).reshape([6, 16]);
+        let g = m
+            .to_kind(Kind::Float)
+            .gelu("tanh")
+            .to_kind(Kind::BFloat16)
+            .to_kind(Kind::Float)
+            .reshape([6, 24]);
+        let (q, scale) = quantize_rows_reference(&Tensor::cat(&[a.shallow_clone(), g], 1)).unwrap();
+        assert_eq!(
+            got.q.reshape([6, 40]).view_dtype(Kind::Uint8),
+            q.view_dtype(Kind::Uint8)
+        );
+        assert_eq!(got.scale.reshape([6, 1]), scale);
+        // A float prefix of the same values through the bf16-prefix entry gives the same row.
+        let via_float = gelu_quantize(Some(&a.reshape([2, 3, 16])), &m).unwrap();
+        assert_eq!(via_float.q.view_dtype(Kind::Uint8), got.q.view_dtype(Kind::Uint8));
+        // No prefix: the GELU alone, the leading dims kept.
+        let plain = gelu_quantize(None, &m).unwrap();
+        assert_eq!(plain.q.size(), [2, 3, 24]);
+    }
+
+    #[test]
     fn rows_are_scaled_to_448_and_rounded_to_the_nearest_e4m3_value() {
         // Row 0: max |x| = 896, so scale 2 and x / 2 = [448, 0.5, -1.5, 13.5]: all e4m3 values
         // except 13.5 (between 13 and 14, steps of 1 in [8, 16): a tie, to the even mantissa, 14).
