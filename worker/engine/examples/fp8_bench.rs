@@ -90,7 +90,9 @@ fn fused_kernel_checks(dev: Device, reps: usize) -> Result<serde_json::Value> {
     // The bf16 output against the reference ops in fp32: x' = x + gate * y rounded to bf16, then
     // LayerNorm(x') * (1 + scale) + shift.
     let f = |t: &Tensor| t.f_to_kind(Kind::Float);
-    let x_ref = f(&x)?.f_add(&f(&gate)?.f_mul(&f(&y)?)?)?.f_to_kind(Kind::BFloat16)?;
+    let x_ref = f(&x)?
+        .f_add(&f(&gate)?.f_mul(&f(&y)?)?)?
+        .f_to_kind(Kind::BFloat16)?;
     let x_out_mismatch = f64::try_from(
         xo.f_ne_tensor(&x_ref)?
             .f_to_kind(Kind::Double)?
@@ -107,7 +109,16 @@ fn fused_kernel_checks(dev: Device, reps: usize) -> Result<serde_json::Value> {
         .f_view([1, rows, h])?;
     x_odd.f_copy_(&x)?;
     let (xo_odd, ho_odd) = (x.f_empty_like()?, x.f_empty_like()?);
-    ditfleet_engine::aten::gate_residual_ln(&x_odd, &gate, &y, &scale, &shift, &xo_odd, LnOut::Bf16(&ho_odd), 1e-6)?;
+    ditfleet_engine::aten::gate_residual_ln(
+        &x_odd,
+        &gate,
+        &y,
+        &scale,
+        &shift,
+        &xo_odd,
+        LnOut::Bf16(&ho_odd),
+        1e-6,
+    )?;
     let ln_rel_v4 = rel_l2(&f(&ho_odd)?, &h_ref)?;
     let (qr, sr) = quantize_rows_reference(&ho.f_reshape([rows, h])?)?;
     ln(true)?;
