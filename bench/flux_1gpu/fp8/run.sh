@@ -81,14 +81,14 @@ if want ours; then
     stage ours_bf16_2 120 .gpu/flux_bench --bf16
   fi
   if [[ -n "${PROFILE:-}" ]]; then
-    stage ours_fp8_profile 150 .gpu/flux_bench --bf16 --fp8 --steps 4 --profile /tmp/trace_fp8.json
-    [[ -e /tmp/trace_fp8.json ]] && python3 bench/flux_1gpu/profile_summary.py /tmp/trace_fp8.json \
-      --json-out "$OUT/logs/profile_fp8.json" > "$OUT/logs/profile_fp8.txt" 2>&1
-    if [[ -n "${BASE:-}" ]]; then
-      stage ours_fp8_base_profile 150 .gpu/flux_bench_base --bf16 --fp8 --steps 4 --profile /tmp/trace_fp8_base.json
-      [[ -e /tmp/trace_fp8_base.json ]] && python3 bench/flux_1gpu/profile_summary.py /tmp/trace_fp8_base.json \
-        --json-out "$OUT/logs/profile_fp8_base.json" > "$OUT/logs/profile_fp8_base.txt" 2>&1
-    fi
+    # profile SUFFIX BINARY: a kineto profile of 4 FP8 steps, summarised into logs/profile_fp8SUFFIX.*
+    profile() {
+      stage "ours_fp8${1}_profile" 150 "$2" --bf16 --fp8 --steps 4 --profile "/tmp/trace_fp8$1.json"
+      [[ -e /tmp/trace_fp8$1.json ]] && python3 bench/flux_1gpu/profile_summary.py "/tmp/trace_fp8$1.json" \
+        --json-out "$OUT/logs/profile_fp8$1.json" > "$OUT/logs/profile_fp8$1.txt" 2>&1
+    }
+    profile "" .gpu/flux_bench
+    [[ -n "${BASE:-}" ]] && profile _base .gpu/flux_bench_base
   fi
   show "$OUT"/logs/ours_*.json
 fi

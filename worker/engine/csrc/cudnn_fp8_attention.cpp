@@ -86,10 +86,10 @@ struct Plan {
   std::shared_ptr<fe::graph::Graph> graph;
   TensorAttr q, k, v, o, descale_q, descale_k, descale_v, descale_s, scale_s, scale_o, amax_s, amax_o;
   int64_t workspace = 0;
-  // The execution plan in use (heuristics' first until tuned), and whether the candidates were
-  // timed yet (built with every candidate: `tune`).
+  // The execution plan in use (heuristics' first until tuned), and whether the candidates (all
+  // built when the plan's key asks to tune) were timed yet.
   int64_t index = 0;
-  bool all_built = false, tuned = false;
+  bool tuned = false;
 };
 
 struct Device {
@@ -169,7 +169,6 @@ std::shared_ptr<Plan> build_plan(cudnnHandle_t handle, const at::Tensor &q, cons
   // `tune_plan` to time; else the first one that builds.
   fe_check(g.build_plans(all ? fe::BuildPlanPolicy_t::ALL : fe::BuildPlanPolicy_t::HEURISTICS_CHOICE),
            "build_plans");
-  p->all_built = all;
   fe_check(g.get_workspace_size(p->workspace), "get_workspace_size");
   return p;
 }
@@ -345,7 +344,7 @@ char *dtf_sdpa_fp8(const at::Tensor *q, const at::Tensor *k, const at::Tensor *v
         {p.amax_s, s + DTF_SLOT_AMAX_S},
         {p.amax_o, s + DTF_SLOT_AMAX_O},
     };
-    if (p.all_built && !p.tuned) {
+    if (tune != 0 && !p.tuned) {
       // Not while a CUDA graph is being captured (timing needs synchronisation): the first
       // eager call of the shape tunes (the engine warms up eagerly before it captures).
       cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;

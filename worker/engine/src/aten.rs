@@ -162,16 +162,24 @@ unsafe extern "C" {
     fn dtf_profiler_stop(path: *const c_char) -> *mut c_char;
 }
 
-/// Turns the shim's error convention (NULL = success, else a malloc'ed message) into a result.
-fn check(op: &str, err: *mut c_char) -> Result<(), TchError> {
-    if err.is_null() {
-        return Ok(());
+/// A string the shim malloc'ed (or NULL), as an owned string; freed here.
+fn take_c_string(s: *mut c_char) -> Option<String> {
+    if s.is_null() {
+        return None;
     }
     // SAFETY: a non-null return is a NUL-terminated string the shim malloc'ed; freed once here.
-    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    let out = unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned();
     // SAFETY: as above.
-    unsafe { dtf_free_error(err) };
-    Err(TchError::Torch(format!("{op}: {msg}")))
+    unsafe { dtf_free_error(s) };
+    Some(out)
+}
+
+/// Turns the shim's error convention (NULL = success, else a malloc'ed message) into a result.
+fn check(op: &str, err: *mut c_char) -> Result<(), TchError> {
+    match take_c_string(err) {
+        None => Ok(()),
+        Some(msg) => Err(TchError::Torch(format!("{op}: {msg}"))),
+    }
 }
 
 /// The attention kernel that produced an [`attention_lse`] result.
@@ -566,15 +574,7 @@ pub fn sdpa_fp8(
 /// What the FP8 attention's last plan tuning timed and chose (empty before any).
 pub fn sdpa_fp8_report() -> String {
     // SAFETY: a plain call; it returns a malloc'ed C string (NULL only when out of memory).
-    let s = unsafe { dtf_sdpa_fp8_report() };
-    if s.is_null() {
-        return String::new();
-    }
-    // SAFETY: a NUL-terminated string the shim malloc'ed; freed once here.
-    let out = unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned();
-    // SAFETY: as above.
-    unsafe { dtf_free_error(s) };
-    out
+    take_c_string(unsafe { dtf_sdpa_fp8_report() }).unwrap_or_default()
 }
 
 /// Whether `t`'s data starts on a 16-byte boundary (what the fused kernels' 16-byte loads need).

@@ -178,6 +178,10 @@ fn gelu_quantize_after(prefix: GeluPrefix<'_>, m: &Tensor) -> Res<Fp8Act> {
             (Some(a2), na, fits)
         }
     };
+    let descale = match prefix {
+        GeluPrefix::Fp8 { descale, .. } => Some(descale),
+        _ => None,
+    };
     let mut qsize = msize.clone();
     *qsize.last_mut().expect("dims") = na + nm;
     let mut ssize = msize.clone();
@@ -185,10 +189,10 @@ fn gelu_quantize_after(prefix: GeluPrefix<'_>, m: &Tensor) -> Res<Fp8Act> {
     let (q, scale) = if rows_kernel_fits(&m2) && a_fits {
         let q = Tensor::f_empty([rows, na + nm], (Kind::Float8e4m3fn, m.device()))?;
         let scale = Tensor::f_empty([rows, 1], (Kind::Float, m.device()))?;
-        let kernel_prefix = match (&prefix, &a2) {
-            (GeluPrefix::Bf16(_), Some(a)) => GeluPrefix::Bf16(a),
-            (GeluPrefix::Fp8 { descale, .. }, Some(a)) => GeluPrefix::Fp8 { q: a, descale },
-            _ => GeluPrefix::None,
+        let kernel_prefix = match (&a2, descale) {
+            (None, _) => GeluPrefix::None,
+            (Some(a), None) => GeluPrefix::Bf16(a),
+            (Some(a), Some(descale)) => GeluPrefix::Fp8 { q: a, descale },
         };
         crate::aten::gelu_quant_e4m3(kernel_prefix, &m2, &q, &scale, gelu_exact())?;
         (q, scale)
@@ -198,13 +202,13 @@ fn gelu_quantize_after(prefix: GeluPrefix<'_>, m: &Tensor) -> Res<Fp8Act> {
             .f_gelu("tanh")?
             .f_to_kind(m.kind())?
             .f_to_kind(Kind::Float)?;
-        let a = match (&prefix, &a2) {
-            (GeluPrefix::Fp8 { descale, .. }, Some(a)) => Some(
+        let a = match (&a2, descale) {
+            (None, _) => None,
+            (Some(a), None) => Some(a.f_to_kind(Kind::Float)?),
+            (Some(a), Some(descale)) => Some(
                 a.f_to_kind(Kind::Float)?
                     .f_mul(&descale.f_to_kind(Kind::Float)?)?,
             ),
-            (_, Some(a)) => Some(a.f_to_kind(Kind::Float)?),
-            _ => None,
         };
         let row = match a {
             Some(a) => Tensor::f_cat(&[a, g], 1)?,
