@@ -67,3 +67,26 @@ pub fn fp8_gemm_report() -> String {
     // SAFETY: a plain call; it returns a malloc'ed C string (NULL only when out of memory).
     take_c_string(unsafe { dtf_fp8_gemm_report() }).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn the_fp8_gemm_on_cpu_tensors_is_an_error_naming_the_operand_not_a_crash() {
+        let a = Tensor::zeros([32, 64], (Kind::Float8e4m3fn, Device::Cpu));
+        let w = Tensor::zeros([48, 64], (Kind::Float8e4m3fn, Device::Cpu));
+        let sa = Tensor::ones([32], (Kind::Float, Device::Cpu));
+        let sw = Tensor::ones([48], (Kind::Float, Device::Cpu));
+        let out = Tensor::zeros([32, 48], (Kind::BFloat16, Device::Cpu));
+        let err = fp8_gemm(&a, &w, &sa, &sw, None, &out, true, true).unwrap_err().to_string();
+        assert!(err.contains("cuBLASLt fp8 gemm"), "{err}");
+        if fp8_gemm_built() {
+            assert!(err.contains("a must be a 2-d") && err.contains("CUDA tensor"), "{err}");
+        } else {
+            assert!(err.contains("no cuBLASLt FP8 GEMM"), "{err}");
+        }
+        assert_eq!(fp8_gemm_report(), "", "nothing was tuned");
+    }
+}
