@@ -158,12 +158,28 @@ std::string &tune_report() {
   return r;
 }
 
+struct Operands {
+  const void *w, *a, *bias;
+  void *d;
+  const float *sw, *sa;
+};
+
+void set_pointers(const Api &lt, Plan &p, const Operands &o) {
+  // A is the weight (its scales run along n), B the activation (along m).
+  lt_check(lt.desc_set(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &o.sw, sizeof o.sw), "A_SCALE_POINTER");
+  lt_check(lt.desc_set(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &o.sa, sizeof o.sa), "B_SCALE_POINTER");
+  if (o.bias != nullptr) {
+    lt_check(lt.desc_set(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &o.bias, sizeof o.bias), "BIAS_POINTER");
+  }
+}
+
 constexpr size_t kMaxWorkspace = 32u << 20;
 constexpr int kCandidates = 16;
 
 std::unique_ptr<Plan> build_plan(const Api &lt, cublasLtHandle_t handle, int64_t m, int64_t n,
-                                 int64_t k, int64_t lda, int64_t ldw, int64_t ldd, bool bias,
+                                 int64_t k, int64_t lda, int64_t ldw, int64_t ldd, const Operands &o,
                                  bool fast_accum, const uint32_t align[4]) {
+  const bool bias = o.bias != nullptr;
   auto p = std::make_unique<Plan>();
   lt_check(lt.desc_create(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
   // Column-major view of the row-major operands: D^T (n, m) = op(W^T (k, n)) (n, k) * A^T (k, m).
@@ -183,6 +199,8 @@ std::unique_ptr<Plan> build_plan(const Api &lt, cublasLtHandle_t handle, int64_t
     lt_check(lt.desc_set(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type),
              "BIAS_DATA_TYPE");
   }
+  // The heuristic refuses vector scales whose pointers are unset (it does not read them).
+  set_pointers(lt, *p, o);
   lt_check(lt.layout_create(&p->w, CUDA_R_8F_E4M3, k, n, ldw), "weight layout");
   lt_check(lt.layout_create(&p->a, CUDA_R_8F_E4M3, k, m, lda), "activation layout");
   lt_check(lt.layout_create(&p->d, CUDA_R_16BF, n, m, ldd), "output layout");
@@ -231,21 +249,6 @@ std::string describe(const Api &lt, const cublasLtMatmulAlgo_t &algo) {
          std::to_string(get(CUBLASLT_ALGO_CONFIG_STAGES_ID)) + "/sk" +
          std::to_string(get(CUBLASLT_ALGO_CONFIG_SPLITK_NUM)) + "/cl" +
          std::to_string(get(CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID));
-}
-
-struct Operands {
-  const void *w, *a, *bias;
-  void *d;
-  const float *sw, *sa;
-};
-
-void set_pointers(const Api &lt, Plan &p, const Operands &o) {
-  // A is the weight (its scales run along n), B the activation (along m).
-  lt_check(lt.desc_set(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &o.sw, sizeof o.sw), "A_SCALE_POINTER");
-  lt_check(lt.desc_set(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &o.sa, sizeof o.sa), "B_SCALE_POINTER");
-  if (o.bias != nullptr) {
-    lt_check(lt.desc_set(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &o.bias, sizeof o.bias), "BIAS_POINTER");
-  }
 }
 
 cublasStatus_t run(const Api &lt, cublasLtHandle_t handle, Plan &p, size_t i, const Operands &o,
@@ -383,8 +386,8 @@ char *dtf_fp8_gemm(const at::Tensor *a, const at::Tensor *w, const at::Tensor *s
                                       bias != nullptr, fast_accum != 0, align[0], align[1], align[2]};
     auto &slot = dev.plans[key];
     if (!slot) {
-      slot = build_plan(lt, dev.handle, m, n, k, a->stride(0), w->stride(0), out->stride(0), bias != nullptr,
-                        fast_accum != 0, align);
+      slot = build_plan(lt, dev.handle, m, n, k, a->stride(0), w->stride(0), out->stride(0), o, fast_accum != 0,
+                        align);
     }
     Plan &p = *slot;
     set_pointers(lt, p, o);
