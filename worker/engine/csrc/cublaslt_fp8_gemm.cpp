@@ -233,22 +233,25 @@ std::unique_ptr<Plan> build_plan(const Api &lt, cublasLtHandle_t handle, int64_t
   return p;
 }
 
-// What identifies a candidate in the report: cuBLASLt's algorithm id, tile, stages, split-K and
-// cluster shape ids.
+// What identifies a candidate in the report: cuBLASLt's algorithm id, tile, stages, split-K,
+// cluster shape, swizzle and custom option.
 std::string describe(const Api &lt, const cublasLtMatmulAlgo_t &algo) {
-  auto get = [&](cublasLtMatmulAlgoConfigAttributes_t attr) -> int64_t {
-    uint32_t v = 0;
+  // Each attribute is read at its own width (the shape ids are 16-bit, the rest 32-bit).
+  auto get = [&](cublasLtMatmulAlgoConfigAttributes_t attr, size_t width) -> int64_t {
+    uint64_t v = 0;
     size_t written = 0;
-    if (lt.algo_get(&algo, attr, &v, sizeof v, &written) != CUBLAS_STATUS_SUCCESS) {
+    if (lt.algo_get(&algo, attr, &v, width, &written) != CUBLAS_STATUS_SUCCESS) {
       return -1;
     }
-    return v;
+    return width == 2 ? static_cast<int64_t>(static_cast<uint16_t>(v)) : static_cast<int64_t>(static_cast<int32_t>(v));
   };
-  return "id" + std::to_string(get(CUBLASLT_ALGO_CONFIG_ID)) + "/tile" +
-         std::to_string(get(CUBLASLT_ALGO_CONFIG_TILE_ID)) + "/st" +
-         std::to_string(get(CUBLASLT_ALGO_CONFIG_STAGES_ID)) + "/sk" +
-         std::to_string(get(CUBLASLT_ALGO_CONFIG_SPLITK_NUM)) + "/cl" +
-         std::to_string(get(CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID));
+  return "id" + std::to_string(get(CUBLASLT_ALGO_CONFIG_ID, 4)) + "/tile" +
+         std::to_string(get(CUBLASLT_ALGO_CONFIG_TILE_ID, 4)) + "/st" +
+         std::to_string(get(CUBLASLT_ALGO_CONFIG_STAGES_ID, 4)) + "/sk" +
+         std::to_string(get(CUBLASLT_ALGO_CONFIG_SPLITK_NUM, 4)) + "/cl" +
+         std::to_string(get(CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, 2)) + "/sw" +
+         std::to_string(get(CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, 4)) + "/opt" +
+         std::to_string(get(CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, 4));
 }
 
 cublasStatus_t run(const Api &lt, cublasLtHandle_t handle, Plan &p, size_t i, const Operands &o,
