@@ -11,9 +11,7 @@ const CUDA_HEADERS: &[&str] = &[
     "nvrtc.h",
 ];
 
-/// Compiles `csrc/aten_shim.cpp` (ATen calls tch does not expose) and
-/// `csrc/cublaslt_fp8_gemm.cpp` (the FP8 layers' GEMM, built where `cublasLt.h` is among the CUDA
-/// headers, else a stub that says so) against the libtorch headers
+/// Compiles `csrc/aten_shim.cpp` (ATen calls tch does not expose) against the libtorch headers
 /// of the build; with a CUDA libtorch (`libc10_cuda.so` next to it) the CUDA parts (streams,
 /// graphs, the fused kernels) are compiled in against the CUDA headers of the PyPI wheels
 /// (`nvidia/cu13/include`) or `$CUDA_HOME/include`. A CUDA libtorch without those headers is a
@@ -21,7 +19,6 @@ const CUDA_HEADERS: &[&str] = &[
 fn build_shim() {
     println!("cargo:rerun-if-changed=csrc/aten_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/dtf_guarded.h");
-    println!("cargo:rerun-if-changed=csrc/cublaslt_fp8_gemm.cpp");
     println!("cargo:rerun-if-changed=csrc/flux_kernels.cu.inc");
     println!("cargo:rerun-if-changed=csrc/sdxl_kernels.cu.inc");
     println!("cargo:rerun-if-changed=csrc/sdxl_ops.cpp.inc");
@@ -41,8 +38,7 @@ fn build_shim() {
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file("csrc/aten_shim.cpp")
-        .file("csrc/cublaslt_fp8_gemm.cpp");
+        .file("csrc/aten_shim.cpp");
     let candidates: Vec<std::path::PathBuf> = [
         std::env::var("CUDA_HOME")
             .ok()

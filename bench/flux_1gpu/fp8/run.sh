@@ -7,9 +7,7 @@
 #               (A B B A when REPEAT=1); PROFILE=1 adds a kineto profile of 4 FP8 steps; AB=1 adds
 #               FP8 without the fast accumulation and FP8 with separate quantisation passes;
 #               ATTN_AB / GELU_AB / TUNE_AB=1: FP8 attention off / tanhf GELU / cuDNN's first plan
-#               instead of the fastest timed one; GEMM_AB=1: FP8 GEMMs through ATen's _scaled_mm
-#               and through the engine's cuBLASLt call with the heuristic's first algorithm
-#               (default: the fastest timed); GRAPHS=1: FP8 with the step as a CUDA graph;
+#               instead of the fastest timed one; GRAPHS=1: FP8 with the step as a CUDA graph;
 #               BASE=1: FP8 with .gpu/flux_bench_base (an earlier build, its commit in the README);
 #   ours2048    the same at 2048² (8 steps: STEPS_2048);
 #   numerics    fp8_numerics: one forward and the 28-step loop, FP8 and bf16 against fp32 and
@@ -70,10 +68,6 @@ if want ours; then
   fi
   if [[ -n "${TUNE_AB:-}" ]]; then  # what timing cuDNN's FP8 attention plans buys
     DITFLEET_FP8_ATTN_TUNE=off stage ours_fp8_untuned 120 .gpu/flux_bench --bf16 --fp8
-  fi
-  if [[ -n "${GEMM_AB:-}" ]]; then  # what the engine's cuBLASLt call and its algorithm timing buy
-    DITFLEET_FP8_GEMM=aten stage ours_fp8_gemm_aten 120 .gpu/flux_bench --bf16 --fp8
-    DITFLEET_FP8_GEMM=heuristic stage ours_fp8_gemm_heuristic 120 .gpu/flux_bench --bf16 --fp8
   fi
   if [[ -n "${GRAPHS:-}" ]]; then  # the FP8 step as one replayed CUDA graph
     stage ours_fp8_graphs 120 .gpu/flux_bench --bf16 --fp8 --graphs

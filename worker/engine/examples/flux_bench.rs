@@ -563,7 +563,6 @@ fn main() -> Result<()> {
         "fp8_attention": model.is_fp8() && ditfleet_engine::nn::fp8_attention::usable(dev),
         "fp8_attention_calls": ditfleet_engine::nn::fp8_attention::calls(),
         "fp8_attention_plans": ditfleet_engine::aten::sdpa_fp8_report(),
-        "fp8_gemm_algos": ditfleet_engine::aten::fp8_gemm_report(),
         "weight_gib": weight_bytes as f64 / (1u64 << 30) as f64,
         "image_px": args.size,
         "img_tokens": img_seq,

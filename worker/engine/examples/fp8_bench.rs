@@ -10,9 +10,7 @@
 //! operands, on Gaussian activations and on activations with outlier channels (8 of every 1024
 //! channels scaled by 50, as trained models' activations have: random data understates them).
 //! On CUDA it also checks that the kernel's quantisation equals the reference ops bit for bit, and
-//! measures the FP8 and bf16 8192³ GEMM rates, and (`own_gemm`) the engine's cuBLASLt FP8 GEMM
-//! against `_scaled_mm` at every Flux GEMM shape of a 1024² step: bit-equal with the heuristic's
-//! algorithm, the timed algorithm's distance, and the time of each.
+//! measures the FP8 and bf16 8192³ GEMM rates.
 //!
 //! ```text
 //! cargo run --release -p ditfleet-engine --features bench --example fp8_bench        # CUDA
@@ -54,67 +52,6 @@ fn ms(d: Device, reps: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f
 fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
     let (a, b) = (a.f_to_kind(Kind::Double)?, b.f_to_kind(Kind::Double)?);
     Ok(f64::try_from(a.f_sub(&b)?.f_norm()?)? / f64::try_from(b.f_norm()?)?)
-}
-
-/// Mean time in ms of one call of `f` over `n` calls queued back to back (after 3 warm-ups), the
-/// best of 5 such runs: for kernels short enough that a synchronisation per call would be part
-/// of the figure.
-fn ms_queued(d: Device, n: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
-    for _ in 0..3 {
-        let _ = f()?;
-    }
-    let mut best = f64::INFINITY;
-    for _ in 0..5 {
-        sync(d);
-        let s = Instant::now();
-        for _ in 0..n {
-            let _ = f()?;
-        }
-        sync(d);
-        best = best.min(s.elapsed().as_secs_f64() * 1e3 / n as f64);
-    }
-    Ok(best)
-}
-
-/// The engine's cuBLASLt FP8 GEMM ([`ditfleet_engine::aten::fp8_gemm`]) against ATen's
-/// `_scaled_mm` on the same quantised operands (fast accumulation, bias in the epilogue, bf16
-/// out): with the heuristic's first algorithm it must equal `_scaled_mm` bit for bit (the same
-/// library call), with the timed choice its distance from it is the accumulation order's; and the
-/// time of each, `rows` tokens of a `(k) -> (n)` projection.
-fn own_gemm_checks(dev: Device, rows: i64, k: i64, n: i64) -> Result<serde_json::Value> {
-    use ditfleet_engine::aten::fp8_gemm;
-    let w = (Tensor::f_randn([n, k], (Kind::Float, dev))? / (k as f64).sqrt()).f_to_kind(Kind::BFloat16)?;
-    let b = (Tensor::f_randn([n], (Kind::Float, dev))? * 0.1).f_to_kind(Kind::BFloat16)?;
-    let x = Tensor::f_randn([rows, k], (Kind::Float, dev))?.f_to_kind(Kind::BFloat16)?;
-    let lin = Fp8Linear::quantize(&w, Some(&b))?;
-    let (q, s) = quantize_rows(&x)?;
-    let wt = lin.weight.f_tr()?;
-    let aten = || -> Result<Tensor> {
-        Ok(q.f_internal_scaled_mm(&wt, &s, &lin.scale, Some(&b), None::<&Tensor>, Kind::BFloat16, true)?)
-    };
-    let own = |tune: bool| -> Result<Tensor> {
-        let out = Tensor::f_empty([rows, n], (Kind::BFloat16, dev))?;
-        fp8_gemm(&q, &lin.weight, &s, &lin.scale, Some(&b), &out, true, tune)?;
-        Ok(out)
-    };
-    let want = aten()?;
-    let heuristic = own(false)?;
-    let tuned = own(true)?; // the first tuned call of the shape times the candidates
-    let queued = 50;
-    let flop = 2.0 * (rows * k * n) as f64;
-    let (aten_ms, heur_ms, tuned_ms) = (
-        ms_queued(dev, queued, aten)?,
-        ms_queued(dev, queued, || own(false))?,
-        ms_queued(dev, queued, || own(true))?,
-    );
-    Ok(json!({
-        "rows": rows, "in": k, "out": n,
-        "heuristic_equals_scaled_mm": heuristic.f_view_dtype(Kind::Int16)?.f_equal(&want.f_view_dtype(Kind::Int16)?)?,
-        "tuned_rel_l2_vs_scaled_mm": rel_l2(&tuned, &want)?,
-        "ms": {"scaled_mm": aten_ms, "own_heuristic": heur_ms, "own_tuned": tuned_ms},
-        "tflops": {"scaled_mm": flop / aten_ms / 1e9, "own_heuristic": flop / heur_ms / 1e9,
-                   "own_tuned": flop / tuned_ms / 1e9},
-    }))
 }
 
 /// The kernels that write FP8 as they produce an activation, against the reference ops: the gated
@@ -533,28 +470,6 @@ fn main() -> Result<()> {
             attn.push(r);
         }
         report["fp8_attention"] = json!(attn);
-        // Flux's GEMMs at 1024²: the double blocks' image (4096) and text (512) rows, the single
-        // blocks' 4608.
-        let mut own = Vec::new();
-        for (rows, k, n) in [
-            (4096, 3072, 9216),
-            (4096, 3072, 3072),
-            (4096, 3072, 12288),
-            (4096, 12288, 3072),
-            (512, 3072, 9216),
-            (512, 3072, 3072),
-            (512, 3072, 12288),
-            (512, 12288, 3072),
-            (4608, 3072, 21504),
-            (4608, 15360, 3072),
-        ] {
-            let r = own_gemm_checks(dev, rows, k, n)
-                .unwrap_or_else(|e| json!({"rows": rows, "in": k, "out": n, "error": format!("{e:#}")}));
-            eprintln!("{r}");
-            own.push(r);
-        }
-        report["own_gemm"] = json!(own);
-        report["own_gemm_algos"] = json!(ditfleet_engine::aten::fp8_gemm_report());
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
     if check {

@@ -4,18 +4,13 @@
 //!   returns one (cuDNN, then flash, then memory-efficient; Ring attention needs the log-sum-exp);
 //! - [`current_stream`]: the CUDA stream libtorch launches on for a device (NCCL is ordered on it);
 //! - [`CudaGraph`]: CUDA graph capture and replay (libtorch's `at::cuda::CUDAGraph`);
-//! - SDXL's fused kernels ([`group_norm`], [`geglu`]) and [`attention`] through a named kernel;
-//! - [`fp8_gemm`]: the FP8 layers' GEMM through cuBLASLt with a timed algorithm choice
-//!   (`aten/fp8_gemm.rs`).
+//! - SDXL's fused kernels ([`group_norm`], [`geglu`]) and [`attention`] through a named kernel.
 #![allow(unsafe_code)] // FFI to the shim: every unsafe block states what it relies on.
 
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tch::{TchError, Tensor};
-
-mod fp8_gemm;
-pub use fp8_gemm::{fp8_gemm, fp8_gemm_built, fp8_gemm_report};
 
 unsafe extern "C" {
     fn dtf_free_error(err: *mut c_char);

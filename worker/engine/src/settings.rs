@@ -165,10 +165,6 @@ pub struct BenchSwitches {
     /// `DITFLEET_FP8_ATTN_TUNE=off`: cuDNN's FP8 attention runs heuristics' first plan instead
     /// of the fastest one timed on the first call of a shape.
     pub fp8_attention_untuned: bool,
-    /// `DITFLEET_FP8_GEMM=aten|heuristic`: the FP8 layers' GEMM through ATen's `_scaled_mm`, or
-    /// through the engine's cuBLASLt call with the heuristic's first algorithm instead of the
-    /// fastest one timed on the first call of a shape.
-    pub fp8_gemm: Option<String>,
 }
 
 impl BenchSwitches {
@@ -195,7 +191,6 @@ impl BenchSwitches {
             fp8_attention_off: var("DITFLEET_FP8_ATTN").is_some_and(|v| v == "off"),
             gelu_exact: var("DITFLEET_GELU").is_some_and(|v| v == "exact"),
             fp8_attention_untuned: var("DITFLEET_FP8_ATTN_TUNE").is_some_and(|v| v == "off"),
-            fp8_gemm: var("DITFLEET_FP8_GEMM"),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! FP8 (e4m3fn) linear layers for Hopper's FP8 tensor cores: the weight is quantised once with one scale per output channel, the activation per row
-//! (token) at run time, and one scaled GEMM (cuBLASLt: the engine's own call, else `_scaled_mm`) multiplies them with fp32
+//! (token) at run time, and one scaled GEMM (`_scaled_mm`, cuBLASLt) multiplies them with fp32
 //! accumulation and bf16 output: `y[r, o] = sx[r] * sw[o] * Σ q(x)[r, k] q(w)[o, k] + b[o]`.
 //!
 //! The activation's FP8 copy and its scales come from one kernel pass
@@ -241,29 +241,6 @@ pub fn fused_producers() -> bool {
     !crate::settings::bench().fp8_unfused
 }
 
-/// Which GEMM the FP8 layers call on CUDA.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OwnGemm {
-    /// ATen's `_scaled_mm` (no cuBLASLt call of the engine's in this build, or the benchmark
-    /// switch `DITFLEET_FP8_GEMM=aten`).
-    Off,
-    /// The engine's cuBLASLt call with the heuristic's first algorithm (`DITFLEET_FP8_GEMM=heuristic`).
-    Heuristic,
-    /// The engine's cuBLASLt call with the fastest algorithm timed on a shape's first call.
-    Tuned,
-}
-
-fn own_gemm_mode() -> OwnGemm {
-    if !crate::aten::fp8_gemm_built() {
-        return OwnGemm::Off;
-    }
-    match crate::settings::bench().fp8_gemm.as_deref() {
-        Some("aten") => OwnGemm::Off,
-        Some("heuristic") => OwnGemm::Heuristic,
-        _ => OwnGemm::Tuned,
-    }
-}
-
 /// A linear layer with an FP8 weight: `weight` `(out, in)` e4m3fn, `scale` `(1, out)` fp32 per
 /// output channel, `bias` `(out)` in the activations' dtype.
 #[derive(Debug)]
@@ -358,52 +335,9 @@ impl Fp8Linear {
         y.f_reshape(shape.as_slice())
     }
 
-    /// The scaled GEMM: the engine's cuBLASLt call ([`crate::aten::fp8_gemm`]: the algorithm
-    /// timed per shape, descriptors built once) for bf16 output where this build has it, else
-    /// (or when it fails: logged once, then ATen for the rest of the process) ATen's
-    /// `_scaled_mm`.
-    fn scaled_mm(&self, q: &Tensor, sx: &Tensor, kind: Kind) -> Res<Tensor> {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        static OWN_FAILED: AtomicBool = AtomicBool::new(false);
-        let mode = own_gemm_mode();
-        if kind == Kind::BFloat16 && mode != OwnGemm::Off && !OWN_FAILED.load(Ordering::Relaxed) {
-            match self.own_gemm(q, sx, mode == OwnGemm::Tuned) {
-                Ok(y) => return Ok(y),
-                Err(e) => {
-                    if !OWN_FAILED.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(error = %e, "cuBLASLt FP8 GEMM failed: ATen's _scaled_mm from now on");
-                    }
-                }
-            }
-        }
-        self.aten_scaled_mm(q, sx, kind)
-    }
-
-    /// [`crate::aten::fp8_gemm`] into a new bf16 `(m, out)` tensor.
-    fn own_gemm(&self, q: &Tensor, sx: &Tensor, tune: bool) -> Res<Tensor> {
-        let m = q.size()[0];
-        let out = Tensor::f_empty([m, self.weight.size()[0]], (Kind::BFloat16, q.device()))?;
-        let bias = match &self.bias {
-            Some(b) if b.kind() == Kind::BFloat16 && b.is_contiguous() => Some(b.shallow_clone()),
-            Some(b) => Some(b.f_to_kind(Kind::BFloat16)?.f_contiguous()?),
-            None => None,
-        };
-        crate::aten::fp8_gemm(
-            q,
-            &self.weight,
-            sx,
-            &self.scale,
-            bias.as_ref(),
-            &out,
-            self.fast_accum,
-            tune,
-        )?;
-        Ok(out)
-    }
-
     /// `_scaled_mm` with the bias in its epilogue where this torch build takes a bias with
     /// row-wise scales, else the GEMM then a bias add (tried once per process).
-    fn aten_scaled_mm(&self, q: &Tensor, sx: &Tensor, kind: Kind) -> Res<Tensor> {
+    fn scaled_mm(&self, q: &Tensor, sx: &Tensor, kind: Kind) -> Res<Tensor> {
         use std::sync::atomic::{AtomicU8, Ordering};
         // 0: not tried, 1: the epilogue takes the bias, 2: it does not.
         static BIAS_EPILOGUE: AtomicU8 = AtomicU8::new(0);
