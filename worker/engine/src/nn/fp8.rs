@@ -158,16 +158,16 @@ fn gelu_quantize_after(prefix: GeluPrefix<'_>, m: &Tensor) -> Res<Fp8Act> {
         let na = t.size()[t.dim() - 1];
         Ok((t.f_reshape([-1, na])?, na))
     };
-    // The prefix as (rows, na), and whether the kernel takes it (bf16: its 16-byte rows; FP8:
-    // 8-byte aligned rows on CUDA).
+    // The prefix as (rows, na) with its descale (FP8 only), and whether the kernel takes it
+    // (bf16: its 16-byte rows; FP8: 8-byte aligned rows on CUDA).
     let (a2, na, a_fits) = match prefix {
         GeluPrefix::None => (None, 0, true),
         GeluPrefix::Bf16(a) => {
             let (a2, na) = flat(a)?;
             let fits = rows_kernel_fits(&a2) && a2.size()[0] == rows;
-            (Some(a2), na, fits)
+            (Some((a2, None)), na, fits)
         }
-        GeluPrefix::Fp8 { q, .. } => {
+        GeluPrefix::Fp8 { q, descale } => {
             let (a2, na) = flat(q)?;
             let fits = a2.device().is_cuda()
                 && a2.size()[0] == rows
@@ -175,12 +175,8 @@ fn gelu_quantize_after(prefix: GeluPrefix<'_>, m: &Tensor) -> Res<Fp8Act> {
                 && na % 8 == 0
                 && a2.stride()[0] % 8 == 0
                 && (a2.data_ptr() as usize).is_multiple_of(8);
-            (Some(a2), na, fits)
+            (Some((a2, Some(descale))), na, fits)
         }
-    };
-    let descale = match prefix {
-        GeluPrefix::Fp8 { descale, .. } => Some(descale),
-        _ => None,
     };
     let mut qsize = msize.clone();
     *qsize.last_mut().expect("dims") = na + nm;
@@ -189,10 +185,10 @@ fn gelu_quantize_after(prefix: GeluPrefix<'_>, m: &Tensor) -> Res<Fp8Act> {
     let (q, scale) = if rows_kernel_fits(&m2) && a_fits {
         let q = Tensor::f_empty([rows, na + nm], (Kind::Float8e4m3fn, m.device()))?;
         let scale = Tensor::f_empty([rows, 1], (Kind::Float, m.device()))?;
-        let kernel_prefix = match (&a2, descale) {
-            (None, _) => GeluPrefix::None,
-            (Some(a), None) => GeluPrefix::Bf16(a),
-            (Some(a), Some(descale)) => GeluPrefix::Fp8 { q: a, descale },
+        let kernel_prefix = match &a2 {
+            None => GeluPrefix::None,
+            Some((a, None)) => GeluPrefix::Bf16(a),
+            Some((a, Some(descale))) => GeluPrefix::Fp8 { q: a, descale },
         };
         crate::aten::gelu_quant_e4m3(kernel_prefix, &m2, &q, &scale, gelu_exact())?;
         (q, scale)
@@ -202,17 +198,15 @@ fn gelu_quantize_after(prefix: GeluPrefix<'_>, m: &Tensor) -> Res<Fp8Act> {
             .f_gelu("tanh")?
             .f_to_kind(m.kind())?
             .f_to_kind(Kind::Float)?;
-        let a = match (&a2, descale) {
-            (None, _) => None,
-            (Some(a), None) => Some(a.f_to_kind(Kind::Float)?),
-            (Some(a), Some(descale)) => Some(
-                a.f_to_kind(Kind::Float)?
-                    .f_mul(&descale.f_to_kind(Kind::Float)?)?,
-            ),
-        };
-        let row = match a {
-            Some(a) => Tensor::f_cat(&[a, g], 1)?,
+        let row = match &a2 {
             None => g,
+            Some((a, descale)) => {
+                let mut a = a.f_to_kind(Kind::Float)?;
+                if let Some(descale) = descale {
+                    a = a.f_mul(&descale.f_to_kind(Kind::Float)?)?;
+                }
+                Tensor::f_cat(&[a, g], 1)?
+            }
         };
         quantize_rows_reference(&row)?
     };
