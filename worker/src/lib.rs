@@ -106,7 +106,7 @@ pub(crate) struct Shared {
     /// Asks the heartbeat for an early registration (the applied LoRA stacks changed).
     pub beat_now: tokio::sync::Notify,
     /// Whether another live worker of one of this worker's classes had a free slot at the last
-    /// heartbeat (see [`affinity_expired`]).
+    /// read of the store (each heartbeat, and [`others_idle_now`]).
     pub others_idle: AtomicBool,
     /// Until when (unix ms) the main loop polls the affinity queue: the heartbeat moves it to
     /// [`AFFINITY_LINGER`] ahead while it advertises a LoRA stack, the only time the scheduler
@@ -122,6 +122,23 @@ const AFFINITY_GET_BOUND: Duration = Duration::from_secs(2);
 /// their class queue at their wait bound. A worker that holds no stack polls nothing (on a quorum
 /// queue every `basic.get` is a Raft command: an idle worker would cost the broker ten a second).
 const AFFINITY_LINGER: Duration = Duration::from_secs(30);
+
+/// How long the dispatch loop waits for the fresh read of [`others_idle_now`].
+const OTHERS_IDLE_READ_BOUND: Duration = Duration::from_millis(300);
+
+/// Whether another worker of this one's classes is idle, read from the store now (bounded by
+/// [`OTHERS_IDLE_READ_BOUND`]); the last heartbeat's answer when the read fails or is late. Asked
+/// only when an expired affinity order reaches this busy worker: the heartbeat's answer can be a
+/// whole period old, long enough to keep an order that an idle worker would start at once.
+async fn others_idle_now(shared: &Shared, classes: &[String]) -> bool {
+    match tokio::time::timeout(OTHERS_IDLE_READ_BOUND, read_others_idle(shared, classes)).await {
+        Ok(Some(idle)) => {
+            shared.others_idle.store(idle, Ordering::Relaxed);
+            idle
+        }
+        _ => shared.others_idle.load(Ordering::Relaxed),
+    }
+}
 
 /// Whether a delivery is a LoRA affinity order whose wait for its hot worker is over: dead-lettered
 /// from an affinity queue on expiry (`x-first-death-*` headers) into the class queue it came from.
@@ -535,6 +552,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
             }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = done { error!(error = %e, "job task panicked"); }
+                // A slot is free: advertise it now, not at the next tick, so that a busy worker
+                // deciding where an expired affinity order goes (and the scheduler) see it.
+                shared.beat_now.notify_one();
             }
             next = consumers.streams.next() => match next {
                 Some(Ok(delivery)) => {
@@ -543,9 +563,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<(), W
                     // back to the class queue for that one.
                     // Handed back at most twice (each return counts toward the delivery limit).
                     if shared.slots.available_permits() == 0
-                        && shared.others_idle.load(Ordering::Relaxed)
                         && amqp::delivery_count(&delivery.properties) < 2
                         && affinity_expired(&topo, &delivery)
+                        && others_idle_now(&shared, &classes).await
                     {
                         info!(job_id = ?delivery.properties.message_id(), "affinity order past its wait reached this busy worker while another idles: handing it back");
                         tokio::spawn(async move {
@@ -728,6 +748,28 @@ async fn control_loop(shared: Arc<Shared>, drain: CancellationToken, stop: Cance
     }
 }
 
+/// Whether another live worker of one of `classes` has a free slot, by the registrations in the
+/// store (each at most one heartbeat old: a worker also registers as soon as a job of it ends).
+/// `None` when the store could not be read.
+async fn read_others_idle(shared: &Shared, classes: &[String]) -> Option<bool> {
+    match shared.store.workers().await {
+        Ok(list) => Some(
+            list.iter()
+                .filter_map(|(_, v)| serde_json::from_str::<WorkerInfo>(v).ok())
+                .any(|w| {
+                    w.id != shared.cfg.worker_id
+                        && w.free_slots > 0
+                        && !matches!(w.state.as_str(), "draining" | "reconnecting")
+                        && w.classes.iter().any(|c| classes.contains(c))
+                }),
+        ),
+        Err(e) => {
+            debug!(error = %e, "reading the other workers failed");
+            None
+        }
+    }
+}
+
 async fn heartbeat_loop(
     shared: Arc<Shared>,
     classes: Vec<String>,
@@ -858,20 +900,8 @@ async fn heartbeat_loop(
         {
             warn!(error = %e, "heartbeat failed");
         }
-        match shared.store.workers().await {
-            Ok(list) => {
-                let idle = list
-                    .iter()
-                    .filter_map(|(_, v)| serde_json::from_str::<WorkerInfo>(v).ok())
-                    .any(|w| {
-                        w.id != shared.cfg.worker_id
-                            && w.free_slots > 0
-                            && !matches!(w.state.as_str(), "draining" | "reconnecting")
-                            && w.classes.iter().any(|c| classes.contains(c))
-                    });
-                shared.others_idle.store(idle, Ordering::Relaxed);
-            }
-            Err(e) => debug!(error = %e, "reading the other workers failed"),
+        if let Some(idle) = read_others_idle(&shared, &classes).await {
+            shared.others_idle.store(idle, Ordering::Relaxed);
         }
         if let Err(e) = shared.store.add_known_versions(&h.held).await {
             warn!(error = %e, "recording held versions failed");
