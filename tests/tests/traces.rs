@@ -185,12 +185,20 @@ async fn one_job_is_one_trace_from_ctl_submit_through_scheduler_route_to_worker_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traces_are_off_without_an_endpoint_and_a_grpc_protocol_is_refused_at_start() {
     let fleet = Fleet::new("otel-off").await;
-    let _s = fleet.start_scheduler();
+    let s = fleet.start_scheduler();
     let _w = fleet.start_worker("w-otel-off", &[]);
     fleet.wait_workers(1, T).await;
     let out = fleet.ctl_submit_wait(&[], "otel-off", 2, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    if !out.status.success() {
+        // Where the job stopped: ditfleetctl's own account, the job's record, the scheduler's log.
+        panic!(
+            "ditfleetctl submit --wait failed\nstdout: {stdout}\nstderr: {}\njob state: {:?}\nscheduler log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            fleet.state("otel-off").await,
+            s.log_text()
+        );
+    }
     assert!(stdout.contains("succeeded"), "{stdout}");
     assert!(
         !stdout.contains("trace: "),
