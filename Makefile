@@ -44,7 +44,8 @@ validate-deploy:
 # a 2-core machine they run one at a time (in parallel they starve each other's leases).
 # Each pass's output is also kept under target/test-logs/; a failing run ends with the failures'
 # messages, so the tail of a CI log names what failed. An end-to-end test that failed while the
-# shared RabbitMQ wedged and had to be restarted is re-run once (scripts/e2e-retry-after-heal.sh).
+# shared RabbitMQ wedged (restarted during the run, or found not answering right after it) is re-run
+# once (scripts/e2e-retry-after-heal.sh).
 test: build
 	@mkdir -p target/test-logs; \
 	  $(CARGO) test --workspace --exclude ditfleet-tests --no-fail-fast 2>&1 | tee target/test-logs/unit.log; a=$${PIPESTATUS[0]}; \
