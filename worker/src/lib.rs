@@ -103,7 +103,8 @@ pub(crate) struct Shared {
     pub lora: lora::LoraCache,
     /// The LoRA stack key of each running job (its engine holds that stack when the job ends).
     pub busy_stacks: std::sync::Mutex<HashMap<String, String>>,
-    /// Asks the heartbeat for an early registration (the applied LoRA stacks changed).
+    /// Asks the heartbeat for an early registration (a job ended, or the applied LoRA stacks
+    /// changed).
     pub beat_now: tokio::sync::Notify,
     /// Whether another live worker of one of this worker's classes had a free slot at the last
     /// read of the store (each heartbeat, and [`others_idle_now`]).
@@ -782,11 +783,11 @@ async fn heartbeat_loop(
     let mut last = std::time::Instant::now();
     let per_slot = shared.pool.info.devices.len().max(1) as f64;
     loop {
-        tokio::select! {
+        let ticked = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-            _ = shared.beat_now.notified() => {}
-        }
+            _ = tick.tick() => true,
+            _ = shared.beat_now.notified() => false,
+        };
         let g = gpus.clone();
         let gm = gpu_metrics.clone();
         let gpu_list = tokio::task::spawn_blocking(move || {
@@ -802,16 +803,20 @@ async fn heartbeat_loop(
         .await
         .unwrap_or_default();
         let free = shared.slots.available_permits() as u16;
-        // Busy and idle device time since the last tick, sampled by slot occupancy.
-        let dt = last.elapsed().as_secs_f64();
-        last = std::time::Instant::now();
-        let busy = shared.cfg.slots.saturating_sub(free);
-        shared
-            .metrics
-            .device_time("busy", dt * per_slot * f64::from(busy));
-        shared
-            .metrics
-            .device_time("idle", dt * per_slot * f64::from(free));
+        // Busy and idle device time since the last tick, sampled by slot occupancy at the periodic
+        // ticks only: an early registration comes right after a job ended or its stack changed,
+        // and sampling there would book the interval the job ran in as idle.
+        if ticked {
+            let busy = shared.cfg.slots.saturating_sub(free);
+            let dt = last.elapsed().as_secs_f64();
+            last = std::time::Instant::now();
+            shared
+                .metrics
+                .device_time("busy", dt * per_slot * f64::from(busy));
+            shared
+                .metrics
+                .device_time("idle", dt * per_slot * f64::from(free));
+        }
         let degraded = shared.degraded.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let state = if shared.draining.load(Ordering::SeqCst) {
             "draining"
