@@ -10,9 +10,9 @@
 # fleet_hardening, late in a full run: the broker logged nothing for 60 s, new connections got no
 # handshake). The next test's harness restarts the node, but the test that was running is lost to
 # the broker, not to our code. Without a restart in the log, and with the node answering when this
-# script starts, nothing is re-run: a failure then stands. A test that hung until the harness's watchdog ended its binary is re-run with the tests
-# of that binary the exit skipped. Each re-run is printed, with its output in
-# target/test-logs/e2e-retry.log; exit 0 only if every re-run passes.
+# script starts, nothing is re-run: a failure then stands. A test that hung until the harness's
+# watchdog ended its binary is re-run with the tests of that binary the exit skipped. Each re-run
+# is printed, with its output in target/test-logs/e2e-retry.log; exit 0 only if every re-run passes.
 set -uo pipefail
 log=${1:?usage: $0 E2E_LOG}
 cd "$(dirname "$0")/.."
